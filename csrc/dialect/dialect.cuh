@@ -1,0 +1,126 @@
+// The kernel dialect: the one header every kernel and launcher source includes.
+//
+// Under nvcc (__CUDACC__) it maps to CUDA itself. Under g++ with CBAM_SIMULATOR defined it maps to
+// the project's SIMT simulator (csrc/sim/), so the very same kernel and launcher sources run on
+// the CPU in tests. Kernel sources use only what is listed here (DESIGN.md section 5) and need no
+// #ifdef of their own.
+//
+// What a kernel source may use:
+//   CBAM_GLOBAL (= __global__), CBAM_DEVICE (= __device__ __forceinline__), __restrict__,
+//   __launch_bounds__(n), __forceinline__
+//   threadIdx, blockIdx, blockDim, gridDim (.x .y .z, unsigned int)
+//   __syncthreads(), __syncwarp(mask = full)
+//   __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync (full mask 0xffffffff only),
+//   __ballot_sync, __any_sync, __all_sync
+//   __shared__ fixed-size arrays; CBAM_DYNAMIC_SMEM(type, name) for dynamic shared memory
+//   global memory ONLY through cbam::ld / cbam::st (scalar) and cbam::ld_vec / cbam::st_vec
+//   (N elements, N * sizeof(T) bytes aligned to that size, at most 16 bytes)
+//   c10::Half, c10::BFloat16, at::opmath_type<T>, and standard math (cbam::isnan etc. below)
+//
+// What a launcher (host code) may use:
+//   cbam::global_ptr<T>(tensor)  -> the tensor's data as T* (the simulator also records the
+//                                   tensor's byte range as memory the launch may touch)
+//   cbam::launch(name, kernel, grid, block, smem_bytes, args...)
+//                                 -> nvcc: kernel<<<grid, block, smem, current stream>>>(args...)
+//                                    then C10_CUDA_KERNEL_LAUNCH_CHECK();
+//                                    simulator: runs the whole grid, then checks it
+//   cbam::set_max_dynamic_smem(kernel, bytes)  -> raises the dynamic shared-memory limit
+//   cbam::max_grid_y(), cbam::num_sms()         -> hardware limits for grid sizing
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+// ------------------------------------------------------------------------------------- nvcc
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#define CBAM_GLOBAL __global__
+#define CBAM_DEVICE __device__ __forceinline__
+#define CBAM_HOST_DEVICE __host__ __device__ __forceinline__
+#define CBAM_DYNAMIC_SMEM(type, name)                                  \
+  extern __shared__ __align__(16) unsigned char cbam_dynamic_smem_[]; \
+  type* name = reinterpret_cast<type*>(cbam_dynamic_smem_)
+
+namespace cbam {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T val[N];
+};
+
+template <typename T>
+CBAM_DEVICE T ld(const T* p) {
+  return *p;
+}
+template <typename T>
+CBAM_DEVICE void st(T* p, T v) {
+  *p = v;
+}
+// p must be aligned to N * sizeof(T) bytes.
+template <int N, typename T>
+CBAM_DEVICE Vec<T, N> ld_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+template <int N, typename T>
+CBAM_DEVICE void st_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+template <typename T>
+inline T* global_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <typename... KArgs, typename... Args>
+inline void launch(const char* /*name*/, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                   size_t smem_bytes, Args&&... args) {
+  kernel<<<grid, block, smem_bytes, at::cuda::getCurrentCUDAStream()>>>(
+      std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename... KArgs>
+inline void set_max_dynamic_smem(void (*kernel)(KArgs...), int bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+inline int num_sms() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+inline unsigned max_grid_y() { return 65535u; }
+
+}  // namespace cbam
+
+#elif defined(CBAM_SIMULATOR)
+// -------------------------------------------------------------------------------- simulator
+// Provides the same names (threadIdx ..., __syncthreads ..., cbam::Vec, cbam::ld ...,
+// cbam::launch ...) on the CPU; see csrc/sim/runtime.h.
+#include "../sim/runtime.h"
+
+#else
+#error "dialect.cuh: compile with nvcc, or with g++ and -DCBAM_SIMULATOR"
+#endif
+
+namespace cbam {
+
+// Standard math that both compilers accept in device code.
+template <typename T>
+CBAM_HOST_DEVICE bool isnan(T v) {
+  return v != v;
+}
+
+// 64-bit index type used when a tensor may hold 2^31 elements or more.
+using index_t = int64_t;
+
+}  // namespace cbam
