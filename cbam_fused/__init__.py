@@ -1,2 +1,4 @@
 """cbam_fused: fused CUDA kernels for CBAM (Convolutional Block Attention Module)."""
-from . import _C  # noqa: F401  registers the op schemas (torch.ops.cbam_fused.*)
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _ops  # noqa: F401  schemas (cbam_fused._C), fake and CPU kernels

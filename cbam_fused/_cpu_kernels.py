@@ -1,0 +1,160 @@
+"""Pure-PyTorch kernels of the cbam_fused ops: the kernels for CPU tensors, the oracle the CUDA
+kernels are tested against, and (while the package is built without CUDA kernels) the kernels for
+CUDA tensors too.
+
+Every op views x as [N, C, S] (S = product of the spatial sizes), works in the accumulation dtype
+(float64 for float64 inputs, float32 otherwise) and accepts any memory layout. The formulas are
+those of csrc/ops.cpp. While cbam_fused.testing.use_simulator() is active, each call is handed to
+the simulator's build of the CUDA kernel instead (cbam_fused/_sim_hook.py)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._sim_hook import sim_op
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1).to(acc_dtype(x.dtype))
+
+
+def _max_first(t: Tensor, dim: int):
+    """max and argmax along dim with torch.max's rules: first occurrence, a NaN wins."""
+    if t.shape[dim] == 0:
+        raise RuntimeError("cbam_fused: cannot take the max over an empty dimension")
+    return torch.max(t, dim)
+
+
+def _like_x(flat: Tensor, x: Tensor) -> Tensor:
+    out = torch.empty_like(x)  # keeps x's memory format
+    out.copy_(flat.reshape(x.shape))
+    return out
+
+
+def pool_over_s(x: Tensor, scale: Optional[Tensor]):
+    sim = sim_op("pool_over_s")
+    if sim is not None:
+        return sim(x, scale)
+    xf = _flat(x)
+    if scale is not None:
+        xf = xf * scale[:, None, :]
+    mx, idx = _max_first(xf, 2)
+    return xf.mean(2), mx, idx
+
+
+def pool_over_c(x: Tensor, scale: Optional[Tensor]):
+    sim = sim_op("pool_over_c")
+    if sim is not None:
+        return sim(x, scale)
+    xf = _flat(x)
+    if scale is not None:
+        xf = xf * scale[:, :, None]
+    mx, idx = _max_first(xf, 1)
+    return xf.mean(1), mx, idx
+
+
+def apply_gates(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
+    sim = sim_op("apply_gates")
+    if sim is not None:
+        return sim(x, gc, gs)
+    yf = _flat(x)
+    if gc is not None:
+        yf = yf * gc[:, :, None]
+    if gs is not None:
+        yf = yf * gs[:, None, :]
+    return _like_x(yf, x)
+
+
+def backward_reduce(grad: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
+                    need_rc: bool, need_rs: bool):
+    sim = sim_op("backward_reduce")
+    if sim is not None:
+        return sim(grad, x, gc, gs, need_rc, need_rs)
+    gx = _flat(grad) * _flat(x)
+    empty = gx.new_empty((0,))
+    rc = (gx if gs is None else gx * gs[:, None, :]).sum(2) if need_rc else empty
+    rs = (gx if gc is None else gx * gc[:, :, None]).sum(1) if need_rs else empty
+    return rc, rs
+
+
+def _onehot(idx: Tensor, n: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """[.., n, ..] mask with a 1 where the position along `dim` equals idx."""
+    shape = [1, 1, 1]
+    shape[dim] = n
+    pos = torch.arange(n, device=idx.device).view(shape)
+    return (idx.unsqueeze(dim) == pos).to(dtype)
+
+
+def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
+                               argmax: Optional[Tensor]) -> Tensor:
+    sim = sim_op("pool_over_c_backward_scale")
+    if sim is not None:
+        return sim(x, d_avg, d_max, argmax)
+    xf = _flat(x)
+    n, c, _ = xf.shape
+    w = torch.zeros_like(xf)
+    if d_avg is not None:
+        w = w + d_avg[:, None, :] / c
+    if d_max is not None:
+        w = w + d_max[:, None, :] * _onehot(argmax, c, 1, xf.dtype)
+    return (xf * w).sum(2)
+
+
+def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
+                               argmax: Optional[Tensor]) -> Tensor:
+    sim = sim_op("pool_over_s_backward_scale")
+    if sim is not None:
+        return sim(x, d_avg, d_max, argmax)
+    xf = _flat(x)
+    n, c, s = xf.shape
+    w = torch.zeros_like(xf)
+    if d_avg is not None:
+        w = w + d_avg[:, :, None] / s
+    if d_max is not None:
+        w = w + d_max[:, :, None] * _onehot(argmax, s, 2, xf.dtype)
+    return (xf * w).sum(1)
+
+
+def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Optional[Tensor],
+               dm: Optional[Tensor], idx_s: Optional[Tensor], du: Optional[Tensor],
+               dv: Optional[Tensor], idx_c: Optional[Tensor], arrangement: int) -> Tensor:
+    sim = sim_op("grad_input")
+    if sim is not None:
+        return sim(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement)
+    if arrangement not in (0, 1, 2):
+        raise RuntimeError(f"grad_input: arrangement must be 0, 1 or 2, got {arrangement}")
+    gf = _flat(grad)
+    n, c, s = gf.shape
+    ones = gf.new_ones(())
+    gcb = gc[:, :, None] if gc is not None else ones
+    gsb = gs[:, None, :] if gs is not None else ones
+    # terms from the pool over S (a, m) and from the pool over C (u, v)
+    term_s = torch.zeros_like(gf)
+    if da is not None:
+        term_s = term_s + da[:, :, None] / s
+    if dm is not None:
+        term_s = term_s + dm[:, :, None] * _onehot(idx_s, s, 2, gf.dtype)
+    term_c = torch.zeros_like(gf)
+    if du is not None:
+        term_c = term_c + du[:, None, :] / c
+    if dv is not None:
+        term_c = term_c + dv[:, None, :] * _onehot(idx_c, c, 1, gf.dtype)
+    kc = gsb if arrangement == 1 else ones
+    ks = gcb if arrangement == 0 else ones
+    dx = gf * gcb * gsb + kc * term_s + ks * term_c
+    return _like_x(dx, grad)
+
+
+KERNELS = {
+    "pool_over_s": pool_over_s,
+    "pool_over_c": pool_over_c,
+    "apply_gates": apply_gates,
+    "backward_reduce": backward_reduce,
+    "pool_over_c_backward_scale": pool_over_c_backward_scale,
+    "pool_over_s_backward_scale": pool_over_s_backward_scale,
+    "grad_input": grad_input,
+}

@@ -1,0 +1,138 @@
+"""Registration of the cbam_fused ops' fake (meta) kernels and their pure-PyTorch kernels.
+
+The schemas come from the C++ library (csrc/ops.cpp, loaded by `import cbam_fused._C`); the CUDA
+kernels, when the package was built with CUDA, register themselves from C++
+(csrc/register_cuda.cpp). Thin typed wrappers over torch.ops.cbam_fused.* live at the bottom."""
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  defines the schemas
+from . import _cpu_kernels
+from ._cpu_kernels import acc_dtype
+
+OPS = tuple(_cpu_kernels.KERNELS)
+
+
+def _small(x: Tensor, n_last: int) -> Tensor:
+    return x.new_empty((x.shape[0], n_last), dtype=acc_dtype(x.dtype))
+
+
+def _spatial_numel(x: Tensor):
+    s = 1
+    for d in x.shape[2:]:
+        s = s * d
+    return s
+
+
+def _fake_pool_over_s(x, scale):
+    a = _small(x, x.shape[1])
+    return a, torch.empty_like(a), a.new_empty(a.shape, dtype=torch.int64)
+
+
+def _fake_pool_over_c(x, scale):
+    u = _small(x, _spatial_numel(x))
+    return u, torch.empty_like(u), u.new_empty(u.shape, dtype=torch.int64)
+
+
+def _fake_apply_gates(x, gc, gs):
+    return torch.empty_like(x)
+
+
+def _fake_backward_reduce(grad, x, gc, gs, need_rc, need_rs):
+    empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
+    rc = _small(x, x.shape[1]) if need_rc else empty
+    rs = _small(x, _spatial_numel(x)) if need_rs else empty.clone()
+    return rc, rs
+
+
+def _fake_pool_over_c_backward_scale(x, d_avg, d_max, argmax):
+    return _small(x, x.shape[1])
+
+
+def _fake_pool_over_s_backward_scale(x, d_avg, d_max, argmax):
+    return _small(x, _spatial_numel(x))
+
+
+def _fake_grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement):
+    return torch.empty_like(grad)
+
+
+_FAKES = {
+    "pool_over_s": _fake_pool_over_s,
+    "pool_over_c": _fake_pool_over_c,
+    "apply_gates": _fake_apply_gates,
+    "backward_reduce": _fake_backward_reduce,
+    "pool_over_c_backward_scale": _fake_pool_over_c_backward_scale,
+    "pool_over_s_backward_scale": _fake_pool_over_s_backward_scale,
+    "grad_input": _fake_grad_input,
+}
+
+
+# op name -> whether the C++ library registered a CUDA kernel for it (filled by _register)
+NATIVE_CUDA = {}
+
+
+def has_cuda_kernel(name: str) -> bool:
+    """Whether op `name` runs a hand-written CUDA kernel for CUDA tensors (not the PyTorch one)."""
+    return NATIVE_CUDA[name]
+
+
+def _cuda_fallback(name, fn):
+    warned = []
+
+    def run(*args):
+        if not warned:
+            warned.append(True)
+            warnings.warn(f"cbam_fused was built without a CUDA kernel for {name}: CUDA tensors go "
+                          f"through the pure-PyTorch kernel (rebuild with a CUDA toolkit for speed)",
+                          stacklevel=3)
+        return fn(*args)
+
+    return run
+
+
+def _register():
+    for name in OPS:
+        qual = f"cbam_fused::{name}"
+        torch.library.register_fake(qual)(_FAKES[name])
+        torch.library.impl(qual, "CPU")(_cpu_kernels.KERNELS[name])
+        NATIVE_CUDA[name] = torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA")
+        if not NATIVE_CUDA[name]:
+            torch.library.impl(qual, "CUDA")(_cuda_fallback(name, _cpu_kernels.KERNELS[name]))
+
+
+_register()
+
+ops = torch.ops.cbam_fused
+
+
+# Typed wrappers (what functional.py calls).
+def pool_over_s(x: Tensor, scale: Optional[Tensor] = None):
+    return ops.pool_over_s(x, scale)
+
+
+def pool_over_c(x: Tensor, scale: Optional[Tensor] = None):
+    return ops.pool_over_c(x, scale)
+
+
+def apply_gates(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
+    return ops.apply_gates(x, gc, gs)
+
+
+def backward_reduce(grad, x, gc, gs, need_rc: bool, need_rs: bool):
+    return ops.backward_reduce(grad, x, gc, gs, need_rc, need_rs)
+
+
+def pool_over_c_backward_scale(x, d_avg, d_max, argmax) -> Tensor:
+    return ops.pool_over_c_backward_scale(x, d_avg, d_max, argmax)
+
+
+def pool_over_s_backward_scale(x, d_avg, d_max, argmax) -> Tensor:
+    return ops.pool_over_s_backward_scale(x, d_avg, d_max, argmax)
+
+
+def grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement: int) -> Tensor:
+    return ops.grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement)
