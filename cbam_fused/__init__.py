@@ -1,4 +1,17 @@
-"""cbam_fused: fused CUDA kernels for CBAM (Convolutional Block Attention Module)."""
+"""cbam_fused: fused CUDA kernels for CBAM (Convolutional Block Attention Module).
+
+Layers (DESIGN.md section 4):
+    cbam_fused.CBAM / ChannelGate / SpatialGate   nn.Modules (official state_dict keys)
+    cbam_fused.functional.cbam                    the whole block as one autograd node
+    torch.ops.cbam_fused.*                        the custom ops (CUDA kernels, CPU kernels)
+    cbam_fused.reference                          naive eager CBAM, the oracle of the tests
+"""
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ops  # noqa: F401  schemas (cbam_fused._C), fake and CPU kernels
+from . import functional, reference  # noqa: F401
+from .modules import CBAM, ChannelGate, SpatialGate, hidden_size, pools_from_types  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["CBAM", "ChannelGate", "SpatialGate", "functional", "reference", "hidden_size",
+           "pools_from_types"]

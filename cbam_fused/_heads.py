@@ -1,0 +1,165 @@
+"""The small heads of CBAM, forward and backward in closed form (ATen ops, no autograd).
+
+Channel head (on [N, C] pooled descriptors):
+    MLP:    z = W2 act(W1 p + b1) + b2,   zc = sum over the chosen pools p of z(p)
+    single: z = W1 p + b1                 (ultralytics: one 1x1 conv, no hidden layer)
+Spatial head (on the [N, k, *spatial] map stacked from the pools over C):
+    zs = Norm(Conv_k(map)),  Norm = BatchNorm(1) or identity
+All of it runs in the accumulation dtype; parameters are cast to it and their gradients cast back.
+"""
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("relu", "silu", "gelu", "identity")
+
+
+def act_forward(h: Tensor, act: str) -> Tensor:
+    if act == "relu":
+        return torch.relu(h)
+    if act == "silu":
+        return F.silu(h)
+    if act == "gelu":
+        return F.gelu(h)
+    return h
+
+
+def act_backward(dh: Tensor, h: Tensor, act: str) -> Tensor:
+    """d act(h) / dh times dh."""
+    if act == "relu":
+        return dh * (h > 0).to(dh.dtype)
+    if act == "silu":
+        s = torch.sigmoid(h)
+        return dh * (s * (1 + h * (1 - s)))
+    if act == "gelu":  # exact (erf) gelu: Phi(h) + h phi(h)
+        cdf = 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * h * h) * (1 / math.sqrt(2 * math.pi))
+        return dh * (cdf + h * pdf)
+    return dh
+
+
+# ----------------------------------------------------------------------------- channel head
+def channel_inputs(a: Tensor, m: Tensor, pools: str) -> List[Tensor]:
+    if pools == "avg":
+        return [a]
+    if pools == "max":
+        return [m]
+    if pools == "avg+max":
+        return [a, m]
+    return [0.5 * (a + m)]  # blend (timm LightCbamModule)
+
+
+def channel_forward(a, m, pools, w1, b1, w2, b2, act):
+    """zc [N, C] and what the backward needs: (P, h_pre) with P the stacked pool inputs."""
+    p = torch.cat(channel_inputs(a, m, pools), 0)  # [k N, C]
+    h_pre = F.linear(p, w1, b1)
+    if w2 is None:  # single layer
+        z = h_pre
+    else:
+        z = F.linear(act_forward(h_pre, act), w2, b2)
+    k = p.shape[0] // a.shape[0] if a.shape[0] else 1
+    zc = z.reshape(k, a.shape[0], -1).sum(0)
+    return zc, p, h_pre
+
+
+def channel_backward(dzc, pools, p, h_pre, w1, b1, w2, b2, act):
+    """Gradients of sum_p z(p) for dzc: (da, dm, dw1, db1, dw2, db2); None where not used."""
+    n = dzc.shape[0]
+    k = p.shape[0] // n if n else 1
+    dz = dzc.repeat(k, 1)  # the same dzc flows into every pool's MLP output
+    if w2 is None:
+        dh_pre = dz
+        dw2 = db2 = None
+    else:
+        h = act_forward(h_pre, act)
+        dw2 = dz.t() @ h
+        db2 = dz.sum(0) if b2 is not None else None
+        dh_pre = act_backward(dz @ w2, h_pre, act)
+    dw1 = dh_pre.t() @ p
+    db1 = dh_pre.sum(0) if b1 is not None else None
+    dp = dh_pre @ w1  # [k N, C]
+    if pools == "avg":
+        da, dm = dp, None
+    elif pools == "max":
+        da, dm = None, dp
+    elif pools == "avg+max":
+        da, dm = dp[:n], dp[n:]
+    else:
+        da = dm = 0.5 * dp
+    return da, dm, dw1, db1, dw2, db2
+
+
+# ----------------------------------------------------------------------------- spatial head
+def spatial_map(u: Tensor, v: Tensor, order: str, spatial_shape) -> Tensor:
+    """Stack the pools over C ([N, S] each) into the conv input [N, k, *spatial]."""
+    n = u.shape[0]
+    u = u.reshape(n, 1, *spatial_shape)
+    v = v.reshape(n, 1, *spatial_shape)
+    if order == "max,mean":
+        return torch.cat([v, u], 1)
+    if order == "mean,max":
+        return torch.cat([u, v], 1)
+    return 0.5 * (u + v)  # blend
+
+
+def spatial_map_backward(dmap: Tensor, order: str):
+    """(du, dv) as [N, S] from the gradient of the stacked map."""
+    n = dmap.shape[0]
+    if order == "max,mean":
+        dv, du = dmap[:, 0], dmap[:, 1]
+    elif order == "mean,max":
+        du, dv = dmap[:, 0], dmap[:, 1]
+    else:
+        du = dv = 0.5 * dmap[:, 0]
+    return du.reshape(n, -1), dv.reshape(n, -1)
+
+
+def _conv(x, w, b, pad):
+    return torch.ops.aten.convolution(x, w, b, [1] * (x.dim() - 2), [pad] * (x.dim() - 2),
+                                      [1] * (x.dim() - 2), False, [0] * (x.dim() - 2), 1)
+
+
+def spatial_forward(smap, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn_rv, bn_training, bn_eps):
+    """zs [N, 1, *spatial] plus what the backward needs (conv out, BN's saved mean / invstd)."""
+    pad = conv_w.shape[-1] // 2
+    zconv = _conv(smap, conv_w, conv_b, pad)
+    if not bn:
+        return zconv, zconv, None, None
+    if bn_training:
+        if zconv.numel() <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {list(zconv.shape)} (the spatial map's BatchNorm)")
+        zs, mean, invstd = torch.ops.aten.native_batch_norm(zconv, bn_w, bn_b, None, None, True,
+                                                            0.0, bn_eps)
+    else:
+        zs, mean, invstd = torch.ops.aten.native_batch_norm(zconv, bn_w, bn_b, bn_rm, bn_rv, False,
+                                                            0.0, bn_eps)
+    return zs, zconv, mean, invstd
+
+
+def spatial_backward(dzs, smap, zconv, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn_rv, bn_training,
+                     bn_eps, mean, invstd):
+    """(dmap, dconv_w, dconv_b, dbn_w, dbn_b)."""
+    dbn_w = dbn_b = None
+    if bn:
+        dzconv, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
+            dzs, zconv, bn_w, bn_rm, bn_rv, mean, invstd, bn_training, bn_eps,
+            [True, bn_w is not None, bn_b is not None])
+    else:
+        dzconv = dzs
+    pad = conv_w.shape[-1] // 2
+    nd = smap.dim() - 2
+    dmap, dw, db = torch.ops.aten.convolution_backward(
+        dzconv, smap, conv_w, [conv_w.shape[0]] if conv_b is not None else None, [1] * nd,
+        [pad] * nd, [1] * nd, False, [0] * nd, 1, [True, True, conv_b is not None])
+    return dmap, dw, db, dbn_w, dbn_b
+
+
+def batch_stats(zconv: Tensor):
+    """(batch mean, unbiased batch var) of the spatial map [N, 1, *spatial], for the running
+    statistics of its BatchNorm."""
+    var, mean = torch.var_mean(zconv, dim=None, correction=1)
+    return mean.reshape(1), var.reshape(1)

@@ -1,0 +1,332 @@
+"""cbam_fused.functional.cbam: the whole CBAM block as one autograd node.
+
+Forward (channel-first arrangement; DESIGN.md section 1), 4 passes over x-sized tensors:
+    a, m, is = pool_over_s(x)                  read x
+    gc = sigmoid(channel_head(a, m))           [N, C], ATen ops
+    u, v, ic = pool_over_c(x, gc)              read x
+    gs = sigmoid(spatial_head(u, v))           [N, S], ATen ops (conv, BatchNorm)
+    y = apply_gates(x, gc, gs)                 read x, write y
+Backward, 5 passes:
+    rc, rs = backward_reduce(g, x, gc, gs)     read g and x      (Q1)
+    du, dv = spatial_head_backward(rs gs (1 - gs))
+    dgc = rc + pool_over_c_backward_scale(x, du, dv, ic)        read x  (Q2)
+    da, dm = channel_head_backward(dgc gc (1 - gc))
+    dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)  read g, write dx  (Q3)
+Spatial-first swaps the roles of the two gates (the channel gate pools x * gs); parallel computes
+both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] tensors and argmax
+indices. The heads run in closed form (_heads.py), so the whole block traces under
+torch.compile(fullgraph=True).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _heads, _ops
+from ._cpu_kernels import acc_dtype
+
+ARRANGEMENTS = {"channel_first": 0, "spatial_first": 1, "parallel": 2}
+POOLS = ("avg", "max", "avg+max", "blend")
+SPATIAL_POOLS = ("max,mean", "mean,max", "blend")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _Config(NamedTuple):
+    pools: str
+    act: str
+    spatial_pools: str
+    arrangement: int
+    batch_norm: bool
+    bn_training: bool
+    bn_eps: float
+    want_gates: bool
+
+
+def _cast(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _back(g: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    """A gradient computed in the accumulation dtype, in the parameter's dtype and shape."""
+    if g is None or like is None:
+        return None
+    return g.to(like.dtype).reshape(like.shape)
+
+
+def _sigmoid_grad(dg: Tensor, g: Tensor) -> Tensor:
+    return dg * g * (1 - g)
+
+
+class _CBAMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _Config):
+        acc = acc_dtype(x.dtype)
+        n, c = x.shape[0], x.shape[1]
+        sp = tuple(x.shape[2:])
+        channel, spatial = w1 is not None, conv_w is not None
+        # heads' parameters in the accumulation dtype, Linear form ([out, in])
+        pw1 = _cast(w1, acc).reshape(w1.shape[0], c) if channel else None
+        pw2 = _cast(w2, acc).reshape(w2.shape[0], -1) if w2 is not None else None
+        pb1, pb2 = _cast(b1, acc), _cast(b2, acc)
+        pcw, pcb = _cast(conv_w, acc), _cast(conv_b, acc)
+        pbw, pbb = _cast(bn_w, acc), _cast(bn_b, acc)
+        prm, prv = _cast(bn_rm, acc), _cast(bn_rv, acc)
+
+        def channel_gate(scale):
+            a, m, idx_s = _ops.pool_over_s(x, scale)
+            zc, p, h_pre = _heads.channel_forward(a, m, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
+            return torch.sigmoid(zc), idx_s, p, h_pre
+
+        def spatial_gate(scale):
+            u, v, idx_c = _ops.pool_over_c(x, scale)
+            smap = _heads.spatial_map(u, v, cfg.spatial_pools, sp)
+            zs, zconv, mean, invstd = _heads.spatial_forward(
+                smap, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training, cfg.bn_eps)
+            return torch.sigmoid(zs).reshape(n, -1), idx_c, smap, zconv, mean, invstd
+
+        gc = gs = idx_s = idx_c = p = h_pre = smap = zconv = mean = invstd = None
+        if cfg.arrangement == 0:  # channel first
+            if channel:
+                gc, idx_s, p, h_pre = channel_gate(None)
+            if spatial:
+                gs, idx_c, smap, zconv, mean, invstd = spatial_gate(gc)
+        elif cfg.arrangement == 1:  # spatial first
+            if spatial:
+                gs, idx_c, smap, zconv, mean, invstd = spatial_gate(None)
+            if channel:
+                gc, idx_s, p, h_pre = channel_gate(gs)
+        else:  # parallel
+            if channel:
+                gc, idx_s, p, h_pre = channel_gate(None)
+            if spatial:
+                gs, idx_c, smap, zconv, mean, invstd = spatial_gate(None)
+        y = _ops.apply_gates(x, gc, gs)
+
+        ctx.cfg = cfg
+        ctx.shape = (n, c, sp)
+        if cfg.bn_training:  # BN's backward uses the batch statistics (mean, invstd), and the
+            prm = prv = None  # running ones are updated in place after this function returns
+        ctx.save_for_backward(x, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd,
+                              pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv)
+        ctx.param_meta = [(t.dtype, t.shape) if t is not None else None
+                          for t in (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b)]
+
+        stats_mean = stats_var = None
+        if spatial and cfg.batch_norm and cfg.bn_training:
+            stats_mean, stats_var = _heads.batch_stats(zconv)
+        gates = (None, None)
+        if cfg.want_gates:
+            gates = (gc, None if gs is None else gs.reshape(n, 1, *sp))
+        outs = [t for t in (*gates, stats_mean, stats_var) if t is not None]
+        ctx.mark_non_differentiable(*outs)
+        return y, gates[0], gates[1], stats_mean, stats_var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, *_unused):
+        (x, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd,
+         pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv) = ctx.saved_tensors
+        cfg = ctx.cfg
+        n, c, sp = ctx.shape
+        channel, spatial = gc is not None, gs is not None
+        g = g.contiguous(memory_format=_memory_format(x)) if not _same_layout(g, x) else g
+
+        rc, rs = _ops.backward_reduce(g, x, gc, gs, channel, spatial)
+        da = dm = du = dv = None
+        dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
+
+        def channel_back(dgc):
+            return _heads.channel_backward(_sigmoid_grad(dgc, gc), cfg.pools, p, h_pre, pw1, pb1,
+                                           pw2, pb2, cfg.act)
+
+        def spatial_back(dgs):
+            dzs = _sigmoid_grad(dgs, gs).reshape(n, 1, *sp)
+            dmap, dcw_, dcb_, dbw_, dbb_ = _heads.spatial_backward(
+                dzs, smap, zconv, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training,
+                cfg.bn_eps, mean, invstd)
+            du_, dv_ = _heads.spatial_map_backward(dmap, cfg.spatial_pools)
+            return du_, dv_, dcw_, dcb_, dbw_, dbb_
+
+        if cfg.arrangement == 0:  # channel first: the spatial gate pooled x * gc
+            if spatial:
+                du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
+            if channel:
+                dgc = rc
+                if spatial:
+                    dgc = dgc + _ops.pool_over_c_backward_scale(x, du, dv, idx_c)
+                da, dm, dw1, db1, dw2, db2 = channel_back(dgc)
+        elif cfg.arrangement == 1:  # spatial first: the channel gate pooled x * gs
+            if channel:
+                da, dm, dw1, db1, dw2, db2 = channel_back(rc)
+            if spatial:
+                dgs = rs
+                if channel:
+                    dgs = dgs + _ops.pool_over_s_backward_scale(x, da, dm, idx_s)
+                du, dv, dcw, dcb, dbw, dbb = spatial_back(dgs)
+        else:
+            if channel:
+                da, dm, dw1, db1, dw2, db2 = channel_back(rc)
+            if spatial:
+                du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _ops.grad_input(g, gc, gs, da, dm, idx_s if dm is not None else None, du, dv,
+                                 idx_c if dv is not None else None, cfg.arrangement)
+        meta = ctx.param_meta
+        grads = [dw1, db1, dw2, db2, dcw, dcb, dbw, dbb]
+        out = []
+        for gr, mt in zip(grads, meta):
+            out.append(None if gr is None or mt is None else gr.to(mt[0]).reshape(mt[1]))
+        return (dx, *out, None, None, None)
+
+
+def _memory_format(x: Tensor):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not \
+            x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not \
+            x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _nearest_format(x: Tensor):
+    """channels-last when x's channel stride is the smallest (e.g. a permuted NHWC view)."""
+    if x.dim() in (4, 5) and x.stride(1) == min(x.stride()):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.stride() == b.stride()
+
+
+def _check_param(name, t, x, shape=None):
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a Tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), "
+                           f"got one on {t.device}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def cbam(x: Tensor,
+         mlp_w1: Optional[Tensor] = None, mlp_b1: Optional[Tensor] = None,
+         mlp_w2: Optional[Tensor] = None, mlp_b2: Optional[Tensor] = None,
+         conv_w: Optional[Tensor] = None, conv_b: Optional[Tensor] = None,
+         bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+         bn_running_mean: Optional[Tensor] = None, bn_running_var: Optional[Tensor] = None,
+         *, pools: str = "avg+max", act: str = "relu", spatial_pools: str = "max,mean",
+         arrangement: str = "channel_first", batch_norm: bool = False, bn_training: bool = False,
+         bn_momentum: float = 0.1, bn_eps: float = 1e-5, return_gates: bool = False):
+    """CBAM on x of shape [N, C, *spatial] (1, 2 or 3 spatial dims, any of NCHW / channels-last).
+
+    Channel gate (present when mlp_w1 is given): gc = sigmoid(sum over `pools` of MLP(pool)),
+    MLP = mlp_w2 act(mlp_w1 p + mlp_b1) + mlp_b2, or mlp_w1 p + mlp_b1 when mlp_w2 is None.
+    Weights in Linear ([out, in]) or 1x1-conv ([out, in, 1, ...]) form; biases may be None.
+    pools: 'avg', 'max', 'avg+max' (sum of the MLP outputs) or 'blend' (MLP of 0.5 (avg + max)).
+    Spatial gate (present when conv_w is given): gs = sigmoid(BN(conv(map))), map stacked from the
+    pools over C in `spatial_pools` order ('max,mean' official, 'mean,max' timm / ultralytics,
+    'blend' = 0.5 (mean + max), one channel); conv_w is [1, 2 or 1, k, ...] with odd k, padding
+    k // 2. batch_norm: apply BatchNorm(1) to the conv output (weight / bias / running statistics
+    may be None); in training (bn_training) it uses batch statistics and updates the running ones
+    in place with bn_momentum, as F.batch_norm does.
+    arrangement: 'channel_first' (paper), 'spatial_first' or 'parallel'.
+    Returns y, or (y, gc [N, C], gs [N, 1, *spatial]) with return_gates (gates detached, None for a
+    gate not present)."""
+    # ------------------------------------------------------------------ validation
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x: expected float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(f"x: expected a [N, C, *spatial] tensor with 1 to 3 spatial dims "
+                         f"(rank 3 to 5), got rank {x.dim()} with shape {tuple(x.shape)}")
+    if any(d == 0 for d in x.shape[1:]):
+        raise ValueError(f"x: expected non-empty channel and spatial dims, got shape "
+                         f"{tuple(x.shape)}")
+    if pools not in POOLS:
+        raise ValueError(f"pools: expected one of {POOLS}, got {pools!r}")
+    if spatial_pools not in SPATIAL_POOLS:
+        raise ValueError(f"spatial_pools: expected one of {SPATIAL_POOLS}, got {spatial_pools!r}")
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"arrangement: expected one of {tuple(ARRANGEMENTS)}, got {arrangement!r}")
+    if act not in _heads.ACTIVATIONS:
+        raise ValueError(f"act: expected one of {_heads.ACTIVATIONS}, got {act!r}")
+    c = x.shape[1]
+    if mlp_w1 is None and conv_w is None:
+        raise ValueError("mlp_w1 and conv_w: at least one gate is needed (both are None)")
+    if mlp_w1 is not None:
+        _check_param("mlp_w1", mlp_w1, x)
+        if mlp_w1.dim() < 2 or any(d != 1 for d in mlp_w1.shape[2:]):
+            raise ValueError(f"mlp_w1: expected [hidden, C] or [hidden, C, 1, ...], got "
+                             f"{tuple(mlp_w1.shape)}")
+        if mlp_w1.shape[1] != c:
+            raise ValueError(f"mlp_w1: expects {mlp_w1.shape[1]} input channels but x has C={c}")
+        hidden = mlp_w1.shape[0]
+        _check_param("mlp_b1", mlp_b1, x, (hidden,))
+        if mlp_w2 is None:
+            if hidden != c:
+                raise ValueError(f"mlp_w1: without mlp_w2 the single layer must map C -> C, got "
+                                 f"{tuple(mlp_w1.shape)} for C={c}")
+            if mlp_b2 is not None:
+                raise ValueError("mlp_b2: given without mlp_w2")
+        else:
+            _check_param("mlp_w2", mlp_w2, x)
+            if tuple(mlp_w2.shape[:2]) != (c, hidden) or any(d != 1 for d in mlp_w2.shape[2:]):
+                raise ValueError(f"mlp_w2: expected [C, hidden] = [{c}, {hidden}] (or 1x1-conv "
+                                 f"form), got {tuple(mlp_w2.shape)}")
+            _check_param("mlp_b2", mlp_b2, x, (c,))
+    elif any(t is not None for t in (mlp_b1, mlp_w2, mlp_b2)):
+        raise ValueError("mlp_b1 / mlp_w2 / mlp_b2: given without mlp_w1")
+    if conv_w is not None:
+        _check_param("conv_w", conv_w, x)
+        nd = x.dim() - 2
+        cin = 1 if spatial_pools == "blend" else 2
+        if conv_w.dim() != nd + 2 or conv_w.shape[0] != 1 or conv_w.shape[1] != cin:
+            raise ValueError(f"conv_w: expected [1, {cin}, k{', k' * (nd - 1)}] for a "
+                             f"{nd}-d input with spatial_pools={spatial_pools!r}, got "
+                             f"{tuple(conv_w.shape)}")
+        k = conv_w.shape[2]
+        if any(d != k for d in conv_w.shape[2:]) or k % 2 == 0:
+            raise ValueError(f"conv_w: expected an odd, square kernel size, got "
+                             f"{tuple(conv_w.shape[2:])}")
+        _check_param("conv_b", conv_b, x, (1,))
+        for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                        ("bn_running_mean", bn_running_mean),
+                        ("bn_running_var", bn_running_var)):
+            _check_param(name, t, x, (1,))
+            if t is not None and not batch_norm:
+                raise ValueError(f"{name}: given but batch_norm=False")
+        if (bn_running_mean is None) != (bn_running_var is None):
+            raise ValueError("bn_running_mean and bn_running_var: give both or neither")
+    elif conv_b is not None or batch_norm:
+        raise ValueError("conv_b / batch_norm: given without conv_w")
+
+    bn_train = bool(bn_training) or bn_running_mean is None
+    if x.shape[0] == 0:  # empty batch: empty output, nothing to normalise or update
+        y = x.clone()
+        return (y, None, None) if return_gates else y
+    # NCHW-contiguous and channels-last are native; other strides: one copy to the nearest
+    xin = x if (x.is_contiguous() or _memory_format(x) is not torch.contiguous_format) \
+        else x.contiguous(memory_format=_nearest_format(x))
+    cfg = _Config(pools, act, spatial_pools, ARRANGEMENTS[arrangement], bool(batch_norm),
+                  bn_train, float(bn_eps), bool(return_gates))
+    with torch.autocast(x.device.type, enabled=False):
+        y, gc, gs, mean, var = _CBAMFunction.apply(
+            xin, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight, bn_bias,
+            bn_running_mean, bn_running_var, cfg)
+    if mean is not None and bn_running_mean is not None and bn_training:
+        with torch.no_grad():
+            bn_running_mean.mul_(1 - bn_momentum).add_(mean.to(bn_running_mean.dtype),
+                                                       alpha=bn_momentum)
+            bn_running_var.mul_(1 - bn_momentum).add_(var.to(bn_running_var.dtype),
+                                                      alpha=bn_momentum)
+    return (y, gc, gs) if return_gates else y
