@@ -17,11 +17,10 @@ both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] ten
 indices. The heads run in closed form (_heads.py), so the whole block traces under
 torch.compile(fullgraph=True).
 """
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _heads, _ops
 from ._cpu_kernels import acc_dtype
@@ -40,7 +39,6 @@ class _Config(NamedTuple):
     batch_norm: bool
     bn_training: bool
     bn_eps: float
-    want_gates: bool
 
 
 def _cast(t: Optional[Tensor], dtype) -> Optional[Tensor]:
@@ -58,128 +56,166 @@ def _sigmoid_grad(dg: Tensor, g: Tensor) -> Tensor:
     return dg * g * (1 - g)
 
 
-class _CBAMFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _Config):
-        acc = acc_dtype(x.dtype)
-        n, c = x.shape[0], x.shape[1]
-        sp = tuple(x.shape[2:])
-        channel, spatial = w1 is not None, conv_w is not None
-        # heads' parameters in the accumulation dtype, Linear form ([out, in])
-        pw1 = _cast(w1, acc).reshape(w1.shape[0], c) if channel else None
-        pw2 = _cast(w2, acc).reshape(w2.shape[0], -1) if w2 is not None else None
-        pb1, pb2 = _cast(b1, acc), _cast(b2, acc)
-        pcw, pcb = _cast(conv_w, acc), _cast(conv_b, acc)
-        pbw, pbb = _cast(bn_w, acc), _cast(bn_b, acc)
-        prm, prv = _cast(bn_rm, acc), _cast(bn_rv, acc)
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return t if t.numel() else None
 
-        def channel_gate(scale):
-            a, m, idx_s = _ops.pool_over_s(x, scale)
-            zc, p, h_pre = _heads.channel_forward(a, m, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
-            return torch.sigmoid(zc), idx_s, p, h_pre
 
-        def spatial_gate(scale):
-            u, v, idx_c = _ops.pool_over_c(x, scale)
-            smap = _heads.spatial_map(u, v, cfg.spatial_pools, sp)
-            zs, zconv, mean, invstd = _heads.spatial_forward(
-                smap, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training, cfg.bn_eps)
-            return torch.sigmoid(zs).reshape(n, -1), idx_c, smap, zconv, mean, invstd
+def _acc_params(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv):
+    """The heads' parameters in the accumulation dtype, MLP weights in Linear form."""
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    return (None if w1 is None else _cast(w1, acc).reshape(w1.shape[0], c),
+            _cast(b1, acc),
+            None if w2 is None else _cast(w2, acc).reshape(w2.shape[0], w2.shape[1]),
+            _cast(b2, acc), _cast(conv_w, acc), _cast(conv_b, acc), _cast(bn_w, acc),
+            _cast(bn_b, acc), _cast(bn_rm, acc), _cast(bn_rv, acc))
 
-        gc = gs = idx_s = idx_c = p = h_pre = smap = zconv = mean = invstd = None
-        if cfg.arrangement == 0:  # channel first
-            if channel:
-                gc, idx_s, p, h_pre = channel_gate(None)
-            if spatial:
-                gs, idx_c, smap, zconv, mean, invstd = spatial_gate(gc)
-        elif cfg.arrangement == 1:  # spatial first
-            if spatial:
-                gs, idx_c, smap, zconv, mean, invstd = spatial_gate(None)
-            if channel:
-                gc, idx_s, p, h_pre = channel_gate(gs)
-        else:  # parallel
-            if channel:
-                gc, idx_s, p, h_pre = channel_gate(None)
-            if spatial:
-                gs, idx_c, smap, zconv, mean, invstd = spatial_gate(None)
-        y = _ops.apply_gates(x, gc, gs)
 
-        ctx.cfg = cfg
-        ctx.shape = (n, c, sp)
-        if cfg.bn_training:  # BN's backward uses the batch statistics (mean, invstd), and the
-            prm = prv = None  # running ones are updated in place after this function returns
-        ctx.save_for_backward(x, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd,
-                              pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv)
-        ctx.param_meta = [(t.dtype, t.shape) if t is not None else None
-                          for t in (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b)]
+# What the forward hands to the backward besides x and the parameters: [N, C], [N, S] and
+# spatial-map-sized tensors and argmax indices; an empty tensor stands for "absent".
+_SAVED = ("gc", "gs", "idx_s", "idx_c", "p", "h_pre", "smap", "zconv", "mean", "invstd")
 
-        stats_mean = stats_var = None
-        if spatial and cfg.batch_norm and cfg.bn_training:
-            stats_mean, stats_var = _heads.batch_stats(zconv)
-        gates = (None, None)
-        if cfg.want_gates:
-            gates = (gc, None if gs is None else gs.reshape(n, 1, *sp))
-        outs = [t for t in (*gates, stats_mean, stats_var) if t is not None]
-        ctx.mark_non_differentiable(*outs)
-        return y, gates[0], gates[1], stats_mean, stats_var
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g, *_unused):
-        (x, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd,
-         pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv) = ctx.saved_tensors
-        cfg = ctx.cfg
-        n, c, sp = ctx.shape
-        channel, spatial = gc is not None, gs is not None
-        g = g.contiguous(memory_format=_memory_format(x)) if not _same_layout(g, x) else g
+def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _Config):
+    """The forward composite: [y, *_SAVED]. Runs on real tensors (the op's kernel) and on fake
+    ones (its fake kernel): every piece is a custom op with a fake kernel, or an ATen op."""
+    n = x.shape[0]
+    sp = tuple(x.shape[2:])
+    pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
+        x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv)
+    channel, spatial = w1 is not None, conv_w is not None
 
-        rc, rs = _ops.backward_reduce(g, x, gc, gs, channel, spatial)
-        da = dm = du = dv = None
-        dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
+    def channel_gate(scale):
+        a, m, idx_s = _ops.pool_over_s(x, scale)
+        zc, p, h_pre = _heads.channel_forward(a, m, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
+        return torch.sigmoid(zc), idx_s, p, h_pre
 
-        def channel_back(dgc):
-            return _heads.channel_backward(_sigmoid_grad(dgc, gc), cfg.pools, p, h_pre, pw1, pb1,
-                                           pw2, pb2, cfg.act)
+    def spatial_gate(scale):
+        u, v, idx_c = _ops.pool_over_c(x, scale)
+        smap = _heads.spatial_map(u, v, cfg.spatial_pools, sp)
+        zs, zconv, mean, invstd = _heads.spatial_forward(
+            smap, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training, cfg.bn_eps)
+        return torch.sigmoid(zs).reshape(n, -1), idx_c, smap, zconv, mean, invstd
 
-        def spatial_back(dgs):
-            dzs = _sigmoid_grad(dgs, gs).reshape(n, 1, *sp)
-            dmap, dcw_, dcb_, dbw_, dbb_ = _heads.spatial_backward(
-                dzs, smap, zconv, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training,
-                cfg.bn_eps, mean, invstd)
-            du_, dv_ = _heads.spatial_map_backward(dmap, cfg.spatial_pools)
-            return du_, dv_, dcw_, dcb_, dbw_, dbb_
+    no_ch, no_sp = (None,) * 4, (None,) * 6
+    if cfg.arrangement == 0:  # channel first: the spatial gate pools x * gc
+        ch = channel_gate(None) if channel else no_ch
+        spg = spatial_gate(ch[0]) if spatial else no_sp
+    elif cfg.arrangement == 1:  # spatial first: the channel gate pools x * gs
+        spg = spatial_gate(None) if spatial else no_sp
+        ch = channel_gate(spg[0]) if channel else no_ch
+    else:  # parallel: both gates pool plain x
+        ch = channel_gate(None) if channel else no_ch
+        spg = spatial_gate(None) if spatial else no_sp
+    gc, idx_s, p, h_pre = ch
+    gs, idx_c, smap, zconv, mean, invstd = spg
+    y = _ops.apply_gates(x, gc, gs)
+    acc = acc_dtype(x.dtype)
+    saved = [gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd]
+    return [y] + [x.new_empty((0,), dtype=acc) if t is None else t for t in saved]
 
-        if cfg.arrangement == 0:  # channel first: the spatial gate pooled x * gc
-            if spatial:
-                du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
-            if channel:
-                dgc = rc
-                if spatial:
-                    dgc = dgc + _ops.pool_over_c_backward_scale(x, du, dv, idx_c)
-                da, dm, dw1, db1, dw2, db2 = channel_back(dgc)
-        elif cfg.arrangement == 1:  # spatial first: the channel gate pooled x * gs
-            if channel:
-                da, dm, dw1, db1, dw2, db2 = channel_back(rc)
-            if spatial:
-                dgs = rs
-                if channel:
-                    dgs = dgs + _ops.pool_over_s_backward_scale(x, da, dm, idx_s)
-                du, dv, dcw, dcb, dbw, dbb = spatial_back(dgs)
-        else:
-            if channel:
-                da, dm, dw1, db1, dw2, db2 = channel_back(rc)
-            if spatial:
-                du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
 
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _ops.grad_input(g, gc, gs, da, dm, idx_s if dm is not None else None, du, dv,
-                                 idx_c if dv is not None else None, cfg.arrangement)
-        meta = ctx.param_meta
-        grads = [dw1, db1, dw2, db2, dcw, dcb, dbw, dbb]
-        out = []
-        for gr, mt in zip(grads, meta):
-            out.append(None if gr is None or mt is None else gr.to(mt[0]).reshape(mt[1]))
-        return (dx, *out, None, None, None)
+@torch.library.custom_op("cbam_fused::cbam_block", mutates_args=())
+def cbam_block(x: Tensor, w1: Optional[Tensor], b1: Optional[Tensor], w2: Optional[Tensor],
+               b2: Optional[Tensor], conv_w: Optional[Tensor], conv_b: Optional[Tensor],
+               bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
+               bn_rv: Optional[Tensor], pools: str, act: str, spatial_pools: str,
+               arrangement: int, batch_norm: bool, bn_training: bool,
+               bn_eps: float) -> List[Tensor]:
+    """The whole CBAM forward as one op with one autograd node: [y, *_SAVED]."""
+    cfg = _Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training, bn_eps)
+    out = _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg)
+    # a custom op's outputs must not alias its inputs or each other (zconv is zs without a norm,
+    # p may be a pool itself): clone what aliases
+    seen = set()
+    for i, t in enumerate(out):
+        key = t.untyped_storage().data_ptr() if t.numel() else None
+        if key is not None and key in seen:
+            out[i] = t.clone()
+        elif key is not None:
+            seen.add(key)
+    return out
+
+
+@cbam_block.register_fake
+def _cbam_block_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, pools, act,
+                     spatial_pools, arrangement, batch_norm, bn_training, bn_eps):
+    cfg = _Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training, bn_eps)
+    return [t.clone() for t in
+            _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = inputs[:11]
+    ctx.cfg = _Config(*inputs[11:])
+    if ctx.cfg.bn_training:  # BN's backward uses the batch statistics (mean, invstd); the
+        bn_rm = bn_rv = None  # running ones are updated in place after the op returns
+    ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
+                          *output[1:])
+
+
+def _backward(ctx, grads):
+    """Backward in closed form: Q1, the heads' backward, Q2, Q3 (see the module docstring).
+    Once-differentiable: the custom ops it calls have no autograd of their own."""
+    saved = ctx.saved_tensors
+    x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = saved[:11]
+    gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd = \
+        [_none_if_empty(t) for t in saved[11:]]
+    cfg = ctx.cfg
+    g = grads[0]
+    n, sp = x.shape[0], tuple(x.shape[2:])
+    pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
+        x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv)
+    channel, spatial = gc is not None, gs is not None
+    if not _same_layout(g, x):  # e.g. a contiguous g for a channels-last x
+        g = g.contiguous(memory_format=_memory_format(x))
+
+    rc, rs = _ops.backward_reduce(g, x, gc, gs, channel, spatial)  # Q1
+    da = dm = du = dv = None
+    dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
+
+    def channel_back(dgc):
+        return _heads.channel_backward(_sigmoid_grad(dgc, gc), cfg.pools, p, h_pre, pw1, pb1,
+                                       pw2, pb2, cfg.act)
+
+    def spatial_back(dgs):
+        dzs = _sigmoid_grad(dgs, gs).reshape(n, 1, *sp)
+        dmap, dcw_, dcb_, dbw_, dbb_ = _heads.spatial_backward(
+            dzs, smap, zconv, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training,
+            cfg.bn_eps, mean, invstd)
+        du_, dv_ = _heads.spatial_map_backward(dmap, cfg.spatial_pools)
+        return du_, dv_, dcw_, dcb_, dbw_, dbb_
+
+    if cfg.arrangement == 0:  # channel first: the spatial gate pooled x * gc
+        if spatial:
+            du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
+        if channel:
+            dgc = rc
+            if spatial:  # Q2
+                dgc = dgc + _ops.pool_over_c_backward_scale(x, du, dv, idx_c)
+            da, dm, dw1, db1, dw2, db2 = channel_back(dgc)
+    elif cfg.arrangement == 1:  # spatial first: the channel gate pooled x * gs
+        if channel:
+            da, dm, dw1, db1, dw2, db2 = channel_back(rc)
+        if spatial:
+            dgs = rs
+            if channel:  # Q2
+                dgs = dgs + _ops.pool_over_s_backward_scale(x, da, dm, idx_s)
+            du, dv, dcw, dcb, dbw, dbb = spatial_back(dgs)
+    else:  # parallel: both gates pooled plain x, no Q2
+        if channel:
+            da, dm, dw1, db1, dw2, db2 = channel_back(rc)
+        if spatial:
+            du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
+
+    dx = _ops.grad_input(g, gc, gs, da, dm, idx_s if dm is not None else None, du, dv,
+                         idx_c if dv is not None else None, cfg.arrangement)  # Q3
+    pgrads = [_back(gr, like) for gr, like in zip(
+        (dw1, db1, dw2, db2, dcw, dcb, dbw, dbb), (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b))]
+    return (dx, *pgrads, None, None) + (None,) * 7
+
+
+cbam_block.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _memory_format(x: Tensor):
@@ -317,16 +353,19 @@ def cbam(x: Tensor,
     # NCHW-contiguous and channels-last are native; other strides: one copy to the nearest
     xin = x if (x.is_contiguous() or _memory_format(x) is not torch.contiguous_format) \
         else x.contiguous(memory_format=_nearest_format(x))
-    cfg = _Config(pools, act, spatial_pools, ARRANGEMENTS[arrangement], bool(batch_norm),
-                  bn_train, float(bn_eps), bool(return_gates))
-    with torch.autocast(x.device.type, enabled=False):
-        y, gc, gs, mean, var = _CBAMFunction.apply(
-            xin, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight, bn_bias,
-            bn_running_mean, bn_running_var, cfg)
-    if mean is not None and bn_running_mean is not None and bn_training:
+    with torch.autocast(x.device.type, enabled=False):  # heads run in the accumulation dtype
+        out = cbam_block(xin, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight,
+                         bn_bias, bn_running_mean, bn_running_var, pools, act, spatial_pools,
+                         ARRANGEMENTS[arrangement], bool(batch_norm), bn_train, float(bn_eps))
+    y = out[0]
+    if batch_norm and bn_running_mean is not None and bn_training:
         with torch.no_grad():
+            mean, var = _heads.batch_stats(out[1 + _SAVED.index("zconv")])
             bn_running_mean.mul_(1 - bn_momentum).add_(mean.to(bn_running_mean.dtype),
                                                        alpha=bn_momentum)
             bn_running_var.mul_(1 - bn_momentum).add_(var.to(bn_running_var.dtype),
                                                       alpha=bn_momentum)
-    return (y, gc, gs) if return_gates else y
+    if return_gates:
+        gc, gs = (_none_if_empty(out[1 + _SAVED.index(k)].detach()) for k in ("gc", "gs"))
+        return y, gc, None if gs is None else gs.reshape(x.shape[0], 1, *x.shape[2:])
+    return y
