@@ -1,0 +1,45 @@
+"""Shared test helpers: seeding, error metrics, model factories."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (norm-wise relative error, in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial parameters and BatchNorm statistics (never zeros / ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            r = torch.rand(t.shape, generator=g, dtype=torch.float64)
+            if name.endswith("running_var"):
+                t.copy_(0.5 + r)
+            elif name.endswith("running_mean"):
+                t.copy_(r - 0.5)
+            elif "bn" in name and name.endswith("weight"):
+                t.copy_(0.5 + r)
+            else:
+                t.copy_((r - 0.5) * 2 / max(1, t[0].numel()) ** 0.5)
+    return module
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

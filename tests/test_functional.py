@@ -1,0 +1,179 @@
+"""cbam_fused.CBAM / functional.cbam against the naive reference (cbam_fused.reference) in
+float64: every variant, train and eval, NCHW and channels-last, 1-D / 2-D / 3-D, edge shapes.
+Forward, every gradient and the BatchNorm running statistics."""
+import copy
+
+import pytest
+import torch
+
+import cbam_fused
+from cbam_fused import functional, reference
+from conftest import randomize_, rel_err
+from variants import HAS_BN, VARIANTS, make
+
+SHAPES_2D = [(3, 16, 5, 7), (1, 16, 4, 4), (2, 1, 3, 5), (4, 8, 1, 1), (2, 12, 9, 11)]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _module(variant, c, dim, dtype):
+    m = make(variant, c, dim=dim, hidden=max(1, min(4, c)))
+    return randomize_(m).to(dtype)
+
+
+def _reference_run(m, x, g=None):
+    """The reference on module m's parameters (a copy) in x's dtype: y, grads, the copy."""
+    mref = copy.deepcopy(m).to(x.dtype)
+    xr = x.detach().clone().requires_grad_()
+    yr = reference.cbam(xr, **mref.functional_kwargs())
+    if g is None:
+        return yr, None, mref
+    grads = torch.autograd.grad(yr, [xr] + list(mref.parameters()), g.to(x.dtype))
+    return yr, grads, mref
+
+
+def compare_with_reference(m, x, train, tol):
+    """Runs m on x and the reference on a float64 copy; checks y, all grads and BN stats.
+
+    Outside float64 the bound is max(tol, 2 x the error of the reference computed in x's dtype):
+    a gradient that is a sum with heavy cancellation (C = 1, say) carries that much error in any
+    float32 implementation."""
+    m.train(train)
+    m_ref32 = copy.deepcopy(m)
+    mref = copy.deepcopy(m).double()
+    xr = x.detach().double().requires_grad_()
+    yr = reference.cbam(xr, **mref.functional_kwargs())
+    xf = x.detach().clone().requires_grad_()
+    y = m(xf)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, yr) < tol, f"forward: {rel_err(y, yr)}"
+    g = torch.randn_like(yr)
+    params = [p for p in m.parameters()]
+    params_ref = [p for p in mref.parameters()]
+    gf = torch.autograd.grad(y, [xf] + params, g.to(y.dtype))
+    gr = torch.autograd.grad(yr, [xr] + params_ref, g)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    g_low = None
+    if x.dtype != torch.float64:
+        _, g_low, _ = _reference_run(m_ref32, x, g)
+    for i, (name, a, b) in enumerate(zip(names, gf, gr)):
+        bound = tol if g_low is None else max(tol, 2 * rel_err(g_low[i], b))
+        assert rel_err(a, b) < bound, f"grad of {name}: {rel_err(a, b)} (bound {bound})"
+    for (name, buf), (_, buf_ref) in zip(m.named_buffers(), mref.named_buffers()):
+        if buf.is_floating_point():
+            assert rel_err(buf, buf_ref) < tol, f"buffer {name}: {rel_err(buf, buf_ref)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES_2D, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_2d(variant, shape, train, dtype):
+    if train and variant in HAS_BN and shape[0] * shape[2] * shape[3] == 1:
+        pytest.skip("BatchNorm in training needs more than one value (as in eager PyTorch)")
+    m = _module(variant, shape[1], 2, dtype)
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    compare_with_reference(m, x, train, TOL[dtype])
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_channels_last(variant, train):
+    m = _module(variant, 12, 2, torch.float64)
+    x = torch.randn(3, 12, 5, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    compare_with_reference(m, x, train, TOL[torch.float64])
+    m32 = _module(variant, 12, 2, torch.float32)
+    compare_with_reference(m32, x.float(), train, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "ultralytics",
+                                     "timm_light"])
+def test_variant_3d(variant, train, layout):
+    m = _module(variant, 6, 3, torch.float64)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
+    if layout == "channels_last_3d":
+        x = x.to(memory_format=torch.channels_last_3d)
+    compare_with_reference(m, x, train, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "ultralytics",
+                                     "timm"])
+def test_variant_1d(variant, train):
+    m = _module(variant, 8, 1, torch.float64)
+    compare_with_reference(m, torch.randn(3, 8, 11, dtype=torch.float64), train, 1e-10)
+
+
+def test_other_strides_are_copied_once_to_a_supported_layout():
+    m = _module("official", 8, 2, torch.float64)
+    base = torch.randn(2, 8, 6, 10, dtype=torch.float64)
+    x = base[..., ::2]  # non-contiguous in W
+    compare_with_reference(m, x, True, 1e-10)
+    nhwc_view = torch.randn(2, 5, 6, 8, dtype=torch.float64).permute(0, 3, 1, 2)
+    compare_with_reference(m, nhwc_view, False, 1e-10)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_training_steps_track_running_stats(variant):
+    """Several training steps: running statistics and num_batches_tracked follow eager BN."""
+    m = _module(variant, 8, 2, torch.float64)
+    mref = copy.deepcopy(m)
+    for _ in range(3):
+        x = torch.randn(2, 8, 4, 5, dtype=torch.float64)
+        m(x)
+        kw = mref.functional_kwargs()
+        reference.cbam(x, **kw)
+        if variant in HAS_BN:
+            mref.SpatialGate.spatial.bn.num_batches_tracked.add_(1)
+    for (name, a), (_, b) in zip(m.named_buffers(), mref.named_buffers()):
+        assert torch.equal(a, b) if not a.is_floating_point() else rel_err(a, b) < 1e-12, name
+
+
+def test_bn_momentum_none_is_a_cumulative_average():
+    m = cbam_fused.CBAM(8, hidden_channels=2, bn_momentum=None).double()
+    bn = torch.nn.BatchNorm2d(1, momentum=None).double()
+    for _ in range(3):
+        x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+        kw = m.functional_kwargs()
+        m(x)
+        # the same conv output through an eager BN with momentum=None
+        ref_rm = kw["bn_running_mean"]
+        assert ref_rm is m.SpatialGate.spatial.bn.running_mean
+    assert int(m.SpatialGate.spatial.bn.num_batches_tracked) == 3
+    assert m.SpatialGate._bn_momentum() == pytest.approx(1 / 4)
+    del bn
+
+
+def test_return_gates_matches_reference():
+    m = _module("official", 8, 2, torch.float64).eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    y, gc, gs = functional.cbam(x, **m.functional_kwargs(), return_gates=True)
+    yr, gcr, gsr = reference.cbam(x, **m.functional_kwargs(), return_gates=True)
+    assert gc.shape == (2, 8) and gs.shape == (2, 1, 5, 5)
+    assert rel_err(gc, gcr) < 1e-12 and rel_err(gs, gsr) < 1e-12 and rel_err(y, yr) < 1e-12
+    assert not gc.requires_grad and not gs.requires_grad
+
+
+def test_empty_batch_returns_empty_output():
+    m = cbam_fused.CBAM(8, hidden_channels=2)
+    x = torch.randn(0, 8, 4, 4, requires_grad=True)
+    y = m(x)
+    assert y.shape == (0, 8, 4, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_nan_and_inf_propagate_like_eager():
+    m = _module("official", 8, 2, torch.float64).eval()
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    x[0, 3, 1, 2] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    y = m(x)
+    yr = reference.cbam(x, **m.functional_kwargs())
+    assert torch.isnan(y[0]).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.equal(torch.isinf(y), torch.isinf(yr))
+    assert rel_err(y[2], yr[2]) < 1e-10  # the clean sample is untouched
