@@ -1,0 +1,47 @@
+// The apply: y[n,c,s] = x[n,c,s] * gc[n,c] * gs[n,s] (in this order, in acc_t; a missing gate is 1).
+// Pass: reads x once, writes y once. x and y viewed as [N, R, K] (common.cuh); the gate along k
+// is held in registers per thread (VEC columns), the gate along r is staged in shared memory per
+// chunk of rows, so the small gates are read about once per tile. `cl` says whether k is the
+// channel axis (channels-last). Requires VEC == 1 or K % VEC == 0.
+#pragma once
+
+#include "kernels/common.cuh"
+
+namespace cbam {
+
+template <typename T, int VEC, typename acc_t>
+CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
+                                    const acc_t* gk, Geom g, bool cl) {
+  __shared__ acc_t s_gr[kChunkRows];
+  const TileId t = tile_id(g, VEC);
+  const bool active = t.k0 < g.K;
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tid = threadIdx.y * TX + threadIdx.x;
+
+  acc_t wk[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    wk[v] = (gk != nullptr && active) ? ld(gk + t.n * g.K + t.k0 + v) : acc_t(1);
+  }
+  for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
+    const int64_t rest = t.r_end - cb;
+    const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
+    __syncthreads();
+    for (int i = tid; i < clen; i += TX * TY) {
+      s_gr[i] = gr != nullptr ? ld(gr + t.n * g.R + cb + i) : acc_t(1);
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int i = threadIdx.y; i < clen; i += TY) {
+      const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
+      acc_t v_[VEC];
+      load_acc<VEC>(x + off, v_);
+      const acc_t wr = s_gr[i];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) v_[v] = cl ? v_[v] * wk[v] * wr : v_[v] * wr * wk[v];
+      store_from_acc<VEC>(y + off, v_);
+    }
+  }
+}
+
+}  // namespace cbam

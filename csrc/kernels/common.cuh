@@ -1,0 +1,102 @@
+// Shared pieces of the CBAM kernels: the tiling every kernel uses, vector loads, the max/argmax
+// combine rule.
+//
+// Every kernel sees x as [N, R, K] with K the contiguous axis (channels-first: R = C, K = S;
+// channels-last: R = S, K = C). A block of TX x TY = 256 threads (TX a power of two <= 32,
+// threadIdx.x along k) owns one tile: sample n, rows [r0, r0 + rows_per_tile), columns
+// [k0, k0 + TX * VEC). Each thread owns VEC adjacent columns (one 16-byte vector when VEC > 1;
+// VEC > 1 only when K % VEC == 0 and the base pointers are 16-byte aligned) and walks the tile's
+// rows with stride TY. blockIdx.x enumerates (n, row tile, column tile), column tile fastest, so
+// no grid dimension other than x is used and any N, C, S fits the hardware limits.
+// Element offsets are 64-bit ((n * R + r) * K, once per row); in-row offsets are 32-bit
+// (the launchers check R, K < 2^31).
+#pragma once
+
+#include "dialect/dialect.cuh"
+
+namespace cbam {
+
+constexpr int kBlockThreads = 256;  // TX * TY
+constexpr int kChunkRows = 256;     // rows whose small side values are staged in shared memory
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// Geometry of one launch (see the top comment).
+struct Geom {
+  int64_t N, R, K;
+  int64_t nrt;            // row tiles
+  int64_t nkt;            // column tiles
+  int64_t rows_per_tile;  // rows in each row tile (the last one may hold fewer)
+};
+
+// The tile of this block.
+struct TileId {
+  int64_t n, rt, kt;
+  int64_t r_begin, r_end;  // rows [r_begin, r_end)
+  int64_t k0;              // first column of this thread
+};
+
+CBAM_DEVICE TileId tile_id(const Geom& g, int vec) {
+  TileId t;
+  int64_t b = blockIdx.x;
+  t.kt = b % g.nkt;
+  b /= g.nkt;
+  t.rt = b % g.nrt;
+  t.n = b / g.nrt;
+  t.r_begin = t.rt * g.rows_per_tile;
+  const int64_t e = t.r_begin + g.rows_per_tile;
+  t.r_end = e < g.R ? e : g.R;
+  t.k0 = (t.kt * static_cast<int64_t>(blockDim.x) + threadIdx.x) * vec;
+  return t;
+}
+
+// Loads VEC elements of T at p (16-byte aligned when VEC > 1) as acc_t.
+template <int VEC, typename T, typename acc_t>
+CBAM_DEVICE void load_acc(const T* p, acc_t (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = static_cast<acc_t>(ld(p));
+  } else {
+    const Vec<T, VEC> v = ld_vec<VEC>(p);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(v.val[i]);
+  }
+}
+
+// Stores VEC values as T at p (16-byte aligned when VEC > 1).
+template <int VEC, typename T, typename acc_t>
+CBAM_DEVICE void store_from_acc(T* p, const acc_t (&in)[VEC]) {
+  if constexpr (VEC == 1) {
+    st(p, static_cast<T>(in[0]));
+  } else {
+    Vec<T, VEC> v;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v.val[i] = static_cast<T>(in[i]);
+    st_vec<VEC>(p, v);
+  }
+}
+
+// Folds (m2, i2) into the running max (m, i) as torch.max does: the larger value wins, a NaN
+// beats every number, ties (and two NaNs) go to the smaller index. The rule is commutative and
+// associative, so the result does not depend on the order in which partial results meet.
+template <typename acc_t>
+CBAM_DEVICE void max_combine(acc_t& m, int& i, acc_t m2, int i2) {
+  const bool nan1 = isnan(m), nan2 = isnan(m2);
+  bool take;
+  if (nan1 || nan2) {
+    take = nan2 && (!nan1 || i2 < i);
+  } else {
+    take = m2 > m || (m2 == m && i2 < i);
+  }
+  if (take) {
+    m = m2;
+    i = i2;
+  }
+}
+
+constexpr int kNoIndex = 0x7fffffff;  // the index of an empty max state
+
+}  // namespace cbam

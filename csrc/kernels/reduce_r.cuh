@@ -1,0 +1,78 @@
+// Reduction over the strided axis r of x [N, R, K] (channels-first pool over C, channels-last
+// pool over S, and the matching scale gradients).
+//
+//   out[n, k] = fold over r of Policy::add(x[n, r, k], w[n, r])       (pool_policies.cuh)
+//
+// Pass: reads x once. Tiles as in common.cuh; the row tiles are the first stage of the
+// reduction (nrt splits of R). Threads along k keep one State per column; the weights of the
+// tile's rows are staged in shared memory kChunkRows at a time. The TY threads of a column then
+// combine through shared memory in a fixed tree. Thread row 0 writes the final value (nrt == 1)
+// or the partial [n, rt, k], which combine_partials folds in order. Requires VEC == 1 or
+// K % VEC == 0.
+#pragma once
+
+#include "kernels/common.cuh"
+
+namespace cbam {
+
+template <typename T, int VEC, typename Policy>
+CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
+  using acc_t = typename Policy::acc_t;
+  using State = typename Policy::State;
+  __shared__ typename Policy::Weight s_w[kChunkRows];
+  __shared__ State s_state[kBlockThreads * VEC];
+
+  const TileId t = tile_id(g, VEC);
+  const bool active = t.k0 < g.K;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tid = ty * TX + tx;
+
+  State s[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) s[v] = pol.init();
+
+  for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
+    const int64_t rest = t.r_end - cb;
+    const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
+    __syncthreads();  // the previous chunk's weights are no longer read
+    for (int i = tid; i < clen; i += TX * TY) s_w[i] = pol.weight(t.n, cb + i);
+    __syncthreads();
+    if (active) {
+      for (int i = ty; i < clen; i += TY) {
+        const int64_t r = cb + i;
+        acc_t xv[VEC];
+        load_acc<VEC>(x + (t.n * g.R + r) * g.K + t.k0, xv);
+        const typename Policy::Weight w = s_w[i];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) pol.add(s[v], xv[v], w, static_cast<int>(r), t.k0 + v);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) s_state[tid * VEC + v] = s[v];
+  __syncthreads();
+  for (int half = TY / 2; half > 0; half /= 2) {
+    if (ty < half) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        pol.combine(s_state[tid * VEC + v], s_state[(tid + half * TX) * VEC + v]);
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int64_t k = t.k0 + v;
+      if (g.nrt == 1) {
+        pol.store_final(t.n * g.K + k, s_state[tid * VEC + v]);
+      } else {
+        pol.store_partial((t.n * g.nrt + t.rt) * g.K + k, s_state[tid * VEC + v]);
+      }
+    }
+  }
+}
+
+}  // namespace cbam

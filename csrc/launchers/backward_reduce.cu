@@ -1,0 +1,78 @@
+// Launcher of backward_reduce (Q1, kernels/backward_reduce.cuh): rc [N, C] and rs [N, S] in one
+// pass over grad and x, then the in-order sums of the partials (kernels/combine_partials.cuh)
+// when a reduction spans several tiles.
+#include "kernels/backward_reduce.cuh"
+#include "kernels/combine_partials.cuh"
+#include "launchers/common.h"
+
+namespace cbam {
+namespace {
+
+template <typename T, int VEC>
+void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& gr,
+                         const at::Tensor& gk, at::Tensor& out_r, at::Tensor& out_k, bool need_r,
+                         bool need_k) {
+  using acc_t = at::opmath_type<T>;
+  const char* op = "backward_reduce";
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, op);
+  const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor part_r =
+      !need_r ? at::Tensor() : (lg.g.nkt > 1 ? at::empty({v.N, lg.g.nkt, v.R()}, opts) : out_r);
+  const at::Tensor part_k =
+      !need_k ? at::Tensor() : (lg.g.nrt > 1 ? at::empty({v.N, lg.g.nrt, v.K()}, opts) : out_k);
+  launch(op, &backward_reduce_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0, global_ptr<T>(g),
+         global_ptr<T>(v.x), opt_ptr<acc_t>(gr), opt_ptr<acc_t>(gk),
+         need_r ? global_ptr<acc_t>(part_r) : nullptr,
+         need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
+  if (need_r && lg.g.nkt > 1) {
+    SumPolicy<acc_t> pol{global_ptr<acc_t>(part_r), global_ptr<acc_t>(out_r)};
+    launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.R()), dim3(256), 0,
+           pol, v.N, lg.g.nkt, v.R());
+  }
+  if (need_k && lg.g.nrt > 1) {
+    SumPolicy<acc_t> pol{global_ptr<acc_t>(part_k), global_ptr<acc_t>(out_k)};
+    launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.K()), dim3(256), 0,
+           pol, v.N, lg.g.nrt, v.K());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_in,
+                                                   const at::Tensor& x_in,
+                                                   const std::optional<at::Tensor>& gc_in,
+                                                   const std::optional<at::Tensor>& gs_in,
+                                                   bool need_rc, bool need_rs) {
+  const char* op = "backward_reduce";
+  const XView v = view_x(x_in, op, "x");
+  const at::Tensor g = like_x(grad_in, v, x_in, op, "grad");
+  const auto acc = acc_type_of(v.x.scalar_type());
+  const at::Tensor gc = small_arg(gc_in, v.x, v.N, v.C, acc, op, "gc", "[N, C]");
+  const at::Tensor gs = small_arg(gs_in, v.x, v.N, v.S, acc, op, "gs", "[N, S]");
+  const auto opts = v.x.options().dtype(acc);
+  at::Tensor rc = need_rc ? new_output({v.N, v.C}, opts) : at::empty({0}, opts);
+  at::Tensor rs = need_rs ? new_output({v.N, v.S}, opts) : at::empty({0}, opts);
+  if (!need_rc && !need_rs) return {rc, rs};
+  if (v.x.numel() == 0) {  // empty sums
+    if (need_rc) rc.zero_();
+    if (need_rs) rs.zero_();
+    return {rc, rs};
+  }
+  at::Tensor& out_r = v.cl ? rs : rc;
+  at::Tensor& out_k = v.cl ? rc : rs;
+  const bool need_r = v.cl ? need_rs : need_rc;
+  const bool need_k = v.cl ? need_rc : need_rs;
+  const at::Tensor& gr = v.cl ? gs : gc;
+  const at::Tensor& gk = v.cl ? gc : gs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
+    constexpr int V = vec_width<scalar_t>();
+    if (v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(g.data_ptr())) {
+      run_backward_reduce<scalar_t, V>(v, g, gr, gk, out_r, out_k, need_r, need_k);
+    } else {
+      run_backward_reduce<scalar_t, 1>(v, g, gr, gk, out_r, out_k, need_r, need_k);
+    }
+  });
+  return {rc, rs};
+}
+
+}  // namespace cbam

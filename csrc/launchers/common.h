@@ -1,0 +1,193 @@
+// Host helpers shared by the launchers: layout detection, argument checks, output allocation,
+// tile geometry. Included by every launcher .cu (both builds; header-only, `inline`).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "kernels/common.cuh"
+#include "launchers/launchers.h"
+
+namespace cbam {
+
+// x as [N, C, S] in one of the two supported layouts.
+struct XView {
+  at::Tensor x;  // dense in the layout below (x itself, or one copy of it)
+  int64_t N, C, S;
+  bool cl;  // channels-last ([N, S, C] contiguous); else channels-first ([N, C, S] contiguous)
+  int64_t R() const { return cl ? S : C; }
+  int64_t K() const { return cl ? C : S; }
+};
+
+// Strides of [N, *spatial, C] contiguous (dims of size 1 may have any stride).
+inline bool is_channels_last_dense(const at::Tensor& x) {
+  const auto sizes = x.sizes();
+  const auto strides = x.strides();
+  int64_t expected = 1;
+  auto ok = [&](int64_t d) {
+    if (sizes[d] != 1 && strides[d] != expected) return false;
+    expected *= sizes[d];
+    return true;
+  };
+  if (!ok(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (!ok(d)) return false;
+  }
+  return ok(0);
+}
+
+inline at::Tensor to_channels_last(const at::Tensor& x) {
+  std::vector<int64_t> perm{0}, inv(x.dim());
+  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  for (int64_t i = 0; i < x.dim(); ++i) inv[perm[i]] = i;
+  return x.permute(perm).contiguous().permute(inv);
+}
+
+// The layout of x, or one copy to the nearest supported layout.
+inline at::Tensor to_supported_layout(const at::Tensor& x, bool* cl) {
+  if (x.is_contiguous()) {
+    *cl = false;
+    return x;
+  }
+  if (is_channels_last_dense(x)) {
+    *cl = true;
+    return x;
+  }
+  const auto fmt = x.suggest_memory_format();
+  *cl = fmt == at::MemoryFormat::ChannelsLast || fmt == at::MemoryFormat::ChannelsLast3d ||
+        (x.dim() != 4 && x.dim() != 5 && x.size(1) > 1 && x.stride(1) == 1);
+  return *cl ? to_channels_last(x) : x.contiguous();
+}
+
+inline void check_x_dtype(const at::Tensor& x, const char* op, const char* arg) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": ", arg, " must be float16, bfloat16, float32 or float64, got ", t);
+}
+
+inline XView view_x(const at::Tensor& x, const char* op, const char* arg) {
+  TORCH_CHECK(x.dim() >= 3, op, ": ", arg,
+              " must have shape [N, C, *spatial] with at least one spatial dimension, got shape ",
+              x.sizes());
+  check_x_dtype(x, op, arg);
+  XView v;
+  v.x = to_supported_layout(x, &v.cl);
+  v.N = x.size(0);
+  v.C = x.size(1);
+  v.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) v.S *= x.size(d);
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(v.C <= kMax && v.S <= kMax, op, ": ", arg,
+              " must have fewer than 2^31 channels and spatial positions, got C = ", v.C,
+              ", S = ", v.S);
+  return v;
+}
+
+// `t` (x-sized) brought to the layout of `v`, after checking it against x.
+inline at::Tensor like_x(const at::Tensor& t, const XView& v, const at::Tensor& x, const char* op,
+                         const char* arg) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", arg, " must be on the device of x (", x.device(),
+              "), got ", t.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", arg, " must have the shape of x ", x.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", arg, " must have the dtype of x (",
+              x.scalar_type(), "), got ", t.scalar_type());
+  if (v.cl) return is_channels_last_dense(t) ? t : to_channels_last(t);
+  return t.contiguous();
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A small [N, L] argument: checked, contiguous; undefined when absent.
+inline at::Tensor small_arg(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t N,
+                            int64_t L, at::ScalarType dtype, const char* op, const char* arg,
+                            const char* shape) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->device() == x.device(), op, ": ", arg, " must be on the device of x (",
+              x.device(), "), got ", t->device());
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == L, op, ": ", arg,
+              " must have shape ", shape, " = [", N, ", ", L, "], got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == dtype, op, ": ", arg, " must have dtype ", dtype,
+              (dtype == at::kLong ? "" : " (the accumulation dtype of x)"), ", got ",
+              t->scalar_type());
+  return t->contiguous();
+}
+
+template <typename P>
+inline const P* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? global_ptr<P>(t) : nullptr;
+}
+
+inline at::Tensor poisoned(at::Tensor t) {
+  if (debug::poison_outputs && t.numel() > 0) {
+    if (t.is_floating_point()) {
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      t.fill_(std::numeric_limits<int64_t>::min());
+    }
+  }
+  return t;
+}
+
+// A new output (PyTorch's allocator), poisoned when debug::poison_outputs is set.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return poisoned(at::empty(sizes, opts));
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Block shape and tiles for x viewed as [N, R, K] with VEC elements per thread (common.cuh).
+struct LaunchGeom {
+  Geom g;
+  int tx, ty;
+  dim3 grid() const { return dim3(static_cast<unsigned>(g.N * g.nrt * g.nkt)); }
+  dim3 block() const { return dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty)); }
+};
+
+inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, const char* op) {
+  LaunchGeom lg;
+  const int64_t need = ceil_div(K, vec);
+  int tx = 1;
+  while (tx < 32 && tx < need) tx *= 2;
+  if (debug::tile_mode == 1 && tx > 2) tx = 2;
+  lg.tx = tx;
+  lg.ty = kBlockThreads / tx;
+  Geom& g = lg.g;
+  g.N = N;
+  g.R = R;
+  g.K = K;
+  g.nkt = ceil_div(K, static_cast<int64_t>(tx) * vec);
+  int64_t rpt;
+  if (debug::tile_mode == 1) {
+    rpt = 3;
+  } else if (debug::tile_mode == 2) {
+    rpt = R;
+  } else {
+    // Enough tiles to fill the device a few times over, each thread walking at least 4 rows.
+    const int64_t target = static_cast<int64_t>(num_sms()) * 8;
+    const int64_t want_tiles = ceil_div(target, N * g.nkt);
+    rpt = std::max<int64_t>(ceil_div(R, want_tiles), static_cast<int64_t>(lg.ty) * 4);
+  }
+  rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
+  g.nrt = ceil_div(R, rpt);
+  g.rows_per_tile = ceil_div(R, g.nrt);  // balanced tiles
+  g.nrt = ceil_div(R, g.rows_per_tile);
+  TORCH_CHECK(N * g.nrt * g.nkt <= std::numeric_limits<int32_t>::max(), op,
+              ": the input is too large for one launch (", N * g.nrt * g.nkt, " tiles)");
+  return lg;
+}
+
+// A 1-D grid-stride launch over `total` items.
+inline dim3 grid_1d(int64_t total) {
+  const int64_t cap = static_cast<int64_t>(num_sms()) * 16;
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(total, 256), cap))));
+}
+
+}  // namespace cbam

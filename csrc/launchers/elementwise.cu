@@ -1,0 +1,101 @@
+// Launchers of the x-sized outputs: apply_gates (kernels/apply_gates.cuh) and grad_input, Q3
+// (kernels/grad_input.cuh). One launch each; the output has the dtype of its input and its
+// (supported) memory format.
+#include "kernels/apply_gates.cuh"
+#include "kernels/grad_input.cuh"
+#include "launchers/common.h"
+
+namespace cbam {
+namespace {
+
+template <typename T, int VEC>
+void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
+                     const at::Tensor& gs) {
+  using acc_t = at::opmath_type<T>;
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, "apply_gates");
+  const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
+  const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
+  launch("apply_gates", &apply_gates_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0,
+         global_ptr<T>(v.x), global_ptr<T>(y), gr, gk, lg.g, v.cl);
+}
+
+template <typename T, int VEC>
+void run_grad_input(const XView& v, const at::Tensor& dx, const GradSidePtrs<at::opmath_type<T>>& cs,
+                    const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement) {
+  using acc_t = at::opmath_type<T>;
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, "grad_input");
+  launch("grad_input", &grad_input_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0,
+         global_ptr<T>(v.x), global_ptr<T>(dx), v.cl ? ss : cs, v.cl ? cs : ss, lg.g, v.cl,
+         arrangement);
+}
+
+// An output shaped and strided like v.x (dense in its layout).
+at::Tensor new_like(const XView& v) {
+  return poisoned(at::empty_strided(v.x.sizes(), v.x.strides(), v.x.options()));
+}
+
+}  // namespace
+
+at::Tensor apply_gates(const at::Tensor& x_in, const std::optional<at::Tensor>& gc_in,
+                       const std::optional<at::Tensor>& gs_in) {
+  const char* op = "apply_gates";
+  const XView v = view_x(x_in, op, "x");
+  const auto acc = acc_type_of(v.x.scalar_type());
+  const at::Tensor gc = small_arg(gc_in, v.x, v.N, v.C, acc, op, "gc", "[N, C]");
+  const at::Tensor gs = small_arg(gs_in, v.x, v.N, v.S, acc, op, "gs", "[N, S]");
+  at::Tensor y = new_like(v);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
+    constexpr int V = vec_width<scalar_t>();
+    if (v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(y.data_ptr())) {
+      run_apply_gates<scalar_t, V>(v, y, gc, gs);
+    } else {
+      run_apply_gates<scalar_t, 1>(v, y, gc, gs);
+    }
+  });
+  return y;
+}
+
+at::Tensor grad_input(const at::Tensor& grad_in, const std::optional<at::Tensor>& gc_in,
+                      const std::optional<at::Tensor>& gs_in, const std::optional<at::Tensor>& da_in,
+                      const std::optional<at::Tensor>& dm_in,
+                      const std::optional<at::Tensor>& idx_s_in,
+                      const std::optional<at::Tensor>& du_in,
+                      const std::optional<at::Tensor>& dv_in,
+                      const std::optional<at::Tensor>& idx_c_in, int64_t arrangement) {
+  const char* op = "grad_input";
+  TORCH_CHECK(arrangement >= 0 && arrangement <= 2, op,
+              ": arrangement must be 0 (channel first), 1 (spatial first) or 2 (parallel), got ",
+              arrangement);
+  const XView v = view_x(grad_in, op, "grad");
+  const auto acc = acc_type_of(v.x.scalar_type());
+  const at::Tensor gc = small_arg(gc_in, v.x, v.N, v.C, acc, op, "gc", "[N, C]");
+  const at::Tensor gs = small_arg(gs_in, v.x, v.N, v.S, acc, op, "gs", "[N, S]");
+  const at::Tensor da = small_arg(da_in, v.x, v.N, v.C, acc, op, "da", "[N, C]");
+  const at::Tensor dm = small_arg(dm_in, v.x, v.N, v.C, acc, op, "dm", "[N, C]");
+  const at::Tensor is = small_arg(idx_s_in, v.x, v.N, v.C, at::kLong, op, "idx_s", "[N, C]");
+  const at::Tensor du = small_arg(du_in, v.x, v.N, v.S, acc, op, "du", "[N, S]");
+  const at::Tensor dv = small_arg(dv_in, v.x, v.N, v.S, acc, op, "dv", "[N, S]");
+  const at::Tensor ic = small_arg(idx_c_in, v.x, v.N, v.S, at::kLong, op, "idx_c", "[N, S]");
+  TORCH_CHECK(!dm.defined() || is.defined(), op, ": dm needs idx_s");
+  TORCH_CHECK(!dv.defined() || ic.defined(), op, ": dv needs idx_c");
+  at::Tensor dx = new_like(v);
+  if (dx.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    GradSidePtrs<acc_t> cs{opt_ptr<acc_t>(gc), opt_ptr<acc_t>(da), opt_ptr<acc_t>(dm),
+                           opt_ptr<int64_t>(is), v.C, static_cast<acc_t>(v.S)};
+    GradSidePtrs<acc_t> ss{opt_ptr<acc_t>(gs), opt_ptr<acc_t>(du), opt_ptr<acc_t>(dv),
+                           opt_ptr<int64_t>(ic), v.S, static_cast<acc_t>(v.C)};
+    constexpr int V = vec_width<scalar_t>();
+    const int arr = static_cast<int>(arrangement);
+    if (v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(dx.data_ptr())) {
+      run_grad_input<scalar_t, V>(v, dx, cs, ss, arr);
+    } else {
+      run_grad_input<scalar_t, 1>(v, dx, cs, ss, arr);
+    }
+  });
+  return dx;
+}
+
+}  // namespace cbam
