@@ -19,7 +19,6 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
   const int tid = threadIdx.y * TX + threadIdx.x;
 
   acc_t wk[VEC];
-#pragma unroll
   for (int v = 0; v < VEC; ++v) {
     wk[v] = (gk != nullptr && active) ? ld(gk + t.n * g.K + t.k0 + v) : acc_t(1);
   }
@@ -37,7 +36,6 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
       acc_t v_[VEC];
       load_acc<VEC>(x + off, v_);
       const acc_t wr = s_gr[i];
-#pragma unroll
       for (int v = 0; v < VEC; ++v) v_[v] = cl ? v_[v] * wk[v] * wr : v_[v] * wr * wk[v];
       store_from_acc<VEC>(y + off, v_);
     }

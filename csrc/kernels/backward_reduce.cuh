@@ -31,7 +31,6 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
 
   acc_t wk[VEC];
   acc_t col[VEC];
-#pragma unroll
   for (int v = 0; v < VEC; ++v) {
     wk[v] = (gk != nullptr && active) ? ld(gk + t.n * g.K + t.k0 + v) : acc_t(1);
     col[v] = acc_t(0);
@@ -54,7 +53,6 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
         load_acc<VEC>(grad + off, gv);
         load_acc<VEC>(x + off, xv);
         const acc_t wr = s_gr[i];
-#pragma unroll
         for (int v = 0; v < VEC; ++v) {
           const acc_t p = gv[v] * xv[v];
           row += p * wk[v];
@@ -71,18 +69,15 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
   }
 
   if (need_k) {
-#pragma unroll
     for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] = col[v];
     __syncthreads();
     for (int half = TY / 2; half > 0; half /= 2) {
       if (ty < half) {
-#pragma unroll
         for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] += s_col[(tid + half * TX) * VEC + v];
       }
       __syncthreads();
     }
     if (ty == 0 && active) {
-#pragma unroll
       for (int v = 0; v < VEC; ++v) {
         st(part_k + (t.n * g.nrt + t.rt) * g.K + t.k0 + v, s_col[tid * VEC + v]);
       }

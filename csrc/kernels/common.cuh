@@ -61,7 +61,6 @@ CBAM_DEVICE void load_acc(const T* p, acc_t (&out)[VEC]) {
     out[0] = static_cast<acc_t>(ld(p));
   } else {
     const Vec<T, VEC> v = ld_vec<VEC>(p);
-#pragma unroll
     for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(v.val[i]);
   }
 }
@@ -73,7 +72,6 @@ CBAM_DEVICE void store_from_acc(T* p, const acc_t (&in)[VEC]) {
     st(p, static_cast<T>(in[0]));
   } else {
     Vec<T, VEC> v;
-#pragma unroll
     for (int i = 0; i < VEC; ++i) v.val[i] = static_cast<T>(in[i]);
     st_vec<VEC>(p, v);
   }

@@ -65,7 +65,6 @@ CBAM_GLOBAL void grad_input_kernel(const T* __restrict__ grad, T* __restrict__ d
   const int tid = threadIdx.y * TX + threadIdx.x;
 
   GradSide<acc_t> sk[VEC];
-#pragma unroll
   for (int v = 0; v < VEC; ++v) sk[v] = side_k.load(t.n, active ? t.k0 + v : 0);
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
@@ -81,7 +80,6 @@ CBAM_GLOBAL void grad_input_kernel(const T* __restrict__ grad, T* __restrict__ d
       acc_t v_[VEC];
       load_acc<VEC>(grad + off, v_);
       const GradSide<acc_t> sr = s_side[i];
-#pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const int64_t k = t.k0 + v;
         v_[v] = cl ? grad_input_value(v_[v], sk[v], sr, k, r, arrangement)

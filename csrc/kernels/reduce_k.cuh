@@ -25,7 +25,6 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   const int TY = blockDim.y;
 
   typename Policy::Weight w[VEC];
-#pragma unroll
   for (int v = 0; v < VEC; ++v) w[v] = pol.weight(t.n, active ? t.k0 + v : 0);
 
   for (int64_t rb = t.r_begin; rb < t.r_end; rb += TY) {  // the same trip count in every thread
@@ -34,7 +33,6 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     if (active && r < t.r_end) {
       acc_t xv[VEC];
       load_acc<VEC>(x + (t.n * g.R + r) * g.K + t.k0, xv);
-#pragma unroll
       for (int v = 0; v < VEC; ++v) pol.add(s, xv[v], w[v], static_cast<int>(t.k0 + v), r);
     }
     for (int lane_mask = blockDim.x / 2; lane_mask > 0; lane_mask /= 2) {

@@ -29,7 +29,6 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   const int tid = ty * TX + tx;
 
   State s[VEC];
-#pragma unroll
   for (int v = 0; v < VEC; ++v) s[v] = pol.init();
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
@@ -44,18 +43,15 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
         acc_t xv[VEC];
         load_acc<VEC>(x + (t.n * g.R + r) * g.K + t.k0, xv);
         const typename Policy::Weight w = s_w[i];
-#pragma unroll
         for (int v = 0; v < VEC; ++v) pol.add(s[v], xv[v], w, static_cast<int>(r), t.k0 + v);
       }
     }
   }
 
-#pragma unroll
   for (int v = 0; v < VEC; ++v) s_state[tid * VEC + v] = s[v];
   __syncthreads();
   for (int half = TY / 2; half > 0; half /= 2) {
     if (ty < half) {
-#pragma unroll
       for (int v = 0; v < VEC; ++v) {
         pol.combine(s_state[tid * VEC + v], s_state[(tid + half * TX) * VEC + v]);
       }
@@ -63,7 +59,6 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     __syncthreads();
   }
   if (ty == 0 && active) {
-#pragma unroll
     for (int v = 0; v < VEC; ++v) {
       const int64_t k = t.k0 + v;
       if (g.nrt == 1) {
