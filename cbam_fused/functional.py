@@ -155,8 +155,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    """Backward in closed form: Q1, the heads' backward, Q2, Q3 (see the module docstring).
-    Once-differentiable: the custom ops it calls have no autograd of their own."""
+    """Once-differentiable: a double backward raises (torch's @once_differentiable mechanism;
+    the decorator itself does not see the list of gradients a list-returning op receives)."""
+    with torch.no_grad():
+        out = _backward_closed_form(ctx, grads)
+    if not (torch.is_grad_enabled() and any(isinstance(g, Tensor) and g.requires_grad
+                                            for g in grads)):
+        return out
+    err = torch._C._functions.DelayedError(
+        b"cbam_fused: the CBAM backward is once-differentiable (no double backward)", 1)
+    return tuple(None if t is None else err(t.detach().requires_grad_()) for t in out)
+
+
+def _backward_closed_form(ctx, grads):
+    """Backward in closed form: Q1, the heads' backward, Q2, Q3 (see the module docstring)."""
     saved = ctx.saved_tensors
     x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = saved[:11]
     gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd = \
