@@ -1,0 +1,162 @@
+"""The cbam_fused custom ops: torch.library.opcheck (schema, fake kernel, autograd registration,
+AOT dispatch) over shapes, dtypes and both layouts; and the pure-PyTorch kernels' semantics
+against explicit loops (argmax rules, NaN)."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import cbam_fused  # noqa: F401
+from cbam_fused import _cpu_kernels as K
+from cbam_fused._cpu_kernels import acc_dtype
+
+ops = torch.ops.cbam_fused
+SHAPES = [(2, 5, 3, 4), (1, 3, 1, 1), (3, 8, 7)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _x(shape, dtype, layout):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+def _small(n, k, dtype):
+    return torch.rand(n, k, dtype=torch.float64).to(acc_dtype(dtype)) + 0.25
+
+
+def op_args(shape, dtype, layout):
+    """One argument tuple per op (optional tensors present)."""
+    x = _x(shape, dtype, layout)
+    g = _x(shape, dtype, layout)
+    n, c = shape[:2]
+    s = x[0, 0].numel()
+    gc, gs = _small(n, c, dtype), _small(n, s, dtype)
+    da, dm, du, dv = _small(n, c, dtype), _small(n, c, dtype), _small(n, s, dtype), \
+        _small(n, s, dtype)
+    idx_s = torch.randint(0, s, (n, c))
+    idx_c = torch.randint(0, c, (n, s))
+    return {
+        "pool_over_s": [(x, None), (x, gs)],
+        "pool_over_c": [(x, None), (x, gc)],
+        "apply_gates": [(x, gc, gs), (x, None, gs), (x, gc, None)],
+        "backward_reduce": [(g, x, gc, gs, True, True), (g, x, None, gs, True, False),
+                            (g, x, gc, None, False, True)],
+        "pool_over_c_backward_scale": [(x, du, dv, idx_c), (x, du, None, None)],
+        "pool_over_s_backward_scale": [(x, da, dm, idx_s), (x, None, dm, idx_s)],
+        "grad_input": [(g, gc, gs, da, dm, idx_s, du, dv, idx_c, a) for a in (0, 1, 2)]
+        + [(g, gc, None, da, None, None, None, None, None, 0)],
+    }
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_opcheck_every_op(shape, dtype, layout):
+    for name, arg_list in op_args(shape, dtype, layout).items():
+        for args in arg_list:
+            opcheck(getattr(ops, name), args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("arrangement", [0, 1, 2])
+def test_opcheck_cbam_block(arrangement, layout):
+    x = _x((2, 6, 3, 4), torch.float32, layout).requires_grad_()
+    w1 = torch.randn(3, 6, requires_grad=True)
+    b1 = torch.randn(3, requires_grad=True)
+    w2 = torch.randn(6, 3, requires_grad=True)
+    b2 = torch.randn(6, requires_grad=True)
+    cw = torch.randn(1, 2, 3, 3, requires_grad=True)
+    bw = torch.rand(1, requires_grad=True)
+    bb = torch.randn(1, requires_grad=True)
+    rm, rv = torch.zeros(1), torch.ones(1)
+    for training in (True, False):
+        args = (x, w1, b1, w2, b2, cw, None, bw, bb, rm, rv, "avg+max", "relu", "max,mean",
+                arrangement, True, training, 1e-5)
+        opcheck(ops.cbam_block, args)
+
+
+# ----------------------------------------------------------------- semantics against loops
+def test_pool_over_s_matches_loops_and_torch_max_rules():
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    x[0, 1, 1] = x[0, 1, 3] = 9.0  # a tie: the first occurrence wins
+    x[1, 2, 2] = float("nan")  # NaN wins over everything, its index is reported
+    x[1, 2, 4] = float("nan")
+    scale = torch.rand(2, 5, dtype=torch.float64) + 0.5
+    scale[0, 3] = scale[0, 1]
+    a, m, i = ops.pool_over_s(x, scale)
+    for n in range(2):
+        for c in range(3):
+            vals = [x[n, c, s] * scale[n, s] for s in range(5)]
+            assert torch.allclose(a[n, c], sum(vals) / 5, equal_nan=True)
+            if n == 1 and c == 2:
+                assert torch.isnan(m[n, c]) and i[n, c] == 2
+            else:
+                best = max(range(5), key=lambda s: (vals[s].item(), -s))
+                assert m[n, c] == vals[best] and i[n, c] == best
+
+
+def test_pool_over_c_and_backward_scales_match_loops():
+    n_, c_, s_ = 2, 4, 6
+    x = torch.randn(n_, c_, s_, dtype=torch.float64)
+    scale = torch.rand(n_, c_, dtype=torch.float64) + 0.5
+    u, v, ic = ops.pool_over_c(x, scale)
+    assert torch.allclose(u, (x * scale[:, :, None]).mean(1))
+    assert torch.equal(ic, (x * scale[:, :, None]).argmax(1))
+    du, dv = torch.randn(n_, s_, dtype=torch.float64), torch.randn(n_, s_, dtype=torch.float64)
+    out = ops.pool_over_c_backward_scale(x, du, dv, ic)
+    for n in range(n_):
+        for c in range(c_):
+            ref = sum(x[n, c, s] * (du[n, s] / c_ + (dv[n, s] if ic[n, s] == c else 0))
+                      for s in range(s_))
+            assert torch.allclose(out[n, c], ref)
+    da, dm = torch.randn(n_, c_, dtype=torch.float64), torch.randn(n_, c_, dtype=torch.float64)
+    _, _, is_ = ops.pool_over_s(x, None)
+    out = ops.pool_over_s_backward_scale(x, da, dm, is_)
+    for n in range(n_):
+        for s in range(s_):
+            ref = sum(x[n, c, s] * (da[n, c] / s_ + (dm[n, c] if is_[n, c] == s else 0))
+                      for c in range(c_))
+            assert torch.allclose(out[n, s], ref)
+
+
+def test_grad_input_matches_formula_per_arrangement():
+    n_, c_, s_ = 2, 3, 4
+    g = torch.randn(n_, c_, s_, dtype=torch.float64)
+    gc, gs = torch.rand(n_, c_, dtype=torch.float64), torch.rand(n_, s_, dtype=torch.float64)
+    da, dm = torch.randn(n_, c_, dtype=torch.float64), torch.randn(n_, c_, dtype=torch.float64)
+    du, dv = torch.randn(n_, s_, dtype=torch.float64), torch.randn(n_, s_, dtype=torch.float64)
+    is_, ic = torch.randint(0, s_, (n_, c_)), torch.randint(0, c_, (n_, s_))
+    for arr in (0, 1, 2):
+        dx = ops.grad_input(g, gc, gs, da, dm, is_, du, dv, ic, arr)
+        for n in range(n_):
+            for c in range(c_):
+                for s in range(s_):
+                    ts = da[n, c] / s_ + (dm[n, c] if is_[n, c] == s else 0)
+                    tc = du[n, s] / c_ + (dv[n, s] if ic[n, s] == c else 0)
+                    kc = gs[n, s] if arr == 1 else 1
+                    ks = gc[n, c] if arr == 0 else 1
+                    ref = g[n, c, s] * gc[n, c] * gs[n, s] + kc * ts + ks * tc
+                    assert torch.allclose(dx[n, c, s], ref)
+
+
+def test_backward_reduce_matches_formula():
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    gc, gs = torch.rand(2, 3, dtype=torch.float64), torch.rand(2, 20, dtype=torch.float64)
+    rc, rs = ops.backward_reduce(g, x, gc, gs, True, True)
+    gx = (g * x).flatten(2)
+    assert torch.allclose(rc, (gx * gs[:, None]).sum(2))
+    assert torch.allclose(rs, (gx * gc[:, :, None]).sum(1))
+    rc2, rs2 = ops.backward_reduce(g, x, gc, gs, True, False)
+    assert rs2.numel() == 0 and torch.equal(rc2, rc)
+
+
+def test_outputs_keep_memory_format_and_accumulation_dtype():
+    x = _x((2, 4, 3, 5), torch.bfloat16, "channels_last")
+    gc, gs = _small(2, 4, torch.bfloat16), _small(2, 15, torch.bfloat16)
+    y = ops.apply_gates(x, gc, gs)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    a, m, i = ops.pool_over_s(x, None)
+    assert a.dtype == m.dtype == torch.float32 and i.dtype == torch.int64
+    assert K.acc_dtype(torch.float64) == torch.float64
