@@ -1,0 +1,530 @@
+#!/usr/bin/env python
+"""Layer benchmark: cbam_fused.CBAM against eager PyTorch and torch.compile (issue 5, DESIGN.md 7).
+
+Peers, all in one process and one run, all with the same weights where the structure allows:
+  official               the official code's structure (benchmarks/official_cbam.py), eager
+  timm                   timm.layers.cbam.CbamModule (same hidden size), eager
+  compile                torch.compile(official), default mode
+  compile-max-autotune   torch.compile(official, mode="max-autotune-no-cudagraphs")
+  cbam_fused             cbam_fused.CBAM loaded from the official module's state_dict
+
+Modes: `fwd` (inference forward: eval(), no_grad) and `train` (training forward + backward:
+train(), y = m(x), torch.autograd.grad(y, [x, *params], g), so dx and every parameter gradient
+are computed and nothing accumulates between runs).
+
+Shapes: the CBAM sites of ResNet-50 (C = 256, 512, 1024, 2048 at 56, 28, 14, 7) and
+MobileNet-sized maps (C = 24, 32, 96, 320 at 56, 28, 14, 7), batches 32..256; float32 NCHW,
+bfloat16 and float16 channels-last. Inputs are random normal, rotating among enough buffers that
+together they are at least 3x the L2 cache.
+
+Figures per case and peer: median time (CUDA events; perf_counter on the CPU), effective
+bandwidth = pass-floor bytes / median time, where the floor (DESIGN.md section 3) is
+  fwd:   2 x-sized passes (read x, write y)
+  train: 5 x-sized passes (forward floor 2 + backward floor 3: read g, read x, write dx),
+its fraction of the device-to-device copy bandwidth measured at the start of the same run, the
+speed-up of cbam_fused over the peer (peer time / cbam_fused time), and the peak memory one step
+allocates beyond its inputs (CUDA only).
+
+JSON schema ("cbam_fused.bench_cbam/1"), top level:
+  schema, schema_doc                 this schema's name and a description of every field
+  meta                               date_utc, git_commit, git_dirty, host, python, torch, cuda,
+                                     cudnn, timm, cbam_fused, device{type, name, capability,
+                                     multiprocessors, total_memory_bytes, l2_cache_bytes, driver},
+                                     cbam_fused_cuda_kernels{op: bool}, cbam_fused_native, argv
+  settings                           device, dtypes, modes, batches, shape sets, peers, timing
+  copy_bandwidth                     bytes_copied, bytes_moved, median_ms, gb_per_s, reps, method
+  cases[]                            one per (shape, batch, dtype, mode):
+      id, site, shape [N, C, H, W], batch, channels, height, width, dtype, layout, mode,
+      x_bytes, floor_passes, floor_bytes, n_buffers, check{max_abs_diff_vs_official},
+      peers{name: {median_ms, p10_ms, p90_ms, reps, eff_gb_per_s, frac_copy_bw,
+                   peak_mem_bytes, speedup_of_fused, error, skipped}}
+  summary                            geomean speed-up of cbam_fused over each peer and its mean
+                                     fraction of copy bandwidth, per (mode, dtype)
+  finished                           false while the run is going (the file is rewritten after
+                                     every case), true at the end
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_util as bu  # noqa: E402  (puts the repository root on sys.path)
+import official_cbam  # noqa: E402
+
+SCHEMA = "cbam_fused.bench_cbam/1"
+SCHEMA_DOC = {
+    "meta": "where and when: device, versions, git commit, whether cbam_fused runs its own CUDA "
+            "kernels (cbam_fused_native) or the PyTorch fallback",
+    "copy_bandwidth.gb_per_s": "device-to-device copy bandwidth of this run, bytes read + "
+                               "written per second / 1e9",
+    "cases[].floor_passes": "x-sized passes of the pass floor (DESIGN.md section 3): fwd 2 "
+                            "(read x, write y); train 5 (fwd 2 + bwd 3: read g, read x, write dx)",
+    "cases[].floor_bytes": "floor_passes * x_bytes",
+    "cases[].peers[].median_ms": "median time of one run (fwd: forward; train: forward + "
+                                 "backward), milliseconds",
+    "cases[].peers[].eff_gb_per_s": "floor_bytes / median time / 1e9",
+    "cases[].peers[].frac_copy_bw": "eff_gb_per_s / copy_bandwidth.gb_per_s",
+    "cases[].peers[].speedup_of_fused": "this peer's median_ms / cbam_fused's median_ms "
+                                        "(> 1: cbam_fused is faster)",
+    "cases[].peers[].peak_mem_bytes": "peak memory allocated by one run beyond its inputs "
+                                      "(CUDA only; null on the CPU)",
+    "cases[].peers[].error": "why the peer failed, if it did",
+    "cases[].peers[].skipped": "why the peer was not run, if it was not (e.g. time budget)",
+    "cases[].check.max_abs_diff_vs_official": "fwd only: max |y_peer - y_official| on one input "
+                                              "(timm is a different module and not compared)",
+}
+
+PEERS = ("official", "timm", "compile", "compile-max-autotune", "cbam_fused")
+FUSED = "cbam_fused"
+SHAPE_SETS = {
+    "resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
+    "mobilenet": [(24, 56, 56), (32, 28, 28), (96, 14, 14), (320, 7, 7)],
+    # CPU: small maps of the same kinds (CPU figures only check the benchmark works)
+    "cpu": [(64, 14, 14), (256, 7, 7), (24, 28, 28)],
+    "tiny": [(32, 8, 8), (64, 4, 4)],
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if visible), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default=None,
+                   help="comma list of float32,bfloat16,float16 or 'all' (default: all on CUDA, "
+                        "float32 on the CPU). float32 runs NCHW, the 16-bit dtypes channels-last")
+    p.add_argument("--modes", default="fwd,train", help="comma list of fwd,train")
+    p.add_argument("--batch", default=None,
+                   help="comma list of batch sizes (default: 128,32,256 on CUDA, 64 with --quick; "
+                        "2 on the CPU)")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of shape sets (resnet50, mobilenet, cpu, tiny) or C:H:W "
+                        "items (default: resnet50,mobilenet on CUDA, resnet50 with --quick; "
+                        "cpu on the CPU, tiny with --quick)")
+    p.add_argument("--peers", default=None,
+                   help=f"comma list of {','.join(PEERS)} or 'all' (default: all on CUDA; on the "
+                        "CPU all but the torch.compile peers, which take ~10-30 s per case to "
+                        "compile there)")
+    p.add_argument("--quick", action="store_true",
+                   help="few shapes, one batch, fewer runs (CUDA: resnet50 sites, batch 64, "
+                        "bfloat16; CPU: two tiny shapes)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per peer (default: adaptive)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up runs per peer")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget: once 75%% is spent the torch.compile peers are skipped, "
+                        "once it is all spent the remaining cases are (recorded as skipped)")
+    p.add_argument("--json", default=None, help="write the results here (schema in --help)")
+    p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _csv(s):
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def settings_from(args, device):
+    cuda = device.type == "cuda"
+    if args.dtype in (None, ""):
+        dtypes = (["bfloat16"] if args.quick else ["bfloat16", "float32", "float16"]) if cuda \
+            else ["float32"]
+    elif args.dtype == "all":
+        dtypes = ["bfloat16", "float32", "float16"]
+    else:
+        dtypes = _csv(args.dtype)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtype: unknown dtype {d!r} (expected {', '.join(DTYPES)})")
+    modes = _csv(args.modes)
+    for m in modes:
+        if m not in ("fwd", "train"):
+            raise SystemExit(f"--modes: unknown mode {m!r} (expected fwd, train)")
+    if args.batch:
+        batches = [int(b) for b in _csv(args.batch)]
+    else:
+        batches = ([64] if args.quick else [128, 32, 256]) if cuda else [2]
+    if args.shapes:
+        shape_items = _csv(args.shapes)
+    else:
+        shape_items = (["resnet50"] if args.quick else ["resnet50", "mobilenet"]) if cuda else \
+            (["tiny"] if args.quick else ["cpu"])
+    shapes = []  # (site label, C, H, W)
+    for item in shape_items:
+        if item in SHAPE_SETS:
+            shapes += [(item, *s) for s in SHAPE_SETS[item]]
+        else:
+            try:
+                c, h, w = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise SystemExit(f"--shapes: {item!r} is neither a shape set "
+                                 f"({', '.join(SHAPE_SETS)}) nor C:H:W") from None
+            shapes.append(("custom", c, h, w))
+    if args.peers in (None, ""):
+        peers = list(PEERS) if cuda else [p for p in PEERS if not p.startswith("compile")]
+    elif args.peers == "all":
+        peers = list(PEERS)
+    else:
+        peers = _csv(args.peers)
+    for p in peers:
+        if p not in PEERS:
+            raise SystemExit(f"--peers: unknown peer {p!r} (expected {', '.join(PEERS)})")
+    if FUSED not in peers:
+        peers.append(FUSED)
+    peers = [p for p in PEERS if p in peers]  # fixed order, cbam_fused last
+    if cuda:
+        timing = dict(method="cuda_events", warmup=args.warmup or (3 if args.quick else 10),
+                      target_s=0.15 if args.quick else 0.4, min_reps=args.reps or 10,
+                      max_reps=args.reps or (50 if args.quick else 200))
+    else:
+        timing = dict(method="perf_counter", warmup=args.warmup or 3, target_s=0.3,
+                      min_reps=args.reps or 3, max_reps=args.reps or (5 if args.quick else 20))
+    return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
+                peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes)
+
+
+def make_cases(st):
+    """(batch, dtype, shape, mode), most informative first: the first batch, the first dtype,
+    ResNet-50 sites, then the rest, so a time budget cuts the least important cases."""
+    cases = []
+    for batch in st["batches"]:
+        for dt in st["dtypes"]:
+            for site, c, h, w in st["shapes"]:
+                for mode in st["modes"]:
+                    cases.append(dict(site=site, batch=batch, channels=c, height=h, width=w,
+                                      dtype=dt, mode=mode))
+    return cases
+
+
+def build_peers(names, c, device, dtype):
+    """The peer modules for one case, sharing the official module's weights where the structure
+    allows (official, compile peers, cbam_fused); timm gets its own random weights."""
+    torch._dynamo.reset()  # fresh compile caches: recompiles per case never hit the limit
+    official = official_cbam.CBAM(c, 16).to(device=device, dtype=dtype)
+    mods = {}
+    for name in names:
+        if name == "official":
+            mods[name] = official
+        elif name == "timm":
+            from timm.layers.cbam import CbamModule
+            mods[name] = CbamModule(c, rd_channels=c // 16).to(device=device, dtype=dtype)
+        elif name == "compile":
+            mods[name] = torch.compile(copy.deepcopy(official))
+        elif name == "compile-max-autotune":
+            mods[name] = torch.compile(copy.deepcopy(official), mode="max-autotune-no-cudagraphs")
+        elif name == FUSED:
+            import cbam_fused
+            m = cbam_fused.CBAM(c, 16)
+            m.load_state_dict(official.state_dict())
+            mods[name] = m.to(device=device, dtype=dtype)
+    return mods
+
+
+def make_inputs(case, device, dtype, l2_bytes, seed):
+    n, c, h, w = case["batch"], case["channels"], case["height"], case["width"]
+    layout = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+    elem = torch.tensor([], dtype=dtype).element_size()
+    x_bytes = n * c * h * w * elem
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per = x_bytes * (2 if case["mode"] == "train" else 1)
+        want = max(2, -(-3 * (l2_bytes or 50 << 20) // x_bytes) + 1)
+        n_buf = int(max(1, min(want, 64, (free // 4) // per)))
+    else:
+        n_buf = 2
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs, gs = [], []
+    for _ in range(n_buf):
+        x = torch.randn((n, c, h, w), generator=g).to(device=device, dtype=dtype)
+        xs.append(x.contiguous(memory_format=layout))
+        if case["mode"] == "train":
+            gr = torch.randn((n, c, h, w), generator=g).to(device=device, dtype=dtype)
+            gs.append(gr.contiguous(memory_format=layout))
+            xs[-1].requires_grad_(True)
+    return xs, gs, x_bytes, "nchw" if dtype == torch.float32 else "channels_last"
+
+
+def step_fn(mod, mode, xs, gs):
+    params = [p for p in mod.parameters() if p.requires_grad]
+    nb = len(xs)
+    if mode == "fwd":
+        mod.eval()
+
+        def run(i):
+            with torch.no_grad():
+                return mod(xs[i % nb])
+    else:
+        mod.train()
+
+        def run(i):
+            x = xs[i % nb]
+            y = mod(x)
+            return torch.autograd.grad(y, [x] + params, gs[i % nb])
+    return run
+
+
+def peak_memory(run, device):
+    if device.type != "cuda":
+        return None
+    bu.sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = run(0)
+    bu.sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return int(peak)
+
+
+def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
+    dtype = DTYPES[case["dtype"]]
+    xs, gs, x_bytes, layout = make_inputs(case, device, dtype, l2_bytes, seed)
+    passes = 2 if case["mode"] == "fwd" else 5
+    rec = dict(id=f"{case['site']}-{case['channels']}x{case['height']}x{case['width']}-"
+                  f"b{case['batch']}-{SHORT[case['dtype']]}-{case['mode']}",
+               site=case["site"], shape=[case["batch"], case["channels"], case["height"],
+                                        case["width"]],
+               batch=case["batch"], channels=case["channels"], height=case["height"],
+               width=case["width"], dtype=case["dtype"], layout=layout, mode=case["mode"],
+               x_bytes=x_bytes, floor_passes=passes, floor_bytes=passes * x_bytes,
+               n_buffers=len(xs), check={}, peers={})
+    mods = build_peers(st["peers"], case["channels"], device, dtype)
+    tm = st["timing"]
+    ref_y = None
+    for name in st["peers"]:
+        r = dict(median_ms=None, p10_ms=None, p90_ms=None, reps=0, eff_gb_per_s=None,
+                 frac_copy_bw=None, peak_mem_bytes=None, speedup_of_fused=None, error=None,
+                 skipped=None)
+        rec["peers"][name] = r
+        bar.set_postfix_str(f"{rec['id']} {name}", refresh=False)
+        if name.startswith("compile") and budget.tight():
+            r["skipped"] = "time budget (--max-minutes): torch.compile peers skipped"
+            bar.update(1)
+            continue
+        try:
+            run = step_fn(mods[name], case["mode"], xs, gs)
+            t0 = time.perf_counter()
+            out = run(0)  # first call: compiles the torch.compile peers
+            bu.sync(device)
+            r["first_call_s"] = round(time.perf_counter() - t0, 3)
+            if case["mode"] == "fwd" and name != "timm":
+                if name == "official":
+                    ref_y = out.float()
+                elif ref_y is not None:
+                    rec["check"][f"max_abs_diff_vs_official[{name}]"] = float(
+                        (out.float() - ref_y).abs().max())
+            del out
+            reps = bu.reps_for(run, device, tm["target_s"], tm["min_reps"], tm["max_reps"])
+            times = bu.time_runs(run, device, warmup=tm["warmup"], reps=reps,
+                                 min_warmup_s=0.02 if device.type == "cuda" else 0.05)
+            med = bu.median(times)
+            r.update(median_ms=med, p10_ms=bu.quantile(times, 0.1),
+                     p90_ms=bu.quantile(times, 0.9), reps=reps)
+            r["eff_gb_per_s"] = rec["floor_bytes"] / (med * 1e-3) / 1e9
+            r["frac_copy_bw"] = r["eff_gb_per_s"] / copy_gbps if copy_gbps else None
+            r["peak_mem_bytes"] = peak_memory(run, device)
+        except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
+            r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
+                             f"{traceback.format_exc(limit=6)}\n")
+        bar.update(1)
+    fused = rec["peers"][FUSED]["median_ms"]
+    for name, r in rec["peers"].items():
+        if fused and r["median_ms"]:
+            r["speedup_of_fused"] = r["median_ms"] / fused
+    del mods, xs, gs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
+def summarize(cases, peers):
+    out = {}
+    for mode in sorted({c["mode"] for c in cases}):
+        for dt in sorted({c["dtype"] for c in cases}):
+            sel = [c for c in cases if c["mode"] == mode and c["dtype"] == dt]
+            if not sel:
+                continue
+            s = {"cases": len(sel), "geomean_speedup_of_fused": {}, "mean_frac_copy_bw": {}}
+            for p in peers:
+                sp = [c["peers"][p]["speedup_of_fused"] for c in sel if p in c["peers"]]
+                fr = [c["peers"][p]["frac_copy_bw"] for c in sel if p in c["peers"]
+                      and c["peers"][p]["frac_copy_bw"] is not None]
+                if p != FUSED:
+                    s["geomean_speedup_of_fused"][p] = bu.geomean([v for v in sp if v])
+                s["mean_frac_copy_bw"][p] = sum(fr) / len(fr) if fr else None
+            out[f"{mode}/{dt}"] = s
+    return out
+
+
+def print_results(res):
+    peers = res["settings"]["peers"]
+    others = [p for p in peers if p != FUSED]
+    headers = ["case"] + [f"{p} " for p in peers] + ["fused GB/s", "fused %copy"] + \
+        [f"x{p}" for p in others]
+    rows = []
+    for c in res["cases"]:
+        pr = c["peers"]
+        row = [c["id"]]
+        for p in peers:
+            r = pr[p]
+            row.append("ERR" if r["error"] else "skip" if r["skipped"] else bu.fmt_ms(r["median_ms"]))
+        f = pr[FUSED]
+        row.append(f"{f['eff_gb_per_s']:.3g}" if f["eff_gb_per_s"] else "-")
+        row.append(f"{100 * f['frac_copy_bw']:.2g}%" if f["frac_copy_bw"] else "-")
+        for p in others:
+            s = pr[p]["speedup_of_fused"]
+            row.append(f"{s:.2f}x" if s else "-")
+        rows.append(row)
+    bu.print_table(headers, rows, title="median time per run; xPEER = speed-up of cbam_fused "
+                                        "over PEER (PEER time / cbam_fused time)")
+    mem_rows = []
+    for c in res["cases"]:
+        if c["mode"] == "train" and any(r["peak_mem_bytes"] for r in c["peers"].values()):
+            mem_rows.append([c["id"]] + [bu.fmt_bytes(c["peers"][p]["peak_mem_bytes"])
+                                         for p in peers])
+    if mem_rows:
+        bu.print_table(["case"] + peers, mem_rows,
+                       title="peak memory of one training step beyond its inputs")
+    print("\nsummary (geomean speed-up of cbam_fused over each peer; cbam_fused mean fraction "
+          "of copy bandwidth):")
+    for k, s in res["summary"].items():
+        sp = ", ".join(f"{p} {v:.2f}x" for p, v in s["geomean_speedup_of_fused"].items() if v)
+        fr = s["mean_frac_copy_bw"].get(FUSED)
+        print(f"  {k:16s} {sp or '-'}; cbam_fused {100 * fr:.2g}% of copy bw" if fr else
+              f"  {k:16s} {sp or '-'}")
+    errs = [(c["id"], p, r["error"]) for c in res["cases"] for p, r in c["peers"].items()
+            if r["error"]]
+    for cid, p, e in errs[:20]:
+        print(f"  ERROR {cid} {p}: {e}")
+    skipped = sum(1 for c in res["cases"] for r in c["peers"].values() if r["skipped"])
+    if skipped:
+        print(f"  {skipped} peer runs skipped (time budget)")
+    if res.get("cases_skipped"):
+        print(f"  {res['cases_skipped']} cases skipped (time budget)")
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = res["settings"]["peers"]
+    others = [p for p in peers if p != FUSED]
+    modes = [m for m in ("fwd", "train") if any(c["mode"] == m for c in res["cases"])] or ["fwd"]
+    ncase = max(1, max(sum(1 for c in res["cases"] if c["mode"] == m) for m in modes))
+    width = min(60.0, max(10.0, 0.45 * ncase * max(2, len(peers)) / 2 + 3))
+    fig, axes = plt.subplots(len(modes), 2, figsize=(width, 4.2 * len(modes)), squeeze=False)
+    colors = {p: f"C{i}" for i, p in enumerate(PEERS)}
+    for row, mode in enumerate(modes):
+        cs = [c for c in res["cases"] if c["mode"] == mode]
+        labels = [f"{c['channels']}x{c['height']}x{c['width']}\nb{c['batch']} "
+                  f"{SHORT[c['dtype']]}" for c in cs]
+        xs = range(len(cs))
+        ax = axes[row][0]
+        bw = 0.8 / max(1, len(others))
+        for k, p in enumerate(others):
+            v = [c["peers"][p]["speedup_of_fused"] or float("nan") for c in cs]
+            ax.bar([x + (k - (len(others) - 1) / 2) * bw for x in xs], v, bw, label=p,
+                   color=colors[p])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{mode}: speed-up of cbam_fused over each peer\n(peer time / cbam_fused "
+                     f"time; > 1: cbam_fused faster)", fontsize=9)
+        ax.set_ylabel("speed-up (x, log)")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.legend(fontsize=7)
+        ax = axes[row][1]
+        bw = 0.8 / max(1, len(peers))
+        for k, p in enumerate(peers):
+            v = [c["peers"][p]["frac_copy_bw"] or 0 for c in cs]
+            ax.bar([x + (k - (len(peers) - 1) / 2) * bw for x in xs], v, bw, label=p,
+                   color=colors[p])
+        if max([c["peers"][p]["frac_copy_bw"] or 0 for c in cs for p in peers] + [0]) > 0.4:
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_title(f"{mode}: pass-floor bytes / time as a fraction of the copy bandwidth\n"
+                     f"({res['copy_bandwidth']['gb_per_s']:.0f} GB/s measured in this run)",
+                     fontsize=9)
+        ax.set_ylabel("fraction of copy bw")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.legend(fontsize=7)
+    meta = res["meta"]
+    note = "" if meta["cbam_fused_native"] else \
+        ("  [CPU: not the product's purpose]" if meta["device"]["type"] == "cpu"
+         else "  [cbam_fused: PyTorch fallback, no CUDA kernels]")
+    fig.suptitle(f"cbam_fused layer benchmark - {meta['device'].get('name')} - torch "
+                 f"{meta['torch']} - {meta['date_utc'][:10]} - {str(meta['git_commit'])[:10]}"
+                 f"{note}", fontsize=10)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = bu.pick_device(args.device)
+    st = settings_from(args, device)
+    torch.manual_seed(args.seed)
+    warnings.filterwarnings("ignore", message=".*TensorFloat32.*")
+    meta = bu.run_metadata(device, sys.argv if argv is None else ["bench_cbam.py"] + list(argv))
+    print(f"bench_cbam: {meta['device'].get('name')} ({device}), torch {meta['torch']}, "
+          f"CUDA {meta['cuda']}, commit {str(meta['git_commit'])[:12]}")
+    if device.type == "cpu":
+        print(bu.CPU_NOTICE)
+    warn = bu.fallback_warning(meta)
+    if warn:
+        print(warn)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    cb = bu.copy_bandwidth(device)
+    print(f"copy bandwidth: {cb['gb_per_s']:.1f} GB/s (read + write, {bu.fmt_bytes(cb['bytes_copied'])} "
+          f"copied, median of {cb['reps']})")
+    l2 = meta["device"].get("l2_cache_bytes")
+    cases = make_cases(st)
+    res = dict(schema=SCHEMA, schema_doc=SCHEMA_DOC, meta=meta,
+               settings={**st, "shapes": [list(s) for s in st["shapes"]]},
+               copy_bandwidth=cb, cases=[], summary={}, cases_skipped=0, finished=False)
+    budget = bu.Budget(args.max_minutes)
+    bar = bu.progress(len(cases) * len(st["peers"]), "bench_cbam", not args.no_progress)
+    for i, case in enumerate(cases):
+        if budget.spent():
+            res["cases_skipped"] = len(cases) - i
+            bar.update(len(st["peers"]) * (len(cases) - i))
+            break
+        res["cases"].append(bench_case(case, st, device, cb["gb_per_s"], l2, budget, bar,
+                                       args.seed + i))
+        res["summary"] = summarize(res["cases"], st["peers"])
+        if args.json:
+            bu.write_json(args.json, res)
+    bar.close()
+    res["elapsed_s"] = round(budget.elapsed(), 1)
+    res["finished"] = True
+    print()
+    print_results(res)
+    if device.type == "cpu":
+        print("\n" + bu.CPU_NOTICE)
+    if warn:
+        print(warn)
+    if args.json:
+        bu.write_json(args.json, res)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(res, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
