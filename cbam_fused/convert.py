@@ -85,8 +85,9 @@ class BlockSpec:
     def describe(self) -> dict:
         d = {}
         if self.fc1 is not None:
-            d.update(pools=self.pools, act=self.act if self.fc2 is not None else None,
-                     head="mlp" if self.fc2 is not None else "single")
+            d.update(pools=self.pools, head="mlp" if self.fc2 is not None else "single")
+            if self.fc2 is not None:
+                d.update(act=self.act)
         if self.conv is not None:
             d.update(spatial_pools=self.spatial_pools, batch_norm=self.bn is not None)
         if self.fc1 is not None and self.conv is not None:
