@@ -60,9 +60,8 @@ def spatial_gate(inp: Tensor, spatial_pools, conv_w, conv_b, batch_norm, bn_w, b
     z = conv(smap, conv_w.to(inp.dtype), None if conv_b is None else conv_b.to(inp.dtype),
              padding=k // 2)
     if batch_norm:
-        z = F.batch_norm(z, bn_rm, bn_rv, None if bn_w is None else bn_w.to(z.dtype),
-                         None if bn_b is None else bn_b.to(z.dtype),
-                         training=bn_training or bn_rm is None, momentum=bn_momentum, eps=bn_eps)
+        z = F.batch_norm(z, bn_rm, bn_rv, bn_w, bn_b, training=bn_training or bn_rm is None,
+                         momentum=bn_momentum, eps=bn_eps)
     return torch.sigmoid(z)
 
 
