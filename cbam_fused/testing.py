@@ -1,0 +1,98 @@
+"""Test helpers: run the package's CUDA kernel sources in the SIMT simulator on the CPU.
+
+The simulator (`cbam_fused._sim`, DESIGN.md section 5) is the very same kernel and launcher
+sources that nvcc compiles, compiled by g++ against a CPU runtime in which every CUDA thread is a
+fiber. It is test-only and thousands of times slower than a GPU: use small shapes.
+
+    from cbam_fused.testing import use_simulator, simulator_stats
+
+    with use_simulator(schedule="reverse"):
+        y = torch.ops.cbam_fused.apply_gates(x, gc, gs)   # CPU tensors: runs the CUDA kernel
+        launches = simulator_stats()                      # what it launched, bytes moved
+
+Importing this module never needs the simulator; `use_simulator()` raises RuntimeError when the
+extension was built without it.
+"""
+from contextlib import contextmanager
+from typing import Dict, List
+
+from . import _sim_hook
+
+SCHEDULES = ("forward", "reverse", "shuffle")
+
+# Start index (into the simulator's launch log) of each active use_simulator() context.
+_starts: List[int] = []
+
+
+def _sim_module():
+    try:
+        from . import _sim
+    except ImportError as e:  # pragma: no cover - only on a broken build
+        raise RuntimeError(
+            "cbam_fused._sim (the SIMT simulator) is not built; rebuild the package "
+            "(`pip install --no-build-isolation -e .`)") from e
+    return _sim
+
+
+def simulator_available() -> bool:
+    """Whether the simulator extension can be imported."""
+    try:
+        from . import _sim  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def use_simulator(schedule: str = "forward", seed: int = 0):
+    """Run the custom ops' CUDA kernel sources in the simulator while the context is active.
+
+    Under the context, each `torch.ops.cbam_fused.*` op called on CPU tensors runs the simulator
+    build of its CUDA kernels (`torch.ops.cbam_fused_sim.*`) instead of the pure-PyTorch CPU
+    kernel, for the ops whose kernels exist.
+
+    schedule: the order in which the threads (fibers) of a block run between two synchronisation
+        points: "forward" (thread 0 first), "reverse", or "shuffle" (a permutation drawn from a
+        generator seeded with `seed`, deterministic for a given seed and sequence of launches).
+        A kernel whose result depends on the schedule has a race.
+
+    On entry the schedule is set and the generator reseeded; the outermost context also clears the
+    simulator's launch log. On exit the previous state (hook flag, schedule) is restored. Contexts
+    nest: an inner context's simulator_stats() sees only its own launches.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"use_simulator: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"use_simulator: seed must be a non-negative int, got {seed!r}")
+    sim = _sim_module()
+    prev_active = _sim_hook.active
+    prev_kind, prev_seed = sim.get_schedule()
+    if not _starts:
+        sim.clear_launch_stats()
+    sim.set_schedule(schedule, seed)
+    _starts.append(sim.num_launch_stats())
+    _sim_hook.active = True
+    try:
+        yield
+    finally:
+        _sim_hook.active = prev_active
+        sim.set_schedule(prev_kind, prev_seed)
+        _starts.pop()
+
+
+def simulator_stats() -> List[Dict]:
+    """The simulator launches since entering the innermost active use_simulator() context.
+
+    Outside any context: the launches since the outermost context was last entered (so the log of
+    a `with use_simulator(): ...` block can be read after it). Each launch is a dict:
+        name           the kernel name given to cbam::launch
+        grid, block    (x, y, z)
+        smem_bytes     dynamic shared memory of the launch
+        bytes_read     global-memory bytes read through cbam::ld / ld_vec
+        bytes_written  global-memory bytes written through cbam::st / st_vec
+    Only launches that completed are listed (a launch that raised is not).
+    """
+    sim = _sim_module()
+    stats = sim.launch_stats()
+    start = _starts[-1] if _starts else 0
+    return [dict(s) for s in stats[start:]]

@@ -1,0 +1,97 @@
+// cbam_fused._sim: the Python face of the SIMT simulator (schedules, launch statistics) and its
+// self-test kernels. The simulator builds of the CBAM ops register themselves separately as
+// torch.ops.cbam_fused_sim.* (csrc/sim/kernels_sim.cpp); this is the one PYBIND11_MODULE of _sim.
+#include <torch/extension.h>
+
+#include "dialect/dialect.cuh"
+#include "sim/selftest_kernels.cuh"
+#include "sim/shared_poison.h"
+
+namespace {
+
+cbam::sim::Schedule parse_schedule(const std::string& kind) {
+  if (kind == "forward") return cbam::sim::Schedule::Forward;
+  if (kind == "reverse") return cbam::sim::Schedule::Reverse;
+  if (kind == "shuffle") return cbam::sim::Schedule::Shuffle;
+  throw py::value_error("schedule must be 'forward', 'reverse' or 'shuffle', got '" + kind + "'");
+}
+
+const char* schedule_name(cbam::sim::Schedule s) {
+  switch (s) {
+    case cbam::sim::Schedule::Forward: return "forward";
+    case cbam::sim::Schedule::Reverse: return "reverse";
+    case cbam::sim::Schedule::Shuffle: return "shuffle";
+  }
+  return "?";
+}
+
+py::tuple dims(const dim3& d) { return py::make_tuple(d.x, d.y, d.z); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "SIMT simulator of cbam_fused: CUDA kernel sources compiled by g++, run on the CPU";
+
+  m.def(
+      "set_schedule",
+      [](const std::string& kind, uint64_t seed) {
+        cbam::sim::set_schedule(parse_schedule(kind), seed);
+      },
+      py::arg("kind"), py::arg("seed") = 0,
+      "Order of fibers between synchronisation points: 'forward', 'reverse' or 'shuffle' "
+      "(seeded; the generator is reseeded here).");
+  m.def(
+      "get_schedule",
+      []() {
+        return py::make_tuple(schedule_name(cbam::sim::schedule()), cbam::sim::schedule_seed());
+      },
+      "The current (kind, seed).");
+  m.def(
+      "launch_stats",
+      []() {
+        py::list out;
+        for (const auto& s : cbam::sim::launch_stats()) {
+          py::dict d;
+          d["name"] = s.name;
+          d["grid"] = dims(s.grid);
+          d["block"] = dims(s.block);
+          d["smem_bytes"] = s.smem_bytes;
+          d["bytes_read"] = s.bytes_read;
+          d["bytes_written"] = s.bytes_written;
+          out.append(d);
+        }
+        return out;
+      },
+      "One dict per completed launch since the last clear_launch_stats(): name, grid, block, "
+      "smem_bytes (dynamic shared memory), bytes_read, bytes_written (global memory).");
+  m.def("clear_launch_stats", &cbam::sim::clear_launch_stats);
+  m.def("num_launch_stats", []() { return cbam::sim::launch_stats().size(); });
+
+  // self-test kernels (csrc/sim/selftest_kernels.cuh)
+  namespace st = cbam::selftest;
+  m.def("selftest_block_reduce", &st::block_reduce, py::arg("x"), py::arg("block"));
+  m.def("selftest_warp_reduce", &st::warp_reduce, py::arg("x"), py::arg("block"));
+  m.def("selftest_shuffle", &st::shuffle, py::arg("x"), py::arg("mode"), py::arg("arg"),
+        py::arg("width"), py::arg("grid"), py::arg("block"), py::arg("n_live"));
+  m.def("selftest_vote", &st::vote, py::arg("x"), py::arg("block"), py::arg("n_live"));
+  m.def("selftest_neighbour", &st::neighbour, py::arg("x"), py::arg("block"), py::arg("sync"));
+  m.def("selftest_barrier", &st::barrier, py::arg("x"), py::arg("mode"));
+  m.def("selftest_access", &st::access, py::arg("x"), py::arg("mode"), py::arg("offset"));
+  m.def("selftest_copy", &st::copy, py::arg("x"), py::arg("blocks"), py::arg("threads"));
+  m.def("selftest_config", &st::config, py::arg("out"), py::arg("grid"), py::arg("block"),
+        py::arg("smem"), py::arg("raise_to"));
+  m.def("selftest_smem_leak", &st::smem_leak, py::arg("out_static"), py::arg("out_dynamic"),
+        py::arg("threads"));
+  m.def("selftest_barrier_loop", &st::barrier_loop, py::arg("out"), py::arg("threads"),
+        py::arg("iters"));
+  m.def(
+      "selftest_static_shared",
+      []() {
+        unsigned long bytes = 0, count = 0;
+        cbam::sim::static_shared_info(
+            reinterpret_cast<const void*>(&cbam::selftest::smem_leak_kernel), &bytes, &count);
+        return py::make_tuple(bytes, count);
+      },
+      "(bytes, count) of the static __shared__ variables the simulator poisons for "
+      "smem_leak_kernel (expects (1024, 1)).");
+}

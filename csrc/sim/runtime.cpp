@@ -1,0 +1,639 @@
+// The SIMT simulator's runtime: fibers, the block scheduler, barriers and warp collectives, launch
+// validation, global-memory regions and launch statistics. See runtime.h for the model.
+#include "dialect/dialect.cuh"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <unordered_map>
+
+#include "sim/shared_poison.h"
+
+namespace cbam {
+namespace sim {
+
+uint3 g_threadIdx{0, 0, 0};
+uint3 g_blockIdx{0, 0, 0};
+dim3 g_blockDim{1, 1, 1};
+dim3 g_gridDim{1, 1, 1};
+MemState g_mem;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber; reserved, only touched pages are used
+constexpr int kMaxThreads = 1024;
+constexpr long long kDefaultSmem = 48 * 1024;
+constexpr long long kMaxSmem = 227 * 1024;
+constexpr unsigned char kPoison = 0xff;
+
+enum class FState : uint8_t { Fresh, Ready, Waiting, Done };
+
+// Thrown inside a fiber to unwind it when its block is abandoned after an error.
+struct FiberAbort {};
+
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;  // kStackBytes usable, a guard page below
+  FState state = FState::Fresh;
+  bool abort = false;
+  Op op = Op::None;
+  Site site{};
+  uint32_t mask = 0;
+  int arg = 0;
+  int width = 32;
+  unsigned size = 0;
+  unsigned char value[8] = {};
+  uint32_t result = 0;
+  uint3 tid{0, 0, 0};
+};
+
+struct Sim {
+  std::mutex mu;
+  std::unique_ptr<Fiber[]> fibers{new Fiber[kMaxThreads]};
+  int n_stacks = 0;
+  ucontext_t sched_ctx;
+  Fiber* cur = nullptr;
+  KernelBody body{nullptr, nullptr};
+  int n_threads = 0;
+  std::vector<int> ready;
+  // the first error of the running block
+  bool has_error = false;
+  std::string error;
+  // schedule
+  Schedule schedule = Schedule::Forward;
+  uint64_t seed = 0;
+  std::mt19937_64 rng{0};
+  // per-kernel dynamic shared memory limits (set_max_dynamic_smem)
+  std::unordered_map<const void*, long long> smem_limit;
+  std::vector<LaunchStat> stats;
+  alignas(128) unsigned char smem[kMaxSmem];
+};
+
+Sim& S() {
+  static Sim* s = new Sim();  // never destroyed: fibers may be referenced at exit
+  return *s;
+}
+
+// Regions handed to global_ptr since the last launch of this OS thread, and that launch's.
+thread_local std::vector<Region> t_pending;
+thread_local std::vector<Region> t_last;
+thread_local bool t_in_launch = false;
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::SyncThreads: return "__syncthreads";
+    case Op::SyncWarp: return "__syncwarp";
+    case Op::ShflIdx: return "__shfl_sync";
+    case Op::ShflUp: return "__shfl_up_sync";
+    case Op::ShflDown: return "__shfl_down_sync";
+    case Op::ShflXor: return "__shfl_xor_sync";
+    case Op::Ballot: return "__ballot_sync";
+    case Op::Any: return "__any_sync";
+    case Op::All: return "__all_sync";
+    default: return "?";
+  }
+}
+
+std::string site_str(const Site& s) {
+  std::ostringstream o;
+  o << (s.file ? s.file : "?") << ":" << s.line;
+  return o.str();
+}
+
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && a.column == b.column &&
+         (a.file == b.file || (a.file && b.file && std::strcmp(a.file, b.file) == 0)) &&
+         (a.function == b.function ||
+          (a.function && b.function && std::strcmp(a.function, b.function) == 0));
+}
+
+std::string dim_str(unsigned x, unsigned y, unsigned z) {
+  std::ostringstream o;
+  o << "(" << x << "," << y << "," << z << ")";
+  return o.str();
+}
+
+// "0-15,32,40-47" from sorted ids
+std::string ranges(const std::vector<int>& ids) {
+  std::ostringstream o;
+  for (size_t i = 0; i < ids.size();) {
+    size_t j = i;
+    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    if (i) o << ",";
+    o << ids[i];
+    if (j > i) o << "-" << ids[j];
+    i = j + 1;
+  }
+  return o.str();
+}
+
+void record_error(Fiber* f, const std::string& msg) {
+  Sim& s = S();
+  if (s.has_error) return;
+  s.has_error = true;
+  std::ostringstream o;
+  if (f) o << "thread " << dim_str(f->tid.x, f->tid.y, f->tid.z) << ": ";
+  o << msg;
+  s.error = o.str();
+}
+
+void fiber_entry() {
+  Sim& s = S();
+  Fiber* f = s.cur;
+  try {
+    s.body.call(s.body.obj);
+  } catch (const FiberAbort&) {
+  } catch (const c10::Error& e) {
+    record_error(f, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    record_error(f, std::string("exception in kernel code: ") + e.what());
+  } catch (...) {
+    record_error(f, "unknown exception in kernel code");
+  }
+  f->state = FState::Done;
+  f->op = Op::None;
+  setcontext(&s.sched_ctx);
+}
+
+void ensure_stacks(int n) {
+  Sim& s = S();
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  while (s.n_stacks < n) {
+    void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(mem != MAP_FAILED, "cbam simulator: cannot allocate a fiber stack");
+    mprotect(mem, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    Fiber& f = s.fibers[s.n_stacks];
+    f.stack = static_cast<char*>(mem) + page;
+    TORCH_CHECK(getcontext(&f.ctx) == 0, "cbam simulator: getcontext failed");
+    ++s.n_stacks;
+  }
+}
+
+void resume(Fiber* f) {
+  Sim& s = S();
+  s.cur = f;
+  g_threadIdx = f->tid;
+  f->state = FState::Ready;
+  swapcontext(&s.sched_ctx, &f->ctx);
+  s.cur = nullptr;
+}
+
+// Blocks the running fiber until the scheduler resumes it; unwinds it when its block is abandoned.
+void wait_here(Fiber* f) {
+  Sim& s = S();
+  f->state = FState::Waiting;
+  swapcontext(&f->ctx, &s.sched_ctx);
+  if (f->abort && std::uncaught_exceptions() == 0) throw FiberAbort{};
+}
+
+Fiber* running(const char* what) {
+  Fiber* f = S().cur;
+  TORCH_CHECK(f != nullptr && t_in_launch, "cbam simulator: ", what,
+              " called outside a kernel launched with cbam::launch");
+  return f;
+}
+
+bool is_warp_op(Op op) { return op != Op::None && op != Op::SyncThreads; }
+
+// The value lane `src` of the warp holds for the collective, or poison if that lane does not exist
+// or has exited.
+void lane_value(Fiber* warp, int n_lanes, int src, unsigned size, unsigned char* out) {
+  if (src < 0 || src >= n_lanes || warp[src].state == FState::Done) {
+    std::memset(out, kPoison, size);
+    return;
+  }
+  std::memcpy(out, warp[src].value, size);
+}
+
+// Completes the collective of one warp whose live lanes all wait at the same warp op.
+void complete_warp(Fiber* warp, int n_lanes) {
+  uint32_t ballot = 0;
+  int n_live = 0, n_true = 0;
+  for (int l = 0; l < n_lanes; ++l) {
+    if (warp[l].state == FState::Done) continue;
+    ++n_live;
+    if (warp[l].arg) {
+      ++n_true;
+      ballot |= 1u << l;
+    }
+  }
+  unsigned char tmp[32][8];
+  for (int l = 0; l < n_lanes; ++l) {
+    Fiber& f = warp[l];
+    if (f.state == FState::Done) continue;
+    const int w = f.width;
+    const int seg_lo = l & ~(w - 1);
+    const int seg_hi = seg_lo + w - 1;
+    int src = l;
+    switch (f.op) {
+      case Op::ShflIdx: src = seg_lo + (f.arg & (w - 1)); break;
+      case Op::ShflUp: src = l - f.arg < seg_lo ? l : l - f.arg; break;
+      case Op::ShflDown: src = l + f.arg > seg_hi ? l : l + f.arg; break;
+      case Op::ShflXor: {
+        const int j = l ^ f.arg;
+        src = (j > seg_hi || j < 0) ? l : j;
+        break;
+      }
+      case Op::Ballot: f.result = ballot; break;
+      case Op::Any: f.result = n_true > 0; break;
+      case Op::All: f.result = n_true == n_live; break;
+      default: break;
+    }
+    if (f.size) lane_value(warp, n_lanes, src, f.size, tmp[l]);
+  }
+  for (int l = 0; l < n_lanes; ++l) {
+    Fiber& f = warp[l];
+    if (f.state == FState::Done) continue;
+    if (f.size) std::memcpy(f.value, tmp[l], f.size);
+  }
+}
+
+// A description of where each live thread of the block waits, for deadlock messages.
+std::string describe_block(int n) {
+  Sim& s = S();
+  std::map<std::string, std::vector<int>> groups;
+  std::vector<int> done;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[i];
+    if (f.state == FState::Done) {
+      done.push_back(i);
+      continue;
+    }
+    groups[std::string(op_name(f.op)) + " at " + site_str(f.site)].push_back(i);
+  }
+  std::ostringstream o;
+  for (auto& [where, ids] : groups) o << "\n  threads " << ranges(ids) << " wait at " << where;
+  if (!done.empty()) o << "\n  threads " << ranges(done) << " have exited";
+  o << "\n  (threads by linear id x + y*blockDim.x + z*blockDim.x*blockDim.y)";
+  return o.str();
+}
+
+// Called when no fiber can run. Releases what can be released into s.ready; returns false when
+// the block has finished or is deadlocked (the latter records an error).
+bool resolve(int n) {
+  Sim& s = S();
+  bool progress = false;
+  for (int w0 = 0; w0 < n; w0 += 32) {
+    const int lanes = std::min(32, n - w0);
+    Fiber* warp = &s.fibers[w0];
+    int live = 0, at_warp = 0, first = -1;
+    for (int l = 0; l < lanes; ++l) {
+      if (warp[l].state == FState::Done) continue;
+      ++live;
+      if (warp[l].state == FState::Waiting && is_warp_op(warp[l].op)) {
+        ++at_warp;
+        if (first < 0) first = l;
+      }
+    }
+    if (live == 0 || at_warp != live) continue;
+    for (int l = 0; l < lanes; ++l) {
+      Fiber& f = warp[l];
+      if (f.state == FState::Done) continue;
+      if (f.op != warp[first].op || !same_site(f.site, warp[first].site)) {
+        std::ostringstream o;
+        o << "divergent warp collective in warp " << w0 / 32
+          << ": its live lanes wait at different warp operations (each lane of a warp must reach "
+             "the same one):";
+        std::map<std::string, std::vector<int>> groups;
+        for (int k = 0; k < lanes; ++k) {
+          if (warp[k].state == FState::Done) continue;
+          groups[std::string(op_name(warp[k].op)) + " at " + site_str(warp[k].site)].push_back(
+              w0 + k);
+        }
+        for (auto& [where, ids] : groups) o << "\n  threads " << ranges(ids) << " at " << where;
+        record_error(nullptr, o.str());
+        return false;
+      }
+    }
+    complete_warp(warp, lanes);
+    for (int l = 0; l < lanes; ++l) {
+      if (warp[l].state == FState::Done) continue;
+      warp[l].state = FState::Ready;
+      s.ready.push_back(w0 + l);
+    }
+    progress = true;
+  }
+  if (progress) return true;
+
+  int live = 0, at_sync = 0, first = -1;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[i];
+    if (f.state == FState::Done) continue;
+    ++live;
+    if (f.state == FState::Waiting && f.op == Op::SyncThreads) {
+      ++at_sync;
+      if (first < 0) first = i;
+    }
+  }
+  if (live == 0) return false;  // the block has finished
+  if (at_sync == live) {
+    bool same = true;
+    for (int i = 0; i < n && same; ++i) {
+      Fiber& f = s.fibers[i];
+      if (f.state != FState::Done && !same_site(f.site, s.fibers[first].site)) same = false;
+    }
+    if (!same) {
+      record_error(nullptr,
+                   "divergent __syncthreads: the block's live threads wait at different "
+                   "__syncthreads calls (a hang or undefined behaviour on a GPU):" +
+                       describe_block(n));
+      return false;
+    }
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = s.fibers[i];
+      if (f.state == FState::Done) continue;
+      f.state = FState::Ready;
+      s.ready.push_back(i);
+    }
+    return true;
+  }
+  record_error(nullptr,
+               "deadlock: a barrier or warp collective that not every live thread reaches (a "
+               "hang on a GPU):" +
+                   describe_block(n));
+  return false;
+}
+
+void order_ready() {
+  Sim& s = S();
+  switch (s.schedule) {
+    case Schedule::Forward: std::sort(s.ready.begin(), s.ready.end()); break;
+    case Schedule::Reverse: std::sort(s.ready.rbegin(), s.ready.rend()); break;
+    case Schedule::Shuffle: std::shuffle(s.ready.begin(), s.ready.end(), s.rng); break;
+  }
+}
+
+// Unwinds every started fiber of the block after an error.
+void abandon_block(int n) {
+  Sim& s = S();
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[i];
+    if (f.state == FState::Fresh) {
+      f.state = FState::Done;
+    } else if (f.state != FState::Done) {
+      f.abort = true;
+      resume(&f);
+      if (f.state != FState::Done) {  // kernel code swallowed the abort and waits again
+        f.state = FState::Done;       // abandon its stack (it is reused by the next block)
+      }
+    }
+  }
+}
+
+void run_block(const dim3& block, size_t smem_bytes) {
+  Sim& s = S();
+  const int n = s.n_threads;
+  std::memset(s.smem, kPoison, smem_bytes);
+  poison_static_shared();
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[i];
+    f.state = FState::Fresh;
+    f.abort = false;
+    f.op = Op::None;
+    f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, &fiber_entry, 0);
+  }
+  s.ready.clear();
+  for (int i = 0; i < n; ++i) s.ready.push_back(i);
+  std::vector<int> batch;
+  for (;;) {
+    order_ready();
+    batch.swap(s.ready);
+    s.ready.clear();
+    for (int id : batch) {
+      resume(&s.fibers[id]);
+      if (s.has_error) {
+        abandon_block(n);
+        return;
+      }
+    }
+    if (!resolve(n)) {
+      if (s.has_error) abandon_block(n);
+      return;
+    }
+  }
+}
+
+void validate_launch(const char* name, const void* kernel, dim3 grid, dim3 block,
+                     size_t smem_bytes) {
+  Sim& s = S();
+  auto bad = [&](const std::string& why) {
+    TORCH_CHECK(false, "cbam simulator: invalid launch of kernel '", name, "' with grid ",
+                dim_str(grid.x, grid.y, grid.z), ", block ", dim_str(block.x, block.y, block.z),
+                ", ", smem_bytes, " bytes of dynamic shared memory: ", why,
+                " (cudaErrorInvalidConfiguration / cudaErrorInvalidValue on a GPU)");
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) bad("a grid dimension is 0");
+  if (block.x == 0 || block.y == 0 || block.z == 0) bad("a block dimension is 0");
+  if (grid.x > 2147483647u) bad("grid.x exceeds 2^31-1");
+  if (grid.y > 65535u) bad("grid.y exceeds 65535");
+  if (grid.z > 65535u) bad("grid.z exceeds 65535");
+  if (block.x > 1024u) bad("block.x exceeds 1024");
+  if (block.y > 1024u) bad("block.y exceeds 1024");
+  if (block.z > 64u) bad("block.z exceeds 64");
+  if (static_cast<uint64_t>(block.x) * block.y * block.z > 1024u)
+    bad("more than 1024 threads per block");
+  long long limit = kDefaultSmem;
+  auto it = s.smem_limit.find(kernel);
+  if (it != s.smem_limit.end()) limit = it->second;
+  if (smem_bytes > static_cast<unsigned long long>(limit)) {
+    std::ostringstream o;
+    o << "dynamic shared memory exceeds the kernel's limit of " << limit << " bytes"
+      << (limit == kDefaultSmem ? " (48 KiB unless raised with cbam::set_max_dynamic_smem)" : "");
+    bad(o.str());
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------ called from kernels
+void sync_threads(const Site& site) {
+  Fiber* f = running("__syncthreads");
+  f->op = Op::SyncThreads;
+  f->site = site;
+  wait_here(f);
+}
+
+uint32_t warp_op(Op op, uint32_t mask, void* value, unsigned size, int arg, int width,
+                 const Site& site) {
+  Fiber* f = running(op_name(op));
+  TORCH_CHECK(mask == 0xffffffffu, op_name(op), " at ", site_str(site), ": mask 0x", std::hex,
+              mask, std::dec,
+              " is not supported; the kernel dialect allows only the full mask 0xffffffff");
+  TORCH_CHECK(width >= 1 && width <= 32 && (width & (width - 1)) == 0, op_name(op), " at ",
+              site_str(site), ": width ", width, " is not a power of two between 1 and 32");
+  TORCH_CHECK(size <= sizeof(f->value), "cbam simulator: warp value too large");
+  f->op = op;
+  f->site = site;
+  f->mask = mask;
+  f->arg = arg;
+  f->width = width;
+  f->size = size;
+  if (size) std::memcpy(f->value, value, size);
+  wait_here(f);
+  if (size) std::memcpy(value, f->value, size);
+  return f->result;
+}
+
+void access_error(const void* p, size_t bytes, size_t align, bool write, const char* what) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::ostringstream o;
+  o << "global " << what << " of " << bytes << " bytes at 0x" << std::hex << a << std::dec;
+  if ((a & (align - 1)) != 0) {
+    o << " is misaligned: the address must be a multiple of " << align << " (address % " << align
+      << " = " << (a & (align - 1)) << "); a GPU faults on it";
+    TORCH_CHECK(false, o.str());
+  }
+  bool in_readonly = false;
+  for (size_t i = 0; i < g_mem.n_regions; ++i) {
+    const Region& r = g_mem.regions[i];
+    if (a >= r.lo && a + bytes <= r.hi) in_readonly = true;
+  }
+  if (in_readonly) {
+    o << " writes into a tensor handed to the launch as const (cbam::global_ptr<const T>)";
+    TORCH_CHECK(false, o.str());
+  }
+  o << " is out of bounds: not inside any tensor handed to cbam::global_ptr for this launch";
+  // the nearest tensor, to help find the faulty index
+  const Region* best = nullptr;
+  uintptr_t best_d = UINTPTR_MAX;
+  for (size_t i = 0; i < g_mem.n_regions; ++i) {
+    const Region& r = g_mem.regions[i];
+    const uintptr_t d = a < r.lo ? r.lo - a : (a + bytes > r.hi ? a + bytes - r.hi : 0);
+    if (d < best_d) {
+      best_d = d;
+      best = &r;
+    }
+  }
+  if (best) {
+    o << " (nearest tensor: [0x" << std::hex << best->lo << ", 0x" << best->hi << std::dec
+      << "), " << (best->hi - best->lo) << " bytes; the access starts at byte offset "
+      << static_cast<long long>(a - best->lo) << ")";
+  } else {
+    o << " (the launch has no tensors)";
+  }
+  TORCH_CHECK(false, o.str());
+}
+
+void register_region(const at::Tensor& t, bool writable, c10::ScalarType expected) {
+  TORCH_CHECK(t.defined(), "cbam::global_ptr: undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "cbam::global_ptr (simulator): the tensor is on ", t.device(),
+              "; the simulator runs kernels on CPU tensors");
+  TORCH_CHECK(expected == c10::ScalarType::Undefined || expected == t.scalar_type(),
+              "cbam::global_ptr<", c10::toString(expected), ">: the tensor's dtype is ",
+              t.scalar_type());
+  if (t.numel() == 0) return;
+  int64_t last = 0;  // offset of the last element, in elements
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    TORCH_CHECK(t.stride(d) >= 0, "cbam::global_ptr: negative strides are not supported");
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+  t_pending.push_back(Region{lo, lo + static_cast<uintptr_t>((last + 1) * t.element_size()),
+                             writable});
+}
+
+// ------------------------------------------------------------------------------------ launch
+void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+              KernelBody body) {
+  TORCH_CHECK(!t_in_launch, "cbam simulator: cbam::launch of '", name,
+              "' from inside a running kernel");
+  // The tensors of this launch: those registered since the previous launch, else the previous
+  // launch's.
+  if (!t_pending.empty()) {
+    t_last.swap(t_pending);
+    t_pending.clear();
+  }
+  validate_launch(name, kernel, grid, block, smem_bytes);
+
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  select_static_shared(kernel);
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  ensure_stacks(n);
+  s.n_threads = n;
+  s.body = body;
+  s.has_error = false;
+  s.error.clear();
+  g_gridDim = grid;
+  g_blockDim = block;
+  g_mem.regions = t_last.data();
+  g_mem.n_regions = t_last.size();
+  g_mem.bytes_read = 0;
+  g_mem.bytes_written = 0;
+  t_in_launch = true;
+  uint3 failed{0, 0, 0};
+  for (unsigned z = 0; z < grid.z && !s.has_error; ++z) {
+    for (unsigned y = 0; y < grid.y && !s.has_error; ++y) {
+      for (unsigned x = 0; x < grid.x && !s.has_error; ++x) {
+        g_blockIdx = uint3{x, y, z};
+        run_block(block, smem_bytes);
+        if (s.has_error) failed = g_blockIdx;
+      }
+    }
+  }
+  t_in_launch = false;
+  s.cur = nullptr;
+  g_mem.regions = nullptr;
+  g_mem.n_regions = 0;
+  if (s.has_error) {
+    const std::string err = s.error;
+    s.has_error = false;
+    TORCH_CHECK(false, "cbam simulator: kernel '", name, "' block ",
+                dim_str(failed.x, failed.y, failed.z), " ", err);
+  }
+  s.stats.push_back(LaunchStat{name, grid, block, smem_bytes, g_mem.bytes_read,
+                               g_mem.bytes_written});
+}
+
+void set_max_dynamic_smem(const void* kernel, long long bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= kMaxSmem, "cbam::set_max_dynamic_smem: ", bytes,
+              " bytes is outside [0, ", kMaxSmem,
+              "] (227 KiB, the most a block may have; cudaErrorInvalidValue on a GPU)");
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.smem_limit[kernel] = bytes;
+}
+
+void* dynamic_smem() { return S().smem; }
+
+void set_schedule(Schedule sched, uint64_t seed) {
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.schedule = sched;
+  s.seed = seed;
+  s.rng.seed(seed);
+}
+Schedule schedule() { return S().schedule; }
+uint64_t schedule_seed() { return S().seed; }
+
+std::vector<LaunchStat> launch_stats() {
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.stats;
+}
+void clear_launch_stats() {
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.stats.clear();
+}
+
+}  // namespace sim
+
+int num_sms() { return 132; }
+
+}  // namespace cbam

@@ -1,0 +1,364 @@
+// The SIMT simulator: the g++ half of the kernel dialect (csrc/dialect/dialect.cuh).
+//
+// With -DCBAM_SIMULATOR, dialect.cuh includes this header instead of CUDA, so the very same kernel
+// and launcher sources that nvcc compiles run on the CPU (DESIGN.md section 5, issue 3).
+//
+// Execution model
+//   * cbam::launch validates the launch like the hardware does, then runs the grid one block at a
+//     time, blocks in linear order (x fastest). Each CUDA thread of the block is a fiber (ucontext)
+//     with its own stack; all fibers run in the launching OS thread, so `__shared__` is plain
+//     `static` storage and the dynamic shared memory is one buffer, both shared by the block.
+//   * Fibers run cooperatively. A fiber runs until it reaches a synchronisation point
+//     (__syncthreads, or a warp collective: __syncwarp, shuffles, ballot/any/all) or exits. When no
+//     fiber can run, the scheduler resolves warp collectives whose live lanes have all arrived, and
+//     releases __syncthreads once every live (not exited) thread of the block waits at it. The
+//     order in which runnable fibers run between two synchronisation points is the schedule:
+//     "forward" (thread 0 first), "reverse", or "shuffle" (a seeded permutation, drawn anew each
+//     time). A kernel whose result depends on that order has a race.
+//   * Threads that exited stop counting for barriers. A barrier or warp collective that cannot
+//     complete (a live thread waits somewhere else, or threads wait at different __syncthreads /
+//     warp-collective call sites) is reported as an error naming the kernel, block and threads; it
+//     never hangs. (A thread spinning on memory without a synchronisation point does hang: the
+//     simulator cannot preempt it.)
+//   * Warps are groups of 32 consecutive linear thread ids (x fastest, then y, then z); the last
+//     warp of a block whose size is not a multiple of 32 has fewer lanes. A shuffle that reads a
+//     lane that does not exist or has exited returns poison (all bytes 0xff: NaN for floating
+//     types, -1 for signed integers), as the value is undefined on hardware. Only the full mask
+//     0xffffffff is supported (the dialect's rule); any other mask is an error.
+//   * Global memory is accessed only through cbam::ld / st / ld_vec / st_vec. Each access must lie
+//     inside a tensor handed to cbam::global_ptr for this launch (the launcher's global_ptr calls
+//     since the previous launch; a launch with no global_ptr call since the previous launch reuses
+//     that launch's tensors), be aligned (scalars to alignof(T), vectors to N * sizeof(T), at most
+//     16 bytes), and stores must target a tensor registered through a non-const T. The bytes
+//     read and written are counted per launch (cbam::sim::launch_stats()).
+//   * The dynamic shared memory buffer is poisoned (0xff bytes) before every block, and so is
+//     every static `__shared__` variable of a kernel that the simulator can locate (see
+//     runtime.cpp: shared_poison), so a block never sees a previous block's values.
+//   * Every error (invalid launch, out-of-bounds or misaligned access, deadlock, an exception
+//     thrown by kernel code) is recorded in the fiber where it happens; the block's fibers are
+//     unwound and the launching thread throws a c10::Error (a Python RuntimeError). No exception
+//     crosses a fiber boundary; nothing aborts the process. Launches are serialised by a mutex.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <source_location>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// Kernel sources use `#pragma unroll`, which g++ does not know; keep the simulator build quiet.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+
+// ------------------------------------------------------------------------ CUDA keywords, types
+#define CBAM_GLOBAL
+#define CBAM_DEVICE inline
+#define CBAM_HOST_DEVICE inline
+#ifndef __global__
+#define __global__
+#endif
+#ifndef __device__
+#define __device__
+#endif
+#ifndef __host__
+#define __host__
+#endif
+#ifndef __forceinline__
+#define __forceinline__ inline
+#endif
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+// One block runs at a time, all its threads in one OS thread: static storage is shared memory.
+#define __shared__ static
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1)
+      : x(vx), y(vy), z(vz) {}
+};
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+namespace cbam {
+namespace sim {
+
+// The running thread's coordinates; the scheduler sets them before it resumes a fiber.
+extern uint3 g_threadIdx;
+extern uint3 g_blockIdx;
+extern dim3 g_blockDim;
+extern dim3 g_gridDim;
+
+}  // namespace sim
+}  // namespace cbam
+
+#define threadIdx (static_cast<const ::uint3&>(::cbam::sim::g_threadIdx))
+#define blockIdx (static_cast<const ::uint3&>(::cbam::sim::g_blockIdx))
+#define blockDim (static_cast<const ::dim3&>(::cbam::sim::g_blockDim))
+#define gridDim (static_cast<const ::dim3&>(::cbam::sim::g_gridDim))
+constexpr int warpSize = 32;
+
+namespace cbam {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T val[N];
+};
+
+namespace sim {
+
+// --------------------------------------------------------------------------- synchronisation
+enum class Op : uint8_t {
+  None = 0,
+  SyncThreads,
+  SyncWarp,
+  ShflIdx,
+  ShflUp,
+  ShflDown,
+  ShflXor,
+  Ballot,
+  Any,
+  All,
+};
+
+struct Site {
+  const char* file;
+  const char* function;
+  unsigned line;
+  unsigned column;
+};
+
+inline Site site_of(const std::source_location& loc) {
+  return Site{loc.file_name(), loc.function_name(), static_cast<unsigned>(loc.line()),
+              static_cast<unsigned>(loc.column())};
+}
+
+// Blocks the calling fiber at __syncthreads until the block's live threads all arrive.
+void sync_threads(const Site& site);
+// A warp collective: `value` (size bytes, <= 8) goes in, the result comes back in the same
+// buffer. arg: srcLane / delta / laneMask or the predicate; returns the ballot/any/all result.
+uint32_t warp_op(Op op, uint32_t mask, void* value, unsigned size, int arg, int width,
+                 const Site& site);
+
+// ------------------------------------------------------------------------------ global memory
+struct Region {
+  uintptr_t lo, hi;  // [lo, hi)
+  bool writable;
+};
+
+struct MemState {
+  const Region* regions = nullptr;  // the running launch's tensors
+  size_t n_regions = 0;
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+};
+extern MemState g_mem;
+
+[[noreturn]] void access_error(const void* p, size_t bytes, size_t align, bool write,
+                               const char* what);
+
+inline void check_access(const void* p, size_t bytes, size_t align, bool write,
+                         const char* what) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if ((a & (align - 1)) != 0) access_error(p, bytes, align, write, what);
+  for (size_t i = 0; i < g_mem.n_regions; ++i) {
+    const Region& r = g_mem.regions[i];
+    if (a >= r.lo && a + bytes <= r.hi && (r.writable || !write)) {
+      (write ? g_mem.bytes_written : g_mem.bytes_read) += bytes;
+      return;
+    }
+  }
+  access_error(p, bytes, align, write, what);
+}
+
+// Records a tensor's bytes as memory the next launch may access (see cbam::global_ptr).
+void register_region(const at::Tensor& t, bool writable, c10::ScalarType expected);
+
+template <typename T>
+constexpr c10::ScalarType scalar_type_of() {
+  using U = std::remove_cv_t<T>;
+  if constexpr (std::is_same_v<U, float>) return c10::ScalarType::Float;
+  else if constexpr (std::is_same_v<U, double>) return c10::ScalarType::Double;
+  else if constexpr (std::is_same_v<U, c10::Half>) return c10::ScalarType::Half;
+  else if constexpr (std::is_same_v<U, c10::BFloat16>) return c10::ScalarType::BFloat16;
+  else if constexpr (std::is_same_v<U, bool>) return c10::ScalarType::Bool;
+  else if constexpr (std::is_same_v<U, int8_t>) return c10::ScalarType::Char;
+  else if constexpr (std::is_same_v<U, uint8_t>) return c10::ScalarType::Byte;
+  else if constexpr (std::is_same_v<U, int16_t>) return c10::ScalarType::Short;
+  else if constexpr (std::is_same_v<U, int32_t>) return c10::ScalarType::Int;
+  else if constexpr (std::is_same_v<U, int64_t>) return c10::ScalarType::Long;
+  else return c10::ScalarType::Undefined;  // any other T: only the range is checked
+}
+
+// ------------------------------------------------------------------------------------ launch
+// A type-erased reference to the kernel call (valid during run_grid).
+struct KernelBody {
+  void* obj;
+  void (*call)(void*);
+};
+
+void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+              KernelBody body);
+void set_max_dynamic_smem(const void* kernel, long long bytes);
+void* dynamic_smem();
+
+// Schedules and statistics (exposed to Python by module.cpp).
+enum class Schedule { Forward, Reverse, Shuffle };
+void set_schedule(Schedule s, uint64_t seed);
+Schedule schedule();
+uint64_t schedule_seed();
+
+struct LaunchStat {
+  std::string name;
+  dim3 grid, block;
+  size_t smem_bytes;
+  uint64_t bytes_read, bytes_written;
+};
+std::vector<LaunchStat> launch_stats();
+void clear_launch_stats();
+
+}  // namespace sim
+
+// ----------------------------------------------------------------- global memory (dialect API)
+template <typename T>
+inline T ld(const T* p) {
+  sim::check_access(p, sizeof(T), alignof(T), false, "load");
+  T v;
+  std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(T));
+  return v;
+}
+template <typename T>
+inline void st(T* p, T v) {
+  sim::check_access(p, sizeof(T), alignof(T), true, "store");
+  std::memcpy(static_cast<void*>(p), static_cast<const void*>(&v), sizeof(T));
+}
+// p must be aligned to N * sizeof(T) bytes; N * sizeof(T) is a power of two of at most 16.
+template <int N, typename T>
+inline Vec<T, N> ld_vec(const T* p) {
+  static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
+                "ld_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
+  sim::check_access(p, sizeof(T) * N, sizeof(T) * N, false, "vector load");
+  Vec<T, N> v;
+  std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(T) * N);
+  return v;
+}
+template <int N, typename T>
+inline void st_vec(T* p, const Vec<T, N>& v) {
+  static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
+                "st_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
+  sim::check_access(p, sizeof(T) * N, sizeof(T) * N, true, "vector store");
+  std::memcpy(static_cast<void*>(p), static_cast<const void*>(&v), sizeof(T) * N);
+}
+
+// The tensor's data as T*; records its byte range as memory the next launch may touch (writable
+// unless T is const). A dtype that does not match T (for the scalar types torch knows) is an error.
+template <typename T>
+inline T* global_ptr(const at::Tensor& t) {
+  sim::register_region(t, !std::is_const_v<T>, sim::scalar_type_of<T>());
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Runs the whole grid in the simulator; throws c10::Error on an invalid launch or on any error
+// inside the kernel. Arguments are converted to the kernel's parameter types first (as CUDA does),
+// then every thread gets its own copy.
+template <typename... KArgs, typename... Args>
+inline void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                   size_t smem_bytes, Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args),
+                "cbam::launch: the number of arguments does not match the kernel's parameters");
+  struct Call {
+    void (*kernel)(KArgs...);
+    std::tuple<std::decay_t<KArgs>...> args;
+    static void invoke(void* self) {
+      auto* c = static_cast<Call*>(self);
+      std::apply([c](const auto&... a) { c->kernel(a...); }, c->args);
+    }
+  };
+  Call call{kernel, std::tuple<std::decay_t<KArgs>...>(std::forward<Args>(args)...)};
+  sim::run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, smem_bytes,
+                sim::KernelBody{&call, &Call::invoke});
+}
+
+template <typename... KArgs>
+inline void set_max_dynamic_smem(void (*kernel)(KArgs...), int bytes) {
+  sim::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
+}
+
+int num_sms();  // a fixed, H100-like 132
+inline unsigned max_grid_y() { return 65535u; }
+
+}  // namespace cbam
+
+// Dynamic shared memory: one 16-byte aligned buffer of the launch's smem_bytes, poisoned per block.
+#define CBAM_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::cbam::sim::dynamic_smem())
+
+// ----------------------------------------------------------------------- block and warp sync
+inline void __syncthreads(std::source_location loc = std::source_location::current()) {
+  ::cbam::sim::sync_threads(::cbam::sim::site_of(loc));
+}
+
+inline void __syncwarp(unsigned mask = 0xffffffffu,
+                       std::source_location loc = std::source_location::current()) {
+  ::cbam::sim::warp_op(::cbam::sim::Op::SyncWarp, mask, nullptr, 0, 0, 32,
+                       ::cbam::sim::site_of(loc));
+}
+
+namespace cbam {
+namespace sim {
+template <typename T>
+inline T shuffle(Op op, unsigned mask, T var, int arg, int width, const std::source_location& loc) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "warp shuffles move values of at most 8 bytes");
+  unsigned char buf[8];
+  std::memcpy(buf, static_cast<const void*>(&var), sizeof(T));
+  warp_op(op, mask, buf, sizeof(T), arg, width, site_of(loc));
+  T r;
+  std::memcpy(static_cast<void*>(&r), buf, sizeof(T));
+  return r;
+}
+}  // namespace sim
+}  // namespace cbam
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int srcLane, int width = 32,
+                     std::source_location loc = std::source_location::current()) {
+  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflIdx, mask, var, srcLane, width, loc);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned int delta, int width = 32,
+                        std::source_location loc = std::source_location::current()) {
+  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflUp, mask, var,
+                              delta > 64u ? 64 : static_cast<int>(delta), width, loc);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned int delta, int width = 32,
+                          std::source_location loc = std::source_location::current()) {
+  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflDown, mask, var,
+                              delta > 64u ? 64 : static_cast<int>(delta), width, loc);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32,
+                         std::source_location loc = std::source_location::current()) {
+  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflXor, mask, var, laneMask, width, loc);
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate,
+                              std::source_location loc = std::source_location::current()) {
+  return ::cbam::sim::warp_op(::cbam::sim::Op::Ballot, mask, nullptr, 0, predicate != 0, 32,
+                              ::cbam::sim::site_of(loc));
+}
+inline int __any_sync(unsigned mask, int predicate,
+                      std::source_location loc = std::source_location::current()) {
+  return static_cast<int>(::cbam::sim::warp_op(::cbam::sim::Op::Any, mask, nullptr, 0,
+                                               predicate != 0, 32, ::cbam::sim::site_of(loc)));
+}
+inline int __all_sync(unsigned mask, int predicate,
+                      std::source_location loc = std::source_location::current()) {
+  return static_cast<int>(::cbam::sim::warp_op(::cbam::sim::Op::All, mask, nullptr, 0,
+                                               predicate != 0, 32, ::cbam::sim::site_of(loc)));
+}
