@@ -10,8 +10,9 @@
 //   __launch_bounds__(n), __forceinline__
 //   threadIdx, blockIdx, blockDim, gridDim (.x .y .z, unsigned int)
 //   __syncthreads(), __syncwarp(mask = full)
-//   __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync (full mask 0xffffffff only),
-//   __ballot_sync, __any_sync, __all_sync
+//   __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync (full mask 0xffffffff only;
+//   values: int, unsigned, long long, float, double, c10::Half, c10::BFloat16 ...),
+//   __ballot_sync, __any_sync, __all_sync, warpSize
 //   __shared__ fixed-size arrays; CBAM_DYNAMIC_SMEM(type, name) for dynamic shared memory
 //   global memory ONLY through cbam::ld / cbam::st (scalar) and cbam::ld_vec / cbam::st_vec
 //   (N elements, N * sizeof(T) bytes aligned to that size, at most 16 bytes)
@@ -66,13 +67,17 @@ template <typename T>
 CBAM_DEVICE void st(T* p, T v) {
   *p = v;
 }
-// p must be aligned to N * sizeof(T) bytes.
+// p must be aligned to N * sizeof(T) bytes; N * sizeof(T) is a power of two of at most 16.
 template <int N, typename T>
 CBAM_DEVICE Vec<T, N> ld_vec(const T* p) {
+  static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
+                "ld_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 template <int N, typename T>
 CBAM_DEVICE void st_vec(T* p, const Vec<T, N>& v) {
+  static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
+                "st_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
@@ -101,6 +106,23 @@ inline int num_sms() {
 inline unsigned max_grid_y() { return 65535u; }
 
 }  // namespace cbam
+
+// Warp shuffles of c10::Half and c10::BFloat16 (CUDA's own overloads take __half and
+// __nv_bfloat16; the simulator's shuffles take any type of at most 8 bytes): move the 16 bits.
+#define CBAM_SHFL_16BIT(fn, T, Arg)                                                           \
+  __device__ __forceinline__ T fn(unsigned mask, T var, Arg arg, int width = 32) {           \
+    return T(static_cast<unsigned short>(fn(mask, static_cast<unsigned>(var.x), arg, width)), \
+             T::from_bits());                                                                \
+  }
+CBAM_SHFL_16BIT(__shfl_sync, c10::Half, int)
+CBAM_SHFL_16BIT(__shfl_up_sync, c10::Half, unsigned int)
+CBAM_SHFL_16BIT(__shfl_down_sync, c10::Half, unsigned int)
+CBAM_SHFL_16BIT(__shfl_xor_sync, c10::Half, int)
+CBAM_SHFL_16BIT(__shfl_sync, c10::BFloat16, int)
+CBAM_SHFL_16BIT(__shfl_up_sync, c10::BFloat16, unsigned int)
+CBAM_SHFL_16BIT(__shfl_down_sync, c10::BFloat16, unsigned int)
+CBAM_SHFL_16BIT(__shfl_xor_sync, c10::BFloat16, int)
+#undef CBAM_SHFL_16BIT
 
 #elif defined(CBAM_SIMULATOR)
 // -------------------------------------------------------------------------------- simulator

@@ -14,11 +14,11 @@
 namespace cbam {
 namespace selftest {
 
-inline unsigned linear_tid() {
+CBAM_DEVICE unsigned linear_tid() {
   return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
-inline unsigned linear_bid() { return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); }
-inline unsigned threads_per_block() { return blockDim.x * blockDim.y * blockDim.z; }
+CBAM_DEVICE unsigned linear_bid() { return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); }
+CBAM_DEVICE unsigned threads_per_block() { return blockDim.x * blockDim.y * blockDim.z; }
 
 // ------------------------------------------------------------------ shared-memory block reduction
 // out[b] = sum of x[b * blockDim.x + t]; blockDim.x is a power of two of at most 1024.
