@@ -180,12 +180,14 @@ def settings_from(args, device):
         peers.append(FUSED)
     peers = [p for p in PEERS if p in peers]  # fixed order, cbam_fused last
     if cuda:
-        timing = dict(method="cuda_events", warmup=args.warmup or (3 if args.quick else 10),
+        timing = dict(method="cuda_events", warmup=3 if args.quick else 10,
                       target_s=0.15 if args.quick else 0.4, min_reps=args.reps or 10,
                       max_reps=args.reps or (50 if args.quick else 200))
     else:
-        timing = dict(method="perf_counter", warmup=args.warmup or 3, target_s=0.3,
+        timing = dict(method="perf_counter", warmup=3, target_s=0.3,
                       min_reps=args.reps or 3, max_reps=args.reps or (5 if args.quick else 20))
+    if args.warmup is not None:
+        timing["warmup"] = args.warmup
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes)
 

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", action="store_true",
                    help="keep NCHW (default: channels-last on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20, CPU 2)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5, CPU 1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps after the first (default 5, CPU 1)")
     p.add_argument("--quick", action="store_true", help="one batch size, fewer steps")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: compile variants are skipped once 75%% is spent, "
@@ -128,7 +128,8 @@ def settings_from(args, device):
                 batches=batches, image_size=args.image_size or (224 if cuda else 64),
                 precision=precision, channels_last=cuda and not args.no_channels_last,
                 steps=args.steps or (20 if cuda and not args.quick else 10 if cuda else 2),
-                warmup=args.warmup or (5 if cuda else 1), max_minutes=args.max_minutes,
+                warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+                max_minutes=args.max_minutes,
                 timing="cuda_events" if cuda else "perf_counter")
 
 
