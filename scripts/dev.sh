@@ -16,8 +16,9 @@ fi
 . .venv/bin/activate
 stamp=.venv/.deps-$(sha1sum requirements-dev.txt | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  python -m pip install -q --upgrade pip
-  python -m pip install -q -r requirements-dev.txt
+  # grep drops pip notes about local package folders named in this machine's pip.conf; pipefail
+  # keeps a failing install fatal
+  python -m pip install -q -r requirements-dev.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
   touch "$stamp"
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
