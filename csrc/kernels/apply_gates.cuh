@@ -1,8 +1,10 @@
-// The apply: y[n,c,s] = x[n,c,s] * gc[n,c] * gs[n,s] (in this order, in acc_t; a missing gate is 1).
+// The apply: y[n,c,s] = x[n,c,s] * gc[n,c] * gs[n,s] (in this order, in acc_t; a missing gate
+// is 1).
 // Pass: reads x once, writes y once. x and y viewed as [N, R, K] (common.cuh); the gate along k
-// is held in registers per thread (VEC columns), the gate along r is staged in shared memory per
-// chunk of rows, so the small gates are read about once per tile. `cl` says whether k is the
-// channel axis (channels-last). Requires VEC == 1 or K % VEC == 0.
+// is staged once per tile (stage_k_side) and held in registers per thread (VEC columns), the gate
+// along r is staged in shared memory per chunk of rows, so the small gates are read once per
+// tile. `cl` says whether k is the channel axis (channels-last). Requires VEC == 1 or
+// K % VEC == 0.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -18,10 +20,11 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
 
+  __shared__ acc_t s_gk[32 * VEC];
   acc_t wk[VEC];
-  for (int v = 0; v < VEC; ++v) {
-    wk[v] = (gk != nullptr && active) ? ld(gk + t.n * g.K + t.k0 + v) : acc_t(1);
-  }
+  stage_k_side<VEC>(
+      s_gk, t, [&](int64_t k) { return gk != nullptr ? ld(gk + t.n * g.K + k) : acc_t(1); },
+      wk);
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
     const int64_t rest = t.r_end - cb;
     const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;

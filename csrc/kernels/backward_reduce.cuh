@@ -1,11 +1,12 @@
 // Q1 of the backward: both gate gradients in ONE pass over g and x, x viewed as [N, R, K]:
 //
-//   out_r[n, r] = sum_k g[n,r,k] x[n,r,k] gk[n,k]        out_k[n, k] = sum_r g[n,r,k] x[n,r,k] gr[n,r]
+//   out_r[n, r] = sum_k g[n,r,k] x[n,r,k] gk[n,k]     out_k[n, k] = sum_r g[n,r,k] x[n,r,k] gr[n,r]
 //
 // (channels-first: gr = gc, gk = gs, out_r = rc, out_k = rs; channels-last the other way round;
-// a missing gate is 1). Pass: reads g and x once each. Tiles as in common.cuh: each thread keeps
-// gk of its VEC columns in registers and the column sums of its columns; gr of the tile's rows is
-// staged in shared memory. Per row, the TX lanes combine the row sum by xor shuffles and lane 0
+// a missing gate is 1). Pass: reads g and x once each. Tiles as in common.cuh: gk of the tile's
+// columns is staged once (stage_k_side) and each thread keeps that of its VEC columns in
+// registers, with the column sums of its columns; gr of the tile's rows is staged in shared
+// memory. Per row, the TX lanes combine the row sum by xor shuffles and lane 0
 // writes the partial part_r[n, kt, r]; after the rows, the TY column sums of each column combine
 // in a fixed shared-memory tree and row 0 writes part_k[n, rt, k]. When nkt (nrt) is 1 the
 // partial buffer is the output itself; otherwise sum_partials (SumPolicy + combine_partials)
@@ -29,12 +30,13 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = ty * TX + tx;
 
+  __shared__ acc_t s_gk[32 * VEC];
   acc_t wk[VEC];
+  stage_k_side<VEC>(
+      s_gk, t, [&](int64_t k) { return gk != nullptr ? ld(gk + t.n * g.K + k) : acc_t(1); },
+      wk);
   acc_t col[VEC];
-  for (int v = 0; v < VEC; ++v) {
-    wk[v] = (gk != nullptr && active) ? ld(gk + t.n * g.K + t.k0 + v) : acc_t(1);
-    col[v] = acc_t(0);
-  }
+  for (int v = 0; v < VEC; ++v) col[v] = acc_t(0);
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
     const int64_t rest = t.r_end - cb;

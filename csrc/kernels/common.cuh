@@ -4,7 +4,8 @@
 // Every kernel sees x as [N, R, K] with K the contiguous axis (channels-first: R = C, K = S;
 // channels-last: R = S, K = C). A block of TX x TY = 256 threads (TX a power of two <= 32,
 // threadIdx.x along k) owns one tile: sample n, rows [r0, r0 + rows_per_tile), columns
-// [k0, k0 + TX * VEC). Each thread owns VEC adjacent columns (one 16-byte vector when VEC > 1;
+// [c0, c0 + cols_per_tile), cols_per_tile = TX * VEC (reduce_k: a multiple of it). Each thread
+// owns VEC adjacent columns (one 16-byte vector when VEC > 1;
 // VEC > 1 only when K % VEC == 0 and the base pointers are 16-byte aligned) and walks the tile's
 // rows with stride TY. blockIdx.x enumerates (n, row tile, column tile), column tile fastest, so
 // no grid dimension other than x is used and any N, C, S fits the hardware limits.
@@ -31,12 +32,14 @@ struct Geom {
   int64_t nrt;            // row tiles
   int64_t nkt;            // column tiles
   int64_t rows_per_tile;  // rows in each row tile (the last one may hold fewer)
+  int64_t cols_per_tile;  // columns in each column tile: TX * VEC * (vectors per lane and row)
 };
 
 // The tile of this block.
 struct TileId {
   int64_t n, rt, kt;
   int64_t r_begin, r_end;  // rows [r_begin, r_end)
+  int64_t k_begin, k_end;  // columns [k_begin, k_end)
   int64_t k0;              // first column of this thread
 };
 
@@ -50,8 +53,32 @@ CBAM_DEVICE TileId tile_id(const Geom& g, int vec) {
   t.r_begin = t.rt * g.rows_per_tile;
   const int64_t e = t.r_begin + g.rows_per_tile;
   t.r_end = e < g.R ? e : g.R;
-  t.k0 = (t.kt * static_cast<int64_t>(blockDim.x) + threadIdx.x) * vec;
+  t.k_begin = t.kt * g.cols_per_tile;
+  const int64_t ke = t.k_begin + g.cols_per_tile;
+  t.k_end = ke < g.K ? ke : g.K;
+  t.k0 = t.k_begin + static_cast<int64_t>(threadIdx.x) * vec;
   return t;
+}
+
+// The small values along k of this tile's columns (a gate, a weight: one per column), staged in
+// shared memory `smem` (at least g.cols_per_tile entries) so that global memory sees each of them
+// once per tile. load(k) reads column k. Every thread of the block must call it (it holds a
+// barrier).
+template <typename V, typename Load>
+CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load) {
+  const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int ncols = static_cast<int>(t.k_end - t.k_begin);
+  for (int i = tid; i < ncols; i += nthreads) smem[i] = load(t.k_begin + i);
+  __syncthreads();
+}
+
+// stage_k_side, then each thread copies the values of its VEC columns into `out` (tiles of one
+// vector per lane: cols_per_tile == TX * VEC).
+template <int VEC, typename V, typename Load>
+CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load, V (&out)[VEC]) {
+  stage_k_side(smem, t, load);
+  for (int v = 0; v < VEC; ++v) out[v] = smem[threadIdx.x * VEC + v];  // unused where k >= K
 }
 
 // Loads VEC elements of T at p (16-byte aligned when VEC > 1) as acc_t.

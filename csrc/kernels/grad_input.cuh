@@ -6,9 +6,9 @@
 //
 // Pass: reads g once, writes dx once. g and dx viewed as [N, R, K] (common.cuh). The values of
 // one channel (gc, da/S, dm, is) and of one spatial position (gs, du/C, dv, ic) form a Side; the
-// sides along k are held in registers per thread, the sides along r are staged in shared memory
-// per chunk of rows. `cl`: k is the channel axis (channels-last). Requires VEC == 1 or
-// K % VEC == 0.
+// sides along k are staged once per tile (stage_k_side) and held in registers per thread, the
+// sides along r are staged in shared memory per chunk of rows. `cl`: k is the channel axis
+// (channels-last). Requires VEC == 1 or K % VEC == 0.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -64,8 +64,9 @@ CBAM_GLOBAL void grad_input_kernel(const T* __restrict__ grad, T* __restrict__ d
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
 
+  __shared__ GradSide<acc_t> s_k[32 * VEC];
   GradSide<acc_t> sk[VEC];
-  for (int v = 0; v < VEC; ++v) sk[v] = side_k.load(t.n, active ? t.k0 + v : 0);
+  stage_k_side<VEC>(s_k, t, [&](int64_t k) { return side_k.load(t.n, k); }, sk);
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
     const int64_t rest = t.r_end - cb;

@@ -28,6 +28,7 @@ struct PoolPolicy {
     acc_t mx;
     int idx;
   };
+  static constexpr int kPartialBytes = 2 * sizeof(acc_t) + sizeof(int);  // per partial
   struct Weight {
     acc_t s;
   };
@@ -95,6 +96,7 @@ struct WeightedSumPolicy {
   struct State {
     acc_t sum;
   };
+  static constexpr int kPartialBytes = sizeof(acc_t);  // per partial
   struct Weight {
     acc_t a;
     acc_t b;

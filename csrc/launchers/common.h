@@ -2,6 +2,7 @@
 // tile geometry. Included by every launcher .cu (both builds; header-only, `inline`).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -151,7 +152,11 @@ struct LaunchGeom {
   dim3 block() const { return dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty)); }
 };
 
-inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, const char* op) {
+// kv_max: vectors per lane and row of a column tile (reduce_k: kReduceKVectors; else 1).
+// side_bytes: global bytes per column that a tile reads or writes besides x (staged small tensors,
+// partials); the tiles get enough rows to keep those under a few percent of the tile's x bytes.
+inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
+                            int64_t side_bytes, int64_t elem_bytes, const char* op) {
   LaunchGeom lg;
   const int64_t need = ceil_div(K, vec);
   int tx = 1;
@@ -163,17 +168,21 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, const char
   g.N = N;
   g.R = R;
   g.K = K;
-  g.nkt = ceil_div(K, static_cast<int64_t>(tx) * vec);
+  const int64_t kv = std::max<int64_t>(1, std::min<int64_t>(kv_max, ceil_div(need, tx)));
+  g.cols_per_tile = static_cast<int64_t>(tx) * vec * (debug::tile_mode == 1 ? 1 : kv);
+  g.nkt = ceil_div(K, g.cols_per_tile);
   int64_t rpt;
   if (debug::tile_mode == 1) {
     rpt = 3;
   } else if (debug::tile_mode == 2) {
     rpt = R;
   } else {
-    // Enough tiles to fill the device a few times over, each thread walking at least 4 rows.
+    // Enough tiles to fill the device a few times over, each thread walking at least 4 rows,
+    // and the side traffic at most 1/32 of the tile's x bytes.
     const int64_t target = static_cast<int64_t>(num_sms()) * 8;
     const int64_t want_tiles = ceil_div(target, N * g.nkt);
-    rpt = std::max<int64_t>(ceil_div(R, want_tiles), static_cast<int64_t>(lg.ty) * 4);
+    rpt = std::max({ceil_div(R, want_tiles), static_cast<int64_t>(lg.ty) * 4,
+                    ceil_div(32 * side_bytes, elem_bytes)});
   }
   rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
   g.nrt = ceil_div(R, rpt);

@@ -12,7 +12,8 @@ template <typename T, int VEC>
 void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
                      const at::Tensor& gs) {
   using acc_t = at::opmath_type<T>;
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, "apply_gates");
+  const LaunchGeom lg =
+      make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), sizeof(T), "apply_gates");
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
   launch("apply_gates", &apply_gates_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0,
@@ -20,10 +21,12 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
 }
 
 template <typename T, int VEC>
-void run_grad_input(const XView& v, const at::Tensor& dx, const GradSidePtrs<at::opmath_type<T>>& cs,
+void run_grad_input(const XView& v, const at::Tensor& dx,
+                    const GradSidePtrs<at::opmath_type<T>>& cs,
                     const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement) {
   using acc_t = at::opmath_type<T>;
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, "grad_input");
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, 3 * sizeof(acc_t) + sizeof(int64_t),
+                                  sizeof(T), "grad_input");
   launch("grad_input", &grad_input_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0,
          global_ptr<T>(v.x), global_ptr<T>(dx), v.cl ? ss : cs, v.cl ? cs : ss, lg.g, v.cl,
          arrangement);
@@ -57,7 +60,8 @@ at::Tensor apply_gates(const at::Tensor& x_in, const std::optional<at::Tensor>& 
 }
 
 at::Tensor grad_input(const at::Tensor& grad_in, const std::optional<at::Tensor>& gc_in,
-                      const std::optional<at::Tensor>& gs_in, const std::optional<at::Tensor>& da_in,
+                      const std::optional<at::Tensor>& gs_in,
+                      const std::optional<at::Tensor>& da_in,
                       const std::optional<at::Tensor>& dm_in,
                       const std::optional<at::Tensor>& idx_s_in,
                       const std::optional<at::Tensor>& du_in,

@@ -37,7 +37,12 @@ void set_partials(WeightedSumPolicy<acc_t>& pol, const at::Tensor& x, int64_t N,
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
 template <typename T, int VEC, typename Policy>
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, op);
+  // Side traffic per column: the staged weights (over k) or the partials, written and read
+  // again (over r).
+  const int64_t side = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight))
+                              : 2 * Policy::kPartialBytes;
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, over_k ? kReduceKVectors : 1, side,
+                                  sizeof(T), op);
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;

@@ -1,0 +1,342 @@
+"""The CUDA kernels of every cbam_fused op, executed on the CPU by the SIMT simulator.
+
+Each op's CUDA kernel sources (csrc/kernels, csrc/launchers, built by g++ into cbam_fused._sim)
+run in the simulator through cbam_fused.testing.use_simulator() and are compared against the
+op's pure-PyTorch CPU kernel (cbam_fused._cpu_kernels, the oracle), for every dtype, both memory
+layouts (channels-first and channels-last, 1-D / 2-D / 3-D spatial) and a non-dense input, on
+shapes that reach every code path: S = 1, C = 1, N = 1, odd sizes, sizes that are not multiples
+of the vector width or of the lanes of a tile, and every tiling (the launchers' debug tile modes:
+the normal heuristics; tiny tiles that split every reduction into many partials and run the
+second stage; one row tile spanning all rows, whose small-tensor staging goes in several chunks).
+Outputs are poisoned (NaN, INT64_MIN) by the launchers before the kernels run, so an element no
+kernel writes fails the comparison. Also: NaN / inf / ties in the pools, bitwise-equal results
+under the forward, reverse and shuffled fiber orders, and the pass budget (DESIGN.md section 3)
+from the simulator's byte counts.
+"""
+import zlib
+
+import pytest
+import torch
+
+import cbam_fused  # noqa: F401  registers the ops
+from cbam_fused import _cpu_kernels as cpu
+
+testing = pytest.importorskip("cbam_fused.testing")
+try:
+    from cbam_fused import _sim  # noqa: F401  registers torch.ops.cbam_fused_sim.*
+    HAVE_SIM = hasattr(torch.ops.cbam_fused_sim, "grad_input")
+except ImportError:  # pragma: no cover
+    HAVE_SIM = False
+
+pytestmark = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) "
+                                "is missing")
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+TILE_NORMAL, TILE_SMALL, TILE_SINGLE = 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    torch.ops.cbam_fused_sim.set_debug(True, TILE_NORMAL)
+    yield
+    torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
+
+
+def tile_mode(mode):
+    torch.ops.cbam_fused_sim.set_debug(True, mode)
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------ inputs
+def to_layout(x, layout):
+    """x ([N, C, *spatial], contiguous) in `layout`: cf, cl (channels-last, any spatial rank) or
+    strided (neither; the launchers copy it once)."""
+    if layout == "cf":
+        return x
+    if layout == "cl":
+        perm = [0] + list(range(2, x.dim())) + [1]
+        inv = [perm.index(i) for i in range(x.dim())]
+        return x.permute(perm).contiguous().permute(inv)
+    if layout == "strided":
+        big = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    raise ValueError(layout)
+
+
+def rand_x(shape, dtype, layout, gen, kind="normal"):
+    if kind == "normal":
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    else:  # small integers: many ties in the max, exact in every dtype
+        x = torch.randint(-3, 4, shape, generator=gen).to(torch.float64)
+    return to_layout(x.to(dtype), layout)
+
+
+def small(n, l, dtype, gen, lo=0.0, hi=1.0):
+    return (torch.rand((n, l), generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(acc(dtype))
+
+
+def index(n, l, ext, gen):
+    return torch.randint(0, ext, (n, l), generator=gen)
+
+
+def dims(x):
+    s = 1
+    for d in x.shape[2:]:
+        s *= d
+    return x.shape[0], x.shape[1], s
+
+
+# --------------------------------------------------------------------------------- the ops
+def op_args(op, x, gen, variant):
+    """Arguments of `op` for input x; `variant` picks which optional tensors are present."""
+    n, c, s = dims(x)
+    dt = x.dtype
+    full = variant == 0
+    if op in ("pool_over_s", "pool_over_c"):
+        ext = s if op == "pool_over_s" else c
+        return (x, small(n, ext, dt, gen, 0.2, 1.5) if full else None)
+    if op == "apply_gates":
+        gc = small(n, c, dt, gen) if variant in (0, 1) else None
+        gs = small(n, s, dt, gen) if variant in (0, 2) else None
+        return (x, gc, gs)
+    if op == "backward_reduce":
+        g = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dt)
+        g = to_layout(g.contiguous(), "cl" if variant == 2 else "cf")  # grad may differ from x
+        gc = small(n, c, dt, gen) if variant in (0, 2) else None
+        gs = small(n, s, dt, gen) if variant in (0, 2) else None
+        need = [(True, True), (True, False), (False, True)][variant]
+        return (g, x, gc, gs) + need
+    if op in ("pool_over_c_backward_scale", "pool_over_s_backward_scale"):
+        l, ext = (s, c) if op == "pool_over_c_backward_scale" else (c, s)
+        d_avg = torch.randn((n, l), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
+        d_max = torch.randn((n, l), generator=gen, dtype=acc(dt)) if variant in (0, 2) else None
+        am = index(n, l, ext, gen) if variant in (0, 2) else None
+        return (x, d_avg, d_max, am)
+    if op == "grad_input":
+        arrangement = variant
+        gc, gs = small(n, c, dt, gen), small(n, s, dt, gen)
+        da, dm = torch.randn((n, c), generator=gen, dtype=acc(dt)), torch.randn(
+            (n, c), generator=gen, dtype=acc(dt))
+        du, dv = torch.randn((n, s), generator=gen, dtype=acc(dt)), torch.randn(
+            (n, s), generator=gen, dtype=acc(dt))
+        i_s, i_c = index(n, c, s, gen), index(n, s, c, gen)
+        if arrangement == 1:  # spatial first: the spatial pool has no max here
+            dv, i_c = None, None
+        if arrangement == 2:  # parallel, channel gate only
+            gs, du, dv, i_c = None, None, None, None
+        return (x, gc, gs, da, dm, i_s, du, dv, i_c, arrangement)
+    raise ValueError(op)
+
+
+OPS = ["pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
+       "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input"]
+
+
+def run_sim(op, args, schedule="forward", seed=0):
+    with testing.use_simulator(schedule=schedule, seed=seed):
+        out = getattr(torch.ops.cbam_fused, op)(*args)
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def run_cpu(op, args):
+    out = cpu.KERNELS[op](*args)
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def tolerances(op, dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-12)
+    if op in ("apply_gates", "grad_input") and dtype in (torch.float16, torch.bfloat16):
+        # same float32 arithmetic, then one rounding to the output dtype
+        return dict(rtol=1e-3 if dtype == torch.float16 else 8e-3, atol=1e-5)
+    return dict(rtol=1e-5, atol=2e-5)
+
+
+def check_same(op, got, want, x, layout):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype, (op, g.dtype, w.dtype)
+        assert g.shape == w.shape, (op, g.shape, w.shape)
+        if g.dtype == torch.int64:
+            assert torch.equal(g, w), (op, g, w)
+        else:
+            torch.testing.assert_close(g, w, equal_nan=True, **tolerances(op, x.dtype))
+    if op in ("apply_gates", "grad_input") and layout != "strided":
+        # x's memory format (the input of grad_input is grad, args[0])
+        assert got[0].stride() == x.stride(), (op, got[0].stride(), x.stride())
+
+
+# Shapes (N, C, spatial): every path at least once.
+SHAPES = [
+    (2, 5, (7,)),          # 1-D, odd everything
+    (1, 1, (3, 5)),        # C = 1, N = 1
+    (3, 6, (1, 1)),        # S = 1
+    (1, 12, (5, 7)),       # odd H and W
+    (2, 3, (2, 3, 3)),     # 3-D
+    (1, 16, (4, 8)),       # C and S multiples of every vector width
+    (2, 70, (3, 3)),       # C over 64 (several row tiles / lanes), S odd
+    (1, 4, (10, 30)),      # S = 300: more rows than one staging chunk (channels-last)
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_op_matches_cpu_kernel(op, dtype, layout):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{op}{dtype}{layout}".encode()))
+    for si, (n, c, sp) in enumerate(SHAPES):
+        x = rand_x((n, c) + sp, dtype, layout, gen)
+        for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
+            if mode != TILE_NORMAL and dtype != torch.float32 and si % 2 == 1:
+                continue  # keep the run short: every tiling in float32, half the shapes otherwise
+            variant = (si + mode) % 3
+            args = op_args(op, x, gen, variant)
+            tile_mode(mode)
+            got = run_sim(op, args)
+            tile_mode(TILE_NORMAL)
+            want = run_cpu(op, args)
+            check_same(op, got, want, x, layout)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_non_dense_input(op):
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float16):
+        x = rand_x((2, 6, 3, 5), dtype, "strided", gen)
+        args = op_args(op, x, gen, 0)
+        check_same(op, run_sim(op, args), run_cpu(op, args), x, "strided")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_optional_combination(op):
+    """The variants not reached above: every optional tensor present or absent."""
+    gen = torch.Generator().manual_seed(11)
+    x = rand_x((2, 5, 3, 3), torch.float32, "cf", gen)
+    for variant in range(3):
+        args = op_args(op, x, gen, variant)
+        check_same(op, run_sim(op, args), run_cpu(op, args), x, "cf")
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pools_ties_nan_inf(layout, dtype):
+    """Max pooling as torch.max: first occurrence of ties, NaN wins (first NaN), inf."""
+    gen = torch.Generator().manual_seed(3)
+    for mode in (TILE_NORMAL, TILE_SMALL):
+        x = rand_x((2, 9, 5, 5), dtype, "cf", gen, kind="ints")
+        x[0, 2, 1, 1] = float("nan")
+        x[0, 2, 3, 4] = float("nan")
+        x[0, 4, 2, 2] = float("inf")
+        x[1, :, 0, 3] = float("-inf")
+        x[1, 1, :, :] = float("-inf")
+        x[1, 7, 4, 4] = float("nan")
+        x = to_layout(x, layout)
+        for op in ("pool_over_s", "pool_over_c"):
+            for variant in (0, 1):
+                args = op_args(op, x, gen, variant)
+                tile_mode(mode)
+                got = run_sim(op, args)
+                tile_mode(TILE_NORMAL)
+                check_same(op, got, run_cpu(op, args), x, layout)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bitwise_equal_under_every_schedule(op):
+    """No races: forward, reverse and shuffled fiber orders give bitwise-equal results."""
+    gen = torch.Generator().manual_seed(5)
+    for layout, mode in (("cf", TILE_SMALL), ("cl", TILE_SMALL), ("cf", TILE_NORMAL)):
+        x = rand_x((2, 7, 3, 5), torch.float32, layout, gen)
+        args = op_args(op, x, gen, 0)
+        tile_mode(mode)
+        ref = run_sim(op, args, "forward")
+        for schedule, seed in (("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
+            got = run_sim(op, args, schedule, seed)
+            for g, r in zip(got, ref):
+                assert g.dtype == r.dtype and g.shape == r.shape
+                if g.is_floating_point():
+                    g, r = g.contiguous().view(torch.int32), r.contiguous().view(torch.int32)
+                assert torch.equal(g, r), (op, layout, mode, schedule, seed)
+        tile_mode(TILE_NORMAL)
+
+
+def _stat(s, key):
+    return s[key] if isinstance(s, dict) else getattr(s, key)
+
+
+def op_bytes(op, args):
+    """(bytes read, bytes written) by all launches of one op call in the simulator."""
+    with testing.use_simulator():
+        getattr(torch.ops.cbam_fused, op)(*args)
+        stats = testing.simulator_stats()
+    assert stats, f"{op}: no simulated launch"
+    return (sum(_stat(s, "bytes_read") for s in stats),
+            sum(_stat(s, "bytes_written") for s in stats))
+
+
+# op -> (x-sized passes read, x-sized passes written): DESIGN.md section 3.
+BUDGET = {
+    "pool_over_s": (1, 0),
+    "pool_over_c": (1, 0),
+    "apply_gates": (1, 1),
+    "backward_reduce": (2, 0),
+    "pool_over_c_backward_scale": (1, 0),
+    "pool_over_s_backward_scale": (1, 0),
+    "grad_input": (1, 1),
+}
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pass_budget(layout, dtype):
+    """Each op reads and writes x-sized tensors only as often as its passes (plus 10% for the
+    small tensors it reads and writes, and the partials of its two-stage reductions); the forward
+    (3 ops) stays within 4.2 x-sized passes and the backward (3 ops) within 5.3 (issue 4)."""
+    gen = torch.Generator().manual_seed(9)
+    x = rand_x((1, 256, 16, 16), dtype, layout, gen)
+    xb = x.numel() * x.element_size()
+    total = {}
+    for op, (r, w) in BUDGET.items():
+        read, written = op_bytes(op, op_args(op, x, gen, 0))
+        assert read >= r * xb and written >= w * xb, (op, read, written, xb)
+        assert read <= (r + 0.2) * xb, (op, "read", read / xb)
+        assert written <= (w + 0.2) * xb, (op, "written", written / xb)
+        total[op] = read + written
+    forward = total["pool_over_s"] + total["pool_over_c"] + total["apply_gates"]
+    backward = (total["backward_reduce"] + total["pool_over_c_backward_scale"]
+                + total["grad_input"])
+    assert forward <= 4.2 * xb and backward <= 5.3 * xb, (
+        forward / xb, backward / xb, {op: t / xb for op, t in total.items()})
+
+
+def test_bad_arguments_name_what_was_expected():
+    x = torch.randn(2, 4, 3, 3)
+    with testing.use_simulator():
+        with pytest.raises(RuntimeError, match="scale must have shape"):
+            torch.ops.cbam_fused_sim.pool_over_s(x, torch.ones(2, 4))
+        with pytest.raises(RuntimeError, match="gc must have dtype"):
+            torch.ops.cbam_fused_sim.apply_gates(x, torch.ones(2, 4, dtype=torch.float64), None)
+        with pytest.raises(RuntimeError, match="at least one spatial dimension"):
+            torch.ops.cbam_fused_sim.pool_over_c(torch.randn(2, 4), None)
+        with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+            torch.ops.cbam_fused_sim.apply_gates(x.int(), None, None)
+        with pytest.raises(RuntimeError, match="grad must have the shape of x"):
+            torch.ops.cbam_fused_sim.backward_reduce(x[:1], x, None, None, True, True)
+        with pytest.raises(RuntimeError, match="arrangement must be"):
+            torch.ops.cbam_fused_sim.grad_input(x, None, None, None, None, None, None, None,
+                                                None, 3)
+        with pytest.raises(RuntimeError, match="d_max needs argmax"):
+            torch.ops.cbam_fused_sim.pool_over_s_backward_scale(x, None, torch.ones(2, 4), None)
+
+
+def test_empty_and_unneeded_outputs():
+    x = torch.randn(0, 4, 3, 3)
+    with testing.use_simulator():
+        a, m, i = torch.ops.cbam_fused_sim.pool_over_s(x, None)
+        assert a.shape == (0, 4) and i.dtype == torch.int64
+        x = torch.randn(2, 4, 3, 3)
+        rc, rs = torch.ops.cbam_fused_sim.backward_reduce(x, x, None, None, False, True)
+        assert rc.shape == (0,) and rc.dtype == torch.float32 and rs.shape == (2, 9)
