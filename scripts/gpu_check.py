@@ -1,0 +1,938 @@
+#!/usr/bin/env python3
+"""The GPU protocol (issue 7, DESIGN.md section 8): verify and measure everything in one run.
+
+    bash scripts/gpu_check.sh [--dry-run] [--part verify|measure|all] [--steps a,b] [DIR]
+
+Steps, in order (each with its own timeout inside one overall budget):
+  env          device, driver, CUDA, torch, nvcc, compute-sanitizer versions
+  wheels       installs .whl/*.whl (scripts/fetch_gpu_wheels.sh) into /tmp/site, on PYTHONPATH
+               for every later step; says which packages are missing and which steps need them
+  build        pip install --no-build-isolation -e . for this device's architecture only
+               (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability), MAX_JOBS=nproc;
+               skipped when build/.gpu_check_stamp says the same sources, torch and arch were
+               built already (a warm machine between two parts)
+  tests        the whole test suite, GPU tests included (pytest; xdist when available)
+  sanitizer    compute-sanitizer memcheck, racecheck, initcheck, synccheck over a small kernel
+               test selection (GPU_CHECK_SANITIZE_FILE, default tests/test_kernels_gpu.py;
+               GPU_CHECK_SANITIZE_K, a pytest -k expression); fails on any report
+  bandwidth    the device-to-device copy bandwidth
+  bench_cbam   benchmarks/bench_cbam.py   -> bench_cbam.json, bench_cbam.png
+  bench_network benchmarks/bench_network.py -> bench_network.json, bench_network.png
+
+Parts: the device tool runs one command for at most 10 minutes, so the protocol runs as two
+commands: `--part verify` (env, wheels, build, tests, sanitizer) and `--part measure` (env,
+wheels, build, bandwidth, bench_cbam, bench_network), each budgeted to 9.5 minutes; `--part all`
+(the default) runs everything within 20 minutes. `merge` joins the folders of the parts:
+    python scripts/gpu_check.py merge PART1_DIR PART2_DIR -o benchmarks/results/DATE-DEVICE
+
+The folder (argument, else $OUT, else out/gpu_check-DATE) receives at most 8 files:
+gpu_check.log, tests.log, steps.json, summary.md, bench_cbam.json, bench_cbam.png,
+bench_network.json, bench_network.png. A short summary table is printed last.
+
+--dry-run (a machine without a GPU): runs every step it can on the CPU (versions, the wheels'
+install into a scratch folder, a CPU-only build into a scratch folder, the whole test suite,
+collection of the sanitizer selection, CPU copy bandwidth, CPU --quick benchmarks) and says
+which steps it skipped and why.
+
+This file imports nothing beyond the standard library: every step runs in a subprocess, so a
+broken torch or build is reported, not fatal.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
+         "bench_network")
+PARTS = {
+    "verify": ("env", "wheels", "build", "tests", "sanitizer"),
+    "measure": ("env", "wheels", "build", "bandwidth", "bench_cbam", "bench_network"),
+    "all": STEPS,
+}
+PART_BUDGET_MIN = {"verify": 9.5, "measure": 9.5, "all": 20.0}
+# nominal timeouts (seconds) on a GPU machine; the overall budget may cut them
+NOMINAL = {"env": 90, "wheels": 120, "build": 480, "tests": 480, "sanitizer": 480,
+           "bandwidth": 90, "bench_cbam": 480, "bench_network": 420}
+# the least each later step needs, kept in reserve when an earlier step's timeout is computed
+RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 60, "sanitizer": 60, "bandwidth": 15,
+           "bench_cbam": 90, "bench_network": 90}
+SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+FILES = ("gpu_check.log", "tests.log", "steps.json", "summary.md", "bench_cbam.json",
+         "bench_cbam.png", "bench_network.json", "bench_network.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+class Log:
+    """Prints to stdout and appends to gpu_check.log."""
+
+    def __init__(self, path):
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, msg="", console=True):
+        if console:
+            print(msg, flush=True)
+        self.f.write(msg + "\n")
+
+    def raw(self, text):
+        self.f.write(text)
+
+
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def run_cmd(cmd, *, timeout, env=None, logs=(), echo="all", cwd=ROOT, shell=False):
+    """Runs cmd in its own process group; streams its output to the files in `logs` and, per
+    `echo` ('all', 'none' or a predicate on the line), to stdout. Returns (rc, output, timed_out).
+    On timeout the process group (only ours) gets SIGTERM, then SIGKILL."""
+    out_lines = []
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, errors="replace", bufsize=1, start_new_session=True,
+                         shell=shell)
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    buf = ""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        events = sel.select(timeout=min(left, 1.0))
+        if events:
+            chunk = os.read(p.stdout.fileno(), 65536).decode("utf-8", "replace")
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            for line in lines:
+                _emit(line, out_lines, logs, echo)
+        elif p.poll() is not None:
+            # drain what is left
+            rest = p.stdout.read()
+            if rest:
+                buf += rest
+            break
+    if buf:
+        for line in buf.split("\n"):
+            if line:
+                _emit(line, out_lines, logs, echo)
+    if timed_out:
+        _kill_group(p)
+        msg = f"[gpu_check] TIMEOUT after {timeout:.0f} s: {_cmd_str(cmd)}"
+        _emit(msg, out_lines, logs, "all")
+    rc = p.wait()
+    return (124 if timed_out else rc), "\n".join(out_lines), timed_out
+
+
+def _kill_group(p):
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _emit(line, out_lines, logs, echo):
+    line = line.rstrip("\r")
+    if "\r" in line:  # progress bars: keep the last state
+        line = line.split("\r")[-1]
+    out_lines.append(line)
+    for lg in logs:
+        lg.write(line + "\n")
+        lg.flush()
+    if echo == "all" or (callable(echo) and echo(line)):
+        print(line, flush=True)
+
+
+def _cmd_str(cmd):
+    return cmd if isinstance(cmd, str) else " ".join(shlex.quote(str(c)) for c in cmd)
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol
+# ---------------------------------------------------------------------------------------------
+class Protocol:
+    def __init__(self, args):
+        self.args = args
+        self.dry = args.dry_run
+        self.dir = os.path.abspath(args.dir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.log = Log(os.path.join(self.dir, "gpu_check.log"))
+        self.tests_log = open(os.path.join(self.dir, "tests.log"), "a", buffering=1)
+        self.t0 = time.monotonic()
+        self.budget = args.budget_min * 60.0
+        self.results = []  # step records
+        self.info = {}  # versions etc. from the env step
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        pp = [ROOT] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        self.env["PYTHONPATH"] = os.pathsep.join(pp)
+        self.py = args.python
+        self.has_gpu = False
+        self.nproc = os.cpu_count() or 1
+        self.missing = {}  # package -> steps that need it
+
+    # -- helpers -----------------------------------------------------------------------------
+    def left(self):
+        return self.budget - (time.monotonic() - self.t0)
+
+    def timeout_for(self, step, later):
+        reserve = sum(RESERVE[s] for s in later)
+        return max(10.0, min(NOMINAL[step] if not self.dry else NOMINAL[step] * 2,
+                             self.left() - reserve))
+
+    def record(self, step, status, seconds, note="", **extra):
+        rec = dict(step=step, status=status, seconds=round(seconds, 1), note=note, **extra)
+        self.results.append(rec)
+        self.log(f"[gpu_check] {step}: {status} ({seconds:.0f} s){' - ' + note if note else ''}")
+        self.write_steps()
+        return rec
+
+    def header(self, step, what):
+        self.log("")
+        self.log("=" * 100)
+        self.log(f"[gpu_check] {step}: {what}   (t+{time.monotonic() - self.t0:.0f} s, "
+                 f"{self.left():.0f} s of the budget left)")
+        self.log("=" * 100)
+
+    def pyrun(self, code, timeout=120):
+        rc, out, _ = run_cmd([self.py, "-c", code], timeout=timeout, env=self.env, echo="none")
+        return rc, out
+
+    # -- steps -------------------------------------------------------------------------------
+    def step_env(self, later):
+        self.header("env", "device, driver, CUDA, torch, nvcc and sanitizer versions")
+        t = time.monotonic()
+        info = {"date_utc": now_utc().isoformat(timespec="seconds"), "dry_run": self.dry,
+                "nproc": self.nproc, "python_exe": self.py}
+        try:
+            info["git_commit"] = subprocess.check_output(
+                ["git", "-C", ROOT, "rev-parse", "HEAD"], text=True).strip()
+            info["git_dirty"] = bool(subprocess.check_output(
+                ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                text=True).strip())
+        except (OSError, subprocess.CalledProcessError):
+            info["git_commit"] = None
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            rc, out, _ = run_cmd([smi, "--query-gpu=name,driver_version,memory.total,"
+                                  "clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],
+                                 timeout=30, echo="none")
+            info["nvidia_smi"] = out.strip() if rc == 0 else f"rc {rc}: {out.strip()[:200]}"
+            rc, out, _ = run_cmd([smi], timeout=30, logs=[self.log.f], echo="none")
+            m = re.search(r"CUDA Version:\s*([\d.]+)", out)
+            info["driver_cuda"] = m.group(1) if m else None
+        else:
+            info["nvidia_smi"] = "not found"
+        code = r"""
+import json, platform, sys
+d = {"python": platform.python_version()}
+try:
+    import torch
+    d.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
+             cuda_available=torch.cuda.is_available(),
+             cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        d.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                 memory_gib=round(p.total_memory / 2**30, 1),
+                 l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+                 device_count=torch.cuda.device_count())
+except Exception as e:
+    d["torch_error"] = f"{type(e).__name__}: {e}"
+sys.path.insert(0, %r)
+try:
+    import setup as s
+    home = s.find_cuda_home()
+    d["cuda_home"] = home
+    if home:
+        import subprocess, os
+        d["nvcc"] = subprocess.check_output([os.path.join(home, "bin", "nvcc"), "--version"],
+                                            text=True).strip().splitlines()[-1]
+except BaseException as e:
+    d["nvcc_error"] = f"{type(e).__name__}: {e}"
+print("JSON:" + json.dumps(d))
+""" % ROOT
+        rc, out = self.pyrun(code, timeout=self.timeout_for("env", later))
+        m = re.search(r"^JSON:(.*)$", out, re.M)
+        if m:
+            info.update(json.loads(m.group(1)))
+        else:
+            info["python_error"] = out[-500:]
+        san = find_sanitizer(info.get("cuda_home"))
+        info["compute_sanitizer"] = san
+        if san:
+            rc2, out2, _ = run_cmd([san, "--version"], timeout=30, echo="none")
+            info["compute_sanitizer_version"] = (out2.strip().splitlines() or [""])[-1]
+        self.info = info
+        self.has_gpu = bool(info.get("cuda_available"))
+        for k in ("date_utc", "git_commit", "python", "python_exe", "torch", "torch_cuda",
+                  "cudnn", "cuda_available", "device", "capability", "sms", "memory_gib",
+                  "l2_mib", "nvidia_smi", "driver_cuda", "cuda_home", "nvcc", "nvcc_error",
+                  "compute_sanitizer", "compute_sanitizer_version", "nproc", "torch_error"):
+            if k in info:
+                self.log(f"  {k:26s} {info[k]}")
+        if "torch_error" in info or "torch" not in info:
+            return self.record("env", "FAIL", time.monotonic() - t, "torch does not import")
+        if not self.has_gpu:
+            if self.dry:
+                return self.record("env", "PASS", time.monotonic() - t,
+                                   "no GPU: dry-run on the CPU")
+            return self.record("env", "FAIL", time.monotonic() - t,
+                               "torch sees no CUDA device: the GPU steps are skipped "
+                               "(use --dry-run on a machine without a GPU)")
+        return self.record("env", "PASS", time.monotonic() - t,
+                           f"{info.get('device')} sm_{info.get('capability', '').replace('.', '')}"
+                           f", torch {info.get('torch')}, CUDA {info.get('torch_cuda')}")
+
+    def step_wheels(self, later):
+        self.header("wheels", "Python packages carried as wheels in .whl/")
+        t = time.monotonic()
+        wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
+        note = []
+        if wheels:
+            target = tempfile.mkdtemp(prefix="gpu_check_site_") if self.dry else \
+                self.args.site
+            cmd = [self.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                   "--no-compile", "--no-cache-dir", "--upgrade", "--target", target] + wheels
+            self.log("  " + _cmd_str(cmd))
+            rc, out, _ = run_cmd(cmd, timeout=self.timeout_for("wheels", later), env=self.env,
+                                 logs=[self.log.f], echo="none")
+            if rc != 0:
+                self.log(out[-2000:])
+                note.append(f"pip install of {len(wheels)} wheels failed (rc {rc})")
+            elif self.dry:
+                note.append(f"{len(wheels)} wheels install cleanly (into a scratch folder: "
+                            f"dry-run keeps this environment's packages)")
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                self.env["PYTHONPATH"] = os.pathsep.join([ROOT, target] + [
+                    p for p in self.env["PYTHONPATH"].split(os.pathsep)[1:] if p != target])
+                note.append(f"{len(wheels)} wheels installed into {target} (on PYTHONPATH)")
+            self.log("  wheels: " + ", ".join(os.path.basename(w) for w in wheels))
+        else:
+            note.append("no .whl/ folder (run scripts/fetch_gpu_wheels.sh and carry .whl)")
+        needs = {"timm": "bench_cbam (timm peer), bench_network (timm model), timm tests",
+                 "pytorch_grad_cam": "grad-cam interop tests", "matplotlib": "--plot PNGs",
+                 "tqdm": "progress bars", "pytest": "tests, sanitizer",
+                 "xdist": "parallel tests (optional)", "rich": "terminal tables (optional)"}
+        code = ("import importlib.util as u, json; print('JSON:' + json.dumps({n: "
+                "u.find_spec(n) is not None for n in %r}))" % list(needs))
+        rc, out = self.pyrun(code)
+        m = re.search(r"^JSON:(.*)$", out, re.M)
+        have = json.loads(m.group(1)) if m else {}
+        self.info["packages"] = have
+        for n, ok in have.items():
+            self.log(f"  {n:18s} {'found' if ok else 'MISSING -> ' + needs[n]}")
+            if not ok:
+                self.missing[n] = needs[n]
+        if self.missing:
+            note.append("missing: " + ", ".join(self.missing))
+        status = "FAIL" if any("failed" in n for n in note) else "PASS"
+        return self.record("wheels", status, time.monotonic() - t, "; ".join(note))
+
+    def _stamp(self, arch):
+        import hashlib
+        h = hashlib.sha1()
+        files = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)) + \
+            [os.path.join(ROOT, "setup.py")]
+        for f in files:
+            if os.path.isfile(f):
+                h.update(f.encode())
+                with open(f, "rb") as fh:
+                    h.update(fh.read())
+        return f"{h.hexdigest()} torch={self.info.get('torch')} arch={arch} py={self.py}"
+
+    def step_build(self, later):
+        t = time.monotonic()
+        timeout = self.timeout_for("build", later)
+        benv = dict(self.env, MAX_JOBS=str(self.nproc))
+        if self.dry or not self.has_gpu:
+            self.header("build", "CPU-only build into a scratch folder (dry-run)")
+            scratch = tempfile.mkdtemp(prefix="gpu_check_build_")
+            benv["CBAM_FUSED_BUILD_CUDA"] = "0"
+            cmd = [self.py, "setup.py", "-q", "build_ext", "--build-lib",
+                   os.path.join(scratch, "lib"), "--build-temp", os.path.join(scratch, "tmp")]
+            if shutil.which("flock"):
+                cmd = ["flock", "/tmp/cbam_build.lock"] + cmd
+            self.log("  would run on the GPU: TORCH_CUDA_ARCH_LIST=<major.minor of the device> "
+                     f"MAX_JOBS={self.nproc} {self.py} -m pip install --no-build-isolation "
+                     "--no-index --no-deps -e .")
+            self.log("  dry-run: " + _cmd_str(cmd))
+            rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
+                                  echo=lambda l: "error" in l.lower())
+            built = glob.glob(os.path.join(scratch, "lib", "cbam_fused", "_C*.so"))
+            shutil.rmtree(scratch, ignore_errors=True)
+            if rc == 0 and built:
+                return self.record("build", "PASS", time.monotonic() - t,
+                                   "dry-run: CPU-only build (CBAM_FUSED_BUILD_CUDA=0) into a "
+                                   "scratch folder; the tests use this checkout's build")
+            return self.record("build", "TIMEOUT" if to else "FAIL", time.monotonic() - t,
+                               f"CPU-only build failed (rc {rc}); see gpu_check.log")
+        self.header("build", "the extension for this device's architecture")
+        arch = self.info.get("capability")
+        benv["TORCH_CUDA_ARCH_LIST"] = arch
+        stamp_path = os.path.join(ROOT, "build", ".gpu_check_stamp")
+        stamp = self._stamp(arch)
+        if os.path.exists(stamp_path) and open(stamp_path).read() == stamp and \
+                self._import_ok():
+            return self.record("build", "PASS", time.monotonic() - t,
+                               f"already built for sm_{arch.replace('.', '')} from these sources "
+                               f"(build/.gpu_check_stamp)")
+        cmd = [self.py, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--no-deps",
+               "-v", "-e", "."]
+        self.log(f"  TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={self.nproc} " + _cmd_str(cmd))
+        rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
+                              echo=lambda l: bool(re.search(r"error|warning:|FAILED", l, re.I)))
+        if rc != 0:
+            tail = "\n".join(out.splitlines()[-40:])
+            print(tail)
+            return self.record("build", "TIMEOUT" if to else "FAIL", time.monotonic() - t,
+                               f"pip install -e . failed (rc {rc}); see gpu_check.log")
+        ok, kernels = self._import_ok(report=True)
+        if not ok:
+            return self.record("build", "FAIL", time.monotonic() - t,
+                               "built, but `import cbam_fused` fails: " + kernels)
+        os.makedirs(os.path.dirname(stamp_path), exist_ok=True)
+        with open(stamp_path, "w") as f:
+            f.write(stamp)
+        return self.record("build", "PASS", time.monotonic() - t,
+                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}; {kernels}")
+
+    def _import_ok(self, report=False):
+        code = ("import cbam_fused, json; from cbam_fused import _ops; "
+                "print('JSON:' + json.dumps({o: bool(_ops.has_cuda_kernel(o)) for o in _ops.OPS}))")
+        rc, out = self.pyrun(code)
+        m = re.search(r"^JSON:(.*)$", out, re.M)
+        if rc != 0 or not m:
+            return (False, out.strip().splitlines()[-1] if out.strip() else f"rc {rc}") \
+                if report else False
+        k = json.loads(m.group(1))
+        self.info["cuda_kernels"] = k
+        native = [o for o, v in k.items() if v]
+        desc = (f"CUDA kernels registered for {len(native)}/{len(k)} ops"
+                + ("" if len(native) == len(k) else
+                   f" (PyTorch fallback for {', '.join(o for o, v in k.items() if not v)})"))
+        self.log("  " + desc)
+        return (True, desc) if report else True
+
+    def step_tests(self, later):
+        self.header("tests", "the whole test suite" + ("" if self.dry else ", GPU tests included"))
+        t = time.monotonic()
+        cmd = [self.py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"]
+        n = self.args.xdist
+        if n is None:
+            n = 0 if self.dry else min(8, self.nproc)
+        if n and self.info.get("packages", {}).get("xdist", True):
+            cmd += ["-n", str(n)]
+        cmd += self.args.pytest_args or ["tests"]
+        self.log("  " + _cmd_str(cmd))
+        self.tests_log.write(f"\n===== tests: {_cmd_str(cmd)}\n")
+        env = dict(self.env)
+        if self.dry:
+            env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+
+        def echo(line):
+            return bool(re.match(r"(FAILED|ERROR)\b", line)) or bool(
+                re.search(r"\d+ (passed|failed|error)", line))
+
+        rc, out, to = run_cmd(cmd, timeout=self.timeout_for("tests", later), env=env,
+                              logs=[self.tests_log], echo=echo)
+        summary = _pytest_summary(out)
+        skipped_gpu = len(re.findall(r"SKIPPED.*(CUDA|GPU|cuda|gpu)", out))
+        note = summary + (f"; {skipped_gpu} skips mention CUDA/GPU" if skipped_gpu else "")
+        if to:
+            return self.record("tests", "TIMEOUT", time.monotonic() - t, note)
+        status = "PASS" if rc == 0 else "FAIL"
+        return self.record("tests", status, time.monotonic() - t, note or f"rc {rc}")
+
+    def step_sanitizer(self, later):
+        self.header("sanitizer", "compute-sanitizer " + ", ".join(SANITIZER_TOOLS))
+        t = time.monotonic()
+        f = self.args.sanitize_file
+        sel = self.args.sanitize_k
+        path = os.path.join(ROOT, f)
+        if not os.path.exists(path):
+            return self.record("sanitizer", "SKIP", time.monotonic() - t,
+                               f"SKIPPED: no {f} (set GPU_CHECK_SANITIZE_FILE to a kernel test "
+                               f"file)")
+        base = [self.py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+                f] + (["-k", sel] if sel else [])
+        san = self.info.get("compute_sanitizer")
+        if self.dry or not self.has_gpu or not san:
+            rc, out, _ = run_cmd(base[:4] + ["--collect-only"] + base[4:], timeout=120,
+                                 env=self.env, logs=[self.tests_log], echo="none")
+            m = re.search(r"(\d+)(?:/\d+)? tests? collected|(\d+) selected", out)
+            cnt = (m.group(1) or m.group(2)) if m else "?"
+            why = "dry-run, no GPU" if (self.dry or not self.has_gpu) else \
+                "compute-sanitizer not found"
+            status = "SKIP" if (self.dry or not self.has_gpu) else "FAIL"
+            return self.record("sanitizer", status, time.monotonic() - t,
+                               f"{why}; the selection ({f}{' -k ' + repr(sel) if sel else ''}) "
+                               f"collects {cnt} tests (rc {rc})")
+        helptext = run_cmd([san, "--help"], timeout=30, echo="none")[1]
+        filt = []
+        if self.args.kernel_filter:
+            opt = "--kernel-name" if "--kernel-name" in helptext else "--filter"
+            filt = [opt, f"kns={self.args.kernel_filter}"]
+        per_tool = {"memcheck": ["--leak-check", "no"], "racecheck": [], "initcheck": [],
+                    "synccheck": []}
+        notes, failed = [], False
+        for i, tool in enumerate(SANITIZER_TOOLS):
+            remaining_tools = len(SANITIZER_TOOLS) - i
+            budget = (self.timeout_for("sanitizer", later) - 5) / remaining_tools
+            if budget < 20:
+                notes.append(f"{tool}: TIMEOUT (no budget left)")
+                failed = True
+                continue
+            cmd = [san, "--tool", tool, "--error-exitcode", "17", "--report-api-errors", "no",
+                   *filt, *per_tool[tool], *base]
+            self.log(f"  {_cmd_str(cmd)}  (timeout {budget:.0f} s)")
+            self.tests_log.write(f"\n===== sanitizer {tool}: {_cmd_str(cmd)}\n")
+            tt = time.monotonic()
+            rc, out, to = run_cmd(cmd, timeout=budget, env=self.env, logs=[self.tests_log],
+                                  echo=lambda l: bool(re.search(
+                                      r"ERROR SUMMARY|HAZARD|Invalid|========= (Error|Race)"
+                                      r"|\d+ (passed|failed)", l)))
+            m = re.search(r"ERROR SUMMARY: (\d+) error", out)
+            nerr = int(m.group(1)) if m else None
+            hz = re.search(r"RACECHECK SUMMARY: (\d+) hazard", out)
+            if hz:
+                nerr = (nerr or 0) + int(hz.group(1))
+            dt = time.monotonic() - tt
+            if to:
+                notes.append(f"{tool}: TIMEOUT after {dt:.0f} s")
+                failed = True
+            elif rc == 5:
+                notes.append(f"{tool}: no test selected")
+                failed = True
+            elif rc == 17 or (nerr or 0) > 0:
+                notes.append(f"{tool}: {nerr} reports")
+                failed = True
+            elif rc != 0:
+                notes.append(f"{tool}: tests failed under the sanitizer (rc {rc})")
+                failed = True
+            else:
+                notes.append(f"{tool}: 0 errors ({dt:.0f} s)")
+        return self.record("sanitizer", "FAIL" if failed else "PASS", time.monotonic() - t,
+                           "; ".join(notes))
+
+    def step_bandwidth(self, later):
+        self.header("bandwidth", "device-to-device copy bandwidth")
+        t = time.monotonic()
+        dev = "cuda" if self.has_gpu and not self.dry else "cpu"
+        code = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
+                f"import json, torch, bench_util as bu; "
+                f"r = bu.copy_bandwidth(torch.device({dev!r})); print('JSON:' + json.dumps(r))")
+        rc, out = self.pyrun(code, timeout=self.timeout_for("bandwidth", later))
+        m = re.search(r"^JSON:(.*)$", out, re.M)
+        if rc != 0 or not m:
+            self.log(out[-2000:])
+            return self.record("bandwidth", "FAIL", time.monotonic() - t, f"rc {rc}")
+        r = json.loads(m.group(1))
+        self.info["copy_gb_per_s"] = r["gb_per_s"]
+        self.log(f"  {dev}: {r['gb_per_s']:.1f} GB/s (read + write; "
+                 f"{r['bytes_copied'] / 2**20:.0f} MiB copied, median of {r['reps']})")
+        return self.record("bandwidth", "PASS", time.monotonic() - t,
+                           f"{r['gb_per_s']:.0f} GB/s ({dev}, read + write)")
+
+    def _bench(self, step, script, later, extra_gpu, extra_cpu):
+        self.header(step, f"benchmarks/{script}")
+        t = time.monotonic()
+        timeout = self.timeout_for(step, later)
+        name = step
+        js, png = os.path.join(self.dir, f"{name}.json"), os.path.join(self.dir, f"{name}.png")
+        cmd = [self.py, os.path.join(ROOT, "benchmarks", script), "--json", js, "--plot", png]
+        env = dict(self.env)
+        if self.dry or not self.has_gpu:
+            cmd += ["--device", "cpu", "--quick"] + extra_cpu
+            env.setdefault("OMP_NUM_THREADS", "1")
+        else:
+            # the benchmark's own budget: its timeout less start-up, plotting and a margin
+            cmd += ["--max-minutes", f"{max(0.5, (timeout - 75) / 60):.1f}"] + extra_gpu
+        self.log("  " + _cmd_str(cmd))
+        rc, out, to = run_cmd(cmd, timeout=timeout, env=env, logs=[self.log.f], echo="all")
+        ok = os.path.exists(js) and os.path.exists(png)
+        note = f"{'wrote' if ok else 'MISSING'} {name}.json, {name}.png"
+        try:
+            with open(js) as f:
+                res = json.load(f)
+            errs = _bench_errors(res)
+            if errs:
+                note += f"; {errs} peer/variant errors (see the JSON)"
+            if not res.get("finished"):
+                note += "; run did not finish (partial JSON)"
+        except (OSError, ValueError):
+            errs = 0
+        if self.missing.get("timm"):
+            note += "; timm missing: its peer/model failed"
+        status = "TIMEOUT" if to else ("PASS" if rc == 0 and ok and not errs else "FAIL")
+        return self.record(step, status, time.monotonic() - t, note)
+
+    def step_bench_cbam(self, later):
+        return self._bench("bench_cbam", "bench_cbam.py", later, [],
+                           ["--peers", self.args.cpu_peers] if self.args.cpu_peers else [])
+
+    def step_bench_network(self, later):
+        return self._bench("bench_network", "bench_network.py", later, [], [])
+
+    # -- driver ------------------------------------------------------------------------------
+    def run(self, steps):
+        self.log(f"[gpu_check] {now_utc().isoformat(timespec='seconds')} part={self.args.part} "
+                 f"steps={','.join(steps)} dry_run={self.dry} dir={self.dir} "
+                 f"budget={self.budget / 60:.1f} min python={self.py}")
+        for i, step in enumerate(steps):
+            later = steps[i + 1:]
+            if self.left() < 10:
+                self.record(step, "SKIP", 0, "SKIPPED: the overall time budget is spent")
+                continue
+            if step not in ("env", "wheels") and not self.has_gpu and not self.dry and \
+                    "env" in [r["step"] for r in self.results]:
+                self.record(step, "SKIP", 0, "SKIPPED: no GPU (see env)")
+                continue
+            if step in ("tests", "sanitizer", "bandwidth", "bench_cbam", "bench_network") and \
+                    any(r["step"] == "build" and r["status"] in ("FAIL", "TIMEOUT")
+                        for r in self.results):
+                self.record(step, "SKIP", 0, "SKIPPED: the build failed")
+                continue
+            try:
+                getattr(self, f"step_{step}")(later)
+            except Exception as e:  # noqa: BLE001  (a bug here must not lose the other steps)
+                import traceback
+                self.log(traceback.format_exc())
+                self.record(step, "FAIL", 0, f"gpu_check error: {type(e).__name__}: {e}")
+        self.finish()
+        return 0 if all(r["status"] in ("PASS", "SKIP") for r in self.results) else 1
+
+    def write_steps(self):
+        with open(os.path.join(self.dir, "steps.json"), "w") as f:
+            json.dump({"part": self.args.part, "dry_run": self.dry, "info": self.info,
+                       "steps": self.results,
+                       "elapsed_s": round(time.monotonic() - self.t0, 1)}, f, indent=1)
+
+    def finish(self):
+        self.write_steps()
+        write_summary(self.dir, [self.dir])
+        self.tests_log.close()
+        cap_files(self.dir)
+        print_table(self.results, self.log, self.dir, time.monotonic() - self.t0, self.dry)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers used by the protocol and by `merge`
+# ---------------------------------------------------------------------------------------------
+def find_sanitizer(cuda_home):
+    cands = [shutil.which("compute-sanitizer")]
+    for home in [cuda_home, os.environ.get("CUDA_HOME"), "/usr/local/cuda"] + sorted(
+            glob.glob("/usr/local/cuda-*"), reverse=True):
+        if home:
+            cands += [os.path.join(home, "bin", "compute-sanitizer"),
+                      os.path.join(home, "compute-sanitizer", "compute-sanitizer")]
+    cands += sorted(glob.glob("/opt/nvidia/*/compute-sanitizer/compute-sanitizer"))
+    for sp in sys.path + glob.glob("/opt/*/.venv/lib/python3*/site-packages"):
+        cands += glob.glob(os.path.join(sp, "nvidia", "*", "bin", "compute-sanitizer"))
+        cands += glob.glob(os.path.join(sp, "nvidia", "*", "compute-sanitizer",
+                                        "compute-sanitizer"))
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _pytest_summary(out):
+    lines = [l for l in out.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", l)]
+    return lines[-1].strip("= ").strip() if lines else ""
+
+
+def _bench_errors(res):
+    n = 0
+    for c in res.get("cases", []):
+        n += sum(1 for r in c.get("peers", {}).values() if r.get("error"))
+    n += sum(1 for r in res.get("results", []) if r.get("error"))
+    n += sum(1 for c in res.get("conversion", {}).values() if c.get("error"))
+    return n
+
+
+def cap_files(d, limit=12 << 20):
+    """Keeps every log under the device tool's per-file limit (16 MiB): head and tail."""
+    for name in ("gpu_check.log", "tests.log"):
+        p = os.path.join(d, name)
+        if os.path.exists(p) and os.path.getsize(p) > limit:
+            with open(p, "rb") as f:
+                data = f.read()
+            cut = b"\n\n[gpu_check] ... %d bytes cut ...\n\n" % (len(data) - limit)
+            with open(p, "wb") as f:
+                f.write(data[:2 << 20] + cut + data[-(limit - (2 << 20)):])
+
+
+def print_table(results, log, d, elapsed, dry):
+    log("")
+    log("=" * 100)
+    title = "GPU protocol summary" + (" (DRY RUN on the CPU)" if dry else "")
+    log(f"{title} - {elapsed / 60:.1f} min - results in {d}")
+    log(f"{'step':14s} {'status':8s} {'time':>7s}  note")
+    for r in results:
+        log(f"{r['step']:14s} {r['status']:8s} {r['seconds']:6.0f}s  {r['note']}")
+    files = sorted(os.listdir(d))
+    log(f"files ({len(files)}): {', '.join(files)}")
+    if len(files) > 8:
+        log("WARNING: more than 8 files in the results folder")
+
+
+def _load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt_ms(ms):
+    if ms is None:
+        return "-"
+    return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.3g} ms"
+
+
+def write_summary(d, part_dirs):
+    """summary.md from the steps.json of the parts and the benchmark JSONs in d."""
+    steps, info, dry = [], {}, False
+    for pd in part_dirs:
+        s = _load(os.path.join(pd, "steps.json"))
+        if s:
+            steps += [dict(r, part=s.get("part")) for r in s["steps"]]
+            info.update({k: v for k, v in s.get("info", {}).items() if v is not None})
+            dry = dry or s.get("dry_run", False)
+    L = []
+    dev = info.get("device") or ("CPU (dry run)" if dry else "?")
+    L.append(f"# GPU protocol results: {dev}, {str(info.get('date_utc', ''))[:10]}")
+    L.append("")
+    if dry:
+        L.append("**DRY RUN on a machine without a GPU**: CPU figures only show the scripts "
+                 "work; they say nothing about cbam_fused's speed.")
+        L.append("")
+    L.append(f"- commit `{info.get('git_commit')}`{' (dirty tree)' if info.get('git_dirty') else ''}")
+    L.append(f"- nvidia-smi: {info.get('nvidia_smi', '-')}; capability {info.get('capability', '-')}, "
+             f"{info.get('sms', '-')} SMs, L2 {info.get('l2_mib', '-')} MiB")
+    L.append(f"- torch {info.get('torch')} (CUDA {info.get('torch_cuda')}), Python "
+             f"{info.get('python')}, nvcc: {info.get('nvcc', info.get('nvcc_error', '-'))}")
+    L.append(f"- compute-sanitizer: {info.get('compute_sanitizer_version') or info.get('compute_sanitizer') or 'not found'}")
+    if info.get("cuda_kernels"):
+        k = info["cuda_kernels"]
+        L.append(f"- cbam_fused CUDA kernels: {sum(k.values())}/{len(k)} ops"
+                 + ("" if all(k.values()) else " (the rest: PyTorch fallback)"))
+    if info.get("copy_gb_per_s"):
+        L.append(f"- copy bandwidth: {info['copy_gb_per_s']:.0f} GB/s (read + write)")
+    L.append("")
+    L.append("## Steps")
+    L.append("")
+    L.append("| step | part | status | time | note |")
+    L.append("|---|---|---|---|---|")
+    for r in steps:
+        note = str(r.get("note", "")).replace("|", "/")
+        L.append(f"| {r['step']} | {r.get('part', '')} | {r['status']} | {r['seconds']:.0f} s | "
+                 f"{note} |")
+    L.append("")
+    bc = _load(os.path.join(d, "bench_cbam.json"))
+    if bc:
+        L.append("## Layer benchmark (bench_cbam.json, bench_cbam.png)")
+        L.append("")
+        cb = bc.get("copy_bandwidth", {})
+        L.append(f"Copy bandwidth in the same run: {cb.get('gb_per_s', 0):.0f} GB/s. "
+                 "Speed-up = peer time / cbam_fused time (geometric mean over the cases); "
+                 "%copy = cbam_fused's pass-floor bytes / time as a fraction of the copy "
+                 "bandwidth (floor: fwd 2, train 5 x-sized passes).")
+        if not bc["meta"].get("cbam_fused_native"):
+            L.append("")
+            L.append("**cbam_fused ran without its own CUDA kernels (CPU, or PyTorch fallback): "
+                     "not the product's figures.**")
+        L.append("")
+        peers = [p for p in bc["settings"]["peers"] if p != "cbam_fused"]
+        L.append("| mode/dtype | cases | " + " | ".join(f"vs {p}" for p in peers) +
+                 " | cbam_fused %copy |")
+        L.append("|---|---|" + "---|" * len(peers) + "---|")
+        for k, s in bc.get("summary", {}).items():
+            sp = [s["geomean_speedup_of_fused"].get(p) for p in peers]
+            fr = s["mean_frac_copy_bw"].get("cbam_fused")
+            cells = [f"{v:.2f}x" if v else "-" for v in sp]
+            L.append(f"| {k} | {s['cases']} | " + " | ".join(cells) +
+                     (f" | {100 * fr:.2g}% |" if fr else " | - |"))
+        L.append("")
+        L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused GB/s | "
+                 "fused %copy | fused peak mem |")
+        L.append("|---|" + "---|" * (len(bc["settings"]["peers"]) + 3))
+        for c in bc.get("cases", [])[:80]:
+            pr = c["peers"]
+            f = pr.get("cbam_fused", {})
+            cells = []
+            for p in bc["settings"]["peers"]:
+                r = pr.get(p, {})
+                cells.append("ERR" if r.get("error") else "skip" if r.get("skipped") else
+                             _fmt_ms(r.get("median_ms")))
+            mem = f.get("peak_mem_bytes")
+            L.append(f"| {c['id']} | " + " | ".join(cells) +
+                     f" | {f.get('eff_gb_per_s') or 0:.3g} | "
+                     f"{100 * (f.get('frac_copy_bw') or 0):.2g}% | "
+                     f"{'-' if mem is None else f'{mem / 2**20:.0f} MiB'} |")
+        if len(bc.get("cases", [])) > 80:
+            L.append(f"| ... {len(bc['cases']) - 80} more in the JSON | |")
+        L.append("")
+    bn = _load(os.path.join(d, "bench_network.json"))
+    if bn:
+        st = bn["settings"]
+        L.append("## Network benchmark (bench_network.json, bench_network.png)")
+        L.append("")
+        L.append(f"ResNet-50 with CBAM in every bottleneck; {st['precision']} "
+                 f"{'autocast, channels-last' if st['channels_last'] else ''}, "
+                 f"{st['image_size']}px images.")
+        for m, c in bn.get("conversion", {}).items():
+            L.append(f"- {m}: {c.get('method')}: {c.get('blocks_converted')} blocks, max rel "
+                     f"logit diff vs eager {c.get('max_rel_diff_vs_eager')}"
+                     + (f", ERROR {c['error']}" if c.get("error") else ""))
+        L.append("")
+        L.append("| model | mode | batch | variant | images/s | median step | peak mem | "
+                 "speed-up |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for r in bn.get("results", []):
+            if r.get("error") or r.get("skipped"):
+                L.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | "
+                         f"{'ERROR' if r.get('error') else 'skipped'} | | | |")
+                continue
+            sp = r.get("speedup_vs_compile") if r["variant"] == "compile+fused" else \
+                r.get("speedup_vs_eager")
+            mem = r.get("peak_mem_bytes")
+            L.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | "
+                     f"{r['images_per_s']:.1f} | {_fmt_ms(r['median_ms'])} | "
+                     f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB'} | "
+                     f"{f'{sp:.2f}x' if sp else '-'} |")
+        L.append("")
+        L.append("speed-up: over eager (fused, compile), over compile (compile+fused).")
+        L.append("")
+    L.append("## Files")
+    L.append("")
+    for name, what in (("gpu_check.log", "everything the protocol printed: versions, build, "
+                        "bandwidth, the benchmarks' tables"),
+                       ("tests.log", "the test suite's and the sanitizer runs' full output"),
+                       ("steps.json", "each step's status, time and note, and the versions"),
+                       ("bench_cbam.json", "layer benchmark records (schema in "
+                        "benchmarks/bench_cbam.py)"),
+                       ("bench_cbam.png", "speed-ups and bandwidth fractions per shape"),
+                       ("bench_network.json", "network benchmark records"),
+                       ("bench_network.png", "images/s and peak memory")):
+        if os.path.exists(os.path.join(d, name)):
+            L.append(f"- `{name}`: {what}")
+    with open(os.path.join(d, "summary.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def merge(args):
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    steps, info, parts, dry = [], {}, [], False
+    for pd in args.dirs:
+        s = _load(os.path.join(pd, "steps.json"))
+        if not s:
+            raise SystemExit(f"merge: {pd} has no steps.json")
+        parts.append(s.get("part"))
+        steps += [dict(r, part=s.get("part")) for r in s["steps"]]
+        info.update({k: v for k, v in s.get("info", {}).items() if v is not None})
+        dry = dry or s.get("dry_run", False)
+        for name in ("bench_cbam.json", "bench_cbam.png", "bench_network.json",
+                     "bench_network.png"):
+            if os.path.exists(os.path.join(pd, name)):
+                shutil.copyfile(os.path.join(pd, name), os.path.join(out, name))
+    for name in ("gpu_check.log", "tests.log"):
+        with open(os.path.join(out, name), "w") as fo:
+            for pd in args.dirs:
+                p = os.path.join(pd, name)
+                if os.path.exists(p):
+                    fo.write(f"\n######## {pd} ########\n")
+                    with open(p, errors="replace") as fi:
+                        fo.write(fi.read())
+    with open(os.path.join(out, "steps.json"), "w") as f:
+        json.dump({"part": "+".join(str(p) for p in parts), "dry_run": dry, "info": info,
+                   "steps": steps}, f, indent=1)
+    tmp = tempfile.mkdtemp()
+    with open(os.path.join(tmp, "steps.json"), "w") as f:
+        json.dump({"part": "+".join(str(p) for p in parts), "dry_run": dry, "info": info,
+                   "steps": steps}, f)
+    write_summary(out, [tmp])
+    shutil.rmtree(tmp, ignore_errors=True)
+    cap_files(out)
+    print(f"merged {len(args.dirs)} folders into {out}: {', '.join(sorted(os.listdir(out)))}")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":
+        p = argparse.ArgumentParser(prog="gpu_check.py merge")
+        p.add_argument("dirs", nargs="+")
+        p.add_argument("-o", "--output", required=True)
+        return merge(p.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("dir", nargs="?", default=None,
+                   help="results folder (default: $OUT, else out/gpu_check-DATE)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="on a machine without a GPU: run what can run on the CPU")
+    p.add_argument("--part", default="all", choices=tuple(PARTS))
+    p.add_argument("--steps", default=None, help=f"comma list of {','.join(STEPS)} "
+                                                 "(overrides --part)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="overall time budget in minutes (default: 9.5 per part, 20 for all; "
+                        "dry-run: 30)")
+    p.add_argument("--python", default=None,
+                   help="the interpreter (default: $PYTHON, else .venv/bin/python when present, "
+                        "else python3)")
+    p.add_argument("--xdist", type=int, default=None,
+                   help="pytest -n for the test suite (default min(8, nproc) on a GPU machine, "
+                        "0 in a dry run)")
+    p.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=None,
+                   help="replace the test step's pytest arguments (default: tests); must be last")
+    p.add_argument("--site", default="/tmp/site", help="where the wheels are installed")
+    p.add_argument("--cpu-peers", default=None,
+                   help="dry run: bench_cbam --peers (e.g. 'all' to include the slow-to-compile "
+                        "torch.compile peers on the CPU)")
+    args = p.parse_args(argv)
+    args.sanitize_file = os.environ.get("GPU_CHECK_SANITIZE_FILE", "tests/test_kernels_gpu.py")
+    args.sanitize_k = os.environ.get("GPU_CHECK_SANITIZE_K", "")
+    args.kernel_filter = os.environ.get("GPU_CHECK_KERNEL_FILTER", "cbam")
+    if args.dir is None:
+        args.dir = os.environ.get("OUT") or os.path.join(
+            ROOT, "out", "gpu_check-" + now_utc().strftime("%Y%m%d-%H%M%S"))
+    if args.python is None:
+        venv = os.path.join(ROOT, ".venv", "bin", "python")
+        args.python = os.environ.get("PYTHON") or (venv if os.path.exists(venv) else "python3")
+    steps = [s.strip() for s in args.steps.split(",")] if args.steps else list(PARTS[args.part])
+    for s in steps:
+        if s not in STEPS:
+            raise SystemExit(f"--steps: unknown step {s!r} (expected {', '.join(STEPS)})")
+    if "env" not in steps:
+        steps.insert(0, "env")  # every later step needs what it finds
+    if args.budget_min is None:
+        args.budget_min = 30.0 if args.dry_run else PART_BUDGET_MIN[args.part]
+    return Protocol(args).run(steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
