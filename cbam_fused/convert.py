@@ -489,7 +489,7 @@ def _match(m: nn.Module) -> Optional[_Match]:
         cands = [dict(**a, **b, arrangement=arr) for arr in ("channel_first", "spatial_first")
                  for a, b in itertools.product(cands, spart.candidates)]
         notes.append(spart.note)
-    note = "; ".join(n for n in notes if n) or None
+    note = "; ".join(dict.fromkeys(n for n in notes if n)) or None
     fams = sorted({p.family for _, p in parts.values()})
     return _Match(f"{'/'.join(fams)} CBAM", base, cands, note, _channels(m, base))
 
@@ -600,43 +600,56 @@ def _probe(block: nn.Module, match: _Match, gen) -> Tuple[Optional[BlockSpec], f
     return None, best
 
 
-def _verify(name: str, block: nn.Module, spec: BlockSpec, shape, gen) -> float:
+def _signature(block: nn.Module, spec: BlockSpec) -> tuple:
+    """Blocks with equal signatures run the same code on tensors of the same shapes: a check
+    with random weights of one of them holds for all."""
+    shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in
+                   itertools.chain(block.named_parameters(), block.named_buffers()))
+    return type(block), spec, shapes, repr(block)
+
+
+def _verify(name: str, block: nn.Module, spec: BlockSpec, shape, gen,
+            random_weights: bool = True) -> float:
     """Compare the converted block with its original forward on float64 copies; raise
-    ConversionError naming the block on a difference. Returns the largest relative error."""
+    ConversionError naming the block on a difference. Returns the largest relative error.
+    With its own weights: eval mode, output. With random weights (once per signature): eval and
+    train mode, output, gradients of the input and of every parameter, buffers after the step."""
     device = _device(block)
     worst = 0.0
-    for weights in ("its own weights", "random weights"):
-        base = _plain_copy(block)
-        if weights == "random weights":
-            _randomize_(base, gen)
-        x = None
-        for train in (False, True):
-            orig, fused = copy.deepcopy(base), copy.deepcopy(base)
-            orig.train(train)
-            fused.train(train)
-            if x is None:
-                x = _probe_input(None if spec.fc1 is None else _dense(_get(block, spec.fc1))[0],
-                                 spec.dim, shape, gen, device)
-            _swap_in(fused, spec)
-            y0, g0 = _run(orig, x, True)
-            y1, g1 = _run(fused, x, True)
-            checks = [("output", y1, y0)] + [(f"grad of {k}", g1[k], g0[k]) for k in g0
-                                             if g0[k] is not None or g1.get(k) is not None]
-            checks += [(f"buffer {k}", b1, b0) for (k, b0), (_, b1) in
-                       zip(orig.named_buffers(), fused.named_buffers())]
-            for what, a, b in checks:
-                if a is None or b is None:
-                    raise ConversionError(
-                        f"cbam_fused.convert: block {name!r} ({_cls(block)}): {what} is None on "
-                        f"one side only ({'train' if train else 'eval'} mode, {weights})")
-                err = _rel(a, b)
-                worst = max(worst, err)
-                if not err < _VERIFY_TOL:
-                    raise ConversionError(
-                        f"cbam_fused.convert: block {name!r} ({_cls(block)}) differs from its "
-                        f"original forward: {what}, relative error {err:.3g} "
-                        f"({'train' if train else 'eval'} mode, {weights}, input "
-                        f"{tuple(x.shape)})")
+    runs = [("its own weights", False, False)]
+    if random_weights:
+        runs += [("random weights", False, True), ("random weights", True, True)]
+    x, base = None, None
+    for weights, train, grad in runs:
+        if base is None or weights != prev_weights:
+            base = _plain_copy(block)
+            if weights == "random weights":
+                _randomize_(base, gen)
+            prev_weights = weights
+        orig, fused = copy.deepcopy(base), copy.deepcopy(base)
+        orig.train(train)
+        fused.train(train)
+        if x is None:
+            x = _probe_input(None if spec.fc1 is None else _dense(_get(block, spec.fc1))[0],
+                             spec.dim, shape, gen, device)
+        _swap_in(fused, spec)
+        y0, g0 = _run(orig, x, grad)
+        y1, g1 = _run(fused, x, grad)
+        checks = [("output", y1, y0)] + [(f"grad of {k}", g1.get(k), g0[k]) for k in g0
+                                         if g0[k] is not None or g1.get(k) is not None]
+        checks += [(f"buffer {k}", b1, b0) for (k, b0), (_, b1) in
+                   zip(orig.named_buffers(), fused.named_buffers())]
+        mode = f"{'train' if train else 'eval'} mode, {weights}, input {tuple(x.shape)}"
+        for what, a, b in checks:
+            if a is None or b is None:
+                raise ConversionError(f"cbam_fused.convert: block {name!r} ({_cls(block)}): "
+                                      f"{what} is None on one side only ({mode})")
+            err = _rel(a, b)
+            worst = max(worst, err)
+            if not err < _VERIFY_TOL:
+                raise ConversionError(
+                    f"cbam_fused.convert: block {name!r} ({_cls(block)}) differs from its "
+                    f"original forward: {what}, relative error {err:.3g} ({mode})")
     return worst
 
 
@@ -749,8 +762,8 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
             why = match.note or ("its forward matches no fused variant (best relative error "
                                  f"{err:.2g} on a random probe)")
             report.skipped.append(SkippedBlock(name, _cls(m), f"not converted: {why}"))
-            if not match.kind.endswith("CBAM"):
-                return
+            if match.note or not match.kind.endswith("CBAM"):
+                return  # explained (e.g. a non-sigmoid gate), or a gate: nothing inside to try
         for cname, child in m.named_children():
             walk(f"{name}.{cname}" if name else cname, child)
 
@@ -758,8 +771,13 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
 
     shapes = _record_shapes(model, [b for _, b, _, _ in found], example_input) \
         if example_input is not None else {}
+    checked = set()
     for name, m, spec, kind in found:
-        err = _verify(name, m, spec, shapes.get(id(m)), gen) if verify else None
+        err = None
+        if verify:
+            sig = _signature(m, spec)
+            err = _verify(name, m, spec, shapes.get(id(m)), gen, random_weights=sig not in checked)
+            checked.add(sig)
         report.converted.append(ConvertedBlock(name, _cls(m), kind, spec, err))
     for name, m, spec, kind in found:  # swap only after every block verified
         _swap_in(m, spec)
@@ -770,8 +788,9 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
 def _record_shapes(model, blocks, example_input) -> dict:
     shapes, handles = {}, []
     for b in blocks:
-        handles.append(b.register_forward_pre_hook(
-            lambda mod, args: shapes.setdefault(id(mod), tuple(args[0].shape))))
+        def hook(mod, args):
+            shapes.setdefault(id(mod), tuple(args[0].shape))  # returns None: args unchanged
+        handles.append(b.register_forward_pre_hook(hook))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()

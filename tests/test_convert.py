@@ -1,0 +1,446 @@
+"""cbam_fused.convert on whole networks (issue 6): official-layout ResNet with CBAM, timm ResNets
+with attn_layer='cbam' / 'lcbam', an ultralytics-style model. Each converted network must give the
+same outputs and gradients (train and eval), keep its parameter objects, state_dict keys and
+values, keep working with an optimizer built before, give the same Grad-CAM map, and undo.
+Models are float64 so "same" means 1e-9, except one float32 run."""
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cbam_fused
+from cbam_fused.convert import is_converted
+
+from conftest import randomize_, rel_err
+
+import official_cbam as oc
+import ultralytics_modules as U
+
+timm = pytest.importorskip("timm")
+from timm.layers.cbam import CbamModule, LightCbamModule  # noqa: E402
+
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is many times faster than two on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------- models
+def official_resnet():
+    return oc.ResidualNet("ImageNet", 18, 7, "CBAM")
+
+
+def timm_resnet(name, attn):
+    # zero_init_last=False: timm zeroes the last BN of each block, so every CBAM would see a
+    # constant input (all ties, nothing tested)
+    return timm.create_model(name, pretrained=False, num_classes=7, zero_init_last=False,
+                             block_args=dict(attn_layer=attn))
+
+
+def blocks_of(model, cls):
+    return [n for n, m in model.named_modules() if isinstance(m, cls)]
+
+
+# ---------------------------------------------------------------------------------- checks
+def _train_step(model, x, seed=1):
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    y = model(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    y.backward(g)
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                        if p.grad is not None}
+
+
+def _gradcam(model, layer, x):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * x.shape[0])
+
+
+def check_conversion(model, x, expected, layer_path, tol=1e-7):
+    """The acceptance checks of issue 6 for one network; returns the report."""
+    for i, n in enumerate(expected):  # non-trivial CBAM weights (official init zeroes the
+        randomize_(model.get_submodule(n), seed=i)  # spatial BN weight); the rest as initialised
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    # built before conversion. A small step: a large one kills channels (constant over S after a
+    # ReLU), and at such ties of the max pool the fused path routes the gradient to one element
+    # (as max_pool2d does, the official code) where amax (timm) splits it: both subgradients
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3, momentum=0.9)
+
+    report = cbam_fused.convert(model)
+    assert sorted(report.converted_names) == sorted(expected), str(report)
+    assert not report.skipped, str(report)
+    # same objects, same state_dict keys and values
+    assert all(params[n] is p for n, p in model.named_parameters())
+    assert list(dict(model.named_parameters())) == list(params)
+    assert all(buffers[n] is b for n, b in model.named_buffers())
+    sd2 = model.state_dict()
+    assert list(sd2) == list(sd)
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert all(is_converted(model.get_submodule(n)) for n in expected)
+
+    # train: outputs, gradients, running statistics; then an optimizer step each
+    for step in range(2):
+        y0, g0 = _train_step(ref, x, seed=step)
+        y1, g1 = _train_step(model, x, seed=step)
+        assert rel_err(y1, y0) < tol
+        assert g1.keys() == g0.keys()
+        for n in g0:
+            assert rel_err(g1[n], g0[n]) < tol, n
+        for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
+            assert rel_err(b1, b0) < tol, n
+        ref_opt.step()
+        opt.step()
+        for (n, p0), (_, p1) in zip(ref.named_parameters(), model.named_parameters()):
+            assert rel_err(p1, p0) < tol, n
+    # eval
+    ref.eval()
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < tol
+    # Grad-CAM on the same layer (a block that contains a converted CBAM, or the block itself)
+    cam0 = _gradcam(ref, ref.get_submodule(layer_path), x)
+    cam1 = _gradcam(model, model.get_submodule(layer_path), x)
+    assert cam0.shape == cam1.shape == (x.shape[0],) + tuple(x.shape[2:])
+    assert np.abs(cam0).max() > 0
+    np.testing.assert_allclose(cam1, cam0, atol=1e-5)
+    # undo
+    assert report.undo() == len(expected)
+    assert not any(is_converted(m) for m in model.modules())
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < tol
+    return report
+
+
+# ------------------------------------------------------------------------------ acceptance
+def test_official_resnet_with_cbam():
+    model = official_resnet().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = [f"layer{i}.{j}.cbam" for i in range(1, 5) for j in range(2)]
+    rep = check_conversion(model, x, expected, "layer4.1")
+    assert all(c.kind == "official CBAM" for c in rep.converted)
+    assert all(c.spec.spatial_pools == "max,mean" for c in rep.converted)
+
+
+def test_timm_resnet50_cbam():
+    model = timm_resnet("resnet50", "cbam").double()
+    # 64x64: layer4 at 2x2. At 1x1 with a batch of 2 every BatchNorm of layer4 (the CBAMs' too)
+    # normalises 2 values, which amplifies rounding differences ~30x per block
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = blocks_of(model, CbamModule)
+    assert len(expected) == 16
+    rep = check_conversion(model, x, expected, "layer4.2")
+    assert all(c.spec.pools == "avg+max" and c.spec.spatial_pools == "mean,max"
+               for c in rep.converted)
+
+
+def test_timm_resnet_lcbam():
+    model = timm_resnet("resnet18", "lcbam").double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    expected = blocks_of(model, LightCbamModule)
+    assert len(expected) == 8
+    rep = check_conversion(model, x, expected, "layer4.1.se")
+    assert all(c.spec.pools == "blend" and c.spec.spatial_pools == "blend"
+               for c in rep.converted)
+
+
+def test_timm_resnet50_lcbam_float32():
+    """float32: rounding differences grow through 50 layers of train-mode BatchNorm, so "equal"
+    is judged against float64: the converted network's error is no larger than eager's own."""
+    model = timm_resnet("resnet50", "lcbam")
+    names = blocks_of(model, LightCbamModule)
+    for i, n in enumerate(names):
+        randomize_(model.get_submodule(n), seed=i)
+    oracle = copy.deepcopy(model).double()
+    ref = copy.deepcopy(model)
+    params = list(model.parameters())
+    rep = cbam_fused.convert(model)
+    assert rep.converted_names == names and list(model.parameters()) == params
+    x = torch.randn(2, 3, 64, 64)
+    y64, g64 = _train_step(oracle, x.double())
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(model, x)
+    assert rel_err(y1, y64) <= 3 * rel_err(y0, y64) + 1e-5
+    worst0 = max(rel_err(g0[n], g64[n]) for n in g64)
+    worst1 = max(rel_err(g1[n], g64[n]) for n in g64)
+    assert worst1 <= 3 * worst0 + 1e-5
+    for n in g64:  # per tensor, loosely: a one-element BN gradient is a sum with cancellation
+        assert rel_err(g1[n], g64[n]) <= 10 * rel_err(g0[n], g64[n]) + 1e-3, n
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < 1e-5
+    cam0 = _gradcam(ref, ref.layer3, x)
+    cam1 = _gradcam(model, model.layer3, x)
+    np.testing.assert_allclose(cam1, cam0, atol=1e-4)
+
+
+def test_ultralytics_style_model():
+    model = U.TinyDetector().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = ["model.1", "model.3", "model.5", "model.6", "model.8"]
+    rep = check_conversion(model, x, expected, "model.8")
+    kinds = {c.name: c.kind for c in rep.converted}
+    assert kinds["model.1"] == "ultralytics CBAM"
+    assert kinds["model.5"] == "ultralytics channel gate"
+    assert kinds["model.6"] == "ultralytics spatial gate"
+    assert rep.converted[0].spec.fc2 is None and rep.converted[0].spec.pools == "avg"
+
+
+def test_unsupported_block_is_reported_and_the_rest_converted():
+    model = official_resnet().double()
+    model.layer2[1].cbam = oc.CBAM(128, 16, pool_types=["avg", "lp"]).double()
+    model.layer3[0].cbam = nn.Sequential(  # timm CBAM with a hard-sigmoid gate
+        CbamModule(256, gate_layer="hard_sigmoid")).double()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    rep = cbam_fused.convert(model)
+    skipped = {s.name: s.reason for s in rep.skipped}
+    assert set(skipped) == {"layer2.1.cbam", "layer3.0.cbam.0"}, str(rep)
+    assert "lp" in skipped["layer2.1.cbam"]
+    assert "sigmoid" in skipped["layer3.0.cbam.0"]
+    assert len(rep.converted) == 6
+    assert not is_converted(model.layer2[1].cbam)
+    assert "left alone layer2.1.cbam" in str(rep)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(model, x)
+    assert rel_err(y1, y0) < 1e-9
+    assert all(rel_err(g1[n], g0[n]) < 1e-9 for n in g0)
+
+
+# ------------------------------------------------------------------- recognition by structure
+class MyChannelPool(nn.Module):
+    def forward(self, x):  # the user's copy swapped the order: [mean, max]
+        return torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1)
+
+
+class MySpatial(nn.Module):
+    def __init__(self, k=3):
+        super().__init__()
+        self.compress = MyChannelPool()
+        self.spatial = oc.BasicConv(2, 1, k, padding=k // 2, relu=False)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.spatial(self.compress(x)))
+
+
+class MyAttention(nn.Module):
+    """A renamed copy of the official CBAM, spatial gate first, silu MLP."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.sa = MySpatial()
+        self.ca = oc.ChannelGate(c, 4, ["max", "avg"])
+        self.ca.mlp[2] = nn.SiLU()
+
+    def forward(self, x):
+        return self.ca(self.sa(x))
+
+
+class ResidualAttention(nn.Module):
+    """Same children as a CBAM, but a forward no fused variant computes."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.ca = oc.ChannelGate(c, 4)
+        self.sa = oc.SpatialGate()
+
+    def forward(self, x):
+        return x + self.sa(self.ca(x))
+
+
+def test_user_copies_found_by_structure():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), MyAttention(16),
+                          nn.Conv2d(16, 16, 3, padding=1), ResidualAttention(16)).double()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    rep = cbam_fused.convert(model)
+    conv = {c.name: c for c in rep.converted}
+    assert set(conv) == {"1", "3.ca", "3.sa"}, str(rep)
+    s = conv["1"].spec
+    assert (s.spatial_pools, s.arrangement, s.act, s.pools) == \
+        ("mean,max", "spatial_first", "silu", "avg+max")
+    assert [x.name for x in rep.skipped] == ["3"]
+    assert "matches no fused variant" in rep.skipped[0].reason
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(model, x)
+    assert rel_err(y1, y0) < 1e-9
+    assert all(rel_err(g1[n], g0[n]) < 1e-9 for n in g0)
+
+
+def test_activation_not_fused_is_reported():
+    from timm.layers import get_act_layer
+    m = nn.Sequential(CbamModule(32, act_layer=nn.Mish), CbamModule(32, act_layer=nn.SiLU),
+                      CbamModule(32, act_layer=get_act_layer("gelu")))
+    rep = cbam_fused.convert(m)
+    assert rep.converted_names == ["1", "2"]
+    assert rep.skipped_names == ["0"] and "Mish" in rep.skipped[0].reason
+
+
+def test_include_exclude_and_already_fused():
+    m = nn.Sequential(CbamModule(16), CbamModule(16), cbam_fused.CBAM(16, 4),
+                      cbam_fused.CbamModule(16))
+    rep = cbam_fused.convert(m, exclude=["1"])
+    assert rep.converted_names == ["0"]
+    assert rep.already_fused == ["2", "3"]
+    rep2 = cbam_fused.convert(m, include=["1"])
+    assert rep2.converted_names == ["1"]
+    assert cbam_fused.unconvert(m) == 2
+
+
+def test_verify_raises_naming_the_block(monkeypatch):
+    import sys
+    cv = sys.modules["cbam_fused.convert"]  # (cbam_fused.convert is the function)
+    m = nn.Sequential(nn.Identity(), oc.CBAM(16, 4))
+    real = cv._spec_kwargs
+
+    def wrong(block, spec):  # a conversion bug: the spatial conv read with its sign flipped
+        kw = real(block, spec)
+        if "conv_w" in kw:
+            kw["conv_w"] = -kw["conv_w"]
+        return kw
+    # the probe runs first and would refuse the broken variant: break only the verification
+    monkeypatch.setattr(cv, "_probe", lambda b, match, g: (
+        cv.BlockSpec(**match.base, **match.candidates[0]), 0.0))
+    monkeypatch.setattr(cv, "_spec_kwargs", wrong)
+    with pytest.raises(cbam_fused.ConversionError, match=r"block '1' \(CBAM\)"):
+        cbam_fused.convert(m)
+    assert not is_converted(m[1])  # nothing swapped when verification fails
+
+
+def test_verify_false_and_example_input():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), CbamModule(8))
+    rep = cbam_fused.convert(m, verify=False)
+    assert rep.converted[0].verified_error is None
+    cbam_fused.unconvert(m)
+    rep = cbam_fused.convert(m, example_input=torch.randn(1, 3, 12, 11))
+    assert rep.converted[0].verified_error < 1e-9
+
+
+def test_batchnorm_modes_match():
+    """momentum=None (cumulative average), track_running_stats=False, frozen running stats."""
+    blocks = []
+    for setup in ("none", "notrack", "eval_bn"):
+        b = oc.CBAM(16, 4)
+        bn = b.SpatialGate.spatial.bn
+        if setup == "none":
+            bn.momentum = None
+        elif setup == "notrack":
+            b.SpatialGate.spatial.bn = nn.BatchNorm2d(1, track_running_stats=False)
+        blocks.append(b)
+    model = nn.Sequential(*blocks).double()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    cbam_fused.convert(model)
+    model[2].SpatialGate.spatial.bn.eval()  # BN in eval inside a training model
+    ref[2].SpatialGate.spatial.bn.eval()
+    x = torch.randn(3, 16, 6, 5, dtype=torch.float64)
+    for _ in range(3):
+        model.train()
+        ref.train()
+        model[2].SpatialGate.spatial.bn.eval()
+        ref[2].SpatialGate.spatial.bn.eval()
+        y0, g0 = _train_step(ref, x)
+        y1, g1 = _train_step(model, x)
+        model[2].SpatialGate.spatial.bn.eval()
+        assert rel_err(y1, y0) < 1e-9
+        for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
+            assert rel_err(b1, b0) < 1e-12, n
+
+
+# ------------------------------------------------------------ pickling, hooks, torch.compile
+def test_pickle_deepcopy_and_hooks():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), oc.CBAM(8, 2), U.CBAM(8, 3)).double()
+    randomize_(model)
+    cbam_fused.convert(model)
+    seen = []
+    h = model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = model(x)
+    assert seen == [y.shape]  # hooks on a converted block fire
+    h.remove()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert is_converted(clone[1]) and is_converted(clone[2])
+        assert type(clone[1]) is type(model[1])
+        assert isinstance(clone[1], oc.CBAM)
+        assert torch.equal(clone(x), y)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert is_converted(loaded[1]) and torch.equal(loaded(x), y)
+    assert "CBAM([cbam_fused]" in repr(model) or "[cbam_fused]" in repr(model[1])
+    # a state_dict round trip into an unconverted model
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), oc.CBAM(8, 2), U.CBAM(8, 3)).double()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert rel_err(plain(x), y) < 1e-12
+
+
+def _compile_net():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), oc.CBAM(16, 4), nn.ReLU(),
+                         CbamModule(16), LightCbamModule(16), U.CBAM(16, 3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = _compile_net()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 10, 9)
+    # the unconverted network compiles with fullgraph=True, so the converted one must too
+    torch.compile(copy.deepcopy(model), backend="eager", fullgraph=True)(x)
+    cbam_fused.convert(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(compiled, x)
+    assert rel_err(y1, y0) < 1e-5
+    g1 = {n.replace("_orig_mod.", ""): g for n, g in g1.items()}
+    assert g1.keys() == g0.keys()
+    assert all(rel_err(g1[n], g0[n]) < 1e-4 for n in g0)
+    for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
+        assert rel_err(b1, b0) < 1e-5, n
+    torch._dynamo.reset()
+
+
+# -------------------------------------------------------------------------------- simulator
+def test_converted_network_in_simulator():
+    testing = pytest.importorskip("cbam_fused.testing",
+                                  reason="cbam_fused.testing (simulator helpers) not there yet")
+    if not getattr(testing, "simulator_available", lambda: False)():
+        pytest.skip("the SIMT simulator extension (cbam_fused._sim) is not built")
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), oc.CBAM(6, 2), U.CBAM(6, 3),
+                          LightCbamModule(6, rd_channels=3)).double()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    rep = cbam_fused.convert(model)
+    assert len(rep.converted) == 3
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    y0, g0 = _train_step(ref, x)
+    with testing.use_simulator(schedule="shuffle", seed=3):
+        y1, g1 = _train_step(model, x)
+        launches = testing.simulator_stats()
+    assert launches, "the converted blocks did not run the simulated kernels"
+    assert rel_err(y1, y0) < 1e-9
+    assert all(rel_err(g1[n], g0[n]) < 1e-9 for n in g0)
+    for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
+        assert rel_err(b1, b0) < 1e-9, n
