@@ -205,8 +205,10 @@ class Budget:
     def spent(self) -> bool:
         return self.limit is not None and self.elapsed() >= self.limit
 
-    def tight(self) -> bool:
-        return self.limit is not None and self.elapsed() >= self.limit * (1 - self.reserve)
+    def tight(self, used: float = None) -> bool:
+        """Whether `used` (default 1 - reserve) of the budget is spent."""
+        used = 1 - self.reserve if used is None else used
+        return self.limit is not None and self.elapsed() >= self.limit * used
 
 
 def progress(total: int, desc: str, enabled: bool = True):

@@ -559,6 +559,10 @@ print("JSON:" + json.dumps(d))
         self.header(step, f"benchmarks/{script}")
         t = time.monotonic()
         timeout = self.timeout_for(step, later)
+        if step == "bench_cbam" and "bench_network" in later:
+            # share what is left with the network benchmark: 55% here, 45% there
+            timeout = min(timeout, max(60.0, 0.55 * (self.left() - sum(
+                RESERVE[s] for s in later if s != "bench_network"))))
         name = step
         js, png = os.path.join(self.dir, f"{name}.json"), os.path.join(self.dir, f"{name}.png")
         cmd = [self.py, os.path.join(ROOT, "benchmarks", script), "--json", js, "--plot", png]
