@@ -451,3 +451,17 @@ def test_timing_64_blocks_256_threads_10_barriers(record_property):
     assert torch.equal(out.view(64, 256), expected.expand(64, 256))
     record_property("simulated_launch_64x256x10_barriers_s", dt)
     print(f"\nsimulated launch, 64 blocks x 256 threads x 10 barriers: {dt * 1e3:.1f} ms")
+
+
+@pytest.mark.parametrize("mode,what", [(0, "stack overflow"), (1, "segmentation fault")])
+def test_faults_in_kernel_code_raise(mode, what):
+    """A stack overflow or a wild raw store in a simulated thread raises instead of crashing."""
+    with use_simulator():
+        for _ in range(2):
+            with pytest.raises(RuntimeError) as e:
+                _sim.selftest_fault(mode)
+            msg = str(e.value)
+            assert "selftest_fault" in msg and "thread (3,0,0)" in msg and what in msg
+        # the simulator still works afterwards
+        x = torch.arange(256, dtype=torch.float64)
+        assert _sim.selftest_block_reduce(x, 256)[0] == x.sum()

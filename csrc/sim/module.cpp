@@ -9,6 +9,41 @@
 
 namespace {
 
+// Simulator-only self tests (not dialect kernels: they do what the dialect forbids on purpose).
+namespace simonly {
+
+CBAM_DEVICE float deep(int n, float v) {
+  volatile float frame[512];
+  frame[0] = v;
+  frame[511] = v;
+  if (n == 0) return frame[0];
+  return deep(n - 1, v + 1.0f) + frame[511];
+}
+
+// mode 0: recursion deep enough to overflow the fiber stack (thread 3 only)
+// mode 1: a raw store through a wild pointer (thread 3 only)
+CBAM_GLOBAL void fault_kernel(float* __restrict__ out, int mode, int64_t addr) {
+  float v = 0.0f;
+  if (threadIdx.x == 3) {
+    if (mode == 0) {
+      v = deep(100000, 1.0f);
+    } else {
+      *reinterpret_cast<volatile float*>(static_cast<uintptr_t>(addr)) = 1.0f;
+    }
+  }
+  __syncthreads();
+  cbam::st(out + threadIdx.x, v);
+}
+
+at::Tensor fault(int64_t mode, int64_t addr) {
+  at::Tensor out = at::zeros({64});
+  cbam::launch("selftest_fault", &fault_kernel, dim3(1), dim3(64), 0, cbam::global_ptr<float>(out),
+               static_cast<int>(mode), addr);
+  return out;
+}
+
+}  // namespace simonly
+
 cbam::sim::Schedule parse_schedule(const std::string& kind) {
   if (kind == "forward") return cbam::sim::Schedule::Forward;
   if (kind == "reverse") return cbam::sim::Schedule::Reverse;
@@ -84,6 +119,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("threads"));
   m.def("selftest_barrier_loop", &st::barrier_loop, py::arg("out"), py::arg("threads"),
         py::arg("iters"));
+  m.def("selftest_fault", &simonly::fault, py::arg("mode"), py::arg("addr") = 16,
+        "Simulator-only: a kernel whose thread 3 overflows its stack (mode 0) or stores through "
+        "a wild pointer (mode 1); the launch must raise, not crash.");
   m.def(
       "selftest_static_shared",
       []() {

@@ -2,6 +2,8 @@
 // validation, global-memory regions and launch statistics. See runtime.h for the model.
 #include "dialect/dialect.cuh"
 
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -72,6 +74,7 @@ MemState g_mem;
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber; reserved, only touched pages are used
+constexpr size_t kGuardBytes = 64 * 1024;   // inaccessible, below each stack
 constexpr int kMaxThreads = 1024;
 constexpr long long kDefaultSmem = 48 * 1024;
 constexpr long long kMaxSmem = 227 * 1024;
@@ -100,7 +103,7 @@ inline void ctx_switch(Ctx* save, Ctx* to) {
 
 struct Fiber {
   Ctx ctx;
-  char* stack = nullptr;  // kStackBytes usable, a guard page below
+  char* stack = nullptr;  // kStackBytes usable, kGuardBytes of guard below
   FState state = FState::Fresh;
   bool abort = false;
   Op op = Op::None;
@@ -133,6 +136,9 @@ struct Sim {
   // per-kernel dynamic shared memory limits (set_max_dynamic_smem)
   std::unordered_map<const void*, long long> smem_limit;
   std::vector<LaunchStat> stats;
+  // a fault (SIGSEGV/SIGBUS) inside the running fiber, noted by the signal handler
+  volatile sig_atomic_t fault = 0;
+  char fault_msg[256] = {};
   alignas(128) unsigned char smem[kMaxSmem];
 };
 
@@ -247,14 +253,14 @@ void ctx_start(Fiber& f) {
 
 void ensure_stacks(int n) {
   Sim& s = S();
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   while (s.n_stacks < n) {
-    void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+    void* mem = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     TORCH_CHECK(mem != MAP_FAILED, "cbam simulator: cannot allocate a fiber stack");
-    mprotect(mem, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    // guard: a stack overflow faults (reported as an error) instead of corrupting memory
+    mprotect(mem, kGuardBytes, PROT_NONE);
     Fiber& f = s.fibers[s.n_stacks];
-    f.stack = static_cast<char*>(mem) + page;
+    f.stack = static_cast<char*>(mem) + kGuardBytes;
 #ifndef CBAM_SIM_FAST_SWITCH
     TORCH_CHECK(getcontext(&f.ctx.uc) == 0, "cbam simulator: getcontext failed");
 #endif
@@ -269,7 +275,79 @@ void resume(Fiber* f) {
   f->state = FState::Ready;
   ctx_switch(&s.sched_ctx, &f->ctx);
   s.cur = nullptr;
+  if (s.fault) {
+    s.fault = 0;
+    record_error(f, s.fault_msg);
+  }
 }
+
+// ------------------------------------------------------------------- faults inside a fiber
+// While a launch runs, SIGSEGV and SIGBUS raised by the running fiber (a stack overflow into the
+// guard, or a raw pointer dereference gone wrong) become an error of that thread: the handler
+// (on an alternate stack) abandons the fiber and returns to the scheduler. Faults elsewhere go to
+// the previous handlers.
+struct FaultGuard {
+  static constexpr size_t kAltStack = 64 * 1024;
+  static inline char* alt = nullptr;
+  static inline pthread_t owner;
+  static inline volatile sig_atomic_t armed = 0;
+  static inline struct sigaction old_segv, old_bus;
+  stack_t old_alt{};
+  bool installed = false;
+
+  static void handler(int sig, siginfo_t* info, void*) {
+    Sim& s = S();
+    Fiber* f = s.cur;
+    if (!armed || f == nullptr || !pthread_equal(pthread_self(), owner)) {
+      sigaction(sig, sig == SIGSEGV ? &old_segv : &old_bus, nullptr);
+      return;  // the faulting instruction runs again and goes to the previous handler
+    }
+    const auto a = reinterpret_cast<uintptr_t>(info->si_addr);
+    const auto lo = reinterpret_cast<uintptr_t>(f->stack);
+    if (a < lo && a + kGuardBytes >= lo) {
+      snprintf(s.fault_msg, sizeof s.fault_msg,
+               "stack overflow (the simulator gives each thread %zu KiB of stack; deep recursion "
+               "or large local arrays?)",
+               kStackBytes / 1024);
+    } else {
+      snprintf(s.fault_msg, sizeof s.fault_msg,
+               "%s at address %p: an invalid memory access outside cbam::ld/st (a raw pointer "
+               "dereference or a shared-memory index far out of range?)",
+               sig == SIGSEGV ? "segmentation fault" : "bus error", info->si_addr);
+    }
+    s.fault = 1;
+    f->state = FState::Done;
+    f->op = Op::None;
+    Ctx dead;
+    ctx_switch(&dead, &s.sched_ctx);  // never returns here
+  }
+
+  FaultGuard() {
+    if (!alt) alt = static_cast<char*>(std::malloc(kAltStack));
+    if (!alt) return;
+    stack_t ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = kAltStack;
+    ss.ss_flags = 0;
+    if (sigaltstack(&ss, &old_alt) != 0) return;
+    struct sigaction sa {};
+    sa.sa_sigaction = &handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+    owner = pthread_self();
+    armed = 1;
+    installed = true;
+  }
+  ~FaultGuard() {
+    if (!installed) return;
+    armed = 0;
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    sigaltstack(&old_alt, nullptr);
+  }
+};
 
 // Blocks the running fiber until the scheduler resumes it; unwinds it when its block is abandoned.
 void wait_here(Fiber* f) {
@@ -656,6 +734,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   g_mem.bytes_written = 0;
   t_in_launch = true;
   uint3 failed{0, 0, 0};
+  FaultGuard fault_guard;
   for (unsigned z = 0; z < grid.z && !s.has_error; ++z) {
     for (unsigned y = 0; y < grid.y && !s.has_error; ++y) {
       for (unsigned x = 0; x < grid.x && !s.has_error; ++x) {
