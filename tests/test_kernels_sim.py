@@ -180,9 +180,10 @@ SHAPES = [
     (1, 16, (4, 8)),       # C and S multiples of every vector width
     (2, 70, (3, 3)),       # C over 64 (several row tiles / lanes), S odd
     (1, 4, (10, 30)),      # S = 300: more rows than one staging chunk (channels-last)
+    (1, 2, (33, 33)),      # S = 1089: a channels-first row over several column tiles
+    (1, 600, (2,)),        # C = 600: the channels-first strided reductions split over row tiles
+    (1, 2, (20, 30)),      # S = 600: the same in channels-last
 ]
-
-
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["cf", "cl"])
@@ -191,8 +192,6 @@ def test_op_matches_cpu_kernel(op, dtype, layout):
     for si, (n, c, sp) in enumerate(SHAPES):
         x = rand_x((n, c) + sp, dtype, layout, gen)
         for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
-            if mode != TILE_NORMAL and dtype != torch.float32 and si % 2 == 1:
-                continue  # keep the run short: every tiling in float32, half the shapes otherwise
             variant = (si + mode) % 3
             args = op_args(op, x, gen, variant)
             tile_mode(mode)
@@ -340,3 +339,43 @@ def test_empty_and_unneeded_outputs():
         x = torch.randn(2, 4, 3, 3)
         rc, rs = torch.ops.cbam_fused_sim.backward_reduce(x, x, None, None, False, True)
         assert rc.shape == (0,) and rc.dtype == torch.float32 and rs.shape == (2, 9)
+
+
+# ------------------------------------------------------------------ the whole block, simulated
+def _module_cases():
+    from variants import VARIANTS
+    return sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", _module_cases())
+def test_cbam_module_through_simulator(variant):
+    """cbam_fused.CBAM with every op in the simulator against cbam_fused.reference: forward,
+    every gradient and the BatchNorm statistics, train and eval, float64 and float32,
+    channels-first and channels-last."""
+    from test_functional import _module, compare_with_reference
+
+    gen = torch.Generator().manual_seed(zlib.crc32(variant.encode()))
+    for dtype, layout, train in ((torch.float64, "cf", True), (torch.float32, "cl", False),
+                                 (torch.float32, "cf", True), (torch.float64, "cl", False)):
+        m = _module(variant, 6, 2, dtype)
+        x = rand_x((2, 6, 5, 3), dtype, layout, gen)
+        with testing.use_simulator():
+            compare_with_reference(m, x, train, 1e-10 if dtype == torch.float64 else 1e-5)
+            names = {s["name"] if isinstance(s, dict) else s.name
+                     for s in testing.simulator_stats()}
+        assert names, "nothing ran in the simulator"
+
+
+@pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "timm_light"])
+def test_gradcheck_through_simulator(variant):
+    """float64 gradcheck of functional.cbam for x and every parameter, every op simulated."""
+    from conftest import randomize_
+    from test_gradcheck import gradcheck_module
+    from variants import make
+
+    m = randomize_(make(variant, 5, hidden=3)).double().train()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    with testing.use_simulator(schedule="shuffle", seed=3):
+        assert gradcheck_module(m, x)
+        x = to_layout(x, "cl")
+        assert gradcheck_module(m.eval(), x)
