@@ -5,7 +5,8 @@ checkpoints of the originals load with strict=True, and the originals' converted
 
     timm (timm.layers.cbam)         CbamModule, LightCbamModule, ChannelAttn, LightChannelAttn,
                                     SpatialAttn, LightSpatialAttn
-    ultralytics (nn/modules/conv.py) ChannelAttention, SpatialAttention, UltralyticsCBAM (their CBAM)
+    ultralytics (nn/modules/conv.py) ChannelAttention, SpatialAttention,
+                                    UltralyticsCBAM (their CBAM)
 
 timm's act_layer may be any of ReLU / SiLU (Swish) / exact GELU / Identity, as a class or a timm
 name ('relu', 'silu', 'swish', 'gelu', 'identity'); gate_layer must be a sigmoid ('sigmoid' or a

@@ -9,8 +9,8 @@ of one of the known implementations (DESIGN.md section 2):
 
     official code (Jongchan/attention-module)  CBAM{ChannelGate{mlp=Sequential(Flatten, Linear,
         act, Linear)} + pool_types, SpatialGate{compress, spatial=BasicConv{conv, bn}}}
-    timm CbamModule / LightCbamModule           {channel{fc1, act, fc2, gate}, spatial{conv{conv, bn},
-        gate}} (1x1 convs, BatchNormAct2d)
+    timm CbamModule / LightCbamModule           {channel{fc1, act, fc2, gate},
+        spatial{conv{conv, bn}, gate}} (1x1 convs, BatchNormAct2d)
     ultralytics CBAM                            {channel_attention{pool, fc, act},
         spatial_attention{cv1, act}}
 
@@ -39,6 +39,11 @@ with assigning an instance `forward`:
 The gate sub-modules of a converted composite block keep their classes: the parent's forward
 no longer calls them, so forward hooks on the gates themselves (not on the block) stop firing;
 use cbam_fused.record_attention for the gates.
+
+Max-pool ties: where several elements share a maximum (a channel constant over space, e.g. a
+dead channel), the fused path sends the gradient to one of them, as max_pool2d / torch.max do (the
+official code, ultralytics); timm's amax splits it among them. Both are valid subgradients; the
+outputs are the same.
 
 verify=True checks each converted block against its original forward on float64 copies (the
 model itself is not touched): with its own weights and with random ones, in eval and in train
@@ -107,6 +112,10 @@ def _bn_kwargs(bn: nn.Module) -> dict:
         return dict(batch_norm=True, bn_weight=bn.weight, bn_bias=bn.bias,
                     bn_running_mean=bn.running_mean, bn_running_var=bn.running_var,
                     bn_training=False, bn_eps=bn.eps)
+    if isinstance(bn, nn.SyncBatchNorm) and bn.training:
+        raise RuntimeError("cbam_fused: a converted CBAM block's BatchNorm became a "
+                           "SyncBatchNorm; its cross-process statistics are not fused. Call "
+                           "cbam_fused.unconvert(model) before convert_sync_batchnorm")
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -361,6 +370,10 @@ def _spatial_conv(conv: nn.Module) -> Optional[int]:
 
 
 def _check_bn(bn: nn.Module) -> bool:
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise _Unsupported("SyncBatchNorm: statistics across processes are not fused (convert "
+                           "before nn.SyncBatchNorm.convert_sync_batchnorm is not enough either: "
+                           "keep this block eager)")
     frozen = not isinstance(bn, _BatchNorm) and _cls(bn).startswith("FrozenBatchNorm") and \
         all(hasattr(bn, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
     if not isinstance(bn, _BatchNorm) and not frozen:
@@ -452,7 +465,8 @@ def _match(m: nn.Module) -> Optional[_Match]:
     cannot run."""
     cp = _channel_part(m)
     if cp is not None:
-        return _Match(f"{cp.family} channel gate", cp.fields, cp.candidates, cp.note, _channels(m, cp.fields))
+        return _Match(f"{cp.family} channel gate", cp.fields, cp.candidates, cp.note,
+                      _channels(m, cp.fields))
     sp = _spatial_part(m)
     if sp is not None:
         return _Match(f"{sp.family} spatial gate", sp.fields, sp.candidates, sp.note, None)
@@ -712,7 +726,8 @@ class ConversionReport:
         lines += [f"  converted  {c}" for c in self.converted]
         lines += [f"  left alone {s}" for s in self.skipped]
         if self.already_fused:
-            lines.append(f"  already fused: {', '.join(n or '<model>' for n in self.already_fused)}")
+            names = ", ".join(n or "<model>" for n in self.already_fused)
+            lines.append(f"  already fused: {names}")
         return "\n".join(lines)
 
 

@@ -435,12 +435,29 @@ def test_converted_network_in_simulator():
     rep = cbam_fused.convert(model)
     assert len(rep.converted) == 3
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
-    y0, g0 = _train_step(ref, x)
-    with testing.use_simulator(schedule="shuffle", seed=3):
-        y1, g1 = _train_step(model, x)
-        launches = testing.simulator_stats()
-    assert launches, "the converted blocks did not run the simulated kernels"
-    assert rel_err(y1, y0) < 1e-9
-    assert all(rel_err(g1[n], g0[n]) < 1e-9 for n in g0)
-    for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
-        assert rel_err(b1, b0) < 1e-9, n
+    for schedule in ("forward", "reverse", "shuffle"):  # a race shows as schedule dependence
+        y0, g0 = _train_step(ref, x)
+        with testing.use_simulator(schedule=schedule, seed=3):
+            y1, g1 = _train_step(model, x)
+            launches = testing.simulator_stats()
+        assert launches, "the converted blocks did not run the simulated kernels"
+        assert rel_err(y1, y0) < 1e-9, schedule
+        assert all(rel_err(g1[n], g0[n]) < 1e-9 for n in g0), schedule
+        for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
+            assert rel_err(b1, b0) < 1e-9, n
+    ref.eval()
+    model.eval()
+    with testing.use_simulator(), torch.no_grad():
+        assert rel_err(model(x), ref(x)) < 1e-9
+
+
+def test_sync_batchnorm_is_refused():
+    m = nn.Sequential(CbamModule(16), CbamModule(16))
+    m[0].spatial.conv.bn = nn.SyncBatchNorm(1)
+    rep = cbam_fused.convert(m)
+    assert rep.converted_names == ["1"] and "SyncBatchNorm" in rep.skipped[0].reason
+    # converted first, then convert_sync_batchnorm: training refuses instead of computing
+    # per-process statistics
+    m[1].spatial.conv.bn = nn.SyncBatchNorm(1)
+    with pytest.raises(RuntimeError, match="SyncBatchNorm"):
+        m[1](torch.randn(2, 16, 4, 4))
