@@ -419,6 +419,14 @@ def test_torch_compile_fullgraph():
     assert all(rel_err(g1[n], g0[n]) < 1e-4 for n in g0)
     for (n, b0), (_, b1) in zip(ref.named_buffers(), model.named_buffers()):
         assert rel_err(b1, b0) < 1e-5, n
+    # attention maps from the compiled network too (recompiles for the recording path)
+    model.eval()
+    with cbam_fused.record_attention(model) as maps:
+        y = compiled(x)
+    assert sorted(maps) == ["1", "3", "4", "5"]
+    with cbam_fused.record_attention(model) as eager_maps:
+        assert rel_err(model(x), y) < 1e-6
+    assert all(rel_err(maps[k][1], eager_maps[k][1]) < 1e-6 for k in maps)
     torch._dynamo.reset()
 
 
