@@ -46,9 +46,10 @@ official code, ultralytics); timm's amax splits it among them. Both are valid su
 outputs are the same.
 
 verify=True checks each converted block against its original forward on float64 copies (the
-model itself is not touched): with its own weights and with random ones, in eval and in train
-mode: the output, the gradient of the input and of every parameter, and the running statistics
-after the step; a mismatch raises ConversionError naming the block.
+model itself is not touched): with its own weights and with random ones (once per group of
+identical blocks), in eval and in train mode: the output, the gradient of the input and of every
+parameter, and the running statistics after the step; a mismatch raises ConversionError naming the
+block. Nothing is swapped unless every block passes.
 """
 import copy
 import itertools
@@ -598,7 +599,7 @@ def _probe(block: nn.Module, match: _Match, gen) -> Tuple[Optional[BlockSpec], f
     with torch.no_grad():
         try:
             y = ref.forward(x)
-        except Exception as e:  # noqa: BLE001  its forward does not take this input
+        except Exception:  # noqa: BLE001  its forward does not take this input
             return None, float("inf")
         best = float("inf")
         for cand in match.candidates:
@@ -626,11 +627,11 @@ def _verify(name: str, block: nn.Module, spec: BlockSpec, shape, gen,
             random_weights: bool = True) -> float:
     """Compare the converted block with its original forward on float64 copies; raise
     ConversionError naming the block on a difference. Returns the largest relative error.
-    With its own weights: eval mode, output. With random weights (once per signature): eval and
-    train mode, output, gradients of the input and of every parameter, buffers after the step."""
+    Eval and train mode, with its own weights and (once per signature) with random ones: the
+    output, the gradients of the input and of every parameter, and the buffers after the step."""
     device = _device(block)
     worst = 0.0
-    runs = [("its own weights", False, False)]
+    runs = [("its own weights", False, True), ("its own weights", True, True)]
     if random_weights:
         runs += [("random weights", False, True), ("random weights", True, True)]
     x, base = None, None
