@@ -224,8 +224,20 @@ def test_barrier_not_reached_raises(schedule):
 
 def test_divergent_warp_collective_raises(schedule):
     x = torch.arange(64, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"divergent warp collective in warp 0"):
-        _sim.selftest_barrier(x, 2)
+    with pytest.raises(RuntimeError) as e:
+        _sim.selftest_barrier(x, 6)
+    msg = str(e.value)
+    assert "divergent warp collective in warp 0" in msg
+    assert "threads 0-15 at __shfl_xor_sync" in msg and "threads 16-31 at __ballot_sync" in msg
+
+
+def test_same_shuffle_from_different_call_sites(schedule):
+    """As on sm_70+, lanes may meet at a shuffle of the same mode from different call sites."""
+    x = torch.arange(64, dtype=torch.float32)
+    out = _sim.selftest_barrier(x, 2)
+    t = torch.arange(64)
+    src = torch.where(t % 32 < 16, t ^ 1, t ^ 2)
+    assert torch.equal(out, x[src])
 
 
 def test_exited_threads_stop_counting(schedule):
@@ -399,7 +411,7 @@ def test_shared_memory_poisoned_between_blocks(schedule):
 def test_errors_leave_the_simulator_usable():
     x = torch.arange(256, dtype=torch.float64)
     with use_simulator():
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 6):
             with pytest.raises(RuntimeError):
                 _sim.selftest_barrier(torch.arange(256, dtype=torch.float32), mode)
             with pytest.raises(RuntimeError):
@@ -453,9 +465,12 @@ def test_timing_64_blocks_256_threads_10_barriers(record_property):
     print(f"\nsimulated launch, 64 blocks x 256 threads x 10 barriers: {dt * 1e3:.1f} ms")
 
 
-@pytest.mark.parametrize("mode,what", [(0, "stack overflow"), (1, "segmentation fault")])
+@pytest.mark.parametrize("mode,what", [(0, "stack overflow"), (1, "segmentation fault"),
+                                       (2, "the address is shared memory"),
+                                       (3, "the address is shared memory")])
 def test_faults_in_kernel_code_raise(mode, what):
-    """A stack overflow or a wild raw store in a simulated thread raises instead of crashing."""
+    """A stack overflow or a wild raw store in a simulated thread raises instead of crashing;
+    cbam::ld on shared memory raises with a hint."""
     with use_simulator():
         for _ in range(2):
             with pytest.raises(RuntimeError) as e:

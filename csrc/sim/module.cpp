@@ -22,13 +22,21 @@ CBAM_DEVICE float deep(int n, float v) {
 
 // mode 0: recursion deep enough to overflow the fiber stack (thread 3 only)
 // mode 1: a raw store through a wild pointer (thread 3 only)
+// mode 2 / 3: cbam::ld on static / dynamic shared memory (an error: ld/st are for global memory)
 CBAM_GLOBAL void fault_kernel(float* __restrict__ out, int mode, int64_t addr) {
+  __shared__ float buf[64];
+  CBAM_DYNAMIC_SMEM(float, dyn);
+  buf[threadIdx.x] = 1.0f;
   float v = 0.0f;
   if (threadIdx.x == 3) {
     if (mode == 0) {
       v = deep(100000, 1.0f);
-    } else {
+    } else if (mode == 1) {
       *reinterpret_cast<volatile float*>(static_cast<uintptr_t>(addr)) = 1.0f;
+    } else if (mode == 2) {
+      v = cbam::ld(buf + 5);
+    } else {
+      v = cbam::ld(dyn + 5);
     }
   }
   __syncthreads();
@@ -37,7 +45,7 @@ CBAM_GLOBAL void fault_kernel(float* __restrict__ out, int mode, int64_t addr) {
 
 at::Tensor fault(int64_t mode, int64_t addr) {
   at::Tensor out = at::zeros({64});
-  cbam::launch("selftest_fault", &fault_kernel, dim3(1), dim3(64), 0, cbam::global_ptr<float>(out),
+  cbam::launch("selftest_fault", &fault_kernel, dim3(1), dim3(64), 256, cbam::global_ptr<float>(out),
                static_cast<int>(mode), addr);
   return out;
 }

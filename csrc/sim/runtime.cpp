@@ -460,11 +460,13 @@ bool resolve(int n) {
     for (int l = 0; l < lanes; ++l) {
       Fiber& f = warp[l];
       if (f.state == FState::Done) continue;
-      if (f.op != warp[first].op || !same_site(f.site, warp[first].site)) {
+      // As on sm_70+, lanes may reach a warp collective from different call sites, but all
+      // must perform the same operation (shfl mode, vote mode, value size).
+      if (f.op != warp[first].op || f.size != warp[first].size) {
         std::ostringstream o;
         o << "divergent warp collective in warp " << w0 / 32
-          << ": its live lanes wait at different warp operations (each lane of a warp must reach "
-             "the same one):";
+          << ": its live lanes wait at different warp operations (every live lane of a warp "
+             "must perform the same one):";
         std::map<std::string, std::vector<int>> groups;
         for (int k = 0; k < lanes; ++k) {
           if (warp[k].state == FState::Done) continue;
@@ -665,6 +667,12 @@ void access_error(const void* p, size_t bytes, size_t align, bool write, const c
     TORCH_CHECK(false, o.str());
   }
   o << " is out of bounds: not inside any tensor handed to cbam::global_ptr for this launch";
+  const auto sm = reinterpret_cast<uintptr_t>(S().smem);
+  if ((a < sm + sizeof(S().smem) && a + bytes > sm) || in_static_shared(p, bytes)) {
+    o << " (the address is shared memory: cbam::ld/st/ld_vec/st_vec are for global memory "
+         "only; index shared arrays directly)";
+    TORCH_CHECK(false, o.str());
+  }
   // the nearest tensor, to help find the faulty index
   const Region* best = nullptr;
   uintptr_t best_d = UINTPTR_MAX;

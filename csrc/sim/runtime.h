@@ -15,11 +15,14 @@
 //     order in which runnable fibers run between two synchronisation points is the schedule:
 //     "forward" (thread 0 first), "reverse", or "shuffle" (a seeded permutation, drawn anew each
 //     time). A kernel whose result depends on that order has a race.
-//   * Threads that exited stop counting for barriers. A barrier or warp collective that cannot
-//     complete (a live thread waits somewhere else, or threads wait at different __syncthreads /
-//     warp-collective call sites) is reported as an error naming the kernel, block and threads; it
-//     never hangs. (A thread spinning on memory without a synchronisation point does hang: the
-//     simulator cannot preempt it.)
+//   * Threads that exited stop counting for barriers and warp collectives. A barrier or warp
+//     collective that cannot complete is reported as an error naming the kernel, block and
+//     threads; it never hangs: a live thread of the block waits elsewhere (deadlock), the threads
+//     wait at different __syncthreads call sites (undefined on a GPU), or the live lanes of a warp
+//     wait at different warp operations (a shuffle of another mode, a vote, a value of another
+//     size). Lanes may reach the same warp operation from different call sites, as on sm_70+.
+//     (A thread spinning on memory without a synchronisation point does hang: the simulator
+//     cannot preempt it.)
 //   * Warps are groups of 32 consecutive linear thread ids (x fastest, then y, then z); the last
 //     warp of a block whose size is not a multiple of 32 has fewer lanes. A shuffle that reads a
 //     lane that does not exist or has exited returns poison (all bytes 0xff: NaN for floating

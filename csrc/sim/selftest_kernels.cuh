@@ -108,7 +108,9 @@ CBAM_GLOBAL void neighbour_kernel(const float* __restrict__ x, float* __restrict
 // ------------------------------------------------------------------------- barrier mistakes
 // mode 0: odd and even threads wait at different __syncthreads (divergent barrier)
 // mode 1: lanes 0-15 of warp 0 wait at a shuffle, the others at __syncthreads (deadlock)
-// mode 2: lanes 0-15 and 16-31 wait at different shuffles (divergent warp collective)
+// mode 2: lanes 0-15 and 16-31 of each warp reach a shuffle of the same kind from different
+//         call sites (valid on sm_70+): out[t] = x[t ^ 1] for lanes 0-15, x[t ^ 2] for 16-31
+// mode 6: lanes 0-15 do a shuffle while lanes 16-31 do a ballot (divergent warp collective)
 // mode 3: threads t >= blockDim.x / 2 exit, the others use __syncthreads (valid: exited threads
 //         stop counting); out[t] = x[t] + x[t + 1] for t < blockDim.x / 2
 // mode 4: a __syncwarp with a partial mask (unsupported by the dialect)
@@ -144,6 +146,12 @@ CBAM_GLOBAL void barrier_kernel(const float* __restrict__ x, float* __restrict__
     __syncwarp(0x0000ffffu);
   } else if (mode == 5) {
     v = __shfl_xor_sync(0xffffffffu, v, 1, 3);
+  } else if (mode == 6) {
+    if (t % 32 < 16) {
+      v = __shfl_xor_sync(0xffffffffu, v, 1);
+    } else {
+      v = static_cast<float>(__ballot_sync(0xffffffffu, v > 0.0f));
+    }
   }
   st(out + t, v);
 }

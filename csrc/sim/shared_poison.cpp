@@ -110,6 +110,16 @@ void poison_static_shared() {
   for (const Var& v : *g_selected) std::memset(v.p, 0xff, v.n);
 }
 
+bool in_static_shared(const void* p, unsigned long bytes) {
+  if (!g_selected) return false;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  for (const Var& v : *g_selected) {
+    const auto lo = reinterpret_cast<uintptr_t>(v.p);
+    if (a < lo + v.n && a + bytes > lo) return true;
+  }
+  return false;
+}
+
 void static_shared_info(const void* kernel, unsigned long* bytes, unsigned long* count) {
   std::lock_guard<std::mutex> lock(g_mu);
   const auto& vars = lookup(kernel);

@@ -15,6 +15,8 @@ namespace sim {
 void select_static_shared(const void* kernel);
 // Fills the selected kernel's static shared variables with 0xff bytes.
 void poison_static_shared();
+// Whether [p, p + bytes) overlaps one of the selected kernel's static shared variables.
+bool in_static_shared(const void* p, unsigned long bytes);
 // The selected kernel's static shared variables found, as (bytes, count); for tests.
 void static_shared_info(const void* kernel, unsigned long* bytes, unsigned long* count);
 
