@@ -469,3 +469,20 @@ def test_sync_batchnorm_is_refused():
     m[1].spatial.conv.bn = nn.SyncBatchNorm(1)
     with pytest.raises(RuntimeError, match="SyncBatchNorm"):
         m[1](torch.randn(2, 16, 4, 4))
+
+
+def test_frozen_bn_and_ignored_gate_layer():
+    """timm's frozen BatchNorm (freeze_batch_norm_2d) is fused with its running statistics;
+    LightCbamModule ignores gate_layer (always a sigmoid), so the probe accepts it."""
+    from timm.layers import freeze_batch_norm_2d
+    m = nn.Sequential(CbamModule(16), LightCbamModule(16, gate_layer="hard_sigmoid")).double()
+    randomize_(m)
+    m = freeze_batch_norm_2d(m)
+    ref = copy.deepcopy(m)
+    rep = cbam_fused.convert(m)
+    assert rep.converted_names == ["0", "1"], str(rep)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(m, x)
+    assert rel_err(y1, y0) < 1e-12
+    assert all(rel_err(g1[n], g0[n]) < 1e-12 for n in g0)
