@@ -242,13 +242,13 @@ def make_inputs(case, device, dtype, l2_bytes, seed):
         n_buf = int(max(1, min(want, 64, (free // 4) // per)))
     else:
         n_buf = 2
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # random data, drawn on the device
     xs, gs = [], []
     for _ in range(n_buf):
-        x = torch.randn((n, c, h, w), generator=g).to(device=device, dtype=dtype)
+        x = torch.randn((n, c, h, w), generator=g, device=device, dtype=dtype)
         xs.append(x.contiguous(memory_format=layout))
         if case["mode"] == "train":
-            gr = torch.randn((n, c, h, w), generator=g).to(device=device, dtype=dtype)
+            gr = torch.randn((n, c, h, w), generator=g, device=device, dtype=dtype)
             gs.append(gr.contiguous(memory_format=layout))
             xs[-1].requires_grad_(True)
     return xs, gs, x_bytes, "nchw" if dtype == torch.float32 else "channels_last"

@@ -722,7 +722,7 @@ def write_summary(d, part_dirs):
     for pd in part_dirs:
         s = _load(os.path.join(pd, "steps.json"))
         if s:
-            steps += [dict(r, part=s.get("part")) for r in s["steps"]]
+            steps += [dict(r, part=r.get("part") or s.get("part")) for r in s["steps"]]
             info.update({k: v for k, v in s.get("info", {}).items() if v is not None})
             dry = dry or s.get("dry_run", False)
     L = []
@@ -851,12 +851,12 @@ def merge(args):
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     steps, info, parts, dry = [], {}, [], False
-    for pd in args.dirs:
+    for i, pd in enumerate(args.dirs):
         s = _load(os.path.join(pd, "steps.json"))
         if not s:
             raise SystemExit(f"merge: {pd} has no steps.json")
         parts.append(s.get("part"))
-        steps += [dict(r, part=s.get("part")) for r in s["steps"]]
+        steps += [dict(r, part=f"{i + 1}:{s.get('part')}") for r in s["steps"]]
         info.update({k: v for k, v in s.get("info", {}).items() if v is not None})
         dry = dry or s.get("dry_run", False)
         for name in ("bench_cbam.json", "bench_cbam.png", "bench_network.json",
