@@ -13,8 +13,11 @@ Steps, in order (each with its own timeout inside one overall budget):
                built already (a warm machine between two parts)
   tests        the whole test suite, GPU tests included (pytest; xdist when available)
   sanitizer    compute-sanitizer memcheck, racecheck, initcheck, synccheck over a small kernel
-               test selection (GPU_CHECK_SANITIZE_FILE, default tests/test_kernels_gpu.py;
-               GPU_CHECK_SANITIZE_K, a pytest -k expression); fails on any report
+               test selection (GPU_CHECK_SANITIZE_FILE, default the first of
+               tests/test_kernels_gpu.py, tests/test_kernels_cuda.py that exists;
+               GPU_CHECK_SANITIZE_K, a pytest -k expression, default for test_kernels_cuda.py:
+               the per-op comparisons in float32 and bfloat16); only kernels whose name holds
+               GPU_CHECK_KERNEL_FILTER (default "cbam") are checked; fails on any report
   bandwidth    the device-to-device copy bandwidth
   bench_cbam   benchmarks/bench_cbam.py   -> bench_cbam.json, bench_cbam.png
   bench_network benchmarks/bench_network.py -> bench_network.json, bench_network.png
@@ -67,6 +70,11 @@ NOMINAL = {"env": 90, "wheels": 120, "build": 480, "tests": 480, "sanitizer": 48
 RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 60, "sanitizer": 60, "bandwidth": 15,
            "bench_cbam": 90, "bench_network": 90}
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+# the kernel tests the sanitizers run: the first of these files that exists, with its default
+# -k selection (small shapes, every op, both layouts, a 32-bit and a 16-bit dtype)
+SANITIZE_FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_cuda.py")
+SANITIZE_K = {"test_kernels_cuda.py":
+              "test_op_matches_cpu_kernel_on_gpu and (float32 or bfloat16)"}
 FILES = ("gpu_check.log", "tests.log", "steps.json", "summary.md", "bench_cbam.json",
          "bench_cbam.png", "bench_network.json", "bench_network.png")
 
@@ -918,8 +926,11 @@ def main(argv=None):
                    help="dry run: bench_cbam --peers (e.g. 'all' to include the slow-to-compile "
                         "torch.compile peers on the CPU)")
     args = p.parse_args(argv)
-    args.sanitize_file = os.environ.get("GPU_CHECK_SANITIZE_FILE", "tests/test_kernels_gpu.py")
-    args.sanitize_k = os.environ.get("GPU_CHECK_SANITIZE_K", "")
+    default_file = next((f for f in SANITIZE_FILES if os.path.exists(os.path.join(ROOT, f))),
+                        SANITIZE_FILES[0])
+    args.sanitize_file = os.environ.get("GPU_CHECK_SANITIZE_FILE", default_file)
+    args.sanitize_k = os.environ.get(
+        "GPU_CHECK_SANITIZE_K", SANITIZE_K.get(os.path.basename(args.sanitize_file), ""))
     args.kernel_filter = os.environ.get("GPU_CHECK_KERNEL_FILTER", "cbam")
     if args.dir is None:
         args.dir = os.environ.get("OUT") or os.path.join(

@@ -11,8 +11,8 @@
 #
 # DIR defaults to $OUT (the device tool's output folder), else out/gpu_check-<date>.
 # Knobs: PYTHON (the interpreter; default .venv/bin/python if present, else python3),
-# GPU_CHECK_SANITIZE_FILE (default tests/test_kernels_gpu.py), GPU_CHECK_SANITIZE_K (a pytest -k
-# selection), GPU_CHECK_KERNEL_FILTER (compute-sanitizer kernel-name substring, default cbam;
+# GPU_CHECK_SANITIZE_FILE (default: tests/test_kernels_gpu.py or tests/test_kernels_cuda.py),
+# GPU_CHECK_SANITIZE_K (a pytest -k selection), GPU_CHECK_KERNEL_FILTER (compute-sanitizer kernel-name substring, default cbam;
 # empty: every kernel). `--help` lists the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
