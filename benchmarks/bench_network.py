@@ -211,8 +211,14 @@ def check_equal(eager, fused, device, image_size):
     """max relative logit difference, float32, eval mode, one random batch of 2."""
     e, f = copy.deepcopy(eager).to(device).eval(), copy.deepcopy(fused).to(device).eval()
     x = torch.randn(2, 3, image_size, image_size, device=device)
-    with torch.no_grad():
-        ye, yf = e(x).float(), f(x).float()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            ye, yf = e(x).float(), f(x).float()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    del e, f
     return float((yf - ye).abs().max() / ye.abs().max().clamp_min(1e-30))
 
 
