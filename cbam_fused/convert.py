@@ -349,7 +349,66 @@ def _channel_part(m: nn.Module) -> Optional[_Part]:
             return None
         return _Part(dict(fc1=("fc",), fc2=None), [dict(pools=pools)],
                      _gate_note(ch["act"], "act"), family="ultralytics")
-    return None
+    return _generic_channel(m)
+
+
+def _leaves(m: nn.Module) -> List[Tuple[Path, nn.Module]]:
+    """m's children in registration order, Sequentials opened one level: (path, module)."""
+    out = []
+    for k, v in _children(m).items():
+        if isinstance(v, nn.Sequential):
+            out += [((k, i), c) for i, c in _children(v).items()]
+        else:
+            out.append(((k,), v))
+    return out
+
+
+def _param_free(m: nn.Module) -> bool:
+    return not list(m.parameters()) and not list(m.buffers())
+
+
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _generic_channel(m: nn.Module) -> Optional[_Part]:
+    """Any other channel gate layout (user copies such as a `fc = Sequential(Linear, ReLU,
+    Linear, Sigmoid)` with `avg_pool` / `max_pool` children): the dense layers in registration
+    order, the activation between them, a gate after them; the probe settles the pools."""
+    items = _leaves(m)
+    dense = [i for i, (_, c) in enumerate(items) if _dense(c)]
+    if not 1 <= len(dense) <= 2:
+        return None
+    if any(not _param_free(c) for i, (_, c) in enumerate(items) if i not in dense):
+        return None
+    pool_kinds = {"avg" if "Avg" in _cls(c) else "max" for _, c in items
+                  if isinstance(c, _ADAPTIVE_POOLS)}
+    c_in, c_out = _dense(items[dense[0]][1])
+    if len(dense) == 2:
+        h_in, h_out = _dense(items[dense[1]][1])
+        if (c_out, c_in) != (h_in, h_out):
+            return None
+        between = [c for _, c in items[dense[0] + 1:dense[1]]
+                   if not isinstance(c, (nn.Identity,) + _ADAPTIVE_POOLS) and not _is_flatten(c)]
+        if len(between) > 1:
+            return None
+        act = _act_name(between[0]) if between else "identity"
+        fields = dict(fc1=items[dense[0]][0], fc2=items[dense[1]][0], act=act)
+    else:
+        if c_out != c_in:
+            return None
+        fields = dict(fc1=items[dense[0]][0], fc2=None)
+    after = [c for _, c in items[dense[-1] + 1:] if not isinstance(c, nn.Identity)]
+    if len(after) > 1:
+        return None
+    if pool_kinds == {"avg", "max"}:
+        cands = ["avg+max", "blend"]
+    elif pool_kinds:
+        cands = [next(iter(pool_kinds))]
+    else:
+        cands = ["avg+max", "avg", "max", "blend"]
+    return _Part(fields, [dict(pools=p) for p in cands],
+                 _gate_note(after[0] if after else None, "gate"), family="generic")
 
 
 def _spatial_conv(conv: nn.Module) -> Optional[int]:
@@ -438,7 +497,36 @@ def _spatial_part(m: nn.Module) -> Optional[_Part]:
         return _Part(dict(conv=("cv1",), bn=None, dim=ch["cv1"].weight.dim() - 2),
                      _spatial_candidates(n_in), _gate_note(ch["act"], "act"),
                      family="ultralytics")
-    return None
+    return _generic_spatial(m)
+
+
+def _generic_spatial(m: nn.Module) -> Optional[_Part]:
+    """Any other spatial gate layout: one conv to a single map (from 1 or 2 pooled maps), an
+    optional BatchNorm(1) after it, an optional gate, and parameter-free pooling modules."""
+    items = _leaves(m)
+    convs = [i for i, (_, c) in enumerate(items) if isinstance(c, nn.modules.conv._ConvNd)]
+    if len(convs) != 1:
+        return None
+    path, conv = items[convs[0]]
+    n_in = _spatial_conv(conv)
+    if n_in is None:
+        return None
+    bn, gate = None, None
+    for i, (p, c) in enumerate(items):
+        if i == convs[0] or isinstance(c, nn.Identity):
+            continue
+        if i > convs[0] and bn is None and gate is None and not _param_free(c):
+            if not _check_bn(c):
+                return None
+            bn = p
+        elif not _param_free(c):
+            return None
+        elif i > convs[0]:
+            if gate is not None:
+                return None
+            gate = c
+    return _Part(dict(conv=path, bn=bn, dim=conv.weight.dim() - 2), _spatial_candidates(n_in),
+                 _gate_note(gate, "gate"), family="generic")
 
 
 @dataclass
@@ -465,6 +553,10 @@ def _match(m: nn.Module) -> Optional[_Match]:
     """The block layout m has, or None; raises _Unsupported for a CBAM block the fused path
     cannot run."""
     cp = _channel_part(m)
+    if cp is not None and cp.family == "generic":  # alone, an avg-only gate is an SE block
+        cp.candidates = [c for c in cp.candidates if c["pools"] != "avg"]
+        if not cp.candidates:
+            cp = None
     if cp is not None:
         return _Match(f"{cp.family} channel gate", cp.fields, cp.candidates, cp.note,
                       _channels(m, cp.fields))
@@ -550,12 +642,17 @@ def _probe_input(channels: Optional[int], dim: int, shape, gen, device):
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
+    """max |a - b| / max |b|, with max |b| floored at 1e-6: a gradient that is zero in exact
+    arithmetic (a conv bias before a train-mode BatchNorm) is rounding noise on both sides."""
     a, b = a.detach().double(), b.detach().double()
     if a.shape != b.shape:
         return float("inf")
-    scale = b.abs().max().item() if b.numel() else 0.0
-    d = (a - b).abs().max().item() if b.numel() else 0.0
-    return d / (scale if scale > 0 else 1.0)
+    if not b.numel():
+        return 0.0
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return float("inf")
+    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
 
 
 def _device(block: nn.Module):
@@ -775,11 +872,14 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
             if spec is not None:
                 found.append((name, m, spec, match.kind))
                 return
-            why = match.note or ("its forward matches no fused variant (best relative error "
-                                 f"{err:.2g} on a random probe)")
-            report.skipped.append(SkippedBlock(name, _cls(m), f"not converted: {why}"))
-            if match.note or not match.kind.endswith("CBAM"):
-                return  # explained (e.g. a non-sigmoid gate), or a gate: nothing inside to try
+            if match.kind.startswith("generic ") and not match.kind.endswith("CBAM"):
+                pass  # a layout like a gate's that computes something else: not a CBAM block
+            else:
+                why = match.note or ("its forward matches no fused variant (best relative "
+                                     f"error {err:.2g} on a random probe)")
+                report.skipped.append(SkippedBlock(name, _cls(m), f"not converted: {why}"))
+                if match.note or not match.kind.endswith("CBAM"):
+                    return  # explained (e.g. a non-sigmoid gate), or a gate: nothing inside
         for cname, child in m.named_children():
             walk(f"{name}.{cname}" if name else cname, child)
 

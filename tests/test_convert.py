@@ -486,3 +486,94 @@ def test_frozen_bn_and_ignored_gate_layer():
     y1, g1 = _train_step(m, x)
     assert rel_err(y1, y0) < 1e-12
     assert all(rel_err(g1[n], g0[n]) < 1e-12 for n in g0)
+
+
+# user copies in the layouts seen in the wild (tutorial code), any attribute names
+class TutorialChannel(nn.Module):
+    def __init__(self, c, r=4, light=False):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.fc1 = nn.Conv2d(c, c // r, 1, bias=False)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Conv2d(c // r, c, 1, bias=False)
+        self.sigmoid = nn.Sigmoid()
+        self.light = light
+
+    def forward(self, x):
+        mlp = lambda p: self.fc2(self.relu1(self.fc1(p)))  # noqa: E731
+        if self.light:
+            return x * self.sigmoid(mlp(0.5 * (self.avg_pool(x) + self.max_pool(x))))
+        return x * self.sigmoid(mlp(self.avg_pool(x)) + mlp(self.max_pool(x)))
+
+
+class TutorialChannelSeq(nn.Module):
+    """fc = Sequential(Linear, ReLU, Linear); but the sigmoid of each branch is summed: not CBAM"""
+
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(c, c // r, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(c // r, c, bias=False), nn.Sigmoid())
+
+    def forward(self, x):
+        a = self.fc(self.avg_pool(x).flatten(1))
+        m = self.fc(self.max_pool(x).flatten(1))
+        return x * (a + m)[:, :, None, None]
+
+
+class TutorialSpatial(nn.Module):
+    def __init__(self, k=7, bn=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 1, k, padding=k // 2, bias=True)
+        self.norm = nn.BatchNorm2d(1) if bn else nn.Identity()
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        s = torch.cat([x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)], 1)
+        return x * self.sigmoid(self.norm(self.conv1(s)))
+
+
+class TutorialCBAM(nn.Module):
+    def __init__(self, c, light=False, bn=False):
+        super().__init__()
+        self.ca = TutorialChannel(c, light=light)
+        self.sa = TutorialSpatial(5, bn=bn)
+
+    def forward(self, x):
+        return self.sa(self.ca(x))
+
+
+class SE(nn.Module):
+    """A squeeze-excitation block: avg pool only. Not a CBAM block: left alone, unreported."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Conv2d(c, 4, 1), nn.ReLU(), nn.Conv2d(4, c, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.fc(self.pool(x))
+
+
+def test_tutorial_style_copies():
+    model = nn.Sequential(TutorialCBAM(16), TutorialCBAM(16, light=True, bn=True),
+                          TutorialChannel(16), TutorialSpatial(3), TutorialChannelSeq(16),
+                          SE(16)).double()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    rep = cbam_fused.convert(model)
+    conv = {c.name: c for c in rep.converted}
+    assert sorted(conv) == ["0", "1", "2", "3"], str(rep)
+    assert conv["0"].kind == "generic CBAM"
+    assert (conv["1"].spec.pools, conv["1"].spec.bn) == ("blend", ("sa", "norm"))
+    assert conv["3"].spec.spatial_pools == "max,mean"
+    assert rep.skipped == [], str(rep)  # 4 (sigmoid per branch) and 5 (SE): silently left alone
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(model, x)
+    assert rel_err(y1, y0) < 1e-12
+    for n in g0:  # 1.sa.conv1.bias: zero in exact arithmetic (bias before a train-mode BN)
+        scale = max(g0[n].abs().max().item(), 1e-6)
+        assert (g1[n] - g0[n]).abs().max().item() / scale < 1e-8, n
