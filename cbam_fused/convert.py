@@ -16,7 +16,11 @@ of one of the known implementations (DESIGN.md section 2):
 
 and the gates alone (a ChannelGate, a timm ChannelAttn, an ultralytics SpatialAttention ... used
 without their parent). A user's own copy of any of these is found the same way, whatever its class
-is called. What the structure leaves open (the order of the pools of the spatial map, avg + max
+is called; so are other layouts of the same maths under any attribute names (a gate module with
+two dense layers (Linear or 1x1 conv) and an activation between them, adaptive pools, a sigmoid;
+a spatial gate module with one conv to a single map, an optional BatchNorm(1), a sigmoid), and a
+module whose one or two children are such gates. A look-alike that computes something else (a
+squeeze-excitation block: avg pool only; a sum of per-branch sigmoids) is left alone. What the structure leaves open (the order of the pools of the spatial map, avg + max
 against the 'light' blend, channel gate first or spatial first) is settled by a probe: the block's
 own forward runs once on a float64 copy with random weights and a small random input, and the
 fused variant that reproduces it is chosen. A block that no fused variant reproduces (an lp/lse

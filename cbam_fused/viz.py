@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["overlay", "save_overlay", "save_grid", "upsample_gate"]
+__all__ = ["overlay", "save_overlay", "save_grid", "upsample_gate", "save_model_attention"]
 
 
 def _image_array(image) -> np.ndarray:
@@ -146,3 +146,14 @@ def save_grid(path, image, gates: Union[Mapping[str, GateMap], Sequence[GateMap]
         ax.set_axis_off()
     fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
     return len(panels)
+
+
+def save_model_attention(path, model, images: Tensor, *, sample: int = 0, **kwargs):
+    """One forward of `model` on `images` (no grad, the model's current mode) under
+    record_attention, then save_grid of every block's spatial gate over images[sample].
+    Returns (output, maps)."""
+    from .convert import record_attention
+    with torch.no_grad(), record_attention(model) as maps:
+        out = model(images)
+    save_grid(path, images, maps, sample=sample, **kwargs)
+    return out, maps

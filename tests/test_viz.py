@@ -118,3 +118,12 @@ def test_viz_png(tmp_path):
     viz.save_overlay(tmp_path / "u8.png", (np.random.rand(20, 30, 3) * 255).astype(np.uint8),
                      torch.rand(1, 1, 5, 6))
     viz.save_overlay(tmp_path / "grey.png", torch.randn(20, 30), torch.rand(5, 6))
+
+
+def test_save_model_attention(tmp_path):
+    model = _net().eval()
+    cbam_fused.convert(model)
+    x = torch.rand(2, 3, 12, 10, dtype=torch.float64)
+    out, maps = viz.save_model_attention(tmp_path / "m.png", model, x, sample=1)
+    assert out.shape[0] == 2 and len(maps) == 5
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
