@@ -426,15 +426,17 @@ def plot(res, path):
     others = [p for p in peers if p != FUSED]
     modes = [m for m in ("fwd", "train") if any(c["mode"] == m for c in res["cases"])] or ["fwd"]
     ncase = max(1, max(sum(1 for c in res["cases"] if c["mode"] == m) for m in modes))
-    width = min(60.0, max(10.0, 0.45 * ncase * max(2, len(peers)) / 2 + 3))
-    fig, axes = plt.subplots(len(modes), 2, figsize=(width, 4.2 * len(modes)), squeeze=False)
+    width = min(48.0, max(10.0, 0.3 * ncase * max(1.0, len(peers) / 3) + 3))
+    rotate = 90 if ncase > 14 else 0
+    fig, axes = plt.subplots(2 * len(modes), 1, figsize=(width, 4.4 * 2 * len(modes)),
+                             squeeze=False)
     colors = {p: f"C{i}" for i, p in enumerate(PEERS)}
     for row, mode in enumerate(modes):
         cs = [c for c in res["cases"] if c["mode"] == mode]
-        labels = [f"{c['channels']}x{c['height']}x{c['width']}\nb{c['batch']} "
-                  f"{SHORT[c['dtype']]}" for c in cs]
+        labels = [f"{c['channels']}x{c['height']}x{c['width']}" +
+                  (" " if rotate else "\n") + f"b{c['batch']} {SHORT[c['dtype']]}" for c in cs]
         xs = range(len(cs))
-        ax = axes[row][0]
+        ax = axes[2 * row][0]
         bw = 0.8 / max(1, len(others))
         for k, p in enumerate(others):
             v = [c["peers"][p]["speedup_of_fused"] or float("nan") for c in cs]
@@ -442,13 +444,14 @@ def plot(res, path):
                    color=colors[p])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.set_title(f"{mode}: speed-up of cbam_fused over each peer\n(peer time / cbam_fused "
-                     f"time; > 1: cbam_fused faster)", fontsize=9)
+        ax.set_title(f"{mode}: speed-up of cbam_fused over each peer (peer time / cbam_fused "
+                     f"time; > 1: cbam_fused faster)", fontsize=10)
         ax.set_ylabel("speed-up (x, log)")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.legend(fontsize=7)
-        ax = axes[row][1]
+        ax.set_xticklabels(labels, fontsize=7, rotation=rotate)
+        ax.set_xlim(-0.6, len(cs) - 0.4)
+        ax.legend(fontsize=8)
+        ax = axes[2 * row + 1][0]
         bw = 0.8 / max(1, len(peers))
         for k, p in enumerate(peers):
             v = [c["peers"][p]["frac_copy_bw"] or 0 for c in cs]
@@ -456,13 +459,14 @@ def plot(res, path):
                    color=colors[p])
         if max([c["peers"][p]["frac_copy_bw"] or 0 for c in cs for p in peers] + [0]) > 0.4:
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_title(f"{mode}: pass-floor bytes / time as a fraction of the copy bandwidth\n"
+        ax.set_title(f"{mode}: pass-floor bytes / time as a fraction of the copy bandwidth "
                      f"({res['copy_bandwidth']['gb_per_s']:.0f} GB/s measured in this run)",
-                     fontsize=9)
+                     fontsize=10)
         ax.set_ylabel("fraction of copy bw")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.legend(fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=rotate)
+        ax.set_xlim(-0.6, len(cs) - 0.4)
+        ax.legend(fontsize=8)
     meta = res["meta"]
     note = "" if meta["cbam_fused_native"] else \
         ("  [CPU: not the product's purpose]" if meta["device"]["type"] == "cpu"
@@ -470,7 +474,7 @@ def plot(res, path):
     fig.suptitle(f"cbam_fused layer benchmark - {meta['device'].get('name')} - torch "
                  f"{meta['torch']} - {meta['date_utc'][:10]} - {str(meta['git_commit'])[:10]}"
                  f"{note}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / fig.get_figheight()))
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fig.savefig(path, dpi=90)
