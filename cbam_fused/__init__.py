@@ -11,14 +11,14 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _ops  # noqa: F401  schemas (cbam_fused._C), fake and CPU kernels
 from . import functional, reference  # noqa: F401
 from .modules import CBAM, ChannelGate, SpatialGate, hidden_size, pools_from_types  # noqa: F401
-from .convert import (ConversionError, ConversionReport, convert, record_attention,  # noqa: F401
-                      unconvert)
+from .convert import (ConversionError, ConversionReport, convert, is_converted,  # noqa: F401
+                      record_attention, unconvert)
 from .compat import (CbamModule, ChannelAttention, LightCbamModule, SpatialAttention,  # noqa: F401
                      UltralyticsCBAM)
 from . import compat, viz  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "functional", "reference", "hidden_size",
-           "pools_from_types", "convert", "unconvert", "record_attention", "ConversionReport",
-           "ConversionError", "CbamModule", "LightCbamModule", "ChannelAttention",
+           "pools_from_types", "convert", "unconvert", "is_converted", "record_attention",
+           "ConversionReport", "ConversionError", "CbamModule", "LightCbamModule", "ChannelAttention",
            "SpatialAttention", "UltralyticsCBAM", "compat", "viz"]
