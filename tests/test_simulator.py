@@ -57,8 +57,10 @@ def _poison(dtype):
 
 
 def _shuffle_reference(x, mode, arg, width, block, n_live):
-    """CUDA's definition of the four shuffles (PTX shfl.sync idx/up/down/bfly), per block; lanes
-    that do not exist or exited read poison; exited threads write nothing (NaN / -1)."""
+    """CUDA's definition of the four shuffles (PTX shfl.sync idx/up/down/bfly: only the low 5
+    bits of the lane operand count), per block; lanes that do not exist or exited read poison;
+    exited threads write nothing (NaN / -1)."""
+    arg = arg & 31
     n = block[0] * block[1] * block[2]
     xb = x.view(-1, n)
     out = torch.full_like(xb, _poison(x.dtype))
@@ -95,7 +97,8 @@ SHUFFLE_CASES = [
     (0, 0, 32), (0, 5, 32), (0, 31, 32), (0, 37, 32), (0, 3, 8), (0, -1, 16), (0, 1, 1),
     (1, 1, 32), (1, 4, 32), (1, 16, 32), (1, 2, 8), (1, 0, 32), (1, 40, 32),
     (2, 1, 32), (2, 4, 32), (2, 16, 32), (2, 3, 4), (2, 40, 32),
-    (3, 1, 32), (3, 16, 32), (3, 31, 32), (3, 8, 16), (3, 2, 4), (3, 4, 4),
+    (3, 1, 32), (3, 16, 32), (3, 31, 32), (3, 8, 16), (3, 2, 4), (3, 4, 4), (3, 33, 32),
+    (3, -1, 32), (3, 16, 8),
 ]
 
 

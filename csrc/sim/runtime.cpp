@@ -395,16 +395,14 @@ void complete_warp(Fiber* warp, int n_lanes) {
     const int w = f.width;
     const int seg_lo = l & ~(w - 1);
     const int seg_hi = seg_lo + w - 1;
+    // PTX shfl.sync: only the low 5 bits of the lane / delta / lane mask operand count
+    const int b = f.arg & 31;
     int src = l;
     switch (f.op) {
-      case Op::ShflIdx: src = seg_lo + (f.arg & (w - 1)); break;
-      case Op::ShflUp: src = l - f.arg < seg_lo ? l : l - f.arg; break;
-      case Op::ShflDown: src = l + f.arg > seg_hi ? l : l + f.arg; break;
-      case Op::ShflXor: {
-        const int j = l ^ f.arg;
-        src = (j > seg_hi || j < 0) ? l : j;
-        break;
-      }
+      case Op::ShflIdx: src = seg_lo + (b & (w - 1)); break;
+      case Op::ShflUp: src = l - b < seg_lo ? l : l - b; break;
+      case Op::ShflDown: src = l + b > seg_hi ? l : l + b; break;
+      case Op::ShflXor: src = (l ^ b) > seg_hi ? l : (l ^ b); break;
       case Op::Ballot: f.result = ballot; break;
       case Op::Any: f.result = n_true > 0; break;
       case Op::All: f.result = n_true == n_live; break;

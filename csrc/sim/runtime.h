@@ -26,8 +26,10 @@
 //   * Warps are groups of 32 consecutive linear thread ids (x fastest, then y, then z); the last
 //     warp of a block whose size is not a multiple of 32 has fewer lanes. A shuffle that reads a
 //     lane that does not exist or has exited returns poison (all bytes 0xff: NaN for floating
-//     types, -1 for signed integers), as the value is undefined on hardware. Only the full mask
-//     0xffffffff is supported (the dialect's rule); any other mask is an error.
+//     types, -1 for signed integers), as the value is undefined on hardware. Shuffles follow PTX
+//     shfl.sync exactly (segments of `width` lanes; only the low 5 bits of srcLane / delta /
+//     laneMask count; a source outside the segment gives the lane its own value). Only the full
+//     mask 0xffffffff is supported (the dialect's rule); any other mask is an error.
 //   * Global memory is accessed only through cbam::ld / st / ld_vec / st_vec. Each access must lie
 //     inside a tensor handed to cbam::global_ptr for this launch (the launcher's global_ptr calls
 //     since the previous launch; a launch with no global_ptr call since the previous launch reuses
@@ -336,14 +338,14 @@ inline T __shfl_sync(unsigned mask, T var, int srcLane, int width = 32,
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T var, unsigned int delta, int width = 32,
                         std::source_location loc = std::source_location::current()) {
-  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflUp, mask, var,
-                              delta > 64u ? 64 : static_cast<int>(delta), width, loc);
+  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflUp, mask, var, static_cast<int>(delta & 31u),
+                              width, loc);
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T var, unsigned int delta, int width = 32,
                           std::source_location loc = std::source_location::current()) {
-  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflDown, mask, var,
-                              delta > 64u ? 64 : static_cast<int>(delta), width, loc);
+  return ::cbam::sim::shuffle(::cbam::sim::Op::ShflDown, mask, var, static_cast<int>(delta & 31u),
+                              width, loc);
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32,
