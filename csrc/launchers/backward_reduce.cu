@@ -45,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_in,
                                                    const std::optional<at::Tensor>& gs_in,
                                                    bool need_rc, bool need_rs) {
   const char* op = "backward_reduce";
+  const c10::DeviceGuard device_guard(x_in.device());  // launches go to x's device
   const XView v = view_x(x_in, op, "x");
   const at::Tensor g = like_x(grad_in, v, x_in, op, "grad");
   const auto acc = acc_type_of(v.x.scalar_type());

@@ -8,6 +8,8 @@
 #include <optional>
 #include <vector>
 
+#include <c10/core/DeviceGuard.h>
+
 #include "kernels/common.cuh"
 #include "launchers/launchers.h"
 

@@ -42,6 +42,7 @@ at::Tensor new_like(const XView& v) {
 at::Tensor apply_gates(const at::Tensor& x_in, const std::optional<at::Tensor>& gc_in,
                        const std::optional<at::Tensor>& gs_in) {
   const char* op = "apply_gates";
+  const c10::DeviceGuard device_guard(x_in.device());  // launches go to x's device
   const XView v = view_x(x_in, op, "x");
   const auto acc = acc_type_of(v.x.scalar_type());
   const at::Tensor gc = small_arg(gc_in, v.x, v.N, v.C, acc, op, "gc", "[N, C]");
@@ -68,6 +69,7 @@ at::Tensor grad_input(const at::Tensor& grad_in, const std::optional<at::Tensor>
                       const std::optional<at::Tensor>& dv_in,
                       const std::optional<at::Tensor>& idx_c_in, int64_t arrangement) {
   const char* op = "grad_input";
+  const c10::DeviceGuard device_guard(grad_in.device());
   TORCH_CHECK(arrangement >= 0 && arrangement <= 2, op,
               ": arrangement must be 0 (channel first), 1 (spatial first) or 2 (parallel), got ",
               arrangement);

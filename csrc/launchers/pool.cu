@@ -69,6 +69,7 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool(const char* op, const at::Tensor& x_in,
                                                     const std::optional<at::Tensor>& scale_in,
                                                     bool over_s) {
+  const c10::DeviceGuard device_guard(x_in.device());  // launches go to x's device
   const XView v = view_x(x_in, op, "x");
   const auto acc = acc_type_of(v.x.scalar_type());
   const int64_t E = over_s ? v.S : v.C, L = over_s ? v.C : v.S;
@@ -101,6 +102,7 @@ at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
                                const std::optional<at::Tensor>& d_avg_in,
                                const std::optional<at::Tensor>& d_max_in,
                                const std::optional<at::Tensor>& argmax_in, bool over_s) {
+  const c10::DeviceGuard device_guard(x_in.device());
   const XView v = view_x(x_in, op, "x");
   const auto acc = acc_type_of(v.x.scalar_type());
   // The forward pool reduced over E_fwd and kept L_fwd; this reduction goes over L_fwd.
