@@ -483,3 +483,25 @@ def test_faults_in_kernel_code_raise(mode, what):
         # the simulator still works afterwards
         x = torch.arange(256, dtype=torch.float64)
         assert _sim.selftest_block_reduce(x, 256)[0] == x.sum()
+
+
+def test_global_ptr_checks_dtype_and_device():
+    with use_simulator():
+        _sim.selftest_global_ptr_float(torch.zeros(3))
+        with pytest.raises(RuntimeError, match=r"global_ptr<Float>: the tensor's dtype is Double"):
+            _sim.selftest_global_ptr_float(torch.zeros(3, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match=r"the tensor is on meta"):
+            _sim.selftest_global_ptr_float(torch.zeros(3, device="meta"))
+        # the region of the (dead) tensor above is not handed to the next launch
+        x = torch.arange(64, dtype=torch.float64)
+        assert _sim.selftest_block_reduce(x, 64)[0] == x.sum()
+
+
+def test_launch_uses_only_its_own_tensors():
+    """A launch may touch only the tensors handed to global_ptr since the previous launch."""
+    keep = torch.zeros(64)
+    with use_simulator():
+        _sim.selftest_global_ptr_float(keep)  # registered, then the next launch consumes it
+        _sim.selftest_access(torch.zeros(64), 2, 0)
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            _sim.selftest_access(torch.zeros(64), 2, 64)

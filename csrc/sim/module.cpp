@@ -50,6 +50,10 @@ at::Tensor fault(int64_t mode, int64_t addr) {
   return out;
 }
 
+// cbam::global_ptr<float> on t (checks the dtype and the device); registers nothing for later:
+// the pending region is dropped when t dies before a launch.
+void global_ptr_float(const at::Tensor& t) { (void)cbam::global_ptr<float>(t); }
+
 }  // namespace simonly
 
 cbam::sim::Schedule parse_schedule(const std::string& kind) {
@@ -130,6 +134,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_fault", &simonly::fault, py::arg("mode"), py::arg("addr") = 16,
         "Simulator-only: a kernel whose thread 3 overflows its stack (mode 0) or stores through "
         "a wild pointer (mode 1); the launch must raise, not crash.");
+  m.def("selftest_global_ptr_float", &simonly::global_ptr_float, py::arg("t"),
+        "Simulator-only: cbam::global_ptr<float>(t), for the tests of its checks.");
   m.def(
       "selftest_static_shared",
       []() {

@@ -148,7 +148,13 @@ Sim& S() {
 }
 
 // Regions handed to global_ptr since the last launch of this OS thread, and that launch's.
-thread_local std::vector<Region> t_pending;
+// A pending region keeps a weak reference to its tensor's storage: regions of tensors freed
+// before the launch (say, a launcher that failed after global_ptr) are dropped.
+struct Pending {
+  Region region;
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+};
+thread_local std::vector<Pending> t_pending;
 thread_local std::vector<Region> t_last;
 thread_local bool t_in_launch = false;
 
@@ -706,8 +712,9 @@ void register_region(const at::Tensor& t, bool writable, c10::ScalarType expecte
     last += (t.size(d) - 1) * t.stride(d);
   }
   const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-  t_pending.push_back(Region{lo, lo + static_cast<uintptr_t>((last + 1) * t.element_size()),
-                             writable});
+  t_pending.push_back(
+      Pending{Region{lo, lo + static_cast<uintptr_t>((last + 1) * t.element_size()), writable},
+              t.storage().getWeakStorageImpl()});
 }
 
 // ------------------------------------------------------------------------------------ launch
@@ -718,13 +725,15 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   // The tensors of this launch: those registered since the previous launch, else the previous
   // launch's.
   if (!t_pending.empty()) {
-    t_last.swap(t_pending);
+    t_last.clear();
+    for (const Pending& p : t_pending) {
+      if (!p.storage.expired()) t_last.push_back(p.region);
+    }
     t_pending.clear();
   }
-  validate_launch(name, kernel, grid, block, smem_bytes);
-
   Sim& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
+  validate_launch(name, kernel, grid, block, smem_bytes);
   select_static_shared(kernel);
   const int n = static_cast<int>(block.x * block.y * block.z);
   ensure_stacks(n);
