@@ -458,6 +458,8 @@ print("JSON:" + json.dumps(d))
         env = dict(self.env)
         if self.dry:
             env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+        elif "-n" in cmd:  # xdist workers share the cores: no thread oversubscription
+            env.setdefault("OMP_NUM_THREADS", str(max(1, self.nproc // max(1, n))))
 
         def echo(line):
             return bool(re.match(r"(FAILED|ERROR)\b", line)) or bool(
