@@ -40,9 +40,16 @@
 //     every static `__shared__` variable of a kernel that the simulator can locate (see
 //     runtime.cpp: shared_poison), so a block never sees a previous block's values.
 //   * Every error (invalid launch, out-of-bounds or misaligned access, deadlock, an exception
-//     thrown by kernel code) is recorded in the fiber where it happens; the block's fibers are
-//     unwound and the launching thread throws a c10::Error (a Python RuntimeError). No exception
-//     crosses a fiber boundary; nothing aborts the process. Launches are serialised by a mutex.
+//     thrown by kernel code, a stack overflow or segmentation fault in a simulated thread) is
+//     recorded in the fiber where it happens; the block's fibers are unwound and the launching
+//     thread throws a c10::Error (a Python RuntimeError). No exception crosses a fiber boundary;
+//     nothing aborts the process. Launches are serialised by a mutex.
+//
+// Not checked (a GPU may fail where the simulator passes): __launch_bounds__ (launching more
+// threads than the bound); global memory touched through raw pointers instead of cbam::ld/st
+// (only a fault is caught); shared-memory indices out of range; `__shared__` variables declared
+// in helper functions are not poisoned between blocks; static plus dynamic shared memory above
+// 227 KiB; a thread spinning on memory without a synchronisation point hangs.
 #pragma once
 
 #include <ATen/ATen.h>
