@@ -747,22 +747,28 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   g_mem.n_regions = t_last.size();
   g_mem.bytes_read = 0;
   g_mem.bytes_written = 0;
-  t_in_launch = true;
   uint3 failed{0, 0, 0};
-  FaultGuard fault_guard;
-  for (unsigned z = 0; z < grid.z && !s.has_error; ++z) {
-    for (unsigned y = 0; y < grid.y && !s.has_error; ++y) {
-      for (unsigned x = 0; x < grid.x && !s.has_error; ++x) {
-        g_blockIdx = uint3{x, y, z};
-        run_block(block, smem_bytes);
-        if (s.has_error) failed = g_blockIdx;
+  {
+    struct InLaunch {  // reset even if the loop below throws
+      InLaunch() { t_in_launch = true; }
+      ~InLaunch() {
+        t_in_launch = false;
+        S().cur = nullptr;
+        g_mem.regions = nullptr;
+        g_mem.n_regions = 0;
+      }
+    } in_launch;
+    FaultGuard fault_guard;
+    for (unsigned z = 0; z < grid.z && !s.has_error; ++z) {
+      for (unsigned y = 0; y < grid.y && !s.has_error; ++y) {
+        for (unsigned x = 0; x < grid.x && !s.has_error; ++x) {
+          g_blockIdx = uint3{x, y, z};
+          run_block(block, smem_bytes);
+          if (s.has_error) failed = g_blockIdx;
+        }
       }
     }
   }
-  t_in_launch = false;
-  s.cur = nullptr;
-  g_mem.regions = nullptr;
-  g_mem.n_regions = 0;
   if (s.has_error) {
     const std::string err = s.error;
     s.has_error = false;
