@@ -54,10 +54,12 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, const GradSide<acc_t>& cs, const Gr
   return gv * cs.gate * ss.gate + kc * term_c + ks * term_s;
 }
 
+// At most 64 registers (4 blocks of 256 threads per SM): with 8-wide vectors the sides held in
+// registers would otherwise take ~125 and leave too few loads in flight.
 template <typename T, int VEC, typename acc_t>
-CBAM_GLOBAL void grad_input_kernel(const T* __restrict__ grad, T* __restrict__ dx,
-                                   GradSidePtrs<acc_t> side_r, GradSidePtrs<acc_t> side_k, Geom g,
-                                   bool cl, int arrangement) {
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
+    grad_input_kernel(const T* __restrict__ grad, T* __restrict__ dx, GradSidePtrs<acc_t> side_r,
+                      GradSidePtrs<acc_t> side_k, Geom g, bool cl, int arrangement) {
   __shared__ GradSide<acc_t> s_side[kChunkRows];
   const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;
