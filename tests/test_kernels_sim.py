@@ -379,3 +379,30 @@ def test_gradcheck_through_simulator(variant):
         assert gradcheck_module(m, x)
         x = to_layout(x, "cl")
         assert gradcheck_module(m.eval(), x)
+
+
+@pytest.mark.parametrize("variant,fwd_max,bwd_max", [("official", 4.2, 5.3),
+                                                     ("spatial_first", 4.2, 5.3),
+                                                     ("parallel", 4.2, 4.3)])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "cf"), (torch.bfloat16, "cl")],
+                         ids=["f32-cf", "bf16-cl"])
+def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
+    """The whole CBAM block (cbam_fused.CBAM, every op simulated): global bytes of the forward
+    and of the backward over the bytes of x (DESIGN.md section 3, issue 4)."""
+    from conftest import randomize_
+    from variants import make
+
+    m = randomize_(make(variant, 256, hidden=16)).to(dtype).train()
+    gen = torch.Generator().manual_seed(4)
+    x = rand_x((1, 256, 16, 16), dtype, layout, gen).requires_grad_()
+    xb = x.numel() * x.element_size()
+    with testing.use_simulator():
+        y = m(x)
+        fwd = sum(_stat(s, "bytes_read") + _stat(s, "bytes_written")
+                  for s in testing.simulator_stats())
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    with testing.use_simulator():
+        y.backward(g)
+        bwd = sum(_stat(s, "bytes_read") + _stat(s, "bytes_written")
+                  for s in testing.simulator_stats())
+    assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
