@@ -505,3 +505,11 @@ def test_launch_uses_only_its_own_tensors():
         _sim.selftest_access(torch.zeros(64), 2, 0)
         with pytest.raises(RuntimeError, match="out of bounds"):
             _sim.selftest_access(torch.zeros(64), 2, 64)
+
+
+def test_last_static_shared():
+    with use_simulator():
+        _sim.selftest_block_reduce(torch.ones(64), 64)
+        assert _sim.last_static_shared() == (1024 * 4, 1)
+        _sim.selftest_copy(torch.ones(64), 1, 32)
+        assert _sim.last_static_shared() == (0, 0)

@@ -137,6 +137,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_global_ptr_float", &simonly::global_ptr_float, py::arg("t"),
         "Simulator-only: cbam::global_ptr<float>(t), for the tests of its checks.");
   m.def(
+      "last_static_shared",
+      []() {
+        unsigned long bytes = 0, count = 0;
+        cbam::sim::selected_static_shared_info(&bytes, &count);
+        return py::make_tuple(bytes, count);
+      },
+      "(bytes, count) of the static __shared__ variables of the most recently launched kernel "
+      "that the simulator found and poisons before each block (those declared in the kernel "
+      "function itself).");
+  m.def(
       "selftest_static_shared",
       []() {
         unsigned long bytes = 0, count = 0;

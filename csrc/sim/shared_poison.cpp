@@ -120,6 +120,15 @@ bool in_static_shared(const void* p, unsigned long bytes) {
   return false;
 }
 
+void selected_static_shared_info(unsigned long* bytes, unsigned long* count) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  *bytes = 0;
+  *count = 0;
+  if (!g_selected) return;
+  *count = g_selected->size();
+  for (const Var& v : *g_selected) *bytes += v.n;
+}
+
 void static_shared_info(const void* kernel, unsigned long* bytes, unsigned long* count) {
   std::lock_guard<std::mutex> lock(g_mu);
   const auto& vars = lookup(kernel);

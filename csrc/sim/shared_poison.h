@@ -17,7 +17,9 @@ void select_static_shared(const void* kernel);
 void poison_static_shared();
 // Whether [p, p + bytes) overlaps one of the selected kernel's static shared variables.
 bool in_static_shared(const void* p, unsigned long bytes);
-// The selected kernel's static shared variables found, as (bytes, count); for tests.
+// The static shared variables of the most recently launched kernel, as (bytes, count).
+void selected_static_shared_info(unsigned long* bytes, unsigned long* count);
+// The static shared variables found for `kernel`, as (bytes, count); for tests.
 void static_shared_info(const void* kernel, unsigned long* bytes, unsigned long* count);
 
 }  // namespace sim
