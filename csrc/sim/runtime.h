@@ -5,9 +5,11 @@
 //
 // Execution model
 //   * cbam::launch validates the launch like the hardware does, then runs the grid one block at a
-//     time, blocks in linear order (x fastest). Each CUDA thread of the block is a fiber (ucontext)
-//     with its own stack; all fibers run in the launching OS thread, so `__shared__` is plain
-//     `static` storage and the dynamic shared memory is one buffer, both shared by the block.
+//     time, blocks in linear order (x fastest). Each CUDA thread of the block is a fiber with its own
+//     256 KiB stack (a hand-written register switch on x86-64, ucontext elsewhere or with
+//     -DCBAM_SIM_UCONTEXT; stacks are allocated once and reused); all fibers run in the launching
+//     OS thread, so `__shared__` is plain `static` storage and the dynamic shared memory is one
+//     buffer, both shared by the block.
 //   * Fibers run cooperatively. A fiber runs until it reaches a synchronisation point
 //     (__syncthreads, or a warp collective: __syncwarp, shuffles, ballot/any/all) or exits. When no
 //     fiber can run, the scheduler resolves warp collectives whose live lanes have all arrived, and
@@ -37,8 +39,9 @@
 //     16 bytes), and stores must target a tensor registered through a non-const T. The bytes
 //     read and written are counted per launch (cbam::sim::launch_stats()).
 //   * The dynamic shared memory buffer is poisoned (0xff bytes) before every block, and so is
-//     every static `__shared__` variable of a kernel that the simulator can locate (see
-//     runtime.cpp: shared_poison), so a block never sees a previous block's values.
+//     every static `__shared__` variable declared in the kernel function itself (found in the
+//     extension's ELF symbol table, see shared_poison.h), so a block never sees a previous
+//     block's values.
 //   * Every error (invalid launch, out-of-bounds or misaligned access, deadlock, an exception
 //     thrown by kernel code, a stack overflow or segmentation fault in a simulated thread) is
 //     recorded in the fiber where it happens; the block's fibers are unwound and the launching
