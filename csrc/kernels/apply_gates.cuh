@@ -34,13 +34,22 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
     }
     __syncthreads();
     if (!active) continue;
-    for (int i = threadIdx.y; i < clen; i += TY) {
-      const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-      acc_t v_[VEC];
-      load_acc<VEC>(x + off, v_);
-      const acc_t wr = s_gr[i];
-      for (int v = 0; v < VEC; ++v) v_[v] = cl ? v_[v] * wk[v] * wr : v_[v] * wr * wk[v];
-      store_from_acc<VEC>(y + off, v_);
+    constexpr int U = rows_per_step<VEC>();
+    for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
+      acc_t v_[U][VEC] = {};
+      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+        const int i = i0 + u * TY;
+        if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, v_[u]);
+      }
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + u * TY;
+        if (i >= clen) break;
+        const acc_t wr = s_gr[i];
+        for (int v = 0; v < VEC; ++v) {
+          v_[u][v] = cl ? v_[u][v] * wk[v] * wr : v_[u][v] * wr * wk[v];
+        }
+        store_from_acc<VEC>(y + (t.n * g.R + cb + i) * g.K + t.k0, v_[u]);
+      }
     }
   }
 }

@@ -46,26 +46,34 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
       s_gr[i] = gr != nullptr ? ld(gr + t.n * g.R + cb + i) : acc_t(1);
     }
     __syncthreads();
-    for (int ib = 0; ib < clen; ib += TY) {  // the same trip count in every thread
-      const int i = ib + ty;
-      acc_t row = acc_t(0);
-      if (active && i < clen) {
-        const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-        acc_t gv[VEC], xv[VEC];
-        load_acc<VEC>(grad + off, gv);
-        load_acc<VEC>(x + off, xv);
-        const acc_t wr = s_gr[i];
-        for (int v = 0; v < VEC; ++v) {
-          const acc_t p = gv[v] * xv[v];
-          row += p * wk[v];
-          col[v] += p * wr;
+    constexpr int U = rows_per_step<VEC>();
+    for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
+      acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
+      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+        const int i = ib + u * TY + ty;
+        if (active && i < clen) {
+          const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
+          load_acc<VEC>(grad + off, gv[u]);
+          load_acc<VEC>(x + off, xv[u]);
         }
       }
-      if (need_r) {
-        for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
-          row += __shfl_xor_sync(0xffffffffu, row, lane_mask);
+      for (int u = 0; u < U; ++u) {
+        const int i = ib + u * TY + ty;
+        acc_t row = acc_t(0);
+        if (active && i < clen) {
+          const acc_t wr = s_gr[i];
+          for (int v = 0; v < VEC; ++v) {
+            const acc_t p = gv[u][v] * xv[u][v];
+            row += p * wk[v];
+            col[v] += p * wr;
+          }
         }
-        if (tx == 0 && i < clen) st(part_r + (t.n * g.nkt + t.kt) * g.R + cb + i, row);
+        if (need_r) {  // every lane, every u: the shuffles need the whole warp
+          for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
+            row += __shfl_xor_sync(0xffffffffu, row, lane_mask);
+          }
+          if (tx == 0 && i < clen) st(part_r + (t.n * g.nkt + t.kt) * g.R + cb + i, row);
+        }
       }
     }
   }

@@ -77,18 +77,25 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     for (int i = tid; i < clen; i += TX * TY) s_side[i] = side_r.load(t.n, cb + i);
     __syncthreads();
     if (!active) continue;
-    for (int i = threadIdx.y; i < clen; i += TY) {
-      const int64_t r = cb + i;
-      const int64_t off = (t.n * g.R + r) * g.K + t.k0;
-      acc_t v_[VEC];
-      load_acc<VEC>(grad + off, v_);
-      const GradSide<acc_t> sr = s_side[i];
-      for (int v = 0; v < VEC; ++v) {
-        const int64_t k = t.k0 + v;
-        v_[v] = cl ? grad_input_value(v_[v], sk[v], sr, k, r, arrangement)
-                   : grad_input_value(v_[v], sr, sk[v], r, k, arrangement);
+    constexpr int U = rows_per_step<VEC>();
+    for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
+      acc_t v_[U][VEC] = {};
+      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+        const int i = i0 + u * TY;
+        if (i < clen) load_acc<VEC>(grad + (t.n * g.R + cb + i) * g.K + t.k0, v_[u]);
       }
-      store_from_acc<VEC>(dx + off, v_);
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + u * TY;
+        if (i >= clen) break;
+        const int64_t r = cb + i;
+        const GradSide<acc_t> sr = s_side[i];
+        for (int v = 0; v < VEC; ++v) {
+          const int64_t k = t.k0 + v;
+          v_[u][v] = cl ? grad_input_value(v_[u][v], sk[v], sr, k, r, arrangement)
+                        : grad_input_value(v_[u][v], sr, sk[v], r, k, arrangement);
+        }
+        store_from_acc<VEC>(dx + (t.n * g.R + r) * g.K + t.k0, v_[u]);
+      }
     }
   }
 }

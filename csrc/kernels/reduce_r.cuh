@@ -38,12 +38,20 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     for (int i = tid; i < clen; i += TX * TY) s_w[i] = pol.weight(t.n, cb + i);
     __syncthreads();
     if (active) {
-      for (int i = ty; i < clen; i += TY) {
-        const int64_t r = cb + i;
-        acc_t xv[VEC];
-        load_acc<VEC>(x + (t.n * g.R + r) * g.K + t.k0, xv);
-        const typename Policy::Weight w = s_w[i];
-        for (int v = 0; v < VEC; ++v) pol.add(s[v], xv[v], w, static_cast<int>(r), t.k0 + v);
+      constexpr int U = rows_per_step<VEC>();
+      for (int i0 = ty; i0 < clen; i0 += U * TY) {
+        acc_t xv[U][VEC] = {};
+        for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+          const int i = i0 + u * TY;
+          if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, xv[u]);
+        }
+        for (int u = 0; u < U; ++u) {  // rows in increasing order
+          const int i = i0 + u * TY;
+          if (i >= clen) break;
+          const int64_t r = cb + i;
+          const typename Policy::Weight w = s_w[i];
+          for (int v = 0; v < VEC; ++v) pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
+        }
       }
     }
   }
