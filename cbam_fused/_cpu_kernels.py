@@ -81,12 +81,13 @@ def backward_reduce(grad: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[
     return rc, rs
 
 
-def _onehot(idx: Tensor, n: int, dim: int, dtype: torch.dtype) -> Tensor:
-    """[.., n, ..] mask with a 1 where the position along `dim` equals idx."""
+def _at_argmax(d: Tensor, idx: Tensor, n: int, dim: int) -> Tensor:
+    """d placed at the argmax position along `dim` (size n) and 0 elsewhere: [N, C, S].
+    (A select, not a product with a one-hot mask: a non-finite d stays at its position.)"""
     shape = [1, 1, 1]
     shape[dim] = n
     pos = torch.arange(n, device=idx.device).view(shape)
-    return (idx.unsqueeze(dim) == pos).to(dtype)
+    return torch.where(idx.unsqueeze(dim) == pos, d.unsqueeze(dim), d.new_zeros(()))
 
 
 def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
@@ -100,7 +101,7 @@ def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
     if d_avg is not None:
         w = w + d_avg[:, None, :] / c
     if d_max is not None:
-        w = w + d_max[:, None, :] * _onehot(argmax, c, 1, xf.dtype)
+        w = w + _at_argmax(d_max, argmax, c, 1)
     return (xf * w).sum(2)
 
 
@@ -115,7 +116,7 @@ def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
     if d_avg is not None:
         w = w + d_avg[:, :, None] / s
     if d_max is not None:
-        w = w + d_max[:, :, None] * _onehot(argmax, s, 2, xf.dtype)
+        w = w + _at_argmax(d_max, argmax, s, 2)
     return (xf * w).sum(1)
 
 
@@ -137,12 +138,12 @@ def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Opt
     if da is not None:
         term_s = term_s + da[:, :, None] / s
     if dm is not None:
-        term_s = term_s + dm[:, :, None] * _onehot(idx_s, s, 2, gf.dtype)
+        term_s = term_s + _at_argmax(dm, idx_s, s, 2)
     term_c = torch.zeros_like(gf)
     if du is not None:
         term_c = term_c + du[:, None, :] / c
     if dv is not None:
-        term_c = term_c + dv[:, None, :] * _onehot(idx_c, c, 1, gf.dtype)
+        term_c = term_c + _at_argmax(dv, idx_c, c, 1)
     kc = gsb if arrangement == 1 else ones
     ks = gcb if arrangement == 0 else ones
     dx = gf * gcb * gsb + kc * term_s + ks * term_c

@@ -2,17 +2,9 @@
 // Built only in a CUDA build (setup.py); the launchers live in csrc/launchers.
 #include <torch/library.h>
 
-#include "launchers/launchers.h"
+#include "launchers/register_ops.h"
 
-TORCH_LIBRARY_IMPL(cbam_fused, CUDA, m) {
-  m.impl("pool_over_s", &cbam::pool_over_s);
-  m.impl("pool_over_c", &cbam::pool_over_c);
-  m.impl("apply_gates", &cbam::apply_gates);
-  m.impl("backward_reduce", &cbam::backward_reduce);
-  m.impl("pool_over_c_backward_scale", &cbam::pool_over_c_backward_scale);
-  m.impl("pool_over_s_backward_scale", &cbam::pool_over_s_backward_scale);
-  m.impl("grad_input", &cbam::grad_input);
-}
+TORCH_LIBRARY_IMPL(cbam_fused, CUDA, m) { cbam::impl_ops(m); }
 
 // Test knobs of the CUDA build (csrc/launchers/launchers.h, cbam::debug): poison outputs with NaN,
 // choose the tiling. torch.ops.cbam_fused_debug.set_debug(poison, tile_mode).

@@ -1,0 +1,20 @@
+// The launchers as the kernels of the cbam_fused ops: one list for the CUDA build
+// (csrc/register_cuda.cpp) and the simulator build (csrc/sim/kernels_sim.cpp).
+#pragma once
+#include <torch/library.h>
+
+#include "launchers.h"
+
+namespace cbam {
+
+inline void impl_ops(torch::Library& m) {
+  m.impl("pool_over_s", &pool_over_s);
+  m.impl("pool_over_c", &pool_over_c);
+  m.impl("apply_gates", &apply_gates);
+  m.impl("backward_reduce", &backward_reduce);
+  m.impl("pool_over_c_backward_scale", &pool_over_c_backward_scale);
+  m.impl("pool_over_s_backward_scale", &pool_over_s_backward_scale);
+  m.impl("grad_input", &grad_input);
+}
+
+}  // namespace cbam

@@ -1,0 +1,39 @@
+// The schemas of the cbam_fused ops, defined once and used by both libraries that declare them:
+// cbam_fused (csrc/ops.cpp) and the simulator's cbam_fused_sim (csrc/sim/kernels_sim.cpp).
+// Notation (DESIGN.md section 1): x is [N, C, *spatial] viewed as [N, C, S]; the "small"
+// tensors are [N, C] or [N, S] in the accumulation dtype (float32 for float16 / bfloat16 /
+// float32 inputs, float64 for float64), argmax indices are int64.
+#pragma once
+#include <torch/library.h>
+
+namespace cbam {
+
+inline void define_ops(torch::Library& m) {
+  // a[n,c] = mean_s x*scale, m[n,c] = max_s x*scale, argmax[n,c]; scale is [N, S] or None.
+  m.def("pool_over_s(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax)");
+  // u[n,s] = mean_c x*scale, v[n,s] = max_c x*scale, argmax[n,s]; scale is [N, C] or None.
+  m.def("pool_over_c(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax)");
+  // y[n,c,s] = x * gc[n,c] * gs[n,s] (a missing gate counts as 1); y keeps x's memory format.
+  m.def("apply_gates(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
+  // Q1: rc[n,c] = sum_s g x gs, rs[n,s] = sum_c g x gc (an output not needed is returned empty).
+  m.def(
+      "backward_reduce(Tensor grad, Tensor x, Tensor? gc, Tensor? gs, bool need_rc, "
+      "bool need_rs) -> (Tensor rc, Tensor rs)");
+  // Q2, d/d(scale) of pool_over_c(x, scale): [N, C] = sum_s x (du/C + dv [c == ic[n,s]]).
+  m.def(
+      "pool_over_c_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax) -> "
+      "Tensor");
+  // Q2, d/d(scale) of pool_over_s(x, scale): [N, S] = sum_c x (da/S + dm [s == is[n,c]]).
+  m.def(
+      "pool_over_s_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax) -> "
+      "Tensor");
+  // Q3, dx written once:
+  //   dx = g gc gs + kc (da/S + dm [s == is]) + ks (du/C + dv [c == ic])
+  // arrangement 0 (channel first): kc = 1, ks = gc; 1 (spatial first): kc = gs, ks = 1;
+  // 2 (parallel): kc = ks = 1. Missing tensors count as 0 (gradients) or 1 (gates).
+  m.def(
+      "grad_input(Tensor grad, Tensor? gc, Tensor? gs, Tensor? da, Tensor? dm, Tensor? idx_s, "
+      "Tensor? du, Tensor? dv, Tensor? idx_c, int arrangement) -> Tensor");
+}
+
+}  // namespace cbam
