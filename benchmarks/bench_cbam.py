@@ -519,20 +519,7 @@ def main(argv=None):
         if args.json:
             bu.write_json(args.json, res)
     bar.close()
-    res["elapsed_s"] = round(budget.elapsed(), 1)
-    res["finished"] = True
-    print()
-    print_results(res)
-    if device.type == "cpu":
-        print("\n" + bu.CPU_NOTICE)
-    if warn:
-        print(warn)
-    if args.json:
-        bu.write_json(args.json, res)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(res, args.plot)
-        print(f"wrote {args.plot}")
+    bu.finish(res, args, device, warn, budget, print_results, plot)
     return 0
 
 

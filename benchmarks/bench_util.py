@@ -299,3 +299,22 @@ def geomean(v: List[float]) -> Optional[float]:
     if not v:
         return None
     return math.exp(sum(math.log(x) for x in v) / len(v))
+
+
+def finish(res, args, device, warn, budget, print_results, plot):
+    """The end of a benchmark run: mark the results finished, print the table and notices, write
+    the JSON and the PNG when asked for."""
+    res["elapsed_s"] = round(budget.elapsed(), 1)
+    res["finished"] = True
+    print()
+    print_results(res)
+    if device.type == "cpu":
+        print("\n" + CPU_NOTICE)
+    if warn:
+        print(warn)
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(res, args.plot)
+        print(f"wrote {args.plot}")

@@ -70,8 +70,6 @@ def compare_with_reference(m, x, train, tol):
 @pytest.mark.parametrize("shape", SHAPES_2D, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_2d(variant, shape, train, dtype):
-    if train and variant in HAS_BN and shape[0] * shape[2] * shape[3] == 1:
-        pytest.skip("BatchNorm in training needs more than one value (as in eager PyTorch)")
     m = _module(variant, shape[1], 2, dtype)
     x = torch.randn(shape, dtype=torch.float64).to(dtype)
     compare_with_reference(m, x, train, TOL[dtype])
