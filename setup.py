@@ -152,7 +152,11 @@ def extensions():
 
     debug = os.environ.get("CBAM_FUSED_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = list(opt)  # the C++ standard comes from torch (C++20 for torch >= 2.10)
+    # C++20 for the host sources whatever torch's own default is: the simulator needs it
+    # (std::source_location), torch >= 2.14 asks for it anyway, and older torch (2.11 on the GPU
+    # machines) would add -std=c++17, which cpp_extension leaves out when a -std flag is given.
+    # nvcc keeps torch's choice.
+    cxx_flags = list(opt) + ["-std=c++20"]
     include = [os.path.join(HERE, "csrc")]
     exts = []
 

@@ -180,6 +180,7 @@ def settings_from(args, device):
     if FUSED not in peers:
         peers.append(FUSED)
     peers = [p for p in PEERS if p in peers]  # fixed order, cbam_fused last
+    peers = bu.drop_missing(peers, {"timm": "timm"}, "peer")
     if cuda:
         timing = dict(method="cuda_events", warmup=3 if args.quick else 10,
                       target_s=0.15 if args.quick else 0.25, min_reps=args.reps or 10,

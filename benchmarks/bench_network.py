@@ -6,8 +6,7 @@ Models (both with a CBAM block in each of the 16 bottlenecks, 1000 classes):
   official   ResidualNet('ImageNet', 50, 1000, 'CBAM') (benchmarks/official_cbam.py)
 Variants of each, all with the same weights:
   eager           the model as built
-  fused           its CBAM blocks converted to cbam_fused (cbam_fused.convert, verified; else
-                  replaced by cbam_fused.CBAM modules loaded from the originals' state_dicts)
+  fused           its CBAM blocks converted to cbam_fused (cbam_fused.convert, verified)
   compile         torch.compile(eager)
   compile+fused   torch.compile(fused): the fused CBAM op inside the compiled graph
 Modes: `train` (one SGD step: forward, cross-entropy, backward, optimizer step) and `infer`
@@ -105,6 +104,9 @@ def settings_from(args, device):
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown model {m!r} (expected {', '.join(MODELS)})")
+    models = bu.drop_missing(models, {"timm": "timm"}, "model")
+    if not models:
+        raise SystemExit("--models: none of the models can run here (see the notes above)")
     if args.variants in (None, ""):
         variants = list(VARIANTS) if cuda else ["eager", "fused"]
     elif args.variants == "all":
@@ -153,55 +155,14 @@ def build_model(name, seed=0):
     return m
 
 
-def _manual_fuse(model):
-    """Replace every official / timm CBAM block by a cbam_fused.CBAM with the same weights (the
-    fallback when cbam_fused.convert does not exist)."""
-    import cbam_fused
-    n = 0
-    for parent in list(model.modules()):
-        for cname, child in list(parent.named_children()):
-            new = None
-            if isinstance(child, official_cbam.CBAM):
-                c = child.ChannelGate.gate_channels
-                new = cbam_fused.CBAM(c, 16, list(child.ChannelGate.pool_types),
-                                      child.no_spatial)
-                new.load_state_dict(child.state_dict())
-            elif type(child).__name__ == "CbamModule":
-                fc1, fc2 = child.channel.fc1, child.channel.fc2
-                c, hid = fc1.in_channels, fc1.out_channels
-                bn = child.spatial.conv.bn
-                new = cbam_fused.CBAM(c, 16, hidden_channels=hid, spatial_pools="mean,max",
-                                      mlp_bias=fc1.bias is not None,
-                                      kernel_size=child.spatial.conv.conv.kernel_size[0],
-                                      bn_momentum=bn.momentum, bn_eps=bn.eps)
-                sd = {"ChannelGate.mlp.1.weight": fc1.weight.reshape(hid, c),
-                      "ChannelGate.mlp.3.weight": fc2.weight.reshape(c, hid),
-                      "SpatialGate.spatial.conv.weight": child.spatial.conv.conv.weight}
-                if fc1.bias is not None:
-                    sd["ChannelGate.mlp.1.bias"] = fc1.bias
-                    sd["ChannelGate.mlp.3.bias"] = fc2.bias
-                for k, v in bn.state_dict().items():
-                    sd[f"SpatialGate.spatial.bn.{k}"] = v
-                new.load_state_dict(sd)
-            if new is not None:
-                setattr(parent, cname, new)
-                n += 1
-    return n
-
-
 def fuse(model):
     """(fused copy of model, conversion record)."""
     import cbam_fused
     fused = copy.deepcopy(model)
-    if hasattr(cbam_fused, "convert"):
-        report = cbam_fused.convert(fused, verify=True)
-        n = len(getattr(report, "converted", []) or [])
-        rec = dict(method="cbam_fused.convert(verify=True)", blocks_converted=n,
-                   blocks_skipped=[str(s) for s in getattr(report, "skipped", [])][:20])
-    else:
-        n = _manual_fuse(fused)
-        rec = dict(method="bench_network manual replacement (cbam_fused.convert missing)",
-                   blocks_converted=n)
+    report = cbam_fused.convert(fused, verify=True)
+    n = len(report.converted)
+    rec = dict(method="cbam_fused.convert(verify=True)", blocks_converted=n,
+               blocks_skipped=[str(s) for s in report.skipped][:20])
     if n == 0:
         raise RuntimeError("no CBAM block was converted")
     return fused, rec

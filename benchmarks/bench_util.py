@@ -293,6 +293,25 @@ def fmt_bytes(b: Optional[float]) -> str:
     return str(b)
 
 
+def drop_missing(names: List[str], packages: Dict[str, str], what: str) -> List[str]:
+    """names without those whose Python package (packages: name -> importable module) is not
+    installed, each dropped one announced on stderr: a benchmark runs what it can."""
+    import importlib.util
+    kept = []
+    for n in names:
+        mod = packages.get(n)
+        try:
+            missing = mod is not None and importlib.util.find_spec(mod) is None
+        except (ImportError, ValueError):
+            missing = True
+        if missing:
+            print(f"note: {what} {n!r} skipped: the Python package {mod!r} is not installed",
+                  file=sys.stderr)
+            continue
+        kept.append(n)
+    return kept
+
+
 def geomean(v: List[float]) -> Optional[float]:
     import math
     v = [x for x in v if x and x > 0]

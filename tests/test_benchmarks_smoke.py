@@ -1,5 +1,6 @@
 """CPU smoke tests of the benchmark scripts (issue 5): they run with tiny shapes and --quick, and
 write a JSON with the documented schema and a well-formed PNG. Never a time is checked."""
+import importlib.util
 import json
 import os
 import struct
@@ -10,12 +11,28 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
+HAVE_TIMM = importlib.util.find_spec("timm") is not None
+
+# Put on PYTHONPATH, it makes `import timm` fail as on a machine without it.
+HIDE_TIMM = """import sys
+class _HideTimm:
+    def find_spec(self, name, path=None, target=None):
+        if name == "timm" or name.startswith("timm."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+sys.meta_path.insert(0, _HideTimm())
+"""
 
 
-def _run(script, args, tmp_path, timeout=240):
+def _run(script, args, tmp_path, timeout=240, hide_timm=False):
     # one thread: the CPU smoke runs are tiny, and threads only contend on a loaded machine
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    path = [ROOT]
+    if hide_timm:
+        site = tmp_path / "hide_timm"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(HIDE_TIMM)
+        path.insert(0, str(site))
+    env["PYTHONPATH"] = os.pathsep.join(path + [p for p in [env.get("PYTHONPATH")] if p])
     js, png = tmp_path / "out.json", tmp_path / "out.png"
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script), "--device", "cpu",
                            "--quick", "--no-progress", "--json", str(js), "--plot", str(png),
@@ -24,7 +41,7 @@ def _run(script, args, tmp_path, timeout=240):
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "not the product" in proc.stdout or "say nothing about the product" in proc.stdout, \
         "the CPU notice is missing"
-    return json.loads(js.read_text()), png, proc.stdout
+    return json.loads(js.read_text()), png, proc.stdout + proc.stderr
 
 
 def _check_png(path):
@@ -60,7 +77,7 @@ def test_bench_cbam_cpu_quick(tmp_path):
             assert k in c, k
         assert c["floor_passes"] == (2 if c["mode"] == "fwd" else 5)
         assert c["floor_bytes"] == c["floor_passes"] * c["x_bytes"]
-        assert set(c["peers"]) == {"official", "timm", "cbam_fused"}
+        assert set(c["peers"]) == {"official", "cbam_fused"} | ({"timm"} if HAVE_TIMM else set())
         for name, r in c["peers"].items():
             assert r["error"] is None, (c["id"], name, r["error"])
             for k in ("median_ms", "eff_gb_per_s", "frac_copy_bw", "speedup_of_fused",
@@ -78,12 +95,13 @@ def test_bench_network_cpu_quick(tmp_path):
                           "--warmup", "0", "--batch", "2"], tmp_path)
     assert res["schema"] == "cbam_fused.bench_network/1" and res["finished"] is True
     _check_meta(res["meta"])
-    for m in ("timm", "official"):
+    models = ["timm", "official"] if HAVE_TIMM else ["official"]
+    for m in models:
         conv = res["conversion"][m]
         assert conv.get("error") is None, conv
         assert conv["blocks_converted"] == 16
         assert conv["max_rel_diff_vs_eager"] < 1e-4
-    assert len(res["results"]) == 8  # 2 models x 2 modes x (eager, fused)
+    assert len(res["results"]) == 4 * len(models)  # models x 2 modes x (eager, fused)
     for r in res["results"]:
         for k in ("id", "model", "mode", "batch", "variant", "median_ms", "images_per_s",
                   "peak_mem_bytes", "speedup_vs_eager", "error", "skipped"):
@@ -91,6 +109,24 @@ def test_bench_network_cpu_quick(tmp_path):
         assert r["error"] is None and r["skipped"] is None, r
         assert r["images_per_s"] > 0
     _check_png(png)
+
+
+def test_bench_cbam_without_timm_skips_that_peer(tmp_path):
+    """A missing optional package (timm, on a GPU machine without the carried wheels) drops its
+    peer with a note; the rest still runs."""
+    res, _, out = _run("bench_cbam.py", ["--shapes", "tiny", "--modes", "fwd", "--reps", "1",
+                                         "--warmup", "0"], tmp_path, hide_timm=True)
+    assert "peer 'timm' skipped" in out
+    assert res["settings"]["peers"] == ["official", "cbam_fused"]
+    assert all(set(c["peers"]) == {"official", "cbam_fused"} for c in res["cases"])
+
+
+def test_bench_network_without_timm_runs_the_official_model(tmp_path):
+    res, _, out = _run("bench_network.py", ["--models", "timm,official", "--modes", "infer",
+                                            "--image-size", "32", "--steps", "1", "--warmup", "0",
+                                            "--batch", "1"], tmp_path, hide_timm=True)
+    assert "model 'timm' skipped" in out
+    assert {r["model"] for r in res["results"]} == {"official"}
 
 
 @pytest.mark.parametrize("script", ["bench_cbam.py", "bench_network.py"])

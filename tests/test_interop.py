@@ -2,7 +2,6 @@
 structure (benchmarks/official_cbam.py) and timm's CbamModule / LightCbamModule."""
 import pytest
 import torch
-from timm.layers.cbam import CbamModule, LightCbamModule
 
 import cbam_fused
 from cbam_fused import functional, reference
@@ -57,7 +56,8 @@ def _timm_kwargs(m, light=False):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("light", [False, True], ids=["CbamModule", "LightCbamModule"])
 def test_reference_and_fused_match_timm(light, train, mlp_bias):
-    cls = LightCbamModule if light else CbamModule
+    timm_cbam = pytest.importorskip("timm.layers.cbam", reason="timm is not installed")
+    cls = timm_cbam.LightCbamModule if light else timm_cbam.CbamModule
     m = randomize_(cls(24, rd_channels=6, mlp_bias=mlp_bias)).double().train(train)
     x = torch.randn(2, 24, 5, 7, dtype=torch.float64, requires_grad=True)
     kw = _timm_kwargs(m, light)
