@@ -111,8 +111,9 @@ def _get(module: nn.Module, path: Path) -> nn.Module:
     return module
 
 
-def _bn_kwargs(bn: nn.Module) -> dict:
-    """BatchNorm(1) as nn.BatchNorm's forward would run it (counts the batch in training)."""
+def _bn_kwargs(bn: nn.Module, x: Optional[Tensor]) -> dict:
+    """BatchNorm(1) as nn.BatchNorm's forward would run it on x (counts the batch in training;
+    x None: a look at the arguments, nothing counted)."""
     if not isinstance(bn, _BatchNorm):  # a frozen BatchNorm: running statistics, never updated
         return dict(batch_norm=True, bn_weight=bn.weight, bn_bias=bn.bias,
                     bn_running_mean=bn.running_mean, bn_running_var=bn.running_var,
@@ -123,8 +124,10 @@ def _bn_kwargs(bn: nn.Module) -> dict:
                            "cbam_fused.unconvert(model) before convert_sync_batchnorm")
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if x is not None:
+            factor = F._count_bn_batch(x, bn.num_batches_tracked, bn.momentum)
+        elif bn.momentum is None:
+            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     return dict(batch_norm=True, bn_weight=bn.weight, bn_bias=bn.bias,
@@ -133,7 +136,7 @@ def _bn_kwargs(bn: nn.Module) -> dict:
                 bn_training=batch_stats, bn_momentum=factor, bn_eps=bn.eps)
 
 
-def _spec_kwargs(block: nn.Module, spec: BlockSpec) -> dict:
+def _spec_kwargs(block: nn.Module, spec: BlockSpec, x: Optional[Tensor] = None) -> dict:
     kw = dict(arrangement=spec.arrangement)
     if spec.fc1 is not None:
         l1 = _get(block, spec.fc1)
@@ -145,7 +148,7 @@ def _spec_kwargs(block: nn.Module, spec: BlockSpec) -> dict:
         conv = _get(block, spec.conv)
         kw.update(conv_w=conv.weight, conv_b=conv.bias, spatial_pools=spec.spatial_pools)
         if spec.bn is not None:
-            kw.update(_bn_kwargs(_get(block, spec.bn)))
+            kw.update(_bn_kwargs(_get(block, spec.bn), x))
     return kw
 
 
@@ -156,7 +159,7 @@ class _SpecForward(nn.Module):
     _cbam_record = None  # (dict, name) while record_attention() is active
 
     def forward(self, x: Tensor) -> Tensor:
-        kw = _spec_kwargs(self, self._cbam_spec)
+        kw = _spec_kwargs(self, self._cbam_spec, x)
         rec = self._cbam_record
         if rec is None:
             return F.cbam(x, **kw)

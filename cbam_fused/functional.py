@@ -381,3 +381,22 @@ def cbam(x: Tensor,
         gc, gs = (_none_if_empty(out[1 + _SAVED.index(k)].detach()) for k in ("gc", "gs"))
         return y, gc, None if gs is None else gs.reshape(x.shape[0], 1, *x.shape[2:])
     return y
+
+
+def _count_bn_batch(x: Tensor, num_batches_tracked: Tensor, momentum: Optional[float]) -> float:
+    """Counts one training batch of the spatial gate's BatchNorm, as nn.BatchNorm's forward does,
+    and returns the running-statistics factor of this batch: `momentum`, or the cumulative
+    average 1 / count when momentum is None. x is not used: it ties the call to the block's input,
+    so that torch.fx records it as a node of the graph (a leaf, see below) that runs on every call
+    instead of once while tracing."""
+    num_batches_tracked.add_(1)
+    return 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
+
+
+# torch.fx.symbolic_trace: cbam and _count_bn_batch are leaves (one call_function node each, with
+# the block's parameters and buffers as get_attr inputs); tracing into them would meet the
+# validation's Python control flow on tensor properties. The count has a side effect, so dead-code
+# elimination keeps it. torch.compile is not affected by either.
+torch.fx.wrap("cbam")
+torch.fx.wrap("_count_bn_batch")
+torch.fx.node.has_side_effect(_count_bn_batch)

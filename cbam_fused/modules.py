@@ -57,6 +57,12 @@ def _check_x(x: Tensor, dim: int, channels: Optional[int], who: str):
                          f"{x.shape[1]} in shape {tuple(x.shape)}")
 
 
+# a leaf under torch.fx.symbolic_trace: the check runs on every call of the traced graph, and
+# dead-code elimination keeps it (it raises)
+torch.fx.wrap("_check_x")
+torch.fx.node.has_side_effect(_check_x)
+
+
 class ChannelGate(nn.Module):
     """gc = sigmoid(sum over pools of MLP(pool_s(x))); y = x * gc. Official keys mlp.1 / mlp.3."""
 
@@ -149,15 +155,17 @@ class SpatialGate(nn.Module):
                       bn_momentum=self._bn_momentum() if self.training else 0.0, bn_eps=bn.eps)
         return kw
 
-    def _count_batch(self):
+    def _count_batch(self, x: Tensor, kw: dict) -> None:
+        """Counts this training batch in the BatchNorm's num_batches_tracked and sets the running
+        statistics factor of kw (the arguments of the coming cbam call) from the new count."""
         bn = self.spatial.bn
         if bn is not None and self.training and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
+            kw["bn_momentum"] = F._count_bn_batch(x, bn.num_batches_tracked, bn.momentum)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.dim, None, "SpatialGate")
         kw = self.functional_kwargs()
-        self._count_batch()
+        self._count_batch(x, kw)
         return F.cbam(x, **kw)
 
 
@@ -217,5 +225,5 @@ class CBAM(nn.Module):
         _check_x(x, self.dim, self.gate_channels, "CBAM")
         kw = self.functional_kwargs()
         if not self.no_spatial:
-            self.SpatialGate._count_batch()
+            self.SpatialGate._count_batch(x, kw)
         return F.cbam(x, **kw)

@@ -313,8 +313,8 @@ def test_verify_raises_naming_the_block(monkeypatch):
     m = nn.Sequential(nn.Identity(), oc.CBAM(16, 4))
     real = cv._spec_kwargs
 
-    def wrong(block, spec):  # a conversion bug: the spatial conv read with its sign flipped
-        kw = real(block, spec)
+    def wrong(block, spec, x=None):  # a conversion bug: the spatial conv read with its sign flipped
+        kw = real(block, spec, x)
         if "conv_w" in kw:
             kw["conv_w"] = -kw["conv_w"]
         return kw
