@@ -36,9 +36,6 @@ def _like_x(flat: Tensor, x: Tensor) -> Tensor:
 
 
 def pool_over_s(x: Tensor, scale: Optional[Tensor]):
-    sim = sim_op("pool_over_s")
-    if sim is not None:
-        return sim(x, scale)
     xf = _flat(x)
     if scale is not None:
         xf = xf * scale[:, None, :]
@@ -47,9 +44,6 @@ def pool_over_s(x: Tensor, scale: Optional[Tensor]):
 
 
 def pool_over_c(x: Tensor, scale: Optional[Tensor]):
-    sim = sim_op("pool_over_c")
-    if sim is not None:
-        return sim(x, scale)
     xf = _flat(x)
     if scale is not None:
         xf = xf * scale[:, :, None]
@@ -58,22 +52,16 @@ def pool_over_c(x: Tensor, scale: Optional[Tensor]):
 
 
 def apply_gates(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
-    sim = sim_op("apply_gates")
-    if sim is not None:
-        return sim(x, gc, gs)
     yf = _flat(x)
     if gc is not None:
         yf = yf * gc[:, :, None]
     if gs is not None:
         yf = yf * gs[:, None, :]
-    return _like_x(yf, x)
+    return yf
 
 
 def backward_reduce(grad: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
                     need_rc: bool, need_rs: bool):
-    sim = sim_op("backward_reduce")
-    if sim is not None:
-        return sim(grad, x, gc, gs, need_rc, need_rs)
     gx = _flat(grad) * _flat(x)
     empty = gx.new_empty((0,))
     rc = (gx if gs is None else gx * gs[:, None, :]).sum(2) if need_rc else empty
@@ -92,9 +80,6 @@ def _at_argmax(d: Tensor, idx: Tensor, n: int, dim: int) -> Tensor:
 
 def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
                                argmax: Optional[Tensor]) -> Tensor:
-    sim = sim_op("pool_over_c_backward_scale")
-    if sim is not None:
-        return sim(x, d_avg, d_max, argmax)
     xf = _flat(x)
     n, c, _ = xf.shape
     w = torch.zeros_like(xf)
@@ -107,9 +92,6 @@ def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
 
 def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
                                argmax: Optional[Tensor]) -> Tensor:
-    sim = sim_op("pool_over_s_backward_scale")
-    if sim is not None:
-        return sim(x, d_avg, d_max, argmax)
     xf = _flat(x)
     n, c, s = xf.shape
     w = torch.zeros_like(xf)
@@ -123,9 +105,6 @@ def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
 def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Optional[Tensor],
                dm: Optional[Tensor], idx_s: Optional[Tensor], du: Optional[Tensor],
                dv: Optional[Tensor], idx_c: Optional[Tensor], arrangement: int) -> Tensor:
-    sim = sim_op("grad_input")
-    if sim is not None:
-        return sim(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement)
     if arrangement not in (0, 1, 2):
         raise RuntimeError(f"grad_input: arrangement must be 0, 1 or 2, got {arrangement}")
     gf = _flat(grad)
@@ -147,10 +126,12 @@ def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Opt
     kc = gsb if arrangement == 1 else ones
     ks = gcb if arrangement == 0 else ones
     dx = gf * gcb * gsb + kc * term_s + ks * term_c
-    return _like_x(dx, grad)
+    return dx
 
 
-KERNELS = {
+# The math of each op, functional (no in-place writes, no simulator): what the kernels below run
+# and what cbam_fused.export decomposes the ops into. apply_gates and grad_input give [N, C, S].
+MATH = {
     "pool_over_s": pool_over_s,
     "pool_over_c": pool_over_c,
     "apply_gates": apply_gates,
@@ -159,3 +140,24 @@ KERNELS = {
     "pool_over_s_backward_scale": pool_over_s_backward_scale,
     "grad_input": grad_input,
 }
+# ops whose output has the shape and memory format of their first argument
+X_SHAPED = ("apply_gates", "grad_input")
+
+
+def _kernel(name: str):
+    math = MATH[name]
+
+    def kernel(*args):
+        sim = sim_op(name)
+        if sim is not None:
+            return sim(*args)
+        out = math(*args)
+        return _like_x(out, args[0]) if name in X_SHAPED else out
+
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = f"The CPU kernel of cbam_fused::{name} (the simulator's while it is active)."
+    return kernel
+
+
+# op name -> the kernel registered for CPU tensors
+KERNELS = {name: _kernel(name) for name in MATH}

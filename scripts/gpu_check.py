@@ -598,7 +598,7 @@ print("JSON:" + json.dumps(d))
         except (OSError, ValueError):
             errs = 0
         if self.missing.get("timm"):
-            note += "; timm missing: its peer/model failed"
+            note += "; timm missing: its peer/model skipped"
         status = "TIMEOUT" if to else ("PASS" if rc == 0 and ok and not errs else "FAIL")
         return self.record(step, status, time.monotonic() - t, note)
 

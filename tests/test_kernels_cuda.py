@@ -34,10 +34,11 @@ def as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def check(op, got, want, dtype):
+def check(op, got, want, dtype, on_device=False):
     for g, w in zip(got, want):
         assert g.is_cuda and g.dtype == w.dtype and g.shape == w.shape, op
-        g, w = g.cpu(), w.cpu()
+        if not on_device:
+            g, w = g.cpu(), w.cpu()
         if g.dtype == torch.int64:
             assert torch.equal(g, w), op
         else:
@@ -110,3 +111,54 @@ def test_cuda_graph_capture_and_replay():
     for a, b in zip(captured, fresh):
         assert torch.equal(a, b)
     assert not torch.equal(captured[4], eager[4])  # the replay saw the new x
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_tensors_of_more_than_2_31_elements(layout):
+    """64-bit element offsets: x of 3 x 64 x 4097 x 4097 bfloat16 (3.2e9 elements, 6.4 GB), whose
+    last sample lies wholly beyond element 2^31. Every op's results for that sample against the
+    pure-PyTorch kernels run on the GPU on that sample alone (a 32-bit offset would read the
+    wrong sample or fault)."""
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2 ** 30:
+        pytest.skip("needs a GPU with at least 60 GiB")
+    torch.ops.cbam_fused_debug.set_debug(False, TILE_NORMAL)
+    shape = (3, 64, 4097, 4097)
+    n, c, s = 3, 64, 4097 * 4097
+    assert n * c * s > 2 ** 31 and 2 * c * s >= 2 ** 31  # the last sample starts past 2^31
+    gen = torch.Generator(device="cuda").manual_seed(5)
+
+    def big():
+        t = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+        return t.contiguous(memory_format=torch.channels_last) if layout == "cl" else t
+
+    def small_(l):
+        return torch.rand((n, l), generator=gen, device="cuda") * 1.3 + 0.2
+
+    def idx(l, ext):
+        return torch.randint(0, ext, (n, l), generator=gen, device="cuda")
+
+    x = big()
+    gc, gs = small_(c), small_(s)
+    cases = {
+        "pool_over_s": lambda: (x, gs),
+        "pool_over_c": lambda: (x, gc),
+        "apply_gates": lambda: (x, gc, gs),
+        "pool_over_c_backward_scale": lambda: (x, small_(s), small_(s), idx(s, c)),
+        "pool_over_s_backward_scale": lambda: (x, small_(c), small_(c), idx(c, s)),
+    }
+    for op, make in cases.items():
+        args = make()
+        got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
+        last = tuple(a[-1:] if isinstance(a, torch.Tensor) else a for a in args)
+        want = as_tuple(cpu.KERNELS[op](*last))
+        check(op, tuple(t[-1:] for t in got), want, torch.bfloat16, on_device=True)
+        del got, want
+    g = big()
+    for op, args in (("backward_reduce", (g, x, gc, gs, True, True)),
+                     ("grad_input", (g, gc, gs, small_(c), small_(c), idx(c, s), small_(s),
+                                     small_(s), idx(s, c), 0))):
+        got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
+        last = tuple(a[-1:] if isinstance(a, torch.Tensor) else a for a in args)
+        want = as_tuple(cpu.KERNELS[op](*last))
+        check(op, tuple(t[-1:] for t in got), want, torch.bfloat16, on_device=True)
+        del got, want
