@@ -40,6 +40,10 @@ JSON schema ("cbam_fused.bench_cbam/1"), top level:
                    peak_mem_bytes, speedup_of_fused, error, skipped}}
   summary                            geomean speed-up of cbam_fused over each peer and its mean
                                      fraction of copy bandwidth, per (mode, dtype)
+  kernels                            each cbam_fused op alone at the ResNet-50 sites, batch 64,
+                                     fp32 NCHW and bf16 channels-last: bytes / time against the
+                                     copy bandwidth (schema in benchmarks/bench_kernels.py); null
+                                     when not run (--kernels off, the CPU's default)
   finished                           false while the run is going (the file is rewritten after
                                      every case), true at the end
 """
@@ -54,6 +58,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels  # noqa: E402
 import bench_util as bu  # noqa: E402  (puts the repository root on sys.path)
 import official_cbam  # noqa: E402
 
@@ -121,6 +126,10 @@ def parse_args(argv=None):
                    help="time budget: once 40%% is spent the max-autotune peer is skipped, once "
                         "75%% is the default torch.compile peer, once all is the remaining cases "
                         "(all recorded as skipped)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "on", "off"),
+                   help="also time each cbam_fused op alone (benchmarks/bench_kernels.py): "
+                        "auto = on CUDA (ResNet-50 sites, batch 64), off on the CPU (on: tiny "
+                        "shapes there)")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -190,8 +199,10 @@ def settings_from(args, device):
                       min_reps=args.reps or 3, max_reps=args.reps or (5 if args.quick else 20))
     if args.warmup is not None:
         timing["warmup"] = args.warmup
+    kernels = args.kernels == "on" or (args.kernels == "auto" and cuda)
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
-                peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes)
+                peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
+                kernels=kernels)
 
 
 def make_cases(st):
@@ -416,6 +427,9 @@ def print_results(res):
         print(f"  {skipped} peer runs skipped (time budget)")
     if res.get("cases_skipped"):
         print(f"  {res['cases_skipped']} cases skipped (time budget)")
+    if res.get("kernels"):
+        print()
+        bench_kernels.print_results(res["kernels"])
 
 
 def plot(res, path):
@@ -429,8 +443,11 @@ def plot(res, path):
     ncase = max(1, max(sum(1 for c in res["cases"] if c["mode"] == m) for m in modes))
     width = min(48.0, max(10.0, 0.3 * ncase * max(1.0, len(peers) / 3) + 3))
     rotate = 90 if ncase > 14 else 0
-    fig, axes = plt.subplots(2 * len(modes), 1, figsize=(width, 4.4 * 2 * len(modes)),
-                             squeeze=False)
+    kern = res.get("kernels")
+    nrows = 2 * len(modes) + (1 if kern else 0)
+    fig, axes = plt.subplots(nrows, 1, figsize=(width, 4.4 * nrows), squeeze=False)
+    if kern:
+        bench_kernels.plot_axes(axes[-1][0], kern)
     colors = {p: f"C{i}" for i, p in enumerate(PEERS)}
     for row, mode in enumerate(modes):
         cs = [c for c in res["cases"] if c["mode"] == mode]
@@ -506,9 +523,20 @@ def main(argv=None):
     cases = make_cases(st)
     res = dict(schema=SCHEMA, schema_doc=SCHEMA_DOC, meta=meta,
                settings={**st, "shapes": [list(s) for s in st["shapes"]]},
-               copy_bandwidth=cb, cases=[], summary={}, cases_skipped=0, finished=False)
+               copy_bandwidth=cb, cases=[], summary={}, cases_skipped=0, kernels=None,
+               finished=False)
     budget = bu.Budget(args.max_minutes)
-    bar = bu.progress(len(cases) * len(st["peers"]), "bench_cbam", not args.no_progress)
+    cuda = device.type == "cuda"
+    ksites = "resnet50" if cuda else "tiny"
+    nk = bench_kernels.count(ksites) if st["kernels"] else 0
+    bar = bu.progress(nk + len(cases) * len(st["peers"]), "bench_cbam", not args.no_progress)
+    if st["kernels"]:  # first: a time budget cuts the layer cases, not these
+        res["kernels"] = bench_kernels.run(
+            device, sites=ksites, batch=64 if cuda else 2, copy_gbps=cb["gb_per_s"], l2_bytes=l2,
+            timing=None if cuda else dict(warmup=1, target_s=0.02, min_reps=2, max_reps=3),
+            seed=args.seed, bar=bar)
+        if args.json:
+            bu.write_json(args.json, res)
     for i, case in enumerate(cases):
         if budget.spent():
             res["cases_skipped"] = len(cases) - i

@@ -604,7 +604,8 @@ print("JSON:" + json.dumps(d))
 
     def step_bench_cbam(self, later):
         return self._bench("bench_cbam", "bench_cbam.py", later, [],
-                           ["--peers", self.args.cpu_peers] if self.args.cpu_peers else [])
+                           ["--kernels", "on"] +
+                           (["--peers", self.args.cpu_peers] if self.args.cpu_peers else []))
 
     def step_bench_network(self, later):
         return self._bench("bench_network", "bench_network.py", later, [], [])
@@ -811,6 +812,29 @@ def write_summary(d, part_dirs):
         if len(bc.get("cases", [])) > 80:
             L.append(f"| ... {len(bc['cases']) - 80} more in the JSON | |")
         L.append("")
+        kr = bc.get("kernels")
+        if kr:
+            L.append(f"### Each op alone (issue 4's target: >= {int(100 * kr['target_frac'])}% "
+                     f"of copy bandwidth at batch {kr['batch']})")
+            L.append("")
+            L.append("Bytes = every tensor the op takes and returns; %copy = bytes / median "
+                     "time / copy bandwidth.")
+            L.append("")
+            L.append("| dtype/layout | ops at target | min %copy (weakest) | mean %copy |")
+            L.append("|---|---|---|---|")
+            for k, s in kr.get("summary", {}).items():
+                L.append(f"| {k} | {s['meeting_target']}/{s['cases']} | "
+                         f"{100 * s['min_frac']:.3g}% ({s['weakest']}) | "
+                         f"{100 * s['mean_frac']:.3g}% |")
+            L.append("")
+            L.append("| op | site | dtype layout | median | GB/s | %copy |")
+            L.append("|---|---|---|---|---|---|")
+            for c in kr.get("cases", []):
+                L.append(f"| {c['op']} | {c['site']} | {c['dtype']} {c['layout']} | "
+                         + ("ERR | - | - |" if c.get("error") else
+                            f"{_fmt_ms(c['median_ms'])} | {c['gb_per_s']:.4g} | "
+                            f"{100 * c['frac_copy_bw']:.3g}% |"))
+            L.append("")
     bn = _load(os.path.join(d, "bench_network.json"))
     if bn:
         st = bn["settings"]

@@ -64,7 +64,7 @@ def _check_meta(meta):
 
 def test_bench_cbam_cpu_quick(tmp_path):
     res, png, out = _run("bench_cbam.py", ["--shapes", "tiny", "--modes", "fwd,train", "--reps", "3",
-                                                 "--warmup", "1"], tmp_path)
+                                                 "--warmup", "1", "--kernels", "on"], tmp_path)
     assert res["schema"] == "cbam_fused.bench_cbam/1" and res["finished"] is True
     for k in ("schema_doc", "meta", "settings", "copy_bandwidth", "cases", "summary"):
         assert k in res, k
@@ -86,7 +86,36 @@ def test_bench_cbam_cpu_quick(tmp_path):
             assert r["median_ms"] > 0 and r["speedup_of_fused"] > 0
         if c["mode"] == "fwd":
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
+    _check_kernels(res["kernels"])
+    assert "each op alone" in out
     _check_png(png)
+
+
+def _check_kernels(k):
+    assert k["schema"] == "cbam_fused.bench_kernels/1" and k["target_frac"] == 0.8
+    assert len(k["cases"]) == 2 * 2 * 7  # two tiny sites x (fp32 NCHW, bf16 CL) x 7 ops
+    for c in k["cases"]:
+        assert c["error"] is None, c
+        assert c["median_ms"] > 0 and c["frac_copy_bw"] > 0
+        # at least the x-sized tensors the op reads and writes
+        x_passes = {"pool_over_s": 1, "pool_over_c": 1, "apply_gates": 2, "backward_reduce": 2,
+                    "pool_over_c_backward_scale": 1, "pool_over_s_backward_scale": 1,
+                    "grad_input": 2}[c["op"]]
+        assert x_passes * c["x_bytes"] < c["bytes"] < (x_passes + 1) * c["x_bytes"], c
+    assert set(k["summary"]) == {"float32/nchw", "bfloat16/channels_last"}
+
+
+def test_bench_kernels_standalone(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    js = tmp_path / "k.json"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--device",
+                           "cpu", "--no-progress", "--json", str(js)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    k = json.loads(js.read_text())
+    _check_kernels(k)
+    assert k["meta"]["device"]["type"] == "cpu"
 
 
 def test_bench_network_cpu_quick(tmp_path):
@@ -129,7 +158,7 @@ def test_bench_network_without_timm_runs_the_official_model(tmp_path):
     assert {r["model"] for r in res["results"]} == {"official"}
 
 
-@pytest.mark.parametrize("script", ["bench_cbam.py", "bench_network.py"])
+@pytest.mark.parametrize("script", ["bench_cbam.py", "bench_network.py", "bench_kernels.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"],
                           capture_output=True, text=True, timeout=120,

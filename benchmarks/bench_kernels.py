@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Kernel benchmark: each cbam_fused op alone, its bytes over its time against the copy
+bandwidth (issue 4's performance target: at least 80% of the device's copy bandwidth on the
+ResNet-50 CBAM sites at batch 64, float32 NCHW and bfloat16 channels-last).
+
+Each op runs with the arguments the channel-first block gives it (pool_over_s_backward_scale with
+the spatial-first block's):
+  pool_over_s(x)                       pool_over_c(x, gc)               apply_gates(x, gc, gs)
+  backward_reduce(g, x, gc, gs)        pool_over_c_backward_scale(x, du, dv, ic)
+  pool_over_s_backward_scale(x, da, dm, is)                             grad_input(g, ..., 0)
+Bytes of an op = the bytes of every tensor it takes and returns (x-sized ones and the small [N, C]
+/ [N, S] ones): what it must move at the least. Effective bandwidth = those bytes / the median
+time (CUDA events, inputs rotating among enough buffers to exceed 3x the L2 cache, random
+normal data, outputs not poisoned). frac_copy_bw = that / the copy bandwidth measured in the same
+run. Partial buffers of two-stage reductions are not counted: they are the kernel's own cost.
+
+Runs standalone (python benchmarks/bench_kernels.py [--json PATH]) and as part of bench_cbam.py,
+whose JSON holds the same record under "kernels".
+
+JSON record ("cbam_fused.bench_kernels/1"): schema, batch, target_frac, copy_gb_per_s,
+cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median_ms, p10_ms,
+p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error},
+summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}.
+"""
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_util as bu  # noqa: E402
+
+SCHEMA = "cbam_fused.bench_kernels/1"
+TARGET = 0.8
+OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
+       "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input")
+SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
+         "tiny": [(32, 8, 8), (64, 5, 5)]}
+CONFIGS = {"fp32-nchw": (torch.float32, torch.contiguous_format),
+           "bf16-cl": (torch.bfloat16, torch.channels_last)}
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, (tuple, list)):
+        return sum(_nbytes(v) for v in t)
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _buffers(n, c, h, w, dtype, fmt, device, l2_bytes, gen):
+    """x and g buffers (rotating), and the small tensors of the ops (one set, [N, C] / [N, S])."""
+    x_bytes = n * c * h * w * torch.tensor([], dtype=dtype).element_size()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        want = max(2, -(-3 * (l2_bytes or 50 << 20) // x_bytes) + 1)
+        nb = int(max(1, min(want, 32, (free // 6) // (2 * x_bytes))))
+    else:
+        nb = 2
+
+    def big():
+        return torch.randn((n, c, h, w), generator=gen, device=device,
+                           dtype=dtype).contiguous(memory_format=fmt)
+    xs = [big() for _ in range(nb)]
+    gs = [big() for _ in range(nb)]
+    s = h * w
+
+    def rnd(l, lo=0.1, hi=1.0):
+        return torch.rand((n, l), generator=gen, device=device) * (hi - lo) + lo
+
+    small = dict(gc=rnd(c), gs=rnd(s), da=rnd(c, -1, 1), dm=rnd(c, -1, 1), du=rnd(s, -1, 1),
+                 dv=rnd(s, -1, 1), i_s=torch.randint(0, s, (n, c), generator=gen, device=device),
+                 i_c=torch.randint(0, c, (n, s), generator=gen, device=device))
+    if dtype == torch.float64:
+        small = {k: v.double() if v.is_floating_point() else v for k, v in small.items()}
+    return xs, gs, small, x_bytes
+
+
+def _args(op, x, g, t):
+    return {
+        "pool_over_s": (x, None),
+        "pool_over_c": (x, t["gc"]),
+        "apply_gates": (x, t["gc"], t["gs"]),
+        "backward_reduce": (g, x, t["gc"], t["gs"], True, True),
+        "pool_over_c_backward_scale": (x, t["du"], t["dv"], t["i_c"]),
+        "pool_over_s_backward_scale": (x, t["da"], t["dm"], t["i_s"]),
+        "grad_input": (g, t["gc"], t["gs"], t["da"], t["dm"], t["i_s"], t["du"], t["dv"],
+                       t["i_c"], 0),
+    }[op]
+
+
+def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
+        l2_bytes=None, timing=None, seed=0, bar=None) -> dict:
+    """Measures every (site, config, op); returns the JSON record (see the module docstring)."""
+    timing = timing or dict(warmup=5, target_s=0.1, min_reps=10, max_reps=200)
+    if copy_gbps is None:
+        copy_gbps = bu.copy_bandwidth(device)["gb_per_s"]
+    if device.type == "cuda":
+        torch.ops.cbam_fused_debug.set_debug(False, 0)  # no poisoning fill in the timings
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cases = []
+    for cfg in configs:
+        dtype, fmt = CONFIGS[cfg]
+        for (c, h, w) in SITES[sites]:
+            xs, gs, small, x_bytes = _buffers(batch, c, h, w, dtype, fmt, device, l2_bytes, gen)
+            nb = len(xs)
+            for op in ops:
+                rec = dict(id=f"{op}-{c}x{h}x{w}-b{batch}-{cfg}", op=op, site=f"{c}x{h}x{w}",
+                           shape=[batch, c, h, w], dtype=str(dtype).replace("torch.", ""),
+                           layout="channels_last" if fmt == torch.channels_last else "nchw",
+                           bytes=None, x_bytes=x_bytes, median_ms=None, p10_ms=None,
+                           p90_ms=None, reps=0, n_buffers=nb, gb_per_s=None, frac_copy_bw=None,
+                           meets_target=None, error=None)
+                if bar is not None:
+                    bar.set_postfix_str(rec["id"], refresh=False)
+                try:
+                    fn = getattr(torch.ops.cbam_fused, op)
+                    args0 = _args(op, xs[0], gs[0], small)
+                    rec["bytes"] = _nbytes(args0) + _nbytes(fn(*args0))
+
+                    def call(i, fn=fn, op=op):
+                        return fn(*_args(op, xs[i % nb], gs[i % nb], small))
+                    reps = bu.reps_for(call, device, timing["target_s"], timing["min_reps"],
+                                       timing["max_reps"])
+                    times = bu.time_runs(call, device, warmup=timing["warmup"], reps=reps)
+                    med = bu.median(times)
+                    rec.update(median_ms=med, p10_ms=bu.quantile(times, 0.1),
+                               p90_ms=bu.quantile(times, 0.9), reps=reps)
+                    rec["gb_per_s"] = rec["bytes"] / (med * 1e-3) / 1e9
+                    rec["frac_copy_bw"] = rec["gb_per_s"] / copy_gbps if copy_gbps else None
+                    rec["meets_target"] = rec["frac_copy_bw"] is not None and \
+                        rec["frac_copy_bw"] >= TARGET
+                except Exception as e:  # noqa: BLE001  one op failing must not end the run
+                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    sys.stderr.write(f"\n[bench_kernels] {rec['id']} failed:\n"
+                                     f"{traceback.format_exc(limit=6)}\n")
+                cases.append(rec)
+                if bar is not None:
+                    bar.update(1)
+            del xs, gs, small
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return dict(schema=SCHEMA, batch=batch, target_frac=TARGET, copy_gb_per_s=copy_gbps,
+                cases=cases, summary=summarize(cases))
+
+
+def count(sites="resnet50", configs=tuple(CONFIGS), ops=OPS) -> int:
+    return len(SITES[sites]) * len(configs) * len(ops)
+
+
+def summarize(cases):
+    out = {}
+    for key in sorted({f"{c['dtype']}/{c['layout']}" for c in cases}):
+        sel = [c for c in cases if f"{c['dtype']}/{c['layout']}" == key and c["frac_copy_bw"]]
+        if not sel:
+            continue
+        fr = [c["frac_copy_bw"] for c in sel]
+        weakest = min(sel, key=lambda c: c["frac_copy_bw"])
+        out[key] = dict(cases=len(sel), min_frac=min(fr), mean_frac=sum(fr) / len(fr),
+                        meeting_target=sum(1 for c in sel if c["meets_target"]),
+                        weakest=weakest["id"])
+    return out
+
+
+def print_results(rec):
+    rows = []
+    for c in rec["cases"]:
+        rows.append([c["op"], c["site"], f"{c['dtype']} {c['layout']}",
+                     "ERR" if c["error"] else bu.fmt_ms(c["median_ms"]),
+                     bu.fmt_bytes(c["bytes"]) if c["bytes"] else "-",
+                     f"{c['gb_per_s']:.4g}" if c["gb_per_s"] else "-",
+                     f"{100 * c['frac_copy_bw']:.3g}%" if c["frac_copy_bw"] else "-",
+                     "" if c["meets_target"] is None else ("ok" if c["meets_target"] else "BELOW")])
+    bu.print_table(["op", "site", "dtype layout", "median", "bytes", "GB/s", "%copy",
+                    f">={int(100 * TARGET)}%"], rows,
+                   title=f"each op alone, batch {rec['batch']}: its bytes / median time "
+                         f"(copy bandwidth {rec['copy_gb_per_s']:.0f} GB/s)")
+    for k, s in rec["summary"].items():
+        print(f"  {k:22s} {s['meeting_target']}/{s['cases']} ops at >= {int(100 * TARGET)}% of "
+              f"copy bw; min {100 * s['min_frac']:.3g}% ({s['weakest']}), "
+              f"mean {100 * s['mean_frac']:.3g}%")
+
+
+def plot_axes(ax, rec):
+    """Bars of frac_copy_bw per (site, config), one per op, and the target line."""
+    groups = []
+    for c in rec["cases"]:
+        key = (c["site"], f"{c['dtype']} {c['layout']}")
+        if key not in groups:
+            groups.append(key)
+    bw = 0.8 / len(OPS)
+    for k, op in enumerate(OPS):
+        v = []
+        for key in groups:
+            m = [c for c in rec["cases"] if c["op"] == op and (c["site"], f"{c['dtype']} "
+                                                                          f"{c['layout']}") == key]
+            v.append(m[0]["frac_copy_bw"] or 0 if m else 0)
+        ax.bar([i + (k - (len(OPS) - 1) / 2) * bw for i in range(len(groups))], v, bw, label=op,
+               color=f"C{k}")
+    ax.axhline(TARGET, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{s}\n{d}" for s, d in groups], fontsize=7)
+    ax.set_ylabel("fraction of copy bw")
+    ax.set_title(f"each op alone, batch {rec['batch']}: bytes / time as a fraction of the copy "
+                 f"bandwidth (dashed: the {int(100 * TARGET)}% target)", fontsize=10)
+    ax.legend(fontsize=7, ncol=4)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if visible), cuda, cuda:N or cpu")
+    p.add_argument("--batch", type=int, default=None, help="default 64 (2 on the CPU)")
+    p.add_argument("--sites", default=None, choices=sorted(SITES),
+                   help="default resnet50 (tiny on the CPU)")
+    p.add_argument("--json", default=None, help="write the record here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    device = bu.pick_device(args.device)
+    cuda = device.type == "cuda"
+    sites = args.sites or ("resnet50" if cuda else "tiny")
+    batch = args.batch or (64 if cuda else 2)
+    meta = bu.run_metadata(device, sys.argv if argv is None else ["bench_kernels.py"] + list(argv))
+    print(f"bench_kernels: {meta['device'].get('name')} ({device}), torch {meta['torch']}")
+    if not cuda:
+        print(bu.CPU_NOTICE)
+    warn = bu.fallback_warning(meta)
+    if warn:
+        print(warn)
+    bar = bu.progress(count(sites), "bench_kernels", not args.no_progress)
+    timing = None if cuda else dict(warmup=1, target_s=0.05, min_reps=2, max_reps=3)
+    rec = run(device, sites=sites, batch=batch, timing=timing,
+              l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar)
+    bar.close()
+    rec["meta"] = meta
+    print()
+    print_results(rec)
+    if args.json:
+        bu.write_json(args.json, rec)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
