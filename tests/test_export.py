@@ -161,3 +161,25 @@ def test_onnx_export_runs_in_onnxruntime():
     with torch.no_grad():
         want = model(x)
     assert rel_err(torch.from_numpy(got), want) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.save / load are deprecated
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_jit_trace_for_inference(layout):
+    """torch.jit.trace (older deployment flows): the block is one cbam_fused::cbam_block call;
+    the trace generalises over batch and spatial size and survives save / load."""
+    model = randomize_(_Net()).eval()
+    x = _x(layout, (2, 3, 12, 10))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+    assert "cbam_fused::cbam_block" in str(traced.inlined_graph)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    for shape in [(2, 3, 12, 10), (5, 3, 7, 9)]:
+        x = _x(layout, shape)
+        with torch.no_grad():
+            want = model(x)
+            assert rel_err(traced(x), want) == 0.0
+            assert rel_err(loaded(x), want) == 0.0
