@@ -25,7 +25,9 @@ JSON record ("cbam_fused.bench_kernels/1"): schema, batch, target_frac, copy_gb_
 cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median_ms, p10_ms,
 p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error, graph_error (a CUDA-graph
 capture that failed: that op was then timed call by call)},
-summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}.
+summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}; with --sweep, each
+case also has sweep{"tiles/rows": frac_copy_bw} and the record sweep{settings, gmean_frac,
+per_op{op: {best, best_gmean, default_gmean}}, best_per_case}.
 """
 import argparse
 import os
@@ -43,6 +45,8 @@ OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
        "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input")
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
          "tiny": [(32, 8, 8), (64, 5, 5)]}
+DEFAULT_TUNING = (8, 4)  # the launchers' grid sizing (csrc/launchers/launchers.h, cbam::debug)
+SWEEP = [(t, r) for t in (2, 4, 8, 16, 32) for r in (1, 2, 4, 8)]
 CONFIGS = {"fp32-nchw": (torch.float32, torch.contiguous_format),
            "bf16-cl": (torch.bfloat16, torch.channels_last)}
 
@@ -94,9 +98,40 @@ def _args(op, x, g, t):
     }[op]
 
 
+def _time(call, nb, device, timing, rec):
+    """(times in ms, reps) of call(i) over the nb rotating buffers (see the module docstring)."""
+    if device.type == "cuda":
+        calls = nb * max(1, -(-8 // nb))  # every buffer at least once, >= 8 launches a replay
+        try:
+            return bu.time_graph(call, device, calls=calls, reps=timing["graph_reps"]), \
+                timing["graph_reps"]
+        except Exception as e:  # noqa: BLE001  a capture bug: say so, time call by call
+            rec["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            torch.cuda.synchronize(device)
+    reps = bu.reps_for(call, device, timing["target_s"], timing["min_reps"], timing["max_reps"])
+    return bu.time_runs(call, device, warmup=timing["warmup"], reps=reps), reps
+
+
+def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
+    """frac_copy_bw of the op under each grid-sizing setting (tiles_per_sm, min_rows_per_thread)
+    of `sweep`, keyed "tiles/rows"; the defaults are restored afterwards."""
+    set_tuning = torch.ops.cbam_fused_debug.set_tuning
+    out = {}
+    try:
+        for tiles, rows in sweep:
+            set_tuning(tiles, rows)
+            times, _ = _time(call, nb, device, timing, rec)
+            out[f"{tiles}/{rows}"] = rec["bytes"] / (bu.median(times) * 1e-3) / 1e9 / copy_gbps
+    finally:
+        set_tuning(*DEFAULT_TUNING)
+    return out
+
+
 def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
-        l2_bytes=None, timing=None, seed=0, bar=None) -> dict:
-    """Measures every (site, config, op); returns the JSON record (see the module docstring)."""
+        l2_bytes=None, timing=None, seed=0, bar=None, sweep=None) -> dict:
+    """Measures every (site, config, op); returns the JSON record (see the module docstring).
+    sweep: (tiles_per_sm, min_rows_per_thread) settings to time each op under as well (CUDA
+    kernels only)."""
     timing = timing or dict(warmup=5, target_s=0.1, min_reps=10, max_reps=200, graph_reps=25)
     if copy_gbps is None:
         copy_gbps = bu.copy_bandwidth(device)["gb_per_s"]
@@ -125,20 +160,7 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
 
                     def call(i, fn=fn, op=op):
                         return fn(*_args(op, xs[i % nb], gs[i % nb], small))
-                    times = None
-                    if device.type == "cuda":
-                        # calls per replay: every buffer at least once, >= 8 launches
-                        calls = nb * max(1, -(-8 // nb))
-                        reps = timing["graph_reps"]
-                        try:
-                            times = bu.time_graph(call, device, calls=calls, reps=reps)
-                        except Exception as e:  # noqa: BLE001  a capture bug: say so, time eagerly
-                            rec["graph_error"] = f"{type(e).__name__}: {e}"[:300]
-                            torch.cuda.synchronize(device)
-                    if times is None:
-                        reps = bu.reps_for(call, device, timing["target_s"], timing["min_reps"],
-                                           timing["max_reps"])
-                        times = bu.time_runs(call, device, warmup=timing["warmup"], reps=reps)
+                    times, reps = _time(call, nb, device, timing, rec)
                     med = bu.median(times)
                     rec.update(median_ms=med, p10_ms=bu.quantile(times, 0.1),
                                p90_ms=bu.quantile(times, 0.9), reps=reps)
@@ -146,6 +168,8 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
                     rec["frac_copy_bw"] = rec["gb_per_s"] / copy_gbps if copy_gbps else None
                     rec["meets_target"] = rec["frac_copy_bw"] is not None and \
                         rec["frac_copy_bw"] >= TARGET
+                    if sweep:
+                        rec["sweep"] = _sweep(call, nb, device, timing, rec, sweep, copy_gbps)
                 except Exception as e:  # noqa: BLE001  one op failing must not end the run
                     rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     sys.stderr.write(f"\n[bench_kernels] {rec['id']} failed:\n"
@@ -200,6 +224,43 @@ def print_results(rec):
               f"mean {100 * s['mean_frac']:.3g}%")
 
 
+def summarize_sweep(cases):
+    """Per setting: the geometric mean of frac_copy_bw over the cases, and per op the best
+    setting by that mean; per case the best setting."""
+    import math
+    swept = [c for c in cases if c.get("sweep")]
+    if not swept:
+        return None
+    keys = list(swept[0]["sweep"])
+
+    def gmean(v):
+        v = [x for x in v if x and x > 0]
+        return math.exp(sum(map(math.log, v)) / len(v)) if v else None
+    overall = {k: gmean([c["sweep"].get(k) for c in swept]) for k in keys}
+    per_op = {}
+    for op in OPS:
+        sel = [c for c in swept if c["op"] == op]
+        if sel:
+            means = {k: gmean([c["sweep"].get(k) for c in sel]) for k in keys}
+            best = max(means, key=lambda k: means[k] or 0)
+            per_op[op] = dict(best=best, best_gmean=means[best], default_gmean=means.get(
+                "%d/%d" % DEFAULT_TUNING))
+    per_case = {c["id"]: max(c["sweep"], key=lambda k: c["sweep"][k] or 0) for c in swept}
+    return dict(settings=keys, gmean_frac=overall, per_op=per_op, best_per_case=per_case)
+
+
+def print_sweep(sw):
+    default = "%d/%d" % DEFAULT_TUNING
+    print(f"\ngrid-sizing sweep (tiles_per_sm/min_rows_per_thread; default {default}): geometric "
+          f"mean of %copy over all cases")
+    for k, v in sorted(sw["gmean_frac"].items(), key=lambda kv: -(kv[1] or 0)):
+        print(f"  {k:>6s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
+    print("per op, the best setting by that mean:")
+    for op, r in sw["per_op"].items():
+        print(f"  {op:28s} {r['best']:>6s} {100 * r['best_gmean']:.3g}% (default "
+              f"{100 * (r['default_gmean'] or 0):.3g}%)")
+
+
 def plot_axes(ax, rec):
     """Bars of frac_copy_bw per (site, config), one per op, and the target line."""
     groups = []
@@ -232,6 +293,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default 64 (2 on the CPU)")
     p.add_argument("--sites", default=None, choices=sorted(SITES),
                    help="default resnet50 (tiny on the CPU)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time each op under every grid-sizing setting of SWEEP "
+                        "(torch.ops.cbam_fused_debug.set_tuning; needs the CUDA kernels): "
+                        "the data to choose the launchers' defaults from")
     p.add_argument("--json", default=None, help="write the record here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -248,12 +313,21 @@ def main(argv=None):
         print(warn)
     bar = bu.progress(count(sites), "bench_kernels", not args.no_progress)
     timing = None if cuda else dict(warmup=1, target_s=0.05, min_reps=2, max_reps=3)
+    sweep = None
+    if args.sweep:
+        if not (cuda and meta.get("cbam_fused_native")):
+            raise SystemExit("--sweep: needs a GPU and cbam_fused's own CUDA kernels")
+        sweep = SWEEP
     rec = run(device, sites=sites, batch=batch, timing=timing,
-              l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar)
+              l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar, sweep=sweep)
     bar.close()
     rec["meta"] = meta
+    if sweep:
+        rec["sweep"] = summarize_sweep(rec["cases"])
     print()
     print_results(rec)
+    if rec.get("sweep"):
+        print_sweep(rec["sweep"])
     if args.json:
         bu.write_json(args.json, rec)
         print(f"wrote {args.json}")

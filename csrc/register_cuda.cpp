@@ -7,7 +7,9 @@
 TORCH_LIBRARY_IMPL(cbam_fused, CUDA, m) { cbam::impl_ops(m); }
 
 // Test knobs of the CUDA build (csrc/launchers/launchers.h, cbam::debug): poison outputs with NaN,
-// choose the tiling. torch.ops.cbam_fused_debug.set_debug(poison, tile_mode).
+// choose the tiling. torch.ops.cbam_fused_debug.set_debug(poison, tile_mode); set_tuning(tiles per
+// SM, min rows per thread) sets the grid sizing and returns the previous values.
 TORCH_LIBRARY(cbam_fused_debug, m) {
   m.def("set_debug(bool poison_outputs, int tile_mode) -> ()", &cbam::set_debug);
+  m.def("set_tuning(int tiles_per_sm, int min_rows_per_thread) -> int[]", &cbam::set_tuning);
 }

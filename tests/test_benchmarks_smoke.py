@@ -164,3 +164,32 @@ def test_help(script):
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0 and "--json" in proc.stdout and "--device" in proc.stdout
+
+
+def test_bench_kernels_sweep_summary(capsys):
+    """The sweep's summary (the GPU-only part of bench_kernels --sweep) on made-up figures."""
+    sys.path.insert(0, BENCH)
+    import bench_kernels as bk
+    cases = []
+    for op in bk.OPS:
+        for site, scale in (("a", 1.0), ("b", 0.5)):
+            sweep = {f"{t}/{r}": scale * (0.9 if (t, r) == (16, 1) and op == "grad_input" else
+                                          0.7 if (t, r) == bk.DEFAULT_TUNING else 0.6)
+                     for t, r in bk.SWEEP}
+            cases.append(dict(id=f"{op}-{site}", op=op, sweep=sweep))
+    sw = bk.summarize_sweep(cases)
+    assert sw["per_op"]["grad_input"]["best"] == "16/1"
+    assert sw["per_op"]["pool_over_s"]["best"] == "8/4"
+    assert abs(sw["per_op"]["pool_over_s"]["default_gmean"] - 0.7 * 0.5 ** 0.5) < 1e-12
+    assert sw["best_per_case"]["grad_input-b"] == "16/1"
+    assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == "8/4"
+    bk.print_sweep(sw)
+    assert "grid-sizing sweep" in capsys.readouterr().out
+    assert bk.summarize_sweep([dict(id="x", op="apply_gates")]) is None
+
+
+def test_bench_kernels_sweep_needs_the_cuda_kernels():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--device",
+                           "cpu", "--sweep", "--no-progress"], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode != 0 and "--sweep: needs a GPU" in proc.stderr

@@ -409,3 +409,39 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
         bwd = sum(_stat(s, "bytes_read") + _stat(s, "bytes_written")
                   for s in testing.simulator_stats())
     assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
+
+
+@pytest.fixture
+def default_tuning():
+    old = torch.ops.cbam_fused_sim.set_tuning(8, 4)
+    assert list(old) == [8, 4], "a test left the grid-sizing knobs changed"
+    yield
+    torch.ops.cbam_fused_sim.set_tuning(8, 4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
+    """set_tuning (the knobs a GPU session sweeps, benchmarks/bench_kernels.py --sweep) changes
+    how many blocks a launch has, and the results stay those of the CPU kernels."""
+    gen = torch.Generator().manual_seed(11)
+    # many rows (R = C = 2048), few columns: the row split is the knobs' to make
+    x = rand_x((1, 2048, 2, 2), torch.float32, "cf", gen)
+    args = op_args(op, x, gen, 0)
+    want = run_cpu(op, args)
+    grids = set()
+    for tiles, rows in [(8, 4), (1, 1), (64, 1), (2, 16)]:
+        torch.ops.cbam_fused_sim.set_tuning(tiles, rows)
+        with testing.use_simulator():
+            got = getattr(torch.ops.cbam_fused, op)(*args)
+            stats = testing.simulator_stats()
+        got = got if isinstance(got, (tuple, list)) else (got,)
+        check_same(op, got, want, x, "cf")
+        grids.add(tuple(_stat(s, "grid")[0] for s in stats))
+    assert len(grids) > 1, grids
+
+
+def test_grid_sizing_knobs_are_checked(default_tuning):
+    for bad in [(0, 4), (65, 4), (8, 0), (8, 65)]:
+        with pytest.raises(RuntimeError, match="set_tuning"):
+            torch.ops.cbam_fused_sim.set_tuning(*bad)
+    assert list(torch.ops.cbam_fused_sim.set_tuning(8, 4)) == [8, 4]  # unchanged by the refusals

@@ -179,11 +179,13 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   } else if (debug::tile_mode == 2) {
     rpt = R;
   } else {
-    // Enough tiles to fill the device a few times over, each thread walking at least 4 rows,
-    // and the side traffic at most 1/32 of the tile's x bytes.
-    const int64_t target = static_cast<int64_t>(num_sms()) * 8;
+    // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default 8),
+    // each thread walking at least debug::min_rows_per_thread rows (default 4), and the side
+    // traffic at most 1/32 of the tile's x bytes.
+    const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
     const int64_t want_tiles = ceil_div(target, N * g.nkt);
-    rpt = std::max({ceil_div(R, want_tiles), static_cast<int64_t>(lg.ty) * 4,
+    rpt = std::max({ceil_div(R, want_tiles),
+                    static_cast<int64_t>(lg.ty) * debug::min_rows_per_thread,
                     ceil_div(32 * side_bytes, elem_bytes)});
   }
   rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));

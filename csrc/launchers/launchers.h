@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace cbam {
 
@@ -20,6 +21,14 @@ inline bool poison_outputs = false;
 // 3 rows per tile: every reduction splits into many partials, on small shapes); 2 = one row tile
 // spanning all rows (the single-stage path of the strided reductions, chunked staging).
 inline int tile_mode = 0;
+// Grid sizing of the normal tiling (make_geom, launchers/common.h), tunable at run time so that a
+// GPU session can sweep them without rebuilding (benchmarks/bench_kernels.py --sweep): aim at
+// tiles_per_sm tiles (blocks) per multiprocessor, and give every thread at least
+// min_rows_per_thread rows of its tile.
+constexpr int kDefaultTilesPerSm = 8;
+constexpr int kDefaultMinRowsPerThread = 4;
+inline int tiles_per_sm = kDefaultTilesPerSm;
+inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 }  // namespace debug
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
@@ -43,6 +52,19 @@ at::Tensor grad_input(const at::Tensor& grad, const std::optional<at::Tensor>& g
                       const std::optional<at::Tensor>& dm, const std::optional<at::Tensor>& idx_s,
                       const std::optional<at::Tensor>& du, const std::optional<at::Tensor>& dv,
                       const std::optional<at::Tensor>& idx_c, int64_t arrangement);
+
+// Sets the grid-sizing knobs above (the body of the set_tuning debug ops); returns the previous
+// values. tiles_per_sm in [1, 64], min_rows_per_thread in [1, 64].
+inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread) {
+  TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
+              "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
+  TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
+              "set_tuning: min_rows_per_thread must be in [1, 64], got ", min_rows_per_thread);
+  std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread};
+  debug::tiles_per_sm = static_cast<int>(tiles_per_sm);
+  debug::min_rows_per_thread = static_cast<int>(min_rows_per_thread);
+  return old;
+}
 
 // Sets the debug knobs above (the body of the debug ops).
 inline void set_debug(bool poison_outputs, int64_t tile_mode) {
