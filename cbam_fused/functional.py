@@ -115,18 +115,25 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
     return [y] + [x.new_empty((0,), dtype=acc) if t is None else t for t in saved]
 
 
-@torch.library.custom_op("cbam_fused::cbam_block", mutates_args=())
-def cbam_block(x: Tensor, w1: Optional[Tensor], b1: Optional[Tensor], w2: Optional[Tensor],
-               b2: Optional[Tensor], conv_w: Optional[Tensor], conv_b: Optional[Tensor],
-               bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
-               bn_rv: Optional[Tensor], pools: str, act: str, spatial_pools: str,
-               arrangement: int, batch_norm: bool, bn_training: bool,
-               bn_eps: float) -> List[Tensor]:
-    """The whole CBAM forward as one op with one autograd node: [y, *_SAVED]."""
+# The block op. Defined with torch.library's lower-level API rather than @custom_op: custom_op's
+# generic autograd wrapper (argument defaults rebuilt from the schema, pytree flattening of the
+# list output) costs about 0.2 ms of host time per training forward, more than the rest of the
+# block's host work; the hand-written Autograd kernel below does the same job directly.
+_lib = torch.library.Library("cbam_fused", "FRAGMENT")
+_lib.define("cbam_block(Tensor x, Tensor? w1, Tensor? b1, Tensor? w2, Tensor? b2, "
+            "Tensor? conv_w, Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, "
+            "Tensor? bn_rv, str pools, str act, str spatial_pools, int arrangement, "
+            "bool batch_norm, bool bn_training, float bn_eps) -> Tensor[]")
+
+
+def _cbam_block_impl(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, pools, act,
+                     spatial_pools, arrangement, batch_norm, bn_training, bn_eps):
+    """The whole CBAM forward as one op with one autograd node: [y, *_SAVED]. Its kernel for
+    every device (CompositeExplicitAutograd): the composite of the cbam_fused ops and ATen."""
     cfg = _Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training, bn_eps)
     out = _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg)
-    # a custom op's outputs must not alias its inputs or each other (zconv is zs without a norm,
-    # p may be a pool itself): clone what aliases
+    # an op's outputs must not alias its inputs or each other (zconv is zs without a norm, p may
+    # be a pool itself): clone what aliases
     seen = set()
     for i, t in enumerate(out):
         key = t.untyped_storage().data_ptr() if t.numel() else None
@@ -137,12 +144,44 @@ def cbam_block(x: Tensor, w1: Optional[Tensor], b1: Optional[Tensor], w2: Option
     return out
 
 
-@cbam_block.register_fake
 def _cbam_block_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, pools, act,
                      spatial_pools, arrangement, batch_norm, bn_training, bn_eps):
     cfg = _Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training, bn_eps)
     return [t.clone() for t in
             _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg)]
+
+
+_lib.impl("cbam_block", _cbam_block_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("cbam_fused::cbam_block", _cbam_block_fake, lib=_lib)
+cbam_block = torch.ops.cbam_fused.cbam_block.default
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+
+
+class _CbamBlockFunction(torch.autograd.Function):
+    """The op's autograd node: forward = the op below autograd, backward = _backward. The saved
+    outputs (gates, indices, head intermediates) are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = cbam_block.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+        _setup_context(ctx, args, out)
+        ctx.mark_non_differentiable(*out[1:])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + tuple(_backward(ctx, grads))
+
+
+def _cbam_block_autograd(keyset, *args):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return list(_CbamBlockFunction.apply(keyset, *args))
+    with torch._C._AutoDispatchBelowAutograd():
+        return cbam_block.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+
+
+_lib.impl("cbam_block", _cbam_block_autograd, "Autograd", with_keyset=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -155,12 +194,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    """Once-differentiable: a double backward raises (torch's @once_differentiable mechanism;
-    the decorator itself does not see the list of gradients a list-returning op receives)."""
+    """Once-differentiable: a double backward raises (torch's @once_differentiable mechanism).
+    Grad mode is on in a backward only under create_graph=True: then every gradient carries an
+    error node, so differentiating it again raises a clear error (whether or not the incoming
+    gradient itself requires grad)."""
     with torch.no_grad():
         out = _backward_closed_form(ctx, grads)
-    if not (torch.is_grad_enabled() and any(isinstance(g, Tensor) and g.requires_grad
-                                            for g in grads)):
+    if not torch.is_grad_enabled():
         return out
     err = torch._C._functions.DelayedError(
         b"cbam_fused: the CBAM backward is once-differentiable (no double backward)", 1)
@@ -226,8 +266,6 @@ def _backward_closed_form(ctx, grads):
         (dw1, db1, dw2, db2, dcw, dcb, dbw, dbb), (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b))]
     return (dx, *pgrads, None, None) + (None,) * 7
 
-
-cbam_block.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _memory_format(x: Tensor):

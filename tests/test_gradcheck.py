@@ -48,9 +48,14 @@ def test_gradcheck_layouts(layout):
     assert gradcheck_module(m, x)
 
 
-def test_backward_is_once_differentiable():
+@pytest.mark.parametrize("loss", ["square", "sum"])
+def test_backward_is_once_differentiable(loss):
+    """A double backward raises naming the reason, whether or not the incoming gradient
+    requires grad itself (y.sum() gives a constant one)."""
     m = randomize_(make("official", 4, hidden=2)).double()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    y = m(x)
+    (gx,) = torch.autograd.grad(y.square().sum() if loss == "square" else y.sum(), x,
+                                create_graph=True)
     with pytest.raises(RuntimeError, match="once-differentiable"):
         gx.sum().backward()
