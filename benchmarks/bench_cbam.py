@@ -37,7 +37,7 @@ JSON schema ("cbam_fused.bench_cbam/1"), top level:
       id, site, shape [N, C, H, W], batch, channels, height, width, dtype, layout, mode,
       x_bytes, floor_passes, floor_bytes, n_buffers, check{max_abs_diff_vs_official},
       peers{name: {median_ms, p10_ms, p90_ms, reps, eff_gb_per_s, frac_copy_bw,
-                   peak_mem_bytes, speedup_of_fused, error, skipped}}
+                   peak_mem_bytes, speedup_of_fused, host_ms, error, skipped}}
   summary                            geomean speed-up of cbam_fused over each peer and its mean
                                      fraction of copy bandwidth, per (mode, dtype)
   kernels                            each cbam_fused op alone at the ResNet-50 sites, batch 64,
@@ -79,6 +79,9 @@ SCHEMA_DOC = {
                                         "(> 1: cbam_fused is faster)",
     "cases[].peers[].peak_mem_bytes": "peak memory allocated by one run beyond its inputs "
                                       "(CUDA only; null on the CPU)",
+    "cases[].peers[].host_ms": "host (CPU) time one run takes to return without waiting for "
+                               "the GPU (CUDA only): a peer whose host_ms is near its median_ms "
+                               "is bound by its launches, not by the GPU",
     "cases[].peers[].error": "why the peer failed, if it did",
     "cases[].peers[].skipped": "why the peer was not run, if it was not (e.g. time budget)",
     "cases[].check.max_abs_diff_vs_official": "fwd only: max |y_peer - y_official| on one input "
@@ -285,6 +288,19 @@ def step_fn(mod, mode, xs, gs):
     return run
 
 
+def host_time(run, device, n=10):
+    """Host milliseconds per run, the GPU left to catch up afterwards (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    bu.sync(device)
+    t = time.perf_counter()
+    for i in range(n):
+        run(i)
+    host = (time.perf_counter() - t) / n * 1e3
+    bu.sync(device)
+    return host
+
+
 def peak_memory(run, device):
     if device.type != "cuda":
         return None
@@ -315,7 +331,8 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
     ref_y = None
     for name in st["peers"]:
         r = dict(median_ms=None, p10_ms=None, p90_ms=None, reps=0, eff_gb_per_s=None,
-                 frac_copy_bw=None, peak_mem_bytes=None, speedup_of_fused=None, error=None,
+                 frac_copy_bw=None, peak_mem_bytes=None, speedup_of_fused=None, host_ms=None,
+                 error=None,
                  skipped=None)
         rec["peers"][name] = r
         bar.set_postfix_str(f"{rec['id']} {name}", refresh=False)
@@ -348,6 +365,7 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
             r["eff_gb_per_s"] = rec["floor_bytes"] / (med * 1e-3) / 1e9
             r["frac_copy_bw"] = r["eff_gb_per_s"] / copy_gbps if copy_gbps else None
             r["peak_mem_bytes"] = peak_memory(run, device)
+            r["host_ms"] = host_time(run, device)
         except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
@@ -385,8 +403,8 @@ def summarize(cases, peers):
 def print_results(res):
     peers = res["settings"]["peers"]
     others = [p for p in peers if p != FUSED]
-    headers = ["case"] + [f"{p} " for p in peers] + ["fused GB/s", "fused %copy"] + \
-        [f"x{p}" for p in others]
+    headers = ["case"] + [f"{p} " for p in peers] + ["fused host", "fused GB/s",
+                                                     "fused %copy"] + [f"x{p}" for p in others]
     rows = []
     for c in res["cases"]:
         pr = c["peers"]
@@ -395,13 +413,16 @@ def print_results(res):
             r = pr[p]
             row.append("ERR" if r["error"] else "skip" if r["skipped"] else bu.fmt_ms(r["median_ms"]))
         f = pr[FUSED]
+        row.append(bu.fmt_ms(f["host_ms"]) if f.get("host_ms") else "-")
         row.append(f"{f['eff_gb_per_s']:.3g}" if f["eff_gb_per_s"] else "-")
         row.append(f"{100 * f['frac_copy_bw']:.2g}%" if f["frac_copy_bw"] else "-")
         for p in others:
             s = pr[p]["speedup_of_fused"]
             row.append(f"{s:.2f}x" if s else "-")
         rows.append(row)
-    bu.print_table(headers, rows, title="median time per run; xPEER = speed-up of cbam_fused "
+    bu.print_table(headers, rows, title="median time per run; fused host = its host time per "
+                                        "run (launch-bound when near its median); "
+                                        "xPEER = speed-up of cbam_fused "
                                         "over PEER (PEER time / cbam_fused time)")
     mem_rows = []
     for c in res["cases"]:

@@ -793,9 +793,9 @@ def write_summary(d, part_dirs):
             L.append(f"| {k} | {s['cases']} | " + " | ".join(cells) +
                      (f" | {100 * fr:.2g}% |" if fr else " | - |"))
         L.append("")
-        L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused GB/s | "
-                 "fused %copy | fused peak mem |")
-        L.append("|---|" + "---|" * (len(bc["settings"]["peers"]) + 3))
+        L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused host | "
+                 "fused GB/s | fused %copy | fused peak mem |")
+        L.append("|---|" + "---|" * (len(bc["settings"]["peers"]) + 4))
         for c in bc.get("cases", [])[:80]:
             pr = c["peers"]
             f = pr.get("cbam_fused", {})
@@ -806,7 +806,7 @@ def write_summary(d, part_dirs):
                              _fmt_ms(r.get("median_ms")))
             mem = f.get("peak_mem_bytes")
             L.append(f"| {c['id']} | " + " | ".join(cells) +
-                     f" | {f.get('eff_gb_per_s') or 0:.3g} | "
+                     f" | {_fmt_ms(f.get('host_ms'))} | {f.get('eff_gb_per_s') or 0:.3g} | "
                      f"{100 * (f.get('frac_copy_bw') or 0):.2g}% | "
                      f"{'-' if mem is None else f'{mem / 2**20:.0f} MiB'} |")
         if len(bc.get("cases", [])) > 80:
