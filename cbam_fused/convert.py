@@ -688,6 +688,10 @@ def _run(block: nn.Module, x: Tensor, grad: bool):
 
 
 _PROBE_TOL = 1e-6
+_GATE_ONLY = ("not converted: its forward returns the attention map and the caller multiplies "
+              "x by it (`out = self.ca(out) * out`), so swapping this module cannot fuse the "
+              "block; build the caller with cbam_fused.CBAM (or ChannelGate / SpatialGate), "
+              "which returns x times the map")
 _VERIFY_TOL = 1e-8
 
 
@@ -717,6 +721,36 @@ def _probe(block: nn.Module, match: _Match, gen) -> Tuple[Optional[BlockSpec], f
             if err < _PROBE_TOL:
                 return spec, err
     return None, best
+
+
+def _returns_gate(block: nn.Module, match: _Match, gen) -> bool:
+    """Whether the block's forward returns its attention map (gc as [N, C, 1, ...] or gs as
+    [N, 1, *spatial]) rather than x times it: the gate modules of code that multiplies in the
+    caller (`out = self.ca(out) * out`), which a module swap cannot fuse."""
+    device = _device(block)
+    if device.type == "meta":
+        return False
+    ref = _plain_copy(block)
+    _randomize_(ref, gen)
+    ref.eval()
+    x = _probe_input(match.channels, match.base.get("dim", 2), None, gen, device)
+    with torch.no_grad():
+        try:
+            y = ref.forward(x)
+        except Exception:  # noqa: BLE001  its forward does not take this input
+            return False
+        if not isinstance(y, Tensor) or y.shape == x.shape:
+            return False
+        for cand in match.candidates:
+            try:
+                _, gc, gs = F.cbam(x, **_spec_kwargs(ref, BlockSpec(**match.base, **cand)),
+                                   return_gates=True)
+            except (ValueError, RuntimeError, TypeError):
+                continue
+            gate = gs if gc is None else gc.reshape(gc.shape + (1,) * (x.dim() - 2))
+            if gate.shape == y.shape and _rel(gate, y) < _PROBE_TOL:
+                return True
+    return False
 
 
 def _signature(block: nn.Module, spec: BlockSpec) -> tuple:
@@ -878,6 +912,9 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
             spec, err = _probe(m, match, gen)
             if spec is not None:
                 found.append((name, m, spec, match.kind))
+                return
+            if not match.kind.endswith("CBAM") and _returns_gate(m, match, gen):
+                report.skipped.append(SkippedBlock(name, _cls(m), _GATE_ONLY))
                 return
             if match.kind.startswith("generic ") and not match.kind.endswith("CBAM"):
                 pass  # a layout like a gate's that computes something else: not a CBAM block

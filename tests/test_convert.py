@@ -577,3 +577,52 @@ def test_tutorial_style_copies():
     for n in g0:  # 1.sa.conv1.bias: zero in exact arithmetic (bias before a train-mode BN)
         scale = max(g0[n].abs().max().item(), 1e-6)
         assert (g1[n] - g0[n]).abs().max().item() / scale < 1e-8, n
+
+
+# The gate modules of code that multiplies in the caller (e.g. the widely copied CBAM.PyTorch
+# layout): each returns its attention map, and the block's forward does the products.
+class _GateChannel(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.avg_pool, self.max_pool = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Sequential(nn.Conv2d(c, c // 4, 1, bias=False), nn.ReLU(),
+                                nn.Conv2d(c // 4, c, 1, bias=False))
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.sigmoid(self.fc(self.avg_pool(x)) + self.fc(self.max_pool(x)))
+
+
+class _GateSpatial(nn.Module):
+    def __init__(self, k=7):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 1, k, padding=k // 2, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        avg, mx = torch.mean(x, dim=1, keepdim=True), torch.max(x, dim=1, keepdim=True)[0]
+        return self.sigmoid(self.conv1(torch.cat([avg, mx], dim=1)))
+
+
+class _MultiplyInCaller(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.ca, self.sa = _GateChannel(16), _GateSpatial()
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.ca(out) * out
+        return self.sa(out) * out
+
+
+def test_gate_only_modules_are_reported_with_the_way_out():
+    m = randomize_(_MultiplyInCaller()).double()
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    before = m(x)
+    rep = cbam_fused.convert(m)
+    assert not rep.converted and rep.skipped_names == ["ca", "sa"]
+    assert all("returns the attention map" in s.reason and "cbam_fused.CBAM" in s.reason
+               for s in rep.skipped)
+    assert not any(is_converted(b) for b in m.modules())
+    assert torch.equal(m(x), before)
