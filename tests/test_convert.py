@@ -626,3 +626,26 @@ def test_gate_only_modules_are_reported_with_the_way_out():
                for s in rep.skipped)
     assert not any(is_converted(b) for b in m.modules())
     assert torch.equal(m(x), before)
+
+
+class _MultiplyingCBAM(nn.Module):
+    """A CBAM whose own forward multiplies by gate-only children (a common community layout):
+    the block as a whole is convertible."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.channel_attention, self.spatial_attention = _GateChannel(c), _GateSpatial()
+
+    def forward(self, x):
+        out = self.channel_attention(x) * x
+        return self.spatial_attention(out) * out
+
+
+def test_block_that_multiplies_gate_only_children_converts():
+    m = randomize_(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), _MultiplyingCBAM(16))).double()
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    before = m(x)
+    rep = cbam_fused.convert(m)
+    assert rep.converted_names == ["1"] and not rep.skipped
+    assert rep.converted[0].spec.spatial_pools == "mean,max"
+    assert rel_err(m(x), before) < 1e-12
