@@ -175,6 +175,9 @@ class _CbamBlockFunction(torch.autograd.Function):
             out = cbam_block.redispatch(keyset & _BELOW_AUTOGRAD, *args)
         _setup_context(ctx, args, out)
         ctx.mark_non_differentiable(*out[1:])
+        # their gradients stay None: no zero-filled tensors (ten allocations and launches a
+        # step); the backward reads only the gradient of y, which always exists when it runs
+        ctx.set_materialize_grads(False)
         return tuple(out)
 
     @staticmethod
@@ -223,6 +226,8 @@ def _backward_closed_form(ctx, grads):
         [_none_if_empty(t) for t in saved[11:]]
     cfg = ctx.cfg
     g = grads[0]
+    if g is None:  # no gradient reached y (grads are not materialised): none for the inputs
+        return (None,) * 18
     n, sp = x.shape[0], tuple(x.shape[2:])
     pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
         x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv)
