@@ -7,7 +7,6 @@ Spatial head (on the [N, k, *spatial] map stacked from the pools over C):
     zs = Norm(Conv_k(map)),  Norm = BatchNorm(1) or identity
 All of it runs in the accumulation dtype; parameters are cast to it and their gradients cast back.
 """
-import math
 from typing import List
 
 import torch
@@ -28,16 +27,14 @@ def act_forward(h: Tensor, act: str) -> Tensor:
 
 
 def act_backward(dh: Tensor, h: Tensor, act: str) -> Tensor:
-    """d act(h) / dh times dh."""
+    """d act(h) / dh times dh: the kernels eager autograd uses (one launch each, the same
+    results as eager, NaN handling included)."""
     if act == "relu":
-        return dh * (h > 0).to(dh.dtype)
+        return torch.ops.aten.threshold_backward(dh, h, 0)
     if act == "silu":
-        s = torch.sigmoid(h)
-        return dh * (s * (1 + h * (1 - s)))
-    if act == "gelu":  # exact (erf) gelu: Phi(h) + h phi(h)
-        cdf = 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2))))
-        pdf = torch.exp(-0.5 * h * h) * (1 / math.sqrt(2 * math.pi))
-        return dh * (cdf + h * pdf)
+        return torch.ops.aten.silu_backward(dh, h)
+    if act == "gelu":  # exact (erf) gelu
+        return torch.ops.aten.gelu_backward(dh, h)
     return dh
 
 

@@ -57,7 +57,8 @@ def _back(g: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _sigmoid_grad(dg: Tensor, g: Tensor) -> Tensor:
-    return dg * g * (1 - g)
+    """dg g (1 - g), g = sigmoid(z): ATen's fused kernel (one launch instead of three)."""
+    return torch.ops.aten.sigmoid_backward(dg, g)
 
 
 def _none_if_empty(t: Tensor) -> Optional[Tensor]:
