@@ -127,7 +127,7 @@ def _bn_kwargs(bn: nn.Module, x: Optional[Tensor]) -> dict:
         if x is not None:
             factor = F._count_bn_batch(x, bn.num_batches_tracked, bn.momentum)
         elif bn.momentum is None:
-            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
+            factor = torch.reciprocal(bn.num_batches_tracked.to(torch.float64) + 1)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     return dict(batch_norm=True, bn_weight=bn.weight, bn_bias=bn.bias,

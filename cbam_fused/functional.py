@@ -17,7 +17,7 @@ both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] ten
 indices. The heads run in closed form (_heads.py), so the whole block traces under
 torch.compile(fullgraph=True).
 """
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -325,7 +325,8 @@ def cbam(x: Tensor,
          bn_running_mean: Optional[Tensor] = None, bn_running_var: Optional[Tensor] = None,
          *, pools: str = "avg+max", act: str = "relu", spatial_pools: str = "max,mean",
          arrangement: str = "channel_first", batch_norm: bool = False, bn_training: bool = False,
-         bn_momentum: float = 0.1, bn_eps: float = 1e-5, return_gates: bool = False):
+         bn_momentum: Union[float, Tensor] = 0.1, bn_eps: float = 1e-5,
+         return_gates: bool = False):
     """CBAM on x of shape [N, C, *spatial] (1, 2 or 3 spatial dims, any of NCHW / channels-last).
 
     Channel gate (present when mlp_w1 is given): gc = sigmoid(sum over `pools` of MLP(pool)),
@@ -337,7 +338,8 @@ def cbam(x: Tensor,
     'blend' = 0.5 (mean + max), one channel); conv_w is [1, 2 or 1, k, ...] with odd k, padding
     k // 2. batch_norm: apply BatchNorm(1) to the conv output (weight / bias / running statistics
     may be None); in training (bn_training) it uses batch statistics and updates the running ones
-    in place with bn_momentum, as F.batch_norm does.
+    in place with bn_momentum, as F.batch_norm does (bn_momentum may be a 0-d tensor, e.g. the
+    cumulative-average factor 1 / num_batches_tracked, read on the device without a host sync).
     arrangement: 'channel_first' (paper), 'spatial_first' or 'parallel'.
     Returns y, or (y, gc [N, C], gs [N, 1, *spatial]) with return_gates (gates detached, None for a
     gate not present)."""
@@ -425,24 +427,32 @@ def cbam(x: Tensor,
     if batch_norm and bn_running_mean is not None and bn_training:
         with torch.no_grad():
             mean, var = _heads.batch_stats(out[1 + _SAVED.index("zconv")])
-            bn_running_mean.mul_(1 - bn_momentum).add_(mean.to(bn_running_mean.dtype),
-                                                       alpha=bn_momentum)
-            bn_running_var.mul_(1 - bn_momentum).add_(var.to(bn_running_var.dtype),
-                                                      alpha=bn_momentum)
+            for running, batch in ((bn_running_mean, mean), (bn_running_var, var)):
+                batch = batch.to(running.dtype)
+                if isinstance(bn_momentum, Tensor):
+                    m = bn_momentum.to(running.dtype)
+                    running.mul_(1 - m).add_(batch * m)
+                else:
+                    running.mul_(1 - bn_momentum).add_(batch, alpha=bn_momentum)
     if return_gates:
         gc, gs = (_none_if_empty(out[1 + _SAVED.index(k)].detach()) for k in ("gc", "gs"))
         return y, gc, None if gs is None else gs.reshape(x.shape[0], 1, *x.shape[2:])
     return y
 
 
-def _count_bn_batch(x: Tensor, num_batches_tracked: Tensor, momentum: Optional[float]) -> float:
+def _count_bn_batch(x: Tensor, num_batches_tracked: Tensor,
+                    momentum: Optional[float]) -> Union[float, Tensor]:
     """Counts one training batch of the spatial gate's BatchNorm, as nn.BatchNorm's forward does,
     and returns the running-statistics factor of this batch: `momentum`, or the cumulative
-    average 1 / count when momentum is None. x is not used: it ties the call to the block's input,
+    average 1 / count when momentum is None, as a 0-d float64 tensor on the counter's device (no
+    host synchronisation, unlike nn.BatchNorm's float(count): the step stays capturable in a CUDA
+    graph and exportable). x is not used: it ties the call to the block's input,
     so that torch.fx records it as a node of the graph (a leaf, see below) that runs on every call
     instead of once while tracing."""
     num_batches_tracked.add_(1)
-    return 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
+    if momentum is None:
+        return torch.reciprocal(num_batches_tracked.to(torch.float64))
+    return float(momentum)
 
 
 # torch.fx.symbolic_trace: cbam and _count_bn_batch are leaves (one call_function node each, with

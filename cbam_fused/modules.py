@@ -138,12 +138,13 @@ class SpatialGate(nn.Module):
                                  bias=conv_bias, norm=norm, dim=dim, bn_momentum=bn_momentum,
                                  bn_eps=bn_eps)
 
-    def _bn_momentum(self) -> float:
-        """The running-statistics factor of the next training step, as nn.BatchNorm computes it."""
+    def _bn_momentum(self):
+        """The running-statistics factor of the next training step, as nn.BatchNorm computes it
+        (the cumulative average as a 0-d tensor: no host synchronisation)."""
         bn = self.spatial.bn
         if bn.momentum is not None:
             return bn.momentum
-        return 1.0 / (float(bn.num_batches_tracked) + 1.0)  # cumulative moving average
+        return torch.reciprocal(bn.num_batches_tracked.to(torch.float64) + 1)
 
     def functional_kwargs(self) -> dict:
         conv, bn = self.spatial.conv, self.spatial.bn

@@ -130,19 +130,25 @@ def test_training_steps_track_running_stats(variant):
         assert torch.equal(a, b) if not a.is_floating_point() else rel_err(a, b) < 1e-12, name
 
 
-def test_bn_momentum_none_is_a_cumulative_average():
-    m = cbam_fused.CBAM(8, hidden_channels=2, bn_momentum=None).double()
-    bn = torch.nn.BatchNorm2d(1, momentum=None).double()
-    for _ in range(3):
+@pytest.mark.parametrize("arrangement", ["channel_first", "parallel"])
+def test_bn_momentum_none_is_a_cumulative_average(arrangement):
+    """momentum=None: batch i updates the running statistics with factor 1 / i (nn.BatchNorm's
+    cumulative average), computed on the device: the same statistics as the reference run with
+    those factors as floats."""
+    m = randomize_(cbam_fused.CBAM(8, hidden_channels=2, bn_momentum=None,
+                                   arrangement=arrangement)).double().train()
+    bn = m.SpatialGate.spatial.bn
+    bn.num_batches_tracked.zero_()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for i in range(1, 4):
         x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
-        kw = m.functional_kwargs()
-        m(x)
-        # the same conv output through an eager BN with momentum=None
-        ref_rm = kw["bn_running_mean"]
-        assert ref_rm is m.SpatialGate.spatial.bn.running_mean
-    assert int(m.SpatialGate.spatial.bn.num_batches_tracked) == 3
-    assert m.SpatialGate._bn_momentum() == pytest.approx(1 / 4)
-    del bn
+        kw = dict(m.functional_kwargs(), bn_running_mean=rm, bn_running_var=rv,
+                  bn_momentum=1.0 / i)
+        yr = reference.cbam(x, **kw)
+        assert float(m.SpatialGate._bn_momentum()) == pytest.approx(1.0 / i)
+        assert rel_err(m(x), yr) < 1e-12
+        assert rel_err(bn.running_mean, rm) < 1e-12 and rel_err(bn.running_var, rv) < 1e-12
+    assert int(bn.num_batches_tracked) == 3
 
 
 def test_return_gates_matches_reference():
