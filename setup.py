@@ -138,9 +138,37 @@ def arch_list():
         return  # torch's cpp_extension reads it
     import torch
 
-    if torch.cuda.is_available():
-        return  # torch builds for the visible GPUs
+    if torch.cuda.is_available():  # the visible GPUs, PTX for the newest (as torch would)
+        caps = sorted({torch.cuda.get_device_capability(i)
+                       for i in range(torch.cuda.device_count())})
+        archs = [f"{a}.{b}" for a, b in caps]
+        archs[-1] += "+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        return
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
+
+BUILD_INFO = os.path.join(HERE, "cbam_fused", "_build_info.py")
+
+
+def write_build_info(cuda_home):
+    """cbam_fused/_build_info.py (not in git): what this build compiled, for
+    `python -m cbam_fused` and for the check that the kernels cover the GPU at hand."""
+    import datetime
+
+    import torch
+
+    info = dict(cuda=bool(cuda_home), torch=torch.__version__, torch_cuda=torch.version.cuda,
+                nvcc="%d.%d" % nvcc_version(cuda_home) if cuda_home else None,
+                cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda_home else None,
+                built_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"))
+    text = ("# Written by setup.py when the extension is built (not in git).\n"
+            f"BUILD = {info!r}\n")
+    old = open(BUILD_INFO).read() if os.path.exists(BUILD_INFO) else None
+    if old is None or old.split("built_utc")[0] != text.split("built_utc")[0]:
+        with open(BUILD_INFO, "w") as f:
+            f.write(text)
 
 
 def extensions():
@@ -148,6 +176,7 @@ def extensions():
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension computes its own guess
         arch_list()
+    write_build_info(cuda_home)
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = os.environ.get("CBAM_FUSED_DEBUG") == "1"

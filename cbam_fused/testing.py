@@ -96,3 +96,20 @@ def simulator_stats() -> List[Dict]:
     stats = sim.launch_stats()
     start = _starts[-1] if _starts else 0
     return [dict(s) for s in stats[start:]]
+
+
+def rel_err_max(got, want) -> float:
+    """The largest norm-wise relative error max |a - b| / max |b| over pairs of tensors (compared
+    on the CPU in float64; a zero reference counts as scale 1). NaN where the NaN patterns differ
+    or a pair's shapes differ."""
+    import torch
+    worst = 0.0
+    for a, b in zip(got, want):
+        a, b = a.detach().cpu().double(), b.detach().cpu().double()
+        if a.shape != b.shape or not torch.equal(torch.isnan(a), torch.isnan(b)):
+            return float("nan")
+        a, b = torch.nan_to_num(a), torch.nan_to_num(b)
+        scale = b.abs().max().item() if b.numel() else 0.0
+        err = (a - b).abs().max().item() if b.numel() else 0.0
+        worst = max(worst, err / (scale if scale > 0 else 1.0))
+    return worst

@@ -423,8 +423,14 @@ print("JSON:" + json.dumps(d))
         os.makedirs(os.path.dirname(stamp_path), exist_ok=True)
         with open(stamp_path, "w") as f:
             f.write(stamp)
+        # the installation report and its self-test on every device (python -m cbam_fused)
+        rc, out, _ = run_cmd([self.py, "-m", "cbam_fused"], timeout=120, env=self.env,
+                             logs=[self.log.f], echo=lambda l: True)
+        selftest = "; ".join(l for l in out.splitlines() if l.startswith(("self-test",
+                                                                            "PROBLEM")))
         return self.record("build", "PASS", time.monotonic() - t,
-                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}; {kernels}")
+                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}; {kernels}; "
+                           f"python -m cbam_fused: {selftest or f'rc {rc}'}")
 
     def _import_ok(self, report=False):
         code = ("import cbam_fused, json; from cbam_fused import _ops; "
