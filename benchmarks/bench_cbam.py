@@ -372,7 +372,7 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
                              f"{traceback.format_exc(limit=6)}\n")
         bar.update(1)
     fused = rec["peers"][FUSED]["median_ms"]
-    for name, r in rec["peers"].items():
+    for r in rec["peers"].values():
         if fused and r["median_ms"]:
             r["speedup_of_fused"] = r["median_ms"] / fused
     del mods, xs, gs

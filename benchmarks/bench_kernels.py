@@ -158,7 +158,7 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
                     args0 = _args(op, xs[0], gs[0], small)
                     rec["bytes"] = _nbytes(args0) + _nbytes(fn(*args0))
 
-                    def call(i, fn=fn, op=op):
+                    def call(i, fn=fn, op=op, xs=xs, gs=gs, small=small, nb=nb):
                         return fn(*_args(op, xs[i % nb], gs[i % nb], small))
                     times, reps = _time(call, nb, device, timing, rec)
                     med = bu.median(times)

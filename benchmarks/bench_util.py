@@ -212,7 +212,7 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int
     n = nbytes // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    times = time_runs(lambda i: dst.copy_(src), device, warmup=3, reps=reps)
+    times = time_runs(lambda i, dst=dst, src=src: dst.copy_(src), device, warmup=3, reps=reps)
     med = median(times)
     del src, dst
     if device.type == "cuda":

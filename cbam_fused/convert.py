@@ -772,7 +772,7 @@ def _verify(name: str, block: nn.Module, spec: BlockSpec, shape, gen,
     runs = [("its own weights", False, True), ("its own weights", True, True)]
     if random_weights:
         runs += [("random weights", False, True), ("random weights", True, True)]
-    x, base = None, None
+    x, base, prev_weights = None, None, None
     for weights, train, grad in runs:
         if base is None or weights != prev_weights:
             base = _plain_copy(block)
@@ -939,7 +939,7 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
             err = _verify(name, m, spec, shapes.get(id(m)), gen, random_weights=sig not in checked)
             checked.add(sig)
         report.converted.append(ConvertedBlock(name, _cls(m), kind, spec, err))
-    for name, m, spec, kind in found:  # swap only after every block verified
+    for _, m, spec, _ in found:  # swap only after every block verified
         _swap_in(m, spec)
         report._blocks.append(m)
     return report

@@ -17,7 +17,7 @@ both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] ten
 indices. The heads run in closed form (_heads.py), so the whole block traces under
 torch.compile(fullgraph=True).
 """
-from typing import List, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor

@@ -30,7 +30,7 @@ fi
 python -c "import cbam_fused" # fails loudly when the build did not produce the extension
 
 case "$job" in
-  test)  exec python -m pytest -q "$@" ;;
+  test)  ruff check --quiet . && exec python -m pytest -q "$@" ;;
   bench) exec python benchmarks/bench_cbam.py "$@" ;;
   build) ;;
   *) echo "usage: scripts/dev.sh test|bench|build [args]" >&2; exit 2 ;;

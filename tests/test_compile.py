@@ -19,7 +19,7 @@ def test_compile_fullgraph_training_step_matches_eager(variant):
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     opt_eager = torch.optim.SGD(m_eager.parameters(), lr=0.1)
     compiled = torch.compile(m, fullgraph=True, backend="inductor")
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(2, 16, 6, 5)
         for model, o in ((compiled, opt), (m_eager, opt_eager)):
             o.zero_grad()

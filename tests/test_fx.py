@@ -6,7 +6,6 @@ the module computes: outputs, gradients, running statistics and num_batches_trac
 import pytest
 import torch
 import torch.fx
-from torch import nn
 
 import cbam_fused
 from cbam_fused import functional as F
@@ -114,7 +113,7 @@ def _same_training_model(make, x):
     traced.load_state_dict(eager.state_dict())
     assert _targets(traced).count(F.cbam) == sum(cbam_fused.is_converted(m)
                                                  for m in eager.modules())
-    for i in range(2):
+    for _ in range(2):
         ye, ge = _step(eager, x, torch.ones(x.shape[0], 7, dtype=x.dtype))
         yt, gt = _step(traced, x, torch.ones(x.shape[0], 7, dtype=x.dtype))
         assert rel_err(yt, ye) == 0.0
