@@ -185,7 +185,9 @@ def extensions():
     # (std::source_location), torch >= 2.14 asks for it anyway, and older torch (2.11 on the GPU
     # machines) would add -std=c++17, which cpp_extension leaves out when a -std flag is given.
     # nvcc keeps torch's choice.
-    cxx_flags = list(opt) + ["-std=c++20"]
+    cxx_flags = list(opt) + ["-std=c++20", "-Wall"]
+    if os.environ.get("CBAM_FUSED_WERROR") == "1":  # CI (scripts/dev.sh): host warnings fail
+        cxx_flags.append("-Werror")
     include = [os.path.join(HERE, "csrc")]
     exts = []
 
@@ -216,7 +218,7 @@ def extensions():
         exts.append(CppExtension(
             "cbam_fused._sim", sources=sim_sources, include_dirs=include,
             define_macros=[("CBAM_SIMULATOR", "1")],
-            extra_compile_args={"cxx": cxx_flags + ["-Wall"]}))
+            extra_compile_args={"cxx": cxx_flags}))
     return exts
 
 

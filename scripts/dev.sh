@@ -22,6 +22,8 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# g++ warnings in the project's host and simulator sources fail the build here (nvcc's always do)
+export CBAM_FUSED_WERROR=${CBAM_FUSED_WERROR:-1}
 if ! python -m pip install --no-build-isolation -e . >.venv/build.log 2>&1; then
   grep -v "^WARNING: Location" .venv/build.log | tail -60
   echo "scripts/dev.sh: building cbam_fused failed (full log: .venv/build.log)" >&2
