@@ -1,0 +1,79 @@
+"""Host work per call: how many ops (each a kernel launch on a GPU) a CBAM forward and backward
+dispatch, counted on the CPU with a dispatch mode, views excluded. At small sizes a GPU run of the
+block is bound by its launches and Python, not by bandwidth: these budgets keep that work from
+growing unnoticed, and below the official eager module's."""
+import collections
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cbam_fused
+from cbam_fused import functional
+from conftest import ROOT
+
+sys.path.insert(0, f"{ROOT}/benchmarks")
+import official_cbam  # noqa: E402
+
+# ops that only make views (no kernel, no allocation)
+VIEWS = {"view", "reshape", "t", "select", "slice", "detach", "unsqueeze", "expand", "permute",
+         "_unsafe_view", "alias", "squeeze", "transpose", "as_strided", "split", "unbind"}
+BLOCK_OP = "cbam_fused.cbam_block.default"  # the composite itself: its ops are counted inside
+
+# launching ops at most: eval forward, training forward, backward (measured: 13, 19, 17)
+BUDGET = {"eval": 13, "train": 19, "backward": 17}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in VIEWS and str(func) != BLOCK_OP:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(module, x, train):
+    """(forward ops, backward ops) of one call, the ops inside the block op included."""
+    inner = collections.Counter()
+    orig = functional._forward
+
+    def counted(*a, **k):  # the op's own kernel runs below the dispatch mode: count it there
+        with _Count() as c:
+            out = orig(*a, **k)
+        inner.update(c.ops)
+        return out
+
+    module.train(train)
+    x = x.clone().requires_grad_()
+    functional._forward = counted
+    try:
+        with _Count() as fwd:
+            y = module(x)
+    finally:
+        functional._forward = orig
+    g = torch.ones_like(y)
+    with _Count() as bwd:
+        torch.autograd.grad(y, [x, *module.parameters()], g)
+    return fwd.ops + inner, bwd.ops
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_launch_budget_and_fewer_than_eager(train):
+    x = torch.randn(2, 16, 5, 4)
+    fwd, bwd = _count(cbam_fused.CBAM(16, 4), x, train)
+    efwd, ebwd = _count(official_cbam.CBAM(16, 4), x, train)
+    n_fwd, n_bwd = sum(fwd.values()), sum(bwd.values())
+    assert n_fwd <= BUDGET["train" if train else "eval"], sorted(fwd.items())
+    assert n_bwd <= BUDGET["backward"], sorted(bwd.items())
+    assert n_fwd < sum(efwd.values()) and n_bwd < sum(ebwd.values())
+    # the x-sized work is the package's ops, one call each (DESIGN.md section 3)
+    assert {k: v for k, v in fwd.items() if k.startswith("cbam_fused.")} == {
+        "cbam_fused.pool_over_s.default": 1, "cbam_fused.pool_over_c.default": 1,
+        "cbam_fused.apply_gates.default": 1}
+    assert {k: v for k, v in bwd.items() if k.startswith("cbam_fused.")} == {
+        "cbam_fused.backward_reduce.default": 1,
+        "cbam_fused.pool_over_c_backward_scale.default": 1, "cbam_fused.grad_input.default": 1}
