@@ -231,6 +231,7 @@ def main():
         version="0.1.0",
         description="Fused CUDA kernels for CBAM (Convolutional Block Attention Module)",
         packages=find_packages(include=["cbam_fused", "cbam_fused.*"]),
+        package_data={"cbam_fused": ["py.typed"]},  # PEP 561: the package ships its type hints
         ext_modules=exts,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.10",
