@@ -26,7 +26,7 @@ cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median
 p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error, graph_error (a CUDA-graph
 capture that failed: that op was then timed call by call)},
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}; with --sweep, each
-case also has sweep{"tiles/rows": frac_copy_bw} and the record sweep{settings, gmean_frac,
+case also has sweep{"tiles/rows/vec_rows": frac_copy_bw} and the record sweep{settings, gmean_frac,
 per_op{op: {best, best_gmean, default_gmean}}, best_per_case}.
 """
 import argparse
@@ -45,8 +45,14 @@ OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
        "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input")
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
          "tiny": [(32, 8, 8), (64, 5, 5)]}
-DEFAULT_TUNING = (8, 4)  # the launchers' grid sizing (csrc/launchers/launchers.h, cbam::debug)
-SWEEP = [(t, r) for t in (2, 4, 8, 16, 32) for r in (1, 2, 4, 8)]
+# The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM, min rows
+# per thread, rows of 16-byte vectors in flight per thread; keyed "tiles/rows/vec_rows".
+DEFAULT_TUNING = (8, 4, 1)
+SWEEP = [(t, r, u) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)]
+
+
+def tuning_key(setting) -> str:
+    return "/".join(str(v) for v in setting)
 CONFIGS = {"fp32-nchw": (torch.float32, torch.contiguous_format),
            "bf16-cl": (torch.bfloat16, torch.channels_last)}
 
@@ -113,15 +119,16 @@ def _time(call, nb, device, timing, rec):
 
 
 def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
-    """frac_copy_bw of the op under each grid-sizing setting (tiles_per_sm, min_rows_per_thread)
-    of `sweep`, keyed "tiles/rows"; the defaults are restored afterwards."""
+    """frac_copy_bw of the op under each tuning setting (tiles_per_sm, min_rows_per_thread,
+    vec_rows_in_flight) of `sweep`, keyed "tiles/rows/vec_rows"; the defaults are restored
+    afterwards."""
     set_tuning = torch.ops.cbam_fused_debug.set_tuning
     out = {}
     try:
-        for tiles, rows in sweep:
-            set_tuning(tiles, rows)
+        for setting in sweep:
+            set_tuning(*setting)
             times, _ = _time(call, nb, device, timing, rec)
-            out[f"{tiles}/{rows}"] = rec["bytes"] / (bu.median(times) * 1e-3) / 1e9 / copy_gbps
+            out[tuning_key(setting)] = rec["bytes"] / (bu.median(times) * 1e-3) / 1e9 / copy_gbps
     finally:
         set_tuning(*DEFAULT_TUNING)
     return out
@@ -130,7 +137,8 @@ def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
 def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
         l2_bytes=None, timing=None, seed=0, bar=None, sweep=None) -> dict:
     """Measures every (site, config, op); returns the JSON record (see the module docstring).
-    sweep: (tiles_per_sm, min_rows_per_thread) settings to time each op under as well (CUDA
+    sweep: (tiles_per_sm, min_rows_per_thread, vec_rows_in_flight) settings to time each op under
+    as well (CUDA
     kernels only)."""
     timing = timing or dict(warmup=5, target_s=0.1, min_reps=10, max_reps=200, graph_reps=25)
     if copy_gbps is None:
@@ -244,14 +252,15 @@ def summarize_sweep(cases):
             means = {k: gmean([c["sweep"].get(k) for c in sel]) for k in keys}
             best = max(means, key=lambda k: means[k] or 0)
             per_op[op] = dict(best=best, best_gmean=means[best], default_gmean=means.get(
-                "%d/%d" % DEFAULT_TUNING))
+                tuning_key(DEFAULT_TUNING)))
     per_case = {c["id"]: max(c["sweep"], key=lambda k: c["sweep"][k] or 0) for c in swept}
     return dict(settings=keys, gmean_frac=overall, per_op=per_op, best_per_case=per_case)
 
 
 def print_sweep(sw):
-    default = "%d/%d" % DEFAULT_TUNING
-    print(f"\ngrid-sizing sweep (tiles_per_sm/min_rows_per_thread; default {default}): geometric "
+    default = tuning_key(DEFAULT_TUNING)
+    print(f"\ntuning sweep (tiles_per_sm/min_rows_per_thread/vec_rows_in_flight; default "
+          f"{default}): geometric "
           f"mean of %copy over all cases")
     for k, v in sorted(sw["gmean_frac"].items(), key=lambda kv: -(kv[1] or 0)):
         print(f"  {k:>6s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
@@ -294,7 +303,7 @@ def main(argv=None):
     p.add_argument("--sites", default=None, choices=sorted(SITES),
                    help="default resnet50 (tiny on the CPU)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time each op under every grid-sizing setting of SWEEP "
+                   help="also time each op under every tuning setting of SWEEP "
                         "(torch.ops.cbam_fused_debug.set_tuning; needs the CUDA kernels): "
                         "the data to choose the launchers' defaults from")
     p.add_argument("--json", default=None, help="write the record here")

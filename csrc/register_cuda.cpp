@@ -11,5 +11,6 @@ TORCH_LIBRARY_IMPL(cbam_fused, CUDA, m) { cbam::impl_ops(m); }
 // SM, min rows per thread) sets the grid sizing and returns the previous values.
 TORCH_LIBRARY(cbam_fused_debug, m) {
   m.def("set_debug(bool poison_outputs, int tile_mode) -> ()", &cbam::set_debug);
-  m.def("set_tuning(int tiles_per_sm, int min_rows_per_thread) -> int[]", &cbam::set_tuning);
+  m.def("set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=1) -> int[]",
+        &cbam::set_tuning);
 }

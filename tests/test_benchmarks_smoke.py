@@ -173,18 +173,18 @@ def test_bench_kernels_sweep_summary(capsys):
     cases = []
     for op in bk.OPS:
         for site, scale in (("a", 1.0), ("b", 0.5)):
-            sweep = {f"{t}/{r}": scale * (0.9 if (t, r) == (16, 1) and op == "grad_input" else
-                                          0.7 if (t, r) == bk.DEFAULT_TUNING else 0.6)
-                     for t, r in bk.SWEEP}
+            sweep = {bk.tuning_key(st): scale * (
+                0.9 if st == (16, 1, 2) and op == "grad_input" else
+                0.7 if st == bk.DEFAULT_TUNING else 0.6) for st in bk.SWEEP}
             cases.append(dict(id=f"{op}-{site}", op=op, sweep=sweep))
     sw = bk.summarize_sweep(cases)
-    assert sw["per_op"]["grad_input"]["best"] == "16/1"
-    assert sw["per_op"]["pool_over_s"]["best"] == "8/4"
+    assert sw["per_op"]["grad_input"]["best"] == "16/1/2"
+    assert sw["per_op"]["pool_over_s"]["best"] == "8/4/1"
     assert abs(sw["per_op"]["pool_over_s"]["default_gmean"] - 0.7 * 0.5 ** 0.5) < 1e-12
-    assert sw["best_per_case"]["grad_input-b"] == "16/1"
-    assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == "8/4"
+    assert sw["best_per_case"]["grad_input-b"] == "16/1/2"
+    assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == "8/4/1"
     bk.print_sweep(sw)
-    assert "grid-sizing sweep" in capsys.readouterr().out
+    assert "tuning sweep" in capsys.readouterr().out
     assert bk.summarize_sweep([dict(id="x", op="apply_gates")]) is None
 
 

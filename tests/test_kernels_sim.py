@@ -411,12 +411,15 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
 
 
+DEFAULT_TUNING = (8, 4, 1)  # tiles per SM, min rows per thread, vector rows in flight
+
+
 @pytest.fixture
 def default_tuning():
-    old = torch.ops.cbam_fused_sim.set_tuning(8, 4)
-    assert list(old) == [8, 4], "a test left the grid-sizing knobs changed"
+    old = torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+    assert tuple(old) == DEFAULT_TUNING, "a test left the tuning knobs changed"
     yield
-    torch.ops.cbam_fused_sim.set_tuning(8, 4)
+    torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -430,7 +433,7 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
     want = run_cpu(op, args)
     grids = set()
     for tiles, rows in [(8, 4), (1, 1), (64, 1), (2, 16)]:
-        torch.ops.cbam_fused_sim.set_tuning(tiles, rows)
+        torch.ops.cbam_fused_sim.set_tuning(tiles, rows, 1)
         with testing.use_simulator():
             got = getattr(torch.ops.cbam_fused, op)(*args)
             stats = testing.simulator_stats()
@@ -441,7 +444,27 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 
 
 def test_grid_sizing_knobs_are_checked(default_tuning):
-    for bad in [(0, 4), (65, 4), (8, 0), (8, 65)]:
+    for bad in [(0, 4, 1), (65, 4, 1), (8, 0, 1), (8, 65, 1), (8, 4, 0), (8, 4, 3)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
-    assert list(torch.ops.cbam_fused_sim.set_tuning(8, 4)) == [8, 4]  # unchanged by the refusals
+    # unchanged by the refusals
+    assert tuple(torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)) == DEFAULT_TUNING
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
+    """Two rows of 16-byte vectors in flight per thread instead of one (the kernels' U, a tuning
+    knob): the same rows folded in the same order, so bitwise the same results; and they match
+    the CPU kernels."""
+    gen = torch.Generator().manual_seed(12)
+    x = rand_x((2, 24, 5, 8), dtype, layout, gen)  # C and S multiples of 8: the vector path
+    args = op_args(op, x, gen, 0)
+    outs = []
+    for u in (1, 2):
+        torch.ops.cbam_fused_sim.set_tuning(8, 1, u)  # 1 row per thread minimum: many row steps
+        outs.append(run_sim(op, args))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), op
+    check_same(op, outs[1], run_cpu(op, args), x, layout)

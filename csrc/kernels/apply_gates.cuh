@@ -11,7 +11,7 @@
 
 namespace cbam {
 
-template <typename T, int VEC, typename acc_t>
+template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
                                     const acc_t* gk, Geom g, bool cl) {
   __shared__ acc_t s_gr[kChunkRows];
@@ -34,7 +34,6 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
     }
     __syncthreads();
     if (!active) continue;
-    constexpr int U = rows_per_step<VEC>();
     for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
       acc_t v_[U][VEC] = {};
       for (int u = 0; u < U; ++u) {  // loads first: U rows in flight

@@ -17,7 +17,7 @@
 
 namespace cbam {
 
-template <typename T, int VEC, typename acc_t>
+template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                         const acc_t* gr, const acc_t* gk, acc_t* part_r,
                                         acc_t* part_k, Geom g, bool need_r, bool need_k) {
@@ -46,7 +46,6 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
       s_gr[i] = gr != nullptr ? ld(gr + t.n * g.R + cb + i) : acc_t(1);
     }
     __syncthreads();
-    constexpr int U = rows_per_step<VEC>();
     for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
       for (int u = 0; u < U; ++u) {  // loads first: U rows in flight

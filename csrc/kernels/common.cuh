@@ -20,12 +20,12 @@ namespace cbam {
 constexpr int kBlockThreads = 256;  // TX * TY
 constexpr int kChunkRows = 256;     // rows whose small side values are staged in shared memory
 
-// Rows a thread loads before it uses them (independent loads in flight): the scalar path moves 4
-// bytes or less per load, so it takes 4 rows at a time; 16-byte vectors go one row at a time.
-template <int VEC>
-constexpr int rows_per_step() {
-  return VEC == 1 ? 4 : 1;
-}
+// Rows a thread loads before it uses them (U, independent loads in flight; a template parameter
+// of the row-walking kernels): the scalar path moves 4 bytes or less per load, so it takes
+// kScalarRowsPerStep rows at a time; 16-byte vectors take 1 or 2 (the launchers' choice,
+// launchers/common.h with_rows_in_flight). The rows are still folded in increasing order, so U
+// changes no result.
+constexpr int kScalarRowsPerStep = 4;
 
 // Elements of T in one 16-byte vector.
 template <typename T>

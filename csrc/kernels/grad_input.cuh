@@ -56,7 +56,7 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, const GradSide<acc_t>& cs, const Gr
 
 // At most 64 registers (4 blocks of 256 threads per SM): with 8-wide vectors the sides held in
 // registers would otherwise take ~125 and leave too few loads in flight.
-template <typename T, int VEC, typename acc_t>
+template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     grad_input_kernel(const T* __restrict__ grad, T* __restrict__ dx, GradSidePtrs<acc_t> side_r,
                       GradSidePtrs<acc_t> side_k, Geom g, bool cl, int arrangement) {
@@ -77,7 +77,6 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     for (int i = tid; i < clen; i += TX * TY) s_side[i] = side_r.load(t.n, cb + i);
     __syncthreads();
     if (!active) continue;
-    constexpr int U = rows_per_step<VEC>();
     for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
       acc_t v_[U][VEC] = {};
       for (int u = 0; u < U; ++u) {  // loads first: U rows in flight

@@ -15,7 +15,7 @@
 
 namespace cbam {
 
-template <typename T, int VEC, typename Policy>
+template <typename T, int VEC, int U, typename Policy>
 CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
@@ -38,7 +38,6 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     for (int i = tid; i < clen; i += TX * TY) s_w[i] = pol.weight(t.n, cb + i);
     __syncthreads();
     if (active) {
-      constexpr int U = rows_per_step<VEC>();
       for (int i0 = ty; i0 < clen; i0 += U * TY) {
         acc_t xv[U][VEC] = {};
         for (int u = 0; u < U; ++u) {  // loads first: U rows in flight

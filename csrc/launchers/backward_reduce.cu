@@ -21,10 +21,12 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
       !need_r ? at::Tensor() : (lg.g.nkt > 1 ? at::empty({v.N, lg.g.nkt, v.R()}, opts) : out_r);
   const at::Tensor part_k =
       !need_k ? at::Tensor() : (lg.g.nrt > 1 ? at::empty({v.N, lg.g.nrt, v.K()}, opts) : out_k);
-  launch(op, &backward_reduce_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0, global_ptr<T>(g),
-         global_ptr<T>(v.x), opt_ptr<acc_t>(gr), opt_ptr<acc_t>(gk),
-         need_r ? global_ptr<acc_t>(part_r) : nullptr,
-         need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
+  with_rows_in_flight<VEC>([&](auto u) {
+    launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(), lg.block(),
+           0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr), opt_ptr<acc_t>(gk),
+           need_r ? global_ptr<acc_t>(part_r) : nullptr,
+           need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
+  });
   if (need_r && lg.g.nkt > 1) {
     SumPolicy<acc_t> pol{global_ptr<acc_t>(part_r), global_ptr<acc_t>(out_r)};
     launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.R()), dim3(256), 0,

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include <c10/core/DeviceGuard.h>
@@ -195,6 +196,19 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   TORCH_CHECK(N * g.nrt * g.nkt <= std::numeric_limits<int32_t>::max(), op,
               ": the input is too large for one launch (", N * g.nrt * g.nkt, " tiles)");
   return lg;
+}
+
+// Calls f(std::integral_constant<int, U>{}) with the rows in flight U of a row-walking kernel:
+// kScalarRowsPerStep on the scalar path, debug::vec_rows_in_flight (1 or 2) on the vector path.
+template <int VEC, typename F>
+void with_rows_in_flight(F&& f) {
+  if constexpr (VEC == 1) {
+    f(std::integral_constant<int, kScalarRowsPerStep>{});
+  } else if (debug::vec_rows_in_flight == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 // A 1-D grid-stride launch over `total` items.

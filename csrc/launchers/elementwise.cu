@@ -16,8 +16,10 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
       make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), sizeof(T), "apply_gates");
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
-  launch("apply_gates", &apply_gates_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0,
-         global_ptr<T>(v.x), global_ptr<T>(y), gr, gk, lg.g, v.cl);
+  with_rows_in_flight<VEC>([&](auto u) {
+    launch("apply_gates", &apply_gates_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
+           lg.block(), 0, global_ptr<T>(v.x), global_ptr<T>(y), gr, gk, lg.g, v.cl);
+  });
 }
 
 template <typename T, int VEC>
@@ -27,9 +29,11 @@ void run_grad_input(const XView& v, const at::Tensor& dx,
   using acc_t = at::opmath_type<T>;
   const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, 3 * sizeof(acc_t) + sizeof(int64_t),
                                   sizeof(T), "grad_input");
-  launch("grad_input", &grad_input_kernel<T, VEC, acc_t>, lg.grid(), lg.block(), 0,
-         global_ptr<T>(v.x), global_ptr<T>(dx), v.cl ? ss : cs, v.cl ? cs : ss, lg.g, v.cl,
-         arrangement);
+  with_rows_in_flight<VEC>([&](auto u) {
+    launch("grad_input", &grad_input_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
+           lg.block(), 0, global_ptr<T>(v.x), global_ptr<T>(dx), v.cl ? ss : cs,
+           v.cl ? cs : ss, lg.g, v.cl, arrangement);
+  });
 }
 
 // An output shaped and strided like v.x (dense in its layout).

@@ -29,6 +29,10 @@ constexpr int kDefaultTilesPerSm = 8;
 constexpr int kDefaultMinRowsPerThread = 4;
 inline int tiles_per_sm = kDefaultTilesPerSm;
 inline int min_rows_per_thread = kDefaultMinRowsPerThread;
+// Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path,
+// 1 or 2; the scalar path always takes kScalarRowsPerStep).
+constexpr int kDefaultVecRowsInFlight = 1;
+inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
 }  // namespace debug
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
@@ -53,16 +57,22 @@ at::Tensor grad_input(const at::Tensor& grad, const std::optional<at::Tensor>& g
                       const std::optional<at::Tensor>& du, const std::optional<at::Tensor>& dv,
                       const std::optional<at::Tensor>& idx_c, int64_t arrangement);
 
-// Sets the grid-sizing knobs above (the body of the set_tuning debug ops); returns the previous
-// values. tiles_per_sm in [1, 64], min_rows_per_thread in [1, 64].
-inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread) {
+// Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
+// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight]. tiles_per_sm and min_rows_per_thread
+// in [1, 64], vec_rows_in_flight 1 or 2.
+inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
+                                       int64_t vec_rows_in_flight) {
   TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
               "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
               "set_tuning: min_rows_per_thread must be in [1, 64], got ", min_rows_per_thread);
-  std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread};
+  TORCH_CHECK(vec_rows_in_flight == 1 || vec_rows_in_flight == 2,
+              "set_tuning: vec_rows_in_flight must be 1 or 2, got ", vec_rows_in_flight);
+  std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread,
+                           debug::vec_rows_in_flight};
   debug::tiles_per_sm = static_cast<int>(tiles_per_sm);
   debug::min_rows_per_thread = static_cast<int>(min_rows_per_thread);
+  debug::vec_rows_in_flight = static_cast<int>(vec_rows_in_flight);
   return old;
 }
 

@@ -47,9 +47,15 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
   if (P > 1) set_partials(pol, v.x, v.N, P, L, keep);
-  void (*kernel)(const T*, Policy, Geom) =
-      over_k ? &reduce_k_kernel<T, VEC, Policy> : &reduce_r_kernel<T, VEC, Policy>;
-  launch(op, kernel, lg.grid(), lg.block(), 0, global_ptr<T>(v.x), pol, lg.g);
+  if (over_k) {
+    launch(op, &reduce_k_kernel<T, VEC, Policy>, lg.grid(), lg.block(), 0, global_ptr<T>(v.x),
+           pol, lg.g);
+  } else {
+    with_rows_in_flight<VEC>([&](auto u) {
+      launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, Policy>, lg.grid(), lg.block(), 0,
+             global_ptr<T>(v.x), pol, lg.g);
+    });
+  }
   if (P > 1) {
     launch(op, &combine_partials_kernel<Policy>, grid_1d(v.N * L), dim3(256), 0, pol, v.N, P, L);
   }
