@@ -127,7 +127,7 @@ def _bn_kwargs(bn: nn.Module, x: Optional[Tensor]) -> dict:
         if x is not None:
             factor = F._count_bn_batch(x, bn.num_batches_tracked, bn.momentum)
         elif bn.momentum is None:
-            factor = torch.reciprocal(bn.num_batches_tracked.to(torch.float64) + 1)
+            factor = F._cumulative_momentum(bn.num_batches_tracked + 1)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     return dict(batch_norm=True, bn_weight=bn.weight, bn_bias=bn.bias,
@@ -695,21 +695,30 @@ _GATE_ONLY = ("not converted: its forward returns the attention map and the call
 _VERIFY_TOL = 1e-8
 
 
-def _probe(block: nn.Module, match: _Match, gen) -> Tuple[Optional[BlockSpec], float]:
-    """The candidate that reproduces the block's forward (eval, random weights), if any."""
-    device = _device(block)
-    if device.type == "meta":
-        return BlockSpec(**match.base, **match.candidates[0]), 0.0
+def _probe_forward(block: nn.Module, match: _Match, gen):
+    """(ref, x, y): a float64 copy of the block with random weights in eval mode, a random
+    input and the copy's output on it (no grad); None when its forward does not take the input."""
     ref = _plain_copy(block)
     _randomize_(ref, gen)
     ref.eval()
-    x = _probe_input(match.channels, match.base.get("dim", 2), None, gen, device)
+    x = _probe_input(match.channels, match.base.get("dim", 2), None, gen, _device(block))
     with torch.no_grad():
         try:
-            y = ref.forward(x)
+            return ref, x, ref.forward(x)
         except Exception:  # noqa: BLE001  its forward does not take this input
-            return None, float("inf")
-        best = float("inf")
+            return None
+
+
+def _probe(block: nn.Module, match: _Match, gen) -> Tuple[Optional[BlockSpec], float]:
+    """The candidate that reproduces the block's forward (eval, random weights), if any."""
+    if _device(block).type == "meta":
+        return BlockSpec(**match.base, **match.candidates[0]), 0.0
+    run = _probe_forward(block, match, gen)
+    if run is None:
+        return None, float("inf")
+    ref, x, y = run
+    best = float("inf")
+    with torch.no_grad():
         for cand in match.candidates:
             spec = BlockSpec(**match.base, **cand)
             try:
@@ -727,20 +736,15 @@ def _returns_gate(block: nn.Module, match: _Match, gen) -> bool:
     """Whether the block's forward returns its attention map (gc as [N, C, 1, ...] or gs as
     [N, 1, *spatial]) rather than x times it: the gate modules of code that multiplies in the
     caller (`out = self.ca(out) * out`), which a module swap cannot fuse."""
-    device = _device(block)
-    if device.type == "meta":
+    if _device(block).type == "meta":
         return False
-    ref = _plain_copy(block)
-    _randomize_(ref, gen)
-    ref.eval()
-    x = _probe_input(match.channels, match.base.get("dim", 2), None, gen, device)
+    run = _probe_forward(block, match, gen)
+    if run is None:
+        return False
+    ref, x, y = run
+    if not isinstance(y, Tensor) or y.shape == x.shape:
+        return False
     with torch.no_grad():
-        try:
-            y = ref.forward(x)
-        except Exception:  # noqa: BLE001  its forward does not take this input
-            return False
-        if not isinstance(y, Tensor) or y.shape == x.shape:
-            return False
         for cand in match.candidates:
             try:
                 _, gc, gs = F.cbam(x, **_spec_kwargs(ref, BlockSpec(**match.base, **cand)),

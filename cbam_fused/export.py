@@ -18,20 +18,10 @@ PyTorch's speed: use it to leave the package behind, not to run fast.
 from typing import Callable, MutableMapping
 
 import torch
-from torch import Tensor
 
 from . import _cpu_kernels, functional
 
 __all__ = ["decompositions"]
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _op_decomposition(name: str) -> Callable:
@@ -42,19 +32,9 @@ def _op_decomposition(name: str) -> Callable:
     def decomposed(*args):  # [N, C, S] back to the first argument's shape, dtype and layout
         like = args[0]
         out = math(*args).reshape(like.shape).to(like.dtype)
-        return out.contiguous(memory_format=_memory_format(like))
+        return out.contiguous(memory_format=functional._memory_format(like))
 
     return decomposed
-
-
-def _cbam_block_decomposition(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
-                              pools, act, spatial_pools, arrangement, batch_norm, bn_training,
-                              bn_eps):
-    cfg = functional._Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training,
-                             bn_eps)
-    # the op's outputs alias nothing; what the graph does not use, dead-code elimination drops
-    return [t.clone() for t in functional._forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b,
-                                                   bn_rm, bn_rv, cfg)]
 
 
 def decompositions(include_default: bool = True) -> MutableMapping[torch._ops.OpOverload, Callable]:
@@ -64,7 +44,9 @@ def decompositions(include_default: bool = True) -> MutableMapping[torch._ops.Op
     alone."""
     table = torch.export.default_decompositions() if include_default else {}
     ops = torch.ops.cbam_fused
-    table[ops.cbam_block.default] = _cbam_block_decomposition
+    # the block: its fake kernel's composite (every output a fresh tensor; what the graph does
+    # not use, dead-code elimination drops), whose ops the entries below decompose in turn
+    table[ops.cbam_block.default] = functional._cbam_block_fake
     for name in _cpu_kernels.MATH:
         table[getattr(ops, name).default] = _op_decomposition(name)
     return table

@@ -281,7 +281,6 @@ def _backward_closed_form(ctx, grads):
     return (dx, *pgrads, None, None) + (None,) * 7
 
 
-
 def _memory_format(x: Tensor):
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not \
             x.is_contiguous():
@@ -440,6 +439,12 @@ def cbam(x: Tensor,
     return y
 
 
+def _cumulative_momentum(count: Tensor) -> Tensor:
+    """nn.BatchNorm's cumulative-average factor 1 / count (momentum=None) for the batch numbered
+    `count`, as a 0-d float64 tensor on the counter's device: no host synchronisation."""
+    return torch.reciprocal(count.to(torch.float64))
+
+
 def _count_bn_batch(x: Tensor, num_batches_tracked: Tensor,
                     momentum: Optional[float]) -> Union[float, Tensor]:
     """Counts one training batch of the spatial gate's BatchNorm, as nn.BatchNorm's forward does,
@@ -450,9 +455,7 @@ def _count_bn_batch(x: Tensor, num_batches_tracked: Tensor,
     so that torch.fx records it as a node of the graph (a leaf, see below) that runs on every call
     instead of once while tracing."""
     num_batches_tracked.add_(1)
-    if momentum is None:
-        return torch.reciprocal(num_batches_tracked.to(torch.float64))
-    return float(momentum)
+    return _cumulative_momentum(num_batches_tracked) if momentum is None else float(momentum)
 
 
 # torch.fx.symbolic_trace: cbam and _count_bn_batch are leaves (one call_function node each, with

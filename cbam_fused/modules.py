@@ -144,7 +144,7 @@ class SpatialGate(nn.Module):
         bn = self.spatial.bn
         if bn.momentum is not None:
             return bn.momentum
-        return torch.reciprocal(bn.num_batches_tracked.to(torch.float64) + 1)
+        return F._cumulative_momentum(bn.num_batches_tracked + 1)
 
     def functional_kwargs(self) -> dict:
         conv, bn = self.spatial.conv, self.spatial.bn
