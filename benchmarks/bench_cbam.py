@@ -250,13 +250,8 @@ def make_inputs(case, device, dtype, l2_bytes, seed):
     layout = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
     elem = torch.tensor([], dtype=dtype).element_size()
     x_bytes = n * c * h * w * elem
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        per = x_bytes * (2 if case["mode"] == "train" else 1)
-        want = max(2, -(-3 * (l2_bytes or 50 << 20) // x_bytes) + 1)
-        n_buf = int(max(1, min(want, 64, (free // 4) // per)))
-    else:
-        n_buf = 2
+    n_buf = bu.n_rotating_buffers(device, x_bytes, x_bytes * (2 if case["mode"] == "train" else 1),
+                                  l2_bytes, cap=64, mem_share=4)
     g = torch.Generator(device=device).manual_seed(seed)  # random data, drawn on the device
     xs, gs = [], []
     for _ in range(n_buf):

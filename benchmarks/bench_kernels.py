@@ -66,12 +66,7 @@ def _nbytes(t) -> int:
 def _buffers(n, c, h, w, dtype, fmt, device, l2_bytes, gen):
     """x and g buffers (rotating), and the small tensors of the ops (one set, [N, C] / [N, S])."""
     x_bytes = n * c * h * w * torch.tensor([], dtype=dtype).element_size()
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        want = max(2, -(-3 * (l2_bytes or 50 << 20) // x_bytes) + 1)
-        nb = int(max(1, min(want, 32, (free // 6) // (2 * x_bytes))))
-    else:
-        nb = 2
+    nb = bu.n_rotating_buffers(device, x_bytes, 2 * x_bytes, l2_bytes, cap=32, mem_share=6)
 
     def big():
         return torch.randn((n, c, h, w), generator=gen, device=device,

@@ -112,6 +112,18 @@ def fallback_warning(meta: dict) -> Optional[str]:
             "NOT the product. Rebuild with a CUDA toolkit (pip install --no-build-isolation -e .).")
 
 
+def n_rotating_buffers(device: torch.device, x_bytes: int, bytes_per_buffer: int,
+                       l2_bytes: Optional[int], cap: int, mem_share: int) -> int:
+    """How many input buffers to rotate among: enough that together they exceed 3x the L2 cache
+    (so x is not L2-resident between runs), at most `cap`, and using at most 1/mem_share of the
+    free device memory. 2 on the CPU."""
+    if device.type != "cuda":
+        return 2
+    free, _ = torch.cuda.mem_get_info(device)
+    want = max(2, -(-3 * (l2_bytes or 50 << 20) // x_bytes) + 1)
+    return int(max(1, min(want, cap, (free // mem_share) // bytes_per_buffer)))
+
+
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
