@@ -133,6 +133,10 @@ def parse_args(argv=None):
                    help="also time each cbam_fused op alone (benchmarks/bench_kernels.py): "
                         "auto = on CUDA (ResNet-50 sites, batch 64), off on the CPU (on: tiny "
                         "shapes there)")
+    p.add_argument("--pool-types", default="avg,max",
+                   help="the channel gate's pools, comma list of avg,max,lp,lse (the official "
+                        "code's pool_types; default avg,max). With lp or lse the timm peer is "
+                        "left out (timm has neither)")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -193,6 +197,16 @@ def settings_from(args, device):
         peers.append(FUSED)
     peers = [p for p in PEERS if p in peers]  # fixed order, cbam_fused last
     peers = bu.drop_missing(peers, {"timm": "timm"}, "peer")
+    pool_types = _csv(args.pool_types)
+    import cbam_fused
+    try:
+        cbam_fused.pools_from_types(pool_types)
+    except ValueError as e:
+        raise SystemExit(f"--pool-types: {e}") from None
+    if set(pool_types) - {"avg", "max"} and "timm" in peers:
+        print(f"note: peer 'timm' skipped: timm's CBAM has no {'/'.join(pool_types)} pools",
+              file=sys.stderr)
+        peers.remove("timm")
     if cuda:
         timing = dict(method="cuda_events", warmup=3 if args.quick else 10,
                       target_s=0.15 if args.quick else 0.25, min_reps=args.reps or 10,
@@ -205,7 +219,7 @@ def settings_from(args, device):
     kernels = args.kernels == "on" or (args.kernels == "auto" and cuda)
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
-                kernels=kernels)
+                kernels=kernels, pool_types=pool_types)
 
 
 def make_cases(st):
@@ -221,11 +235,11 @@ def make_cases(st):
     return cases
 
 
-def build_peers(names, c, device, dtype):
+def build_peers(names, c, device, dtype, pool_types=("avg", "max")):
     """The peer modules for one case, sharing the official module's weights where the structure
     allows (official, compile peers, cbam_fused); timm gets its own random weights."""
     torch._dynamo.reset()  # fresh compile caches: recompiles per case never hit the limit
-    official = official_cbam.CBAM(c, 16).to(device=device, dtype=dtype)
+    official = official_cbam.CBAM(c, 16, list(pool_types)).to(device=device, dtype=dtype)
     mods = {}
     for name in names:
         if name == "official":
@@ -239,7 +253,7 @@ def build_peers(names, c, device, dtype):
             mods[name] = torch.compile(copy.deepcopy(official), mode="max-autotune-no-cudagraphs")
         elif name == FUSED:
             import cbam_fused
-            m = cbam_fused.CBAM(c, 16)
+            m = cbam_fused.CBAM(c, 16, list(pool_types))
             m.load_state_dict(official.state_dict())
             mods[name] = m.to(device=device, dtype=dtype)
     return mods
@@ -321,7 +335,7 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
                width=case["width"], dtype=case["dtype"], layout=layout, mode=case["mode"],
                x_bytes=x_bytes, floor_passes=passes, floor_bytes=passes * x_bytes,
                n_buffers=len(xs), check={}, peers={})
-    mods = build_peers(st["peers"], case["channels"], device, dtype)
+    mods = build_peers(st["peers"], case["channels"], device, dtype, st["pool_types"])
     tm = st["timing"]
     ref_y = None
     for name in st["peers"]:

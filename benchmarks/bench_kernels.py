@@ -43,6 +43,9 @@ SCHEMA = "cbam_fused.bench_kernels/1"
 TARGET = 0.8
 OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
        "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input")
+# the ops of the official code's lp / lse pools (--ops all)
+LP_LSE_OPS = ("pool_over_s_lp_lse", "grad_input_lp_lse")
+OP_SETS = {"issue4": OPS, "all": OPS + LP_LSE_OPS}
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
          "tiny": [(32, 8, 8), (64, 5, 5)]}
 # The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM, min rows
@@ -80,7 +83,8 @@ def _buffers(n, c, h, w, dtype, fmt, device, l2_bytes, gen):
 
     small = dict(gc=rnd(c), gs=rnd(s), da=rnd(c, -1, 1), dm=rnd(c, -1, 1), du=rnd(s, -1, 1),
                  dv=rnd(s, -1, 1), i_s=torch.randint(0, s, (n, c), generator=gen, device=device),
-                 i_c=torch.randint(0, c, (n, s), generator=gen, device=device))
+                 i_c=torch.randint(0, c, (n, s), generator=gen, device=device),
+                 dlp=rnd(c, -1, 1), lp=rnd(c, 1, 2), dlse=rnd(c, -1, 1), lse=rnd(c, 4, 5))
     if dtype == torch.float64:
         small = {k: v.double() if v.is_floating_point() else v for k, v in small.items()}
     return xs, gs, small, x_bytes
@@ -96,6 +100,9 @@ def _args(op, x, g, t):
         "pool_over_s_backward_scale": (x, t["da"], t["dm"], t["i_s"]),
         "grad_input": (g, t["gc"], t["gs"], t["da"], t["dm"], t["i_s"], t["du"], t["dv"],
                        t["i_c"], 0),
+        "pool_over_s_lp_lse": (x, None),
+        "grad_input_lp_lse": (g, x, t["gc"], t["gs"], t["da"], t["dm"], t["i_s"], t["du"],
+                              t["dv"], t["i_c"], t["dlp"], t["lp"], t["dlse"], t["lse"], 0),
     }[op]
 
 
@@ -241,7 +248,7 @@ def summarize_sweep(cases):
         return math.exp(sum(map(math.log, v)) / len(v)) if v else None
     overall = {k: gmean([c["sweep"].get(k) for c in swept]) for k in keys}
     per_op = {}
-    for op in OPS:
+    for op in OP_SETS["all"]:
         sel = [c for c in swept if c["op"] == op]
         if sel:
             means = {k: gmean([c["sweep"].get(k) for c in sel]) for k in keys}
@@ -272,14 +279,15 @@ def plot_axes(ax, rec):
         key = (c["site"], f"{c['dtype']} {c['layout']}")
         if key not in groups:
             groups.append(key)
-    bw = 0.8 / len(OPS)
-    for k, op in enumerate(OPS):
+    ops = [op for op in OP_SETS["all"] if any(c["op"] == op for c in rec["cases"])]
+    bw = 0.8 / len(ops)
+    for k, op in enumerate(ops):
         v = []
         for key in groups:
             m = [c for c in rec["cases"] if c["op"] == op and (c["site"], f"{c['dtype']} "
                                                                           f"{c['layout']}") == key]
             v.append(m[0]["frac_copy_bw"] or 0 if m else 0)
-        ax.bar([i + (k - (len(OPS) - 1) / 2) * bw for i in range(len(groups))], v, bw, label=op,
+        ax.bar([i + (k - (len(ops) - 1) / 2) * bw for i in range(len(groups))], v, bw, label=op,
                color=f"C{k}")
     ax.axhline(TARGET, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)))
@@ -301,9 +309,13 @@ def main(argv=None):
                    help="also time each op under every tuning setting of SWEEP "
                         "(torch.ops.cbam_fused_debug.set_tuning; needs the CUDA kernels): "
                         "the data to choose the launchers' defaults from")
+    p.add_argument("--ops", default="issue4", choices=sorted(OP_SETS),
+                   help="issue4: the 7 ops of the avg / max pools (default); all: also the lp / "
+                        "lse pools' ops")
     p.add_argument("--json", default=None, help="write the record here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    ops = OP_SETS[args.ops]
     device = bu.pick_device(args.device)
     cuda = device.type == "cuda"
     sites = args.sites or ("resnet50" if cuda else "tiny")
@@ -315,14 +327,14 @@ def main(argv=None):
     warn = bu.fallback_warning(meta)
     if warn:
         print(warn)
-    bar = bu.progress(count(sites), "bench_kernels", not args.no_progress)
+    bar = bu.progress(count(sites, ops=ops), "bench_kernels", not args.no_progress)
     timing = None if cuda else dict(warmup=1, target_s=0.05, min_reps=2, max_reps=3)
     sweep = None
     if args.sweep:
         if not (cuda and meta.get("cbam_fused_native")):
             raise SystemExit("--sweep: needs a GPU and cbam_fused's own CUDA kernels")
         sweep = SWEEP
-    rec = run(device, sites=sites, batch=batch, timing=timing,
+    rec = run(device, sites=sites, batch=batch, timing=timing, ops=ops,
               l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar, sweep=sweep)
     bar.close()
     rec["meta"] = meta

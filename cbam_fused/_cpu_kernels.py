@@ -43,6 +43,18 @@ def pool_over_s(x: Tensor, scale: Optional[Tensor]):
     return xf.mean(2), mx, idx
 
 
+def pool_over_s_lp_lse(x: Tensor, scale: Optional[Tensor]):
+    """pool_over_s plus the official code's lp pool (F.lp_pool2d, norm 2: sqrt(sum v^2)) and lse
+    pool (logsumexp_2d: M + log(sum exp(v - M)), M = max v; NaN where M is not finite, as there)."""
+    xf = _flat(x)
+    if scale is not None:
+        xf = xf * scale[:, None, :]
+    mx, idx = _max_first(xf, 2)
+    lp = xf.square().sum(2).sqrt()
+    lse = mx + (xf - mx[:, :, None]).exp().sum(2).log()
+    return xf.mean(2), mx, idx, lp, lse
+
+
 def pool_over_c(x: Tensor, scale: Optional[Tensor]):
     xf = _flat(x)
     if scale is not None:
@@ -102,6 +114,29 @@ def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
     return (xf * w).sum(1)
 
 
+def _lp_lse_terms(v: Tensor, d_lp: Optional[Tensor], lp: Optional[Tensor],
+                  d_lse: Optional[Tensor], lse: Optional[Tensor]) -> Tensor:
+    """(d_lp / lp) v + d_lse exp(v - lse) for v [N, C, S] and [N, C] pools: the gradient of the
+    lp and lse pools over S with respect to v (a zero or missing d adds nothing)."""
+    term = torch.zeros_like(v)
+    if d_lp is not None:
+        term = term + (d_lp / lp)[:, :, None] * v
+    if d_lse is not None:
+        d = d_lse[:, :, None]
+        term = term + torch.where(d != 0, d * torch.exp(v - lse[:, :, None]), d.new_zeros(()))
+    return term
+
+
+def pool_over_s_backward_scale_lp_lse(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
+                                      argmax: Optional[Tensor], scale: Optional[Tensor],
+                                      d_lp: Optional[Tensor], lp: Optional[Tensor],
+                                      d_lse: Optional[Tensor], lse: Optional[Tensor]) -> Tensor:
+    xf = _flat(x)
+    v = xf if scale is None else xf * scale[:, None, :]
+    extra = (xf * _lp_lse_terms(v, d_lp, lp, d_lse, lse)).sum(1)
+    return pool_over_s_backward_scale(x, d_avg, d_max, argmax) + extra
+
+
 def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Optional[Tensor],
                dm: Optional[Tensor], idx_s: Optional[Tensor], du: Optional[Tensor],
                dv: Optional[Tensor], idx_c: Optional[Tensor], arrangement: int) -> Tensor:
@@ -129,19 +164,35 @@ def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Opt
     return dx
 
 
+def grad_input_lp_lse(grad: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
+                      da: Optional[Tensor], dm: Optional[Tensor], idx_s: Optional[Tensor],
+                      du: Optional[Tensor], dv: Optional[Tensor], idx_c: Optional[Tensor],
+                      d_lp: Optional[Tensor], lp: Optional[Tensor], d_lse: Optional[Tensor],
+                      lse: Optional[Tensor], arrangement: int) -> Tensor:
+    dx = grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement)
+    xf = _flat(x)
+    gsb = gs[:, None, :] if arrangement == 1 and gs is not None else None
+    v = xf if gsb is None else xf * gsb  # what the pools over S saw
+    term = _lp_lse_terms(v, d_lp, lp, d_lse, lse)
+    return dx + (term if gsb is None else gsb * term)
+
+
 # The math of each op, functional (no in-place writes, no simulator): what the kernels below run
 # and what cbam_fused.export decomposes the ops into. apply_gates and grad_input give [N, C, S].
 MATH = {
     "pool_over_s": pool_over_s,
+    "pool_over_s_lp_lse": pool_over_s_lp_lse,
     "pool_over_c": pool_over_c,
     "apply_gates": apply_gates,
     "backward_reduce": backward_reduce,
     "pool_over_c_backward_scale": pool_over_c_backward_scale,
     "pool_over_s_backward_scale": pool_over_s_backward_scale,
+    "pool_over_s_backward_scale_lp_lse": pool_over_s_backward_scale_lp_lse,
     "grad_input": grad_input,
+    "grad_input_lp_lse": grad_input_lp_lse,
 }
 # ops whose output has the shape and memory format of their first argument
-X_SHAPED = ("apply_gates", "grad_input")
+X_SHAPED = ("apply_gates", "grad_input", "grad_input_lp_lse")
 
 
 def _kernel(name: str):

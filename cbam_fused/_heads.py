@@ -1,13 +1,13 @@
 """The small heads of CBAM, forward and backward in closed form (ATen ops, no autograd).
 
-Channel head (on [N, C] pooled descriptors):
+Channel head (on [N, C] pooled descriptors: avg, max, lp, lse, or the avg / max blend):
     MLP:    z = W2 act(W1 p + b1) + b2,   zc = sum over the chosen pools p of z(p)
     single: z = W1 p + b1                 (ultralytics: one 1x1 conv, no hidden layer)
 Spatial head (on the [N, k, *spatial] map stacked from the pools over C):
     zs = Norm(Conv_k(map)),  Norm = BatchNorm(1) or identity
 All of it runs in the accumulation dtype; parameters are cast to it and their gradients cast back.
 """
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,34 +39,52 @@ def act_backward(dh: Tensor, h: Tensor, act: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- channel head
-def channel_inputs(a: Tensor, m: Tensor, pools: str) -> List[Tensor]:
-    if pools == "avg":
-        return [a]
-    if pools == "max":
-        return [m]
-    if pools == "avg+max":
-        return [a, m]
-    return [0.5 * (a + m)]  # blend (timm LightCbamModule)
+# The channel gate's pools over S: mean, max, and the official code's lp (sqrt(sum x^2)) and lse
+# (log sum exp x). A `pools` string joins distinct ones with '+' in the order their MLP outputs
+# are summed ('avg+max', 'avg+max+lp+lse', ...), or is 'blend' (timm LightCbamModule: one MLP
+# on 0.5 (avg + max)).
+CHANNEL_POOLS = ("avg", "max", "lp", "lse")
 
 
-def channel_forward(a, m, pools, w1, b1, w2, b2, act):
+def pool_kinds(pools: str) -> Tuple[str, ...]:
+    """The pools a `pools` string needs from the pool over S: 'blend' needs avg and max."""
+    return ("avg", "max") if pools == "blend" else tuple(pools.split("+"))
+
+
+def channel_inputs(pooled: Dict[str, Tensor], pools: str) -> List[Tensor]:
+    """The MLP inputs [N, C], in summation order, from the pools over S by name."""
+    if pools == "blend":
+        return [0.5 * (pooled["avg"] + pooled["max"])]
+    return [pooled[k] for k in pool_kinds(pools)]
+
+
+def pools_in(p: Tensor, pools: str, n: int) -> Dict[str, Tensor]:
+    """The pools [N, C] by name inside P, the stacked MLP inputs channel_forward returns (none for
+    'blend', whose one input is a mix)."""
+    if pools == "blend":
+        return {}
+    return {name: p[i * n:(i + 1) * n] for i, name in enumerate(pool_kinds(pools))}
+
+
+def channel_forward(pooled, pools, w1, b1, w2, b2, act):
     """zc [N, C] and what the backward needs: (P, h_pre) with P the stacked pool inputs."""
-    p = torch.cat(channel_inputs(a, m, pools), 0)  # [k N, C]
+    inputs = channel_inputs(pooled, pools)
+    p = torch.cat(inputs, 0)  # [k N, C]
     h_pre = F.linear(p, w1, b1)
     if w2 is None:  # single layer
         z = h_pre
     else:
         z = F.linear(act_forward(h_pre, act), w2, b2)
-    k = p.shape[0] // a.shape[0] if a.shape[0] else 1
-    zc = z.reshape(k, a.shape[0], -1).sum(0)
+    zc = z.reshape(len(inputs), inputs[0].shape[0], -1).sum(0)
     return zc, p, h_pre
 
 
 def channel_backward(dzc, pools, p, h_pre, w1, b1, w2, b2, act):
-    """Gradients of sum_p z(p) for dzc: (da, dm, dw1, db1, dw2, db2); None where not used."""
+    """Gradients of sum_p z(p) for dzc: ({pool name: d pool [N, C]}, dw1, db1, dw2, db2); None
+    for an absent bias or second layer."""
     n = dzc.shape[0]
-    k = p.shape[0] // n if n else 1
-    dz = dzc.repeat(k, 1)  # the same dzc flows into every pool's MLP output
+    k = 1 if pools == "blend" else len(pool_kinds(pools))
+    dz = dzc.repeat(k, 1) if k > 1 else dzc  # the same dzc flows into every pool's MLP output
     if w2 is None:
         dh_pre = dz
         dw2 = db2 = None
@@ -78,15 +96,10 @@ def channel_backward(dzc, pools, p, h_pre, w1, b1, w2, b2, act):
     dw1 = dh_pre.t() @ p
     db1 = dh_pre.sum(0) if b1 is not None else None
     dp = dh_pre @ w1  # [k N, C]
-    if pools == "avg":
-        da, dm = dp, None
-    elif pools == "max":
-        da, dm = None, dp
-    elif pools == "avg+max":
-        da, dm = dp[:n], dp[n:]
-    else:
-        da = dm = 0.5 * dp
-    return da, dm, dw1, db1, dw2, db2
+    if pools == "blend":
+        half = 0.5 * dp
+        return {"avg": half, "max": half}, dw1, db1, dw2, db2
+    return (pools_in(dp, pools, n) if k > 1 else {pools: dp}), dw1, db1, dw2, db2
 
 
 # ----------------------------------------------------------------------------- spatial head

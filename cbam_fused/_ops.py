@@ -32,6 +32,11 @@ def _fake_pool_over_s(x, scale):
     return a, torch.empty_like(a), a.new_empty(a.shape, dtype=torch.int64)
 
 
+def _fake_pool_over_s_lp_lse(x, scale):
+    a, m, i = _fake_pool_over_s(x, scale)
+    return a, m, i, torch.empty_like(a), torch.empty_like(a)
+
+
 def _fake_pool_over_c(x, scale):
     u = _small(x, _spatial_numel(x))
     return u, torch.empty_like(u), u.new_empty(u.shape, dtype=torch.int64)
@@ -56,18 +61,30 @@ def _fake_pool_over_s_backward_scale(x, d_avg, d_max, argmax):
     return _small(x, _spatial_numel(x))
 
 
+def _fake_pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse, lse):
+    return _small(x, _spatial_numel(x))
+
+
 def _fake_grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement):
+    return torch.empty_like(grad)
+
+
+def _fake_grad_input_lp_lse(grad, x, gc, gs, da, dm, idx_s, du, dv, idx_c, d_lp, lp, d_lse, lse,
+                            arrangement):
     return torch.empty_like(grad)
 
 
 _FAKES = {
     "pool_over_s": _fake_pool_over_s,
+    "pool_over_s_lp_lse": _fake_pool_over_s_lp_lse,
     "pool_over_c": _fake_pool_over_c,
     "apply_gates": _fake_apply_gates,
     "backward_reduce": _fake_backward_reduce,
     "pool_over_c_backward_scale": _fake_pool_over_c_backward_scale,
     "pool_over_s_backward_scale": _fake_pool_over_s_backward_scale,
+    "pool_over_s_backward_scale_lp_lse": _fake_pool_over_s_backward_scale_lp_lse,
     "grad_input": _fake_grad_input,
+    "grad_input_lp_lse": _fake_grad_input_lp_lse,
 }
 
 
@@ -114,6 +131,10 @@ def pool_over_s(x: Tensor, scale: Optional[Tensor] = None):
     return ops.pool_over_s(x, scale)
 
 
+def pool_over_s_lp_lse(x: Tensor, scale: Optional[Tensor] = None):
+    return ops.pool_over_s_lp_lse(x, scale)
+
+
 def pool_over_c(x: Tensor, scale: Optional[Tensor] = None):
     return ops.pool_over_c(x, scale)
 
@@ -134,5 +155,17 @@ def pool_over_s_backward_scale(x, d_avg, d_max, argmax) -> Tensor:
     return ops.pool_over_s_backward_scale(x, d_avg, d_max, argmax)
 
 
+def pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse,
+                                      lse) -> Tensor:
+    return ops.pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse,
+                                                 lse)
+
+
 def grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement: int) -> Tensor:
     return ops.grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement)
+
+
+def grad_input_lp_lse(grad, x, gc, gs, da, dm, idx_s, du, dv, idx_c, d_lp, lp, d_lse, lse,
+                      arrangement: int) -> Tensor:
+    return ops.grad_input_lp_lse(grad, x, gc, gs, da, dm, idx_s, du, dv, idx_c, d_lp, lp, d_lse,
+                                 lse, arrangement)

@@ -23,9 +23,9 @@ module whose one or two children are such gates. A look-alike that computes some
 squeeze-excitation block: avg pool only; a sum of per-branch sigmoids) is left alone. What the structure leaves open (the order of the pools of the spatial map, avg + max
 against the 'light' blend, channel gate first or spatial first) is settled by a probe: the block's
 own forward runs once on a float64 copy with random weights and a small random input, and the
-fused variant that reproduces it is chosen. A block that no fused variant reproduces (an lp/lse
-pool, a hard-sigmoid gate, an activation the fused path lacks, a forward that does something
-else) is left alone, and the report says why.
+fused variant that reproduces it is chosen. A block that no fused variant reproduces (a pool the
+fused path lacks, a hard-sigmoid gate, an activation the fused path lacks, a forward that does
+something else) is left alone, and the report says why.
 
 Mechanism (why a class swap). A converted block keeps its object, its parameters and buffers
 (the same tensor objects: an optimizer built before keeps working; state_dict keys and values are

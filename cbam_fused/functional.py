@@ -14,7 +14,11 @@ Backward, 5 passes:
     dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)  read g, write dx  (Q3)
 Spatial-first swaps the roles of the two gates (the channel gate pools x * gs); parallel computes
 both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] tensors and argmax
-indices. The heads run in closed form (_heads.py), so the whole block traces under
+indices.
+With the official code's lp / lse pools in `pools`, pool_over_s_lp_lse computes them in the same
+pass as avg and max (lp = sqrt(sum_s x^2), lse = log sum_s exp x), and Q3 is grad_input_lp_lse,
+which also reads x for their gradients (dl x / lp + de exp(x - lse)): 6 backward passes
+(spatial first: Q2 is pool_over_s_backward_scale_lp_lse, with those terms too). The heads run in closed form (_heads.py), so the whole block traces under
 torch.compile(fullgraph=True).
 """
 from typing import NamedTuple, Optional, Union
@@ -26,7 +30,9 @@ from . import _heads, _ops
 from ._cpu_kernels import acc_dtype
 
 ARRANGEMENTS = {"channel_first": 0, "spatial_first": 1, "parallel": 2}
-POOLS = ("avg", "max", "avg+max", "blend")
+# pools: distinct names of _heads.CHANNEL_POOLS joined by '+' (their MLP outputs summed in that
+# order), or 'blend'; the common ones:
+POOLS = ("avg", "max", "avg+max", "blend", "avg+max+lp+lse")
 SPATIAL_POOLS = ("max,mean", "mean,max", "blend")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,6 +89,7 @@ def _acc_params(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv):
 # What the forward hands to the backward besides x and the parameters: [N, C], [N, S] and
 # spatial-map-sized tensors and argmax indices; an empty tensor stands for "absent".
 _SAVED = ("gc", "gs", "idx_s", "idx_c", "p", "h_pre", "smap", "zconv", "mean", "invstd")
+# (p, the stacked MLP inputs, holds the lp / lse pools the backward needs: no slots of their own)
 
 
 def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _Config):
@@ -95,8 +102,13 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
     channel, spatial = w1 is not None, conv_w is not None
 
     def channel_gate(scale):
-        a, m, idx_s = _ops.pool_over_s(x, scale)
-        zc, p, h_pre = _heads.channel_forward(a, m, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
+        lp = lse = None
+        if _needs_lp_lse(cfg.pools):  # the same pass, two more pools
+            a, m, idx_s, lp, lse = _ops.pool_over_s_lp_lse(x, scale)
+        else:
+            a, m, idx_s = _ops.pool_over_s(x, scale)
+        pooled = {"avg": a, "max": m, "lp": lp, "lse": lse}
+        zc, p, h_pre = _heads.channel_forward(pooled, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
         return torch.sigmoid(zc), idx_s, p, h_pre
 
     def spatial_gate(scale):
@@ -237,7 +249,8 @@ def _backward_closed_form(ctx, grads):
         g = g.contiguous(memory_format=_memory_format(x))
 
     rc, rs = _ops.backward_reduce(g, x, gc, gs, channel, spatial)  # Q1
-    da = dm = du = dv = None
+    dpool = {}  # the gradients of the channel gate's pools over S, by name
+    du = dv = None
     dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
 
     def channel_back(dgc):
@@ -259,23 +272,36 @@ def _backward_closed_form(ctx, grads):
             dgc = rc
             if spatial:  # Q2
                 dgc = dgc + _ops.pool_over_c_backward_scale(x, du, dv, idx_c)
-            da, dm, dw1, db1, dw2, db2 = channel_back(dgc)
+            dpool, dw1, db1, dw2, db2 = channel_back(dgc)
     elif cfg.arrangement == 1:  # spatial first: the channel gate pooled x * gs
         if channel:
-            da, dm, dw1, db1, dw2, db2 = channel_back(rc)
+            dpool, dw1, db1, dw2, db2 = channel_back(rc)
         if spatial:
             dgs = rs
             if channel:  # Q2
-                dgs = dgs + _ops.pool_over_s_backward_scale(x, da, dm, idx_s)
+                da, dm, dlp, dlse = (dpool.get(k) for k in _heads.CHANNEL_POOLS)
+                if dlp is None and dlse is None:
+                    dgs = dgs + _ops.pool_over_s_backward_scale(x, da, dm, idx_s)
+                else:
+                    pooled = _heads.pools_in(p, cfg.pools, n)
+                    dgs = dgs + _ops.pool_over_s_backward_scale_lp_lse(
+                        x, da, dm, idx_s, gs, dlp, pooled.get("lp"), dlse, pooled.get("lse"))
             du, dv, dcw, dcb, dbw, dbb = spatial_back(dgs)
     else:  # parallel: both gates pooled plain x, no Q2
         if channel:
-            da, dm, dw1, db1, dw2, db2 = channel_back(rc)
+            dpool, dw1, db1, dw2, db2 = channel_back(rc)
         if spatial:
             du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
 
-    dx = _ops.grad_input(g, gc, gs, da, dm, idx_s if dm is not None else None, du, dv,
-                         idx_c if dv is not None else None, cfg.arrangement)  # Q3
+    da, dm, dlp, dlse = (dpool.get(k) for k in _heads.CHANNEL_POOLS)
+    q3 = (g, gc, gs, da, dm, idx_s if dm is not None else None, du, dv,
+          idx_c if dv is not None else None)
+    if dlp is None and dlse is None:
+        dx = _ops.grad_input(*q3, cfg.arrangement)  # Q3
+    else:  # Q3, also reading x for the lp / lse pools' gradients
+        pooled = _heads.pools_in(p, cfg.pools, n)
+        dx = _ops.grad_input_lp_lse(q3[0], x, *q3[1:], dlp, pooled.get("lp"), dlse,
+                                    pooled.get("lse"), cfg.arrangement)
     pgrads = [_back(gr, like) for gr, like in zip(
         (dw1, db1, dw2, db2, dcw, dcb, dbw, dbb), (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b))]
     return (dx, *pgrads, None, None) + (None,) * 7
@@ -300,6 +326,20 @@ def _nearest_format(x: Tensor):
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.stride() == b.stride()
+
+
+def _needs_lp_lse(pools: str) -> bool:
+    return "lp" in _heads.pool_kinds(pools) or "lse" in _heads.pool_kinds(pools)
+
+
+def _check_pools(pools) -> None:
+    kinds = pools.split("+") if isinstance(pools, str) else []
+    if pools == "blend" or (kinds and len(set(kinds)) == len(kinds)
+                            and all(k in _heads.CHANNEL_POOLS for k in kinds)):
+        return
+    raise ValueError(f"pools: expected 'blend' or distinct names of {_heads.CHANNEL_POOLS} joined "
+                     f"by '+' (e.g. {', '.join(repr(p) for p in POOLS if p != 'blend')}), got "
+                     f"{pools!r}")
 
 
 def _check_param(name, t, x, shape=None):
@@ -331,7 +371,10 @@ def cbam(x: Tensor,
     Channel gate (present when mlp_w1 is given): gc = sigmoid(sum over `pools` of MLP(pool)),
     MLP = mlp_w2 act(mlp_w1 p + mlp_b1) + mlp_b2, or mlp_w1 p + mlp_b1 when mlp_w2 is None.
     Weights in Linear ([out, in]) or 1x1-conv ([out, in, 1, ...]) form; biases may be None.
-    pools: 'avg', 'max', 'avg+max' (sum of the MLP outputs) or 'blend' (MLP of 0.5 (avg + max)).
+    pools: the pools over S whose MLP outputs are summed, joined by '+' in summation order: 'avg',
+    'max', and the official code's 'lp' (sqrt(sum x^2), F.lp_pool2d with norm 2) and 'lse'
+    (log sum exp x, its logsumexp_2d), e.g. 'avg+max' (the default) or 'avg+max+lp+lse'; or
+    'blend' (MLP of 0.5 (avg + max)).
     Spatial gate (present when conv_w is given): gs = sigmoid(BN(conv(map))), map stacked from the
     pools over C in `spatial_pools` order ('max,mean' official, 'mean,max' timm / ultralytics,
     'blend' = 0.5 (mean + max), one channel); conv_w is [1, 2 or 1, k, ...] with odd k, padding
@@ -353,8 +396,7 @@ def cbam(x: Tensor,
     if any(d == 0 for d in x.shape[1:]):
         raise ValueError(f"x: expected non-empty channel and spatial dims, got shape "
                          f"{tuple(x.shape)}")
-    if pools not in POOLS:
-        raise ValueError(f"pools: expected one of {POOLS}, got {pools!r}")
+    _check_pools(pools)
     if spatial_pools not in SPATIAL_POOLS:
         raise ValueError(f"spatial_pools: expected one of {SPATIAL_POOLS}, got {spatial_pools!r}")
     if arrangement not in ARRANGEMENTS:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._heads import ACTIVATIONS
+from ._heads import ACTIVATIONS, CHANNEL_POOLS
 
 _ACT_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "identity": nn.Identity}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -21,22 +21,21 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def pools_from_types(pool_types: Sequence[str]) -> str:
-    """The official code's pool_types list as the functional's `pools` string."""
+    """The official code's pool_types list as the functional's `pools` string: its names joined by
+    '+' in its order (the order the MLP outputs are summed in), or 'blend'."""
     if isinstance(pool_types, str):
         pool_types = [pool_types]
     kinds = list(pool_types)
-    unsupported = [p for p in kinds if p not in ("avg", "max", "blend")]
+    unsupported = [p for p in kinds if p not in CHANNEL_POOLS + ("blend",)]
     if unsupported:
         raise ValueError(f"pool_types: {unsupported} not supported by the fused path (supported: "
-                         f"'avg', 'max', both, or 'blend'); the official code's 'lp' and 'lse' "
-                         f"pools are not fused")
+                         f"distinct names of {CHANNEL_POOLS}, or ['blend'])")
     if kinds == ["blend"]:
         return "blend"
-    s = set(kinds)
-    if len(s) != len(kinds) or not s or "blend" in s:
-        raise ValueError(f"pool_types: expected ['avg'], ['max'], ['avg', 'max'] or ['blend'], "
-                         f"got {kinds}")
-    return "avg+max" if s == {"avg", "max"} else kinds[0]
+    if len(set(kinds)) != len(kinds) or not kinds or "blend" in kinds:
+        raise ValueError(f"pool_types: expected distinct names of {CHANNEL_POOLS} (e.g. ['avg', "
+                         f"'max'] or ['avg', 'max', 'lp', 'lse']) or ['blend'], got {kinds}")
+    return "avg+max" if kinds == ["max", "avg"] else "+".join(kinds)  # a + b == b + a exactly
 
 
 def hidden_size(channels: int, reduction_ratio: float, rounding: str = "floor") -> int:

@@ -27,19 +27,30 @@ def _mlp(p: Tensor, w1, b1, w2, b2, act) -> Tensor:
     return F.linear(_act(h, act), w2, None if b2 is None else b2.to(p.dtype))
 
 
+def _pool_s(flat: Tensor, kind: str) -> Tensor:
+    """One pool over the flattened spatial dim of flat [N, C, S], as the official code writes it."""
+    if kind == "avg":
+        return flat.mean(2)
+    if kind == "max":
+        return flat.max(2).values
+    if kind == "lp":  # F.lp_pool2d(x, 2, (H, W)): sqrt(S * mean(x^2))
+        return (flat.pow(2).mean(2) * flat.shape[2]).pow(0.5)
+    # lse: logsumexp_2d
+    s = flat.max(2, keepdim=True).values
+    return (s + (flat - s).exp().sum(2, keepdim=True).log()).squeeze(2)
+
+
 def channel_gate(inp: Tensor, pools, w1, b1, w2, b2, act) -> Tensor:
-    """gc [N, C]: sigmoid of the MLP outputs summed over the pools of inp over its spatial dims."""
+    """gc [N, C]: sigmoid of the MLP outputs summed over the pools of inp over its spatial dims
+    (in the order of `pools`, as the official code's loop over pool_types sums them)."""
     flat = inp.flatten(2)
-    avg = flat.mean(2)
-    mx = flat.max(2).values
-    if pools == "avg":
-        z = _mlp(avg, w1, b1, w2, b2, act)
-    elif pools == "max":
-        z = _mlp(mx, w1, b1, w2, b2, act)
-    elif pools == "avg+max":
-        z = _mlp(avg, w1, b1, w2, b2, act) + _mlp(mx, w1, b1, w2, b2, act)
-    else:  # blend
-        z = _mlp(0.5 * avg + 0.5 * mx, w1, b1, w2, b2, act)
+    if pools == "blend":
+        return torch.sigmoid(_mlp(0.5 * _pool_s(flat, "avg") + 0.5 * _pool_s(flat, "max"), w1, b1,
+                                  w2, b2, act))
+    z = None
+    for kind in pools.split("+"):
+        raw = _mlp(_pool_s(flat, kind), w1, b1, w2, b2, act)
+        z = raw if z is None else z + raw
     return torch.sigmoid(z)
 
 

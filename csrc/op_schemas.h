@@ -11,6 +11,12 @@ namespace cbam {
 inline void define_ops(torch::Library& m) {
   // a[n,c] = mean_s x*scale, m[n,c] = max_s x*scale, argmax[n,c]; scale is [N, S] or None.
   m.def("pool_over_s(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax)");
+  // pool_over_s plus the official code's lp and lse pools of v = x*scale, in the same pass:
+  // lp[n,c] = sqrt(sum_s v^2) (F.lp_pool2d, norm 2), lse[n,c] = M + log(sum_s exp(v - M)) with
+  // M = max_s v (logsumexp_2d; NaN where M is not finite).
+  m.def(
+      "pool_over_s_lp_lse(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax, "
+      "Tensor lp, Tensor lse)");
   // u[n,s] = mean_c x*scale, v[n,s] = max_c x*scale, argmax[n,s]; scale is [N, C] or None.
   m.def("pool_over_c(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax)");
   // y[n,c,s] = x * gc[n,c] * gs[n,s] (a missing gate counts as 1); y keeps x's memory format.
@@ -27,6 +33,12 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "pool_over_s_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax) -> "
       "Tensor");
+  // Q2 when the channel gate also pooled lp / lse of v = x*scale over S (spatial first):
+  //   [N, S] = sum_c x (da/S + dm [s == is[n,c]] + (d_lp / lp) v + d_lse exp(v - lse))
+  // scale is the forward's [N, S] scale (None: 1); d_lp needs lp, d_lse needs lse.
+  m.def(
+      "pool_over_s_backward_scale_lp_lse(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax, "
+      "Tensor? scale, Tensor? d_lp, Tensor? lp, Tensor? d_lse, Tensor? lse) -> Tensor");
   // Q3, dx written once:
   //   dx = g gc gs + kc (da/S + dm [s == is]) + ks (du/C + dv [c == ic])
   // arrangement 0 (channel first): kc = 1, ks = gc; 1 (spatial first): kc = gs, ks = 1;
@@ -34,6 +46,13 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "grad_input(Tensor grad, Tensor? gc, Tensor? gs, Tensor? da, Tensor? dm, Tensor? idx_s, "
       "Tensor? du, Tensor? dv, Tensor? idx_c, int arrangement) -> Tensor");
+  // Q3 when the channel gate also pooled lp / lse over S (reads x as well):
+  //   dx = grad_input(...) + kc ((d_lp / lp) v + d_lse exp(v - lse)),  v = x (arrangement 1: x gs)
+  // x has grad's shape and dtype (any strides); d_lp needs lp, d_lse needs lse.
+  m.def(
+      "grad_input_lp_lse(Tensor grad, Tensor x, Tensor? gc, Tensor? gs, Tensor? da, Tensor? dm, "
+      "Tensor? idx_s, Tensor? du, Tensor? dv, Tensor? idx_c, Tensor? d_lp, Tensor? lp, "
+      "Tensor? d_lse, Tensor? lse, int arrangement) -> Tensor");
 }
 
 }  // namespace cbam

@@ -91,16 +91,34 @@ def test_bench_cbam_cpu_quick(tmp_path):
     _check_png(png)
 
 
-def _check_kernels(k):
+def test_bench_cbam_lp_lse_pools(tmp_path):
+    """--pool-types with the official code's lp / lse pools: official and cbam_fused share the
+    weights and agree; timm (no such pools) is left out with a note."""
+    res, png, out = _run("bench_cbam.py", ["--shapes", "16:6:5", "--modes", "fwd,train", "--reps",
+                                           "2", "--warmup", "0", "--kernels", "off",
+                                           "--pool-types", "avg,max,lp,lse"], tmp_path)
+    assert res["settings"]["pool_types"] == ["avg", "max", "lp", "lse"]
+    assert len(res["cases"]) == 2
+    for c in res["cases"]:
+        assert set(c["peers"]) == {"official", "cbam_fused"}
+        assert all(r["error"] is None for r in c["peers"].values()), c["peers"]
+        if c["mode"] == "fwd":
+            assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
+    if HAVE_TIMM:
+        assert "timm's CBAM has no" in out
+    _check_png(png)
+
+
+def _check_kernels(k, n_ops=7):
     assert k["schema"] == "cbam_fused.bench_kernels/1" and k["target_frac"] == 0.8
-    assert len(k["cases"]) == 2 * 2 * 7  # two tiny sites x (fp32 NCHW, bf16 CL) x 7 ops
+    assert len(k["cases"]) == 2 * 2 * n_ops  # two tiny sites x (fp32 NCHW, bf16 CL) x the ops
     for c in k["cases"]:
         assert c["error"] is None, c
         assert c["median_ms"] > 0 and c["frac_copy_bw"] > 0
         # at least the x-sized tensors the op reads and writes
         x_passes = {"pool_over_s": 1, "pool_over_c": 1, "apply_gates": 2, "backward_reduce": 2,
                     "pool_over_c_backward_scale": 1, "pool_over_s_backward_scale": 1,
-                    "grad_input": 2}[c["op"]]
+                    "grad_input": 2, "pool_over_s_lp_lse": 1, "grad_input_lp_lse": 3}[c["op"]]
         assert x_passes * c["x_bytes"] < c["bytes"] < (x_passes + 1) * c["x_bytes"], c
     assert set(k["summary"]) == {"float32/nchw", "bfloat16/channels_last"}
 
@@ -110,11 +128,12 @@ def test_bench_kernels_standalone(tmp_path):
                PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     js = tmp_path / "k.json"
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--device",
-                           "cpu", "--no-progress", "--json", str(js)], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=240)
+                           "cpu", "--no-progress", "--ops", "all", "--json", str(js)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     k = json.loads(js.read_text())
-    _check_kernels(k)
+    _check_kernels(k, n_ops=9)
+    assert {c["op"] for c in k["cases"]} >= {"pool_over_s_lp_lse", "grad_input_lp_lse"}
     assert k["meta"]["device"]["type"] == "cpu"
 
 

@@ -206,7 +206,7 @@ def test_ultralytics_style_model():
 
 def test_unsupported_block_is_reported_and_the_rest_converted():
     model = official_resnet().double()
-    model.layer2[1].cbam = oc.CBAM(128, 16, pool_types=["avg", "lp"]).double()
+    model.layer2[1].cbam = oc.CBAM(128, 16, pool_types=["avg", "avg"]).double()  # sums avg twice
     model.layer3[0].cbam = nn.Sequential(  # timm CBAM with a hard-sigmoid gate
         CbamModule(256, gate_layer="hard_sigmoid")).double()
     randomize_(model)
@@ -214,7 +214,7 @@ def test_unsupported_block_is_reported_and_the_rest_converted():
     rep = cbam_fused.convert(model)
     skipped = {s.name: s.reason for s in rep.skipped}
     assert set(skipped) == {"layer2.1.cbam", "layer3.0.cbam.0"}, str(rep)
-    assert "lp" in skipped["layer2.1.cbam"]
+    assert "distinct" in skipped["layer2.1.cbam"]
     assert "sigmoid" in skipped["layer3.0.cbam.0"]
     assert len(rep.converted) == 6
     assert not is_converted(model.layer2[1].cbam)
@@ -224,6 +224,34 @@ def test_unsupported_block_is_reported_and_the_rest_converted():
     y1, g1 = _train_step(model, x)
     assert rel_err(y1, y0) < 1e-9
     assert all(rel_err(g1[n], g0[n]) < 1e-9 for n in g0)
+
+
+@pytest.mark.parametrize("pool_types", [["avg", "max", "lp", "lse"], ["lse"], ["lp", "max"]],
+                         ids="+".join)
+def test_official_lp_lse_blocks_convert(pool_types):
+    """The official code's lp and lse pools: such blocks convert (no longer left alone) and train
+    exactly like the originals, every parameter's gradient included."""
+    model = official_resnet().double()
+    model.layer2[1].cbam = oc.CBAM(128, 16, pool_types=pool_types).double()
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    rep = cbam_fused.convert(model, verify=True)
+    assert not rep.skipped, str(rep)
+    assert is_converted(model.layer2[1].cbam)
+    assert model.layer2[1].cbam.ChannelGate.pool_types == pool_types
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for step in range(2):  # two steps: the BatchNorm running statistics feed the second
+        y0, g0 = _train_step(ref, x, seed=step)
+        y1, g1 = _train_step(model, x, seed=step)
+        assert rel_err(y1, y0) < 1e-9
+        assert g0.keys() == g1.keys()
+        # 1e-8: a spatial BatchNorm's bias gradient is a sum over N H W that nearly cancels (in
+        # every block, lp / lse or not), so its relative error is larger than the outputs'
+        worst = max(g0, key=lambda n: rel_err(g1[n], g0[n]))
+        assert rel_err(g1[worst], g0[worst]) < 1e-8, (step, worst, rel_err(g1[worst], g0[worst]))
+    ref.eval()
+    model.eval()
+    assert rel_err(model(x), ref(x)) < 1e-9
 
 
 # ------------------------------------------------------------------- recognition by structure

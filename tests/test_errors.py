@@ -50,8 +50,14 @@ def test_even_and_bad_kernel_sizes():
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match=r"pool_types: \['lp'\] not supported"):
-        cbam_fused.CBAM(8, pool_types=["avg", "lp"])
+    with pytest.raises(ValueError, match=r"pool_types: \['median'\] not supported"):
+        cbam_fused.CBAM(8, pool_types=["avg", "median"])
+    with pytest.raises(ValueError, match=r"pool_types: expected distinct names"):
+        cbam_fused.CBAM(8, 2, pool_types=["avg", "avg"])
+    with pytest.raises(ValueError, match=r"pools: expected 'blend' or distinct names"):
+        functional.cbam(torch.randn(2, 4, 5, 5), torch.randn(4, 4), pools="avg+avg")
+    with pytest.raises(ValueError, match=r"pools: expected 'blend' or distinct names"):
+        functional.cbam(torch.randn(2, 4, 5, 5), torch.randn(4, 4), pools="avg+blend")
     with pytest.raises(ValueError, match=r"arrangement: expected one of"):
         cbam_fused.CBAM(8, arrangement="sideways")
     with pytest.raises(ValueError, match=r"reduction_ratio: .*empty hidden layer"):

@@ -114,6 +114,18 @@ def _op_inputs(name, layout):
         "grad_input": (_x(layout, (2, 6, 3, 5), torch.float64), gc, gs,
                        g(n, c, dtype=torch.float64), g(n, c, dtype=torch.float64), idx_s,
                        g(n, s, dtype=torch.float64), g(n, s, dtype=torch.float64), idx_c, 0),
+        "pool_over_s_lp_lse": (x, gs),
+        "pool_over_s_backward_scale_lp_lse": (x, g(n, c, dtype=torch.float64),
+                                              g(n, c, dtype=torch.float64), idx_s, gs,
+                                              g(n, c, dtype=torch.float64),
+                                              g(n, c, dtype=torch.float64) + 1,
+                                              g(n, c, dtype=torch.float64),
+                                              g(n, c, dtype=torch.float64) + 4),
+        "grad_input_lp_lse": (_x(layout, (2, 6, 3, 5), torch.float64), x, gc, gs,
+                              g(n, c, dtype=torch.float64), g(n, c, dtype=torch.float64), idx_s,
+                              g(n, s, dtype=torch.float64), g(n, s, dtype=torch.float64), idx_c,
+                              g(n, c, dtype=torch.float64), g(n, c, dtype=torch.float64) + 1,
+                              g(n, c, dtype=torch.float64), g(n, c, dtype=torch.float64) + 4, 0),
     }[name]
 
 
@@ -141,10 +153,11 @@ class _Net(nn.Module):
         self.conv = nn.Conv2d(3, 16, 3, padding=1)
         self.cbam = cbam_fused.CBAM(16, 4)
         self.ultra = cbam_fused.UltralyticsCBAM(16, 3)
+        self.all_pools = cbam_fused.CBAM(16, 4, ["avg", "max", "lp", "lse"])  # official lp / lse
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):
-        y = self.ultra(self.cbam(torch.relu(self.conv(x))))
+        y = self.all_pools(self.ultra(self.cbam(torch.relu(self.conv(x)))))
         return self.head(y.mean((2, 3)))
 
 

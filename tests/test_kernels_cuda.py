@@ -141,6 +141,7 @@ def test_tensors_of_more_than_2_31_elements(layout):
     gc, gs = small_(c), small_(s)
     cases = {
         "pool_over_s": lambda: (x, gs),
+        "pool_over_s_lp_lse": lambda: (x, gs),
         "pool_over_c": lambda: (x, gc),
         "apply_gates": lambda: (x, gc, gs),
         "pool_over_c_backward_scale": lambda: (x, small_(s), small_(s), idx(s, c)),
@@ -156,7 +157,10 @@ def test_tensors_of_more_than_2_31_elements(layout):
     g = big()
     for op, args in (("backward_reduce", (g, x, gc, gs, True, True)),
                      ("grad_input", (g, gc, gs, small_(c), small_(c), idx(c, s), small_(s),
-                                     small_(s), idx(s, c), 0))):
+                                     small_(s), idx(s, c), 0)),
+                     ("grad_input_lp_lse", (g, x, gc, gs, small_(c), small_(c), idx(c, s),
+                                            small_(s), small_(s), idx(s, c), small_(c),
+                                            small_(c), small_(c), small_(c) + 4, 0))):
         got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
         last = tuple(a[-1:] if isinstance(a, torch.Tensor) else a for a in args)
         want = as_tuple(cpu.KERNELS[op](*last))

@@ -96,8 +96,8 @@ def op_args(op, x, gen, variant):
     n, c, s = dims(x)
     dt = x.dtype
     full = variant == 0
-    if op in ("pool_over_s", "pool_over_c"):
-        ext = s if op == "pool_over_s" else c
+    if op in ("pool_over_s", "pool_over_c", "pool_over_s_lp_lse"):
+        ext = c if op == "pool_over_c" else s
         return (x, small(n, ext, dt, gen, 0.2, 1.5) if full else None)
     if op == "apply_gates":
         gc = small(n, c, dt, gen) if variant in (0, 1) else None
@@ -110,6 +110,13 @@ def op_args(op, x, gen, variant):
         gs = small(n, s, dt, gen) if variant in (0, 2) else None
         need = [(True, True), (True, False), (False, True)][variant]
         return (g, x, gc, gs) + need
+    if op == "pool_over_s_backward_scale_lp_lse":  # the pools saw x * scale
+        scale = small(n, s, dt, gen, 0.2, 1.5) if variant in (0, 1) else None
+        v = x.to(acc(dt)).reshape(n, c, s) * (1 if scale is None else scale[:, None, :])
+        d_lp = torch.randn((n, c), generator=gen, dtype=acc(dt)) if variant in (0, 2) else None
+        d_lse = torch.randn((n, c), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
+        return (op_args("pool_over_s_backward_scale", x, gen, variant) + (scale, d_lp,
+                v.square().sum(2).sqrt(), d_lse, torch.logsumexp(v, 2)))
     if op in ("pool_over_c_backward_scale", "pool_over_s_backward_scale"):
         l, ext = (s, c) if op == "pool_over_c_backward_scale" else (c, s)
         d_avg = torch.randn((n, l), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
@@ -129,11 +136,25 @@ def op_args(op, x, gen, variant):
         if arrangement == 2:  # parallel, channel gate only
             gs, du, dv, i_c = None, None, None, None
         return (x, gc, gs, da, dm, i_s, du, dv, i_c, arrangement)
+    if op == "grad_input_lp_lse":  # x plays grad; the pooled input is another x-sized tensor
+        args = op_args("grad_input", x, gen, variant)
+        xin = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dt)
+        xin = to_layout(xin.contiguous(), "cl" if variant == 1 else "cf")  # may differ from grad
+        v = xin.to(acc(dt)).reshape(n, c, s)
+        if variant == 1 and args[2] is not None:  # spatial first: the pools saw x gs
+            v = v * args[2][:, None, :]
+        lp = v.square().sum(2).sqrt()
+        lse = torch.logsumexp(v, 2)
+        d_lp = torch.randn((n, c), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
+        d_lse = torch.randn((n, c), generator=gen, dtype=acc(dt)) if variant in (0, 2) else None
+        return (args[0], xin) + args[1:9] + (d_lp, lp, d_lse, lse, args[9])
     raise ValueError(op)
 
 
-OPS = ["pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
-       "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input"]
+OPS = ["pool_over_s", "pool_over_s_lp_lse", "pool_over_c", "apply_gates", "backward_reduce",
+       "pool_over_c_backward_scale", "pool_over_s_backward_scale",
+       "pool_over_s_backward_scale_lp_lse", "grad_input", "grad_input_lp_lse"]
+X_SHAPED = ("apply_gates", "grad_input", "grad_input_lp_lse")
 
 
 def run_sim(op, args, schedule="forward", seed=0):
@@ -150,7 +171,7 @@ def run_cpu(op, args):
 def tolerances(op, dtype):
     if dtype == torch.float64:
         return dict(rtol=1e-12, atol=1e-12)
-    if op in ("apply_gates", "grad_input") and dtype in (torch.float16, torch.bfloat16):
+    if op in X_SHAPED and dtype in (torch.float16, torch.bfloat16):
         # same float32 arithmetic, then one rounding to the output dtype
         return dict(rtol=1e-3 if dtype == torch.float16 else 8e-3, atol=1e-5)
     return dict(rtol=1e-5, atol=2e-5)
@@ -165,7 +186,7 @@ def check_same(op, got, want, x, layout):
             assert torch.equal(g, w), (op, g, w)
         else:
             torch.testing.assert_close(g, w, equal_nan=True, **tolerances(op, x.dtype))
-    if op in ("apply_gates", "grad_input") and layout != "strided":
+    if op in X_SHAPED and layout != "strided":
         # x's memory format (the input of grad_input is grad, args[0])
         assert got[0].stride() == x.stride(), (op, got[0].stride(), x.stride())
 
@@ -237,13 +258,41 @@ def test_pools_ties_nan_inf(layout, dtype):
         x[1, 1, :, :] = float("-inf")
         x[1, 7, 4, 4] = float("nan")
         x = to_layout(x, layout)
-        for op in ("pool_over_s", "pool_over_c"):
+        for op in ("pool_over_s", "pool_over_c", "pool_over_s_lp_lse"):
             for variant in (0, 1):
                 args = op_args(op, x, gen, variant)
                 tile_mode(mode)
                 got = run_sim(op, args)
                 tile_mode(TILE_NORMAL)
                 check_same(op, got, run_cpu(op, args), x, layout)
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_lp_lse_pools_match_the_official_code(layout):
+    """pool_over_s_lp_lse's lp and lse against the official code's own formulas (F.lp_pool2d
+    with norm 2, logsumexp_2d), NaN / inf / -inf / an all -inf channel / huge values included:
+    the CPU kernel and the simulated CUDA kernel, every tiling."""
+    import torch.nn.functional as F
+    import official_cbam as oc
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn((2, 7, 6, 5), generator=gen, dtype=torch.float64) * 4
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    x[0, 3, :, 1] = float("-inf")
+    x[0, 4] = float("-inf")
+    x[1, 5, 1, 1] = 800.0  # exp overflows without the max shift
+    want_lp = F.lp_pool2d(x, 2, (6, 5), stride=(6, 5)).flatten(1)
+    want_lse = oc.logsumexp_2d(x).flatten(1)
+    x = to_layout(x, layout)
+    got = [run_cpu("pool_over_s_lp_lse", (x, None))]
+    for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
+        tile_mode(mode)
+        got.append(run_sim("pool_over_s_lp_lse", (x, None)))
+    tile_mode(TILE_NORMAL)
+    for _, _, _, lp, lse in got:
+        torch.testing.assert_close(lp, want_lp, equal_nan=True, rtol=1e-12, atol=0)
+        torch.testing.assert_close(lse, want_lse, equal_nan=True, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -288,6 +337,9 @@ BUDGET = {
     "pool_over_c_backward_scale": (1, 0),
     "pool_over_s_backward_scale": (1, 0),
     "grad_input": (1, 1),
+    "pool_over_s_lp_lse": (1, 0),
+    "grad_input_lp_lse": (2, 1),  # reads g and x
+    "pool_over_s_backward_scale_lp_lse": (1, 0),
 }
 
 
@@ -330,6 +382,20 @@ def test_bad_arguments_name_what_was_expected():
         with pytest.raises(RuntimeError, match="arrangement must be"):
             torch.ops.cbam_fused_sim.grad_input(x, None, None, None, None, None, None, None,
                                                 None, 3)
+        with pytest.raises(RuntimeError, match="x must have the shape of grad"):
+            torch.ops.cbam_fused_sim.grad_input_lp_lse(x, x[:1], *[None] * 12, 0)
+        with pytest.raises(RuntimeError, match="d_lse needs lse"):
+            torch.ops.cbam_fused_sim.grad_input_lp_lse(x, x, *[None] * 10, torch.ones(2, 4),
+                                                       None, 0)
+        with pytest.raises(RuntimeError, match="lp must have shape"):
+            torch.ops.cbam_fused_sim.grad_input_lp_lse(x, x, *[None] * 8, torch.ones(2, 4),
+                                                       torch.ones(2, 9), None, None, 0)
+        with pytest.raises(RuntimeError, match="d_lp needs lp"):
+            torch.ops.cbam_fused_sim.pool_over_s_backward_scale_lp_lse(
+                x, None, None, None, None, torch.ones(2, 4), None, None, None)
+        with pytest.raises(RuntimeError, match="scale must have shape"):
+            torch.ops.cbam_fused_sim.pool_over_s_backward_scale_lp_lse(
+                x, None, None, None, torch.ones(2, 4), None, None, None, None)
         with pytest.raises(RuntimeError, match="d_max needs argmax"):
             torch.ops.cbam_fused_sim.pool_over_s_backward_scale(x, None, torch.ones(2, 4), None)
 
@@ -369,7 +435,8 @@ def test_cbam_module_through_simulator(variant):
         assert names, "nothing ran in the simulator"
 
 
-@pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "timm_light"])
+@pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "timm_light",
+                                     "official_lp_lse", "spatial_first_lp_lse"])
 def test_gradcheck_through_simulator(variant):
     """float64 gradcheck of functional.cbam for x and every parameter, every op simulated."""
     from conftest import randomize_
@@ -386,7 +453,11 @@ def test_gradcheck_through_simulator(variant):
 
 @pytest.mark.parametrize("variant,fwd_max,bwd_max", [("official", 4.2, 5.3),
                                                      ("spatial_first", 4.2, 5.3),
-                                                     ("parallel", 4.2, 4.3)])
+                                                     ("parallel", 4.2, 4.3),
+                                                     # Q3 also reads x for lp / lse
+                                                     ("official_lp_lse", 4.2, 6.3),
+                                                     ("parallel_lse", 4.2, 5.3),
+                                                     ("spatial_first_lp_lse", 4.2, 6.3)])
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "cf"), (torch.bfloat16, "cl")],
                          ids=["f32-cf", "bf16-cl"])
 def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):

@@ -19,6 +19,11 @@ VARIANTS = {
     "spatial_first_max": dict(arrangement="spatial_first", pool_types=["max"]),
     "parallel": dict(arrangement="parallel"),
     "parallel_no_norm": dict(arrangement="parallel", spatial_norm=None),
+    # the official code's lp and lse pools (its ChannelGate pool_types)
+    "official_lp_lse": dict(pool_types=["avg", "max", "lp", "lse"]),
+    "parallel_lse": dict(arrangement="parallel", pool_types=["lse"]),
+    "spatial_first_lp_lse": dict(arrangement="spatial_first", pool_types=["lse", "avg", "lp"]),
+    "channel_only_lp": dict(no_spatial=True, pool_types=["lp", "avg"]),
 }
 
 # Variants whose spatial gate has a BatchNorm (train and eval differ).

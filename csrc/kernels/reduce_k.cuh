@@ -5,7 +5,8 @@
 //
 // Pass: reads x once. Tiles as in common.cuh, with up to kReduceKVectors vectors per lane and row
 // (cols_per_tile = TX * VEC * that). The weights of the tile's columns are read from global
-// memory once per tile (stage_k_side, shared memory). Each thread folds its vectors of a row,
+// memory once per tile (stage_k_side, shared memory); a policy's value of the row (kHasKept) once
+// per row and tile. Each thread folds its vectors of a row,
 // then the TX lanes of the row combine by xor shuffles (fixed tree), and lane 0 writes the
 // result of the row: the final value when the row fits one column tile (nkt == 1), else the
 // partial [n, kt, r]; combine_partials (second stage) then folds the nkt partials of each row in
@@ -30,6 +31,11 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   for (int64_t rb = t.r_begin; rb < t.r_end; rb += TY) {  // the same trip count in every thread
     const int64_t r = rb + threadIdx.y;
     State s = pol.init();
+    if constexpr (Policy::kHasKept) {  // one load per row: lane 0 of the row, then a shuffle
+      const int lane = static_cast<int>((threadIdx.y * TX + threadIdx.x) % 32);
+      const acc_t kv = threadIdx.x == 0 && r < t.r_end ? pol.kept(t.n, r) : acc_t(1);
+      pol.set_kept(s, __shfl_sync(0xffffffffu, kv, lane - static_cast<int>(threadIdx.x)));
+    }
     if (r < t.r_end) {
       const T* row = x + (t.n * g.R + r) * g.K;
       for (int64_t k = t.k0; k < t.k_end; k += TX * VEC) {

@@ -4,7 +4,8 @@
 //   out[n, k] = fold over r of Policy::add(x[n, r, k], w[n, r])       (pool_policies.cuh)
 //
 // Pass: reads x once. Tiles as in common.cuh; the row tiles are the first stage of the
-// reduction (nrt splits of R). Threads along k keep one State per column; the weights of the
+// reduction (nrt splits of R). Threads along k keep one State per column (with the policy's
+// value of the column, kHasKept, staged once per tile); the weights of the
 // tile's rows are staged in shared memory kChunkRows at a time. The TY threads of a column then
 // combine through shared memory in a fixed tree. Thread row 0 writes the final value (nrt == 1)
 // or the partial [n, rt, k], which combine_partials folds in order. Requires VEC == 1 or
@@ -30,6 +31,12 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
 
   State s[VEC];
   for (int v = 0; v < VEC; ++v) s[v] = pol.init();
+  if constexpr (Policy::kHasKept) {  // the policy's values of the tile's columns, loaded once
+    __shared__ acc_t s_kept[32 * VEC];
+    acc_t kv[VEC];
+    stage_k_side<VEC>(s_kept, t, [&](int64_t k) { return pol.kept(t.n, k); }, kv);
+    for (int v = 0; v < VEC; ++v) pol.set_kept(s[v], kv[v]);
+  }
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
     const int64_t rest = t.r_end - cb;

@@ -90,15 +90,16 @@ inline XView view_x(const at::Tensor& x, const char* op, const char* arg) {
   return v;
 }
 
-// `t` (x-sized) brought to the layout of `v`, after checking it against x.
+// `t` (x-sized) brought to the layout of `v`, after checking it against x (the argument named
+// `ref`, that v views).
 inline at::Tensor like_x(const at::Tensor& t, const XView& v, const at::Tensor& x, const char* op,
-                         const char* arg) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", arg, " must be on the device of x (", x.device(),
-              "), got ", t.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", arg, " must have the shape of x ", x.sizes(),
-              ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", arg, " must have the dtype of x (",
-              x.scalar_type(), "), got ", t.scalar_type());
+                         const char* arg, const char* ref = "x") {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", arg, " must be on the device of ", ref, " (",
+              x.device(), "), got ", t.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", arg, " must have the shape of ", ref, " ",
+              x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", arg, " must have the dtype of ", ref,
+              " (", x.scalar_type(), "), got ", t.scalar_type());
   if (v.cl) return is_channels_last_dense(t) ? t : to_channels_last(t);
   return t.contiguous();
 }

@@ -1,6 +1,8 @@
-// Launchers of the x-sized outputs: apply_gates (kernels/apply_gates.cuh) and grad_input, Q3
-// (kernels/grad_input.cuh). One launch each; the output has the dtype of its input and its
+// Launchers of the x-sized outputs: apply_gates (kernels/apply_gates.cuh) and grad_input /
+// grad_input_lp_lse, Q3 (kernels/grad_input.cuh). One launch each; the output has the dtype of its input and its
 // (supported) memory format.
+#include <type_traits>
+
 #include "kernels/apply_gates.cuh"
 #include "kernels/grad_input.cuh"
 #include "launchers/common.h"
@@ -22,16 +24,17 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
   });
 }
 
-template <typename T, int VEC>
-void run_grad_input(const XView& v, const at::Tensor& dx,
+template <typename T, int VEC, bool LPLSE>
+void run_grad_input(const XView& v, const at::Tensor& x, const at::Tensor& dx,
                     const GradSidePtrs<at::opmath_type<T>>& cs,
                     const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement) {
   using acc_t = at::opmath_type<T>;
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, 3 * sizeof(acc_t) + sizeof(int64_t),
-                                  sizeof(T), "grad_input");
+  const int64_t side_bytes = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>));
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, side_bytes, sizeof(T), "grad_input");
+  const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {
-    launch("grad_input", &grad_input_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
-           lg.block(), 0, global_ptr<T>(v.x), global_ptr<T>(dx), v.cl ? ss : cs,
+    launch("grad_input", &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, acc_t>, lg.grid(),
+           lg.block(), 0, global_ptr<T>(v.x), xp, global_ptr<T>(dx), v.cl ? ss : cs,
            v.cl ? cs : ss, lg.g, v.cl, arrangement);
   });
 }
@@ -64,15 +67,23 @@ at::Tensor apply_gates(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   return y;
 }
 
-at::Tensor grad_input(const at::Tensor& grad_in, const std::optional<at::Tensor>& gc_in,
-                      const std::optional<at::Tensor>& gs_in,
-                      const std::optional<at::Tensor>& da_in,
-                      const std::optional<at::Tensor>& dm_in,
-                      const std::optional<at::Tensor>& idx_s_in,
-                      const std::optional<at::Tensor>& du_in,
-                      const std::optional<at::Tensor>& dv_in,
-                      const std::optional<at::Tensor>& idx_c_in, int64_t arrangement) {
-  const char* op = "grad_input";
+namespace {
+
+// The lp / lse pools' inputs of grad_input_lp_lse ([N, C] each), absent for grad_input.
+struct LpLseGrads {
+  std::optional<at::Tensor> x, d_lp, lp, d_lse, lse;
+};
+
+at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in,
+                           const std::optional<at::Tensor>& gc_in,
+                           const std::optional<at::Tensor>& gs_in,
+                           const std::optional<at::Tensor>& da_in,
+                           const std::optional<at::Tensor>& dm_in,
+                           const std::optional<at::Tensor>& idx_s_in,
+                           const std::optional<at::Tensor>& du_in,
+                           const std::optional<at::Tensor>& dv_in,
+                           const std::optional<at::Tensor>& idx_c_in, int64_t arrangement,
+                           const LpLseGrads* ext) {
   const c10::DeviceGuard device_guard(grad_in.device());
   TORCH_CHECK(arrangement >= 0 && arrangement <= 2, op,
               ": arrangement must be 0 (channel first), 1 (spatial first) or 2 (parallel), got ",
@@ -89,6 +100,17 @@ at::Tensor grad_input(const at::Tensor& grad_in, const std::optional<at::Tensor>
   const at::Tensor ic = small_arg(idx_c_in, v.x, v.N, v.S, at::kLong, op, "idx_c", "[N, S]");
   TORCH_CHECK(!dm.defined() || is.defined(), op, ": dm needs idx_s");
   TORCH_CHECK(!dv.defined() || ic.defined(), op, ": dv needs idx_c");
+  at::Tensor x, d_lp, lp, d_lse, lse;
+  if (ext != nullptr) {
+    TORCH_CHECK(ext->x.has_value() && ext->x->defined(), op, ": x is required");
+    x = like_x(*ext->x, v, grad_in, op, "x", "grad");  // in grad's (supported) layout
+    d_lp = small_arg(ext->d_lp, v.x, v.N, v.C, acc, op, "d_lp", "[N, C]");
+    lp = small_arg(ext->lp, v.x, v.N, v.C, acc, op, "lp", "[N, C]");
+    d_lse = small_arg(ext->d_lse, v.x, v.N, v.C, acc, op, "d_lse", "[N, C]");
+    lse = small_arg(ext->lse, v.x, v.N, v.C, acc, op, "lse", "[N, C]");
+    TORCH_CHECK(!d_lp.defined() || lp.defined(), op, ": d_lp needs lp");
+    TORCH_CHECK(!d_lse.defined() || lse.defined(), op, ": d_lse needs lse");
+  }
   at::Tensor dx = new_like(v);
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
@@ -97,15 +119,56 @@ at::Tensor grad_input(const at::Tensor& grad_in, const std::optional<at::Tensor>
                            opt_ptr<int64_t>(is), v.C, static_cast<acc_t>(v.S)};
     GradSidePtrs<acc_t> ss{opt_ptr<acc_t>(gs), opt_ptr<acc_t>(du), opt_ptr<acc_t>(dv),
                            opt_ptr<int64_t>(ic), v.S, static_cast<acc_t>(v.C)};
+    cs.dlp = opt_ptr<acc_t>(d_lp);
+    cs.lp = opt_ptr<acc_t>(lp);
+    cs.dlse = opt_ptr<acc_t>(d_lse);
+    cs.lse = opt_ptr<acc_t>(lse);
     constexpr int V = vec_width<scalar_t>();
     const int arr = static_cast<int>(arrangement);
-    if (v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(dx.data_ptr())) {
-      run_grad_input<scalar_t, V>(v, dx, cs, ss, arr);
+    const bool vec = v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(dx.data_ptr()) &&
+                     (!x.defined() || aligned16(x.data_ptr()));
+    const auto run = [&](auto vec_width, auto lp_lse) {
+      run_grad_input<scalar_t, decltype(vec_width)::value, decltype(lp_lse)::value>(v, x, dx, cs,
+                                                                                    ss, arr);
+    };
+    using Vec = std::integral_constant<int, V>;
+    using One = std::integral_constant<int, 1>;
+    if (ext != nullptr) {
+      vec ? run(Vec{}, std::true_type{}) : run(One{}, std::true_type{});
     } else {
-      run_grad_input<scalar_t, 1>(v, dx, cs, ss, arr);
+      vec ? run(Vec{}, std::false_type{}) : run(One{}, std::false_type{});
     }
   });
   return dx;
+}
+
+}  // namespace
+
+at::Tensor grad_input(const at::Tensor& grad, const std::optional<at::Tensor>& gc,
+                      const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& da,
+                      const std::optional<at::Tensor>& dm, const std::optional<at::Tensor>& idx_s,
+                      const std::optional<at::Tensor>& du, const std::optional<at::Tensor>& dv,
+                      const std::optional<at::Tensor>& idx_c, int64_t arrangement) {
+  return grad_input_impl("grad_input", grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement,
+                         nullptr);
+}
+
+at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
+                             const std::optional<at::Tensor>& gc,
+                             const std::optional<at::Tensor>& gs,
+                             const std::optional<at::Tensor>& da,
+                             const std::optional<at::Tensor>& dm,
+                             const std::optional<at::Tensor>& idx_s,
+                             const std::optional<at::Tensor>& du,
+                             const std::optional<at::Tensor>& dv,
+                             const std::optional<at::Tensor>& idx_c,
+                             const std::optional<at::Tensor>& d_lp,
+                             const std::optional<at::Tensor>& lp,
+                             const std::optional<at::Tensor>& d_lse,
+                             const std::optional<at::Tensor>& lse, int64_t arrangement) {
+  const LpLseGrads ext{x, d_lp, lp, d_lse, lse};
+  return grad_input_impl("grad_input_lp_lse", grad, gc, gs, da, dm, idx_s, du, dv, idx_c,
+                         arrangement, &ext);
 }
 
 }  // namespace cbam

@@ -37,6 +37,8 @@ inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
                                                            const std::optional<at::Tensor>& scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_over_s_lp_lse(
+    const at::Tensor& x, const std::optional<at::Tensor>& scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_c(const at::Tensor& x,
                                                            const std::optional<at::Tensor>& scale);
 at::Tensor apply_gates(const at::Tensor& x, const std::optional<at::Tensor>& gc,
@@ -51,11 +53,30 @@ at::Tensor pool_over_c_backward_scale(const at::Tensor& x, const std::optional<a
 at::Tensor pool_over_s_backward_scale(const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
                                       const std::optional<at::Tensor>& d_max,
                                       const std::optional<at::Tensor>& argmax);
+at::Tensor pool_over_s_backward_scale_lp_lse(
+    const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
+    const std::optional<at::Tensor>& d_max, const std::optional<at::Tensor>& argmax,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& d_lp,
+    const std::optional<at::Tensor>& lp, const std::optional<at::Tensor>& d_lse,
+    const std::optional<at::Tensor>& lse);
 at::Tensor grad_input(const at::Tensor& grad, const std::optional<at::Tensor>& gc,
                       const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& da,
                       const std::optional<at::Tensor>& dm, const std::optional<at::Tensor>& idx_s,
                       const std::optional<at::Tensor>& du, const std::optional<at::Tensor>& dv,
                       const std::optional<at::Tensor>& idx_c, int64_t arrangement);
+at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
+                             const std::optional<at::Tensor>& gc,
+                             const std::optional<at::Tensor>& gs,
+                             const std::optional<at::Tensor>& da,
+                             const std::optional<at::Tensor>& dm,
+                             const std::optional<at::Tensor>& idx_s,
+                             const std::optional<at::Tensor>& du,
+                             const std::optional<at::Tensor>& dv,
+                             const std::optional<at::Tensor>& idx_c,
+                             const std::optional<at::Tensor>& d_lp,
+                             const std::optional<at::Tensor>& lp,
+                             const std::optional<at::Tensor>& d_lse,
+                             const std::optional<at::Tensor>& lse, int64_t arrangement);
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
 // [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight]. tiles_per_sm and min_rows_per_thread

@@ -1,5 +1,6 @@
-// Launchers of the pools and their scale gradients (Q2): pool_over_s, pool_over_c,
-// pool_over_s_backward_scale, pool_over_c_backward_scale. Each is one reduction of x viewed as
+// Launchers of the pools and their scale gradients (Q2): pool_over_s, pool_over_s_lp_lse,
+// pool_over_c, pool_over_s_backward_scale, pool_over_s_backward_scale_lp_lse,
+// pool_over_c_backward_scale. Each is one reduction of x viewed as
 // [N, R, K] (kernels/reduce_k.cuh when the reduced axis is the contiguous one, else
 // kernels/reduce_r.cuh), plus the second stage (kernels/combine_partials.cuh) when the reduced
 // axis is split over tiles.
@@ -15,20 +16,25 @@ namespace cbam {
 namespace {
 
 // Partial buffers of the two-stage path ([N, P, L]); they live until the launches are queued.
-template <typename acc_t>
-void set_partials(PoolPolicy<acc_t>& pol, const at::Tensor& x, int64_t N, int64_t P, int64_t L,
-                  std::vector<at::Tensor>& keep) {
+template <typename acc_t, bool LPLSE>
+void set_partials(PoolPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int64_t N, int64_t P,
+                  int64_t L, std::vector<at::Tensor>& keep) {
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  keep.push_back(at::empty({N, P, L}, opts));
-  keep.push_back(at::empty({N, P, L}, opts));
-  keep.push_back(at::empty({N, P, L}, x.options().dtype(at::kInt)));
-  pol.p_sum = global_ptr<acc_t>(keep[keep.size() - 3]);
-  pol.p_max = global_ptr<acc_t>(keep[keep.size() - 2]);
-  pol.p_arg = global_ptr<int>(keep[keep.size() - 1]);
+  const auto partial = [&](c10::TensorOptions o) {
+    keep.push_back(at::empty({N, P, L}, o));
+    return keep.back();
+  };
+  pol.p_sum = global_ptr<acc_t>(partial(opts));
+  pol.p_max = global_ptr<acc_t>(partial(opts));
+  pol.p_arg = global_ptr<int>(partial(x.options().dtype(at::kInt)));
+  if constexpr (LPLSE) {
+    pol.p_sq = global_ptr<acc_t>(partial(opts));
+    pol.p_exp = global_ptr<acc_t>(partial(opts));
+  }
 }
 
-template <typename acc_t>
-void set_partials(WeightedSumPolicy<acc_t>& pol, const at::Tensor& x, int64_t N, int64_t P,
+template <typename acc_t, bool LPLSE>
+void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int64_t N, int64_t P,
                   int64_t L, std::vector<at::Tensor>& keep) {
   keep.push_back(at::empty({N, P, L}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value)));
   pol.p_sum = global_ptr<acc_t>(keep.back());
@@ -71,10 +77,11 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
   }
 }
 
-// over_s: pool over S (scale [N, S], outputs [N, C]); else pool over C.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool(const char* op, const at::Tensor& x_in,
-                                                    const std::optional<at::Tensor>& scale_in,
-                                                    bool over_s) {
+// over_s: pool over S (scale [N, S], outputs [N, C]); else pool over C. lp_lse (over S only):
+// also the lp and lse pools, in the same pass. Returns avg, max, argmax, then lp and lse (empty
+// without lp_lse).
+std::vector<at::Tensor> pool(const char* op, const at::Tensor& x_in,
+                             const std::optional<at::Tensor>& scale_in, bool over_s, bool lp_lse) {
   const c10::DeviceGuard device_guard(x_in.device());  // launches go to x's device
   const XView v = view_x(x_in, op, "x");
   const auto acc = acc_type_of(v.x.scalar_type());
@@ -82,32 +89,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool(const char* op, const at::Te
   const at::Tensor scale = small_arg(scale_in, v.x, v.N, E, acc, op, "scale",
                                      over_s ? "[N, S]" : "[N, C]");
   const auto opts = v.x.options().dtype(acc);
-  at::Tensor avg = new_output({v.N, L}, opts);
-  at::Tensor mx = new_output({v.N, L}, opts);
-  at::Tensor arg = new_output({v.N, L}, opts.dtype(at::kLong));
-  if (v.N == 0 || L == 0) return {avg, mx, arg};
+  std::vector<at::Tensor> out{new_output({v.N, L}, opts), new_output({v.N, L}, opts),
+                              new_output({v.N, L}, opts.dtype(at::kLong))};
+  if (lp_lse) {
+    out.push_back(new_output({v.N, L}, opts));
+    out.push_back(new_output({v.N, L}, opts));
+  }
+  if (v.N == 0 || L == 0) return out;
   TORCH_CHECK(E > 0, op, ": x must have at least one ", over_s ? "spatial position" : "channel",
               " to pool over, got shape ", x_in.sizes());
   const bool over_k = over_s != v.cl;  // channels-first keeps S contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    PoolPolicy<acc_t> pol{};
-    pol.scale = opt_ptr<acc_t>(scale);
-    pol.E = E;
-    pol.avg = global_ptr<acc_t>(avg);
-    pol.mx = global_ptr<acc_t>(mx);
-    pol.arg = global_ptr<int64_t>(arg);
-    reduction<scalar_t>(op, v, over_k, pol);
+    const auto run = [&](auto pol) {
+      pol.scale = opt_ptr<acc_t>(scale);
+      pol.E = E;
+      pol.avg = global_ptr<acc_t>(out[0]);
+      pol.mx = global_ptr<acc_t>(out[1]);
+      pol.arg = global_ptr<int64_t>(out[2]);
+      if (lp_lse) {
+        pol.lp = global_ptr<acc_t>(out[3]);
+        pol.lse = global_ptr<acc_t>(out[4]);
+      }
+      reduction<scalar_t>(op, v, over_k, pol);
+    };
+    if (lp_lse) {
+      run(PoolPolicy<acc_t, true>{});
+    } else {
+      run(PoolPolicy<acc_t, false>{});
+    }
   });
-  return {avg, mx, arg};
+  return out;
 }
+
+// The extra inputs of pool_over_s_backward_scale_lp_lse ([N, S] scale, [N, C] the others).
+struct LpLseScaleGrads {
+  std::optional<at::Tensor> scale, d_lp, lp, d_lse, lse;
+};
 
 // over_s: the scale gradient of pool_over_s ([N, S] = sum_c x (da/S + dm [s == is]), small
 // tensors [N, C]); else of pool_over_c ([N, C] = sum_s x (du/C + dv [c == ic]), small [N, S]).
+// ext (over_s only): also the lp / lse pools' terms (pool_over_s_backward_scale_lp_lse).
 at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
                                const std::optional<at::Tensor>& d_avg_in,
                                const std::optional<at::Tensor>& d_max_in,
-                               const std::optional<at::Tensor>& argmax_in, bool over_s) {
+                               const std::optional<at::Tensor>& argmax_in, bool over_s,
+                               const LpLseScaleGrads* ext = nullptr) {
   const c10::DeviceGuard device_guard(x_in.device());
   const XView v = view_x(x_in, op, "x");
   const auto acc = acc_type_of(v.x.scalar_type());
@@ -118,20 +145,42 @@ at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
   const at::Tensor d_max = small_arg(d_max_in, v.x, v.N, L_fwd, acc, op, "d_max", shape);
   const at::Tensor argmax = small_arg(argmax_in, v.x, v.N, L_fwd, at::kLong, op, "argmax", shape);
   TORCH_CHECK(!d_max.defined() || argmax.defined(), op, ": d_max needs argmax");
+  at::Tensor scale, d_lp, lp, d_lse, lse;
+  if (ext != nullptr) {
+    scale = small_arg(ext->scale, v.x, v.N, E_fwd, acc, op, "scale", "[N, S]");
+    d_lp = small_arg(ext->d_lp, v.x, v.N, L_fwd, acc, op, "d_lp", shape);
+    lp = small_arg(ext->lp, v.x, v.N, L_fwd, acc, op, "lp", shape);
+    d_lse = small_arg(ext->d_lse, v.x, v.N, L_fwd, acc, op, "d_lse", shape);
+    lse = small_arg(ext->lse, v.x, v.N, L_fwd, acc, op, "lse", shape);
+    TORCH_CHECK(!d_lp.defined() || lp.defined(), op, ": d_lp needs lp");
+    TORCH_CHECK(!d_lse.defined() || lse.defined(), op, ": d_lse needs lse");
+  }
   at::Tensor out = new_output({v.N, E_fwd}, v.x.options().dtype(acc));
   if (out.numel() == 0) return out;
   if (L_fwd == 0) return out.zero_();
   const bool over_k = over_s == v.cl;  // reduces over the forward pool's kept axis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    WeightedSumPolicy<acc_t> pol{};
-    pol.wa = opt_ptr<acc_t>(d_avg);
-    pol.wb = opt_ptr<acc_t>(d_max);
-    pol.widx = opt_ptr<int64_t>(argmax);
-    pol.E = L_fwd;
-    pol.div = static_cast<acc_t>(E_fwd);
-    pol.out = global_ptr<acc_t>(out);
-    reduction<scalar_t>(op, v, over_k, pol);
+    const auto run = [&](auto pol) {
+      pol.wa = opt_ptr<acc_t>(d_avg);
+      pol.wb = opt_ptr<acc_t>(d_max);
+      pol.widx = opt_ptr<int64_t>(argmax);
+      pol.E = L_fwd;
+      pol.div = static_cast<acc_t>(E_fwd);
+      pol.out = global_ptr<acc_t>(out);
+      pol.kscale = opt_ptr<acc_t>(scale);
+      pol.L = E_fwd;
+      pol.wl = opt_ptr<acc_t>(d_lp);
+      pol.lp = opt_ptr<acc_t>(lp);
+      pol.we = opt_ptr<acc_t>(d_lse);
+      pol.lse = opt_ptr<acc_t>(lse);
+      reduction<scalar_t>(op, v, over_k, pol);
+    };
+    if (ext != nullptr) {
+      run(WeightedSumPolicy<acc_t, true>{});
+    } else {
+      run(WeightedSumPolicy<acc_t, false>{});
+    }
   });
   return out;
 }
@@ -140,12 +189,20 @@ at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
                                                            const std::optional<at::Tensor>& scale) {
-  return pool("pool_over_s", x, scale, true);
+  const auto o = pool("pool_over_s", x, scale, true, false);
+  return {o[0], o[1], o[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_over_s_lp_lse(
+    const at::Tensor& x, const std::optional<at::Tensor>& scale) {
+  const auto o = pool("pool_over_s_lp_lse", x, scale, true, true);
+  return {o[0], o[1], o[2], o[3], o[4]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_c(const at::Tensor& x,
                                                            const std::optional<at::Tensor>& scale) {
-  return pool("pool_over_c", x, scale, false);
+  const auto o = pool("pool_over_c", x, scale, false, false);
+  return {o[0], o[1], o[2]};
 }
 
 at::Tensor pool_over_s_backward_scale(const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
@@ -158,6 +215,17 @@ at::Tensor pool_over_c_backward_scale(const at::Tensor& x, const std::optional<a
                                       const std::optional<at::Tensor>& d_max,
                                       const std::optional<at::Tensor>& argmax) {
   return pool_backward_scale("pool_over_c_backward_scale", x, d_avg, d_max, argmax, false);
+}
+
+at::Tensor pool_over_s_backward_scale_lp_lse(
+    const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
+    const std::optional<at::Tensor>& d_max, const std::optional<at::Tensor>& argmax,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& d_lp,
+    const std::optional<at::Tensor>& lp, const std::optional<at::Tensor>& d_lse,
+    const std::optional<at::Tensor>& lse) {
+  const LpLseScaleGrads ext{scale, d_lp, lp, d_lse, lse};
+  return pool_backward_scale("pool_over_s_backward_scale_lp_lse", x, d_avg, d_max, argmax, true,
+                             &ext);
 }
 
 }  // namespace cbam

@@ -9,12 +9,15 @@ namespace cbam {
 
 inline void impl_ops(torch::Library& m) {
   m.impl("pool_over_s", &pool_over_s);
+  m.impl("pool_over_s_lp_lse", &pool_over_s_lp_lse);
   m.impl("pool_over_c", &pool_over_c);
   m.impl("apply_gates", &apply_gates);
   m.impl("backward_reduce", &backward_reduce);
   m.impl("pool_over_c_backward_scale", &pool_over_c_backward_scale);
   m.impl("pool_over_s_backward_scale", &pool_over_s_backward_scale);
+  m.impl("pool_over_s_backward_scale_lp_lse", &pool_over_s_backward_scale_lp_lse);
   m.impl("grad_input", &grad_input);
+  m.impl("grad_input_lp_lse", &grad_input_lp_lse);
 }
 
 }  // namespace cbam
