@@ -76,18 +76,28 @@ def _sim_built() -> bool:
     return True
 
 
-def self_test(device: torch.device) -> dict:
-    """CBAM (channel-first, with BatchNorm, training mode) on `device` in float32, forward and
-    the gradients of x and every parameter, against the same module in float64 on the CPU."""
+def _self_test_net():
+    """Three CBAM blocks (with BatchNorm) that between them run every op: the official block
+    (channel first), spatial first, and spatial first with the lp / lse pools too."""
     from . import CBAM
+    return torch.nn.Sequential(
+        CBAM(32, hidden_channels=8),
+        CBAM(32, hidden_channels=8, arrangement="spatial_first"),
+        CBAM(32, 4, ["avg", "max", "lp", "lse"], hidden_channels=8,
+             arrangement="spatial_first"))
+
+
+def self_test(device: torch.device) -> dict:
+    """_self_test_net in training mode on `device` in float32, forward and the gradients of x
+    and every parameter, against the same network in float64 on the CPU."""
     from .testing import rel_err_max
 
     gen = torch.Generator().manual_seed(0)
-    ref = CBAM(32, hidden_channels=8).double().train()
+    ref = _self_test_net().double().train()
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) - 0.5)
-    mod = CBAM(32, hidden_channels=8).to(device).train()
+    mod = _self_test_net().to(device).train()
     mod.load_state_dict(ref.state_dict())
     x = torch.randn(4, 32, 9, 7, generator=gen, dtype=torch.float64)
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)

@@ -49,6 +49,21 @@ def test_report_and_self_test_here():
     assert "self-test on cpu: PASS" in text and "GPUs: none visible" in text
 
 
+def test_self_test_runs_every_op():
+    """The self-test's network launches every op's kernel (here in the simulator), so on a GPU it
+    checks all of them."""
+    from cbam_fused import testing
+    try:
+        from cbam_fused import _sim  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pytest.skip("the simulator build (cbam_fused._sim) is missing")
+    with testing.use_simulator():
+        res = info.self_test(torch.device("cpu"))
+        names = {s["name"] if isinstance(s, dict) else s.name for s in testing.simulator_stats()}
+    assert res["passed"], res
+    assert names == set(cbam_fused._ops.OPS), set(cbam_fused._ops.OPS) ^ names
+
+
 def test_failed_self_test_sets_the_exit_status(monkeypatch, capsys):
     monkeypatch.setattr(info, "SELF_TEST_TOL", 0.0)  # nothing passes
     assert info.main([]) == 1

@@ -25,15 +25,15 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
 }
 
 template <typename T, int VEC, bool LPLSE>
-void run_grad_input(const XView& v, const at::Tensor& x, const at::Tensor& dx,
+void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const at::Tensor& dx,
                     const GradSidePtrs<at::opmath_type<T>>& cs,
                     const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement) {
   using acc_t = at::opmath_type<T>;
   const int64_t side_bytes = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>));
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, side_bytes, sizeof(T), "grad_input");
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, side_bytes, sizeof(T), op);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {
-    launch("grad_input", &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, acc_t>, lg.grid(),
+    launch(op, &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, acc_t>, lg.grid(),
            lg.block(), 0, global_ptr<T>(v.x), xp, global_ptr<T>(dx), v.cl ? ss : cs,
            v.cl ? cs : ss, lg.g, v.cl, arrangement);
   });
@@ -128,8 +128,8 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in,
     const bool vec = v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(dx.data_ptr()) &&
                      (!x.defined() || aligned16(x.data_ptr()));
     const auto run = [&](auto vec_width, auto lp_lse) {
-      run_grad_input<scalar_t, decltype(vec_width)::value, decltype(lp_lse)::value>(v, x, dx, cs,
-                                                                                    ss, arr);
+      run_grad_input<scalar_t, decltype(vec_width)::value, decltype(lp_lse)::value>(op, v, x, dx,
+                                                                                    cs, ss, arr);
     };
     using Vec = std::integral_constant<int, V>;
     using One = std::integral_constant<int, 1>;
