@@ -44,7 +44,7 @@ TARGET = 0.8
 OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
        "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input")
 # the ops of the official code's lp / lse pools (--ops all)
-LP_LSE_OPS = ("pool_over_s_lp_lse", "grad_input_lp_lse")
+LP_LSE_OPS = ("pool_over_s_lp_lse", "pool_over_s_backward_scale_lp_lse", "grad_input_lp_lse")
 OP_SETS = {"issue4": OPS, "all": OPS + LP_LSE_OPS}
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
          "tiny": [(32, 8, 8), (64, 5, 5)]}
@@ -101,6 +101,8 @@ def _args(op, x, g, t):
         "grad_input": (g, t["gc"], t["gs"], t["da"], t["dm"], t["i_s"], t["du"], t["dv"],
                        t["i_c"], 0),
         "pool_over_s_lp_lse": (x, None),
+        "pool_over_s_backward_scale_lp_lse": (x, t["da"], t["dm"], t["i_s"], t["gs"], t["dlp"],
+                                              t["lp"], t["dlse"], t["lse"]),
         "grad_input_lp_lse": (g, x, t["gc"], t["gs"], t["da"], t["dm"], t["i_s"], t["du"],
                               t["dv"], t["i_c"], t["dlp"], t["lp"], t["dlse"], t["lse"], 0),
     }[op]

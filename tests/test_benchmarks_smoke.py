@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import cbam_fused
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
@@ -118,7 +120,8 @@ def _check_kernels(k, n_ops=7):
         # at least the x-sized tensors the op reads and writes
         x_passes = {"pool_over_s": 1, "pool_over_c": 1, "apply_gates": 2, "backward_reduce": 2,
                     "pool_over_c_backward_scale": 1, "pool_over_s_backward_scale": 1,
-                    "grad_input": 2, "pool_over_s_lp_lse": 1, "grad_input_lp_lse": 3}[c["op"]]
+                    "grad_input": 2, "pool_over_s_lp_lse": 1,
+                    "pool_over_s_backward_scale_lp_lse": 1, "grad_input_lp_lse": 3}[c["op"]]
         assert x_passes * c["x_bytes"] < c["bytes"] < (x_passes + 1) * c["x_bytes"], c
     assert set(k["summary"]) == {"float32/nchw", "bfloat16/channels_last"}
 
@@ -132,8 +135,8 @@ def test_bench_kernels_standalone(tmp_path):
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     k = json.loads(js.read_text())
-    _check_kernels(k, n_ops=9)
-    assert {c["op"] for c in k["cases"]} >= {"pool_over_s_lp_lse", "grad_input_lp_lse"}
+    _check_kernels(k, n_ops=10)
+    assert {c["op"] for c in k["cases"]} == set(cbam_fused._ops.OPS)
     assert k["meta"]["device"]["type"] == "cpu"
 
 
