@@ -14,12 +14,12 @@ Backward, 5 passes:
     dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)  read g, write dx  (Q3)
 Spatial-first swaps the roles of the two gates (the channel gate pools x * gs); parallel computes
 both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] tensors and argmax
-indices.
+indices. The heads run in closed form (_heads.py), so the whole block traces under
+torch.compile(fullgraph=True).
 With the official code's lp / lse pools in `pools`, pool_over_s_lp_lse computes them in the same
 pass as avg and max (lp = sqrt(sum_s x^2), lse = log sum_s exp x), and Q3 is grad_input_lp_lse,
 which also reads x for their gradients (dl x / lp + de exp(x - lse)): 6 backward passes
-(spatial first: Q2 is pool_over_s_backward_scale_lp_lse, with those terms too). The heads run in closed form (_heads.py), so the whole block traces under
-torch.compile(fullgraph=True).
+(spatial first: Q2 is pool_over_s_backward_scale_lp_lse, with those terms too).
 """
 from typing import NamedTuple, Optional, Union
 
@@ -250,6 +250,8 @@ def _backward_closed_form(ctx, grads):
 
     rc, rs = _ops.backward_reduce(g, x, gc, gs, channel, spatial)  # Q1
     dpool = {}  # the gradients of the channel gate's pools over S, by name
+    lp_lse = channel and _needs_lp_lse(cfg.pools)
+    pooled = _heads.pools_in(p, cfg.pools, n) if lp_lse else {}  # the lp / lse pools, by name
     du = dv = None
     dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
 
@@ -279,13 +281,10 @@ def _backward_closed_form(ctx, grads):
         if spatial:
             dgs = rs
             if channel:  # Q2
-                da, dm, dlp, dlse = (dpool.get(k) for k in _heads.CHANNEL_POOLS)
-                if dlp is None and dlse is None:
-                    dgs = dgs + _ops.pool_over_s_backward_scale(x, da, dm, idx_s)
-                else:
-                    pooled = _heads.pools_in(p, cfg.pools, n)
-                    dgs = dgs + _ops.pool_over_s_backward_scale_lp_lse(
-                        x, da, dm, idx_s, gs, dlp, pooled.get("lp"), dlse, pooled.get("lse"))
+                q2 = (x, dpool.get("avg"), dpool.get("max"), idx_s)
+                dgs = dgs + (_ops.pool_over_s_backward_scale_lp_lse(
+                    *q2, gs, dpool.get("lp"), pooled.get("lp"), dpool.get("lse"),
+                    pooled.get("lse")) if lp_lse else _ops.pool_over_s_backward_scale(*q2))
             du, dv, dcw, dcb, dbw, dbb = spatial_back(dgs)
     else:  # parallel: both gates pooled plain x, no Q2
         if channel:
@@ -293,15 +292,14 @@ def _backward_closed_form(ctx, grads):
         if spatial:
             du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
 
-    da, dm, dlp, dlse = (dpool.get(k) for k in _heads.CHANNEL_POOLS)
-    q3 = (g, gc, gs, da, dm, idx_s if dm is not None else None, du, dv,
+    dm = dpool.get("max")
+    q3 = (gc, gs, dpool.get("avg"), dm, idx_s if dm is not None else None, du, dv,
           idx_c if dv is not None else None)
-    if dlp is None and dlse is None:
-        dx = _ops.grad_input(*q3, cfg.arrangement)  # Q3
-    else:  # Q3, also reading x for the lp / lse pools' gradients
-        pooled = _heads.pools_in(p, cfg.pools, n)
-        dx = _ops.grad_input_lp_lse(q3[0], x, *q3[1:], dlp, pooled.get("lp"), dlse,
-                                    pooled.get("lse"), cfg.arrangement)
+    if lp_lse:  # Q3, also reading x for the lp / lse pools' gradients
+        dx = _ops.grad_input_lp_lse(g, x, *q3, dpool.get("lp"), pooled.get("lp"),
+                                    dpool.get("lse"), pooled.get("lse"), cfg.arrangement)
+    else:  # Q3
+        dx = _ops.grad_input(g, *q3, cfg.arrangement)
     pgrads = [_back(gr, like) for gr, like in zip(
         (dw1, db1, dw2, db2, dcw, dcb, dbw, dbb), (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b))]
     return (dx, *pgrads, None, None) + (None,) * 7

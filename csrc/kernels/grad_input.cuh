@@ -8,11 +8,12 @@
 //   da/S + dm [s == is]  +  (dlp / lp) v + dlse exp(v - lse),   v = x (arrangement 1: x gs)
 // (d sqrt(sum v^2) / dv = v / lp; d (M + log sum exp(v - M)) / dv = exp(v - lse)).
 //
-// Pass: reads g once (and x once with LPLSE), writes dx once. g and dx viewed as [N, R, K] (common.cuh). The values of
-// one channel (gc, da/S, dm, is) and of one spatial position (gs, du/C, dv, ic) form a Side; the
-// sides along k are staged once per tile (stage_k_side) and held in registers per thread, the
-// sides along r are staged in shared memory per chunk of rows. `cl`: k is the channel axis
-// (channels-last). Requires VEC == 1 or K % VEC == 0.
+// Pass: reads g once (and x once with LPLSE), writes dx once. g and dx viewed as [N, R, K]
+// (common.cuh). The values of one channel (gc, da/S, dm, is, and the lp / lse values) and of one
+// spatial position (gs, du/C, dv, ic) form a Side; the sides along k are staged once per tile
+// (stage_k_side) and held in registers per thread, the sides along r are staged in shared memory
+// per chunk of rows. `cl`: k is the channel axis (channels-last). Requires VEC == 1 or
+// K % VEC == 0.
 #pragma once
 
 #include <type_traits>
@@ -129,8 +130,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
         for (int v = 0; v < VEC; ++v) {
           const int64_t k = t.k0 + v;
           const acc_t xe = LPLSE ? xv[LPLSE ? u : 0][v] : acc_t(0);
-          v_[u][v] = cl ? grad_input_value<acc_t, LPLSE>(v_[u][v], xe, sk[v], sr, k, r, arrangement)
-                        : grad_input_value<acc_t, LPLSE>(v_[u][v], xe, sr, sk[v], r, k, arrangement);
+          const acc_t gv = v_[u][v];
+          v_[u][v] = cl ? grad_input_value<acc_t, LPLSE>(gv, xe, sk[v], sr, k, r, arrangement)
+                        : grad_input_value<acc_t, LPLSE>(gv, xe, sr, sk[v], r, k, arrangement);
         }
         store_from_acc<VEC>(dx + (t.n * g.R + r) * g.K + t.k0, v_[u]);
       }

@@ -1,6 +1,6 @@
 // Launchers of the x-sized outputs: apply_gates (kernels/apply_gates.cuh) and grad_input /
-// grad_input_lp_lse, Q3 (kernels/grad_input.cuh). One launch each; the output has the dtype of its input and its
-// (supported) memory format.
+// grad_input_lp_lse, Q3 (kernels/grad_input.cuh). One launch each; the output has the dtype of
+// its input and its (supported) memory format.
 #include <type_traits>
 
 #include "kernels/apply_gates.cuh"
