@@ -88,7 +88,7 @@ def test_variant_channels_last(variant, train):
 @pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "ultralytics",
-                                     "timm_light"])
+                                     "timm_light", "official_lp_lse"])
 def test_variant_3d(variant, train, layout):
     m = _module(variant, 6, 3, torch.float64)
     x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_variant_3d(variant, train, layout):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "ultralytics",
-                                     "timm"])
+                                     "timm", "official_lp_lse"])
 def test_variant_1d(variant, train):
     m = _module(variant, 8, 1, torch.float64)
     compare_with_reference(m, torch.randn(3, 8, 11, dtype=torch.float64), train, 1e-10)
@@ -170,8 +170,9 @@ def test_empty_batch_returns_empty_output():
     assert x.grad.shape == x.shape
 
 
-def test_nan_and_inf_propagate_like_eager():
-    m = _module("official", 8, 2, torch.float64).eval()
+@pytest.mark.parametrize("variant", ["official", "official_lp_lse"])
+def test_nan_and_inf_propagate_like_eager(variant):
+    m = _module(variant, 8, 2, torch.float64).eval()
     x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
     x[0, 3, 1, 2] = float("nan")
     x[1, 2, 0, 0] = float("inf")

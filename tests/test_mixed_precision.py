@@ -34,7 +34,7 @@ def _eager(module, x):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "ultralytics",
-                                     "timm_light"])
+                                     "timm_light", "official_lp_lse"])
 def test_low_precision_error_at_most_twice_eager(variant, dtype, layout):
     base = randomize_(make(variant, 32, hidden=8)).train().to(dtype)  # parameters rounded
     x = torch.randn(4, 32, 7, 9, dtype=torch.float64).to(dtype)
