@@ -11,7 +11,7 @@ from variants import make
 
 
 @pytest.mark.parametrize("variant", ["official", "spatial_first", "parallel", "ultralytics",
-                                     "channel_only"])
+                                     "channel_only", "official_lp_lse", "spatial_first_lp_lse"])
 def test_compile_fullgraph_training_step_matches_eager(variant):
     torch._dynamo.reset()
     m = randomize_(make(variant, 16, hidden=4)).train()

@@ -46,6 +46,14 @@ def op_args(shape, dtype, layout):
         "pool_over_s_backward_scale": [(x, da, dm, idx_s), (x, None, dm, idx_s)],
         "grad_input": [(g, gc, gs, da, dm, idx_s, du, dv, idx_c, a) for a in (0, 1, 2)]
         + [(g, gc, None, da, None, None, None, None, None, 0)],
+        # the lp / lse pools (lp > 0 and lse above the values: the pools of some real input)
+        "pool_over_s_lp_lse": [(x, None), (x, gs)],
+        "pool_over_s_backward_scale_lp_lse": [
+            (x, da, dm, idx_s, gs, da, gc, dm, gc + 3), (x, None, None, None, None, None, None,
+                                                         dm, gc + 3)],
+        "grad_input_lp_lse": [(g, x, gc, gs, da, dm, idx_s, du, dv, idx_c, da, gc, dm, gc + 3, a)
+                              for a in (0, 1, 2)]
+        + [(g, x, gc, None, None, None, None, None, None, None, da, gc, None, None, 0)],
     }
 
 
@@ -59,8 +67,9 @@ def test_opcheck_every_op(shape, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("pools", ["avg+max", "avg+max+lp+lse"])
 @pytest.mark.parametrize("arrangement", [0, 1, 2])
-def test_opcheck_cbam_block(arrangement, layout):
+def test_opcheck_cbam_block(arrangement, layout, pools):
     x = _x((2, 6, 3, 4), torch.float32, layout).requires_grad_()
     w1 = torch.randn(3, 6, requires_grad=True)
     b1 = torch.randn(3, requires_grad=True)
@@ -71,7 +80,7 @@ def test_opcheck_cbam_block(arrangement, layout):
     bb = torch.randn(1, requires_grad=True)
     rm, rv = torch.zeros(1), torch.ones(1)
     for training in (True, False):
-        args = (x, w1, b1, w2, b2, cw, None, bw, bb, rm, rv, "avg+max", "relu", "max,mean",
+        args = (x, w1, b1, w2, b2, cw, None, bw, bb, rm, rv, pools, "relu", "max,mean",
                 arrangement, True, training, 1e-5)
         opcheck(ops.cbam_block, args)
 
