@@ -27,7 +27,7 @@ struct GradSideBase {
   acc_t gate;   // gc or gs
   acc_t dmean;  // da/S or du/C
   acc_t dmax;   // dm or dv
-  int64_t idx;  // is (a spatial index) or ic (a channel index)
+  int idx;      // is (a spatial index) or ic (a channel index): < 2^31, checked by the launcher
 };
 template <typename acc_t>
 struct GradSideLpLse : GradSideBase<acc_t> {
@@ -60,7 +60,7 @@ struct GradSidePtrs {
     s.gate = gate != nullptr ? ld(gate + o) : acc_t(1);
     s.dmean = dmean != nullptr ? ld(dmean + o) / div : acc_t(0);
     s.dmax = dmax != nullptr ? ld(dmax + o) : acc_t(0);
-    s.idx = dmax != nullptr ? ld(idx + o) : int64_t(-1);
+    s.idx = dmax != nullptr ? static_cast<int>(ld(idx + o)) : -1;
     if constexpr (LPLSE) {
       s.dlp = dlp != nullptr ? ld(dlp + o) / ld(lp + o) : acc_t(0);
       s.dlse = dlse != nullptr ? ld(dlse + o) : acc_t(0);
@@ -88,7 +88,11 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 }
 
 // At most 64 registers (4 blocks of 256 threads per SM): with 8-wide vectors the sides held in
-// registers would otherwise take ~125 and leave too few loads in flight.
+// registers would otherwise take ~125 and leave too few loads in flight. The lp / lse sides are
+// larger still: that variant reads its k sides from shared memory where it uses them
+// (kSidesInRegs). ptxas -v (sm_90): no spills with 4-byte and 8-byte types; with 16-bit types
+// (8-wide vectors) 20 to 32 bytes a thread, 12 for the lp / lse variant (36 to 40 and 236
+// before the side's index became 32-bit and the lp / lse sides moved to shared memory).
 template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
@@ -101,9 +105,15 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
 
+  constexpr bool kSidesInRegs = !LPLSE;
   __shared__ Side s_k[32 * VEC];
-  Side sk[VEC];
-  stage_k_side<VEC>(s_k, t, [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); }, sk);
+  Side sk[kSidesInRegs ? VEC : 1];
+  const auto load_k = [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); };
+  if constexpr (kSidesInRegs) {
+    stage_k_side<VEC>(s_k, t, load_k, sk);
+  } else {
+    stage_k_side(s_k, t, load_k);
+  }
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
     const int64_t rest = t.r_end - cb;
@@ -131,8 +141,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
           const int64_t k = t.k0 + v;
           const acc_t xe = LPLSE ? xv[LPLSE ? u : 0][v] : acc_t(0);
           const acc_t gv = v_[u][v];
-          v_[u][v] = cl ? grad_input_value<acc_t, LPLSE>(gv, xe, sk[v], sr, k, r, arrangement)
-                        : grad_input_value<acc_t, LPLSE>(gv, xe, sr, sk[v], r, k, arrangement);
+          const Side& skv = kSidesInRegs ? sk[kSidesInRegs ? v : 0] : s_k[threadIdx.x * VEC + v];
+          v_[u][v] = cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, k, r, arrangement)
+                        : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, r, k, arrangement);
         }
         store_from_acc<VEC>(dx + (t.n * g.R + r) * g.K + t.k0, v_[u]);
       }
