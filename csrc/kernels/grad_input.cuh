@@ -88,11 +88,12 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 }
 
 // At most 64 registers (4 blocks of 256 threads per SM): with 8-wide vectors the sides held in
-// registers would otherwise take ~125 and leave too few loads in flight. The lp / lse sides are
-// larger still: that variant reads its k sides from shared memory where it uses them
-// (kSidesInRegs). ptxas -v (sm_90): no spills with 4-byte and 8-byte types; with 16-bit types
-// (8-wide vectors) 20 to 32 bytes a thread, 12 for the lp / lse variant (36 to 40 and 236
-// before the side's index became 32-bit and the lp / lse sides moved to shared memory).
+// registers would otherwise take ~125 and leave too few loads in flight; so registers hold only
+// what every element of a k side uses (gate, dmean, a 32-bit idx). The lp / lse sides are larger
+// still: that variant reads its k sides from shared memory where it uses them (kSidesInRegs).
+// ptxas -v (sm_90): no spills on the float32 and 16-bit paths (before: 36 to 40 bytes a thread
+// on the 16-bit one); 8 bytes for float64 with U = 1; the lp / lse variant 12 bytes with 16-bit
+// types (before: 236).
 template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
@@ -105,14 +106,22 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
 
+  // The k sides: staged in shared memory; without lp / lse, the values every element uses (gate,
+  // dmean, idx) are also held in registers, and dmax (used at the argmax row only) is read from
+  // shared memory there.
   constexpr bool kSidesInRegs = !LPLSE;
+  constexpr int KR = kSidesInRegs ? VEC : 1;
   __shared__ Side s_k[32 * VEC];
-  Side sk[kSidesInRegs ? VEC : 1];
-  const auto load_k = [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); };
+  stage_k_side(s_k, t, [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); });
+  acc_t k_gate[KR], k_dmean[KR];
+  int k_idx[KR];
   if constexpr (kSidesInRegs) {
-    stage_k_side<VEC>(s_k, t, load_k, sk);
-  } else {
-    stage_k_side(s_k, t, load_k);
+    for (int v = 0; v < VEC; ++v) {  // (unused where k >= K)
+      const Side& sv = s_k[threadIdx.x * VEC + v];
+      k_gate[v] = sv.gate;
+      k_dmean[v] = sv.dmean;
+      k_idx[v] = sv.idx;
+    }
   }
 
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
@@ -141,9 +150,21 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
           const int64_t k = t.k0 + v;
           const acc_t xe = LPLSE ? xv[LPLSE ? u : 0][v] : acc_t(0);
           const acc_t gv = v_[u][v];
-          const Side& skv = kSidesInRegs ? sk[kSidesInRegs ? v : 0] : s_k[threadIdx.x * VEC + v];
-          v_[u][v] = cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, k, r, arrangement)
-                        : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, r, k, arrangement);
+          const auto value = [&](const Side& skv) {
+            return cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, k, r, arrangement)
+                      : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, r, k, arrangement);
+          };
+          if constexpr (kSidesInRegs) {  // the k side's index is one of the other axis: a row
+            const int w = kSidesInRegs ? v : 0;
+            Side skv;
+            skv.gate = k_gate[w];
+            skv.dmean = k_dmean[w];
+            skv.idx = k_idx[w];
+            skv.dmax = r == k_idx[w] ? s_k[threadIdx.x * VEC + v].dmax : acc_t(0);
+            v_[u][v] = value(skv);
+          } else {
+            v_[u][v] = value(s_k[threadIdx.x * VEC + v]);
+          }
         }
         store_from_acc<VEC>(dx + (t.n * g.R + r) * g.K + t.k0, v_[u]);
       }
