@@ -91,9 +91,9 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 // registers would otherwise take ~125 and leave too few loads in flight; so registers hold only
 // what every element of a k side uses (gate, dmean, a 32-bit idx). The lp / lse sides are larger
 // still: that variant reads its k sides from shared memory where it uses them (kSidesInRegs).
-// ptxas -v (sm_90): no spills on the float32 and 16-bit paths (before: 36 to 40 bytes a thread
-// on the 16-bit one); 8 bytes for float64 with U = 1; the lp / lse variant 12 bytes with 16-bit
-// types (before: 236).
+// ptxas -v (sm_90): no spills on the float32 and 16-bit paths (before: 36 to 44 bytes a thread
+// on the 16-bit one); 8 bytes for float64 with U = 1; the lp / lse variant with 16-bit types 12
+// stored / 28 loaded (before: 236 / 312). tests/test_register_spills.py holds these limits.
 template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,

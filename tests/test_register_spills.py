@@ -1,0 +1,122 @@
+"""Register budget of the CUDA kernels, checked on the CPU: every launcher source compiled by nvcc
+for sm_90 (the H100 / H200) with `ptxas -v`, whose report gives each kernel's registers and the
+bytes it spills to local memory. A spill costs memory instructions in the inner loop, so the
+kernels of the hot paths must not spill; the few variants that do (outside the two
+configurations of issue 4) are listed with the most bytes they may spill, so a change that makes
+any kernel spill more fails here, in CI, without a GPU.
+
+Skipped without an nvcc (a CPU-only setup). nvcc gets the -std flag torch's own extension build
+gives it (C++20 for torch 2.14, C++17 for the GPU machines' torch 2.11)."""
+import importlib.util
+import os
+import re
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ("elementwise.cu", "pool.cu", "backward_reduce.cu")
+
+# (kernel name pattern, most spill bytes allowed), first match wins; every other kernel: 0.
+# grad_input at float64 with one vector row in flight, and the lp / lse variant of grad_input
+# (x's values and three more side values) with 16-bit types: at most 8 and 28 bytes (stores or
+# loads) measured with nvcc 13.0.
+ALLOWED = [
+    (r"grad_input_kernel<double, 2, 1, false, double>", 16),
+    (r"grad_input_kernel<(c10::)?(Half|BFloat16), 8, 1, true, float>", 40),
+]
+
+
+def _torch_nvcc_std():
+    """The -std flag torch.utils.cpp_extension passes to nvcc."""
+    import inspect
+
+    import torch.utils.cpp_extension as ext
+    m = re.search(r"cuda_cflags = \['(-std=c\+\+\d+)'\]", inspect.getsource(ext))
+    return m.group(1) if m else "-std=c++17"
+
+
+def _setup_mod():
+    spec = importlib.util.spec_from_file_location("cbam_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ptxas_report(tmp_path_factory):
+    """{demangled kernel name: (registers, spill store bytes, spill load bytes)}."""
+    setup = _setup_mod()
+    cuda_home = setup.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("no CUDA toolkit (nvcc) found")
+    from torch.utils.cpp_extension import include_paths
+    incs = [os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include"),
+            *include_paths(device_type="cpu"), *setup.nvidia_pip_include_dirs(),
+            sysconfig.get_paths()["include"]]
+    out_dir = tmp_path_factory.mktemp("ptxas")
+    std = _torch_nvcc_std()
+
+    def compile_one(src):
+        cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-c",
+               os.path.join(ROOT, "csrc", "launchers", src), "-o", str(out_dir / (src + ".o")),
+               "-O3", "--expt-relaxed-constexpr", "-DCBAM_WITH_CUDA=1",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+               "--compiler-options", "-fPIC", "-gencode=arch=compute_90,code=sm_90", std,
+               "-Xptxas", "-v", *[f"-I{d}" for d in incs]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"nvcc {src} failed:\n{proc.stderr[-4000:]}"
+        return proc.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        logs = list(pool.map(compile_one, SOURCES))
+    report, mangled = {}, []
+    for log in logs:
+        name = spill = None
+        for line in log.splitlines():
+            m = re.search(r"Compiling entry function '([^']+)'", line)
+            if m:
+                name = m.group(1)
+                continue
+            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m and name:
+                spill = (int(m.group(1)), int(m.group(2)))
+            m = re.search(r"Used (\d+) registers", line)
+            if m and name and spill is not None:
+                mangled.append(name)
+                report[name] = (int(m.group(1)),) + spill
+                name = spill = None
+    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    return {d: report[m] for m, d in zip(mangled, demangled)}
+
+
+def test_every_kernel_was_reported(ptxas_report):
+    for kernel in ("grad_input_kernel<", "apply_gates_kernel<", "reduce_k_kernel<",
+                   "reduce_r_kernel<", "combine_partials_kernel<", "backward_reduce_kernel<"):
+        assert any(kernel in n for n in ptxas_report), (kernel, sorted(ptxas_report)[:5])
+    assert len(ptxas_report) > 100, len(ptxas_report)
+
+
+def test_no_kernel_spills_more_than_allowed(ptxas_report):
+    over = {}
+    for name, (regs, stores, loads) in ptxas_report.items():
+        short = name.replace("cbam::", "")
+        limit = next((b for pat, b in ALLOWED if re.search(pat, short)), 0)
+        if max(stores, loads) > limit:
+            over[short[:160]] = (regs, stores, loads, limit)
+    assert not over, "kernels that spill registers (regs, store bytes, load bytes, allowed):\n" + \
+        "\n".join(f"  {k}: {v}" for k, v in over.items())
+
+
+def test_issue4_configurations_never_spill(ptxas_report):
+    """float32 (4-wide vectors) and 16-bit (8-wide) grad_input, the heaviest kernel on the
+    register file, at both vector rows in flight: no spill at all."""
+    hot = [n for n in ptxas_report if re.search(
+        r"grad_input_kernel<(float, 4|(c10::)?(Half|BFloat16), 8), [12], false", n)]
+    assert len(hot) == 6, hot
+    assert all(ptxas_report[n][1:] == (0, 0) for n in hot), {n: ptxas_report[n] for n in hot}
