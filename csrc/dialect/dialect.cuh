@@ -7,7 +7,8 @@
 //
 // What a kernel source may use:
 //   CBAM_GLOBAL (= __global__), CBAM_DEVICE (= __device__ __forceinline__), __restrict__,
-//   __launch_bounds__(n), __forceinline__
+//   __launch_bounds__(n), __forceinline__, CBAM_UNROLL (= #pragma unroll under nvcc, before a loop
+//   with a compile-time trip count whose arrays must stay in registers; nothing in the simulator)
 //   threadIdx, blockIdx, blockDim, gridDim (.x .y .z, unsigned int)
 //   __syncthreads(), __syncwarp(mask = full)
 //   __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync (full mask 0xffffffff only;
@@ -49,6 +50,7 @@
 #define CBAM_GLOBAL __global__
 #define CBAM_DEVICE __device__ __forceinline__
 #define CBAM_HOST_DEVICE __host__ __device__ __forceinline__
+#define CBAM_UNROLL _Pragma("unroll")
 #define CBAM_DYNAMIC_SMEM(type, name)                                  \
   extern __shared__ __align__(16) unsigned char cbam_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(cbam_dynamic_smem_)
@@ -130,6 +132,7 @@ CBAM_SHFL_16BIT(__shfl_xor_sync, c10::BFloat16, int)
 // Provides the same names (threadIdx ..., __syncthreads ..., cbam::Vec, cbam::ld ...,
 // cbam::launch ...) on the CPU; see csrc/sim/runtime.h.
 #include "../sim/runtime.h"
+#define CBAM_UNROLL  // (g++ warns about nvcc's pragma, and -Werror makes that fatal)
 
 #else
 #error "dialect.cuh: compile with nvcc, or with g++ and -DCBAM_SIMULATOR"

@@ -87,15 +87,16 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
   return gv * cs.gate * ss.gate + kc * term_c + ks * term_s;
 }
 
-// At most 64 registers (4 blocks of 256 threads per SM): with 8-wide vectors the sides held in
-// registers would otherwise take ~125 and leave too few loads in flight; so registers hold only
-// what every element of a k side uses (gate, dmean, a 32-bit idx). The lp / lse sides are larger
-// still: that variant reads its k sides from shared memory where it uses them (kSidesInRegs).
-// ptxas -v (sm_90): no spills on the float32 and 16-bit paths (before: 36 to 44 bytes a thread
-// on the 16-bit one); 8 bytes for float64 with U = 1; the lp / lse variant with 16-bit types 12
-// stored / 28 loaded (before: 236 / 312). tests/test_register_spills.py holds these limits.
+// Registers: at most 64 a thread (4 blocks of 256 threads per SM), 80 with U = 2 (3 blocks: its
+// second row of vectors needs them). With 8-wide vectors the sides held in registers would take
+// ~125 and leave too few loads in flight, so registers hold only what every element of a k side
+// uses (gate, dmean, a 32-bit idx); the lp / lse sides are larger still, and that variant reads
+// its k sides from shared memory where it uses them (kSidesInRegs). ptxas -v (sm_90): no spills
+// and no local arrays on the float32 and 16-bit paths at U = 1 and 2 (before: 36 to 96 bytes a
+// thread on the 16-bit one); 8 bytes for float64 at U = 1; the lp / lse variant with 16-bit
+// types 12 stored / 28 loaded (before: 236 / 312). tests/test_register_spills.py holds these.
 template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
-CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
                       GradSidePtrs<acc_t> side_r, GradSidePtrs<acc_t> side_k, Geom g, bool cl,
                       int arrangement) {
@@ -134,16 +135,20 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
       acc_t v_[U][VEC] = {};
       acc_t xv[LPLSE ? U : 1][VEC] = {};
+      // (guards, not breaks: the u loops unroll and v_ stays in registers)
+CBAM_UNROLL
       for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
         const int i = i0 + u * TY;
-        if (i >= clen) break;
-        const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-        load_acc<VEC>(grad + off, v_[u]);
-        if constexpr (LPLSE) load_acc<VEC>(x + off, xv[u]);
+        if (i < clen) {
+          const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
+          load_acc<VEC>(grad + off, v_[u]);
+          if constexpr (LPLSE) load_acc<VEC>(x + off, xv[u]);
+        }
       }
+CBAM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * TY;
-        if (i >= clen) break;
+        if (i >= clen) continue;
         const int64_t r = cb + i;
         const Side sr = s_side[i];
         for (int v = 0; v < VEC; ++v) {

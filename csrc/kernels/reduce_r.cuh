@@ -47,13 +47,15 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     if (active) {
       for (int i0 = ty; i0 < clen; i0 += U * TY) {
         acc_t xv[U][VEC] = {};
+CBAM_UNROLL
         for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
           const int i = i0 + u * TY;
           if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, xv[u]);
         }
+CBAM_UNROLL
         for (int u = 0; u < U; ++u) {  // rows in increasing order
           const int i = i0 + u * TY;
-          if (i >= clen) break;
+          if (i >= clen) continue;  // (not break: the loop unrolls, xv stays in registers)
           const int64_t r = cb + i;
           const typename Policy::Weight w = s_w[i];
           for (int v = 0; v < VEC; ++v) pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
