@@ -136,7 +136,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
       acc_t v_[U][VEC] = {};
       acc_t xv[LPLSE ? U : 1][VEC] = {};
       // (guards, not breaks: the u loops unroll and v_ stays in registers)
-CBAM_UNROLL
+      CBAM_UNROLL
       for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
         const int i = i0 + u * TY;
         if (i < clen) {
@@ -145,7 +145,7 @@ CBAM_UNROLL
           if constexpr (LPLSE) load_acc<VEC>(x + off, xv[u]);
         }
       }
-CBAM_UNROLL
+      CBAM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * TY;
         if (i >= clen) continue;

@@ -6,11 +6,10 @@
 // Pass: reads x once. Tiles as in common.cuh, with up to kReduceKVectors vectors per lane and row
 // (cols_per_tile = TX * VEC * that). The weights of the tile's columns are read from global
 // memory once per tile (stage_k_side, shared memory); a policy's value of the row (kHasKept) once
-// per row and tile. Each thread folds its vectors of a row,
-// then the TX lanes of the row combine by xor shuffles (fixed tree), and lane 0 writes the
-// result of the row: the final value when the row fits one column tile (nkt == 1), else the
-// partial [n, kt, r]; combine_partials (second stage) then folds the nkt partials of each row in
-// order. Requires VEC == 1 or K % VEC == 0.
+// per row and tile. Each thread folds its vectors of a row, then the TX lanes of the row combine
+// by xor shuffles (fixed tree), and lane 0 writes the result of the row: the final value when
+// the row fits one column tile (nkt == 1), else the partial [n, kt, r]; combine_partials (second
+// stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0.
 #pragma once
 
 #include "kernels/common.cuh"

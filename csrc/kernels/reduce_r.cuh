@@ -5,8 +5,8 @@
 //
 // Pass: reads x once. Tiles as in common.cuh; the row tiles are the first stage of the
 // reduction (nrt splits of R). Threads along k keep one State per column (with the policy's
-// value of the column, kHasKept, staged once per tile); the weights of the
-// tile's rows are staged in shared memory kChunkRows at a time. The TY threads of a column then
+// value of the column, kHasKept, staged once per tile); the weights of the tile's rows are
+// staged in shared memory kChunkRows at a time. The TY threads of a column then
 // combine through shared memory in a fixed tree. Thread row 0 writes the final value (nrt == 1)
 // or the partial [n, rt, k], which combine_partials folds in order. Requires VEC == 1 or
 // K % VEC == 0.
@@ -47,12 +47,12 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     if (active) {
       for (int i0 = ty; i0 < clen; i0 += U * TY) {
         acc_t xv[U][VEC] = {};
-CBAM_UNROLL
+        CBAM_UNROLL
         for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
           const int i = i0 + u * TY;
           if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, xv[u]);
         }
-CBAM_UNROLL
+        CBAM_UNROLL
         for (int u = 0; u < U; ++u) {  // rows in increasing order
           const int i = i0 + u * TY;
           if (i >= clen) continue;  // (not break: the loop unrolls, xv stays in registers)

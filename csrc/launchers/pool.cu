@@ -1,9 +1,8 @@
 // Launchers of the pools and their scale gradients (Q2): pool_over_s, pool_over_s_lp_lse,
 // pool_over_c, pool_over_s_backward_scale, pool_over_s_backward_scale_lp_lse,
-// pool_over_c_backward_scale. Each is one reduction of x viewed as
-// [N, R, K] (kernels/reduce_k.cuh when the reduced axis is the contiguous one, else
-// kernels/reduce_r.cuh), plus the second stage (kernels/combine_partials.cuh) when the reduced
-// axis is split over tiles.
+// pool_over_c_backward_scale. Each is one reduction of x viewed as [N, R, K]
+// (kernels/reduce_k.cuh when the reduced axis is the contiguous one, else kernels/reduce_r.cuh),
+// plus the second stage (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
 #include <vector>
 
 #include "kernels/combine_partials.cuh"
@@ -78,8 +77,7 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
 }
 
 // over_s: pool over S (scale [N, S], outputs [N, C]); else pool over C. lp_lse (over S only):
-// also the lp and lse pools, in the same pass. Returns avg, max, argmax, then lp and lse (empty
-// without lp_lse).
+// also the lp and lse pools, in the same pass. Returns avg, max, argmax (and lp, lse).
 std::vector<at::Tensor> pool(const char* op, const at::Tensor& x_in,
                              const std::optional<at::Tensor>& scale_in, bool over_s, bool lp_lse) {
   const c10::DeviceGuard device_guard(x_in.device());  // launches go to x's device
