@@ -46,6 +46,8 @@ JSON schema ("cbam_fused.bench_cbam/1"), top level:
                                      when not run (--kernels off, the CPU's default)
   finished                           false while the run is going (the file is rewritten after
                                      every case), true at the end
+  merged_from                        only in a --merge result: argv, date, commit, copy bandwidth
+                                     and case count of each run joined
 """
 import argparse
 import copy
@@ -141,6 +143,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: join the results of earlier runs (e.g. the GPU protocol's "
+                        "two parts) into one, a case measured twice taken from the later file, "
+                        "and write it with --json / --plot")
     return p.parse_args(argv)
 
 
@@ -339,10 +345,7 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
     tm = st["timing"]
     ref_y = None
     for name in st["peers"]:
-        r = dict(median_ms=None, p10_ms=None, p90_ms=None, reps=0, eff_gb_per_s=None,
-                 frac_copy_bw=None, peak_mem_bytes=None, speedup_of_fused=None, host_ms=None,
-                 error=None,
-                 skipped=None)
+        r = empty_peer()
         rec["peers"][name] = r
         bar.set_postfix_str(f"{rec['id']} {name}", refresh=False)
         # max-autotune compiles slowest: it runs while 40% of the budget is left unspent, the
@@ -406,6 +409,55 @@ def summarize(cases, peers):
                     s["geomean_speedup_of_fused"][p] = bu.geomean([v for v in sp if v])
                 s["mean_frac_copy_bw"][p] = sum(fr) / len(fr) if fr else None
             out[f"{mode}/{dt}"] = s
+    return out
+
+
+def empty_peer(skipped=None):
+    return dict(median_ms=None, p10_ms=None, p90_ms=None, reps=0, eff_gb_per_s=None,
+                frac_copy_bw=None, peak_mem_bytes=None, speedup_of_fused=None, host_ms=None,
+                error=None, skipped=skipped)
+
+
+def merge_runs(runs):
+    """One result from several runs' results (same schema): the union of their cases (a case id
+    measured twice is taken from the later run), peers a run did not have recorded as skipped,
+    the settings' lists joined, the per-op section from the last run that has one, the summary
+    recomputed. Each case keeps the figures of its own run (its speed-ups and copy-bandwidth
+    fraction come from one process); `merged_from` lists the runs."""
+    if not runs:
+        raise ValueError("merge_runs: no runs")
+    for r in runs:
+        if r.get("schema") != SCHEMA:
+            raise ValueError(f"merge_runs: schema {r.get('schema')!r}, expected {SCHEMA!r}")
+    out = copy.deepcopy(runs[-1])
+    st = out["settings"]
+    peers = [p for p in PEERS if any(p in r["settings"]["peers"] for r in runs)]
+    cases = {}
+    for r in runs:
+        for c in r["cases"]:
+            cases.pop(c["id"], None)
+            cases[c["id"]] = copy.deepcopy(c)
+    for c in cases.values():
+        for p in peers:
+            c["peers"].setdefault(p, empty_peer("not a peer of the run that measured this case"))
+    st["peers"] = peers
+    for key in ("dtypes", "modes", "batches", "shapes"):
+        seen = []
+        for r in runs:
+            for v in r["settings"].get(key, []):
+                if v not in seen:
+                    seen.append(v)
+        st[key] = seen
+    out["cases"] = list(cases.values())
+    out["summary"] = summarize(out["cases"], peers)
+    out["kernels"] = next((r["kernels"] for r in reversed(runs) if r.get("kernels")), None)
+    out["cases_skipped"] = sum(r.get("cases_skipped") or 0 for r in runs)
+    out["finished"] = all(r.get("finished") for r in runs)
+    out["meta"]["cbam_fused_native"] = all(r["meta"].get("cbam_fused_native") for r in runs)
+    out["merged_from"] = [dict(argv=r["meta"].get("argv"), date_utc=r["meta"].get("date_utc"),
+                               git_commit=r["meta"].get("git_commit"),
+                               copy_gb_per_s=r["copy_bandwidth"].get("gb_per_s"),
+                               cases=len(r["cases"])) for r in runs]
     return out
 
 
@@ -531,6 +583,24 @@ def plot(res, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        import json
+        runs = []
+        for path in args.merge:
+            with open(path) as f:
+                runs.append(json.load(f))
+        try:
+            res = merge_runs(runs)
+        except ValueError as e:
+            raise SystemExit(f"--merge: {e}") from None
+        print_results(res)
+        if args.json:
+            bu.write_json(args.json, res)
+            print(f"wrote {args.json}")
+        if args.plot:
+            plot(res, args.plot)
+            print(f"wrote {args.plot}")
+        return 0
     device = bu.pick_device(args.device)
     st = settings_from(args, device)
     torch.manual_seed(args.seed)

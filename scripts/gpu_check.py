@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The GPU protocol (issue 7, DESIGN.md section 8): verify and measure everything in one run.
 
-    bash scripts/gpu_check.sh [--dry-run] [--part verify|measure|all] [--steps a,b] [DIR]
+    bash scripts/gpu_check.sh [--dry-run] [--part lease|extra|verify|measure|all]
+                              [--steps a,b] [--budget-min M] [DIR]
 
 Steps, in order (each with its own timeout inside one overall budget):
   env          device, driver, CUDA, torch, nvcc, compute-sanitizer versions
@@ -11,27 +12,34 @@ Steps, in order (each with its own timeout inside one overall budget):
                (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability), MAX_JOBS=nproc;
                skipped when build/.gpu_check_stamp says the same sources, torch and arch were
                built already (a warm machine between two parts)
-  tests        the whole test suite, GPU tests included (pytest; xdist when available)
-  sanitizer    compute-sanitizer memcheck, racecheck, initcheck, synccheck over a small kernel
-               test selection (GPU_CHECK_SANITIZE_FILE, default the first of
-               tests/test_kernels_gpu.py, tests/test_kernels_cuda.py that exists;
-               GPU_CHECK_SANITIZE_K, a pytest -k expression, default for test_kernels_cuda.py:
-               the per-op comparisons in float32 NCHW and bfloat16 channels-last); only
-               kernels whose name holds GPU_CHECK_KERNEL_FILTER (default "cbam") are checked;
-               fails on any report
+  tests        the test suite (pytest; xdist when available): the GPU tests only (-m gpu) in
+               `lease`, the whole suite, GPU tests included, in the other parts
+  sanitizer    compute-sanitizer over a small kernel test selection (GPU_CHECK_SANITIZE_FILE,
+               default the first of tests/test_kernels_gpu.py, tests/test_kernels_cuda.py that
+               exists; GPU_CHECK_SANITIZE_K, a pytest -k expression, default for
+               test_kernels_cuda.py: the per-op comparisons in float32 NCHW and bfloat16
+               channels-last); only kernels whose name holds GPU_CHECK_KERNEL_FILTER (default
+               "cbam") are checked; fails on any report. Tools: memcheck and racecheck in
+               `lease`, initcheck and synccheck in `extra`, all four in the other parts
   bandwidth    the device-to-device copy bandwidth
+  sweep        benchmarks/bench_kernels.py --sweep -> sweep.json (launcher tuning; `extra` only)
   bench_cbam   benchmarks/bench_cbam.py   -> bench_cbam.json, bench_cbam.png
   bench_network benchmarks/bench_network.py -> bench_network.json, bench_network.png
 
-Parts: the device tool runs one command for at most 10 minutes, so the protocol runs as two
-commands: `--part verify` (env, wheels, build, tests, sanitizer) and `--part measure` (env,
-wheels, build, bandwidth, bench_cbam, bench_network), each budgeted to 9.5 minutes; `--part all`
-(the default) runs everything within 20 minutes. `merge` joins the folders of the parts:
+Parts: the device tool lends a GPU for 15 minutes of device time, the machine's start included,
+at most 10 minutes a command. So the default part, `lease` (7 minutes), runs every step once at
+reduced sizes: the GPU tests, memcheck and racecheck, the layer benchmark at batch 64 in issue
+4's two configurations (with the per-op section) and the network benchmark's quick run. If at
+least 6 minutes of device time are left after it, `--part extra` (5 minutes) runs the rest:
+initcheck and synccheck, the tuning sweep, the wider layer grid (other batches, float16,
+MobileNet sites, max-autotune) and the whole test suite. `verify` and `measure` (9.5 minutes
+each) and `all` (20 minutes) are for longer leases. `merge` joins the folders of the parts (the
+layer benchmark's cases of several parts are joined into one JSON and PNG):
     python scripts/gpu_check.py merge PART1_DIR PART2_DIR -o benchmarks/results/DATE-DEVICE
 
 The folder (argument, else $OUT, else out/gpu_check-DATE) receives at most 8 files:
-gpu_check.log, tests.log, steps.json, summary.md, bench_cbam.json, bench_cbam.png,
-bench_network.json, bench_network.png. A short summary table is printed last.
+gpu_check.log, tests.log, steps.json, summary.md, and per part bench_cbam.json, bench_cbam.png,
+bench_network.json, bench_network.png or sweep.json. A short summary table is printed last.
 
 --dry-run (a machine without a GPU): runs every step it can on the CPU (versions, the wheels'
 install into a scratch folder, a CPU-only build into a scratch folder, the whole test suite,
@@ -56,21 +64,48 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
+STEPS = ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "sweep", "bench_cbam",
          "bench_network")
+SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+# A lease of the device tool is 15 minutes of device time, the machine's start included, at most
+# 10 minutes a command. So the protocol is sized as two commands: `lease` (about 7 minutes:
+# everything the open issues need once, at reduced sizes) and, while enough time is left,
+# `extra` (the rest: the other two sanitizer tools, the tuning sweep, the wider benchmark grid,
+# the whole test suite). `verify` + `measure` (9.5 minutes each) and `all` (20 minutes) are the
+# same protocol for longer leases.
 PARTS = {
+    "lease": ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
+              "bench_network"),
+    "extra": ("env", "wheels", "build", "sanitizer", "sweep", "bench_cbam", "tests"),
     "verify": ("env", "wheels", "build", "tests", "sanitizer"),
     "measure": ("env", "wheels", "build", "bandwidth", "bench_cbam", "bench_network"),
-    "all": STEPS,
+    "all": tuple(s for s in STEPS if s != "sweep"),
 }
-PART_BUDGET_MIN = {"verify": 9.5, "measure": 9.5, "all": 20.0}
+PART_BUDGET_MIN = {"lease": 7.0, "extra": 5.0, "verify": 9.5, "measure": 9.5, "all": 20.0}
+# what a step does in each part (the default: the whole suite, all four tools, the benchmarks'
+# own defaults under the part's budget)
+PART_OPTIONS = {
+    "lease": dict(
+        tests="gpu",  # pytest -m gpu: the GPU tests only (CI runs the rest on every commit)
+        sanitizer=("memcheck", "racecheck"),
+        # issue 4's two configurations at batch 64, the peers that compile in seconds
+        bench_cbam=["--quick", "--dtype", "bfloat16,float32",
+                    "--peers", "official,timm,compile,cbam_fused"],
+        bench_network=["--quick"]),
+    "extra": dict(
+        tests="all",
+        sanitizer=("initcheck", "synccheck"),
+        # the rest of the grid (batches and dtypes the lease did not run; the per-op section it
+        # did), every peer; `merge` joins it to the lease's cases
+        bench_cbam=["--dtype", "bfloat16,float16,float32", "--batch", "128,32",
+                    "--shapes", "resnet50,mobilenet", "--kernels", "off"]),
+}
 # nominal timeouts (seconds) on a GPU machine; the overall budget may cut them
 NOMINAL = {"env": 90, "wheels": 120, "build": 480, "tests": 480, "sanitizer": 480,
-           "bandwidth": 90, "bench_cbam": 480, "bench_network": 420}
+           "bandwidth": 90, "sweep": 180, "bench_cbam": 480, "bench_network": 420}
 # the least each later step needs, kept in reserve when an earlier step's timeout is computed
-RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 60, "sanitizer": 60, "bandwidth": 15,
-           "bench_cbam": 90, "bench_network": 90}
-SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 45, "sanitizer": 45, "bandwidth": 15,
+           "sweep": 60, "bench_cbam": 75, "bench_network": 60}
 # the kernel tests the sanitizers run: the first of these files that exists, with its default
 # -k selection (small shapes, every op, both layouts: float32 NCHW and bfloat16 channels-last,
 # the two configurations of issue 4; 20 tests, each run four times under the sanitizers)
@@ -78,7 +113,7 @@ SANITIZE_FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_cuda.py")
 SANITIZE_K = {"test_kernels_cuda.py":
               "test_op_matches_cpu_kernel_on_gpu and ((float32 and cf) or (bfloat16 and cl))"}
 FILES = ("gpu_check.log", "tests.log", "steps.json", "summary.md", "bench_cbam.json",
-         "bench_cbam.png", "bench_network.json", "bench_network.png")
+         "bench_cbam.png", "bench_network.json", "bench_network.png", "sweep.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +258,10 @@ class Protocol:
         self.log(f"[gpu_check] {step}: {what}   (t+{time.monotonic() - self.t0:.0f} s, "
                  f"{self.left():.0f} s of the budget left)")
         self.log("=" * 100)
+
+    def opt(self, step, default=None):
+        """What `step` does in this part (PART_OPTIONS), else `default`."""
+        return PART_OPTIONS.get(self.args.part, {}).get(step, default)
 
     def pyrun(self, code, timeout=120):
         rc, out, _ = run_cmd([self.py, "-c", code], timeout=timeout, env=self.env, echo="none")
@@ -452,9 +491,14 @@ print("JSON:" + json.dumps(d))
         return (True, desc) if report else True
 
     def step_tests(self, later):
-        self.header("tests", "the whole test suite" + ("" if self.dry else ", GPU tests included"))
+        scope = self.opt("tests", "all")
+        self.header("tests", ("the GPU tests (pytest -m gpu)" if scope == "gpu" else
+                              "the whole test suite" + ("" if self.dry else
+                                                        ", GPU tests included")))
         t = time.monotonic()
         cmd = [self.py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"]
+        if scope == "gpu" and not self.args.pytest_args:
+            cmd += ["-m", "gpu"]
         n = self.args.xdist
         if n is None:
             n = 0 if self.dry else min(8, self.nproc)
@@ -477,14 +521,16 @@ print("JSON:" + json.dumps(d))
                               logs=[self.tests_log], echo=echo)
         summary = _pytest_summary(out)
         skipped_gpu = len(re.findall(r"SKIPPED.*(CUDA|GPU|cuda|gpu)", out))
-        note = summary + (f"; {skipped_gpu} skips mention CUDA/GPU" if skipped_gpu else "")
+        note = ("GPU tests (-m gpu): " if "gpu" in cmd else "") + summary + (
+            f"; {skipped_gpu} skips mention CUDA/GPU" if skipped_gpu else "")
         if to:
             return self.record("tests", "TIMEOUT", time.monotonic() - t, note)
         status = "PASS" if rc == 0 else "FAIL"
         return self.record("tests", status, time.monotonic() - t, note or f"rc {rc}")
 
     def step_sanitizer(self, later):
-        self.header("sanitizer", "compute-sanitizer " + ", ".join(SANITIZER_TOOLS))
+        tools = self.opt("sanitizer", SANITIZER_TOOLS)
+        self.header("sanitizer", "compute-sanitizer " + ", ".join(tools))
         t = time.monotonic()
         f = self.args.sanitize_file
         sel = self.args.sanitize_k
@@ -515,8 +561,8 @@ print("JSON:" + json.dumps(d))
         per_tool = {"memcheck": ["--leak-check", "no"], "racecheck": [], "initcheck": [],
                     "synccheck": []}
         notes, failed = [], False
-        for i, tool in enumerate(SANITIZER_TOOLS):
-            remaining_tools = len(SANITIZER_TOOLS) - i
+        for i, tool in enumerate(tools):
+            remaining_tools = len(tools) - i
             budget = (self.timeout_for("sanitizer", later) - 5) / remaining_tools
             if budget < 20:
                 notes.append(f"{tool}: TIMEOUT (no budget left)")
@@ -590,7 +636,7 @@ print("JSON:" + json.dumps(d))
             env.setdefault("OMP_NUM_THREADS", "1")
         else:
             # the benchmark's own budget: its timeout less start-up, plotting and a margin
-            cmd += ["--max-minutes", f"{max(0.5, (timeout - 75) / 60):.1f}"] + extra_gpu
+            cmd += ["--max-minutes", f"{max(0.5, (timeout - 45) / 60):.1f}"] + extra_gpu
         self.log("  " + _cmd_str(cmd))
         rc, out, to = run_cmd(cmd, timeout=timeout, env=env, logs=[self.log.f], echo="all")
         ok = os.path.exists(js) and os.path.exists(png)
@@ -611,12 +657,35 @@ print("JSON:" + json.dumps(d))
         return self.record(step, status, time.monotonic() - t, note)
 
     def step_bench_cbam(self, later):
-        return self._bench("bench_cbam", "bench_cbam.py", later, [],
+        return self._bench("bench_cbam", "bench_cbam.py", later, self.opt("bench_cbam", []),
                            ["--kernels", "on"] +
                            (["--peers", self.args.cpu_peers] if self.args.cpu_peers else []))
 
     def step_bench_network(self, later):
-        return self._bench("bench_network", "bench_network.py", later, [], [])
+        return self._bench("bench_network", "bench_network.py", later,
+                           self.opt("bench_network", []), [])
+
+    def step_sweep(self, later):
+        """The launchers' tuning sweep: every op at the ResNet-50 sites under every setting of
+        bench_kernels.SWEEP; its per_op table says which defaults to set in launchers.h."""
+        self.header("sweep", "benchmarks/bench_kernels.py --sweep (launcher tuning)")
+        t = time.monotonic()
+        if self.dry or not self.has_gpu:
+            return self.record("sweep", "SKIP", time.monotonic() - t,
+                               "SKIPPED: needs a GPU and the CUDA kernels (dry run / no GPU)")
+        js = os.path.join(self.dir, "sweep.json")
+        cmd = [self.py, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--sweep",
+               "--no-progress", "--json", js]
+        self.log("  " + _cmd_str(cmd))
+        rc, out, to = run_cmd(cmd, timeout=self.timeout_for("sweep", later), env=self.env,
+                              logs=[self.log.f], echo="all")
+        res = _load(js) or {}
+        per_op = (res.get("sweep") or {}).get("per_op") or {}
+        note = "; ".join(f"{op} {r['best']} ({100 * r['best_gmean']:.0f}% vs default "
+                         f"{100 * (r['default_gmean'] or 0):.0f}%)" for op, r in per_op.items())
+        status = "TIMEOUT" if to else ("PASS" if rc == 0 and per_op else "FAIL")
+        return self.record("sweep", status, time.monotonic() - t,
+                           note or f"rc {rc}, no per_op table in sweep.json")
 
     # -- driver ------------------------------------------------------------------------------
     def run(self, steps):
@@ -634,7 +703,8 @@ print("JSON:" + json.dumps(d))
                 continue
             # (a dry run's build goes to a scratch folder: the later steps use this checkout's
             # own build, so they still run)
-            if step in ("tests", "sanitizer", "bandwidth", "bench_cbam", "bench_network") and \
+            if step in ("tests", "sanitizer", "bandwidth", "sweep", "bench_cbam",
+                        "bench_network") and \
                     not self.dry and any(r["step"] == "build" and r["status"] in
                                          ("FAIL", "TIMEOUT") for r in self.results):
                 self.record(step, "SKIP", 0, "SKIPPED: the build failed")
@@ -843,6 +913,20 @@ def write_summary(d, part_dirs):
                             f"{_fmt_ms(c['median_ms'])} | {c['gb_per_s']:.4g} | "
                             f"{100 * c['frac_copy_bw']:.3g}% |"))
             L.append("")
+    sw = (_load(os.path.join(d, "sweep.json")) or {}).get("sweep")
+    if sw and sw.get("per_op"):
+        L.append("## Launcher tuning sweep (sweep.json)")
+        L.append("")
+        L.append("Settings tiles_per_sm/min_rows_per_thread/vec_rows_in_flight; the geometric "
+                 "mean over the cases of each op's fraction of copy bandwidth. Set the best as "
+                 "the defaults in `csrc/launchers/launchers.h`.")
+        L.append("")
+        L.append("| op | best | best %copy | default %copy |")
+        L.append("|---|---|---|---|")
+        for op, r in sw["per_op"].items():
+            L.append(f"| {op} | {r['best']} | {100 * (r.get('best_gmean') or 0):.3g}% | "
+                     f"{100 * (r.get('default_gmean') or 0):.3g}% |")
+        L.append("")
     bn = _load(os.path.join(d, "bench_network.json"))
     if bn:
         st = bn["settings"]
@@ -884,7 +968,9 @@ def write_summary(d, part_dirs):
                         "benchmarks/bench_cbam.py)"),
                        ("bench_cbam.png", "speed-ups and bandwidth fractions per shape"),
                        ("bench_network.json", "network benchmark records"),
-                       ("bench_network.png", "images/s and peak memory")):
+                       ("bench_network.png", "images/s and peak memory"),
+                       ("sweep.json", "the launcher tuning sweep (schema in "
+                        "benchmarks/bench_kernels.py)")):
         if os.path.exists(os.path.join(d, name)):
             L.append(f"- `{name}`: {what}")
     with open(os.path.join(d, "summary.md"), "w") as f:
@@ -904,9 +990,20 @@ def merge(args):
         info.update({k: v for k, v in s.get("info", {}).items() if v is not None})
         dry = dry or s.get("dry_run", False)
         for name in ("bench_cbam.json", "bench_cbam.png", "bench_network.json",
-                     "bench_network.png"):
+                     "bench_network.png", "sweep.json"):
             if os.path.exists(os.path.join(pd, name)):
                 shutil.copyfile(os.path.join(pd, name), os.path.join(out, name))
+    # the layer benchmark ran in several parts (lease, extra): join their cases
+    bcs = [os.path.join(pd, "bench_cbam.json") for pd in args.dirs
+           if os.path.exists(os.path.join(pd, "bench_cbam.json"))]
+    if len(bcs) > 1:
+        cmd = [args.python, os.path.join(ROOT, "benchmarks", "bench_cbam.py"), "--merge", *bcs,
+               "--json", os.path.join(out, "bench_cbam.json"),
+               "--plot", os.path.join(out, "bench_cbam.png")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"merge: joining the layer benchmark runs failed: {_cmd_str(cmd)}\n"
+                             f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     for name in ("gpu_check.log", "tests.log"):
         with open(os.path.join(out, name), "w") as fo:
             for pd in args.dirs:
@@ -935,7 +1032,15 @@ def main(argv=None):
         p = argparse.ArgumentParser(prog="gpu_check.py merge")
         p.add_argument("dirs", nargs="+")
         p.add_argument("-o", "--output", required=True)
-        return merge(p.parse_args(argv[1:]))
+        p.add_argument("--python", default=None,
+                       help="the interpreter that joins the layer benchmark's runs (needs torch "
+                            "and matplotlib; default .venv/bin/python when present, else "
+                            "this one)")
+        margs = p.parse_args(argv[1:])
+        if margs.python is None:
+            venv = os.path.join(ROOT, ".venv", "bin", "python")
+            margs.python = venv if os.path.exists(venv) else sys.executable
+        return merge(margs)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -943,12 +1048,14 @@ def main(argv=None):
                    help="results folder (default: $OUT, else out/gpu_check-DATE)")
     p.add_argument("--dry-run", action="store_true",
                    help="on a machine without a GPU: run what can run on the CPU")
-    p.add_argument("--part", default="all", choices=tuple(PARTS))
+    p.add_argument("--part", default="lease", choices=tuple(PARTS),
+                   help="lease (default, ~7 min), then extra (~5 min) if device time is left; "
+                        "verify + measure (9.5 min each) or all (20 min) for longer leases")
     p.add_argument("--steps", default=None, help=f"comma list of {','.join(STEPS)} "
                                                  "(overrides --part)")
     p.add_argument("--budget-min", type=float, default=None,
-                   help="overall time budget in minutes (default: 9.5 per part, 20 for all; "
-                        "dry-run: 30)")
+                   help="overall time budget in minutes (default: lease 7, extra 5, verify and "
+                        "measure 9.5, all 20; dry-run: 30)")
     p.add_argument("--python", default=None,
                    help="the interpreter (default: $PYTHON, else .venv/bin/python when present, "
                         "else python3)")

@@ -3,9 +3,12 @@
 # over the kernel tests, copy bandwidth, the layer and network benchmarks; results (at most 8
 # files) in one folder; a summary table printed last. The steps live in scripts/gpu_check.py.
 #
-#   bash scripts/gpu_check.sh [DIR]                     everything (budget 20 min)
-#   bash scripts/gpu_check.sh --part verify [DIR]       env, wheels, build, tests, sanitizer (9.5 min)
-#   bash scripts/gpu_check.sh --part measure [DIR]      env, wheels, build, bandwidth, benchmarks (9.5 min)
+#   bash scripts/gpu_check.sh [DIR]                     the 15-minute lease's first command (7 min):
+#                                                       every step once at reduced sizes
+#   bash scripts/gpu_check.sh --part extra [DIR]        then, with 6+ min of device time left (5 min):
+#                                                       initcheck, synccheck, tuning sweep, wider
+#                                                       benchmark grid, the whole test suite
+#   bash scripts/gpu_check.sh --part verify|measure|all [DIR]   longer leases (9.5, 9.5, 20 min)
 #   bash scripts/gpu_check.sh --dry-run [DIR]           a machine without a GPU: every step it can, on the CPU
 #   python3 scripts/gpu_check.py merge DIR1 DIR2 -o benchmarks/results/<date>-<device>
 #

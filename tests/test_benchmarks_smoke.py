@@ -111,6 +111,47 @@ def test_bench_cbam_lp_lse_pools(tmp_path):
     _check_png(png)
 
 
+def test_bench_cbam_merge_joins_runs(tmp_path):
+    """--merge joins runs of different batches and peers (the GPU protocol's two parts): every
+    case of both, a case measured twice from the later run, the peers' union with the missing
+    ones recorded as skipped, the summary recomputed, the per-op section kept, a PNG."""
+    common = ["--shapes", "16:6:5", "--modes", "fwd", "--reps", "2", "--warmup", "0"]
+    runs = []
+    for i, extra in enumerate((["--batch", "2,3", "--peers", "official,cbam_fused",
+                                "--kernels", "on"],
+                               ["--batch", "3,4", "--peers", "cbam_fused"])):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        res, _, _ = _run("bench_cbam.py", common + extra, d)
+        runs.append((d / "out.json", res))
+    js, png = tmp_path / "merged.json", tmp_path / "merged.png"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_cbam.py"), "--merge",
+                           str(runs[0][0]), str(runs[1][0]), "--json", str(js), "--plot",
+                           str(png)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads(js.read_text())
+    first, second = runs[0][1], runs[1][1]
+    assert [c["batch"] for c in m["cases"]] == [2, 3, 4]
+    assert m["settings"]["batches"] == [2, 3, 4]
+    assert m["settings"]["peers"] == ["official", "cbam_fused"]
+    b3 = next(c for c in m["cases"] if c["batch"] == 3)
+    assert b3["peers"]["cbam_fused"] == next(c for c in second["cases"]
+                                             if c["batch"] == 3)["peers"]["cbam_fused"]
+    assert b3["peers"]["official"]["median_ms"] is None and b3["peers"]["official"]["skipped"]
+    b2 = next(c for c in m["cases"] if c["batch"] == 2)
+    assert b2["peers"]["official"]["median_ms"] > 0
+    assert m["summary"]["fwd/float32"]["cases"] == 3
+    assert m["kernels"] == first["kernels"] and len(m["merged_from"]) == 2
+    _check_png(png)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "something/else"}))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_cbam.py"), "--merge",
+                           str(runs[0][0]), str(bad)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode != 0 and "schema" in proc.stderr
+
+
 def _check_kernels(k, n_ops=7):
     assert k["schema"] == "cbam_fused.bench_kernels/1" and k["target_frac"] == 0.8
     assert len(k["cases"]) == 2 * 2 * n_ops  # two tiny sites x (fp32 NCHW, bf16 CL) x the ops

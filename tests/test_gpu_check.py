@@ -1,6 +1,7 @@
-"""The GPU protocol (scripts/gpu_check.py, issue 7) on the CPU: a dry run of its two parts (all
-steps but the build and the test suite, which would rebuild and rerun this very suite) and the
-merge of their folders. Checks the files, the step records and the summary, never a time."""
+"""The GPU protocol (scripts/gpu_check.py, issue 7) on the CPU: a dry run of its steps (all but
+the build and the whole test suite, which would rebuild and rerun this very suite; the `lease`
+part's GPU-test selection runs, its tests skipped here), the `extra` part's steps, and the merge
+of the parts' folders. Checks the files, the step records and the summary, never a time."""
 import json
 import os
 import subprocess
@@ -23,14 +24,20 @@ def _steps(d):
 
 
 def test_dry_run_parts_and_merge(tmp_path):
-    a, b, merged = tmp_path / "verify", tmp_path / "measure", tmp_path / "merged"
-    out = _run(["--dry-run", "--python", sys.executable, "--steps", "env,wheels,sanitizer",
+    a, b, c = tmp_path / "verify", tmp_path / "measure", tmp_path / "extra"
+    merged = tmp_path / "merged"
+    out = _run(["--dry-run", "--python", sys.executable, "--steps", "env,wheels,tests,sanitizer",
                 str(a)])
     assert "GPU protocol summary (DRY RUN" in out
     steps = _steps(a)
     assert steps["env"]["status"] == "PASS" and steps["wheels"]["status"] == "PASS"
+    # the default part (lease) runs the GPU tests only: here they are all skipped
+    assert steps["tests"]["status"] == "PASS", steps["tests"]
+    assert steps["tests"]["note"].startswith("GPU tests (-m gpu)"), steps["tests"]
+    assert "skipped" in steps["tests"]["note"] and "passed" not in steps["tests"]["note"]
     assert steps["sanitizer"]["status"] == "SKIP"  # no GPU; the kernel test selection collects
     assert "collects" in steps["sanitizer"]["note"] and "rc 0" in steps["sanitizer"]["note"]
+    assert "memcheck, racecheck" in (a / "gpu_check.log").read_text()  # the lease's two tools
 
     _run(["--dry-run", "--python", sys.executable, "--steps",
           "env,bandwidth,bench_cbam,bench_network", str(b)])
@@ -40,14 +47,28 @@ def test_dry_run_parts_and_merge(tmp_path):
     bc = json.loads((b / "bench_cbam.json").read_text())
     assert bc["finished"] and bc["kernels"]["cases"]  # the per-op section ran
 
-    out = _run(["merge", str(a), str(b), "-o", str(merged)])
+    # the second command of a lease: no sweep without a GPU; its layer benchmark on the CPU
+    _run(["--dry-run", "--python", sys.executable, "--part", "extra", "--steps",
+          "env,sweep,bench_cbam", "--cpu-peers", "timm,cbam_fused", str(c)])
+    steps = _steps(c)
+    assert steps["sweep"]["status"] == "SKIP" and "needs a GPU" in steps["sweep"]["note"]
+    assert steps["bench_cbam"]["status"] == "PASS", steps["bench_cbam"]
+
+    out = _run(["merge", str(a), str(b), str(c), "-o", str(merged)])
     files = sorted(p.name for p in merged.iterdir())
     assert len(files) <= 8, files
     assert {"steps.json", "summary.md", "bench_cbam.json", "bench_cbam.png",
             "bench_network.json", "bench_network.png"} <= set(files)
     steps = json.loads((merged / "steps.json").read_text())["steps"]
-    assert {s["step"] for s in steps} >= {"env", "wheels", "sanitizer", "bandwidth",
-                                         "bench_cbam", "bench_network"}
+    assert {s["step"] for s in steps} >= {"env", "wheels", "tests", "sanitizer", "bandwidth",
+                                         "sweep", "bench_cbam", "bench_network"}
+    # the two parts' layer benchmarks are joined: every case of both, the union of the peers
+    bm = json.loads((merged / "bench_cbam.json").read_text())
+    parts = [json.loads((d / "bench_cbam.json").read_text()) for d in (b, c)]
+    assert len(bm["merged_from"]) == 2
+    assert {x["id"] for x in bm["cases"]} == {x["id"] for p in parts for x in p["cases"]}
+    assert set(bm["settings"]["peers"]) == set(parts[0]["settings"]["peers"]) | {"timm"}
+    assert bm["kernels"]["cases"] and bm["summary"]
     summary = (merged / "summary.md").read_text()
     assert "DRY RUN" in summary and "## Steps" in summary
     assert "## Layer benchmark" in summary and "### Each op alone" in summary
