@@ -44,6 +44,16 @@ The gate sub-modules of a converted composite block keep their classes: the pare
 no longer calls them, so forward hooks on the gates themselves (not on the block) stop firing;
 use cbam_fused.record_attention for the gates.
 
+Gate-only modules (a gate whose forward returns its map, the caller doing the products:
+`out = self.ca(out) * out; out = self.sa(out) * out`, as in the widely copied CBAM.PyTorch) are
+fused through their caller (_gate_pairs.py): the caller's forward is traced with torch.fx one
+level deep, each chain of such gates it multiplies right away is probed and verified as one
+block, the chain's first gate is swapped to run the whole fused block (the second gate reached
+through a plain attribute), and the caller's class is swapped to one whose forward is the traced
+code with the products removed. state_dict, parameters and hooks stay as they were; undo()
+restores both classes. A caller whose forward torch.fx cannot trace, or that branches on
+train / eval mode, is left alone and the report says why.
+
 Max-pool ties: where several elements share a maximum (a channel constant over space, e.g. a
 dead channel), the fused path sends the gradient to one of them, as max_pool2d / torch.max do (the
 official code, ultralytics); timm's amax splits it among them. Both are valid subgradients; the
@@ -65,6 +75,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _gate_pairs as GP
 from . import functional as F
 
 __all__ = ["convert", "unconvert", "ConversionReport", "ConversionError", "record_attention",
@@ -211,6 +222,7 @@ def _swap_out(block: nn.Module) -> None:
     block.__class__ = type(block)._cbam_converted_from
     block.__dict__.pop("_cbam_spec", None)
     block.__dict__.pop("_cbam_record", None)
+    block.__dict__.pop(GP.NEXT, None)
 
 
 def is_converted(module: nn.Module) -> bool:
@@ -689,9 +701,9 @@ def _run(block: nn.Module, x: Tensor, grad: bool):
 
 _PROBE_TOL = 1e-6
 _GATE_ONLY = ("not converted: its forward returns the attention map and the caller multiplies "
-              "x by it (`out = self.ca(out) * out`), so swapping this module cannot fuse the "
-              "block; build the caller with cbam_fused.CBAM (or ChannelGate / SpatialGate), "
-              "which returns x times the map")
+              "x by it (`out = self.ca(out) * out`), and the caller's forward could not be "
+              "rewritten to fuse the products ({why}); build the caller with cbam_fused.CBAM "
+              "(or ChannelGate / SpatialGate), which returns x times the map")
 _VERIFY_TOL = 1e-8
 
 
@@ -860,6 +872,8 @@ class ConversionReport:
             if isinstance(b, _ConvertedBlock):
                 _swap_out(b)
                 n += 1
+            elif GP.is_rewritten(b):
+                GP.swap_out_caller(b)
         self._blocks = []
         return n
 
@@ -900,6 +914,7 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
     gen = torch.Generator().manual_seed(seed)
     native = _native_classes()
     found: List[Tuple[str, nn.Module, BlockSpec, str]] = []
+    gate_only: List[Tuple[str, nn.Module]] = []
 
     def walk(name: str, m: nn.Module):
         if isinstance(m, native):
@@ -918,7 +933,7 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
                 found.append((name, m, spec, match.kind))
                 return
             if not match.kind.endswith("CBAM") and _returns_gate(m, match, gen):
-                report.skipped.append(SkippedBlock(name, _cls(m), _GATE_ONLY))
+                gate_only.append((name, m))
                 return
             if match.kind.startswith("generic ") and not match.kind.endswith("CBAM"):
                 pass  # a layout like a gate's that computes something else: not a CBAM block
@@ -943,10 +958,101 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
             err = _verify(name, m, spec, shapes.get(id(m)), gen, random_weights=sig not in checked)
             checked.add(sig)
         report.converted.append(ConvertedBlock(name, _cls(m), kind, spec, err))
+    callers = _plan_gate_chains(model, gate_only, report, gen, verify, checked)
     for _, m, spec, _ in found:  # swap only after every block verified
         _swap_in(m, spec)
         report._blocks.append(m)
+    for caller, graph, chains in callers:
+        for gates, spec in chains:
+            head = gates[0]
+            if len(gates) > 1:
+                head.__dict__[GP.NEXT] = gates[1]  # a plain attribute: not a submodule
+            _swap_in(head, spec)
+            report._blocks.append(head)
+        GP.swap_in_caller(caller, graph)
+        report._blocks.append(caller)
     return report
+
+
+def _head_spec(spec: BlockSpec) -> BlockSpec:
+    """A _GatePair's spec with its paths relative to the chain's first gate (g0), the second
+    (g1) reached through the first's plain attribute GP.NEXT."""
+    def move(path):
+        if path is None:
+            return None
+        return path[1:] if path[0] == "g0" else (GP.NEXT,) + path[1:]
+    return BlockSpec(**{k: move(v) if k in ("fc1", "fc2", "conv", "bn") else v
+                        for k, v in spec.__dict__.items()})
+
+
+def _plan_gate_chains(model, gate_only, report, gen, verify, checked):
+    """Gate-only modules (their forward returns the map) fused through their caller's forward
+    (_gate_pairs.py): each chain of them the caller multiplies right away is recognised,
+    probed and verified as one block; the rest are reported as skipped with the reason. Returns
+    [(caller, rewritten graph, [([gates], head spec)])]; nothing is swapped here."""
+    by_caller: Dict[str, Dict[str, nn.Module]] = {}
+    for name, m in gate_only:
+        cname, _, attr = name.rpartition(".")
+        by_caller.setdefault(cname, {})[attr] = m
+    uses: Dict[int, int] = {}
+    for m in model.modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    plans = []
+    for cname, gates in by_caller.items():
+        def skip(attr, why, cname=cname, gates=gates):
+            full = f"{cname}.{attr}" if cname else attr
+            report.skipped.append(SkippedBlock(full, _cls(gates[attr]),
+                                               _GATE_ONLY.format(why=why)))
+        if not gates or "" in gates:  # the model itself is a gate: no caller to rewrite
+            for attr in gates:
+                skip(attr, "it has no caller inside the model")
+            continue
+        caller = model.get_submodule(cname) if cname else model
+        try:
+            graph = GP._trace(caller)
+        except Exception as e:  # noqa: BLE001  any tracing failure: leave it alone, say why
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            for attr in gates:
+                skip(attr, f"torch.fx cannot trace the caller's forward: {msg[:200]}")
+            continue
+        chains, why = GP.find_chains(graph, gates)
+        accepted = []
+        for names, nodes in chains:
+            label = "+".join(f"{cname}.{n}" if cname else n for n in names)
+            if any(uses[id(gates[n])] > 1 for n in names):
+                for n in names:
+                    why[n] = "the same module object is used at several places of the model"
+                continue
+            pair = GP._GatePair([gates[n] for n in names])
+            try:
+                match = _match(pair)
+            except _Unsupported as e:
+                match, err = None, str(e)
+            spec = None
+            if match is not None:
+                spec, err = _probe(pair, match, gen)
+            if spec is None:
+                for n in names:
+                    why[n] = (f"the chain {label} matches no fused variant" +
+                              ("" if match is None else
+                               f" (best relative error {err:.2g} on a random probe)"))
+                continue
+            verr = None
+            if verify:
+                sig = _signature(pair, spec)
+                verr = _verify(label, pair, spec, None, gen, random_weights=sig not in checked)
+                checked.add(sig)
+            kind = f"{match.kind} (gate-only modules, products fused through the caller)"
+            report.converted.append(ConvertedBlock(label, "/".join(_cls(gates[n]) for n in names),
+                                                   kind, spec, verr))
+            accepted.append(([gates[n] for n in names], _head_spec(spec), nodes))
+        for attr, w in why.items():
+            skip(attr, w)
+        if accepted:
+            for _, _, nodes in accepted:
+                GP.rewrite(graph, nodes)
+            plans.append((caller, graph, [(g, sp) for g, sp, _ in accepted]))
+    return plans
 
 
 def _record_shapes(model, blocks, example_input) -> dict:
@@ -969,12 +1075,15 @@ def _record_shapes(model, blocks, example_input) -> dict:
 
 
 def unconvert(model: nn.Module) -> int:
-    """Restore the original class of every block convert() swapped in `model`; the number."""
+    """Restore the original class of every block convert() swapped in `model` (and of the
+    callers of gate-only modules whose forward it rewrote); the number of blocks."""
     n = 0
     for m in model.modules():
         if isinstance(m, _ConvertedBlock):
             _swap_out(m)
             n += 1
+        elif GP.is_rewritten(m):
+            GP.swap_out_caller(m)
     return n
 
 

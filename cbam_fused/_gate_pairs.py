@@ -1,0 +1,189 @@
+"""Gate-only modules fused through their caller (used by convert.py).
+
+Much CBAM code (the widely copied CBAM.PyTorch layout among it) keeps the products in the
+caller's forward:
+
+    out = self.ca(out) * out        # ca returns gc, [N, C, 1, 1]
+    out = self.sa(out) * out        # sa returns gs, [N, 1, H, W]
+
+A swap of `ca` or `sa` alone cannot fuse that. Here the caller's forward is traced with torch.fx,
+every child module a leaf (so the graph is the caller's own code, one level deep), in train and
+in eval mode (the two must agree: a forward that branches on `self.training` is left alone).
+A chain `a = g1(t); b = a * t [; c = g2(b); d = c * b]`, where g1 and g2 are the gate-only
+children, each called once and the intermediate values used nowhere else, is the CBAM block
+`t -> d` (g1 the channel gate: channel-first; g1 the spatial gate: spatial-first). It is
+recognised, probed and verified like any block (as `_GatePair(g1, g2)`, whose forward is exactly
+that chain), then:
+
+  * g1 becomes the block's head: its class is swapped (convert's mechanism) to run the whole
+    fused block, with g2 reached through a plain attribute `_cbam_pair_next` (not a submodule:
+    state_dict keys and values do not change);
+  * the caller's graph calls g1 on t and uses its result where d was used (the products and the
+    g2 call are gone); the caller's class is swapped to a subclass whose forward is that graph's
+    code (`_RewrittenCaller`), so it keeps its object, parameters, buffers, hooks and state_dict.
+
+Limits (the report says which applied): the caller's forward must trace with torch.fx (no
+control flow on tensor values) and not depend on train / eval mode; Python side effects in it
+(prints, appends) are not kept; the traced forward is the one of the caller's current structure
+(e.g. `downsample is None` is fixed at conversion).
+"""
+import operator
+import types
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+_MULS = (operator.mul, torch.mul)
+NEXT = "_cbam_pair_next"  # the head gate's plain attribute holding the second gate
+
+
+class _GatePair(nn.Module):
+    """The chain `for g in gates: x = g(x) * x`: what convert recognises, probes and verifies."""
+
+    def __init__(self, gates: List[nn.Module]):
+        super().__init__()
+        for i, g in enumerate(gates):
+            self.add_module(f"g{i}", g)
+
+    def forward(self, x):
+        for g in self.children():
+            x = g(x) * x
+        return x
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return True
+
+
+def _trace(caller: nn.Module) -> fx.Graph:
+    was = caller.training
+    try:
+        graphs = []
+        for mode in (True, False):
+            caller.train(mode)
+            graphs.append(_LeafTracer().trace(caller))
+    finally:
+        caller.train(was)
+    srcs = [g.python_code(root_module="self").src for g in graphs]
+    if srcs[0] != srcs[1]:
+        raise ValueError("its forward differs between train and eval mode")
+    return graphs[0]
+
+
+def _product_with(node: fx.Node, t: fx.Node) -> Optional[fx.Node]:
+    """The single user of `node` if it is `node * t` (or `t * node`), else None."""
+    if len(node.users) != 1:
+        return None
+    (u,) = node.users
+    is_mul = (u.op == "call_function" and u.target in _MULS) or \
+        (u.op == "call_method" and u.target == "mul")
+    if not is_mul or u.kwargs or len(u.args) != 2 or set(u.args) != {node, t} or node is t:
+        return None
+    return u
+
+
+def find_chains(graph: fx.Graph, gates: Dict[str, nn.Module]
+                ) -> Tuple[List[Tuple[List[str], List[fx.Node]]], Dict[str, str]]:
+    """The chains of gate-only children in the caller's graph: ([gate names], [nodes: first
+    gate call, ..., last product]) each, and why the other gates are in none."""
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and n.target.split(".")[0] in gates:
+            calls.setdefault(n.target.split(".")[0], []).append(n)
+    chains, why, used = [], {}, set()
+    for name in gates:
+        ns = calls.get(name, [])
+        if len(ns) != 1 or ns[0].op != "call_module" or ns[0].target != name:
+            why[name] = ("its caller's forward does not call it exactly once" if ns else
+                         "its caller's forward does not call it")
+    for name, ns in calls.items():
+        if name in why or name in used:
+            continue
+        a = ns[0]
+        if len(a.args) != 1 or a.kwargs or not isinstance(a.args[0], fx.Node):
+            why[name] = "its caller calls it with other than one tensor"
+            continue
+        b = _product_with(a, a.args[0])
+        if b is None:
+            continue  # the second gate of a chain, or not multiplied: decided below
+        names, nodes = [name], [a, b]
+        users = [u for u in b.users if u.op == "call_module" and u.target in gates
+                 and u.target not in why and u.target != name and len(u.args) == 1
+                 and not u.kwargs]
+        if len(b.users) == 2 and len(users) == 1:
+            d = _product_with(users[0], b)
+            if d is not None:
+                names.append(users[0].target)
+                nodes += [users[0], d]
+        chains.append((names, nodes))
+        used.update(names)
+    for name in gates:
+        if name not in why and name not in used:
+            why[name] = ("its caller does not multiply its input by it right away "
+                         "(`out = self.gate(out) * out`)")
+    return chains, why
+
+
+def rewrite(graph: fx.Graph, nodes: List[fx.Node]) -> None:
+    """The chain's last product replaced by its first gate call (which, swapped, runs the whole
+    fused block); the other nodes of the chain removed."""
+    first, last = nodes[0], nodes[-1]
+    last.replace_all_uses_with(first)
+    for n in reversed(nodes[1:]):
+        graph.erase_node(n)
+
+
+# ------------------------------------------------------------------------ the rewritten caller
+class _RewrittenCaller:
+    """Mixin placed in front of a caller's class: its forward is the rewritten graph's code."""
+    _cbam_rewritten_from: type
+    _cbam_src: str
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_caller, (type(self)._cbam_rewritten_from, type(self)._cbam_src,
+                                  type(self)._cbam_globals), self.__getstate__())
+
+    def _get_name(self):
+        return self._cbam_rewritten_from.__name__
+
+
+_CALLER_CLASSES: Dict[Tuple[type, str], type] = {}
+
+
+def _picklable_globals(glb: dict) -> tuple:
+    return tuple((k, ("module", v.__name__) if isinstance(v, types.ModuleType) else ("obj", v))
+                 for k, v in glb.items() if k != "__builtins__")
+
+
+def _caller_class(cls: type, src: str, glb: tuple) -> type:
+    key = (cls, src)
+    if key not in _CALLER_CLASSES:
+        import importlib
+        env = {k: importlib.import_module(v) if kind == "module" else v for k, (kind, v) in glb}
+        exec(compile(src, f"<cbam_fused rewritten {cls.__qualname__}.forward>", "exec"), env)
+        _CALLER_CLASSES[key] = type(cls.__name__, (_RewrittenCaller, cls), {
+            "forward": env["forward"], "_cbam_rewritten_from": cls, "_cbam_src": src,
+            "_cbam_globals": glb, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return _CALLER_CLASSES[key]
+
+
+def _rebuild_caller(cls: type, src: str, glb: tuple) -> nn.Module:
+    return object.__new__(_caller_class(cls, src, glb))
+
+
+def swap_in_caller(caller: nn.Module, graph: fx.Graph) -> None:
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    caller.__class__ = _caller_class(type(caller), code.src, _picklable_globals(code.globals))
+
+
+def swap_out_caller(caller: nn.Module) -> None:
+    caller.__class__ = type(caller)._cbam_rewritten_from
+
+
+def is_rewritten(m: nn.Module) -> bool:
+    return isinstance(m, _RewrittenCaller)
