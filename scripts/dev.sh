@@ -16,6 +16,13 @@ fi
 . .venv/bin/activate
 stamp=.venv/.deps-$(sha1sum requirements-dev.txt | cut -c1-12)
 if [ ! -f "$stamp" ]; then
+  # torch's CUDA build and its nvidia packages take about 6 GiB: say so before pip runs out
+  free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+    echo "scripts/dev.sh: warning: $((free_kib / 1024)) MiB free here; installing the pinned" \
+         "dependencies (torch's CUDA build) needs about 6 GiB" >&2
+    df -h . >&2
+  fi
   # grep drops pip notes about local package folders named in this machine's pip.conf; pipefail
   # keeps a failing install fatal
   python -m pip install -q -r requirements-dev.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
