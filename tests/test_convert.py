@@ -644,6 +644,24 @@ class _MultiplyInCaller(nn.Module):
         return self.sa(out) * out
 
 
+class _LuuuyiChannel(nn.Module):
+    """The channel gate of the CBAM.PyTorch layout: separate pools, fc1 / relu1 / fc2 as 1x1
+    convs without bias, returns sigmoid(mlp(avg) + mlp(max))."""
+
+    def __init__(self, c, ratio=4):
+        super().__init__()
+        self.avg_pool, self.max_pool = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
+        self.fc1 = nn.Conv2d(c, c // ratio, 1, bias=False)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Conv2d(c // ratio, c, 1, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        avg_out = self.fc2(self.relu1(self.fc1(self.avg_pool(x))))
+        max_out = self.fc2(self.relu1(self.fc1(self.max_pool(x))))
+        return self.sigmoid(avg_out + max_out)
+
+
 class _LuuuyiBlock(nn.Module):
     """A ResNet BasicBlock in the CBAM.PyTorch layout: the gates return maps, the block's forward
     multiplies (`order` "cs": channel gate first, "sc": spatial first, "c": channel only)."""
@@ -655,7 +673,7 @@ class _LuuuyiBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c)
-        self.ca = _GateChannel(c)
+        self.ca = _LuuuyiChannel(c)
         self.sa = _GateSpatial(3) if "s" in order else None
         self.order = order
         self.downsample = None if cin == c and stride == 1 else nn.Sequential(
