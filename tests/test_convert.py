@@ -740,6 +740,9 @@ def test_gate_only_modules_fused_through_their_caller():
             assert is_converted(m[0].ca) and is_converted(m[1].sa) and is_converted(m[2].ca)
             assert m[0].ca.__dict__["_cbam_pair_next"] is m[0].sa  # not a stale original
             assert rel_err(m(x), y0) < 1e-12
+        with cbam_fused.record_attention(model) as maps:  # under each chain's head gate
+            model(x)
+        assert sorted(maps) == ["0.ca", "1.sa", "2.ca"] and maps["2.ca"][1] is None
         gm = torch.fx.symbolic_trace(model)
         assert sum(n.target is cbam_fused.functional.cbam for n in gm.graph.nodes) == 3
         assert rel_err(gm(x), y0) < 1e-12
