@@ -22,10 +22,15 @@ that chain), then:
     g2 call are gone); the caller's class is swapped to a subclass whose forward is that graph's
     code (`_RewrittenCaller`), so it keeps its object, parameters, buffers, hooks and state_dict.
 
+The trace records augmented assignments (`out += residual`) as in-place operations, so the
+rewritten forward mutates where the original did. convert(verify=True) verifies each chain as a
+block; given an example input it also runs the rewritten caller as a whole against its original
+forward (float64, train and eval, gradients and buffers).
+
 Limits (the report says which applied): the caller's forward must trace with torch.fx (no
 control flow on tensor values) and not depend on train / eval mode; Python side effects in it
-(prints, appends) are not kept; the traced forward is the one of the caller's current structure
-(e.g. `downsample is None` is fixed at conversion).
+(prints, appends, counters) are not kept; the traced forward is the one of the caller's current
+structure (e.g. `downsample is None` is fixed at conversion).
 """
 import operator
 import types
@@ -53,9 +58,32 @@ class _GatePair(nn.Module):
         return x
 
 
+class _InplaceProxy(fx.Proxy):
+    """A Proxy that records `a += b` (and the other augmented assignments) as operator.iadd,
+    which fx's code generator writes back as `a += b`: the rewritten forward mutates in place
+    where the original did (a plain Proxy falls back to `a = a + b`, a new tensor, which would
+    differ where another name aliases `a`)."""
+
+
+def _inplace_method(fn):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+    return method
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+            "xor", "lshift", "rshift"):
+    setattr(_InplaceProxy, f"__i{_op}__", _inplace_method(getattr(operator, f"i{_op}")))
+
+
 class _LeafTracer(fx.Tracer):
+    """Every child module a leaf: the graph is the caller's own forward, one level deep."""
+
     def is_leaf_module(self, m, qualname):
         return True
+
+    def proxy(self, node):
+        return _InplaceProxy(node, self)
 
 
 def _trace(caller: nn.Module) -> fx.Graph:

@@ -50,8 +50,8 @@ fused through their caller (_gate_pairs.py): the caller's forward is traced with
 level deep, each chain of such gates it multiplies right away is probed and verified as one
 block, the chain's first gate is swapped to run the whole fused block (the second gate reached
 through a plain attribute), and the caller's class is swapped to one whose forward is the traced
-code with the products removed. state_dict, parameters and hooks stay as they were; undo()
-restores both classes. A caller whose forward torch.fx cannot trace, or that branches on
+code with the products removed (with example_input, verify=True also checks that caller as a
+whole). state_dict, parameters and hooks stay as they were; undo() restores both classes. A caller whose forward torch.fx cannot trace, or that branches on
 train / eval mode, is left alone and the report says why.
 
 Max-pool ties: where several elements share a maximum (a channel constant over space, e.g. a
@@ -802,23 +802,31 @@ def _verify(name: str, block: nn.Module, spec: BlockSpec, shape, gen,
             x = _probe_input(None if spec.fc1 is None else _dense(_get(block, spec.fc1))[0],
                              spec.dim, shape, gen, device)
         _swap_in(fused, spec)
-        y0, g0 = _run(orig, x, grad)
-        y1, g1 = _run(fused, x, grad)
-        checks = [("output", y1, y0)] + [(f"grad of {k}", g1.get(k), g0[k]) for k in g0
-                                         if g0[k] is not None or g1.get(k) is not None]
-        checks += [(f"buffer {k}", b1, b0) for (k, b0), (_, b1) in
-                   zip(orig.named_buffers(), fused.named_buffers())]
         mode = f"{'train' if train else 'eval'} mode, {weights}, input {tuple(x.shape)}"
-        for what, a, b in checks:
-            if a is None or b is None:
-                raise ConversionError(f"cbam_fused.convert: block {name!r} ({_cls(block)}): "
-                                      f"{what} is None on one side only ({mode})")
-            err = _rel(a, b)
-            worst = max(worst, err)
-            if not err < _VERIFY_TOL:
-                raise ConversionError(
-                    f"cbam_fused.convert: block {name!r} ({_cls(block)}) differs from its "
-                    f"original forward: {what}, relative error {err:.3g} ({mode})")
+        worst = max(worst, _check_same(name, block, orig, fused, x, grad, mode))
+    return worst
+
+
+def _check_same(name, block, orig, fused, x, grad, mode) -> float:
+    """Runs both on x (and backward with grad); raises ConversionError naming the block on a
+    difference of the output, a gradient or a buffer; the largest relative error."""
+    y0, g0 = _run(orig, x, grad)
+    y1, g1 = _run(fused, x, grad)
+    checks = [("output", y1, y0)] + [(f"grad of {k}", g1.get(k), g0[k]) for k in g0
+                                     if g0[k] is not None or g1.get(k) is not None]
+    checks += [(f"buffer {k}", b1, b0) for (k, b0), (_, b1) in
+               zip(orig.named_buffers(), fused.named_buffers())]
+    worst = 0.0
+    for what, a, b in checks:
+        if a is None or b is None:
+            raise ConversionError(f"cbam_fused.convert: block {name!r} ({_cls(block)}): "
+                                  f"{what} is None on one side only ({mode})")
+        err = _rel(a, b)
+        worst = max(worst, err)
+        if not err < _VERIFY_TOL:
+            raise ConversionError(
+                f"cbam_fused.convert: block {name!r} ({_cls(block)}) differs from its "
+                f"original forward: {what}, relative error {err:.3g} ({mode})")
     return worst
 
 
@@ -948,7 +956,9 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
 
     walk("", model)
 
-    shapes = _record_shapes(model, [b for _, b, _, _ in found], example_input) \
+    callers = {n.rpartition(".")[0] for n, _ in gate_only}
+    callers = [model.get_submodule(n) for n in callers if n in dict(model.named_modules())]
+    shapes = _record_shapes(model, [b for _, b, _, _ in found] + callers, example_input) \
         if example_input is not None else {}
     checked = set()
     for name, m, spec, kind in found:
@@ -958,20 +968,55 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
             err = _verify(name, m, spec, shapes.get(id(m)), gen, random_weights=sig not in checked)
             checked.add(sig)
         report.converted.append(ConvertedBlock(name, _cls(m), kind, spec, err))
-    callers = _plan_gate_chains(model, gate_only, report, gen, verify, checked)
+    plans = _plan_gate_chains(model, gate_only, report, gen, verify, checked, shapes)
     for _, m, spec, _ in found:  # swap only after every block verified
         _swap_in(m, spec)
         report._blocks.append(m)
-    for caller, graph, chains in callers:
-        for gates, spec in chains:
-            head = gates[0]
-            if len(gates) > 1:
-                head.__dict__[GP.NEXT] = gates[1]  # a plain attribute: not a submodule
-            _swap_in(head, spec)
-            report._blocks.append(head)
-        GP.swap_in_caller(caller, graph)
-        report._blocks.append(caller)
+    for caller, chains in plans:
+        report._blocks += _apply_gate_chains(caller, chains)
     return report
+
+
+def _apply_gate_chains(caller: nn.Module, chains) -> List[nn.Module]:
+    """Rewrites the caller's forward for `chains` ([(gate names, head spec)], as planned) and
+    swaps the heads and the caller; returns the swapped modules."""
+    graph = GP._trace(caller)
+    gates = {n: getattr(caller, n) for names, _ in chains for n in names}
+    want = {tuple(names) for names, _ in chains}
+    found, _ = GP.find_chains(graph, gates)
+    done = [names for names, _ in found if tuple(names) in want]
+    if len(done) != len(want):  # the planning traced the same forward: cannot happen
+        raise RuntimeError(f"cbam_fused.convert: the chains {sorted(want)} of "
+                           f"{_cls(caller)} were not found again")
+    for names, nodes in found:
+        if tuple(names) in want:
+            GP.rewrite(graph, nodes)
+    swapped = []
+    for names, spec in chains:
+        head = gates[names[0]]
+        if len(names) > 1:
+            head.__dict__[GP.NEXT] = gates[names[1]]  # a plain attribute: not a submodule
+        _swap_in(head, spec)
+        swapped.append(head)
+    GP.swap_in_caller(caller, graph)
+    return swapped + [caller]
+
+
+def _verify_caller(name: str, caller: nn.Module, chains, shape, gen) -> float:
+    """The rewritten caller against its original forward on float64 copies, on an input of the
+    shape the example input gave it: eval and train mode, output, gradients, buffers."""
+    base = _plain_copy(caller)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(_device(caller))
+    worst = 0.0
+    for train in (False, True):
+        orig, fused = copy.deepcopy(base), copy.deepcopy(base)
+        orig.train(train)
+        fused.train(train)
+        _apply_gate_chains(fused, chains)
+        worst = max(worst, _check_same(name, caller, orig, fused, x, True,
+                                       f"{'train' if train else 'eval'} mode, the caller's "
+                                       f"forward, input {tuple(x.shape)}"))
+    return worst
 
 
 def _head_spec(spec: BlockSpec) -> BlockSpec:
@@ -985,11 +1030,12 @@ def _head_spec(spec: BlockSpec) -> BlockSpec:
                         for k, v in spec.__dict__.items()})
 
 
-def _plan_gate_chains(model, gate_only, report, gen, verify, checked):
+def _plan_gate_chains(model, gate_only, report, gen, verify, checked, shapes):
     """Gate-only modules (their forward returns the map) fused through their caller's forward
     (_gate_pairs.py): each chain of them the caller multiplies right away is recognised,
     probed and verified as one block; the rest are reported as skipped with the reason. Returns
-    [(caller, rewritten graph, [([gates], head spec)])]; nothing is swapped here."""
+    [(caller, [([gate names], head spec)])]; nothing is swapped here. With an example input
+    (`shapes` holds the caller's input shape) the rewritten caller as a whole is verified too."""
     by_caller: Dict[str, Dict[str, nn.Module]] = {}
     for name, m in gate_only:
         cname, _, attr = name.rpartition(".")
@@ -1017,7 +1063,7 @@ def _plan_gate_chains(model, gate_only, report, gen, verify, checked):
             continue
         chains, why = GP.find_chains(graph, gates)
         accepted = []
-        for names, nodes in chains:
+        for names, _ in chains:
             label = "+".join(f"{cname}.{n}" if cname else n for n in names)
             if any(uses[id(gates[n])] > 1 for n in names):
                 for n in names:
@@ -1043,15 +1089,19 @@ def _plan_gate_chains(model, gate_only, report, gen, verify, checked):
                 verr = _verify(label, pair, spec, None, gen, random_weights=sig not in checked)
                 checked.add(sig)
             kind = f"{match.kind} (gate-only modules, products fused through the caller)"
-            report.converted.append(ConvertedBlock(label, "/".join(_cls(gates[n]) for n in names),
-                                                   kind, spec, verr))
-            accepted.append(([gates[n] for n in names], _head_spec(spec), nodes))
+            accepted.append((ConvertedBlock(label, "/".join(_cls(gates[n]) for n in names),
+                                            kind, spec, verr), (names, _head_spec(spec))))
         for attr, w in why.items():
             skip(attr, w)
-        if accepted:
-            for _, _, nodes in accepted:
-                GP.rewrite(graph, nodes)
-            plans.append((caller, graph, [(g, sp) for g, sp, _ in accepted]))
+        if not accepted:
+            continue
+        chains = [c for _, c in accepted]
+        if verify and id(caller) in shapes:
+            err = _verify_caller(cname or "<model>", caller, chains, shapes[id(caller)], gen)
+            for blk, _ in accepted:
+                blk.verified_error = max(blk.verified_error or 0.0, err)
+        report.converted += [blk for blk, _ in accepted]
+        plans.append((caller, chains))
     return plans
 
 

@@ -771,6 +771,51 @@ def test_gate_only_fused_caller_compiles():
         assert rel_err(compiled(x), ref(x)) < 1e-5
 
 
+def test_gate_only_caller_verified_whole_with_an_example_input(monkeypatch):
+    """With an example input the rewritten caller is checked as a whole against its original
+    forward (float64, train and eval, gradients); a wrong rewrite is caught there."""
+    model, x = _luuuyi_net(), torch.randn(2, 8, 10, 9, dtype=torch.float64)
+    rep = cbam_fused.convert(copy.deepcopy(model), example_input=x)
+    assert len(rep.converted) == 3 and all(c.verified_error < 1e-8 for c in rep.converted)
+
+    def wrong(graph, nodes):  # keeps the first product: the chain's output times x again
+        nodes[-1].replace_all_uses_with(nodes[1])
+        for n in reversed(nodes[2:]):
+            graph.erase_node(n)
+    from cbam_fused import _gate_pairs
+    monkeypatch.setattr(_gate_pairs, "rewrite", wrong)
+    m = copy.deepcopy(model)
+    with pytest.raises(cbam_fused.ConversionError, match="block '0'.*differs"):
+        cbam_fused.convert(m, example_input=x)
+    assert not any(is_converted(b) for b in m.modules()) and type(m[0]) is _LuuuyiBlock
+
+
+class _AliasingCaller(nn.Module):
+    """`b` aliases `a`, then `a += 1` changes both: the rewritten forward must mutate in place
+    too (a trace that turned `a += 1` into `a = a + 1` would feed ca the old values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.ca = nn.Conv2d(16, 16, 1), _LuuuyiChannel(16)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = a
+        a += 1
+        return self.ca(b) * b
+
+
+def test_gate_only_caller_keeps_in_place_semantics():
+    m = randomize_(_AliasingCaller()).double()
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        before = m(x)
+        rep = cbam_fused.convert(m)
+        assert rep.converted_names == ["ca"], str(rep)
+        assert "+=" in type(m)._cbam_src
+        assert rel_err(m(x), before) < 1e-12
+
+
 class _Caller(nn.Module):
     def __init__(self, how):
         super().__init__()
