@@ -4,6 +4,9 @@
 Models (both with a CBAM block in each of the 16 bottlenecks, 1000 classes):
   timm       timm.create_model('resnet50', block_args=dict(attn_layer='cbam'))
   official   ResidualNet('ImageNet', 50, 1000, 'CBAM') (benchmarks/official_cbam.py)
+  gates      resnet50_cbam() in the CBAM.PyTorch layout (benchmarks/gate_only_resnet.py): the
+             gates return maps, each block multiplies; fused through the blocks' forwards
+             (opt-in: --models timm,official,gates)
 Variants of each, all with the same weights:
   eager           the model as built
   fused           its CBAM blocks converted to cbam_fused (cbam_fused.convert, verified)
@@ -42,6 +45,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_util as bu  # noqa: E402
+import gate_only_resnet  # noqa: E402
 import official_cbam  # noqa: E402
 
 SCHEMA = "cbam_fused.bench_network/1"
@@ -59,7 +63,7 @@ SCHEMA_DOC = {
                                                "|logits_eager|, float32, eval mode, one input",
     "results[].skipped": "why the configuration was not run (e.g. the time budget)",
 }
-MODELS = ("timm", "official")
+MODELS = ("timm", "official", "gates")
 VARIANTS = ("eager", "fused", "compile", "compile+fused")
 MODES = ("train", "infer")
 
@@ -68,7 +72,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if visible), cuda, cuda:N or cpu")
-    p.add_argument("--models", default="timm,official", help="comma list of timm,official")
+    p.add_argument("--models", default="timm,official",
+                   help="comma list of timm,official,gates (default timm,official)")
     p.add_argument("--variants", default=None,
                    help="comma list of eager,fused,compile,compile+fused or 'all' (default: all "
                         "on CUDA, eager,fused on the CPU)")
@@ -144,6 +149,8 @@ def build_model(name, seed=0):
     if name == "timm":
         import timm
         m = timm.create_model("resnet50", block_args=dict(attn_layer="cbam"), num_classes=1000)
+    elif name == "gates":
+        m = gate_only_resnet.resnet50_cbam(1000)
     else:
         m = official_cbam.ResidualNet("ImageNet", 50, 1000, "CBAM")
     g = torch.Generator().manual_seed(seed)

@@ -183,11 +183,12 @@ def test_bench_kernels_standalone(tmp_path):
 
 def test_bench_network_cpu_quick(tmp_path):
     res, png, out = _run("bench_network.py",
-                         ["--models", "timm,official", "--image-size", "32", "--steps", "1",
-                          "--warmup", "0", "--batch", "2"], tmp_path)
+                         ["--models", "timm,official,gates", "--image-size", "32", "--steps",
+                          "1", "--warmup", "0", "--batch", "2"], tmp_path)
     assert res["schema"] == "cbam_fused.bench_network/1" and res["finished"] is True
     _check_meta(res["meta"])
-    models = ["timm", "official"] if HAVE_TIMM else ["official"]
+    # gates: the CBAM.PyTorch layout, fused through each bottleneck's forward
+    models = (["timm"] if HAVE_TIMM else []) + ["official", "gates"]
     for m in models:
         conv = res["conversion"][m]
         assert conv.get("error") is None, conv

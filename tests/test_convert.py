@@ -790,6 +790,24 @@ def test_gate_only_caller_verified_whole_with_an_example_input(monkeypatch):
     assert not any(is_converted(b) for b in m.modules()) and type(m[0]) is _LuuuyiBlock
 
 
+def test_gate_only_resnet_converts():
+    """A whole ResNet-18 in the CBAM.PyTorch layout (benchmarks/gate_only_resnet.py): every
+    block's gates fused through its forward, each caller verified whole with the example input;
+    a training step matches the original."""
+    import gate_only_resnet as G
+    ref = randomize_(G.resnet18_cbam(10)).double()
+    model = copy.deepcopy(ref)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    rep = cbam_fused.convert(model, example_input=x)
+    assert len(rep.converted) == 8 and not rep.skipped, str(rep)
+    assert all(n.endswith(".ca+" + n.split("+")[0][:-3] + ".sa") for n in rep.converted_names)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(model, x)
+    assert rel_err(y1, y0) < 1e-10
+    for n in g0:
+        assert rel_err(g1[n], g0[n]) < 1e-8, n
+
+
 class _AliasingCaller(nn.Module):
     """`b` aliases `a`, then `a += 1` changes both: the rewritten forward must mutate in place
     too (a trace that turned `a += 1` into `a = a + 1` would feed ca the old values)."""
