@@ -87,14 +87,17 @@ class _LeafTracer(fx.Tracer):
 
 
 def _trace(caller: nn.Module) -> fx.Graph:
-    was = caller.training
+    """The caller's graph (one level deep); raises when its train and eval traces differ. Every
+    module's training flag is restored afterwards (a frozen BatchNorm inside stays in eval)."""
+    modes = {m: m.training for m in caller.modules()}
     try:
         graphs = []
         for mode in (True, False):
             caller.train(mode)
             graphs.append(_LeafTracer().trace(caller))
     finally:
-        caller.train(was)
+        for m, t in modes.items():
+            m.training = t
     srcs = [g.python_code(root_module="self").src for g in graphs]
     if srcs[0] != srcs[1]:
         raise ValueError("its forward differs between train and eval mode")

@@ -51,8 +51,9 @@ level deep, each chain of such gates it multiplies right away is probed and veri
 block, the chain's first gate is swapped to run the whole fused block (the second gate reached
 through a plain attribute), and the caller's class is swapped to one whose forward is the traced
 code with the products removed (with example_input, verify=True also checks that caller as a
-whole). state_dict, parameters and hooks stay as they were; undo() restores both classes. A caller whose forward torch.fx cannot trace, or that branches on
-train / eval mode, is left alone and the report says why.
+whole). state_dict, parameters and hooks stay as they were; undo() restores both classes. A
+caller whose forward torch.fx cannot trace, or that branches on train / eval mode, is left
+alone and the report says why.
 
 Max-pool ties: where several elements share a maximum (a channel constant over space, e.g. a
 dead channel), the fused path sends the gradient to one of them, as max_pool2d / torch.max do (the

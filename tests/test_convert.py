@@ -708,8 +708,11 @@ def test_gate_only_modules_fused_through_their_caller():
     state_dict keeps its keys and tensors, and the conversion pickles, copies and undoes."""
     ref = _luuuyi_net()
     model = copy.deepcopy(ref)
+    model[1].bn1.eval()  # a frozen BatchNorm keeps its mode through the conversion's traces
+    ref[1].bn1.eval()
     params = {n: p for n, p in model.named_parameters()}
     rep = cbam_fused.convert(model)
+    assert model.training and not model[1].bn1.training
     assert rep.converted_names == ["0.ca+0.sa", "1.sa+1.ca", "2.ca"] and not rep.skipped, str(rep)
     specs = [c.spec for c in rep.converted]
     assert [s.arrangement for s in specs[:2]] == ["channel_first", "spatial_first"]
