@@ -26,8 +26,9 @@ cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median
 p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error, graph_error (a CUDA-graph
 capture that failed: that op was then timed call by call)},
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}; with --sweep, each
-case also has sweep{"tiles/rows/vec_rows": frac_copy_bw} and the record sweep{settings, gmean_frac,
-per_op{op: {best, best_gmean, default_gmean}}, best_per_case}.
+case also has sweep{"tiles/rows/vec_rows": frac_copy_bw} (or sweep_skipped, past --max-minutes)
+and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
+best_per_case, cases_swept, cases}.
 """
 import argparse
 import os
@@ -139,11 +140,13 @@ def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
 
 
 def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
-        l2_bytes=None, timing=None, seed=0, bar=None, sweep=None) -> dict:
-    """Measures every (site, config, op); returns the JSON record (see the module docstring).
-    sweep: (tiles_per_sm, min_rows_per_thread, vec_rows_in_flight) settings to time each op under
-    as well (CUDA
-    kernels only)."""
+        l2_bytes=None, timing=None, seed=0, bar=None, sweep=None, sweep_max_s=None) -> dict:
+    """Measures every (site, config, op), site by site; returns the JSON record (see the module
+    docstring). sweep: (tiles_per_sm, min_rows_per_thread, vec_rows_in_flight) settings to time
+    each op under as well (CUDA kernels only), until sweep_max_s seconds have passed (the cases
+    after that are measured at the defaults only and marked sweep_skipped)."""
+    import time
+    t0 = time.monotonic()
     timing = timing or dict(warmup=5, target_s=0.1, min_reps=10, max_reps=200, graph_reps=25)
     if copy_gbps is None:
         copy_gbps = bu.copy_bandwidth(device)["gb_per_s"]
@@ -151,9 +154,9 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
         torch.ops.cbam_fused_debug.set_debug(False, 0)  # no poisoning fill in the timings
     gen = torch.Generator(device=device).manual_seed(seed)
     cases = []
-    for cfg in configs:
-        dtype, fmt = CONFIGS[cfg]
-        for (c, h, w) in SITES[sites]:
+    for (c, h, w) in SITES[sites]:
+        for cfg in configs:
+            dtype, fmt = CONFIGS[cfg]
             xs, gs, small, x_bytes = _buffers(batch, c, h, w, dtype, fmt, device, l2_bytes, gen)
             nb = len(xs)
             for op in ops:
@@ -180,8 +183,11 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
                     rec["frac_copy_bw"] = rec["gb_per_s"] / copy_gbps if copy_gbps else None
                     rec["meets_target"] = rec["frac_copy_bw"] is not None and \
                         rec["frac_copy_bw"] >= TARGET
-                    if sweep:
-                        rec["sweep"] = _sweep(call, nb, device, timing, rec, sweep, copy_gbps)
+                    if sweep and (sweep_max_s is None or time.monotonic() - t0 < sweep_max_s):
+                        rec["sweep"] = _sweep(call, nb, device, dict(timing, graph_reps=10),
+                                              rec, sweep, copy_gbps)
+                    elif sweep:
+                        rec["sweep_skipped"] = "time budget (--max-minutes)"
                 except Exception as e:  # noqa: BLE001  one op failing must not end the run
                     rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     sys.stderr.write(f"\n[bench_kernels] {rec['id']} failed:\n"
@@ -258,7 +264,8 @@ def summarize_sweep(cases):
             per_op[op] = dict(best=best, best_gmean=means[best], default_gmean=means.get(
                 tuning_key(DEFAULT_TUNING)))
     per_case = {c["id"]: max(c["sweep"], key=lambda k: c["sweep"][k] or 0) for c in swept}
-    return dict(settings=keys, gmean_frac=overall, per_op=per_op, best_per_case=per_case)
+    return dict(settings=keys, gmean_frac=overall, per_op=per_op, best_per_case=per_case,
+                cases_swept=len(swept), cases=len(cases))
 
 
 def print_sweep(sw):
@@ -314,6 +321,9 @@ def main(argv=None):
     p.add_argument("--ops", default="issue4", choices=sorted(OP_SETS),
                    help="issue4: the 7 ops of the avg / max pools (default); all: also the lp / "
                         "lse pools' ops")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="with --sweep: sweep the cases (site by site) until this much time has "
+                        "passed, then measure the rest at the defaults only")
     p.add_argument("--json", default=None, help="write the record here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -337,7 +347,8 @@ def main(argv=None):
             raise SystemExit("--sweep: needs a GPU and cbam_fused's own CUDA kernels")
         sweep = SWEEP
     rec = run(device, sites=sites, batch=batch, timing=timing, ops=ops,
-              l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar, sweep=sweep)
+              l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar, sweep=sweep,
+              sweep_max_s=None if args.max_minutes is None else 60 * args.max_minutes)
     bar.close()
     rec["meta"] = meta
     if sweep:

@@ -76,7 +76,7 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 PARTS = {
     "lease": ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
               "bench_network"),
-    "extra": ("env", "wheels", "build", "sanitizer", "sweep", "bench_cbam", "tests"),
+    "extra": ("env", "wheels", "build", "sweep", "sanitizer", "bench_cbam", "tests"),
     "verify": ("env", "wheels", "build", "tests", "sanitizer"),
     "measure": ("env", "wheels", "build", "bandwidth", "bench_cbam", "bench_network"),
     "all": tuple(s for s in STEPS if s != "sweep"),
@@ -102,7 +102,7 @@ PART_OPTIONS = {
 }
 # nominal timeouts (seconds) on a GPU machine; the overall budget may cut them
 NOMINAL = {"env": 90, "wheels": 120, "build": 480, "tests": 480, "sanitizer": 480,
-           "bandwidth": 90, "sweep": 180, "bench_cbam": 480, "bench_network": 420}
+           "bandwidth": 90, "sweep": 150, "bench_cbam": 480, "bench_network": 420}
 # the least each later step needs, kept in reserve when an earlier step's timeout is computed
 RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 45, "sanitizer": 45, "bandwidth": 15,
            "sweep": 60, "bench_cbam": 75, "bench_network": 60}
@@ -674,15 +674,21 @@ print("JSON:" + json.dumps(d))
             return self.record("sweep", "SKIP", time.monotonic() - t,
                                "SKIPPED: needs a GPU and the CUDA kernels (dry run / no GPU)")
         js = os.path.join(self.dir, "sweep.json")
+        timeout = self.timeout_for("sweep", later)
+        # its own budget: the timeout less start-up (torch, CUDA, copy bandwidth) and the cases
+        # measured at the defaults after the budget
         cmd = [self.py, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--sweep",
-               "--no-progress", "--json", js]
+               "--no-progress", "--json", js, "--max-minutes",
+               f"{max(0.25, (timeout - 40) / 60):.2f}"]
         self.log("  " + _cmd_str(cmd))
-        rc, out, to = run_cmd(cmd, timeout=self.timeout_for("sweep", later), env=self.env,
-                              logs=[self.log.f], echo="all")
+        rc, out, to = run_cmd(cmd, timeout=timeout, env=self.env, logs=[self.log.f], echo="all")
         res = _load(js) or {}
-        per_op = (res.get("sweep") or {}).get("per_op") or {}
+        sw = res.get("sweep") or {}
+        per_op = sw.get("per_op") or {}
         note = "; ".join(f"{op} {r['best']} ({100 * r['best_gmean']:.0f}% vs default "
                          f"{100 * (r['default_gmean'] or 0):.0f}%)" for op, r in per_op.items())
+        if sw:
+            note = f"{sw.get('cases_swept')}/{sw.get('cases')} cases swept: {note}"
         status = "TIMEOUT" if to else ("PASS" if rc == 0 and per_op else "FAIL")
         return self.record("sweep", status, time.monotonic() - t,
                            note or f"rc {rc}, no per_op table in sweep.json")

@@ -241,7 +241,10 @@ def test_bench_kernels_sweep_summary(capsys):
                 0.9 if st == (16, 1, 2) and op == "grad_input" else
                 0.7 if st == bk.DEFAULT_TUNING else 0.6) for st in bk.SWEEP}
             cases.append(dict(id=f"{op}-{site}", op=op, sweep=sweep))
+    # past --max-minutes: measured at the defaults only, left out of the summary
+    cases.append(dict(id="grad_input-c", op="grad_input", sweep_skipped="time budget"))
     sw = bk.summarize_sweep(cases)
+    assert sw["cases_swept"] == 2 * len(bk.OPS) and sw["cases"] == 2 * len(bk.OPS) + 1
     assert sw["per_op"]["grad_input"]["best"] == "16/1/2"
     assert sw["per_op"]["pool_over_s"]["best"] == "8/4/1"
     assert abs(sw["per_op"]["pool_over_s"]["default_gmean"] - 0.7 * 0.5 ** 0.5) < 1e-12
