@@ -31,7 +31,7 @@ at most 10 minutes a command. So the default part, `lease` (7 minutes), runs eve
 reduced sizes: the GPU tests, memcheck and racecheck, the layer benchmark at batch 64 in issue
 4's two configurations (with the per-op section) and the network benchmark's quick run. If at
 least 6 minutes of device time are left after it, `--part extra` (5 minutes) runs the rest:
-initcheck and synccheck, the tuning sweep, the wider layer grid (other batches, float16,
+the tuning sweep, initcheck and synccheck, the wider layer grid (other batches, float16,
 MobileNet sites, max-autotune) and the whole test suite. `verify` and `measure` (9.5 minutes
 each) and `all` (20 minutes) are for longer leases. `merge` joins the folders of the parts (the
 layer benchmark's cases of several parts are joined into one JSON and PNG):
