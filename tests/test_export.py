@@ -196,3 +196,27 @@ def test_jit_trace_for_inference(layout):
             want = model(x)
             assert rel_err(traced(x), want) == 0.0
             assert rel_err(loaded(x), want) == 0.0
+
+
+def test_export_gate_only_network_converted_through_callers():
+    """A ResNet in the CBAM.PyTorch layout (gates return maps, each block multiplies) converted
+    through its blocks' rewritten forwards exports with one cbam_block per block, and its ATen
+    decomposition (the ONNX path) computes the same."""
+    import copy
+
+    import gate_only_resnet as G
+    ref = randomize_(G.resnet18_cbam(10)).eval()
+    m = copy.deepcopy(ref)
+    assert len(cbam_fused.convert(m).converted) == 8
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(m, (x,))
+    n_blocks = sum(str(n.target) == "cbam_fused.cbam_block.default"
+                   for gm in ep.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+                   for n in gm.graph.nodes)
+    assert n_blocks == 8
+    with torch.no_grad():
+        y = ref(x)
+        assert rel_err(ep.module()(x), y) < 1e-5
+        dec = ep.run_decompositions(decompositions())
+        assert not _cbam_ops(dec)
+        assert rel_err(dec.module()(x), y) < 1e-5
