@@ -503,7 +503,9 @@ print("JSON:" + json.dumps(d))
         if n is None:
             n = 0 if self.dry else min(8, self.nproc)
         if n and self.info.get("packages", {}).get("xdist", True):
-            cmd += ["-n", str(n)]
+            # loadgroup: the tests marked xdist_group (the >2^31-element ones, ~25 GB of GPU
+            # memory each) run one after the other on one worker
+            cmd += ["-n", str(n), "--dist", "loadgroup"]
         cmd += self.args.pytest_args or ["tests"]
         self.log("  " + _cmd_str(cmd))
         self.tests_log.write(f"\n===== tests: {_cmd_str(cmd)}\n")

@@ -113,6 +113,9 @@ def test_cuda_graph_capture_and_replay():
     assert not torch.equal(captured[4], eager[4])  # the replay saw the new x
 
 
+# ~25 GB each at its peak: under pytest-xdist (the GPU protocol's -n 8 --dist loadgroup) both
+# run on one worker, one after the other, not side by side with each other
+@pytest.mark.xdist_group("gpu_memory")
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 def test_tensors_of_more_than_2_31_elements(layout):
     """64-bit element offsets: x of 3 x 64 x 4097 x 4097 bfloat16 (3.2e9 elements, 6.4 GB), whose
