@@ -149,6 +149,16 @@ def find_chains(graph: fx.Graph, gates: Dict[str, nn.Module]
             if d is not None:
                 names.append(users[0].target)
                 nodes += [users[0], d]
+        # the fused block reads t where the first gate did: nothing between that call and the
+        # chain's last product may use t (an in-place `t.add_(1)` there would change what the
+        # original products read)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        t = a.args[0]
+        if any(order[a] < order[u] < order[nodes[-1]] for u in t.users if u not in nodes):
+            for n in names:
+                why[n] = "its caller uses the gate's input between the gate call and the product"
+            used.update(names)
+            continue
         chains.append((names, nodes))
         used.update(names)
     for name in gates:

@@ -1070,6 +1070,11 @@ def _plan_gate_chains(model, gate_only, report, gen, verify, checked, shapes):
                 for n in names:
                     why[n] = "the same module object is used at several places of the model"
                 continue
+            hooked = [n for n in names if gates[n]._forward_hooks or gates[n]._forward_pre_hooks]
+            if hooked:  # they would see the fused block's output, or not fire at all
+                for n in names:
+                    why[n] = f"{', '.join(hooked)} has forward hooks"
+                continue
             pair = GP._GatePair([gates[n] for n in names])
             try:
                 match = _match(pair)

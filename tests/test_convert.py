@@ -857,6 +857,12 @@ class _Caller(nn.Module):
         if self.how == "twice":
             x = self.ca(x) * x
             return self.ca(x) * x
+        if self.how == "mutated between":
+            g = self.ca(x)
+            x.mul_(2)  # the product reads the changed x; a fused block at ca would not
+            return g * x
+        if self.how == "hooked":
+            return self.ca(x) * x
         raise AssertionError(self.how)
 
 
@@ -865,9 +871,13 @@ class _Caller(nn.Module):
     ("mode branch", "differs between train and eval mode"),
     ("sum", "does not multiply its input by it"),
     ("twice", "does not call it exactly once"),
+    ("mutated between", "uses the gate's input between the gate call and the product"),
+    ("hooked", "ca has forward hooks"),
 ])
 def test_gate_only_modules_left_alone_with_reason(how, reason):
     m = randomize_(_Caller(how)).double()
+    if how == "hooked":
+        m.ca.register_forward_hook(lambda mod, args, out: None)
     x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
     before = m(x)
     rep = cbam_fused.convert(m)
