@@ -16,7 +16,8 @@ from typing import Optional, Type, Union
 
 from torch import nn
 
-from .convert import BlockSpec, _act_name, _is_sigmoid, _SpecForward, _Unsupported
+from ._recognize import _act_name, _is_sigmoid, _Unsupported
+from ._spec import BlockSpec, _SpecForward
 
 __all__ = ["CbamModule", "LightCbamModule", "ChannelAttn", "LightChannelAttn", "SpatialAttn",
            "LightSpatialAttn", "ChannelAttention", "SpatialAttention", "UltralyticsCBAM",

@@ -338,8 +338,9 @@ def test_include_exclude_and_already_fused():
 def test_verify_raises_naming_the_block(monkeypatch):
     import sys
     cv = sys.modules["cbam_fused.convert"]  # (cbam_fused.convert is the function)
+    sp = sys.modules["cbam_fused._spec"]  # where the converted forward reads its arguments
     m = nn.Sequential(nn.Identity(), oc.CBAM(16, 4))
-    real = cv._spec_kwargs
+    real = sp._spec_kwargs
 
     def wrong(block, spec, x=None):  # a conversion bug: the spatial conv read with its sign flipped
         kw = real(block, spec, x)
@@ -349,7 +350,7 @@ def test_verify_raises_naming_the_block(monkeypatch):
     # the probe runs first and would refuse the broken variant: break only the verification
     monkeypatch.setattr(cv, "_probe", lambda b, match, g: (
         cv.BlockSpec(**match.base, **match.candidates[0]), 0.0))
-    monkeypatch.setattr(cv, "_spec_kwargs", wrong)
+    monkeypatch.setattr(sp, "_spec_kwargs", wrong)
     with pytest.raises(cbam_fused.ConversionError, match=r"block '1' \(CBAM\)"):
         cbam_fused.convert(m)
     assert not is_converted(m[1])  # nothing swapped when verification fails
