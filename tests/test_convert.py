@@ -765,12 +765,21 @@ def _pickled(m):
 
 
 def test_gate_only_fused_caller_compiles():
+    """torch.compile(fullgraph=True) traces the rewritten callers: inference and a training
+    step (gradients of every parameter) match the original network."""
     model = _luuuyi_net().float()
-    ref = copy.deepcopy(model).eval()
+    ref = copy.deepcopy(model)
     cbam_fused.convert(model)
-    model.eval()
     x = torch.randn(2, 8, 10, 9)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(compiled, x)
+    assert rel_err(y1, y0) < 1e-5
+    assert g1.keys() == {"_orig_mod." + n for n in g0}
+    for n in g0:
+        assert rel_err(g1["_orig_mod." + n], g0[n]) < 1e-4, n
+    model.eval()
+    ref.eval()
     with torch.no_grad():
         assert rel_err(compiled(x), ref(x)) < 1e-5
 
