@@ -118,12 +118,19 @@ def _product_with(node: fx.Node, t: fx.Node) -> Optional[fx.Node]:
 
 def find_chains(graph: fx.Graph, gates: Dict[str, nn.Module]
                 ) -> Tuple[List[Tuple[List[str], List[fx.Node]]], Dict[str, str]]:
-    """The chains of gate-only children in the caller's graph: ([gate names], [nodes: first
-    gate call, ..., last product]) each, and why the other gates are in none."""
+    """The chains of gate-only modules in the caller's graph: ([gate names], [nodes: first
+    gate call, ..., last product]) each, and why the other gates are in none. Gate names are
+    paths from the caller ("ca", or "attn.0" for one held in a ModuleList)."""
+    def gate_of(target: str) -> Optional[str]:  # the gate a module / attribute path is in
+        parts = target.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in gates:
+                return ".".join(parts[:i])
+        return None
     calls: Dict[str, List[fx.Node]] = {}
     for n in graph.nodes:
-        if n.op in ("call_module", "get_attr") and n.target.split(".")[0] in gates:
-            calls.setdefault(n.target.split(".")[0], []).append(n)
+        if n.op in ("call_module", "get_attr") and gate_of(n.target) is not None:
+            calls.setdefault(gate_of(n.target), []).append(n)
     chains, why, used = [], {}, set()
     for name in gates:
         ns = calls.get(name, [])

@@ -222,7 +222,7 @@ def convert(model: nn.Module, verify: bool = True, *, example_input: Optional[Te
 
     walk("", model)
 
-    callers = {n.rpartition(".")[0] for n, _ in gate_only}
+    callers = {_caller_of(model, n)[0] for n, _ in gate_only}
     callers = [model.get_submodule(n) for n in callers if n in dict(model.named_modules())]
     shapes = _record_shapes(model, [b for _, b, _, _ in found] + callers, example_input) \
         if example_input is not None else {}
@@ -247,7 +247,7 @@ def _apply_gate_chains(caller: nn.Module, chains) -> List[nn.Module]:
     """Rewrites the caller's forward for `chains` ([(gate names, head spec)], as planned) and
     swaps the heads and the caller; returns the swapped modules."""
     graph = GP._trace(caller)
-    gates = {n: getattr(caller, n) for names, _ in chains for n in names}
+    gates = {n: caller.get_submodule(n) for names, _ in chains for n in names}
     want = {tuple(names) for names, _ in chains}
     found, _ = GP.find_chains(graph, gates)
     done = [names for names, _ in found if tuple(names) in want]
@@ -296,6 +296,17 @@ def _head_spec(spec: BlockSpec) -> BlockSpec:
                         for k, v in spec.__dict__.items()})
 
 
+def _caller_of(model: nn.Module, name: str) -> Tuple[str, str]:
+    """(caller name, gate path from the caller) of a gate-only module: its nearest ancestor that
+    is not a ModuleList / ModuleDict (which have no forward: their owner calls `self.ca[i]`)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        anc = model.get_submodule(".".join(parts[:i]))
+        if not isinstance(anc, (nn.ModuleList, nn.ModuleDict)):
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    return "", name
+
+
 def _plan_gate_chains(model, gate_only, report, gen, verify, checked, shapes):
     """Gate-only modules (their forward returns the map) fused through their caller's forward
     (_gate_pairs.py): each chain of them the caller multiplies right away is recognised,
@@ -304,7 +315,7 @@ def _plan_gate_chains(model, gate_only, report, gen, verify, checked, shapes):
     (`shapes` holds the caller's input shape) the rewritten caller as a whole is verified too."""
     by_caller: Dict[str, Dict[str, nn.Module]] = {}
     for name, m in gate_only:
-        cname, _, attr = name.rpartition(".")
+        cname, attr = _caller_of(model, name)
         by_caller.setdefault(cname, {})[attr] = m
     uses: Dict[int, int] = {}
     for m in model.modules(remove_duplicate=False):

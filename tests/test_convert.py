@@ -847,6 +847,38 @@ def test_gate_only_caller_keeps_in_place_semantics():
         assert rel_err(m(x), before) < 1e-12
 
 
+class _ListCaller(nn.Module):
+    """Gate-only modules held in ModuleLists, called by index in a loop (`self.ca[i](x) * x`):
+    their caller is the lists' owner."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(16, 16, 3, padding=1) for _ in range(2)])
+        self.ca = nn.ModuleList([_LuuuyiChannel(16) for _ in range(2)])
+        self.sa = nn.ModuleList([_GateSpatial(3) for _ in range(2)])
+
+    def forward(self, x):
+        for i in range(2):
+            x = self.convs[i](x)
+            x = self.ca[i](x) * x
+            x = self.sa[i](x) * x
+        return x
+
+
+def test_gate_only_modules_in_module_lists():
+    ref = randomize_(_ListCaller()).double()
+    m = copy.deepcopy(ref)
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    rep = cbam_fused.convert(m, example_input=x)
+    assert rep.converted_names == ["ca.0+sa.0", "ca.1+sa.1"] and not rep.skipped, str(rep)
+    y0, g0 = _train_step(ref, x)
+    y1, g1 = _train_step(m, x)
+    assert rel_err(y1, y0) < 1e-12
+    for n in g0:
+        assert rel_err(g1[n], g0[n]) < 1e-10, n
+    assert cbam_fused.unconvert(m) == 2 and type(m) is _ListCaller
+
+
 class _Caller(nn.Module):
     def __init__(self, how):
         super().__init__()
