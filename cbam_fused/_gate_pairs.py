@@ -104,16 +104,22 @@ def _trace(caller: nn.Module) -> fx.Graph:
     return graphs[0]
 
 
-def _product_with(node: fx.Node, t: fx.Node) -> Optional[fx.Node]:
-    """The single user of `node` if it is `node * t` (or `t * node`), else None."""
-    if len(node.users) != 1:
+def _product_with(node: fx.Node, t: fx.Node) -> Optional[List[fx.Node]]:
+    """[the nodes from `node` to its product with t]: its single user if that is `node * t` (or
+    `t * node`, torch.mul, .mul), optionally through `node.expand_as(t)` first; else None."""
+    if len(node.users) != 1 or node is t:
         return None
     (u,) = node.users
+    via = []
+    if u.op == "call_method" and u.target == "expand_as" and tuple(u.args) == (node, t) \
+            and not u.kwargs and len(u.users) == 1:
+        via, node = [u], u
+        (u,) = u.users
     is_mul = (u.op == "call_function" and u.target in _MULS) or \
         (u.op == "call_method" and u.target == "mul")
-    if not is_mul or u.kwargs or len(u.args) != 2 or set(u.args) != {node, t} or node is t:
+    if not is_mul or u.kwargs or len(u.args) != 2 or set(u.args) != {node, t}:
         return None
-    return u
+    return via + [u]
 
 
 def find_chains(graph: fx.Graph, gates: Dict[str, nn.Module]
@@ -144,18 +150,19 @@ def find_chains(graph: fx.Graph, gates: Dict[str, nn.Module]
         if len(a.args) != 1 or a.kwargs or not isinstance(a.args[0], fx.Node):
             why[name] = "its caller calls it with other than one tensor"
             continue
-        b = _product_with(a, a.args[0])
-        if b is None:
+        prod = _product_with(a, a.args[0])
+        if prod is None:
             continue  # the second gate of a chain, or not multiplied: decided below
-        names, nodes = [name], [a, b]
+        names, nodes, b = [name], [a] + prod, prod[-1]
         users = [u for u in b.users if u.op == "call_module" and u.target in gates
                  and u.target not in why and u.target != name and len(u.args) == 1
                  and not u.kwargs]
-        if len(b.users) == 2 and len(users) == 1:
-            d = _product_with(users[0], b)
-            if d is not None:
+        if len(users) == 1:
+            prod = _product_with(users[0], b)
+            # b may feed only the second gate and its product (nothing outside the chain)
+            if prod is not None and set(b.users) <= {users[0], *prod}:
                 names.append(users[0].target)
-                nodes += [users[0], d]
+                nodes += [users[0]] + prod
         # the fused block reads t where the first gate did: nothing between that call and the
         # chain's last product may use t (an in-place `t.add_(1)` there would change what the
         # original products read)

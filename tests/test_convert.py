@@ -849,7 +849,7 @@ def test_gate_only_caller_keeps_in_place_semantics():
 
 class _ListCaller(nn.Module):
     """Gate-only modules held in ModuleLists, called by index in a loop (`self.ca[i](x) * x`):
-    their caller is the lists' owner."""
+    their caller is the lists' owner; a product through expand_as is one too."""
 
     def __init__(self):
         super().__init__()
@@ -861,7 +861,7 @@ class _ListCaller(nn.Module):
         for i in range(2):
             x = self.convs[i](x)
             x = self.ca[i](x) * x
-            x = self.sa[i](x) * x
+            x = x * self.sa[i](x).expand_as(x)  # (the older broadcasting idiom)
         return x
 
 
