@@ -80,7 +80,7 @@ from torch import Tensor, nn
 
 from . import _gate_pairs as GP
 from ._recognize import _act_name, _is_sigmoid  # noqa: F401  (re-exported: compat.py)
-from ._recognize import _cls, _match, _prefix, _Unsupported
+from ._recognize import _cls, _match, _Match, _prefix, _Unsupported
 from ._spec import (BlockSpec, _ConvertedBlock, _SpecForward, _swap_in, _swap_out,
                     is_converted)
 from ._spec import _rebuild_converted, _spec_kwargs  # noqa: F401  (pickles of converted blocks)
@@ -354,6 +354,11 @@ def _plan_gate_chains(model, gate_only, report, gen, verify, checked, shapes):
             pair = GP._GatePair([gates[n] for n in names])
             try:
                 match = _match(pair)
+                if match is None and len(names) == 1:  # one gate (a spatial one, say) alone
+                    m1 = _match(gates[names[0]])
+                    if m1 is not None:
+                        match = _Match(m1.kind, _prefix(m1.base, "g0"), m1.candidates, m1.note,
+                                       m1.channels)
             except _Unsupported as e:
                 match, err = None, str(e)
             spec = None

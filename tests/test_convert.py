@@ -665,7 +665,8 @@ class _LuuuyiChannel(nn.Module):
 
 class _LuuuyiBlock(nn.Module):
     """A ResNet BasicBlock in the CBAM.PyTorch layout: the gates return maps, the block's forward
-    multiplies (`order` "cs": channel gate first, "sc": spatial first, "c": channel only)."""
+    multiplies (`order` "cs": channel gate first, "sc": spatial first, "c": channel only, "s":
+    spatial only)."""
 
     def __init__(self, cin, c, order="cs", stride=1):
         super().__init__()
@@ -674,7 +675,7 @@ class _LuuuyiBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c)
-        self.ca = _LuuuyiChannel(c)
+        self.ca = _LuuuyiChannel(c) if "c" in order else None
         self.sa = _GateSpatial(3) if "s" in order else None
         self.order = order
         self.downsample = None if cin == c and stride == 1 else nn.Sequential(
@@ -684,7 +685,9 @@ class _LuuuyiBlock(nn.Module):
         residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.order == "sc":
+        if self.order == "s":
+            out = self.sa(out) * out
+        elif self.order == "sc":
             out = out * self.sa(out)
             out = self.ca(out) * out
         else:
@@ -699,7 +702,7 @@ class _LuuuyiBlock(nn.Module):
 
 def _luuuyi_net():
     return randomize_(nn.Sequential(_LuuuyiBlock(8, 16, "cs", 2), _LuuuyiBlock(16, 16, "sc"),
-                                    _LuuuyiBlock(16, 16, "c"))).double()
+                                    _LuuuyiBlock(16, 16, "c"), _LuuuyiBlock(16, 16, "s"))).double()
 
 
 def test_gate_only_modules_fused_through_their_caller():
@@ -714,13 +717,15 @@ def test_gate_only_modules_fused_through_their_caller():
     params = {n: p for n, p in model.named_parameters()}
     rep = cbam_fused.convert(model)
     assert model.training and not model[1].bn1.training
-    assert rep.converted_names == ["0.ca+0.sa", "1.sa+1.ca", "2.ca"] and not rep.skipped, str(rep)
+    assert rep.converted_names == ["0.ca+0.sa", "1.sa+1.ca", "2.ca", "3.sa"] and not rep.skipped, \
+        str(rep)
     specs = [c.spec for c in rep.converted]
     assert [s.arrangement for s in specs[:2]] == ["channel_first", "spatial_first"]
-    assert specs[2].conv is None and all(c.verified_error < 1e-8 for c in rep.converted)
+    assert specs[2].conv is None and specs[3].fc1 is None  # channel only, spatial only
+    assert all(c.verified_error < 1e-8 for c in rep.converted)
     # each chain's first gate runs the fused block; the second is reached from it
-    heads = [model[0].ca, model[1].sa, model[2].ca]
-    assert [is_converted(m) for m in model.modules()].count(True) == 3
+    heads = [model[0].ca, model[1].sa, model[2].ca, model[3].sa]
+    assert [is_converted(m) for m in model.modules()].count(True) == 4
     assert all(is_converted(h) for h in heads)
     assert dict(model.named_parameters()) == params  # the same tensor objects
     x = torch.randn(2, 8, 10, 9, dtype=torch.float64)
@@ -746,11 +751,12 @@ def test_gate_only_modules_fused_through_their_caller():
             assert rel_err(m(x), y0) < 1e-12
         with cbam_fused.record_attention(model) as maps:  # under each chain's head gate
             model(x)
-        assert sorted(maps) == ["0.ca", "1.sa", "2.ca"] and maps["2.ca"][1] is None
+        assert sorted(maps) == ["0.ca", "1.sa", "2.ca", "3.sa"]
+        assert maps["2.ca"][1] is None and maps["3.sa"][0] is None
         gm = torch.fx.symbolic_trace(model)
-        assert sum(n.target is cbam_fused.functional.cbam for n in gm.graph.nodes) == 3
+        assert sum(n.target is cbam_fused.functional.cbam for n in gm.graph.nodes) == 4
         assert rel_err(gm(x), y0) < 1e-12
-    assert cbam_fused.unconvert(model) == 3
+    assert cbam_fused.unconvert(model) == 4
     assert not any(is_converted(m) for m in model.modules())
     assert type(model[0]) is _LuuuyiBlock and "_cbam_pair_next" not in model[0].ca.__dict__
     with torch.no_grad():
@@ -789,7 +795,7 @@ def test_gate_only_caller_verified_whole_with_an_example_input(monkeypatch):
     forward (float64, train and eval, gradients); a wrong rewrite is caught there."""
     model, x = _luuuyi_net(), torch.randn(2, 8, 10, 9, dtype=torch.float64)
     rep = cbam_fused.convert(copy.deepcopy(model), example_input=x)
-    assert len(rep.converted) == 3 and all(c.verified_error < 1e-8 for c in rep.converted)
+    assert len(rep.converted) == 4 and all(c.verified_error < 1e-8 for c in rep.converted)
 
     def wrong(graph, nodes):  # keeps the first product: the chain's output times x again
         nodes[-1].replace_all_uses_with(nodes[1])
