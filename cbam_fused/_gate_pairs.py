@@ -10,10 +10,12 @@ A swap of `ca` or `sa` alone cannot fuse that. Here the caller's forward is trac
 every child module a leaf (so the graph is the caller's own code, one level deep), in train and
 in eval mode (the two must agree: a forward that branches on `self.training` is left alone).
 A chain `a = g1(t); b = a * t [; c = g2(b); d = c * b]`, where g1 and g2 are the gate-only
-children, each called once and the intermediate values used nowhere else, is the CBAM block
-`t -> d` (g1 the channel gate: channel-first; g1 the spatial gate: spatial-first). It is
-recognised, probed and verified like any block (as `_GatePair(g1, g2)`, whose forward is exactly
-that chain), then:
+modules (children, or items of a ModuleList / ModuleDict child), each called once, the
+intermediate values used nowhere else and t used by nothing else between a and the last product,
+is the CBAM block `t -> d` (g1 the channel gate: channel-first; g1 the spatial gate:
+spatial-first; g1 alone: channel-only or spatial-only). A product is `*`, torch.mul or .mul,
+either order, optionally through `.expand_as(t)`. The chain is recognised, probed and verified
+like any block (as `_GatePair(g1, g2)`, whose forward is exactly that chain), then:
 
   * g1 becomes the block's head: its class is swapped (convert's mechanism) to run the whole
     fused block, with g2 reached through a plain attribute `_cbam_pair_next` (not a submodule:
@@ -28,9 +30,10 @@ block; given an example input it also runs the rewritten caller as a whole again
 forward (float64, train and eval, gradients and buffers).
 
 Limits (the report says which applied): the caller's forward must trace with torch.fx (no
-control flow on tensor values) and not depend on train / eval mode; Python side effects in it
-(prints, appends, counters) are not kept; the traced forward is the one of the caller's current
-structure (e.g. `downsample is None` is fixed at conversion).
+control flow on tensor values) and not depend on train / eval mode; gates with forward hooks or
+used at several places are left alone. Not checked, so not kept: Python side effects in the
+caller's forward (prints, appends, counters); and the traced forward is the one of the caller's
+current structure (e.g. `downsample is None` is fixed at conversion).
 """
 import operator
 import types
