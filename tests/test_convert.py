@@ -17,6 +17,7 @@ from cbam_fused.convert import is_converted
 
 from conftest import randomize_, rel_err
 
+import gate_only_resnet as G
 import official_cbam as oc
 import ultralytics_modules as U
 
@@ -622,15 +623,8 @@ class _GateChannel(nn.Module):
         return self.sigmoid(self.fc(self.avg_pool(x)) + self.fc(self.max_pool(x)))
 
 
-class _GateSpatial(nn.Module):
-    def __init__(self, k=7):
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 1, k, padding=k // 2, bias=False)
-        self.sigmoid = nn.Sigmoid()
-
-    def forward(self, x):
-        avg, mx = torch.mean(x, dim=1, keepdim=True), torch.max(x, dim=1, keepdim=True)[0]
-        return self.sigmoid(self.conv1(torch.cat([avg, mx], dim=1)))
+def _GateSpatial(k=7):  # sigmoid(conv1(cat[mean_c, max_c])), the CBAM.PyTorch spatial gate
+    return G.SpatialAttention(k)
 
 
 class _MultiplyInCaller(nn.Module):
@@ -645,22 +639,10 @@ class _MultiplyInCaller(nn.Module):
         return self.sa(out) * out
 
 
-class _LuuuyiChannel(nn.Module):
-    """The channel gate of the CBAM.PyTorch layout: separate pools, fc1 / relu1 / fc2 as 1x1
-    convs without bias, returns sigmoid(mlp(avg) + mlp(max))."""
-
-    def __init__(self, c, ratio=4):
-        super().__init__()
-        self.avg_pool, self.max_pool = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
-        self.fc1 = nn.Conv2d(c, c // ratio, 1, bias=False)
-        self.relu1 = nn.ReLU()
-        self.fc2 = nn.Conv2d(c // ratio, c, 1, bias=False)
-        self.sigmoid = nn.Sigmoid()
-
-    def forward(self, x):
-        avg_out = self.fc2(self.relu1(self.fc1(self.avg_pool(x))))
-        max_out = self.fc2(self.relu1(self.fc1(self.max_pool(x))))
-        return self.sigmoid(avg_out + max_out)
+def _LuuuyiChannel(c):
+    """The channel gate of the CBAM.PyTorch layout (benchmarks/gate_only_resnet.py): separate
+    pools, fc1 / relu1 / fc2 as 1x1 convs without bias, sigmoid(mlp(avg) + mlp(max))."""
+    return G.ChannelAttention(c, ratio=4)
 
 
 class _LuuuyiBlock(nn.Module):
@@ -813,7 +795,6 @@ def test_gate_only_resnet_converts():
     """A whole ResNet-18 in the CBAM.PyTorch layout (benchmarks/gate_only_resnet.py): every
     block's gates fused through its forward, each caller verified whole with the example input;
     a training step matches the original."""
-    import gate_only_resnet as G
     ref = randomize_(G.resnet18_cbam(10)).double()
     model = copy.deepcopy(ref)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
