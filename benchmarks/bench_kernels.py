@@ -26,8 +26,8 @@ cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median
 p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error, graph_error (a CUDA-graph
 capture that failed: that op was then timed call by call)},
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}; with --sweep, each
-case also has sweep{"tiles/rows/vec_rows": frac_copy_bw} (or sweep_skipped, past --max-minutes)
-and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
+case also has sweep{"tiles/rows/vec_rows/fewest_lanes": frac_copy_bw} (or sweep_skipped, past
+--max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
 """
 import argparse
@@ -50,9 +50,12 @@ OP_SETS = {"issue4": OPS, "all": OPS + LP_LSE_OPS}
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
          "tiny": [(32, 8, 8), (64, 5, 5)]}
 # The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM, min rows
-# per thread, rows of 16-byte vectors in flight per thread; keyed "tiles/rows/vec_rows".
-DEFAULT_TUNING = (8, 4, 1)
-SWEEP = [(t, r, u) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)]
+# per thread, rows of 16-byte vectors in flight per thread, and whether reduce_k gives a row the
+# fewest lanes that cover it (1) or one lane per vector up to 32 (0); keyed
+# "tiles/rows/vec_rows/fewest_lanes". The sweep crosses the first three and tries the other lane
+# rule once, at the default grid sizing (it changes the reductions over the contiguous axis only).
+DEFAULT_TUNING = (8, 4, 1, 1)
+SWEEP = [(t, r, u, 1) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [(8, 4, 1, 0)]
 
 
 def tuning_key(setting) -> str:
@@ -125,8 +128,8 @@ def _time(call, nb, device, timing, rec):
 
 def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
     """frac_copy_bw of the op under each tuning setting (tiles_per_sm, min_rows_per_thread,
-    vec_rows_in_flight) of `sweep`, keyed "tiles/rows/vec_rows"; the defaults are restored
-    afterwards."""
+    vec_rows_in_flight, reduce_k_fewest_lanes) of `sweep`, keyed by tuning_key; the defaults are
+    restored afterwards."""
     set_tuning = torch.ops.cbam_fused_debug.set_tuning
     out = {}
     try:
@@ -142,7 +145,8 @@ def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
 def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
         l2_bytes=None, timing=None, seed=0, bar=None, sweep=None, sweep_max_s=None) -> dict:
     """Measures every (site, config, op), site by site; returns the JSON record (see the module
-    docstring). sweep: (tiles_per_sm, min_rows_per_thread, vec_rows_in_flight) settings to time
+    docstring). sweep: (tiles_per_sm, min_rows_per_thread, vec_rows_in_flight,
+    reduce_k_fewest_lanes) settings to time
     each op under as well (CUDA kernels only), until sweep_max_s seconds have passed (the cases
     after that are measured at the defaults only and marked sweep_skipped)."""
     import time
@@ -270,14 +274,15 @@ def summarize_sweep(cases):
 
 def print_sweep(sw):
     default = tuning_key(DEFAULT_TUNING)
-    print(f"\ntuning sweep (tiles_per_sm/min_rows_per_thread/vec_rows_in_flight; default "
+    print(f"\ntuning sweep (tiles_per_sm/min_rows_per_thread/vec_rows_in_flight/"
+          f"reduce_k_fewest_lanes; default "
           f"{default}): geometric "
           f"mean of %copy over all cases")
     for k, v in sorted(sw["gmean_frac"].items(), key=lambda kv: -(kv[1] or 0)):
-        print(f"  {k:>6s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
+        print(f"  {k:>8s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
     print("per op, the best setting by that mean:")
     for op, r in sw["per_op"].items():
-        print(f"  {op:28s} {r['best']:>6s} {100 * r['best_gmean']:.3g}% (default "
+        print(f"  {op:28s} {r['best']:>8s} {100 * r['best_gmean']:.3g}% (default "
               f"{100 * (r['default_gmean'] or 0):.3g}%)")
 
 

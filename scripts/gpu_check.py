@@ -925,7 +925,8 @@ def write_summary(d, part_dirs):
     if sw and sw.get("per_op"):
         L.append("## Launcher tuning sweep (sweep.json)")
         L.append("")
-        L.append("Settings tiles_per_sm/min_rows_per_thread/vec_rows_in_flight; the geometric "
+        L.append("Settings tiles_per_sm/min_rows_per_thread/vec_rows_in_flight/"
+                 "reduce_k_fewest_lanes; the geometric "
                  "mean over the cases of each op's fraction of copy bandwidth. Set the best as "
                  "the defaults in `csrc/launchers/launchers.h`.")
         L.append("")

@@ -482,7 +482,8 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
 
 
-DEFAULT_TUNING = (8, 4, 1)  # tiles per SM, min rows per thread, vector rows in flight
+# tiles per SM, min rows per thread, vector rows in flight, reduce_k fewest lanes
+DEFAULT_TUNING = (8, 4, 1, 1)
 
 
 @pytest.fixture
@@ -515,11 +516,45 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 
 
 def test_grid_sizing_knobs_are_checked(default_tuning):
-    for bad in [(0, 4, 1), (65, 4, 1), (8, 0, 1), (8, 65, 1), (8, 4, 0), (8, 4, 3)]:
+    for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, 0, 1),
+                (8, 4, 3, 1), (8, 4, 1, 2), (8, 4, 1, -1)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
     # unchanged by the refusals
     assert tuple(torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)) == DEFAULT_TUNING
+
+
+# The ops whose reduction runs along the contiguous axis (reduce_k) in each layout.
+REDUCE_K_OPS = {"cf": {"pool_over_s", "pool_over_s_lp_lse", "pool_over_c_backward_scale"},
+                "cl": {"pool_over_c", "pool_over_s_backward_scale",
+                       "pool_over_s_backward_scale_lp_lse"}}
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reduce_k_lane_rule_changes_the_block_not_the_result(dtype, layout, default_tuning):
+    """The fourth tuning knob: reduce_k gives a row the fewest lanes that cover it in one tile (the
+    default) or one lane per vector. Short rows (S = 49 channels-first: 16 lanes instead of 32;
+    C = 24 channels-last: 1 lane of 3 vectors instead of 4 lanes) get other blocks under the two
+    rules, in exactly the reduce_k ops, and the results match the CPU kernels under both (the
+    lane-fastest weights in shared memory read back in the right order)."""
+    gen = torch.Generator().manual_seed(13)
+    x = rand_x((2, 24, 7, 7), dtype, layout, gen)
+    changed = set()
+    for op in OPS:
+        args = op_args(op, x, gen, 0)
+        want = run_cpu(op, args)
+        blocks = []
+        for rule in (1, 0):
+            torch.ops.cbam_fused_sim.set_tuning(8, 4, 1, rule)
+            with testing.use_simulator():
+                got = getattr(torch.ops.cbam_fused, op)(*args)
+                stats = testing.simulator_stats()
+            check_same(op, got if isinstance(got, (tuple, list)) else (got,), want, x, layout)
+            blocks.append([tuple(_stat(s, "block")) for s in stats])
+        if blocks[0] != blocks[1]:
+            changed.add(op)
+    assert changed == REDUCE_K_OPS[layout], changed
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
