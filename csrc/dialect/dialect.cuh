@@ -77,11 +77,28 @@ CBAM_DEVICE Vec<T, N> ld_vec(const T* p) {
                 "ld_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
+// Vector stores are written as PTX: nvcc splits a store of Vec (a struct of an array), and of a
+// uint4 made from it, into one store per element when the values were computed in registers
+// (four 4-byte STG.E instead of one STG.E.128, seen in apply_gates and grad_input with nvcc 13.0).
+// As in CUTLASS's global_store: volatile, no memory clobber (no kernel reads what it stores).
+// tests/test_codegen.py checks the PTX of every vector-path kernel.
 template <int N, typename T>
 CBAM_DEVICE void st_vec(T* p, const Vec<T, N>& v) {
   static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
                 "st_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
+  if constexpr (kBytes == 16) {
+    uint4 w;
+    memcpy(&w, &v, 16);
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y),
+                 "r"(w.z), "r"(w.w));
+  } else if constexpr (kBytes == 8) {
+    uint2 w;
+    memcpy(&w, &v, 8);
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y));
+  } else {
+    *reinterpret_cast<Vec<T, N>*>(p) = v;  // one element of at most 4 bytes, or two 16-bit
+  }
 }
 
 template <typename T>

@@ -94,7 +94,7 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 // its k sides from shared memory where it uses them (kSidesInRegs). ptxas -v (sm_90): no spills
 // and no local arrays on the float32 and 16-bit paths at U = 1 and 2 (before: 36 to 96 bytes a
 // thread on the 16-bit one); 8 bytes for float64 at U = 1; the lp / lse variant with 16-bit
-// types 12 stored / 28 loaded (before: 236 / 312). tests/test_register_spills.py holds these.
+// types 12 stored / 28 loaded (before: 236 / 312). tests/test_codegen.py holds these.
 template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
