@@ -52,7 +52,9 @@
 // threads than the bound); global memory touched through raw pointers instead of cbam::ld/st
 // (only a fault is caught); shared-memory indices out of range; `__shared__` variables declared
 // in helper functions are not poisoned between blocks; static plus dynamic shared memory above
-// 227 KiB; a thread spinning on memory without a synchronisation point hangs.
+// 227 KiB; a thread spinning on memory without a synchronisation point hangs. Nor does it model
+// speed: shared-memory bank conflicts, or the width of the instructions nvcc makes of ld_vec /
+// st_vec (tests/test_codegen.py reads nvcc's PTX for that).
 #pragma once
 
 #include <ATen/ATen.h>
