@@ -67,16 +67,34 @@ CBAM_DEVICE TileId tile_id(const Geom& g, int vec) {
   return t;
 }
 
+// Where the small value of one column of a tile sits in shared memory (stage_k_side): element v of
+// this lane's vector j (column (j * TX + lane) * VEC + v of the tile) at (j * VEC + v) * TX +
+// lane. Lane-fastest, so the TX lanes of a row reading the same (j, v) read TX adjacent entries,
+// free of bank conflicts (in column order they would read entries VEC apart: up to 32-way
+// conflicts with 16-bit x and 16-byte values). kLaneFastest = false keeps column order, for a
+// kernel that reads its values once per tile: its addresses are one base and constant offsets,
+// which costs fewer registers.
+template <int VEC, bool kLaneFastest = true>
+CBAM_DEVICE int k_slot(int j, int v) {
+  const int TX = static_cast<int>(blockDim.x), lane = static_cast<int>(threadIdx.x);
+  return kLaneFastest ? (j * VEC + v) * TX + lane : (j * TX + lane) * VEC + v;
+}
+
 // The small values along k of this tile's columns (a gate, a weight: one per column), staged in
-// shared memory `smem` (at least g.cols_per_tile entries) so that global memory sees each of them
-// once per tile. load(k) reads column k. Every thread of the block must call it (it holds a
-// barrier).
-template <typename V, typename Load>
+// shared memory `smem` (at least g.cols_per_tile entries, at k_slot) so that global memory sees
+// each of them once per tile. load(k) reads column k. Every thread of the block must call it (it
+// holds a barrier).
+template <int VEC, bool kLaneFastest = true, typename V, typename Load>
 CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load) {
-  const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int TX = static_cast<int>(blockDim.x);
+  const int nthreads = TX * static_cast<int>(blockDim.y);
+  const int tid = threadIdx.y * TX + threadIdx.x;
   const int ncols = static_cast<int>(t.k_end - t.k_begin);
-  for (int i = tid; i < ncols; i += nthreads) smem[i] = load(t.k_begin + i);
+  for (int c = tid; c < ncols; c += nthreads) {
+    const int lane_vec = c / VEC;  // j * TX + lane
+    const int slot = kLaneFastest ? ((lane_vec / TX) * VEC + c % VEC) * TX + lane_vec % TX : c;
+    smem[slot] = load(t.k_begin + c);
+  }
   __syncthreads();
 }
 
@@ -84,8 +102,8 @@ CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load) {
 // vector per lane: cols_per_tile == TX * VEC).
 template <int VEC, typename V, typename Load>
 CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load, V (&out)[VEC]) {
-  stage_k_side(smem, t, load);
-  for (int v = 0; v < VEC; ++v) out[v] = smem[threadIdx.x * VEC + v];  // unused where k >= K
+  stage_k_side<VEC>(smem, t, load);
+  for (int v = 0; v < VEC; ++v) out[v] = smem[k_slot<VEC>(0, v)];  // unused where k >= K
 }
 
 // Loads VEC elements of T at p (16-byte aligned when VEC > 1) as acc_t.

@@ -93,8 +93,9 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 // uses (gate, dmean, a 32-bit idx); the lp / lse sides are larger still, and that variant reads
 // its k sides from shared memory where it uses them (kSidesInRegs). ptxas -v (sm_90): no spills
 // and no local arrays on the float32 and 16-bit paths at U = 1 and 2 (before: 36 to 96 bytes a
-// thread on the 16-bit one); 8 bytes for float64 at U = 1; the lp / lse variant with 16-bit
-// types 12 stored / 28 loaded (before: 236 / 312). tests/test_codegen.py holds these.
+// thread on the 16-bit one); 8 bytes for float64 at U = 1; none for the lp / lse variant with
+// 16-bit types since its k sides are staged lane-fastest (before: 12 / 28 bytes, and 236 / 312
+// before that). tests/test_codegen.py holds these.
 template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
@@ -113,12 +114,13 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
   constexpr bool kSidesInRegs = !LPLSE;
   constexpr int KR = kSidesInRegs ? VEC : 1;
   __shared__ Side s_k[32 * VEC];
-  stage_k_side(s_k, t, [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); });
+  // (lane-fastest where every element reads them: the lp / lse variant)
+  stage_k_side<VEC, LPLSE>(s_k, t, [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); });
   acc_t k_gate[KR], k_dmean[KR];
   int k_idx[KR];
   if constexpr (kSidesInRegs) {
     for (int v = 0; v < VEC; ++v) {  // (unused where k >= K)
-      const Side& sv = s_k[threadIdx.x * VEC + v];
+      const Side& sv = s_k[k_slot<VEC, LPLSE>(0, v)];
       k_gate[v] = sv.gate;
       k_dmean[v] = sv.dmean;
       k_idx[v] = sv.idx;
@@ -165,10 +167,10 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
             skv.gate = k_gate[w];
             skv.dmean = k_dmean[w];
             skv.idx = k_idx[w];
-            skv.dmax = r == k_idx[w] ? s_k[threadIdx.x * VEC + v].dmax : acc_t(0);
+            skv.dmax = r == k_idx[w] ? s_k[k_slot<VEC, LPLSE>(0, v)].dmax : acc_t(0);
             v_[u][v] = value(skv);
           } else {
-            v_[u][v] = value(s_k[threadIdx.x * VEC + v]);
+            v_[u][v] = value(s_k[k_slot<VEC, LPLSE>(0, v)]);
           }
         }
         store_from_acc<VEC>(dx + (t.n * g.R + r) * g.K + t.k0, v_[u]);

@@ -5,8 +5,9 @@
 //
 // Pass: reads x once. Tiles as in common.cuh, with up to kReduceKVectors vectors per lane and row
 // (cols_per_tile = TX * VEC * that). The weights of the tile's columns are read from global
-// memory once per tile into shared memory, lane-fastest (see below); a policy's value of the row
-// (kHasKept) once per row and tile. Each thread folds its vectors of a row, then the TX lanes of the row combine
+// memory once per tile into shared memory (stage_k_side, lane-fastest: no bank conflicts when the
+// lanes read them for every element); a policy's value of the row (kHasKept) once per row and
+// tile. Each thread folds its vectors of a row, then the TX lanes of the row combine
 // by xor shuffles (fixed tree), and lane 0 writes the result of the row: the final value when
 // the row fits one column tile (nkt == 1), else the partial [n, kt, r]; combine_partials (second
 // stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0.
@@ -22,24 +23,10 @@ template <typename T, int VEC, typename Policy>
 CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
-  // The weights of the tile's columns, lane-fastest: column (j * TX + lane) * VEC + v (element v
-  // of the lane's vector j) sits at s_w[(j * VEC + v) * TX + lane], so the TX lanes of a row read
-  // TX adjacent entries each time, free of bank conflicts. (In column order the lanes would read
-  // entries VEC apart: up to 32-way conflicts for 16-bit x and 16-byte weights, read once per
-  // element and row.) Written once per tile, read once per element.
-  __shared__ typename Policy::Weight s_w[32 * VEC * kReduceKVectors];
+  __shared__ typename Policy::Weight s_w[32 * VEC * kReduceKVectors];  // at k_slot
   const TileId t = tile_id(g, VEC);
   const int TX = blockDim.x, TY = blockDim.y;
-  {
-    const int tid = threadIdx.y * TX + threadIdx.x;
-    const int ncols = static_cast<int>(t.k_end - t.k_begin);
-    for (int c = tid; c < ncols; c += TX * TY) {
-      const int lane_vec = c / VEC;  // j * TX + lane
-      const int slot = ((lane_vec / TX) * VEC + c % VEC) * TX + lane_vec % TX;
-      s_w[slot] = pol.weight(t.n, t.k_begin + c);
-    }
-    __syncthreads();
-  }
+  stage_k_side<VEC>(s_w, t, [&](int64_t k) { return pol.weight(t.n, k); });
 
   for (int64_t rb = t.r_begin; rb < t.r_end; rb += TY) {  // the same trip count in every thread
     const int64_t r = rb + threadIdx.y;
@@ -51,12 +38,12 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     }
     if (r < t.r_end) {
       const T* row = x + (t.n * g.R + r) * g.K;
-      int slot = threadIdx.x;  // (j * VEC) * TX + lane for the lane's vector j
-      for (int64_t k = t.k0; k < t.k_end; k += TX * VEC, slot += VEC * TX) {
+      int j = 0;  // the lane's vector j of the row
+      for (int64_t k = t.k0; k < t.k_end; k += TX * VEC, ++j) {
         acc_t xv[VEC];
         load_acc<VEC>(row + k, xv);
         for (int v = 0; v < VEC; ++v) {
-          pol.add(s, xv[v], s_w[slot + v * TX], static_cast<int>(k + v), r);
+          pol.add(s, xv[v], s_w[k_slot<VEC>(j, v)], static_cast<int>(k + v), r);
         }
       }
     }
