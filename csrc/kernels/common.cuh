@@ -129,24 +129,30 @@ CBAM_DEVICE void store_from_acc(T* p, const acc_t (&in)[VEC]) {
   }
 }
 
+constexpr int kNoIndex = 0x7fffffff;  // the index of an empty max state
+
 // Folds (m2, i2) into the running max (m, i) as torch.max does: the larger value wins, a NaN
 // beats every number, ties (and two NaNs) go to the smaller index. The rule is commutative and
 // associative, so the result does not depend on the order in which partial results meet.
+// Branch-free (bitwise on the conditions, then selects: nvcc turned the nested ifs into ~3
+// branches per element): every comparison with a NaN is false, so the last two terms only
+// decide between numbers.
 template <typename acc_t>
 CBAM_DEVICE void max_combine(acc_t& m, int& i, acc_t m2, int i2) {
-  const bool nan1 = isnan(m), nan2 = isnan(m2);
-  bool take;
-  if (nan1 || nan2) {
-    take = nan2 && (!nan1 || i2 < i);
-  } else {
-    take = m2 > m || (m2 == m && i2 < i);
-  }
-  if (take) {
-    m = m2;
-    i = i2;
-  }
+  const bool nan1 = isnan(m), nan2 = isnan(m2), lt = i2 < i;
+  const bool take = (nan2 & (!nan1 | lt)) | (m2 > m) | ((m2 == m) & lt);
+  m = take ? m2 : m;
+  i = take ? i2 : i;
 }
 
-constexpr int kNoIndex = 0x7fffffff;  // the index of an empty max state
+// max_combine of one new element (v, iv) whose index is larger than every index folded into
+// (m, i) so far (a thread folds its elements in increasing index order): then a tie or a second
+// NaN never takes, and only an empty state (i == kNoIndex) takes an equal value (-inf).
+template <typename acc_t>
+CBAM_DEVICE void max_fold_next(acc_t& m, int& i, acc_t v, int iv) {
+  const bool take = (v > m) | (isnan(v) & !isnan(m)) | (i == kNoIndex);
+  m = take ? v : m;
+  i = take ? iv : i;
+}
 
 }  // namespace cbam

@@ -70,18 +70,19 @@ struct GradSidePtrs {
   }
 };
 
-// dx of one element: gv = g, xv = x (read only with LPLSE), cs / ss the channel / spatial side.
+// dx of one element: gv = g, xv = x (read only with LPLSE), cs / ss the channel / spatial side;
+// hit_c = [s == is] (this element is its channel's max), hit_s = [c == ic].
 template <typename acc_t, bool LPLSE>
 CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPLSE>& cs,
-                                   const GradSide<acc_t, LPLSE>& ss, int64_t c, int64_t s,
+                                   const GradSide<acc_t, LPLSE>& ss, bool hit_c, bool hit_s,
                                    int arrangement) {
-  acc_t term_c = cs.dmean + (s == cs.idx ? cs.dmax : acc_t(0));
+  acc_t term_c = cs.dmean + (hit_c ? cs.dmax : acc_t(0));
   if constexpr (LPLSE) {
     const acc_t v = arrangement == 1 ? xv * ss.gate : xv;  // what the pools over S saw
     term_c += cs.dlp * v;
     if (cs.dlse != acc_t(0)) term_c += cs.dlse * exp_acc(v - cs.lse);
   }
-  const acc_t term_s = ss.dmean + (c == ss.idx ? ss.dmax : acc_t(0));
+  const acc_t term_s = ss.dmean + (hit_s ? ss.dmax : acc_t(0));
   const acc_t kc = arrangement == 1 ? ss.gate : acc_t(1);
   const acc_t ks = arrangement == 0 ? cs.gate : acc_t(1);
   return gv * cs.gate * ss.gate + kc * term_c + ks * term_s;
@@ -105,6 +106,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
   __shared__ Side s_side[kChunkRows];
   const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;
+  const int k0 = static_cast<int>(t.k0);
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
 
@@ -134,46 +136,51 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
     for (int i = tid; i < clen; i += TX * TY) s_side[i] = side_r.template load<LPLSE>(t.n, cb + i);
     __syncthreads();
     if (!active) continue;
+    const int64_t chunk0 = (t.n * g.R + cb) * g.K + t.k0;  // offset of the chunk's first row
     for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
       acc_t v_[U][VEC] = {};
       acc_t xv[LPLSE ? U : 1][VEC] = {};
       // (guards, not breaks: the u loops unroll and v_ stays in registers)
+      int64_t off[U];  // of row i0 + u * TY: loaded from, then stored to
       CBAM_UNROLL
       for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
         const int i = i0 + u * TY;
+        off[u] = chunk0 + static_cast<int64_t>(i) * g.K;
         if (i < clen) {
-          const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-          load_acc<VEC>(grad + off, v_[u]);
-          if constexpr (LPLSE) load_acc<VEC>(x + off, xv[u]);
+          load_acc<VEC>(grad + off[u], v_[u]);
+          if constexpr (LPLSE) load_acc<VEC>(x + off[u], xv[u]);
         }
       }
       CBAM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * TY;
         if (i >= clen) continue;
-        const int64_t r = cb + i;
+        const int r = static_cast<int>(cb) + i;  // indices in 32 bits: R, K < 2^31 (launcher)
         const Side sr = s_side[i];
         for (int v = 0; v < VEC; ++v) {
-          const int64_t k = t.k0 + v;
           const acc_t xe = LPLSE ? xv[LPLSE ? u : 0][v] : acc_t(0);
           const acc_t gv = v_[u][v];
-          const auto value = [&](const Side& skv) {
-            return cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, k, r, arrangement)
-                      : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, r, k, arrangement);
+          // the max indicators: the r side's idx is a column, the k side's a row
+          const bool hit_r = sr.idx == k0 + v;
+          const auto value = [&](const Side& skv, bool hit_k) {
+            return cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, hit_k, hit_r, arrangement)
+                      : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, hit_r, hit_k, arrangement);
           };
-          if constexpr (kSidesInRegs) {  // the k side's index is one of the other axis: a row
+          if constexpr (kSidesInRegs) {
             const int w = kSidesInRegs ? v : 0;
+            const bool hit_k = r == k_idx[w];
             Side skv;
             skv.gate = k_gate[w];
             skv.dmean = k_dmean[w];
             skv.idx = k_idx[w];
-            skv.dmax = r == k_idx[w] ? s_k[k_slot<VEC, LPLSE>(0, v)].dmax : acc_t(0);
-            v_[u][v] = value(skv);
+            skv.dmax = hit_k ? s_k[k_slot<VEC, LPLSE>(0, v)].dmax : acc_t(0);
+            v_[u][v] = value(skv, hit_k);
           } else {
-            v_[u][v] = value(s_k[k_slot<VEC, LPLSE>(0, v)]);
+            const Side& skv = s_k[k_slot<VEC, LPLSE>(0, v)];
+            v_[u][v] = value(skv, r == skv.idx);
           }
         }
-        store_from_acc<VEC>(dx + (t.n * g.R + r) * g.K + t.k0, v_[u]);
+        store_from_acc<VEC>(dx + off[u], v_[u]);
       }
     }
   }

@@ -4,7 +4,8 @@
 //                         put into a State by set_kept; the templates load it once per output
 //                         and tile and share it between the threads of that output)
 //   Weight, weight(n, i)  the small per-element factor along the reduced axis (index i)
-//   add(state, x, w, i, kept)   fold one x element (reduced index i, kept index `kept`)
+//   add(state, x, w, i, kept)   fold one x element (reduced index i, kept index `kept`); the
+//                         templates fold the elements of one state in increasing i
 //   store_final / store_partial / load_partial   outputs [N, L] and partials [N, P, L]
 #pragma once
 
@@ -82,7 +83,7 @@ struct PoolPolicy {
         s.e += exp_acc(v - s.mx);
       }
     }
-    max_combine(s.mx, s.idx, v, i);
+    max_fold_next(s.mx, s.idx, v, i);  // the templates fold each thread's elements in order
   }
   // e relative to max m_from, rescaled to max m_to >= m_from (an empty e stays 0).
   static CBAM_DEVICE acc_t rebase(acc_t e, acc_t m_from, acc_t m_to) {
