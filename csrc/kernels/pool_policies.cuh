@@ -176,10 +176,13 @@ struct WeightedSumPolicy {
   };
   using State = std::conditional_t<LPLSE, LpLseState, BaseState>;
   static constexpr int kPartialBytes = sizeof(acc_t);  // per partial
+  // 12 bytes for float (an int64 idx made it 16, read as two 8-byte shared loads at a 16-byte
+  // lane stride: twice the shared-memory wavefronts); idx < 2^31 (the launchers check the
+  // extents), -1 for none.
   struct BaseWeight {
     acc_t a;
     acc_t b;
-    int64_t idx;
+    int idx;
   };
   struct LpLseWeight : BaseWeight {
     acc_t l;    // wl / lp
@@ -205,7 +208,7 @@ struct WeightedSumPolicy {
     Weight w;
     w.a = wa != nullptr ? ld(wa + n * E + i) / div : acc_t(0);
     w.b = wb != nullptr ? ld(wb + n * E + i) : acc_t(0);
-    w.idx = wb != nullptr ? ld(widx + n * E + i) : int64_t(-1);
+    w.idx = wb != nullptr ? static_cast<int>(ld(widx + n * E + i)) : -1;
     if constexpr (LPLSE) {
       w.l = wl != nullptr ? ld(wl + n * E + i) / ld(lp + n * E + i) : acc_t(0);
       w.e = we != nullptr ? ld(we + n * E + i) : acc_t(0);
@@ -214,7 +217,8 @@ struct WeightedSumPolicy {
     return w;
   }
   CBAM_DEVICE void add(State& s, acc_t xv, const Weight& w, int /*i*/, int64_t kept) const {
-    acc_t f = w.idx == kept ? w.a + w.b : w.a;
+    acc_t f = w.a;
+    if (w.idx == static_cast<int>(kept)) f += w.b;  // (32-bit compare; b read only on a hit)
     if constexpr (LPLSE) {
       const acc_t v = xv * s.ks;
       f += w.l * v;
