@@ -255,6 +255,42 @@ def test_bench_kernels_sweep_summary(capsys):
     assert bk.summarize_sweep([dict(id="x", op="apply_gates")]) is None
 
 
+def _tuning_ops():
+    """The set_tuning ops built here: the simulator's, and the CUDA build's debug op (registered
+    whenever the CUDA kernels are compiled in, with or without a GPU)."""
+    import torch
+    found = {}
+    for ns, module in (("cbam_fused_sim", "cbam_fused._sim"), ("cbam_fused_debug", None)):
+        try:
+            if module:
+                importlib.import_module(module)
+            found[ns] = getattr(torch.ops, ns).set_tuning
+        except (ImportError, AttributeError, RuntimeError):
+            pass
+    return found
+
+
+def test_every_sweep_setting_is_accepted_by_the_launchers():
+    """What bench_kernels --sweep will set on the GPU, checked here first (a refused setting
+    would end the sweep of a scarce GPU run): every setting of SWEEP passes set_tuning, which
+    gives back the previous values in the order of DEFAULT_TUNING; the defaults of both agree."""
+    sys.path.insert(0, BENCH)
+    import bench_kernels as bk
+    ops = _tuning_ops()
+    if not ops:
+        pytest.skip("neither the simulator nor the CUDA kernels are built")
+    assert len(set(bk.SWEEP)) == len(bk.SWEEP) and bk.DEFAULT_TUNING in bk.SWEEP
+    for ns, set_tuning in ops.items():
+        assert tuple(set_tuning(*bk.DEFAULT_TUNING)) == bk.DEFAULT_TUNING, ns
+        try:
+            prev = bk.DEFAULT_TUNING
+            for setting in bk.SWEEP:
+                assert tuple(set_tuning(*setting)) == prev, (ns, setting)
+                prev = setting
+        finally:
+            set_tuning(*bk.DEFAULT_TUNING)
+
+
 def test_bench_kernels_sweep_needs_the_cuda_kernels():
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--device",
                            "cpu", "--sweep", "--no-progress"], capture_output=True, text=True,

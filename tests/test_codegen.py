@@ -18,6 +18,7 @@ gives it (C++20 for torch 2.14, C++17 for the GPU machines' torch 2.11)."""
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,8 @@ def nvcc_sm90(tmp_path_factory):
     cuda_home = setup.find_cuda_home()
     if cuda_home is None:
         pytest.skip("no CUDA toolkit (nvcc) found")
+    if shutil.which("c++filt") is None:
+        pytest.skip("no c++filt (binutils) to demangle the kernel names")
     from torch.utils.cpp_extension import include_paths
     incs = [os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include"),
             *include_paths(device_type="cpu"), *setup.nvidia_pip_include_dirs(),
