@@ -98,7 +98,8 @@ def nvcc_sm90(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ptxas_report(nvcc_sm90):
-    """{demangled kernel name: (registers, stack frame, spill store bytes, spill load bytes)}."""
+    """{demangled kernel name: (registers, stack frame, spill store bytes, spill load bytes,
+    static shared memory bytes)}."""
     report, mangled = {}, []
     for log, _ in nvcc_sm90:
         name = spill = None
@@ -113,8 +114,9 @@ def ptxas_report(nvcc_sm90):
                 spill = tuple(int(v) for v in m.groups())
             m = re.search(r"Used (\d+) registers", line)
             if m and name and spill is not None:
+                smem = re.search(r"(\d+) bytes smem", line)
                 mangled.append(name)
-                report[name] = (int(m.group(1)),) + spill
+                report[name] = (int(m.group(1)),) + spill + (int(smem.group(1)) if smem else 0,)
                 name = spill = None
     return {d: report[m] for m, d in zip(mangled, _demangle(mangled))}
 
@@ -139,7 +141,7 @@ def test_every_kernel_was_reported(ptxas_report):
 
 def test_no_kernel_spills_more_than_allowed(ptxas_report):
     over = {}
-    for name, (regs, stack, stores, loads) in ptxas_report.items():
+    for name, (regs, stack, stores, loads, _) in ptxas_report.items():
         short = name.replace("cbam::", "")
         limit = next((b for pat, b in ALLOWED if re.search(pat, short)), 0)
         if max(stack, stores, loads) > limit:
@@ -154,7 +156,44 @@ def test_issue4_configurations_never_spill(ptxas_report):
     hot = [n for n in ptxas_report if re.search(
         r"grad_input_kernel<(float, 4|(c10::)?(Half|BFloat16), 8), [12], false", n)]
     assert len(hot) == 6, hot
-    assert all(ptxas_report[n][1:] == (0, 0, 0) for n in hot), {n: ptxas_report[n] for n in hot}
+    assert all(ptxas_report[n][1:4] == (0, 0, 0) for n in hot), {n: ptxas_report[n] for n in hot}
+
+
+def blocks_per_sm(regs, smem, threads=256):
+    """Resident blocks of `threads` threads on one sm_90 multiprocessor (H100 / H200): 64K
+    registers allocated per warp in units of 256, 228 KiB of shared memory with 1 KiB reserved
+    per block, 2048 threads, 32 blocks."""
+    warps = threads // 32
+    by_regs = 65536 // (-(-regs * 32 // 256) * 256) // warps
+    by_smem = (228 * 1024) // (smem + 1024)
+    return min(by_regs, by_smem, 2048 // threads, 32)
+
+
+def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
+    """Occupancy of the kernels of issue 4's configurations (float32 4-wide and 16-bit 8-wide
+    vectors, without the lp / lse pools): registers and shared memory leave room for at least
+    4 blocks of 256 threads per SM (half of its 2048 threads), 3 for the variants that keep two
+    vector rows in flight (U = 2: twice the loads in flight per thread). Memory-bound kernels
+    need that many loads in flight; a change that grows a kernel past it fails here."""
+    hot = {n: r for n, r in ptxas_report.items() if re.search(
+        r"_kernel<(float, 4|(c10::)?(Half|BFloat16), 8)(, [12])?, "
+        r"(float>|false|(cbam::)?(PoolPolicy|WeightedSumPolicy)<float, false>)", n)}
+    kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
+    assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "apply_gates_kernel",
+                     "backward_reduce_kernel", "grad_input_kernel"}, kinds
+    low = {}
+    for name, (regs, *_, smem) in hot.items():
+        need = 3 if re.search(r"_kernel<[\w:]+, \d+, 2,", name) else 4
+        if blocks_per_sm(regs, smem) < need:
+            low[name[:150]] = (regs, smem, blocks_per_sm(regs, smem), need)
+    assert not low, "(registers, shared bytes, blocks per SM, needed):\n" + "\n".join(
+        f"  {k}: {v}" for k, v in low.items())
+
+
+def test_blocks_per_sm_model():
+    assert blocks_per_sm(32, 0) == 8  # the thread limit
+    assert blocks_per_sm(64, 8192) == 4 and blocks_per_sm(80, 0) == 3  # registers
+    assert blocks_per_sm(40, 41984) == 5  # shared memory
 
 
 # Sizes of the element types as the demangled names spell them.
