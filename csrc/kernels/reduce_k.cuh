@@ -37,14 +37,15 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
       pol.set_kept(s, __shfl_sync(0xffffffffu, kv, lane - static_cast<int>(threadIdx.x)));
     }
     if (r < t.r_end) {
-      const T* row = x + (t.n * g.R + r) * g.K;
-      int j = 0;  // the lane's vector j of the row
-      for (int64_t k = t.k0; k < t.k_end; k += TX * VEC, ++j) {
+      // a pointer stepped along the row (not the row's offset recomputed per vector)
+      const T* p = x + (t.n * g.R + r) * g.K + t.k0;
+      const int step = TX * VEC;
+      int slot = k_slot<VEC>(0, 0);  // k_slot<VEC>(j, 0) of the lane's vector j
+      for (int64_t k = t.k0; k < t.k_end; k += step, p += step, slot += step) {
         acc_t xv[VEC];
-        load_acc<VEC>(row + k, xv);
-        for (int v = 0; v < VEC; ++v) {
-          pol.add(s, xv[v], s_w[k_slot<VEC>(j, v)], static_cast<int>(k + v), r);
-        }
+        load_acc<VEC>(p, xv);
+        const int ki = static_cast<int>(k);  // K < 2^31 (launcher check)
+        for (int v = 0; v < VEC; ++v) pol.add(s, xv[v], s_w[slot + v * TX], ki + v, r);
       }
     }
     for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
