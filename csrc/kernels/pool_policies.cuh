@@ -218,7 +218,7 @@ struct WeightedSumPolicy {
   }
   CBAM_DEVICE void add(State& s, acc_t xv, const Weight& w, int /*i*/, int64_t kept) const {
     acc_t f = w.a;
-    if (w.idx == static_cast<int>(kept)) f += w.b;  // (32-bit compare; b read only on a hit)
+    if (w.idx == static_cast<int>(kept)) f += w.b;  // (a 32-bit compare)
     if constexpr (LPLSE) {
       const acc_t v = xv * s.ks;
       f += w.l * v;
