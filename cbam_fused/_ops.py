@@ -13,6 +13,8 @@ from . import _C  # noqa: F401  defines the schemas
 from . import _cpu_kernels
 from ._cpu_kernels import acc_dtype
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 OPS = tuple(_cpu_kernels.KERNELS)
 
 
@@ -111,11 +113,59 @@ def _cuda_fallback(name, fn):
     return run
 
 
+# dtype names as the C++ checks print them (c10::ScalarType), so that an error reads the same on
+# every device
+_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+                torch.float64: "Double", torch.int64: "Long"}
+_INDEX_ARGS = ("argmax", "idx_s", "idx_c")
+
+
+def _check_dtypes(op: str, names, args) -> None:
+    """The dtype checks of the C++ launchers (csrc/launchers/common.h: like_x, small_arg), for the
+    CPU and fake kernels: the x-sized arguments share one dtype, the indices are int64 and every
+    other tensor argument is in the accumulation dtype of x. A fake kernel that skipped them would
+    let torch.compile trace a graph that only fails once it runs on a GPU."""
+    ref = "grad" if op == "grad_input_lp_lse" or "x" not in names else "x"
+    x = args[names.index(ref)]
+    if not isinstance(x, Tensor) or x.dtype not in DTYPES:
+        return  # the kernels' own checks name the problem
+    acc = acc_dtype(x.dtype)
+    for name, t in zip(names, args):
+        if not isinstance(t, Tensor) or name == ref:
+            continue
+        if name in ("x", "grad"):
+            if t.dtype != x.dtype:
+                raise RuntimeError(f"{op}: {name} must have the dtype of {ref} "
+                                   f"({_DTYPE_NAMES[x.dtype]}), got {_dtype_name(t.dtype)}")
+        elif name in _INDEX_ARGS:
+            if t.dtype != torch.int64:
+                raise RuntimeError(f"{op}: {name} must have dtype Long, got "
+                                   f"{_dtype_name(t.dtype)}")
+        elif t.dtype != acc:
+            raise RuntimeError(f"{op}: {name} must have dtype {_DTYPE_NAMES[acc]} (the "
+                               f"accumulation dtype of x), got {_dtype_name(t.dtype)}")
+
+
+def _dtype_name(dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _checked(name, fn):
+    names = [a.name for a in getattr(torch.ops.cbam_fused, name).default._schema.arguments]
+
+    def run(*args):
+        _check_dtypes(name, names, args)
+        return fn(*args)
+
+    run.__name__ = fn.__name__
+    return run
+
+
 def _register():
     for name in OPS:
         qual = f"cbam_fused::{name}"
-        torch.library.register_fake(qual)(_FAKES[name])
-        torch.library.impl(qual, "CPU")(_cpu_kernels.KERNELS[name])
+        torch.library.register_fake(qual)(_checked(name, _FAKES[name]))
+        torch.library.impl(qual, "CPU")(_checked(name, _cpu_kernels.KERNELS[name]))
         NATIVE_CUDA[name] = torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA")
         if not NATIVE_CUDA[name]:
             torch.library.impl(qual, "CUDA")(_cuda_fallback(name, _cpu_kernels.KERNELS[name]))

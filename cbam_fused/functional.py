@@ -211,6 +211,7 @@ _lib.impl("cbam_block", _cbam_block_autograd, "Autograd", with_keyset=True)
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = inputs[:11]
     ctx.cfg = _Config(*inputs[11:])
+    ctx.device_type = x.device.type
     if ctx.cfg.bn_training:  # BN's backward uses the batch statistics (mean, invstd); the
         bn_rm = bn_rv = None  # running ones are updated in place after the op returns
     ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
@@ -222,7 +223,9 @@ def _backward(ctx, grads):
     Grad mode is on in a backward only under create_graph=True: then every gradient carries an
     error node, so differentiating it again raises a clear error (whether or not the incoming
     gradient itself requires grad)."""
-    with torch.no_grad():
+    # autocast off as in the forward: torch.compile traces this backward inside the caller's
+    # autocast region, which would run the heads' matmuls in bfloat16 / float16
+    with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
         out = _backward_closed_form(ctx, grads)
     if not torch.is_grad_enabled():
         return out

@@ -169,3 +169,49 @@ def test_outputs_keep_memory_format_and_accumulation_dtype():
     a, m, i = ops.pool_over_s(x, None)
     assert a.dtype == m.dtype == torch.float32 and i.dtype == torch.int64
     assert K.acc_dtype(torch.float64) == torch.float64
+
+
+def _wrong_dtype_cases():
+    """(op, args, wrong argument) with one argument of a wrong dtype: an accumulation-dtype
+    argument in the dtype of x (what autocast's bfloat16 matmuls produced inside a compiled
+    backward), an index in int32, an x-sized argument in another dtype."""
+    x = _x((2, 4, 3, 3), torch.bfloat16, "contiguous")
+    n, c, s = 2, 4, 9
+    low = torch.rand(n, c, dtype=torch.bfloat16)
+    low_s = torch.rand(n, s, dtype=torch.bfloat16)
+    return [
+        ("pool_over_s", (x, low_s), "scale"),
+        ("apply_gates", (x, low, None), "gc"),
+        ("backward_reduce", (x, x, None, low_s, True, True), "gs"),
+        ("backward_reduce", (x.float(), x, None, None, True, True), "grad"),
+        ("pool_over_s_backward_scale", (x, low, None, None), "d_avg"),
+        ("pool_over_c_backward_scale", (x, None, _small(n, s, x.dtype),
+                                        torch.randint(0, c, (n, s), dtype=torch.int32)), "argmax"),
+        ("grad_input", (x, None, None, low, None, None, None, None, None, 0), "da"),
+        ("grad_input_lp_lse", (x, x.float(), *[None] * 12, 0), "x"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_wrong_dtype_cases())))
+def test_wrong_dtypes_raise_the_same_error_on_cpu_fake_and_cuda_kernels(case):
+    """The CPU and fake kernels check dtypes as the CUDA launchers do, with the same message: a
+    fake kernel that accepted a wrong dtype let torch.compile trace a graph (autocast in a compiled
+    backward) that failed only when it ran on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from cbam_fused import testing
+
+    op, args, arg = _wrong_dtype_cases()[case]
+    messages = []
+    with pytest.raises(RuntimeError, match=rf"{op}: {arg} must have( the)? dtype") as cpu:
+        getattr(ops, op)(*args)
+    messages.append(str(cpu.value))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match=rf"{op}: {arg} must have") as fk:
+            getattr(ops, op)(*fake)
+    messages.append(str(fk.value))
+    if testing.simulator_available():
+        with testing.use_simulator(), pytest.raises(RuntimeError) as sim:
+            getattr(ops, op)(*args)
+        messages.append(str(sim.value).splitlines()[0])
+    assert len(set(messages)) == 1, messages
