@@ -74,3 +74,29 @@ def test_dry_run_parts_and_merge(tmp_path):
     assert "DRY RUN" in summary and "## Steps" in summary
     assert "## Layer benchmark" in summary and "### Each op alone" in summary
     assert "## Network benchmark" in summary
+
+
+def test_initcheck_reports_are_attributed_by_device_frames():
+    """initcheck runs unfiltered (to see PyTorch's writes) and counts only the reports whose
+    device frames are in our kernels; a PyTorch kernel's report with our launcher on its host
+    stack is not ours."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_check
+
+    ours = """========= Uninitialized __global__ memory read of size 4 bytes
+=========     at T1 cbam::ld<float>(const T1 *)+0x18b0 in dialect.cuh:67
+=========     by thread (16,0,0) in block (33,0,0)
+=========         Device Frame: void cbam::backward_reduce_kernel<float, 1, 4, float>(...)
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: cbam::backward_reduce(at::Tensor const&) in _C.so
+"""
+    theirs = """========= Uninitialized __global__ memory read of size 2 bytes
+=========     at void at::native::elementwise_kernel<128, 4>(int, F)+0x90
+=========     by thread (0,0,0) in block (0,0,0)
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: cbam::backward_reduce(at::Tensor const&) in _C.so
+"""
+    out = ("========= COMPUTE-SANITIZER\n" + ours + "=========\n" + theirs + ".. [ 50%]\n" + ours
+           + "========= ERROR SUMMARY: 3 errors\n")
+    assert gpu_check.attribute_reports(out, "cbam") == (2, 1)
+    assert gpu_check.attribute_reports("========= ERROR SUMMARY: 0 errors\n", "cbam") == (0, 0)
