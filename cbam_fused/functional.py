@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _heads, _ops
 from ._cpu_kernels import acc_dtype
@@ -184,8 +185,11 @@ class _CbamBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, keyset, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = cbam_block.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+        if keyset is None:  # eager, called from cbam() directly (_eager_direct): the composite
+            out = _cbam_block_impl(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out = cbam_block.redispatch(keyset & _BELOW_AUTOGRAD, *args)
         _setup_context(ctx, args, out)
         ctx.mark_non_differentiable(*out[1:])
         # their gradients stay None: no zero-filled tensors (ten allocations and launches a
@@ -206,6 +210,59 @@ def _cbam_block_autograd(keyset, *args):
 
 
 _lib.impl("cbam_block", _cbam_block_autograd, "Autograd", with_keyset=True)
+
+# Eager calls skip the op: "auto" runs the composite directly in plain eager execution (see
+# _eager_direct), "never" always goes through the op, "always" skips it whenever the input is a
+# plain tensor (tests: under a counting dispatch mode).
+EAGER_DIRECT = "auto"
+
+
+def _eager_direct(x: Tensor) -> bool:
+    """Whether cbam() may run the block's composite itself instead of calling the cbam_block op.
+    The op is what graphs record (torch.compile, export, make_fx, torch.jit.trace, opcheck); in
+    plain eager execution it adds two trips through the dispatcher with 18 boxed arguments, a
+    Python kernel each, and copies of the outputs that alias (an op's contract): about 50 us of
+    host time a call, on a GPU whose small CBAM sites are bound by host time (the H200 run of
+    2026-11-26). The same kernels run either way, so the results are bitwise equal."""
+    if EAGER_DIRECT == "never" or torch.compiler.is_compiling() or type(x) is not Tensor \
+            or torch.jit.is_tracing():
+        return False
+    return EAGER_DIRECT == "always" or not (
+        torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active())
+
+
+# Parameters cast to the accumulation dtype (a bfloat16 module's weights to float32), for calls
+# that record no autograd graph: ten casts, each a launch, saved on every inference call. An entry
+# holds while the parameter's version counter and storage are unchanged (an optimizer step or a
+# load_state_dict bumps the version), and dies with the parameter.
+_CAST_CACHE = WeakIdKeyDictionary()
+
+
+def _cast_cached(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    if t is None or t.dtype == dtype:
+        return t
+    if t.is_inference() or type(t) not in (Tensor, torch.nn.Parameter) or (
+            t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # no version counter (inference tensors), a subclass, or a CUDA graph being captured
+        # (a cast made there holds its values only once the graph replays)
+        return t.to(dtype)
+    key = (t._version, t.data_ptr(), dtype)
+    hit = _CAST_CACHE.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = t.to(dtype)
+    _CAST_CACHE[t] = (key, out)
+    return out
+
+
+def _run_direct(args):
+    """The block's outputs [y, *_SAVED] from the composite, without the op (_eager_direct)."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args[:11]):
+        return list(_CbamBlockFunction.apply(None, *args))
+    acc = acc_dtype(args[0].dtype)
+    params = [_cast_cached(t, acc) for t in args[1:11]]
+    return _forward(args[0], *params, _Config(*args[11:]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -461,10 +518,18 @@ def cbam(x: Tensor,
     # NCHW-contiguous and channels-last are native; other strides: one copy to the nearest
     xin = x if (x.is_contiguous() or _memory_format(x) is not torch.contiguous_format) \
         else x.contiguous(memory_format=_nearest_format(x))
-    with torch.autocast(x.device.type, enabled=False):  # heads run in the accumulation dtype
-        out = cbam_block(xin, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight,
-                         bn_bias, bn_running_mean, bn_running_var, pools, act, spatial_pools,
-                         ARRANGEMENTS[arrangement], bool(batch_norm), bn_train, float(bn_eps))
+    args = (xin, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight, bn_bias,
+            bn_running_mean, bn_running_var, pools, act, spatial_pools,
+            ARRANGEMENTS[arrangement], bool(batch_norm), bn_train, float(bn_eps))
+    if _eager_direct(xin):
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # heads in the accumulation dtype
+                out = _run_direct(args)
+        else:
+            out = _run_direct(args)
+    else:
+        with torch.autocast(x.device.type, enabled=False):  # heads run in the accumulation dtype
+            out = cbam_block(*args)
     y = out[0]
     if batch_norm and bn_running_mean is not None and bn_training:
         with torch.no_grad():

@@ -182,3 +182,53 @@ def test_nan_and_inf_propagate_like_eager(variant):
     assert torch.equal(torch.isnan(y), torch.isnan(yr))
     assert torch.equal(torch.isinf(y), torch.isinf(yr))
     assert rel_err(y[2], yr[2]) < 1e-10  # the clean sample is untouched
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_eager_direct_path_is_bitwise_the_op(variant, mode):
+    """Plain eager calls run the block's composite directly (functional._eager_direct) instead of
+    through the cbam_block op that graphs record: outputs, every gradient and the BatchNorm's
+    running statistics are bitwise those of the op path, in training, in eval with gradients and
+    under no_grad; and the direct path is the one a plain call takes."""
+    torch.manual_seed(0)
+    base = randomize_(make(variant, 16)).train(mode == "train")
+    x = torch.randn(3, 16, 5, 6)
+    g = torch.randn(3, 16, 5, 6)
+    results = []
+    for path in ("never", "auto"):
+        m = copy.deepcopy(base)
+        xx = x.clone().requires_grad_(mode != "no_grad")
+        orig = functional.EAGER_DIRECT
+        functional.EAGER_DIRECT = path
+        try:
+            with torch.set_grad_enabled(mode != "no_grad"):
+                assert functional._eager_direct(xx) == (path == "auto")
+                y = m(xx)
+                grads = [] if mode == "no_grad" else torch.autograd.grad(
+                    y, [xx, *m.parameters()], g, allow_unused=True)
+        finally:
+            functional.EAGER_DIRECT = orig
+        results.append((y, grads, [b.clone() for b in m.buffers()]))
+    (y0, g0, b0), (y1, g1, b1) = results
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(b0, b1):
+        assert torch.equal(a, b)
+
+
+def test_graphs_and_modes_take_the_op():
+    """What records a graph or watches dispatch sees the cbam_block op, never its pieces."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    x = torch.randn(2, 8, 3, 3)
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert not functional._eager_direct(x)
+    assert functional._eager_direct(x)
+    traced = torch.jit.trace(cbam_fused.CBAM(8, hidden_channels=2).eval(), x)
+    assert "cbam_fused::cbam_block" in str(traced.graph)

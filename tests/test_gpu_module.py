@@ -104,3 +104,26 @@ def test_training_step_captures_in_a_cuda_graph(bn_momentum):
             torch.testing.assert_close(a, b)
     for (k, a), b in zip(m.named_buffers(), eager.buffers()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_low_precision_inference_captured_first_keeps_eager_calls_right():
+    """A bfloat16 module's float32 parameter casts are cached for inference calls, but not while
+    a CUDA graph is captured (a cast made there holds its values only once the graph replays):
+    a capture with no eager call before it leaves eager calls after it exact."""
+    torch.ops.cbam_fused_debug.set_debug(False, 0)
+    m = randomize_(cbam_fused.CBAM(32, hidden_channels=4)).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(4, 32, 14, 14, device="cuda", dtype=torch.bfloat16)
+    want = copy.deepcopy(m).float()(x.float())
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        copy.deepcopy(m)(x)  # warms cuBLAS and cuDNN up; m's own casts stay uncached
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.cuda.graph(graph):  # no eager call before
+            captured = m(x)
+        torch.cuda.current_stream().wait_stream(side)
+        eager = m(x)
+        graph.replay()
+    for y in (eager, captured):
+        torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(eager, captured)

@@ -36,29 +36,27 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _count(module, x, train):
-    """(forward ops, backward ops) of one call, the ops inside the block op included."""
-    inner = collections.Counter()
-    orig = functional._forward
-
-    def counted(*a, **k):  # the op's own kernel runs below the dispatch mode: count it there
-        with _Count() as c:
-            out = orig(*a, **k)
-        inner.update(c.ops)
-        return out
-
+def _count(module, x, train, calls=1, grad=True):
+    """(forward ops, backward ops) of the last of `calls` calls, on the eager path a plain call
+    takes (the block's composite run directly, functional._eager_direct; a dispatch mode would
+    otherwise send it through the op, whose kernel runs below the mode)."""
     module.train(train)
-    x = x.clone().requires_grad_()
-    functional._forward = counted
+    x = x.clone().requires_grad_(grad)
+    orig = functional.EAGER_DIRECT
+    functional.EAGER_DIRECT = "always"
     try:
+        for _ in range(calls - 1):
+            module(x)
         with _Count() as fwd:
             y = module(x)
     finally:
-        functional._forward = orig
+        functional.EAGER_DIRECT = orig
+    if not grad:
+        return fwd.ops, collections.Counter()
     g = torch.ones_like(y)
     with _Count() as bwd:
         torch.autograd.grad(y, [x, *module.parameters()], g)
-    return fwd.ops + inner, bwd.ops
+    return fwd.ops, bwd.ops
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -77,3 +75,25 @@ def test_launch_budget_and_fewer_than_eager(train):
     assert {k: v for k, v in bwd.items() if k.startswith("cbam_fused.")} == {
         "cbam_fused.backward_reduce.default": 1,
         "cbam_fused.pool_over_c_backward_scale.default": 1, "cbam_fused.grad_input.default": 1}
+
+
+def test_inference_reuses_the_cast_parameters_of_a_low_precision_module():
+    """A bfloat16 module's parameters are cast to float32 once, not on every inference call
+    (ten launches a call otherwise): from the second call on, an eval forward under no_grad
+    dispatches the float32 module's ops and no copy. An in-place update of a parameter (what an
+    optimizer step does) is seen by the next call."""
+    m = cbam_fused.CBAM(16, 4).to(torch.bfloat16).eval()
+    x = torch.randn(2, 16, 5, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fwd, _ = _count(m, x, train=False, calls=2, grad=False)
+        ref, _ = _count(cbam_fused.CBAM(16, 4).eval(), x.float(), train=False, calls=2,
+                        grad=False)
+        assert "aten._to_copy.default" not in fwd, sorted(fwd.items())
+        assert sum(fwd.values()) == sum(ref.values()) <= BUDGET["eval"], sorted(fwd.items())
+        y = m(x)
+        w = m.ChannelGate.mlp[1].weight
+        w.mul_(-1)
+        y_new = m(x)
+        functional._CAST_CACHE.clear()
+        assert torch.equal(y_new, m(x))  # the updated weight, not the cached cast
+        assert not torch.equal(y_new, y)
