@@ -15,7 +15,9 @@ Backward, 5 passes:
 Spatial-first swaps the roles of the two gates (the channel gate pools x * gs); parallel computes
 both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] tensors and argmax
 indices. The heads run in closed form (_heads.py), so the whole block traces under
-torch.compile(fullgraph=True).
+torch.compile(fullgraph=True). The forward composite is the op's C++ kernel
+(csrc/block_forward.cpp: one call from Python instead of a dozen) and, for fake tensors, _forward
+below; the backward is _backward_closed_form.
 With the official code's lp / lse pools in `pools`, pool_over_s_lp_lse computes them in the same
 pass as avg and max (lp = sqrt(sum_s x^2), lse = log sum_s exp x), and Q3 is grad_input_lp_lse,
 which also reads x for their gradients (dl x / lp + de exp(x - lse)): 6 backward passes
@@ -94,8 +96,8 @@ _SAVED = ("gc", "gs", "idx_s", "idx_c", "p", "h_pre", "smap", "zconv", "mean", "
 
 
 def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _Config):
-    """The forward composite: [y, *_SAVED]. Runs on real tensors (the op's kernel) and on fake
-    ones (its fake kernel): every piece is a custom op with a fake kernel, or an ATen op."""
+    """The forward composite: [y, *_SAVED], as the op's fake kernel (every piece is a custom op
+    with a fake kernel, or an ATen op). Real tensors run its C++ twin, csrc/block_forward.cpp."""
     n = x.shape[0]
     sp = tuple(x.shape[2:])
     pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
@@ -137,43 +139,24 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
     return [y] + [x.new_empty((0,), dtype=acc) if t is None else t for t in saved]
 
 
-# The block op. Defined with torch.library's lower-level API rather than @custom_op: custom_op's
-# generic autograd wrapper (argument defaults rebuilt from the schema, pytree flattening of the
-# list output) costs about 0.2 ms of host time per training forward, more than the rest of the
-# block's host work; the hand-written Autograd kernel below does the same job directly.
+# The block op, cbam_fused::cbam_block: schema and kernel (the forward composite, for every
+# device) in C++, csrc/block_forward.cpp; its fake kernel and its autograd here. Registered with
+# torch.library's lower-level API rather than @custom_op: custom_op's generic autograd wrapper
+# (argument defaults rebuilt from the schema, pytree flattening of the list output) costs about
+# 0.2 ms of host time per training forward; the hand-written Autograd kernel below does the same
+# job directly.
 _lib = torch.library.Library("cbam_fused", "FRAGMENT")
-_lib.define("cbam_block(Tensor x, Tensor? w1, Tensor? b1, Tensor? w2, Tensor? b2, "
-            "Tensor? conv_w, Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, "
-            "Tensor? bn_rv, str pools, str act, str spatial_pools, int arrangement, "
-            "bool batch_norm, bool bn_training, float bn_eps) -> Tensor[]")
-
-
-def _cbam_block_impl(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, pools, act,
-                     spatial_pools, arrangement, batch_norm, bn_training, bn_eps):
-    """The whole CBAM forward as one op with one autograd node: [y, *_SAVED]. Its kernel for
-    every device (CompositeExplicitAutograd): the composite of the cbam_fused ops and ATen."""
-    cfg = _Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training, bn_eps)
-    out = _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg)
-    # an op's outputs must not alias its inputs or each other (zconv is zs without a norm, p may
-    # be a pool itself): clone what aliases
-    seen = set()
-    for i, t in enumerate(out):
-        key = t.untyped_storage().data_ptr() if t.numel() else None
-        if key is not None and key in seen:
-            out[i] = t.clone()
-        elif key is not None:
-            seen.add(key)
-    return out
 
 
 def _cbam_block_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, pools, act,
                      spatial_pools, arrangement, batch_norm, bn_training, bn_eps):
+    """The op's fake kernel: the forward composite in Python (_forward), which handles symbolic
+    shapes; the C++ kernel computes the same (tests: bitwise on real tensors)."""
     cfg = _Config(pools, act, spatial_pools, arrangement, batch_norm, bn_training, bn_eps)
     return [t.clone() for t in
             _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg)]
 
 
-_lib.impl("cbam_block", _cbam_block_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("cbam_fused::cbam_block", _cbam_block_fake, lib=_lib)
 cbam_block = torch.ops.cbam_fused.cbam_block.default
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
@@ -185,10 +168,10 @@ class _CbamBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, keyset, *args):
-        if keyset is None:  # eager, called from cbam() directly (_eager_direct): the composite
-            out = _cbam_block_impl(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
+        with torch._C._AutoDispatchBelowAutograd():
+            if keyset is None:  # eager, from cbam() directly (_eager_direct): the C++ kernel
+                out = cbam_block(*args)
+            else:
                 out = cbam_block.redispatch(keyset & _BELOW_AUTOGRAD, *args)
         _setup_context(ctx, args, out)
         ctx.mark_non_differentiable(*out[1:])
@@ -257,12 +240,14 @@ def _cast_cached(t: Optional[Tensor], dtype) -> Optional[Tensor]:
 
 
 def _run_direct(args):
-    """The block's outputs [y, *_SAVED] from the composite, without the op (_eager_direct)."""
+    """The block's outputs [y, *_SAVED] from its C++ kernel, past the op's Python autograd kernel
+    (_eager_direct)."""
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args[:11]):
         return list(_CbamBlockFunction.apply(None, *args))
     acc = acc_dtype(args[0].dtype)
     params = [_cast_cached(t, acc) for t in args[1:11]]
-    return _forward(args[0], *params, _Config(*args[11:]))
+    with torch._C._AutoDispatchBelowAutograd():
+        return cbam_block(args[0], *params, *args[11:])
 
 
 def _setup_context(ctx, inputs, output):
@@ -521,12 +506,8 @@ def cbam(x: Tensor,
     args = (xin, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight, bn_bias,
             bn_running_mean, bn_running_var, pools, act, spatial_pools,
             ARRANGEMENTS[arrangement], bool(batch_norm), bn_train, float(bn_eps))
-    if _eager_direct(xin):
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # heads in the accumulation dtype
-                out = _run_direct(args)
-        else:
-            out = _run_direct(args)
+    if _eager_direct(xin):  # (the C++ kernel runs the heads with autocast off itself)
+        out = _run_direct(args)
     else:
         with torch.autocast(x.device.type, enabled=False):  # heads run in the accumulation dtype
             out = cbam_block(*args)

@@ -232,3 +232,58 @@ def test_graphs_and_modes_take_the_op():
     assert functional._eager_direct(x)
     traced = torch.jit.trace(cbam_fused.CBAM(8, hidden_channels=2).eval(), x)
     assert "cbam_fused::cbam_block" in str(traced.graph)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpp_kernel_of_the_block_is_bitwise_its_python_twin(variant, dtype, layout):
+    """The block op's C++ kernel (csrc/block_forward.cpp, what real tensors run) and the Python
+    composite of its fake kernel (functional._forward) compute the same outputs, bit for bit,
+    in training and in eval, for every variant."""
+    torch.manual_seed(0)
+    m = randomize_(make(variant, 16)).to(dtype)
+    x = torch.randn(3, 16, 5, 6, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    for train in (True, False):
+        m.train(train)
+        kw = m.functional_kwargs()
+        kw.pop("bn_momentum", None)
+        args = (x, kw.get("mlp_w1"), kw.get("mlp_b1"), kw.get("mlp_w2"), kw.get("mlp_b2"),
+                kw.get("conv_w"), kw.get("conv_b"), kw.get("bn_weight"), kw.get("bn_bias"),
+                kw.get("bn_running_mean"), kw.get("bn_running_var"))
+        cfg = functional._Config(kw.get("pools", "avg+max"), kw.get("act", "relu"),
+                                 kw.get("spatial_pools", "max,mean"),
+                                 functional.ARRANGEMENTS[kw["arrangement"]],
+                                 bool(kw.get("batch_norm", False)),
+                                 bool(kw.get("bn_training", False)) or
+                                 kw.get("bn_running_mean") is None,
+                                 float(kw.get("bn_eps", 1e-5)))
+        with torch.no_grad():
+            cpp = functional.cbam_block(*args, *cfg)
+            py = functional._forward(*args, cfg)
+        assert len(cpp) == len(py) == 1 + len(functional._SAVED)
+        for name, a, b in zip(("y",) + functional._SAVED, cpp, py):
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype)
+            assert torch.equal(a, b), (name, train)
+        assert cpp[0].stride() == x.stride()
+
+
+def test_compiled_block_under_autocast_keeps_its_heads_in_float32():
+    """A compiled graph calls the block op's C++ kernel in the caller's autocast state: the kernel
+    turns autocast off itself, so the gates are the float32 ones eager computes."""
+    torch._dynamo.reset()
+    m = randomize_(cbam_fused.CBAM(16, hidden_channels=4)).eval()
+    kw = m.functional_kwargs()
+
+    def gates(x):
+        return functional.cbam(x, **kw, return_gates=True)
+
+    x = torch.randn(2, 16, 5, 6, dtype=torch.bfloat16)
+    compiled = torch.compile(gates, fullgraph=True, backend="inductor")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, gc, gs = compiled(x)
+        y_e, gc_e, gs_e = gates(x)
+    assert gc.dtype == gs.dtype == torch.float32
+    assert torch.equal(gc, gc_e) and torch.equal(gs, gs_e) and torch.equal(y, y_e)

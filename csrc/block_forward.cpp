@@ -1,0 +1,246 @@
+// The CBAM block's forward composite, cbam_fused::cbam_block, in C++ (its CompositeExplicitAutograd
+// kernel: every device). The same steps as the Python composite cbam_fused.functional._forward,
+// which is the op's fake kernel (symbolic shapes); tests/test_functional.py checks the two are
+// bitwise equal. In C++ because a call of the block is bound by host time at every ResNet-50 site
+// on a GPU (the H200 run of 2026-11-26): each of its dozen-odd ATen calls costs a Python round
+// trip there, a few microseconds here.
+//
+//   a, m, is = pool_over_s(x, scale)            channel gate: pools over S (lp, lse too if asked)
+//   gc = sigmoid(sum over pools p of W2 act(W1 p + b1) + b2)     (or W1 p + b1: single layer)
+//   u, v, ic = pool_over_c(x, scale)            spatial gate: pools over C
+//   gs = sigmoid(BN(conv(stack(u, v))))
+//   y = apply_gates(x, gc, gs)
+// arrangement 0: the spatial gate pools x gc; 1: the channel gate pools x gs; 2: both plain x.
+// Returns [y, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd] (functional._SAVED; an
+// empty tensor for an absent one), no two of them aliasing (an op's outputs must not).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace cbam {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+using Pools3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Pools5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The package's own ops through the dispatcher (their CUDA, CPU or simulator kernels).
+Pools3 pool_over_s(const at::Tensor& x, const OptT& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_s", "")
+                             .typed<Pools3(const at::Tensor&, const OptT&)>();
+  return op.call(x, scale);
+}
+
+Pools5 pool_over_s_lp_lse(const at::Tensor& x, const OptT& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_s_lp_lse", "")
+                             .typed<Pools5(const at::Tensor&, const OptT&)>();
+  return op.call(x, scale);
+}
+
+Pools3 pool_over_c(const at::Tensor& x, const OptT& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_c", "")
+                             .typed<Pools3(const at::Tensor&, const OptT&)>();
+  return op.call(x, scale);
+}
+
+at::Tensor apply_gates(const at::Tensor& x, const OptT& gc, const OptT& gs) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::apply_gates", "")
+                             .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&)>();
+  return op.call(x, gc, gs);
+}
+
+// A parameter in the accumulation dtype; MLP weights in Linear form ([out, in]).
+OptT acc(const OptT& t, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->scalar_type() == dtype ? *t : t->to(dtype);
+}
+
+OptT linear_form(const OptT& w) {
+  if (!w.has_value() || w->dim() == 2) return w;
+  return w->reshape({w->size(0), w->size(1)});
+}
+
+at::Tensor act_forward(const at::Tensor& h, const std::string& act) {
+  if (act == "relu") return at::relu(h);
+  if (act == "silu") return at::silu(h);
+  if (act == "gelu") return at::gelu(h);
+  return h;  // identity
+}
+
+std::vector<std::string> split_pools(const std::string& pools) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (true) {
+    const size_t plus = pools.find('+', start);
+    out.push_back(pools.substr(start, plus == std::string::npos ? std::string::npos
+                                                                : plus - start));
+    if (plus == std::string::npos) return out;
+    start = plus + 1;
+  }
+}
+
+struct ChannelGate {
+  at::Tensor gc, idx_s, p, h_pre;
+};
+
+// _heads.channel_forward: the MLP on the stacked pools, its outputs summed per pool.
+ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::string& pools,
+                         const OptT& w1, const OptT& b1, const OptT& w2, const OptT& b2,
+                         const std::string& act) {
+  const bool blend = pools == "blend";
+  const std::vector<std::string> kinds =
+      blend ? std::vector<std::string>{"avg", "max"} : split_pools(pools);
+  bool lp_lse = false;
+  for (const auto& k : kinds) lp_lse = lp_lse || k == "lp" || k == "lse";
+  at::Tensor a, m, idx_s, lp, lse;
+  if (lp_lse) {
+    std::tie(a, m, idx_s, lp, lse) = pool_over_s_lp_lse(x, scale);
+  } else {
+    std::tie(a, m, idx_s) = pool_over_s(x, scale);
+  }
+  std::vector<at::Tensor> inputs;
+  if (blend) {
+    inputs.push_back(at::mul(at::add(a, m), 0.5));
+  } else {
+    for (const auto& k : kinds) {
+      inputs.push_back(k == "avg" ? a : k == "max" ? m : k == "lp" ? lp : lse);
+    }
+  }
+  ChannelGate out;
+  out.idx_s = idx_s;
+  out.p = at::cat(inputs, 0);  // [k N, C]
+  out.h_pre = at::linear(out.p, *w1, b1);
+  const at::Tensor z = w2.has_value() ? at::linear(act_forward(out.h_pre, act), *w2, b2)
+                                      : out.h_pre;
+  const int64_t k = static_cast<int64_t>(inputs.size());
+  out.gc = at::sigmoid(z.reshape({k, inputs[0].size(0), -1}).sum(0));
+  return out;
+}
+
+struct SpatialGate {
+  at::Tensor gs, idx_c, smap, zconv, mean, invstd;
+};
+
+// _heads.spatial_map and spatial_forward: conv (and BatchNorm) of the stacked pools over C.
+SpatialGate spatial_gate(const at::Tensor& x, const OptT& scale, const std::string& order,
+                         const at::Tensor& conv_w, const OptT& conv_b, bool batch_norm,
+                         const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
+                         const OptT& bn_rv, bool bn_training, double bn_eps) {
+  const int64_t n = x.size(0);
+  std::vector<int64_t> shape{n, 1};
+  for (int64_t d = 2; d < x.dim(); ++d) shape.push_back(x.size(d));
+  auto [u_flat, v_flat, idx_c] = pool_over_c(x, scale);
+  const at::Tensor u = u_flat.reshape(shape), v = v_flat.reshape(shape);
+  SpatialGate out;
+  out.idx_c = idx_c;
+  if (order == "max,mean") {
+    out.smap = at::cat({v, u}, 1);
+  } else if (order == "mean,max") {
+    out.smap = at::cat({u, v}, 1);
+  } else {  // blend
+    out.smap = at::mul(at::add(u, v), 0.5);
+  }
+  const int64_t nd = x.dim() - 2;
+  const int64_t pad = conv_w.size(-1) / 2;
+  const std::vector<int64_t> ones(nd, 1), pads(nd, pad), zeros(nd, 0);
+  out.zconv = at::convolution(out.smap, conv_w, conv_b, ones, pads, ones, false, zeros, 1);
+  at::Tensor zs = out.zconv;
+  if (batch_norm) {
+    if (bn_training) {
+      TORCH_CHECK_VALUE(out.zconv.numel() > 1,
+                        "Expected more than 1 value per channel when training, got input size ",
+                        out.zconv.sizes(), " (the spatial map's BatchNorm)");
+      std::tie(zs, out.mean, out.invstd) = at::native_batch_norm(
+          out.zconv, bn_w, bn_b, std::nullopt, std::nullopt, true, 0.0, bn_eps);
+    } else {
+      std::tie(zs, out.mean, out.invstd) =
+          at::native_batch_norm(out.zconv, bn_w, bn_b, bn_rm, bn_rv, false, 0.0, bn_eps);
+    }
+  }
+  out.gs = at::sigmoid(zs).reshape({n, -1});
+  return out;
+}
+
+std::vector<at::Tensor> cbam_block(const at::Tensor& x, const OptT& w1_in, const OptT& b1_in,
+                                   const OptT& w2_in, const OptT& b2_in, const OptT& conv_w_in,
+                                   const OptT& conv_b_in, const OptT& bn_w_in,
+                                   const OptT& bn_b_in, const OptT& bn_rm_in,
+                                   const OptT& bn_rv_in, c10::string_view pools_in,
+                                   c10::string_view act_in, c10::string_view spatial_pools_in,
+                                   int64_t arrangement, bool batch_norm, bool bn_training,
+                                   double bn_eps) {
+  // The heads run in the accumulation dtype whatever autocast the caller has on (a compiled
+  // graph calls this kernel in the caller's autocast state)
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const std::string pools(pools_in), act(act_in), order(spatial_pools_in);
+  const at::ScalarType dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const OptT w1 = linear_form(acc(w1_in, dt)), b1 = acc(b1_in, dt);
+  const OptT w2 = linear_form(acc(w2_in, dt)), b2 = acc(b2_in, dt);
+  const OptT conv_w = acc(conv_w_in, dt), conv_b = acc(conv_b_in, dt);
+  const OptT bn_w = acc(bn_w_in, dt), bn_b = acc(bn_b_in, dt);
+  const OptT bn_rm = acc(bn_rm_in, dt), bn_rv = acc(bn_rv_in, dt);
+  const bool channel = w1.has_value(), spatial = conv_w.has_value();
+
+  ChannelGate ch;
+  SpatialGate sp;
+  auto run_channel = [&](const OptT& scale) {
+    ch = channel_gate(x, scale, pools, w1, b1, w2, b2, act);
+  };
+  auto run_spatial = [&](const OptT& scale) {
+    sp = spatial_gate(x, scale, order, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm, bn_rv,
+                      bn_training, bn_eps);
+  };
+  auto opt = [](const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); };
+  if (arrangement == 0) {  // channel first: the spatial gate pools x * gc
+    if (channel) run_channel(std::nullopt);
+    if (spatial) run_spatial(opt(ch.gc));
+  } else if (arrangement == 1) {  // spatial first: the channel gate pools x * gs
+    if (spatial) run_spatial(std::nullopt);
+    if (channel) run_channel(opt(sp.gs));
+  } else {  // parallel: both gates pool plain x
+    if (channel) run_channel(std::nullopt);
+    if (spatial) run_spatial(std::nullopt);
+  }
+  std::vector<at::Tensor> out{apply_gates(x, opt(ch.gc), opt(sp.gs)),
+                              ch.gc, sp.gs, ch.idx_s, sp.idx_c, ch.p, ch.h_pre,
+                              sp.smap, sp.zconv, sp.mean, sp.invstd};
+  const auto empty_opts = x.options().dtype(dt);
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!out[i].defined()) {
+      out[i] = at::empty({0}, empty_opts);
+      continue;
+    }
+    for (size_t j = 0; j < i; ++j) {  // no two outputs share storage (zconv is zs without BN)
+      if (out[i].numel() > 0 && out[j].numel() > 0 && out[i].is_alias_of(out[j])) {
+        out[i] = out[i].clone();
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace cbam
+
+TORCH_LIBRARY_FRAGMENT(cbam_fused, m) {
+  m.def(
+      "cbam_block(Tensor x, Tensor? w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor? conv_w, "
+      "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, Tensor? bn_rv, str pools, "
+      "str act, str spatial_pools, int arrangement, bool batch_norm, bool bn_training, "
+      "float bn_eps) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(cbam_fused, CompositeExplicitAutograd, m) {
+  m.impl("cbam_block", &cbam::cbam_block);
+}
