@@ -17,7 +17,7 @@ both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] ten
 indices. The heads run in closed form (_heads.py), so the whole block traces under
 torch.compile(fullgraph=True). The forward composite is the op's C++ kernel
 (csrc/block_forward.cpp: one call from Python instead of a dozen) and, for fake tensors, _forward
-below; the backward is _backward_closed_form.
+below; the backward likewise: csrc/block_backward.cpp and _backward_composite.
 With the official code's lp / lse pools in `pools`, pool_over_s_lp_lse computes them in the same
 pass as avg and max (lp = sqrt(sum_s x^2), lse = log sum_s exp x), and Q3 is grad_input_lp_lse,
 which also reads x for their gradients (dl x / lp + de exp(x - lse)): 6 backward passes
@@ -261,14 +261,22 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    """Once-differentiable: a double backward raises (torch's @once_differentiable mechanism).
-    Grad mode is on in a backward only under create_graph=True: then every gradient carries an
-    error node, so differentiating it again raises a clear error (whether or not the incoming
-    gradient itself requires grad)."""
-    # autocast off as in the forward: torch.compile traces this backward inside the caller's
-    # autocast region, which would run the heads' matmuls in bfloat16 / float16
+    """The block's backward: its op, cbam_block_backward (C++ kernel; fake kernel
+    _backward_composite). Once-differentiable: a double backward raises (torch's
+    @once_differentiable mechanism). Grad mode is on in a backward only under create_graph=True:
+    then every gradient carries an error node, so differentiating it again raises a clear error
+    (whether or not the incoming gradient itself requires grad)."""
+    g = grads[0]
+    if g is None:  # no gradient reached y (grads are not materialised): none for the inputs
+        return (None,) * 18
+    # autocast off as in the forward (the C++ kernel turns it off itself; the fake kernel, traced
+    # by torch.compile inside the caller's autocast region, needs it)
+    saved = ctx.saved_tensors
     with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
-        out = _backward_closed_form(ctx, grads)
+        out = cbam_block_backward(g, *saved, *ctx.cfg)
+    grads = iter(out[1:])  # one per parameter given (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b)
+    out = (out[0], *[None if t is None else next(grads) for t in saved[1:9]], None, None) \
+        + (None,) * 7
     if not torch.is_grad_enabled():
         return out
     err = torch._C._functions.DelayedError(
@@ -276,16 +284,29 @@ def _backward(ctx, grads):
     return tuple(None if t is None else err(t.detach().requires_grad_()) for t in out)
 
 
-def _backward_closed_form(ctx, grads):
-    """Backward in closed form: Q1, the heads' backward, Q2, Q3 (see the module docstring)."""
-    saved = ctx.saved_tensors
+def _cbam_block_backward_fake(grad, x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
+                              *rest):
+    """cbam_block_backward's fake kernel: _backward_composite, [dx, then the gradient of each
+    parameter given]."""
+    saved, cfg = rest[:len(_SAVED)], _Config(*rest[len(_SAVED):])
+    params = (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b)
+    out = _backward_composite(grad, (x, *params, bn_rm, bn_rv) + tuple(saved), cfg)
+    return [out[0].clone()] + [t.clone() for t, p in zip(out[1:], params) if p is not None]
+
+
+torch.library.register_fake("cbam_fused::cbam_block_backward", _cbam_block_backward_fake,
+                            lib=_lib)
+cbam_block_backward = torch.ops.cbam_fused.cbam_block_backward.default
+
+
+def _backward_composite(g, saved, cfg):
+    """The backward in closed form, in Python: Q1, the heads' backward, Q2, Q3 (see the module
+    docstring); [dx, dw1, db1, dw2, db2, dconv_w, dconv_b, dbn_w, dbn_b] (None for a parameter
+    not given). The fake kernel of cbam_block_backward, whose C++ kernel (block_backward.cpp)
+    computes the same."""
     x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = saved[:11]
     gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd = \
         [_none_if_empty(t) for t in saved[11:]]
-    cfg = ctx.cfg
-    g = grads[0]
-    if g is None:  # no gradient reached y (grads are not materialised): none for the inputs
-        return (None,) * 18
     n, sp = x.shape[0], tuple(x.shape[2:])
     pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
         x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv)
@@ -345,9 +366,8 @@ def _backward_closed_form(ctx, grads):
                                     dpool.get("lse"), pooled.get("lse"), cfg.arrangement)
     else:  # Q3
         dx = _ops.grad_input(g, *q3, cfg.arrangement)
-    pgrads = [_back(gr, like) for gr, like in zip(
+    return [dx] + [_back(gr, like) for gr, like in zip(
         (dw1, db1, dw2, db2, dcw, dcb, dbw, dbb), (w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b))]
-    return (dx, *pgrads, None, None) + (None,) * 7
 
 
 def _memory_format(x: Tensor):

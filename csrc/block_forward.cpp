@@ -13,81 +13,12 @@
 // arrangement 0: the spatial gate pools x gc; 1: the channel gate pools x gs; 2: both plain x.
 // Returns [y, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd] (functional._SAVED; an
 // empty tensor for an absent one), no two of them aliasing (an op's outputs must not).
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
-
-#include <optional>
-#include <string>
-#include <tuple>
-#include <vector>
+#include "block_common.h"
 
 namespace cbam {
 namespace {
 
-using OptT = std::optional<at::Tensor>;
-using Pools3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Pools5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The package's own ops through the dispatcher (their CUDA, CPU or simulator kernels).
-Pools3 pool_over_s(const at::Tensor& x, const OptT& scale) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cbam_fused::pool_over_s", "")
-                             .typed<Pools3(const at::Tensor&, const OptT&)>();
-  return op.call(x, scale);
-}
-
-Pools5 pool_over_s_lp_lse(const at::Tensor& x, const OptT& scale) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cbam_fused::pool_over_s_lp_lse", "")
-                             .typed<Pools5(const at::Tensor&, const OptT&)>();
-  return op.call(x, scale);
-}
-
-Pools3 pool_over_c(const at::Tensor& x, const OptT& scale) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cbam_fused::pool_over_c", "")
-                             .typed<Pools3(const at::Tensor&, const OptT&)>();
-  return op.call(x, scale);
-}
-
-at::Tensor apply_gates(const at::Tensor& x, const OptT& gc, const OptT& gs) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cbam_fused::apply_gates", "")
-                             .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&)>();
-  return op.call(x, gc, gs);
-}
-
-// A parameter in the accumulation dtype; MLP weights in Linear form ([out, in]).
-OptT acc(const OptT& t, at::ScalarType dtype) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->scalar_type() == dtype ? *t : t->to(dtype);
-}
-
-OptT linear_form(const OptT& w) {
-  if (!w.has_value() || w->dim() == 2) return w;
-  return w->reshape({w->size(0), w->size(1)});
-}
-
-at::Tensor act_forward(const at::Tensor& h, const std::string& act) {
-  if (act == "relu") return at::relu(h);
-  if (act == "silu") return at::silu(h);
-  if (act == "gelu") return at::gelu(h);
-  return h;  // identity
-}
-
-std::vector<std::string> split_pools(const std::string& pools) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (true) {
-    const size_t plus = pools.find('+', start);
-    out.push_back(pools.substr(start, plus == std::string::npos ? std::string::npos
-                                                                : plus - start));
-    if (plus == std::string::npos) return out;
-    start = plus + 1;
-  }
-}
+using namespace block;  // NOLINT(build/namespaces): the helpers of block_common.h
 
 struct ChannelGate {
   at::Tensor gc, idx_s, p, h_pre;

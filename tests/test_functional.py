@@ -237,10 +237,11 @@ def test_graphs_and_modes_take_the_op():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cpp_kernel_of_the_block_is_bitwise_its_python_twin(variant, dtype, layout):
-    """The block op's C++ kernel (csrc/block_forward.cpp, what real tensors run) and the Python
-    composite of its fake kernel (functional._forward) compute the same outputs, bit for bit,
-    in training and in eval, for every variant."""
+def test_cpp_kernels_of_the_block_are_bitwise_their_python_twins(variant, dtype, layout):
+    """The block ops' C++ kernels (csrc/block_forward.cpp, block_backward.cpp: what real tensors
+    run) and the Python composites of their fake kernels (functional._forward,
+    _backward_composite) compute the same outputs, bit for bit, in training and in eval, for every
+    variant; the backward from a gradient in another layout than x."""
     torch.manual_seed(0)
     m = randomize_(make(variant, 16)).to(dtype)
     x = torch.randn(3, 16, 5, 6, dtype=dtype)
@@ -268,6 +269,19 @@ def test_cpp_kernel_of_the_block_is_bitwise_its_python_twin(variant, dtype, layo
             assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype)
             assert torch.equal(a, b), (name, train)
         assert cpp[0].stride() == x.stride()
+        # the backward: C++ kernel against _backward_composite, from what the forward saved
+        saved = list(args)
+        if cfg.bn_training:  # as _setup_context saves them: no running statistics
+            saved[9] = saved[10] = None
+        saved += list(cpp[1:])
+        g = torch.randn(x.shape, dtype=dtype).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            cpp_b = functional.cbam_block_backward(g, *saved, *cfg)
+            py_b = functional._backward_composite(g, saved, cfg)
+        given = [py_b[0]] + [t for t, prm in zip(py_b[1:], saved[1:9]) if prm is not None]
+        assert len(cpp_b) == len(given), (len(cpp_b), len(given))
+        for i, (a, b) in enumerate(zip(cpp_b, given)):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (i, train)
 
 
 def test_compiled_block_under_autocast_keeps_its_heads_in_float32():

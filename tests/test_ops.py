@@ -83,6 +83,14 @@ def test_opcheck_cbam_block(arrangement, layout, pools):
         args = (x, w1, b1, w2, b2, cw, None, bw, bb, rm, rv, pools, "relu", "max,mean",
                 arrangement, True, training, 1e-5)
         opcheck(ops.cbam_block, args)
+        # the backward op, from what the forward saved (no running statistics in training)
+        with torch.no_grad():
+            out = ops.cbam_block(*args)
+        saved = [t.detach() if isinstance(t, torch.Tensor) else t for t in args[:11]]
+        if training:
+            saved[9] = saved[10] = None
+        bargs = (torch.randn_like(x).detach(), *saved, *out[1:], *args[11:])
+        opcheck(ops.cbam_block_backward, bargs)
 
 
 # ----------------------------------------------------------------- semantics against loops

@@ -1,0 +1,252 @@
+// The CBAM block's backward in closed form, cbam_fused::cbam_block_backward, in C++ (its
+// CompositeExplicitAutograd kernel: every device). The same steps as the Python composite
+// cbam_fused.functional._backward_composite, which is the op's fake kernel; tests check the two
+// bitwise. In C++ for the reason block_forward.cpp is: host time.
+//
+//   rc, rs = backward_reduce(g, x, gc, gs)                          Q1: reads g and x
+//   heads' backward (closed form): dgs = rs (+ Q2) -> du, dv, conv / BN grads;
+//                                  dgc = rc (+ Q2) -> d pools, MLP grads
+//   Q2 (channel first): dgc += pool_over_c_backward_scale(x, du, dv, ic)         reads x
+//      (spatial first): dgs += pool_over_s_backward_scale(x, da, dm, is) (+ lp / lse terms)
+//   dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)              Q3: reads g, writes dx
+//        (grad_input_lp_lse with the official lp / lse pools: reads x too)
+// Inputs: grad of y, x, the parameters, and what the forward saved (functional._SAVED; an empty
+// tensor for an absent one). Returns [dx, then the gradients of the parameters given, in the order
+// w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b], each in its parameter's dtype and shape (every
+// parameter given gets one: no placeholders, which would cost an allocation each).
+#include "block_common.h"
+
+#include <map>
+
+namespace cbam {
+namespace {
+
+using namespace block;  // NOLINT(build/namespaces): the helpers of block_common.h
+
+OptT present(const OptT& t) {
+  return t.has_value() && t->defined() && t->numel() > 0 ? t : std::nullopt;
+}
+
+OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
+
+struct ChannelGrads {
+  std::map<std::string, at::Tensor> dpool;  // by pool name
+  at::Tensor dw1, db1, dw2, db2;
+};
+
+// _heads.channel_backward: gradients of sum_p z(p) for dzc = d(pre-sigmoid channel logits).
+ChannelGrads channel_backward(const at::Tensor& dzc, const std::string& pools, const at::Tensor& p,
+                              const at::Tensor& h_pre, const at::Tensor& w1, const OptT& b1,
+                              const OptT& w2, const OptT& b2, const std::string& act) {
+  const int64_t n = dzc.size(0);
+  const bool blend = pools == "blend";
+  const std::vector<std::string> kinds =
+      blend ? std::vector<std::string>{"blend"} : split_pools(pools);
+  const int64_t k = static_cast<int64_t>(kinds.size());
+  const at::Tensor dz = k > 1 ? dzc.repeat({k, 1}) : dzc;  // the same dzc into every pool's MLP
+  ChannelGrads out;
+  at::Tensor dh_pre;
+  if (!w2.has_value()) {
+    dh_pre = dz;
+  } else {
+    const at::Tensor h = act_forward(h_pre, act);
+    out.dw2 = at::mm(dz.t(), h);
+    if (b2.has_value()) out.db2 = dz.sum(0);
+    dh_pre = act_backward(at::mm(dz, *w2), h_pre, act);
+  }
+  out.dw1 = at::mm(dh_pre.t(), p);
+  if (b1.has_value()) out.db1 = dh_pre.sum(0);
+  const at::Tensor dp = at::mm(dh_pre, w1);  // [k N, C]
+  if (blend) {
+    const at::Tensor half = at::mul(dp, 0.5);
+    out.dpool["avg"] = half;
+    out.dpool["max"] = half;
+  } else if (k > 1) {
+    for (int64_t i = 0; i < k; ++i) out.dpool[kinds[i]] = dp.slice(0, i * n, (i + 1) * n);
+  } else {
+    out.dpool[kinds[0]] = dp;
+  }
+  return out;
+}
+
+struct SpatialGrads {
+  at::Tensor du, dv, dcw, dcb, dbw, dbb;
+};
+
+// _heads.spatial_backward and spatial_map_backward.
+SpatialGrads spatial_backward(const at::Tensor& dzs, const at::Tensor& smap, const at::Tensor& zconv,
+                              const at::Tensor& conv_w, const OptT& conv_b, bool batch_norm,
+                              const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
+                              const OptT& bn_rv, bool bn_training, double bn_eps,
+                              const OptT& mean, const OptT& invstd, const std::string& order) {
+  SpatialGrads out;
+  at::Tensor dzconv = dzs;
+  if (batch_norm) {
+    std::tie(dzconv, out.dbw, out.dbb) = at::native_batch_norm_backward(
+        dzs, zconv, bn_w, bn_rm, bn_rv, mean, invstd, bn_training, bn_eps,
+        {true, bn_w.has_value(), bn_b.has_value()});
+  }
+  const int64_t nd = smap.dim() - 2;
+  const int64_t pad = conv_w.size(-1) / 2;
+  const std::vector<int64_t> ones(nd, 1), pads(nd, pad), zeros(nd, 0);
+  const std::vector<int64_t> bias_size{conv_w.size(0)};
+  const at::OptionalIntArrayRef bias_sizes =
+      conv_b.has_value() ? at::OptionalIntArrayRef(bias_size) : at::OptionalIntArrayRef();
+  at::Tensor dmap;
+  std::tie(dmap, out.dcw, out.dcb) = at::convolution_backward(
+      dzconv, smap, conv_w, bias_sizes, ones, pads, ones, false, zeros, 1,
+      {true, true, conv_b.has_value()});
+  const int64_t n = dmap.size(0);
+  if (order == "max,mean") {
+    out.dv = dmap.select(1, 0);
+    out.du = dmap.select(1, 1);
+  } else if (order == "mean,max") {
+    out.du = dmap.select(1, 0);
+    out.dv = dmap.select(1, 1);
+  } else {  // blend
+    out.du = out.dv = at::mul(dmap.select(1, 0), 0.5);
+  }
+  out.du = out.du.reshape({n, -1});
+  out.dv = out.dv.reshape({n, -1});
+  return out;
+}
+
+c10::MemoryFormat memory_format(const at::Tensor& x) {
+  if (x.dim() == 4 && x.is_contiguous(c10::MemoryFormat::ChannelsLast) && !x.is_contiguous()) {
+    return c10::MemoryFormat::ChannelsLast;
+  }
+  if (x.dim() == 5 && x.is_contiguous(c10::MemoryFormat::ChannelsLast3d) && !x.is_contiguous()) {
+    return c10::MemoryFormat::ChannelsLast3d;
+  }
+  return c10::MemoryFormat::Contiguous;
+}
+
+// A gradient computed in the accumulation dtype, in its parameter's dtype and shape.
+at::Tensor back(const at::Tensor& g, const OptT& like) {
+  at::Tensor out = g.scalar_type() == like->scalar_type() ? g : g.to(like->scalar_type());
+  return out.sizes() == like->sizes() ? out : out.reshape(like->sizes());
+}
+
+std::vector<at::Tensor> cbam_block_backward(
+    const at::Tensor& grad, const at::Tensor& x, const OptT& w1_in, const OptT& b1_in,
+    const OptT& w2_in, const OptT& b2_in, const OptT& conv_w_in, const OptT& conv_b_in,
+    const OptT& bn_w_in, const OptT& bn_b_in, const OptT& bn_rm_in, const OptT& bn_rv_in,
+    const OptT& gc_in, const OptT& gs_in, const OptT& idx_s_in, const OptT& idx_c_in,
+    const OptT& p_in, const OptT& h_pre_in, const OptT& smap_in, const OptT& zconv_in,
+    const OptT& mean_in, const OptT& invstd_in, c10::string_view pools_in,
+    c10::string_view act_in, c10::string_view spatial_pools_in, int64_t arrangement,
+    bool batch_norm, bool bn_training, double bn_eps) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const std::string pools(pools_in), act(act_in), order(spatial_pools_in);
+  const at::ScalarType dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const OptT w1 = linear_form(acc(w1_in, dt)), b1 = acc(b1_in, dt);
+  const OptT w2 = linear_form(acc(w2_in, dt)), b2 = acc(b2_in, dt);
+  const OptT conv_w = acc(conv_w_in, dt), conv_b = acc(conv_b_in, dt);
+  const OptT bn_w = acc(bn_w_in, dt), bn_b = acc(bn_b_in, dt);
+  const OptT bn_rm = acc(bn_rm_in, dt), bn_rv = acc(bn_rv_in, dt);
+  const OptT gc = present(gc_in), gs = present(gs_in), idx_s = present(idx_s_in),
+             idx_c = present(idx_c_in), p = present(p_in), h_pre = present(h_pre_in),
+             smap = present(smap_in), zconv = present(zconv_in), mean = present(mean_in),
+             invstd = present(invstd_in);
+  const bool channel = gc.has_value(), spatial = gs.has_value();
+  const int64_t n = x.size(0);
+  at::Tensor g = grad;
+  if (g.strides() != x.strides()) g = g.contiguous(memory_format(x));  // e.g. NCHW g, NHWC x
+
+  auto [rc, rs] = backward_reduce(g, x, gc, gs, channel, spatial);  // Q1
+  bool lp_lse = false;
+  if (channel && pools != "blend") {
+    for (const auto& k : split_pools(pools)) lp_lse = lp_lse || k == "lp" || k == "lse";
+  }
+  std::map<std::string, at::Tensor> pooled;  // the lp / lse pools, by name (inside p)
+  if (lp_lse) {
+    const auto kinds = split_pools(pools);
+    for (size_t i = 0; i < kinds.size(); ++i) {
+      pooled[kinds[i]] = p->slice(0, static_cast<int64_t>(i) * n,
+                                  static_cast<int64_t>(i + 1) * n);
+    }
+  }
+  ChannelGrads cg;
+  SpatialGrads sg;
+  std::vector<int64_t> map_shape{n, 1};
+  for (int64_t d = 2; d < x.dim(); ++d) map_shape.push_back(x.size(d));
+  auto channel_back = [&](const at::Tensor& dgc) {
+    cg = channel_backward(at::sigmoid_backward(dgc, *gc), pools, *p, *h_pre, *w1, b1, w2, b2,
+                          act);
+  };
+  auto spatial_back = [&](const at::Tensor& dgs) {
+    const at::Tensor dzs = at::sigmoid_backward(dgs, *gs).reshape(map_shape);
+    sg = spatial_backward(dzs, *smap, *zconv, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm,
+                          bn_rv, bn_training, bn_eps, mean, invstd, order);
+  };
+  auto dpool = [&](const char* name) {
+    const auto it = cg.dpool.find(name);
+    return it == cg.dpool.end() ? OptT() : OptT(it->second);
+  };
+  auto pool = [&](const char* name) {
+    const auto it = pooled.find(name);
+    return it == pooled.end() ? OptT() : OptT(it->second);
+  };
+
+  if (arrangement == 0) {  // channel first: the spatial gate pooled x * gc
+    if (spatial) spatial_back(rs);
+    if (channel) {
+      at::Tensor dgc = rc;
+      if (spatial) {  // Q2
+        dgc = at::add(dgc, backward_scale("cbam_fused::pool_over_c_backward_scale", x,
+                                          opt(sg.du), opt(sg.dv), idx_c));
+      }
+      channel_back(dgc);
+    }
+  } else if (arrangement == 1) {  // spatial first: the channel gate pooled x * gs
+    if (channel) channel_back(rc);
+    if (spatial) {
+      at::Tensor dgs = rs;
+      if (channel) {  // Q2
+        dgs = at::add(dgs, lp_lse ? pool_over_s_backward_scale_lp_lse(
+                                        x, dpool("avg"), dpool("max"), idx_s, gs, dpool("lp"),
+                                        pool("lp"), dpool("lse"), pool("lse"))
+                                  : backward_scale("cbam_fused::pool_over_s_backward_scale", x,
+                                                   dpool("avg"), dpool("max"), idx_s));
+      }
+      spatial_back(dgs);
+    }
+  } else {  // parallel: both gates pooled plain x, no Q2
+    if (channel) channel_back(rc);
+    if (spatial) spatial_back(rs);
+  }
+
+  const OptT dm = dpool("max"), dv = opt(sg.dv);
+  const OptT is = dm.has_value() ? idx_s : OptT(), ic = dv.has_value() ? idx_c : OptT();
+  const at::Tensor dx =
+      lp_lse ? grad_input_lp_lse(g, x, gc, gs, dpool("avg"), dm, is, opt(sg.du), dv, ic,
+                                 dpool("lp"), pool("lp"), dpool("lse"), pool("lse"), arrangement)
+             : grad_input(g, gc, gs, dpool("avg"), dm, is, opt(sg.du), dv, ic, arrangement);
+  std::vector<at::Tensor> out{dx};
+  const std::pair<const at::Tensor*, const OptT*> pgrads[] = {
+      {&cg.dw1, &w1_in}, {&cg.db1, &b1_in}, {&cg.dw2, &w2_in}, {&cg.db2, &b2_in},
+      {&sg.dcw, &conv_w_in}, {&sg.dcb, &conv_b_in}, {&sg.dbw, &bn_w_in}, {&sg.dbb, &bn_b_in}};
+  for (const auto& [grad_p, param] : pgrads) {
+    if (!param->has_value()) continue;
+    TORCH_CHECK(grad_p->defined(), "cbam_block_backward: no gradient for a given parameter");
+    out.push_back(back(*grad_p, *param));
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace cbam
+
+TORCH_LIBRARY_FRAGMENT(cbam_fused, m) {
+  m.def(
+      "cbam_block_backward(Tensor grad, Tensor x, Tensor? w1, Tensor? b1, Tensor? w2, "
+      "Tensor? b2, Tensor? conv_w, Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, "
+      "Tensor? bn_rv, Tensor? gc, Tensor? gs, Tensor? idx_s, Tensor? idx_c, Tensor? p, "
+      "Tensor? h_pre, Tensor? smap, Tensor? zconv, Tensor? mean, Tensor? invstd, str pools, "
+      "str act, str spatial_pools, int arrangement, bool batch_norm, bool bn_training, "
+      "float bn_eps) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(cbam_fused, CompositeExplicitAutograd, m) {
+  m.impl("cbam_block_backward", &cbam::cbam_block_backward);
+}

@@ -1,0 +1,150 @@
+// Shared by the CBAM block's C++ composites (block_forward.cpp, block_backward.cpp): the package's
+// own ops called through the dispatcher, parameters in the accumulation dtype, the activations
+// and the `pools` string.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace cbam {
+namespace block {
+
+using OptT = std::optional<at::Tensor>;
+using Pools3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Pools5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The package's own ops through the dispatcher (their CUDA, CPU or simulator kernels).
+inline Pools3 pool_over_s(const at::Tensor& x, const OptT& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_s", "")
+                             .typed<Pools3(const at::Tensor&, const OptT&)>();
+  return op.call(x, scale);
+}
+
+inline Pools5 pool_over_s_lp_lse(const at::Tensor& x, const OptT& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_s_lp_lse", "")
+                             .typed<Pools5(const at::Tensor&, const OptT&)>();
+  return op.call(x, scale);
+}
+
+inline Pools3 pool_over_c(const at::Tensor& x, const OptT& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_c", "")
+                             .typed<Pools3(const at::Tensor&, const OptT&)>();
+  return op.call(x, scale);
+}
+
+inline at::Tensor apply_gates(const at::Tensor& x, const OptT& gc, const OptT& gs) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::apply_gates", "")
+                             .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&)>();
+  return op.call(x, gc, gs);
+}
+
+// A parameter in the accumulation dtype; MLP weights in Linear form ([out, in]).
+inline OptT acc(const OptT& t, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->scalar_type() == dtype ? *t : t->to(dtype);
+}
+
+inline OptT linear_form(const OptT& w) {
+  if (!w.has_value() || w->dim() == 2) return w;
+  return w->reshape({w->size(0), w->size(1)});
+}
+
+inline at::Tensor act_forward(const at::Tensor& h, const std::string& act) {
+  if (act == "relu") return at::relu(h);
+  if (act == "silu") return at::silu(h);
+  if (act == "gelu") return at::gelu(h);
+  return h;  // identity
+}
+
+inline std::vector<std::string> split_pools(const std::string& pools) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (true) {
+    const size_t plus = pools.find('+', start);
+    out.push_back(pools.substr(start, plus == std::string::npos ? std::string::npos
+                                                                : plus - start));
+    if (plus == std::string::npos) return out;
+    start = plus + 1;
+  }
+}
+
+// The backward's ops (schemas: op_schemas.h).
+inline std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at::Tensor& x,
+                                                          const OptT& gc, const OptT& gs,
+                                                          bool need_rc, bool need_rs) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::backward_reduce", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const OptT&, const OptT&, bool, bool)>();
+  return op.call(g, x, gc, gs, need_rc, need_rs);
+}
+
+// pool_over_c_backward_scale and pool_over_s_backward_scale (same signature)
+inline at::Tensor backward_scale(const char* name, const at::Tensor& x, const OptT& d_avg,
+                                 const OptT& d_max, const OptT& argmax) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(name, "")
+      .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&, const OptT&)>()
+      .call(x, d_avg, d_max, argmax);
+}
+
+inline at::Tensor pool_over_s_backward_scale_lp_lse(const at::Tensor& x, const OptT& d_avg,
+                                                    const OptT& d_max, const OptT& argmax,
+                                                    const OptT& scale, const OptT& d_lp,
+                                                    const OptT& lp, const OptT& d_lse,
+                                                    const OptT& lse) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::pool_over_s_backward_scale_lp_lse", "")
+                             .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&,
+                                               const OptT&, const OptT&, const OptT&, const OptT&,
+                                               const OptT&, const OptT&)>();
+  return op.call(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse, lse);
+}
+
+inline at::Tensor grad_input(const at::Tensor& g, const OptT& gc, const OptT& gs, const OptT& da,
+                             const OptT& dm, const OptT& idx_s, const OptT& du, const OptT& dv,
+                             const OptT& idx_c, int64_t arrangement) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::grad_input", "")
+                             .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&,
+                                               const OptT&, const OptT&, const OptT&, const OptT&,
+                                               const OptT&, const OptT&, int64_t)>();
+  return op.call(g, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement);
+}
+
+inline at::Tensor grad_input_lp_lse(const at::Tensor& g, const at::Tensor& x, const OptT& gc,
+                                    const OptT& gs, const OptT& da, const OptT& dm,
+                                    const OptT& idx_s, const OptT& du, const OptT& dv,
+                                    const OptT& idx_c, const OptT& d_lp, const OptT& lp,
+                                    const OptT& d_lse, const OptT& lse, int64_t arrangement) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::grad_input_lp_lse", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, const OptT&,
+                            const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                            const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                            int64_t)>();
+  return op.call(g, x, gc, gs, da, dm, idx_s, du, dv, idx_c, d_lp, lp, d_lse, lse, arrangement);
+}
+
+// d act(h) / dh times dh, with the kernels eager autograd uses (_heads.act_backward).
+inline at::Tensor act_backward(const at::Tensor& dh, const at::Tensor& h, const std::string& act) {
+  if (act == "relu") return at::threshold_backward(dh, h, 0);
+  if (act == "silu") return at::silu_backward(dh, h);
+  if (act == "gelu") return at::gelu_backward(dh, h);
+  return dh;  // identity
+}
+
+}  // namespace block
+}  // namespace cbam
