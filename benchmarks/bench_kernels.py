@@ -70,10 +70,12 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def _buffers(n, c, h, w, dtype, fmt, device, l2_bytes, gen):
-    """x and g buffers (rotating), and the small tensors of the ops (one set, [N, C] / [N, S])."""
+def _buffers(n, c, h, w, dtype, fmt, device, l2_bytes, gen, nb=None):
+    """x and g buffers (rotating; nb of each, else enough to exceed the L2 cache), and the small
+    tensors of the ops (one set, [N, C] / [N, S])."""
     x_bytes = n * c * h * w * torch.tensor([], dtype=dtype).element_size()
-    nb = bu.n_rotating_buffers(device, x_bytes, 2 * x_bytes, l2_bytes, cap=32, mem_share=6)
+    if nb is None:
+        nb = bu.n_rotating_buffers(device, x_bytes, 2 * x_bytes, l2_bytes, cap=32, mem_share=6)
 
     def big():
         return torch.randn((n, c, h, w), generator=gen, device=device,

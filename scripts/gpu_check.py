@@ -20,10 +20,13 @@ Steps, in order (each with its own timeout inside one overall budget):
                test_kernels_cuda.py: the per-op comparisons in float32 NCHW and bfloat16
                channels-last); only kernels whose name holds GPU_CHECK_KERNEL_FILTER (default
                "cbam") are checked (initcheck instruments every kernel, to see PyTorch's writes,
-               and counts the reports in those); fails on any report. Tools: memcheck and racecheck in
-               `lease`, initcheck and synccheck in `extra`, all four in the other parts
+               and counts the reports in those); fails on any report. Tools: memcheck and
+               racecheck in `lease`, initcheck and synccheck in `extra`, all four in the others
   bandwidth    the device-to-device copy bandwidth
   sweep        benchmarks/bench_kernels.py --sweep -> sweep.json (launcher tuning; `extra` only)
+  profile      Nsight Compute (ncu) over benchmarks/profile_kernels.py -> ncu.csv: each op once
+               at the largest and smallest ResNet-50 site, the hardware counters of every kernel
+               (DRAM throughput, occupancy, waves, registers); `extra`, `measure`, `all`
   bench_cbam   benchmarks/bench_cbam.py   -> bench_cbam.json, bench_cbam.png
   bench_network benchmarks/bench_network.py -> bench_network.json, bench_network.png
 
@@ -32,7 +35,7 @@ at most 10 minutes a command. So the default part, `lease` (7 minutes), runs eve
 reduced sizes: the GPU tests, memcheck and racecheck, the layer benchmark at batch 64 in issue
 4's two configurations (with the per-op section) and the network benchmark's quick run. If at
 least 6 minutes of device time are left after it, `--part extra` (5 minutes) runs the rest:
-the tuning sweep, initcheck and synccheck, the wider layer grid (other batches, float16,
+the tuning sweep, the kernel profile, initcheck and synccheck, the wider layer grid (other batches, float16,
 MobileNet sites, max-autotune) and the whole test suite. `verify` and `measure` (9.5 minutes
 each) and `all` (20 minutes) are for longer leases. `merge` joins the folders of the parts (the
 layer benchmark's cases of several parts are joined into one JSON and PNG):
@@ -40,7 +43,7 @@ layer benchmark's cases of several parts are joined into one JSON and PNG):
 
 The folder (argument, else $OUT, else out/gpu_check-DATE) receives at most 8 files:
 gpu_check.log, tests.log, steps.json, summary.md, and per part bench_cbam.json, bench_cbam.png,
-bench_network.json, bench_network.png or sweep.json. A short summary table is printed last.
+bench_network.json, bench_network.png, or sweep.json and ncu.csv. A short summary table is printed last.
 
 --dry-run (a machine without a GPU): runs every step it can on the CPU (versions, the wheels'
 install into a scratch folder, a CPU-only build into a scratch folder, the whole test suite,
@@ -65,7 +68,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "sweep", "bench_cbam",
+STEPS = ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "sweep", "profile",
+         "bench_cbam",
          "bench_network")
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # A lease of the device tool is 15 minutes of device time, the machine's start included, at most
@@ -77,9 +81,9 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 PARTS = {
     "lease": ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
               "bench_network"),
-    "extra": ("env", "wheels", "build", "sweep", "sanitizer", "bench_cbam", "tests"),
+    "extra": ("env", "wheels", "build", "sweep", "profile", "sanitizer", "bench_cbam", "tests"),
     "verify": ("env", "wheels", "build", "tests", "sanitizer"),
-    "measure": ("env", "wheels", "build", "bandwidth", "bench_cbam", "bench_network"),
+    "measure": ("env", "wheels", "build", "bandwidth", "profile", "bench_cbam", "bench_network"),
     "all": tuple(s for s in STEPS if s != "sweep"),
 }
 PART_BUDGET_MIN = {"lease": 7.0, "extra": 5.0, "verify": 9.5, "measure": 9.5, "all": 20.0}
@@ -103,10 +107,11 @@ PART_OPTIONS = {
 }
 # nominal timeouts (seconds) on a GPU machine; the overall budget may cut them
 NOMINAL = {"env": 90, "wheels": 120, "build": 480, "tests": 480, "sanitizer": 480,
-           "bandwidth": 90, "sweep": 150, "bench_cbam": 480, "bench_network": 420}
+           "bandwidth": 90, "sweep": 150, "profile": 150, "bench_cbam": 480,
+           "bench_network": 420}
 # the least each later step needs, kept in reserve when an earlier step's timeout is computed
 RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 45, "sanitizer": 45, "bandwidth": 15,
-           "sweep": 60, "bench_cbam": 75, "bench_network": 60}
+           "sweep": 60, "profile": 45, "bench_cbam": 75, "bench_network": 60}
 # the kernel tests the sanitizers run: the first of these files that exists, with its default
 # -k selection (small shapes, every op, both layouts: float32 NCHW and bfloat16 channels-last,
 # the two configurations of issue 4; 20 tests, each run four times under the sanitizers)
@@ -114,7 +119,9 @@ SANITIZE_FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_cuda.py")
 SANITIZE_K = {"test_kernels_cuda.py":
               "test_op_matches_cpu_kernel_on_gpu and ((float32 and cf) or (bfloat16 and cl))"}
 FILES = ("gpu_check.log", "tests.log", "steps.json", "summary.md", "bench_cbam.json",
-         "bench_cbam.png", "bench_network.json", "bench_network.png", "sweep.json")
+         "bench_cbam.png", "bench_network.json", "bench_network.png", "sweep.json", "ncu.csv")
+# Nsight Compute's sections for the profile step (names as `ncu --list-sections` gives them)
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,6 +715,42 @@ print("JSON:" + json.dumps(d))
         return self.record("sweep", status, time.monotonic() - t,
                            note or f"rc {rc}, no per_op table in sweep.json")
 
+    def step_profile(self, later):
+        """Nsight Compute over each op once at the largest and the smallest ResNet-50 site
+        (benchmarks/profile_kernels.py): DRAM throughput, occupancy, waves, registers, cycles per
+        issued instruction of every kernel -> ncu.csv, a table in summary.md."""
+        self.header("profile", "ncu over benchmarks/profile_kernels.py (hardware counters)")
+        t = time.monotonic()
+        script = os.path.join(ROOT, "benchmarks", "profile_kernels.py")
+        if self.dry or not self.has_gpu:
+            rc, out, _ = run_cmd([self.py, script, "--manifest"], timeout=60, env=self.env,
+                                 logs=[self.log.f], echo="none")
+            n = len(out.split()) if rc == 0 else "?"
+            return self.record("profile", "SKIP", time.monotonic() - t,
+                               f"SKIPPED: needs a GPU (dry run / no GPU); {n} cases (rc {rc})")
+        ncu = find_ncu(self.info.get("cuda_home"))
+        if not ncu:
+            return self.record("profile", "FAIL", time.monotonic() - t, "ncu not found")
+        csv_path = os.path.join(self.dir, "ncu.csv")
+        cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off",
+               "--kernel-name", "regex:cbam"]
+        for sec in NCU_SECTIONS:
+            cmd += ["--section", sec]
+        cmd += ["--csv", "--page", "details", "--log-file", csv_path, self.py, script]
+        self.log("  " + _cmd_str(cmd))
+        rc, out, to = run_cmd(cmd, timeout=self.timeout_for("profile", later), env=self.env,
+                              logs=[self.log.f], echo="all")
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import profile_kernels  # standard library only at import
+        rows = profile_kernels.summary_rows(csv_path) if os.path.exists(csv_path) else []
+        if not rows and '"ID"' in out:  # an ncu that printed its report instead of logging it
+            with open(csv_path, "w") as f:
+                f.write(out)
+            rows = profile_kernels.summary_rows(csv_path)
+        status = "TIMEOUT" if to else ("PASS" if rc == 0 and rows else "FAIL")
+        return self.record("profile", status, time.monotonic() - t,
+                           f"{len(rows)} kernels profiled (ncu.csv), rc {rc}")
+
     # -- driver ------------------------------------------------------------------------------
     def run(self, steps):
         self.log(f"[gpu_check] {now_utc().isoformat(timespec='seconds')} part={self.args.part} "
@@ -724,7 +767,7 @@ print("JSON:" + json.dumps(d))
                 continue
             # (a dry run's build goes to a scratch folder: the later steps use this checkout's
             # own build, so they still run)
-            if step in ("tests", "sanitizer", "bandwidth", "sweep", "bench_cbam",
+            if step in ("tests", "sanitizer", "bandwidth", "sweep", "profile", "bench_cbam",
                         "bench_network") and \
                     not self.dry and any(r["step"] == "build" and r["status"] in
                                          ("FAIL", "TIMEOUT") for r in self.results):
@@ -781,6 +824,19 @@ def attribute_reports(out, kernel_filter):
         elif block is not None:
             block.append(body)
     return ours, others
+
+
+def find_ncu(cuda_home):
+    cands = [shutil.which("ncu")]
+    for home in [cuda_home, os.environ.get("CUDA_HOME"), "/usr/local/cuda"] + sorted(
+            glob.glob("/usr/local/cuda-*"), reverse=True):
+        if home:
+            cands.append(os.path.join(home, "bin", "ncu"))
+    cands += sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True)
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
 
 
 def find_sanitizer(cuda_home):
@@ -976,6 +1032,20 @@ def write_summary(d, part_dirs):
             L.append(f"| {op} | {r['best']} | {100 * (r.get('best_gmean') or 0):.3g}% | "
                      f"{100 * (r.get('default_gmean') or 0):.3g}% |")
         L.append("")
+    ncu_csv = os.path.join(d, "ncu.csv")
+    if os.path.exists(ncu_csv):
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import io
+        import profile_kernels
+        buf = io.StringIO()
+        rows = profile_kernels.summarize(ncu_csv, buf)
+        L.append("## Kernel profile (ncu.csv)")
+        L.append("")
+        L.append(f"Nsight Compute, one call of each op at batch 64 (`benchmarks/profile_kernels.py`), "
+                 f"{len(rows)} kernels; DRAM % and SM % of their peaks, occupancy in % of the "
+                 f"warps an SM holds.")
+        L.append("")
+        L.append(buf.getvalue())
     bn = _load(os.path.join(d, "bench_network.json"))
     if bn:
         st = bn["settings"]
@@ -1039,7 +1109,7 @@ def merge(args):
         info.update({k: v for k, v in s.get("info", {}).items() if v is not None})
         dry = dry or s.get("dry_run", False)
         for name in ("bench_cbam.json", "bench_cbam.png", "bench_network.json",
-                     "bench_network.png", "sweep.json"):
+                     "bench_network.png", "sweep.json", "ncu.csv"):
             if os.path.exists(os.path.join(pd, name)):
                 shutil.copyfile(os.path.join(pd, name), os.path.join(out, name))
     # the layer benchmark ran in several parts (lease, extra): join their cases

@@ -49,9 +49,10 @@ def test_dry_run_parts_and_merge(tmp_path):
 
     # the second command of a lease: no sweep without a GPU; its layer benchmark on the CPU
     _run(["--dry-run", "--python", sys.executable, "--part", "extra", "--steps",
-          "env,sweep,bench_cbam", "--cpu-peers", "timm,cbam_fused", str(c)])
+          "env,sweep,profile,bench_cbam", "--cpu-peers", "timm,cbam_fused", str(c)])
     steps = _steps(c)
     assert steps["sweep"]["status"] == "SKIP" and "needs a GPU" in steps["sweep"]["note"]
+    assert steps["profile"]["status"] == "SKIP" and "28 cases (rc 0)" in steps["profile"]["note"]
     assert steps["bench_cbam"]["status"] == "PASS", steps["bench_cbam"]
 
     out = _run(["merge", str(a), str(b), str(c), "-o", str(merged)])
@@ -100,3 +101,35 @@ def test_initcheck_reports_are_attributed_by_device_frames():
            + "========= ERROR SUMMARY: 3 errors\n")
     assert gpu_check.attribute_reports(out, "cbam") == (2, 1)
     assert gpu_check.attribute_reports("========= ERROR SUMMARY: 0 errors\n", "cbam") == (0, 0)
+
+
+def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
+    """The profile step's table from ncu's CSV (details page): ncu's own messages skipped, one
+    row per kernel, a second stage (combine_partials) given the case of the kernel before it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_kernels as pk
+
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+            '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+            '"Metric Value"')
+
+    def row(i, name, metric, unit, value):
+        return (f'"{i}","1","python3","h","{name}","1","7","(16, 16, 1)","(1344, 1, 1)","0",'
+                f'"9.0","S","{metric}","{unit}","{value}"')
+
+    k0 = "void cbam::reduce_k_kernel<float, 4, cbam::PoolPolicy<float>>(const T1 *, cbam::Geom)"
+    k1 = "void cbam::combine_partials_kernel<cbam::PoolPolicy<float>>(T1, long, long, long)"
+    k2 = "void cbam::reduce_r_kernel<float, 4, 1, cbam::PoolPolicy<float>>(const T1 *)"
+    lines = ["==PROF== Connected to process 1", "==PROF== Profiling reduce_k_kernel", head,
+             row(0, k0, "Duration", "us", "77.5"), row(0, k0, "DRAM Throughput", "%", "61.2"),
+             row(0, k0, "Registers Per Thread", "register/thread", "40"),
+             row(1, k1, "Duration", "us", "2.1"), row(2, k2, "Duration", "us", "70,1")]
+    p = tmp_path / "ncu.csv"
+    p.write_text("\n".join(lines) + "\n")
+    rows = pk.summary_rows(str(p))
+    ids = [pk.case_id(*c) for c in pk.cases()]
+    assert [r[0] for r in rows] == [ids[0], ids[0], ids[1]]
+    assert rows[0][1] == "reduce_k<float, 4>" and rows[1][1].startswith("combine_partials")
+    assert rows[0][2] == "77.5 us" and rows[0][3] == "61.2 %" and rows[2][2] == "70,1 us"
+    (tmp_path / "empty.csv").write_text("==PROF== no kernel profiled\n")
+    assert pk.summary_rows(str(tmp_path / "empty.csv")) == []

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Hardware counters of each cbam_fused kernel, through Nsight Compute (ncu): the per-op
+benchmark (bench_kernels.py) says how far an op is from the copy bandwidth; this says why (the
+DRAM throughput it reached, its achieved occupancy against the theoretical one, waves per SM,
+registers, cycles per issued instruction).
+
+    python benchmarks/profile_kernels.py --manifest          the cases, one line each (no GPU)
+    ncu --clock-control none --profile-from-start off --kernel-name regex:cbam \\
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
+        --csv --page details python benchmarks/profile_kernels.py > ncu.csv
+    python benchmarks/profile_kernels.py --summarize ncu.csv  a table: one row per kernel, its case
+
+Each case (op x site x configuration, batch 64 as in issue 4) runs once after a warm-up, between
+cudaProfilerStart and cudaProfilerStop, in the manifest's order. A case launches one main kernel
+and, for a reduction split over tiles, its second stage (combine_partials_kernel): the summary
+gives each kernel its case by that order. scripts/gpu_check.py runs this as its `profile` step.
+"""
+import argparse
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
+       "pool_over_c_backward_scale", "pool_over_s_backward_scale", "grad_input")
+SITES = ((256, 56, 56), (2048, 7, 7))  # the largest and the smallest ResNet-50 CBAM sites
+CONFIGS = ("fp32-nchw", "bf16-cl")
+BATCH = 64
+# the rows of the summary: (label, section metric name in ncu's details page)
+METRICS = (("time", "Duration"), ("DRAM %", "DRAM Throughput"), ("SM %", "Compute (SM) Throughput"),
+           ("occ. achieved", "Achieved Occupancy"), ("occ. theor.", "Theoretical Occupancy"),
+           ("waves/SM", "Waves Per SM"), ("regs", "Registers Per Thread"),
+           ("grid", "Grid Size"), ("block", "Block Size"),
+           ("cycles/issue", "Warp Cycles Per Issued Instruction"))
+
+
+def cases():
+    return [(op, site, cfg) for cfg in CONFIGS for site in SITES for op in OPS]
+
+
+def case_id(op, site, cfg):
+    return f"{op}-{'x'.join(map(str, site))}-b{BATCH}-{cfg}"
+
+
+def run_cases(device):
+    import torch
+
+    import cbam_fused  # noqa: F401
+    import bench_kernels as bk
+
+    torch.ops.cbam_fused_debug.set_debug(False, 0)  # no poisoning fills between the kernels
+    gen = torch.Generator(device=device).manual_seed(0)
+    calls = []
+    for op, (c, h, w), cfg in cases():
+        dtype, fmt = bk.CONFIGS[cfg]
+        xs, gs, small, _ = bk._buffers(BATCH, c, h, w, dtype, fmt, device, 0, gen, nb=1)
+        args = bk._args(op, xs[0], gs[0], small)
+        fn = getattr(torch.ops.cbam_fused, op)
+        fn(*args)  # warm-up, outside the profiled range
+        calls.append((fn, args))
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for fn, args in calls:
+        fn(*args)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+def read_ncu_csv(path):
+    """{kernel ID: {"name": ..., metric name: "value unit"}} in launch order, from ncu's
+    `--csv --page details` output (lines before the CSV header, ncu's own messages, skipped)."""
+    with open(path, newline="", errors="replace") as f:
+        lines = f.read().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    if start is None:
+        return {}
+    kernels = {}
+    for row in csv.DictReader(lines[start:]):
+        k = kernels.setdefault(row["ID"], {"name": row.get("Kernel Name", "")})
+        unit = row.get("Metric Unit") or ""
+        k[row.get("Metric Name", "")] = f"{row.get('Metric Value', '')} {unit}".strip()
+    return kernels
+
+
+def short_name(name):
+    """`void cbam::reduce_k_kernel<float, 4, cbam::PoolPolicy<...>>(...)` -> `reduce_k<float, 4>`."""
+    base = name.split("(")[0].replace("void ", "").replace("cbam::", "")
+    kernel, _, targs = base.partition("<")
+    parts = [p.strip() for p in targs.rstrip(">").split(",")[:2]] if targs else []
+    return kernel.replace("_kernel", "") + (f"<{', '.join(parts)}>" if parts else "")
+
+
+def attribute(kernels):
+    """[(case id, kernel record)] in launch order: a kernel that is not a second stage
+    (combine_partials) starts the next case."""
+    ids = [case_id(*c) for c in cases()]
+    out, i = [], -1
+    for k in kernels.values():
+        if "combine_partials" not in k["name"] or i < 0:
+            i += 1
+        out.append((ids[i] if i < len(ids) else "?", k))
+    return out
+
+
+def summary_rows(path):
+    rows = []
+    for cid, k in attribute(read_ncu_csv(path)):
+        rows.append([cid, short_name(k["name"])] + [k.get(m, "") for _, m in METRICS])
+    return rows
+
+
+def summarize(path, out=sys.stdout):
+    rows = summary_rows(path)
+    head = ["case", "kernel"] + [label for label, _ in METRICS]
+    out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+    for r in rows:
+        out.write("| " + " | ".join(r) + " |\n")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", action="store_true", help="print the cases and exit")
+    p.add_argument("--summarize", metavar="NCU_CSV", help="a markdown table from ncu's CSV")
+    args = p.parse_args(argv)
+    if args.manifest:
+        for c in cases():
+            print(case_id(*c))
+        return 0
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
+    import torch
+    if not torch.cuda.is_available():
+        print("profile_kernels: needs a CUDA device (run under ncu on a GPU)", file=sys.stderr)
+        return 2
+    run_cases("cuda")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
