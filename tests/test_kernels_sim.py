@@ -484,8 +484,8 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
 
 
-# tiles per SM, min rows per thread, vector rows in flight, reduce_k fewest lanes
-DEFAULT_TUNING = (8, 4, 1, 1)
+# tiles per SM, min rows per thread, vector rows in flight, reduce_k mode
+DEFAULT_TUNING = (8, 4, 1, 2)
 
 
 @pytest.fixture
@@ -507,7 +507,8 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
     want = run_cpu(op, args)
     grids = set()
     for tiles, rows in [(8, 4), (1, 1), (64, 1), (2, 16)]:
-        torch.ops.cbam_fused_sim.set_tuning(tiles, rows, 1)
+        # reduce_k mode 1: rows of 4 elements would take reduce_k_rows, whose grid is not tiled
+        torch.ops.cbam_fused_sim.set_tuning(tiles, rows, 1, 1)
         with testing.use_simulator():
             got = getattr(torch.ops.cbam_fused, op)(*args)
             stats = testing.simulator_stats()
@@ -519,7 +520,7 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 
 def test_grid_sizing_knobs_are_checked(default_tuning):
     for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, 0, 1),
-                (8, 4, 3, 1), (8, 4, 1, 2), (8, 4, 1, -1)]:
+                (8, 4, 3, 1), (8, 4, 1, 3), (8, 4, 1, -1)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
     # unchanged by the refusals
@@ -535,8 +536,8 @@ REDUCE_K_OPS = {"cf": {"pool_over_s", "pool_over_s_lp_lse", "pool_over_c_backwar
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reduce_k_lane_rule_changes_the_block_not_the_result(dtype, layout, default_tuning):
-    """The fourth tuning knob: reduce_k gives a row the fewest lanes that cover it in one tile (the
-    default) or one lane per vector. Short rows (S = 49 channels-first: 16 lanes instead of 32;
+    """The fourth tuning knob, modes 1 and 0: reduce_k gives a row the fewest lanes that cover it
+    in one tile, or one lane per vector. Short rows (S = 49 channels-first: 16 lanes instead of 32;
     C = 24 channels-last: 1 lane of 3 vectors instead of 4 lanes) get other blocks under the two
     rules, in exactly the reduce_k ops, and the results match the CPU kernels under both (the
     lane-fastest weights in shared memory read back in the right order)."""
@@ -576,3 +577,60 @@ def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
     for a, b in zip(*outs):
         assert torch.equal(a, b), op
     check_same(op, outs[1], run_cpu(op, args), x, layout)
+
+
+SHORT_ROW_SHAPES = [  # (shape, layout): rows of K = S (cf) or C (cl) elements, R of them
+    ((2, 300, 7, 7), "cf"),   # K = 49, 3 blocks of rows a sample, the last partial; float32 spans
+                              # 16-byte aligned: vectors that straddle rows
+    ((3, 130, 5, 5), "cf"),   # K = 25, R = 130: unaligned spans, the scalar copy
+    ((2, 64, 7, 7), "cl"),    # K = C = 64: 256 bytes of float32, the largest short row
+    ((2, 24, 9, 15), "cl"),   # K = 24, R = S = 135: two blocks a sample
+]
+
+
+@pytest.mark.parametrize("shape,layout", SHORT_ROW_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_short_rows_take_one_thread_a_row(shape, layout, dtype, default_tuning):
+    """reduce_k_mode 2 (the default): a reduction along rows of at most 256 bytes of acc_t runs
+    reduce_k_rows (blocks of 128 threads, one a row, no second stage) in exactly the reduce_k ops,
+    every other op keeps its kernels; results match the CPU kernels, and are bitwise the same
+    under every fiber schedule (no race in the shared-memory staging). Mode 1 keeps reduce_k."""
+    gen = torch.Generator().manual_seed(21)
+    x = rand_x(shape, dtype, layout, gen)
+    k_len = shape[1] if layout == "cl" else shape[2] * shape[3]
+    short = k_len * (8 if dtype == torch.float64 else 4) <= 256
+    for op in OPS:
+        for variant in (0, 2):
+            args = op_args(op, x, gen, variant)
+            want = run_cpu(op, args)
+            kernels = {}
+            for mode in (2, 1):
+                torch.ops.cbam_fused_sim.set_tuning(8, 4, 1, mode)
+                with testing.use_simulator():
+                    got = getattr(torch.ops.cbam_fused, op)(*args)
+                    kernels[mode] = [(_stat(s, "name"), tuple(_stat(s, "block")))
+                                     for s in testing.simulator_stats()]
+                got = got if isinstance(got, (tuple, list)) else (got,)
+                check_same(op, got, want, x, layout)
+                if mode == 2:
+                    runs = [run_sim(op, args, sched, seed=5)
+                            for sched in ("reverse", "shuffle")]
+                    for other in runs:
+                        for a, b in zip(got, other):
+                            assert torch.equal(a, b), op
+            torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+            rows = op in REDUCE_K_OPS[layout] and short
+            assert (kernels[2] != kernels[1]) == rows, (op, kernels)
+            if rows:
+                assert kernels[2] == [(kernels[2][0][0], (128, 1, 1))], kernels[2]
+
+
+def test_short_rows_read_x_once():
+    """reduce_k_rows moves x once, plus its small tensors (the pass budget of the reduce_k ops)."""
+    gen = torch.Generator().manual_seed(22)
+    x = rand_x((4, 256, 7, 7), torch.float32, "cf", gen)
+    xb = x.numel() * x.element_size()
+    for op in ("pool_over_s", "pool_over_c_backward_scale"):
+        read, written = op_bytes(op, op_args(op, x, gen, 0))
+        assert xb <= read <= 1.1 * xb, (op, read / xb)
+        assert written <= 0.1 * xb, (op, written / xb)

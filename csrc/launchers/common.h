@@ -160,7 +160,7 @@ struct LaunchGeom {
 // side_bytes: global bytes per column that a tile reads or writes besides x (staged small tensors,
 // partials); the tiles get enough rows to keep those under a few percent of the tile's x bytes.
 // Lanes per row (TX, a power of two <= 32): one per vector of the row; with kv_max > 1 and
-// debug::reduce_k_fewest_lanes, the fewest that cover the row with kv_max vectors each (a row of
+// debug::reduce_k_mode >= 1, the fewest that cover the row with kv_max vectors each (a row of
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and
 // the xor-shuffle tree that combines a row's lanes takes fewer steps per row; the same bytes
 // are loaded either way.
@@ -168,7 +168,7 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
                             int64_t side_bytes, int64_t elem_bytes, const char* op) {
   LaunchGeom lg;
   const int64_t need = ceil_div(K, vec);
-  const int64_t lanes = kv_max > 1 && debug::reduce_k_fewest_lanes ? ceil_div(need, kv_max) : need;
+  const int64_t lanes = kv_max > 1 && debug::reduce_k_mode >= 1 ? ceil_div(need, kv_max) : need;
   int tx = 1;
   while (tx < 32 && tx < lanes) tx *= 2;
   if (debug::tile_mode == 1 && tx > 2) tx = 2;

@@ -33,10 +33,12 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // 1 or 2; the scalar path always takes kScalarRowsPerStep).
 constexpr int kDefaultVecRowsInFlight = 1;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
-// Lanes per row of the reductions over the contiguous axis (reduce_k): true, the fewest that
-// cover a row in one tile; false, one per vector of the row, up to 32 (make_geom).
-constexpr bool kDefaultReduceKFewestLanes = true;
-inline bool reduce_k_fewest_lanes = kDefaultReduceKFewestLanes;
+// The reductions over the contiguous axis: 0, reduce_k with one lane per vector of a row, up to
+// 32; 1, reduce_k with the fewest lanes that cover a row in one tile (make_geom); 2, as 1, but
+// rows of at most kShortRowBytes (of acc_t) take reduce_k_rows, one thread per row
+// (kernels/reduce_k_rows.cuh; with the normal tiling only).
+constexpr int kDefaultReduceKMode = 2;
+inline int reduce_k_mode = kDefaultReduceKMode;
 }  // namespace debug
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
@@ -83,24 +85,24 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
                              const std::optional<at::Tensor>& lse, int64_t arrangement);
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
-// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_fewest_lanes]. tiles_per_sm
-// and min_rows_per_thread in [1, 64], vec_rows_in_flight 1 or 2, reduce_k_fewest_lanes 0 or 1.
+// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode]. tiles_per_sm and
+// min_rows_per_thread in [1, 64], vec_rows_in_flight 1 or 2, reduce_k_mode 0, 1 or 2.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
-                                       int64_t vec_rows_in_flight, int64_t reduce_k_fewest_lanes) {
+                                       int64_t vec_rows_in_flight, int64_t reduce_k_mode) {
   TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
               "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
               "set_tuning: min_rows_per_thread must be in [1, 64], got ", min_rows_per_thread);
   TORCH_CHECK(vec_rows_in_flight == 1 || vec_rows_in_flight == 2,
               "set_tuning: vec_rows_in_flight must be 1 or 2, got ", vec_rows_in_flight);
-  TORCH_CHECK(reduce_k_fewest_lanes == 0 || reduce_k_fewest_lanes == 1,
-              "set_tuning: reduce_k_fewest_lanes must be 0 or 1, got ", reduce_k_fewest_lanes);
+  TORCH_CHECK(reduce_k_mode >= 0 && reduce_k_mode <= 2,
+              "set_tuning: reduce_k_mode must be 0, 1 or 2, got ", reduce_k_mode);
   std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread,
-                           debug::vec_rows_in_flight, debug::reduce_k_fewest_lanes ? 1 : 0};
+                           debug::vec_rows_in_flight, debug::reduce_k_mode};
   debug::tiles_per_sm = static_cast<int>(tiles_per_sm);
   debug::min_rows_per_thread = static_cast<int>(min_rows_per_thread);
   debug::vec_rows_in_flight = static_cast<int>(vec_rows_in_flight);
-  debug::reduce_k_fewest_lanes = reduce_k_fewest_lanes == 1;
+  debug::reduce_k_mode = static_cast<int>(reduce_k_mode);
   return old;
 }
 

@@ -1,13 +1,15 @@
 // Launchers of the pools and their scale gradients (Q2): pool_over_s, pool_over_s_lp_lse,
 // pool_over_c, pool_over_s_backward_scale, pool_over_s_backward_scale_lp_lse,
 // pool_over_c_backward_scale. Each is one reduction of x viewed as [N, R, K]
-// (kernels/reduce_k.cuh when the reduced axis is the contiguous one, else kernels/reduce_r.cuh),
-// plus the second stage (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
+// (kernels/reduce_k.cuh when the reduced axis is the contiguous one, or kernels/reduce_k_rows.cuh
+// when those rows are short; else kernels/reduce_r.cuh), plus the second stage
+// (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
 #include <vector>
 
 #include "kernels/combine_partials.cuh"
 #include "kernels/pool_policies.cuh"
 #include "kernels/reduce_k.cuh"
+#include "kernels/reduce_k_rows.cuh"
 #include "kernels/reduce_r.cuh"
 #include "launchers/common.h"
 
@@ -66,8 +68,36 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
   }
 }
 
+// Reduces x [N, R, K] over k with short rows (reduce_k_rows: one thread a row, one stage).
+template <typename T, typename Policy>
+void run_short_rows(const char* op, const XView& v, const Policy& pol) {
+  constexpr int V = vec_width<T>();
+  const int64_t R = v.R(), K = v.K();
+  const int64_t blocks = v.N * ceil_div(R, kShortRows);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
+              ": the input is too large for one launch (", blocks, " blocks)");
+  // 16-byte loads when every block's span of kShortRows rows starts 16-byte aligned
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
+  const bool vec = aligned16(global_ptr<T>(v.x)) && (R * row_bytes) % 16 == 0 &&
+                   (kShortRows * row_bytes) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kShortRows);
+  if (vec) {
+    launch(op, &reduce_k_rows_kernel<T, V, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, v.N,
+           R, static_cast<int>(K));
+  } else {
+    launch(op, &reduce_k_rows_kernel<T, 1, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, v.N,
+           R, static_cast<int>(K));
+  }
+}
+
 template <typename T, typename Policy>
 void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
+  using acc_t = typename Policy::acc_t;
+  if (over_k && debug::reduce_k_mode == 2 && debug::tile_mode == 0 &&
+      v.K() * static_cast<int64_t>(sizeof(acc_t)) <= kShortRowBytes) {
+    run_short_rows<T>(op, v, pol);
+    return;
+  }
   constexpr int V = vec_width<T>();
   if (v.K() % V == 0 && aligned16(global_ptr<T>(v.x))) {
     run_reduction<T, V>(op, v, over_k, pol);

@@ -15,7 +15,7 @@ TORCH_LIBRARY(cbam_fused_sim, m) {
   // Test knobs of the launchers (csrc/launchers/launchers.h, cbam::debug).
   m.def("set_debug(bool poison_outputs, int tile_mode) -> ()", &cbam::set_debug);
   m.def("set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=1, "
-        "int reduce_k_fewest_lanes=1) -> int[]",
+        "int reduce_k_mode=2) -> int[]",
         &cbam::set_tuning);
 }
 
