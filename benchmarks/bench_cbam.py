@@ -37,9 +37,12 @@ JSON schema ("cbam_fused.bench_cbam/1"), top level:
       id, site, shape [N, C, H, W], batch, channels, height, width, dtype, layout, mode,
       x_bytes, floor_passes, floor_bytes, n_buffers, check{max_abs_diff_vs_official},
       peers{name: {median_ms, p10_ms, p90_ms, reps, eff_gb_per_s, frac_copy_bw,
-                   peak_mem_bytes, speedup_of_fused, host_ms, error, skipped}}
+                   peak_mem_bytes, speedup_of_fused, host_ms, graph_ms, graph_frac_copy_bw,
+                   speedup_of_fused_graph, graph_error, error, skipped}}
   summary                            geomean speed-up of cbam_fused over each peer and its mean
-                                     fraction of copy bandwidth, per (mode, dtype)
+                                     fraction of copy bandwidth, per (mode, dtype); the same
+                                     from the CUDA-graph times (geomean_speedup_of_fused_graph,
+                                     mean_graph_frac_copy_bw)
   kernels                            each cbam_fused op alone at the ResNet-50 sites, batch 64,
                                      fp32 NCHW and bf16 channels-last: bytes / time against the
                                      copy bandwidth (schema in benchmarks/bench_kernels.py); null
@@ -84,6 +87,13 @@ SCHEMA_DOC = {
     "cases[].peers[].host_ms": "host (CPU) time one run takes to return without waiting for "
                                "the GPU (CUDA only): a peer whose host_ms is near its median_ms "
                                "is bound by its launches, not by the GPU",
+    "cases[].peers[].graph_ms": "CUDA only, eager peers (official, timm, cbam_fused): the time "
+                                "of one run from a CUDA graph of several runs, replayed (no host "
+                                "work: what a GPU-bound program, or one captured in a graph, "
+                                "sees); null for the torch.compile peers and on the CPU",
+    "cases[].peers[].graph_frac_copy_bw": "floor_bytes / graph_ms / copy bandwidth",
+    "cases[].peers[].speedup_of_fused_graph": "this peer's graph_ms / cbam_fused's graph_ms",
+    "cases[].peers[].graph_error": "why the graph timing failed, if it did (median_ms stands)",
     "cases[].peers[].error": "why the peer failed, if it did",
     "cases[].peers[].skipped": "why the peer was not run, if it was not (e.g. time budget)",
     "cases[].check.max_abs_diff_vs_official": "fwd only: max |y_peer - y_official| on one input "
@@ -216,7 +226,8 @@ def settings_from(args, device):
     if cuda:
         timing = dict(method="cuda_events", warmup=3 if args.quick else 10,
                       target_s=0.15 if args.quick else 0.25, min_reps=args.reps or 10,
-                      max_reps=args.reps or (50 if args.quick else 200))
+                      max_reps=args.reps or (50 if args.quick else 200),
+                      graph_reps=5 if args.quick else 10)
     else:
         timing = dict(method="perf_counter", warmup=3, target_s=0.3,
                       min_reps=args.reps or 3, max_reps=args.reps or (5 if args.quick else 20))
@@ -316,6 +327,16 @@ def host_time(run, device, n=10):
     return host
 
 
+def graph_time(run, device, name, n_buffers, reps):
+    """Median milliseconds of one run inside a CUDA graph of min(n_buffers, 8) runs over the
+    rotating inputs, replayed `reps` times (bench_util.time_graph): the GPU's time without the
+    host's. None on the CPU and for the torch.compile peers (a compiled function is not captured
+    here: it may recompile or sync on its first captured call)."""
+    if device.type != "cuda" or name.startswith("compile"):
+        return None
+    return bu.median(bu.time_graph(run, device, calls=min(n_buffers, 8), reps=reps))
+
+
 def peak_memory(run, device):
     if device.type != "cuda":
         return None
@@ -378,15 +399,26 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
             r["frac_copy_bw"] = r["eff_gb_per_s"] / copy_gbps if copy_gbps else None
             r["peak_mem_bytes"] = peak_memory(run, device)
             r["host_ms"] = host_time(run, device)
+            try:
+                r["graph_ms"] = graph_time(run, device, name, len(xs), tm.get("graph_reps", 10))
+            except Exception as e:  # noqa: BLE001  (the eager timing stands)
+                msg = str(e).splitlines()[0] if str(e) else ""
+                r["graph_error"] = f"{type(e).__name__}: {msg}"[:300]
+            if r["graph_ms"]:
+                r["graph_frac_copy_bw"] = (rec["floor_bytes"] / (r["graph_ms"] * 1e-3) / 1e9
+                                           / copy_gbps if copy_gbps else None)
         except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
                              f"{traceback.format_exc(limit=6)}\n")
         bar.update(1)
     fused = rec["peers"][FUSED]["median_ms"]
+    fused_graph = rec["peers"][FUSED].get("graph_ms")
     for r in rec["peers"].values():
         if fused and r["median_ms"]:
             r["speedup_of_fused"] = r["median_ms"] / fused
+        if fused_graph and r.get("graph_ms"):
+            r["speedup_of_fused_graph"] = r["graph_ms"] / fused_graph
     del mods, xs, gs
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -400,14 +432,19 @@ def summarize(cases, peers):
             sel = [c for c in cases if c["mode"] == mode and c["dtype"] == dt]
             if not sel:
                 continue
-            s = {"cases": len(sel), "geomean_speedup_of_fused": {}, "mean_frac_copy_bw": {}}
+            s = {"cases": len(sel), "geomean_speedup_of_fused": {}, "mean_frac_copy_bw": {},
+                 "geomean_speedup_of_fused_graph": {}, "mean_graph_frac_copy_bw": {}}
             for p in peers:
-                sp = [c["peers"][p]["speedup_of_fused"] for c in sel if p in c["peers"]]
-                fr = [c["peers"][p]["frac_copy_bw"] for c in sel if p in c["peers"]
-                      and c["peers"][p]["frac_copy_bw"] is not None]
-                if p != FUSED:
-                    s["geomean_speedup_of_fused"][p] = bu.geomean([v for v in sp if v])
-                s["mean_frac_copy_bw"][p] = sum(fr) / len(fr) if fr else None
+                for sk, fk, key in (("speedup_of_fused", "frac_copy_bw", ""),
+                                    ("speedup_of_fused_graph", "graph_frac_copy_bw", "_graph")):
+                    sp = [c["peers"][p].get(sk) for c in sel if p in c["peers"]]
+                    fr = [c["peers"][p].get(fk) for c in sel if p in c["peers"]
+                          and c["peers"][p].get(fk) is not None]
+                    if p != FUSED:
+                        s[f"geomean_speedup_of_fused{key}"][p] = bu.geomean(
+                            [v for v in sp if v])
+                    s["mean_graph_frac_copy_bw" if key else "mean_frac_copy_bw"][p] = \
+                        sum(fr) / len(fr) if fr else None
             out[f"{mode}/{dt}"] = s
     return out
 
@@ -415,7 +452,8 @@ def summarize(cases, peers):
 def empty_peer(skipped=None):
     return dict(median_ms=None, p10_ms=None, p90_ms=None, reps=0, eff_gb_per_s=None,
                 frac_copy_bw=None, peak_mem_bytes=None, speedup_of_fused=None, host_ms=None,
-                error=None, skipped=skipped)
+                graph_ms=None, graph_frac_copy_bw=None, speedup_of_fused_graph=None,
+                graph_error=None, error=None, skipped=skipped)
 
 
 def merge_runs(runs):
@@ -464,7 +502,7 @@ def merge_runs(runs):
 def print_results(res):
     peers = res["settings"]["peers"]
     others = [p for p in peers if p != FUSED]
-    headers = ["case"] + [f"{p} " for p in peers] + ["fused host", "fused GB/s",
+    headers = ["case"] + [f"{p} " for p in peers] + ["fused host", "fused graph", "fused GB/s",
                                                      "fused %copy"] + [f"x{p}" for p in others]
     rows = []
     for c in res["cases"]:
@@ -475,6 +513,7 @@ def print_results(res):
             row.append("ERR" if r["error"] else "skip" if r["skipped"] else bu.fmt_ms(r["median_ms"]))
         f = pr[FUSED]
         row.append(bu.fmt_ms(f["host_ms"]) if f.get("host_ms") else "-")
+        row.append(bu.fmt_ms(f["graph_ms"]) if f.get("graph_ms") else "-")
         row.append(f"{f['eff_gb_per_s']:.3g}" if f["eff_gb_per_s"] else "-")
         row.append(f"{100 * f['frac_copy_bw']:.2g}%" if f["frac_copy_bw"] else "-")
         for p in others:
@@ -482,7 +521,8 @@ def print_results(res):
             row.append(f"{s:.2f}x" if s else "-")
         rows.append(row)
     bu.print_table(headers, rows, title="median time per run; fused host = its host time per "
-                                        "run (launch-bound when near its median); "
+                                        "run (launch-bound when near its median); fused graph "
+                                        "= its time inside a CUDA graph (no host work); "
                                         "xPEER = speed-up of cbam_fused "
                                         "over PEER (PEER time / cbam_fused time)")
     mem_rows = []
@@ -500,6 +540,12 @@ def print_results(res):
         fr = s["mean_frac_copy_bw"].get(FUSED)
         print(f"  {k:16s} {sp or '-'}; cbam_fused {100 * fr:.2g}% of copy bw" if fr else
               f"  {k:16s} {sp or '-'}")
+        gsp = ", ".join(f"{p} {v:.2f}x" for p, v in
+                        (s.get("geomean_speedup_of_fused_graph") or {}).items() if v)
+        gfr = (s.get("mean_graph_frac_copy_bw") or {}).get(FUSED)
+        if gsp or gfr:
+            print(f"  {k:16s} in CUDA graphs: {gsp or '-'}"
+                  + (f"; cbam_fused {100 * gfr:.2g}% of copy bw" if gfr else ""))
     errs = [(c["id"], p, r["error"]) for c in res["cases"] for p, r in c["peers"].items()
             if r["error"]]
     for cid, p, e in errs[:20]:

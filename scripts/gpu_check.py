@@ -975,9 +975,26 @@ def write_summary(d, part_dirs):
             L.append(f"| {k} | {s['cases']} | " + " | ".join(cells) +
                      (f" | {100 * fr:.2g}% |" if fr else " | - |"))
         L.append("")
+        gsum = {k: s for k, s in bc.get("summary", {}).items()
+                if any((s.get("geomean_speedup_of_fused_graph") or {}).values())}
+        if gsum:
+            L.append("The same inside CUDA graphs (each eager module's runs captured and "
+                     "replayed: the GPU's time without the host's):")
+            L.append("")
+            gpeers = [p for p in peers if not p.startswith("compile")]
+            L.append("| mode/dtype | " + " | ".join(f"vs {p}" for p in gpeers) +
+                     " | cbam_fused %copy |")
+            L.append("|---|" + "---|" * len(gpeers) + "---|")
+            for k, s in gsum.items():
+                cells = [f"{v:.2f}x" if v else "-" for v in
+                         (s["geomean_speedup_of_fused_graph"].get(p) for p in gpeers)]
+                fr = (s.get("mean_graph_frac_copy_bw") or {}).get("cbam_fused")
+                L.append(f"| {k} | " + " | ".join(cells) +
+                         (f" | {100 * fr:.2g}% |" if fr else " | - |"))
+            L.append("")
         L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused host | "
-                 "fused GB/s | fused %copy | fused peak mem |")
-        L.append("|---|" + "---|" * (len(bc["settings"]["peers"]) + 4))
+                 "fused graph | fused GB/s | fused %copy | fused peak mem |")
+        L.append("|---|" + "---|" * (len(bc["settings"]["peers"]) + 5))
         for c in bc.get("cases", [])[:80]:
             pr = c["peers"]
             f = pr.get("cbam_fused", {})
@@ -988,7 +1005,8 @@ def write_summary(d, part_dirs):
                              _fmt_ms(r.get("median_ms")))
             mem = f.get("peak_mem_bytes")
             L.append(f"| {c['id']} | " + " | ".join(cells) +
-                     f" | {_fmt_ms(f.get('host_ms'))} | {f.get('eff_gb_per_s') or 0:.3g} | "
+                     f" | {_fmt_ms(f.get('host_ms'))} | {_fmt_ms(f.get('graph_ms'))} | "
+                     f"{f.get('eff_gb_per_s') or 0:.3g} | "
                      f"{100 * (f.get('frac_copy_bw') or 0):.2g}% | "
                      f"{'-' if mem is None else f'{mem / 2**20:.0f} MiB'} |")
         if len(bc.get("cases", [])) > 80:

@@ -83,11 +83,16 @@ def test_bench_cbam_cpu_quick(tmp_path):
         for name, r in c["peers"].items():
             assert r["error"] is None, (c["id"], name, r["error"])
             for k in ("median_ms", "eff_gb_per_s", "frac_copy_bw", "speedup_of_fused",
-                      "peak_mem_bytes", "reps"):
+                      "peak_mem_bytes", "reps", "graph_ms", "graph_frac_copy_bw",
+                      "speedup_of_fused_graph", "graph_error"):
                 assert k in r, k
             assert r["median_ms"] > 0 and r["speedup_of_fused"] > 0
+            # CUDA-graph timing: GPU only, and not an error on the CPU
+            assert r["graph_ms"] is None and r["graph_error"] is None, r
         if c["mode"] == "fwd":
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
+    for s in res["summary"].values():
+        assert "geomean_speedup_of_fused_graph" in s and "mean_graph_frac_copy_bw" in s
     _check_kernels(res["kernels"])
     assert "each op alone" in out
     _check_png(png)
