@@ -138,12 +138,8 @@ std::vector<at::Tensor> cbam_block_backward(
     bool batch_norm, bool bn_training, double bn_eps) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const std::string pools(pools_in), act(act_in), order(spatial_pools_in);
-  const at::ScalarType dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const OptT w1 = linear_form(acc(w1_in, dt)), b1 = acc(b1_in, dt);
-  const OptT w2 = linear_form(acc(w2_in, dt)), b2 = acc(b2_in, dt);
-  const OptT conv_w = acc(conv_w_in, dt), conv_b = acc(conv_b_in, dt);
-  const OptT bn_w = acc(bn_w_in, dt), bn_b = acc(bn_b_in, dt);
-  const OptT bn_rm = acc(bn_rm_in, dt), bn_rv = acc(bn_rv_in, dt);
+  const auto [w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv] = acc_params(
+      x, w1_in, b1_in, w2_in, b2_in, conv_w_in, conv_b_in, bn_w_in, bn_b_in, bn_rm_in, bn_rv_in);
   const OptT gc = present(gc_in), gs = present(gs_in), idx_s = present(idx_s_in),
              idx_c = present(idx_c_in), p = present(p_in), h_pre = present(h_pre_in),
              smap = present(smap_in), zconv = present(zconv_in), mean = present(mean_in),
@@ -154,10 +150,7 @@ std::vector<at::Tensor> cbam_block_backward(
   if (g.strides() != x.strides()) g = g.contiguous(memory_format(x));  // e.g. NCHW g, NHWC x
 
   auto [rc, rs] = backward_reduce(g, x, gc, gs, channel, spatial);  // Q1
-  bool lp_lse = false;
-  if (channel && pools != "blend") {
-    for (const auto& k : split_pools(pools)) lp_lse = lp_lse || k == "lp" || k == "lse";
-  }
+  const bool lp_lse = channel && has_lp_lse(pools);
   std::map<std::string, at::Tensor> pooled;  // the lp / lse pools, by name (inside p)
   if (lp_lse) {
     const auto kinds = split_pools(pools);

@@ -78,6 +78,31 @@ inline std::vector<std::string> split_pools(const std::string& pools) {
   }
 }
 
+// The heads' parameters in the accumulation dtype of x (float64 for float64 x, else float32),
+// MLP weights in Linear form.
+struct AccParams {
+  OptT w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv;
+};
+
+inline AccParams acc_params(const at::Tensor& x, const OptT& w1, const OptT& b1, const OptT& w2,
+                            const OptT& b2, const OptT& conv_w, const OptT& conv_b,
+                            const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
+                            const OptT& bn_rv) {
+  const at::ScalarType dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {linear_form(acc(w1, dt)), acc(b1, dt), linear_form(acc(w2, dt)), acc(b2, dt),
+          acc(conv_w, dt), acc(conv_b, dt), acc(bn_w, dt), acc(bn_b, dt), acc(bn_rm, dt),
+          acc(bn_rv, dt)};
+}
+
+// Whether a `pools` string of the channel gate has the official code's lp or lse pools.
+inline bool has_lp_lse(const std::string& pools) {
+  if (pools == "blend") return false;
+  for (const auto& k : split_pools(pools)) {
+    if (k == "lp" || k == "lse") return true;
+  }
+  return false;
+}
+
 // The backward's ops (schemas: op_schemas.h).
 inline std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at::Tensor& x,
                                                           const OptT& gc, const OptT& gs,

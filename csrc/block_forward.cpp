@@ -31,10 +31,8 @@ ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::stri
   const bool blend = pools == "blend";
   const std::vector<std::string> kinds =
       blend ? std::vector<std::string>{"avg", "max"} : split_pools(pools);
-  bool lp_lse = false;
-  for (const auto& k : kinds) lp_lse = lp_lse || k == "lp" || k == "lse";
   at::Tensor a, m, idx_s, lp, lse;
-  if (lp_lse) {
+  if (has_lp_lse(pools)) {
     std::tie(a, m, idx_s, lp, lse) = pool_over_s_lp_lse(x, scale);
   } else {
     std::tie(a, m, idx_s) = pool_over_s(x, scale);
@@ -114,12 +112,8 @@ std::vector<at::Tensor> cbam_block(const at::Tensor& x, const OptT& w1_in, const
   // graph calls this kernel in the caller's autocast state)
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const std::string pools(pools_in), act(act_in), order(spatial_pools_in);
-  const at::ScalarType dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const OptT w1 = linear_form(acc(w1_in, dt)), b1 = acc(b1_in, dt);
-  const OptT w2 = linear_form(acc(w2_in, dt)), b2 = acc(b2_in, dt);
-  const OptT conv_w = acc(conv_w_in, dt), conv_b = acc(conv_b_in, dt);
-  const OptT bn_w = acc(bn_w_in, dt), bn_b = acc(bn_b_in, dt);
-  const OptT bn_rm = acc(bn_rm_in, dt), bn_rv = acc(bn_rv_in, dt);
+  const auto [w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv] = acc_params(
+      x, w1_in, b1_in, w2_in, b2_in, conv_w_in, conv_b_in, bn_w_in, bn_b_in, bn_rm_in, bn_rv_in);
   const bool channel = w1.has_value(), spatial = conv_w.has_value();
 
   ChannelGate ch;
@@ -145,7 +139,8 @@ std::vector<at::Tensor> cbam_block(const at::Tensor& x, const OptT& w1_in, const
   std::vector<at::Tensor> out{apply_gates(x, opt(ch.gc), opt(sp.gs)),
                               ch.gc, sp.gs, ch.idx_s, sp.idx_c, ch.p, ch.h_pre,
                               sp.smap, sp.zconv, sp.mean, sp.invstd};
-  const auto empty_opts = x.options().dtype(dt);
+  const auto empty_opts =
+      x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   for (size_t i = 0; i < out.size(); ++i) {
     if (!out[i].defined()) {
       out[i] = at::empty({0}, empty_opts);

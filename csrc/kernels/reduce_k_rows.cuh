@@ -24,8 +24,7 @@ constexpr int kShortRowBytes = 256;  // K * sizeof(acc_t) at most: K <= 64 (floa
 constexpr int kShortRows = 128;      // rows (threads) per block
 
 template <typename T, int VEC, typename Policy>
-CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64_t N, int64_t R,
-                                      int K) {
+CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64_t R, int K) {
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
   constexpr int kMaxK = kShortRowBytes / static_cast<int>(sizeof(acc_t));
@@ -35,7 +34,6 @@ CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64
   const int64_t chunks = (R + nt - 1) / nt;
   const int64_t n = static_cast<int64_t>(blockIdx.x) / chunks;
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) % chunks) * nt;
-  if (n >= N) return;  // (never: the grid is exact)
   const int rows = static_cast<int>(R - r0 < nt ? R - r0 : nt);
   const int pitch = K | 1;
 

@@ -82,11 +82,11 @@ void run_short_rows(const char* op, const XView& v, const Policy& pol) {
                    (kShortRows * row_bytes) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(blocks)), block(kShortRows);
   if (vec) {
-    launch(op, &reduce_k_rows_kernel<T, V, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, v.N,
-           R, static_cast<int>(K));
+    launch(op, &reduce_k_rows_kernel<T, V, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, R,
+           static_cast<int>(K));
   } else {
-    launch(op, &reduce_k_rows_kernel<T, 1, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, v.N,
-           R, static_cast<int>(K));
+    launch(op, &reduce_k_rows_kernel<T, 1, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, R,
+           static_cast<int>(K));
   }
 }
 
