@@ -49,8 +49,10 @@ JSON schema ("cbam_fused.bench_cbam/1"), top level:
                                      when not run (--kernels off, the CPU's default)
   finished                           false while the run is going (the file is rewritten after
                                      every case), true at the end
-  merged_from                        only in a --merge result: argv, date, commit, copy bandwidth
-                                     and case count of each run joined
+  merged_from                        only in a --merge or --resume result: argv, date, commit,
+                                     copy bandwidth and case count of each run joined
+  resumed_cases                      only in a --resume result: the ids of the cases taken from
+                                     the earlier run
 """
 import argparse
 import copy
@@ -157,6 +159,13 @@ def parse_args(argv=None):
                    help="run nothing: join the results of earlier runs (e.g. the GPU protocol's "
                         "two parts) into one, a case measured twice taken from the later file, "
                         "and write it with --json / --plot")
+    p.add_argument("--resume", default=None, metavar="JSON",
+                   help="an earlier run's results on a GPU of the same name, with the same torch "
+                        "and cbam_fused sources (meta.sources_sha256): its cases whose peers "
+                        "were all measured (none skipped) are kept, not run again, and the rest "
+                        "of the grid is measured; the JSON written holds both. A grid too long "
+                        "for one lease of the GPU accumulates over several. Another device, "
+                        "torch or source tree: the file is ignored (with a notice)")
     return p.parse_args(argv)
 
 
@@ -350,12 +359,28 @@ def peak_memory(run, device):
     return int(peak)
 
 
+def case_id(case) -> str:
+    return (f"{case['site']}-{case['channels']}x{case['height']}x{case['width']}-"
+            f"b{case['batch']}-{SHORT[case['dtype']]}-{case['mode']}")
+
+
+def complete_cases(res, peers):
+    """{id: case} of the cases in an earlier result whose every peer in `peers` was measured or
+    failed (none skipped or absent): what --resume keeps."""
+    out = {}
+    for c in res.get("cases", []):
+        ps = c.get("peers", {})
+        if all(p in ps and not ps[p].get("skipped") and (ps[p].get("median_ms") or
+                                                          ps[p].get("error")) for p in peers):
+            out[c["id"]] = c
+    return out
+
+
 def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
     dtype = DTYPES[case["dtype"]]
     xs, gs, x_bytes, layout = make_inputs(case, device, dtype, l2_bytes, seed)
     passes = 2 if case["mode"] == "fwd" else 5
-    rec = dict(id=f"{case['site']}-{case['channels']}x{case['height']}x{case['width']}-"
-                  f"b{case['batch']}-{SHORT[case['dtype']]}-{case['mode']}",
+    rec = dict(id=case_id(case),
                site=case["site"], shape=[case["batch"], case["channels"], case["height"],
                                         case["width"]],
                batch=case["batch"], channels=case["channels"], height=case["height"],
@@ -672,6 +697,22 @@ def main(argv=None):
                copy_bandwidth=cb, cases=[], summary={}, cases_skipped=0, kernels=None,
                finished=False)
     budget = bu.Budget(args.max_minutes)
+    earlier = bu.load_resume(args.resume, SCHEMA, meta) if args.resume else None
+    kept = complete_cases(earlier, st["peers"]) if earlier else {}
+    kept = {cid: c for cid, c in kept.items() if cid in {case_id(k) for k in cases}}
+    if args.resume and earlier:
+        print(f"--resume {args.resume}: {len(kept)} of the {len(cases)} cases kept from the run "
+              f"of {earlier['meta'].get('date_utc')}; measuring the other {len(cases) - len(kept)}")
+        cases = [k for k in cases if case_id(k) not in kept]
+
+    def result():  # what is written: this run, joined to the cases kept from the earlier one
+        if not kept:
+            return res
+        old = dict(earlier, cases=list(kept.values()))
+        out = merge_runs([old, res])
+        out["resumed_cases"] = sorted(kept)
+        return out
+
     cuda = device.type == "cuda"
     ksites = "resnet50" if cuda else "tiny"
     nk = bench_kernels.count(ksites) if st["kernels"] else 0
@@ -682,7 +723,7 @@ def main(argv=None):
             timing=None if cuda else dict(warmup=1, target_s=0.02, min_reps=2, max_reps=3),
             seed=args.seed, bar=bar)
         if args.json:
-            bu.write_json(args.json, res)
+            bu.write_json(args.json, result())
     for i, case in enumerate(cases):
         if budget.spent():
             res["cases_skipped"] = len(cases) - i
@@ -692,9 +733,10 @@ def main(argv=None):
                                        args.seed + i))
         res["summary"] = summarize(res["cases"], st["peers"])
         if args.json:
-            bu.write_json(args.json, res)
+            bu.write_json(args.json, result())
     bar.close()
-    bu.finish(res, args, device, warn, budget, print_results, plot)
+    res["elapsed_s"], res["finished"] = round(budget.elapsed(), 1), True
+    bu.finish(result(), args, device, warn, budget, print_results, plot)
     return 0
 
 

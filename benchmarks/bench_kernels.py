@@ -26,7 +26,7 @@ cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median
 p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error, graph_error (a CUDA-graph
 capture that failed: that op was then timed call by call)},
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}; with --sweep, each
-case also has sweep{"tiles/rows/vec_rows/reduce_k_mode": frac_copy_bw} (or sweep_skipped, past
+case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors": frac_copy_bw} (or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
 """
@@ -50,15 +50,18 @@ OP_SETS = {"issue4": OPS, "all": OPS + LP_LSE_OPS}
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
          "tiny": [(32, 8, 8), (64, 5, 5)]}
 # The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM, min rows
-# per thread, rows of 16-byte vectors in flight per thread, and the reductions over the
-# contiguous axis (reduce_k_mode: 0 reduce_k with one lane per vector up to 32, 1 with the fewest
-# lanes that cover a row, 2 as 1 but short rows take reduce_k_rows, one thread a row); keyed
-# "tiles/rows/vec_rows/reduce_k_mode". The sweep crosses the first three and tries the other
-# reduce_k modes once, at the default grid sizing (they change the reductions over the contiguous
-# axis only).
-DEFAULT_TUNING = (8, 4, 1, 2)
-SWEEP = [(t, r, u, 2) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    (8, 4, 1, 0), (8, 4, 1, 1)]
+# per thread, rows of 16-byte vectors in flight per thread (0: 2 for float32, else 1), the
+# reductions over the contiguous axis (reduce_k_mode: 0 reduce_k with one lane per vector up to
+# 32, 1 with the fewest lanes that cover a row, 2 as 1 but short rows take reduce_k_rows, one
+# thread a row), and reduce_k's vectors of a row in flight per thread (1 or 4); keyed
+# "tiles/rows/vec_rows/reduce_k_mode/k_vectors". The sweep crosses the first three and tries the
+# others once each at the default grid sizing (they change the reductions over the contiguous
+# axis only), plus the defaults before 2026-11-26's sweep (8/4/1/2/1), for a before / after.
+TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "reduce_k_mode",
+                "k_vectors_in_flight")
+DEFAULT_TUNING = (8, 4, 0, 2, 4)
+SWEEP = [(t, r, u, 2, 4) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
+    DEFAULT_TUNING, (8, 4, 0, 2, 1), (8, 4, 0, 0, 4), (8, 4, 0, 1, 4), (8, 4, 1, 2, 1)]
 
 
 def tuning_key(setting) -> str:
@@ -132,9 +135,8 @@ def _time(call, nb, device, timing, rec):
 
 
 def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
-    """frac_copy_bw of the op under each tuning setting (tiles_per_sm, min_rows_per_thread,
-    vec_rows_in_flight, reduce_k_mode) of `sweep`, keyed by tuning_key; the defaults are
-    restored afterwards."""
+    """frac_copy_bw of the op under each tuning setting (TUNING_KNOBS) of `sweep`, keyed by
+    tuning_key; the defaults are restored afterwards."""
     set_tuning = torch.ops.cbam_fused_debug.set_tuning
     out = {}
     try:
@@ -150,9 +152,7 @@ def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
 def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
         l2_bytes=None, timing=None, seed=0, bar=None, sweep=None, sweep_max_s=None) -> dict:
     """Measures every (site, config, op), site by site; returns the JSON record (see the module
-    docstring). sweep: (tiles_per_sm, min_rows_per_thread, vec_rows_in_flight,
-    reduce_k_mode) settings to time
-    each op under as well (CUDA kernels only), until sweep_max_s seconds have passed (the cases
+    docstring). sweep: settings (TUNING_KNOBS) to time each op under as well (CUDA kernels only), until sweep_max_s seconds have passed (the cases
     after that are measured at the defaults only and marked sweep_skipped)."""
     import time
     t0 = time.monotonic()
@@ -279,15 +279,13 @@ def summarize_sweep(cases):
 
 def print_sweep(sw):
     default = tuning_key(DEFAULT_TUNING)
-    print(f"\ntuning sweep (tiles_per_sm/min_rows_per_thread/vec_rows_in_flight/"
-          f"reduce_k_mode; default "
-          f"{default}): geometric "
+    print(f"\ntuning sweep ({'/'.join(TUNING_KNOBS)}; default {default}): geometric "
           f"mean of %copy over all cases")
     for k, v in sorted(sw["gmean_frac"].items(), key=lambda kv: -(kv[1] or 0)):
-        print(f"  {k:>8s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
+        print(f"  {k:>11s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
     print("per op, the best setting by that mean:")
     for op, r in sw["per_op"].items():
-        print(f"  {op:28s} {r['best']:>8s} {100 * r['best_gmean']:.3g}% (default "
+        print(f"  {op:28s} {r['best']:>11s} {100 * r['best_gmean']:.3g}% (default "
               f"{100 * (r['default_gmean'] or 0):.3g}%)")
 
 

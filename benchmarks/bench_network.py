@@ -31,6 +31,8 @@ JSON schema ("cbam_fused.bench_network/1"), top level:
        p90_ms, steps, images_per_s, peak_mem_bytes, first_call_s, speedup_vs_eager,
        speedup_vs_compile, error, skipped},
   finished (false while running; the file is rewritten after every configuration).
+With --resume, results taken from the earlier run carry resumed_from (that run's date and
+commit).
 """
 import argparse
 import copy
@@ -96,6 +98,13 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="write a PNG of images/s and peak memory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="JSON",
+                   help="an earlier run's results on a GPU of the same name, with the same torch "
+                        "and cbam_fused sources (meta.sources_sha256): each (model, mode, batch) "
+                        "whose variants it all measured (none skipped) at the same image size, "
+                        "precision and layout is kept, not run again (so speed-ups still compare "
+                        "figures of one run); the rest is measured and the JSON holds both. "
+                        "Another device, torch or source tree: the file is ignored (with a notice)")
     return p.parse_args(argv)
 
 
@@ -370,6 +379,11 @@ def main(argv=None):
                 sys.stderr.write(traceback.format_exc(limit=8))
         res["conversion"][name] = conv
     todo = configs(st)
+    earlier = bu.load_resume(args.resume, SCHEMA, meta) if args.resume else None
+    kept = kept_results(earlier, st) if earlier else {}
+    if earlier:
+        print(f"--resume {args.resume}: {len(kept)} of the {len(todo)} configurations kept from "
+              f"the run of {earlier['meta'].get('date_utc')}")
     bar = bu.progress(len(todo), "bench_network", not args.no_progress)
     compiled = {}
     for i, cfg in enumerate(todo):
@@ -380,7 +394,10 @@ def main(argv=None):
                    speedup_vs_compile=None, error=None, skipped=None)
         bar.set_postfix_str(rid, refresh=False)
         v = cfg["variant"]
-        if budget.spent() or (v.startswith("compile") and budget.tight()):
+        if rid in kept:
+            rec = dict(kept[rid], resumed_from=dict(date_utc=earlier["meta"].get("date_utc"),
+                                                    git_commit=earlier["meta"].get("git_commit")))
+        elif budget.spent() or (v.startswith("compile") and budget.tight()):
             rec["skipped"] = "time budget (--max-minutes)"
         elif "fused" in v and cfg["model"] not in fused:
             rec["skipped"] = "conversion failed: " + str(res["conversion"][cfg["model"]].get("error"))
@@ -413,6 +430,30 @@ def main(argv=None):
     bar.close()
     bu.finish(res, args, device, warn, budget, print_results, plot)
     return 0
+
+
+def kept_results(earlier, st):
+    """{id: result} of the earlier run's results that --resume keeps: those of each (model, mode,
+    batch) of this run whose every variant of this run the earlier run measured or saw fail (none
+    skipped), with this run's image size, precision and layout."""
+    same = all(earlier.get("settings", {}).get(k) == st[k]
+               for k in ("image_size", "precision", "channels_last"))
+    if not same:
+        print("--resume: the earlier run used another image size, precision or layout; "
+              "measuring everything")
+        return {}
+    by_id = {r["id"]: r for r in earlier.get("results", [])}
+    kept = {}
+    for m in st["models"]:
+        for mode in st["modes"]:
+            for b in st["batches"]:
+                ids = [f"{m}-{mode}-b{b}-{v}" for v in st["variants"]]
+                recs = [by_id.get(i) for i in ids]
+                if all(r is not None and not r.get("skipped") and (r.get("median_ms") or
+                                                                     r.get("error"))
+                       for r in recs):
+                    kept.update(zip(ids, recs))
+    return kept
 
 
 def _speedups(results):

@@ -6,6 +6,8 @@ time.perf_counter around every run. The caller rotates input buffers (the run fu
 run's index), so x is not L2-resident between runs.
 """
 import datetime
+import hashlib
+import json
 import os
 import platform
 import shutil
@@ -33,6 +35,57 @@ def _git(*args) -> Optional[str]:
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+SOURCE_DIRS = ("csrc", "cbam_fused")
+SOURCE_EXTS = (".py", ".cpp", ".cu", ".cuh", ".h")
+
+
+def sources_sha256(root: str = ROOT) -> str:
+    """A digest of the package's sources (csrc/ and cbam_fused/, plus setup.py: every file that
+    decides what cbam_fused computes and how fast), by content, so that a copy without git (the
+    GPU machine's) gives the same digest as the checkout it came from."""
+    h = hashlib.sha256()
+    files = [os.path.join(root, "setup.py")]
+    for d in SOURCE_DIRS:
+        for dirpath, dirnames, names in os.walk(os.path.join(root, d)):
+            dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
+            files += [os.path.join(dirpath, n) for n in names if n.endswith(SOURCE_EXTS)]
+    for path in sorted(files):
+        if os.path.isfile(path):
+            h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def load_resume(path: str, schema: str, meta: dict):
+    """An earlier run's results to resume from (--resume): the JSON at `path` when it was written
+    by this benchmark (schema) on a device of the same name, with the same torch and the same
+    package sources (sources_sha256) as this run; else None, and the reason is printed (a resumed
+    grid must not mix figures of other code or hardware; a GPU run must not be lost to a stale
+    file, so this is never fatal)."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"--resume {path}: not read ({type(e).__name__}: {e}); measuring everything")
+        return None
+    om = old.get("meta") or {}
+    why = None
+    if old.get("schema") != schema:
+        why = f"schema {old.get('schema')!r}, expected {schema!r}"
+    elif (om.get("device") or {}).get("name") != meta["device"].get("name"):
+        why = f"device {(om.get('device') or {}).get('name')!r}, this run's is " \
+              f"{meta['device'].get('name')!r}"
+    elif om.get("torch") != meta["torch"]:
+        why = f"torch {om.get('torch')}, this run's is {meta['torch']}"
+    elif om.get("sources_sha256") != meta["sources_sha256"]:
+        why = "other cbam_fused sources (sources_sha256 differs: the code changed since)"
+    if why:
+        print(f"--resume {path}: not used: {why}; measuring everything")
+        return None
+    return old
 
 
 def pick_device(name: str) -> torch.device:
@@ -97,6 +150,7 @@ def run_metadata(device: torch.device, argv: List[str]) -> dict:
         "cbam_fused_cuda_kernels": kernels,
         "cbam_fused_native": device.type == "cuda" and bool(kernels) and all(
             v is True for v in kernels.values()),
+        "sources_sha256": sources_sha256(),
         "argv": argv,
     }
 
@@ -307,7 +361,6 @@ def print_table(headers: List[str], rows: List[List[str]], title: Optional[str] 
 
 def write_json(path: str, obj: dict):
     """Atomic write, so a run killed mid-way leaves the last complete file."""
-    import json
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = path + ".tmp"

@@ -86,6 +86,7 @@ def simulator_stats() -> List[Dict]:
     Outside any context: the launches since the outermost context was last entered (so the log of
     a `with use_simulator(): ...` block can be read after it). Each launch is a dict:
         name           the kernel name given to cbam::launch
+        kernel         an id of the kernel function (its address): which template instance ran
         grid, block    (x, y, z)
         smem_bytes     dynamic shared memory of the launch
         bytes_read     global-memory bytes read through cbam::ld / ld_vec

@@ -40,6 +40,12 @@ MobileNet sites, max-autotune) and the whole test suite. `verify` and `measure` 
 each) and `all` (20 minutes) are for longer leases. `merge` joins the folders of the parts (the
 layer benchmark's cases of several parts are joined into one JSON and PNG):
     python scripts/gpu_check.py merge PART1_DIR PART2_DIR -o benchmarks/results/DATE-DEVICE
+`grid` (9.5 minutes) runs the two benchmarks' whole grids (issue 5: every layer case with every
+peer, both networks at both batches with the compiled variants), which take longer than one
+lease: `--resume-from DIR` makes each run go on from an earlier run's folder (the benchmarks'
+--resume: cases measured on the same device, torch and package sources are kept), so the grid
+completes over several leases while the code stays the same:
+    bash scripts/gpu_check.sh --part grid --resume-from benchmarks/results/DATE-DEVICE-grid
 
 The folder (argument, else $OUT, else out/gpu_check-DATE) receives at most 8 files:
 gpu_check.log, tests.log, steps.json, summary.md, and per part bench_cbam.json, bench_cbam.png,
@@ -84,9 +90,14 @@ PARTS = {
     "extra": ("env", "wheels", "build", "sweep", "profile", "sanitizer", "bench_cbam", "tests"),
     "verify": ("env", "wheels", "build", "tests", "sanitizer"),
     "measure": ("env", "wheels", "build", "bandwidth", "profile", "bench_cbam", "bench_network"),
+    # issue 5's whole grid (every shape, batch, dtype and peer of the layer benchmark; both
+    # networks at both batches with the compiled variants): longer than a lease, so each run
+    # goes on from the last one's results (--resume-from) until the grid is complete
+    "grid": ("env", "wheels", "build", "bandwidth", "bench_cbam", "bench_network"),
     "all": tuple(s for s in STEPS if s != "sweep"),
 }
-PART_BUDGET_MIN = {"lease": 7.0, "extra": 5.0, "verify": 9.5, "measure": 9.5, "all": 20.0}
+PART_BUDGET_MIN = {"lease": 7.0, "extra": 5.0, "verify": 9.5, "measure": 9.5, "all": 20.0,
+                   "grid": 9.5}
 # what a step does in each part (the default: the whole suite, all four tools, the benchmarks'
 # own defaults under the part's budget)
 PART_OPTIONS = {
@@ -104,6 +115,8 @@ PART_OPTIONS = {
         # did), every peer; `merge` joins it to the lease's cases
         bench_cbam=["--dtype", "bfloat16,float16,float32", "--batch", "128,32",
                     "--shapes", "resnet50,mobilenet", "--kernels", "off"]),
+    # the benchmarks' own full defaults (the per-op section is the lease's and extra's)
+    "grid": dict(bench_cbam=["--kernels", "off"], bench_network=[]),
 }
 # nominal timeouts (seconds) on a GPU machine; the overall budget may cut them
 NOMINAL = {"env": 90, "wheels": 120, "build": 480, "tests": 480, "sanitizer": 480,
@@ -659,6 +672,12 @@ print("JSON:" + json.dumps(d))
         else:
             # the benchmark's own budget: its timeout less start-up, plotting and a margin
             cmd += ["--max-minutes", f"{max(0.5, (timeout - 45) / 60):.1f}"] + extra_gpu
+        earlier = os.path.join(self.args.resume_from, f"{name}.json") \
+            if self.args.resume_from else None
+        if earlier and os.path.exists(earlier):
+            # the benchmark keeps what that run measured on this device, torch and sources (else
+            # it says why not and measures everything)
+            cmd += ["--resume", earlier]
         self.log("  " + _cmd_str(cmd))
         rc, out, to = run_cmd(cmd, timeout=timeout, env=env, logs=[self.log.f], echo="all")
         ok = os.path.exists(js) and os.path.exists(png)
@@ -1040,7 +1059,7 @@ def write_summary(d, part_dirs):
         L.append("## Launcher tuning sweep (sweep.json)")
         L.append("")
         L.append("Settings tiles_per_sm/min_rows_per_thread/vec_rows_in_flight/"
-                 "reduce_k_mode; the geometric "
+                 "reduce_k_mode/k_vectors_in_flight; the geometric "
                  "mean over the cases of each op's fraction of copy bandwidth. Set the best as "
                  "the defaults in `csrc/launchers/launchers.h`.")
         L.append("")
@@ -1187,7 +1206,8 @@ def main(argv=None):
                    help="on a machine without a GPU: run what can run on the CPU")
     p.add_argument("--part", default="lease", choices=tuple(PARTS),
                    help="lease (default, ~7 min), then extra (~5 min) if device time is left; "
-                        "verify + measure (9.5 min each) or all (20 min) for longer leases")
+                        "verify + measure (9.5 min each) or all (20 min) for longer leases; "
+                        "grid (9.5 min): the benchmarks' whole grid, with --resume-from")
     p.add_argument("--steps", default=None, help=f"comma list of {','.join(STEPS)} "
                                                  "(overrides --part)")
     p.add_argument("--budget-min", type=float, default=None,
@@ -1202,6 +1222,11 @@ def main(argv=None):
     p.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=None,
                    help="replace the test step's pytest arguments (default: tests); must be last")
     p.add_argument("--site", default="/tmp/site", help="where the wheels are installed")
+    p.add_argument("--resume-from", default=None, metavar="DIR",
+                   help="an earlier run's folder (e.g. benchmarks/results/DATE-DEVICE): the "
+                        "benchmarks go on from its bench_cbam.json / bench_network.json "
+                        "(--resume: what it measured on the same device, torch and sources is "
+                        "kept, the rest measured); for the `grid` part")
     p.add_argument("--cpu-peers", default=None,
                    help="dry run: bench_cbam --peers (e.g. 'all' to include the slow-to-compile "
                         "torch.compile peers on the CPU)")

@@ -157,6 +157,84 @@ def test_bench_cbam_merge_joins_runs(tmp_path):
     assert proc.returncode != 0 and "schema" in proc.stderr
 
 
+def test_bench_cbam_resume_keeps_the_measured_cases(tmp_path):
+    """--resume: the cases an earlier run measured completely (same device name, torch and
+    sources) are kept as they were, only the rest of the grid runs, and the JSON holds both; an
+    earlier file of other sources is ignored with a notice, and everything is measured."""
+    common = ["--shapes", "16:6:5", "--reps", "2", "--warmup", "0", "--peers",
+              "official,cbam_fused", "--kernels", "off"]
+    d0, d1, d2 = (tmp_path / n for n in ("first", "resumed", "stale"))
+    for d in (d0, d1, d2):
+        d.mkdir()
+    first, _, _ = _run("bench_cbam.py", common + ["--modes", "fwd"], d0)
+    assert first["meta"]["sources_sha256"] == first["meta"]["sources_sha256"].lower()
+    assert len(first["meta"]["sources_sha256"]) == 64
+    res, png, out = _run("bench_cbam.py", common + ["--modes", "fwd,train", "--resume",
+                                                    str(d0 / "out.json")], d1)
+    assert "1 of the 2 cases kept" in out, out[-2000:]
+    assert res["resumed_cases"] == [first["cases"][0]["id"]]
+    assert [c["mode"] for c in res["cases"]] == ["fwd", "train"]
+    assert res["cases"][0] == first["cases"][0]  # as measured then, not run again
+    assert res["cases"][1]["peers"]["cbam_fused"]["median_ms"] > 0
+    assert res["finished"] is True and len(res["merged_from"]) == 2
+    _check_png(png)
+    stale = json.loads((d0 / "out.json").read_text())
+    stale["meta"]["sources_sha256"] = "0" * 64
+    (d2 / "old.json").write_text(json.dumps(stale))
+    res, _, out = _run("bench_cbam.py", common + ["--modes", "fwd", "--resume",
+                                                  str(d2 / "old.json")], d2)
+    assert "not used: other cbam_fused sources" in out, out[-2000:]
+    assert "resumed_cases" not in res and len(res["cases"]) == 1
+    assert res["cases"][0]["peers"]["official"]["median_ms"] > 0
+
+
+def test_bench_network_resume_keeps_whole_groups(tmp_path):
+    """--resume in the network benchmark: a (model, mode, batch) whose variants the earlier run
+    all measured is kept (resumed_from says whence), the others are measured."""
+    common = ["--models", "official", "--image-size", "32", "--steps", "1", "--warmup", "0",
+              "--batch", "2"]
+    d0, d1 = tmp_path / "first", tmp_path / "resumed"
+    d0.mkdir()
+    d1.mkdir()
+    first, _, _ = _run("bench_network.py", common + ["--modes", "infer"], d0)
+    res, png, out = _run("bench_network.py", common + ["--modes", "train,infer", "--resume",
+                                                       str(d0 / "out.json")], d1)
+    assert "2 of the 4 configurations kept" in out, out[-2000:]
+    by_id = {r["id"]: r for r in res["results"]}
+    for r in first["results"]:
+        kept = by_id[r["id"]]
+        assert kept["resumed_from"]["date_utc"] == first["meta"]["date_utc"]
+        assert kept["median_ms"] == r["median_ms"]
+    trained = [r for r in res["results"] if r["mode"] == "train"]
+    assert len(trained) == 2 and all(r["median_ms"] > 0 and "resumed_from" not in r
+                                     for r in trained)
+    _check_png(png)
+
+
+def test_sources_digest_follows_the_package_sources(tmp_path):
+    """sources_sha256 (what --resume compares): by content and relative path, the same for a copy
+    elsewhere, changed by an edit of any package source, blind to caches and other files."""
+    sys.path.insert(0, BENCH)
+    import bench_util as bu
+    trees = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        (root / "csrc" / "kernels").mkdir(parents=True)
+        (root / "cbam_fused" / "__pycache__").mkdir(parents=True)
+        (root / "setup.py").write_text("setup()\n")
+        (root / "csrc" / "kernels" / "k.cuh").write_text("// kernel\n")
+        (root / "cbam_fused" / "f.py").write_text("x = 1\n")
+        trees.append(root)
+    a, b = (bu.sources_sha256(str(r)) for r in trees)
+    assert a == b
+    (trees[1] / "cbam_fused" / "__pycache__" / "f.pyc").write_bytes(b"junk")
+    (trees[1] / "README.md").write_text("docs\n")
+    assert bu.sources_sha256(str(trees[1])) == a
+    (trees[1] / "csrc" / "kernels" / "k.cuh").write_text("// kernel, changed\n")
+    assert bu.sources_sha256(str(trees[1])) != a
+    assert bu.sources_sha256() == bu.sources_sha256(ROOT) != a
+
+
 def _check_kernels(k, n_ops=7):
     assert k["schema"] == "cbam_fused.bench_kernels/1" and k["target_frac"] == 0.8
     assert len(k["cases"]) == 2 * 2 * n_ops  # two tiny sites x (fp32 NCHW, bf16 CL) x the ops
@@ -243,18 +321,18 @@ def test_bench_kernels_sweep_summary(capsys):
     for op in bk.OPS:
         for site, scale in (("a", 1.0), ("b", 0.5)):
             sweep = {bk.tuning_key(st): scale * (
-                0.9 if st == (16, 1, 2, 2) and op == "grad_input" else
+                0.9 if st == (16, 1, 2, 2, 4) and op == "grad_input" else
                 0.7 if st == bk.DEFAULT_TUNING else 0.6) for st in bk.SWEEP}
             cases.append(dict(id=f"{op}-{site}", op=op, sweep=sweep))
     # past --max-minutes: measured at the defaults only, left out of the summary
     cases.append(dict(id="grad_input-c", op="grad_input", sweep_skipped="time budget"))
     sw = bk.summarize_sweep(cases)
     assert sw["cases_swept"] == 2 * len(bk.OPS) and sw["cases"] == 2 * len(bk.OPS) + 1
-    assert sw["per_op"]["grad_input"]["best"] == "16/1/2/2"
-    assert sw["per_op"]["pool_over_s"]["best"] == "8/4/1/2"
+    assert sw["per_op"]["grad_input"]["best"] == "16/1/2/2/4"
+    assert sw["per_op"]["pool_over_s"]["best"] == bk.tuning_key(bk.DEFAULT_TUNING)
     assert abs(sw["per_op"]["pool_over_s"]["default_gmean"] - 0.7 * 0.5 ** 0.5) < 1e-12
-    assert sw["best_per_case"]["grad_input-b"] == "16/1/2/2"
-    assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == "8/4/1/2"
+    assert sw["best_per_case"]["grad_input-b"] == "16/1/2/2/4"
+    assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == bk.tuning_key(bk.DEFAULT_TUNING)
     bk.print_sweep(sw)
     assert "tuning sweep" in capsys.readouterr().out
     assert bk.summarize_sweep([dict(id="x", op="apply_gates")]) is None

@@ -47,6 +47,17 @@ def test_dry_run_parts_and_merge(tmp_path):
     bc = json.loads((b / "bench_cbam.json").read_text())
     assert bc["finished"] and bc["kernels"]["cases"]  # the per-op section ran
 
+    # the grid part goes on from an earlier folder: the benchmarks keep its cases (same
+    # device, torch and sources here) and measure none again
+    g = tmp_path / "grid"
+    out = _run(["--dry-run", "--python", sys.executable, "--part", "grid", "--steps",
+                "env,bench_cbam,bench_network", "--resume-from", str(b), str(g)])
+    assert f"--resume {b / 'bench_cbam.json'}" in out, out[-3000:]
+    gc = json.loads((g / "bench_cbam.json").read_text())
+    assert gc["resumed_cases"] == sorted(c["id"] for c in bc["cases"])
+    gn = json.loads((g / "bench_network.json").read_text())
+    assert gn["results"] and all("resumed_from" in r for r in gn["results"])
+
     # the second command of a lease: no sweep without a GPU; its layer benchmark on the CPU
     _run(["--dry-run", "--python", sys.executable, "--part", "extra", "--steps",
           "env,sweep,profile,bench_cbam", "--cpu-peers", "timm,cbam_fused", str(c)])

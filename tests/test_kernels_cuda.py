@@ -125,7 +125,7 @@ def test_reduce_k_modes_on_gpu(shape, layout, dtype):
     x = rand_x(shape, dtype, layout, gen)
     try:
         for mode in (2, 1, 0):
-            torch.ops.cbam_fused_debug.set_tuning(8, 4, 1, mode)
+            torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, mode, 4)
             for op in OPS:
                 args = cuda_args(op_args(op, x, gen, 0))
                 got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
@@ -134,7 +134,34 @@ def test_reduce_k_modes_on_gpu(shape, layout, dtype):
                 for a, b in zip(got, again):
                     assert torch.equal(a, b), (op, mode)
     finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 1, 2)
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 2, 4)
+
+
+@pytest.mark.parametrize("shape,layout,dtype", [
+    ((2, 24, 13, 16), "cf", torch.float32), ((1, 8, 40, 40), "cf", torch.float32),
+    ((2, 8, 7, 11), "cf", torch.float32), ((2, 520, 3, 3), "cl", torch.bfloat16),
+    ((4, 256, 28, 28), "cf", torch.float32), ((4, 2048, 7, 7), "cl", torch.bfloat16)],
+    ids=lambda v: str(v))
+def test_reduce_k_vectors_in_flight_on_gpu(shape, layout, dtype):
+    """reduce_k with all of a lane's vectors of a row loaded before the fold (4, the default) and
+    one at a time (1), and each grid / rows-in-flight setting of a GPU sweep's corners: every op
+    against the pure-PyTorch kernels on the GPU, and bitwise the same results under both
+    k_vectors_in_flight settings (the same fold order)."""
+    gen = torch.Generator().manual_seed(29)
+    x = rand_x(shape, dtype, layout, gen)
+    try:
+        for tiles, rows, u in [(8, 4, 0), (32, 1, 2), (4, 1, 1)]:
+            for op in OPS:
+                args = cuda_args(op_args(op, x, gen, 0))
+                outs = []
+                for kv in (4, 1):
+                    torch.ops.cbam_fused_debug.set_tuning(tiles, rows, u, 2, kv)
+                    outs.append(as_tuple(getattr(torch.ops.cbam_fused, op)(*args)))
+                check(op, outs[0], as_tuple(cpu.KERNELS[op](*args)), dtype)
+                for a, b in zip(*outs):
+                    assert torch.equal(a, b), (op, tiles, rows, u)
+    finally:
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 2, 4)
 
 
 def test_cuda_graph_capture_and_replay():

@@ -484,8 +484,9 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
 
 
-# tiles per SM, min rows per thread, vector rows in flight, reduce_k mode
-DEFAULT_TUNING = (8, 4, 1, 2)
+# tiles per SM, min rows per thread, vector rows in flight (0: by element size), reduce_k mode,
+# reduce_k vectors in flight
+DEFAULT_TUNING = (8, 4, 0, 2, 4)
 
 
 @pytest.fixture
@@ -519,8 +520,9 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 
 
 def test_grid_sizing_knobs_are_checked(default_tuning):
-    for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, 0, 1),
-                (8, 4, 3, 1), (8, 4, 1, 3), (8, 4, 1, -1)]:
+    for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -1, 1),
+                (8, 4, 3, 1), (8, 4, 1, 3), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
+                (8, 4, 1, 2, 8)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
     # unchanged by the refusals
@@ -577,6 +579,45 @@ def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
     for a, b in zip(*outs):
         assert torch.equal(a, b), op
     check_same(op, outs[1], run_cpu(op, args), x, layout)
+
+
+K_VECTOR_SHAPES = [  # (shape, layout, dtype): reduce_k rows whose lanes hold 0 to 4 vectors
+    ((2, 24, 13, 16), "cf", torch.float32),   # K = 208: 16 lanes, lanes 0-3 hold 4, the rest 3
+    ((1, 8, 40, 40), "cf", torch.float32),    # K = 1600: 4 column tiles, the last 16 vectors
+    ((2, 8, 7, 11), "cf", torch.float32),     # K = 77: the scalar path (K % 4 != 0)
+    ((2, 520, 3, 3), "cl", torch.bfloat16),   # K = C = 520: 8-element vectors, 3 then 2 a lane
+    ((2, 520, 3, 3), "cl", torch.float32),    # two column tiles, the second of 2 vectors
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype", K_VECTOR_SHAPES, ids=lambda v: str(v))
+def test_reduce_k_vectors_in_flight_change_no_bit(shape, layout, dtype, default_tuning):
+    """The fifth tuning knob: reduce_k loads all of a lane's vectors of a row before it folds
+    them (4, the default) or one at a time (1). The same elements folded in the same order, so
+    bitwise the same results, matching the CPU kernels, with no race under any fiber schedule;
+    the knob picks another kernel instance in exactly the reduce_k ops."""
+    gen = torch.Generator().manual_seed(17)
+    x = rand_x(shape, dtype, layout, gen)
+    switched = set()
+    for op in OPS:
+        args = op_args(op, x, gen, 0)
+        outs, kernels = [], []
+        for kv in (1, 4):
+            torch.ops.cbam_fused_sim.set_tuning(8, 4, 0, 2, kv)
+            with testing.use_simulator():
+                got = getattr(torch.ops.cbam_fused, op)(*args)
+                kernels.append([_stat(s, "kernel") for s in testing.simulator_stats()])
+            outs.append(got if isinstance(got, (tuple, list)) else (got,))
+            if kv == 4:
+                for sched in ("reverse", "shuffle"):
+                    for a, b in zip(outs[-1], run_sim(op, args, sched, seed=3)):
+                        assert torch.equal(a, b), (op, sched)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), op
+        check_same(op, outs[1], run_cpu(op, args), x, layout)
+        if kernels[0] != kernels[1]:
+            switched.add(op)
+    assert switched == REDUCE_K_OPS[layout] & set(OPS), switched
 
 
 SHORT_ROW_SHAPES = [  # (shape, layout): rows of K = S (cf) or C (cl) elements, R of them

@@ -7,8 +7,9 @@
 //
 // What a kernel source may use:
 //   CBAM_GLOBAL (= __global__), CBAM_DEVICE (= __device__ __forceinline__), __restrict__,
-//   __launch_bounds__(n), __forceinline__, CBAM_UNROLL (= #pragma unroll under nvcc, before a loop
-//   with a compile-time trip count whose arrays must stay in registers; nothing in the simulator)
+//   __launch_bounds__(n[, min blocks]), __forceinline__, CBAM_UNROLL (= #pragma unroll under nvcc,
+//   before a loop with a compile-time trip count whose arrays must stay in registers; nothing in
+//   the simulator), CBAM_NO_UNROLL (= #pragma unroll 1: one copy of a loop's body)
 //   threadIdx, blockIdx, blockDim, gridDim (.x .y .z, unsigned int)
 //   __syncthreads(), __syncwarp(mask = full)
 //   __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync (full mask 0xffffffff only;
@@ -51,6 +52,7 @@
 #define CBAM_DEVICE __device__ __forceinline__
 #define CBAM_HOST_DEVICE __host__ __device__ __forceinline__
 #define CBAM_UNROLL _Pragma("unroll")
+#define CBAM_NO_UNROLL _Pragma("unroll 1")
 #define CBAM_DYNAMIC_SMEM(type, name)                                  \
   extern __shared__ __align__(16) unsigned char cbam_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(cbam_dynamic_smem_)
@@ -150,6 +152,7 @@ CBAM_SHFL_16BIT(__shfl_xor_sync, c10::BFloat16, int)
 // cbam::launch ...) on the CPU; see csrc/sim/runtime.h.
 #include "../sim/runtime.h"
 #define CBAM_UNROLL  // (g++ warns about nvcc's pragma, and -Werror makes that fatal)
+#define CBAM_NO_UNROLL
 
 #else
 #error "dialect.cuh: compile with nvcc, or with g++ and -DCBAM_SIMULATOR"

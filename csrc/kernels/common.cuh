@@ -106,15 +106,29 @@ CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load, V (&out)[VEC]
   for (int v = 0; v < VEC; ++v) out[v] = smem[k_slot<VEC>(0, v)];  // unused where k >= K
 }
 
+// Loads VEC elements of T at p (16-byte aligned when VEC > 1) as they are in memory: a kernel
+// that holds several loads in flight keeps them in this form (a 16-bit vector in 4 registers, not
+// the 8 of its acc_t values) and converts each with to_acc when it uses it.
+template <int VEC, typename T>
+CBAM_DEVICE Vec<T, VEC> load_raw(const T* p) {
+  if constexpr (VEC == 1) {
+    Vec<T, 1> v;
+    v.val[0] = ld(p);
+    return v;
+  } else {
+    return ld_vec<VEC>(p);
+  }
+}
+
+template <int VEC, typename T, typename acc_t>
+CBAM_DEVICE void to_acc(const Vec<T, VEC>& v, acc_t (&out)[VEC]) {
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(v.val[i]);
+}
+
 // Loads VEC elements of T at p (16-byte aligned when VEC > 1) as acc_t.
 template <int VEC, typename T, typename acc_t>
 CBAM_DEVICE void load_acc(const T* p, acc_t (&out)[VEC]) {
-  if constexpr (VEC == 1) {
-    out[0] = static_cast<acc_t>(ld(p));
-  } else {
-    const Vec<T, VEC> v = ld_vec<VEC>(p);
-    for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(v.val[i]);
-  }
+  to_acc<VEC>(load_raw<VEC>(p), out);
 }
 
 // Stores VEC values as T at p (16-byte aligned when VEC > 1).

@@ -7,7 +7,10 @@
 // (cols_per_tile = TX * VEC * that). The weights of the tile's columns are read from global
 // memory once per tile into shared memory (stage_k_side, lane-fastest: no bank conflicts when the
 // lanes read them for every element); a policy's value of the row (kHasKept) once per row and
-// tile. Each thread folds its vectors of a row, then the TX lanes of the row combine
+// tile. Each thread folds its vectors of a row in order of k: with KV == kReduceKVectors it first
+// issues the loads of all of them (at most kReduceKVectors; raw, converted when folded), so a
+// thread has that many 16-byte loads in flight, not one (KV == 1: load, fold, load, ...; the
+// same result bit for bit). Then the TX lanes of the row combine
 // by xor shuffles (fixed tree), and lane 0 writes the result of the row: the final value when
 // the row fits one column tile (nkt == 1), else the partial [n, kt, r]; combine_partials (second
 // stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0.
@@ -19,8 +22,11 @@ namespace cbam {
 
 constexpr int kReduceKVectors = 4;  // vectors per lane and row of one reduce_k tile, at most
 
-template <typename T, int VEC, typename Policy>
-CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
+template <typename T, int VEC, int KV, typename Policy>
+// (KV > 1: at most 64 registers, 4 blocks an SM, 80 and 3 for float64, where 64 spilled.)
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1 ? 1 : sizeof(T) == 8 ? 3 : 4)
+    reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
+  static_assert(KV == 1 || KV == kReduceKVectors, "KV: one vector at a time, or all of them");
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
   __shared__ typename Policy::Weight s_w[32 * VEC * kReduceKVectors];  // at k_slot
@@ -36,7 +42,7 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
       const acc_t kv = threadIdx.x == 0 && r < t.r_end ? pol.kept(t.n, r) : acc_t(1);
       pol.set_kept(s, __shfl_sync(0xffffffffu, kv, lane - static_cast<int>(threadIdx.x)));
     }
-    if (r < t.r_end) {
+    if (r < t.r_end && KV == 1) {
       // a pointer stepped along the row (not the row's offset recomputed per vector)
       const T* p = x + (t.n * g.R + r) * g.K + t.k0;
       const int step = TX * VEC;
@@ -46,6 +52,29 @@ CBAM_GLOBAL void reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
         load_acc<VEC>(p, xv);
         const int ki = static_cast<int>(k);  // K < 2^31 (launcher check)
         for (int v = 0; v < VEC; ++v) pol.add(s, xv[v], s_w[slot + v * TX], ki + v, r);
+      }
+    } else if (r < t.r_end) {
+      // the lane's vector j is columns k0 + j * TX * VEC (a tile has at most KV per lane)
+      const T* p = x + (t.n * g.R + r) * g.K + t.k0;
+      const int step = TX * VEC;
+      const int nv = static_cast<int>((t.k_end - t.k0 + step - 1) / step);  // <= KV; may be <= 0
+      Vec<T, VEC> raw[KV] = {};  // (entries j >= nv are never folded)
+      CBAM_UNROLL
+      for (int j = 0; j < KV; ++j) {  // loads first
+        if (j < nv) raw[j] = load_raw<VEC>(p + j * step);
+      }
+      // Then the fold, in order of k, one vector a trip from raw[0], the rest shifting down
+      // (fixed register indices): one copy of the fold in the code, whose 4 * VEC unrolled
+      // elements took up to 128 registers (16-bit x) with the weights' shared loads hoisted.
+      int ki = static_cast<int>(t.k0);  // K < 2^31 (launcher check)
+      int slot = k_slot<VEC>(0, 0);
+      CBAM_NO_UNROLL
+      for (int j = 0; j < nv; ++j, ki += step, slot += step) {
+        acc_t xv[VEC];
+        to_acc<VEC>(raw[0], xv);
+        for (int v = 0; v < VEC; ++v) pol.add(s, xv[v], s_w[slot + v * TX], ki + v, r);
+        CBAM_UNROLL
+        for (int q = 0; q + 1 < KV; ++q) raw[q] = raw[q + 1];
       }
     }
     for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {

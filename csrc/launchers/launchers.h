@@ -29,10 +29,18 @@ constexpr int kDefaultTilesPerSm = 8;
 constexpr int kDefaultMinRowsPerThread = 4;
 inline int tiles_per_sm = kDefaultTilesPerSm;
 inline int min_rows_per_thread = kDefaultMinRowsPerThread;
-// Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path,
-// 1 or 2; the scalar path always takes kScalarRowsPerStep).
-constexpr int kDefaultVecRowsInFlight = 1;
+// Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path;
+// the scalar path always takes kScalarRowsPerStep): 1, 2, or 0 = by element size, 2 for 4-byte
+// elements and 1 otherwise (with_rows_in_flight, launchers/common.h). The H200 sweep of
+// benchmarks/results/2026-11-26-h200 (sweep.json): U = 2 raised the float32 NCHW ops' geometric
+// mean from 52.6% to 54.1% of the copy bandwidth, and lowered the bfloat16 channels-last ones'
+// from 41.6% to 38.4%.
+constexpr int kDefaultVecRowsInFlight = 0;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
+// reduce_k's 16-byte vectors of a row in flight per thread: 1 (load, fold, load...) or
+// kReduceKVectors (all of the lane's vectors of the row, loaded before they are folded).
+constexpr int kDefaultKVectorsInFlight = 4;
+inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // The reductions over the contiguous axis: 0, reduce_k with one lane per vector of a row, up to
 // 32; 1, reduce_k with the fewest lanes that cover a row in one tile (make_geom); 2, as 1, but
 // rows of at most kShortRowBytes (of acc_t) take reduce_k_rows, one thread per row
@@ -85,24 +93,31 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
                              const std::optional<at::Tensor>& lse, int64_t arrangement);
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
-// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode]. tiles_per_sm and
-// min_rows_per_thread in [1, 64], vec_rows_in_flight 1 or 2, reduce_k_mode 0, 1 or 2.
+// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight].
+// tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1 or 2, reduce_k_mode 0,
+// 1 or 2, k_vectors_in_flight 1 or 4.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
-                                       int64_t vec_rows_in_flight, int64_t reduce_k_mode) {
+                                       int64_t vec_rows_in_flight, int64_t reduce_k_mode,
+                                       int64_t k_vectors_in_flight) {
   TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
               "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
               "set_tuning: min_rows_per_thread must be in [1, 64], got ", min_rows_per_thread);
-  TORCH_CHECK(vec_rows_in_flight == 1 || vec_rows_in_flight == 2,
-              "set_tuning: vec_rows_in_flight must be 1 or 2, got ", vec_rows_in_flight);
+  TORCH_CHECK(vec_rows_in_flight >= 0 && vec_rows_in_flight <= 2,
+              "set_tuning: vec_rows_in_flight must be 0 (by element size), 1 or 2, got ",
+              vec_rows_in_flight);
   TORCH_CHECK(reduce_k_mode >= 0 && reduce_k_mode <= 2,
               "set_tuning: reduce_k_mode must be 0, 1 or 2, got ", reduce_k_mode);
+  TORCH_CHECK(k_vectors_in_flight == 1 || k_vectors_in_flight == 4,
+              "set_tuning: k_vectors_in_flight must be 1 or 4, got ", k_vectors_in_flight);
   std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread,
-                           debug::vec_rows_in_flight, debug::reduce_k_mode};
+                           debug::vec_rows_in_flight, debug::reduce_k_mode,
+                           debug::k_vectors_in_flight};
   debug::tiles_per_sm = static_cast<int>(tiles_per_sm);
   debug::min_rows_per_thread = static_cast<int>(min_rows_per_thread);
   debug::vec_rows_in_flight = static_cast<int>(vec_rows_in_flight);
   debug::reduce_k_mode = static_cast<int>(reduce_k_mode);
+  debug::k_vectors_in_flight = static_cast<int>(k_vectors_in_flight);
   return old;
 }
 

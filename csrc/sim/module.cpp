@@ -100,6 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& s : cbam::sim::launch_stats()) {
           py::dict d;
           d["name"] = s.name;
+          d["kernel"] = s.kernel;
           d["grid"] = dims(s.grid);
           d["block"] = dims(s.block);
           d["smem_bytes"] = s.smem_bytes;
@@ -109,7 +110,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return out;
       },
-      "One dict per completed launch since the last clear_launch_stats(): name, grid, block, "
+      "One dict per completed launch since the last clear_launch_stats(): name, kernel (an id "
+      "of the kernel function: which template instance ran), grid, block, "
       "smem_bytes (dynamic shared memory), bytes_read, bytes_written (global memory).");
   m.def("clear_launch_stats", &cbam::sim::clear_launch_stats);
   m.def("num_launch_stats", []() { return cbam::sim::launch_stats().size(); });

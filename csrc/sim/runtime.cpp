@@ -775,8 +775,8 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
     TORCH_CHECK(false, "cbam simulator: kernel '", name, "' block ",
                 dim_str(failed.x, failed.y, failed.z), " ", err);
   }
-  s.stats.push_back(LaunchStat{name, grid, block, smem_bytes, g_mem.bytes_read,
-                               g_mem.bytes_written});
+  s.stats.push_back(LaunchStat{name, reinterpret_cast<uintptr_t>(kernel), grid, block,
+                               smem_bytes, g_mem.bytes_read, g_mem.bytes_written});
 }
 
 void set_max_dynamic_smem(const void* kernel, long long bytes) {

@@ -232,6 +232,7 @@ uint64_t schedule_seed();
 
 struct LaunchStat {
   std::string name;
+  uintptr_t kernel;  // the kernel function's address: which template instance ran
   dim3 grid, block;
   size_t smem_bytes;
   uint64_t bytes_read, bytes_written;
