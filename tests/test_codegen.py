@@ -173,7 +173,7 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
     """Occupancy of the kernels of issue 4's configurations (float32 4-wide and 16-bit 8-wide
     vectors, without the lp / lse pools): registers and shared memory leave room for at least
     4 blocks of 256 threads per SM (half of its 2048 threads), 3 for the variants that keep two
-    vector rows in flight (U = 2: twice the loads in flight per thread). Memory-bound kernels
+    vector rows in flight (U = 2 or 4: more loads in flight per thread). Memory-bound kernels
     need that many loads in flight; a change that grows a kernel past it fails here. (reduce_k's
     third argument is its vectors in flight, 1 or 4: 4 blocks either way.)"""
     hot = {n: r for n, r in ptxas_report.items() if re.search(
@@ -184,8 +184,10 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
                      "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel"}, kinds
     low = {}
     for name, (regs, *_, smem) in hot.items():
-        need = 3 if re.search(r"_kernel<[\w:]+, \d+, 2,", name) else 4
-        assert "reduce_k_kernel" not in name or need == 4, name
+        # rows in flight U = 2 or 4 (reduce_r: 16-bit x takes 72 registers at U = 4, which
+        # spills when capped at 64); reduce_k's vectors in flight keep 4 blocks
+        need = 3 if re.search(r"_kernel<[\w:]+, \d+, [24],", name) and \
+            "reduce_k_kernel" not in name else 4
         threads = 256
         if "reduce_k_rows_kernel" in name:  # blocks of 128 threads (kShortRows) and 33 KB of
             threads, need = 128, 6              # staged rows: 6 blocks, 768 threads

@@ -150,7 +150,7 @@ def test_reduce_k_vectors_in_flight_on_gpu(shape, layout, dtype):
     gen = torch.Generator().manual_seed(29)
     x = rand_x(shape, dtype, layout, gen)
     try:
-        for tiles, rows, u in [(8, 4, 0), (32, 1, 2), (4, 1, 1)]:
+        for tiles, rows, u in [(8, 4, 0), (32, 1, 2), (4, 1, 1), (8, 1, 4)]:
             for op in OPS:
                 args = cuda_args(op_args(op, x, gen, 0))
                 outs = []

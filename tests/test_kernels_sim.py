@@ -529,6 +529,9 @@ def test_grid_sizing_knobs_are_checked(default_tuning):
     assert tuple(torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)) == DEFAULT_TUNING
 
 
+# The ops that are one reduction of x (the pools and their scale gradients).
+POOL_OPS = {"pool_over_s", "pool_over_s_lp_lse", "pool_over_c", "pool_over_c_backward_scale",
+            "pool_over_s_backward_scale", "pool_over_s_backward_scale_lp_lse"}
 # The ops whose reduction runs along the contiguous axis (reduce_k) in each layout.
 REDUCE_K_OPS = {"cf": {"pool_over_s", "pool_over_s_lp_lse", "pool_over_c_backward_scale"},
                 "cl": {"pool_over_c", "pool_over_s_backward_scale",
@@ -566,19 +569,26 @@ def test_reduce_k_lane_rule_changes_the_block_not_the_result(dtype, layout, defa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
-    """Two rows of 16-byte vectors in flight per thread instead of one (the kernels' U, a tuning
-    knob): the same rows folded in the same order, so bitwise the same results; and they match
-    the CPU kernels."""
+    """Two or four rows of 16-byte vectors in flight per thread instead of one (the kernels' U, a
+    tuning knob; 4 in reduce_r only): the same rows folded in the same order, so bitwise the same
+    results; and they match the CPU kernels. U = 4 picks another kernel instance than U = 2 in
+    exactly the ops whose reduction runs along the strided axis (reduce_r)."""
     gen = torch.Generator().manual_seed(12)
     x = rand_x((2, 24, 5, 8), dtype, layout, gen)  # C and S multiples of 8: the vector path
     args = op_args(op, x, gen, 0)
-    outs = []
-    for u in (1, 2):
+    outs, kernels = [], []
+    for u in (1, 2, 4):
         torch.ops.cbam_fused_sim.set_tuning(8, 1, u)  # 1 row per thread minimum: many row steps
-        outs.append(run_sim(op, args))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b), op
-    check_same(op, outs[1], run_cpu(op, args), x, layout)
+        with testing.use_simulator():
+            got = getattr(torch.ops.cbam_fused, op)(*args)
+            kernels.append([_stat(s, "kernel") for s in testing.simulator_stats()])
+        outs.append(got if isinstance(got, (tuple, list)) else (got,))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b), op
+    check_same(op, outs[2], run_cpu(op, args), x, layout)
+    reduce_r = op in POOL_OPS and op not in REDUCE_K_OPS[layout]
+    assert (kernels[2] != kernels[1]) == reduce_r, (op, kernels)
 
 
 K_VECTOR_SHAPES = [  # (shape, layout, dtype): reduce_k rows whose lanes hold 0 to 4 vectors

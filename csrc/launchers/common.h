@@ -207,13 +207,16 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
 
 // Calls f(std::integral_constant<int, U>{}) with the rows in flight U of a row-walking kernel:
 // kScalarRowsPerStep on the scalar path, debug::vec_rows_in_flight on the vector path (0: 2 for
-// 4-byte elements, VEC == 4, else 1).
-template <int VEC, typename F>
+// 4-byte elements, VEC == 4, else 1), at most kMaxU (4: reduce_r, whose tiles at the small sites
+// give a thread a handful of rows; 2: the other kernels, which instantiate no U = 4).
+template <int VEC, int kMaxU = 2, typename F>
 void with_rows_in_flight(F&& f) {
   const int u = debug::vec_rows_in_flight != 0 ? debug::vec_rows_in_flight : (VEC == 4 ? 2 : 1);
   if constexpr (VEC == 1) {
     f(std::integral_constant<int, kScalarRowsPerStep>{});
-  } else if (u == 2) {
+  } else if (kMaxU >= 4 && u == 4) {
+    f(std::integral_constant<int, (kMaxU >= 4 ? 4 : 2)>{});
+  } else if (u >= 2) {
     f(std::integral_constant<int, 2>{});
   } else {
     f(std::integral_constant<int, 1>{});

@@ -30,8 +30,9 @@ constexpr int kDefaultMinRowsPerThread = 4;
 inline int tiles_per_sm = kDefaultTilesPerSm;
 inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path;
-// the scalar path always takes kScalarRowsPerStep): 1, 2, or 0 = by element size, 2 for 4-byte
-// elements and 1 otherwise (with_rows_in_flight, launchers/common.h). The H200 sweep of
+// the scalar path always takes kScalarRowsPerStep): 1, 2, 4 (reduce_r; 2 in the other kernels),
+// or 0 = by element size, 2 for 4-byte elements and 1 otherwise (with_rows_in_flight,
+// launchers/common.h). The H200 sweep of
 // benchmarks/results/2026-11-26-h200 (sweep.json): U = 2 raised the float32 NCHW ops' geometric
 // mean from 52.6% to 54.1% of the copy bandwidth, and lowered the bfloat16 channels-last ones'
 // from 41.6% to 38.4%.
@@ -94,8 +95,8 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
 // [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight].
-// tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1 or 2, reduce_k_mode 0,
-// 1 or 2, k_vectors_in_flight 1 or 4.
+// tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1, 2 or 4, reduce_k_mode
+// 0, 1 or 2, k_vectors_in_flight 1 or 4.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
                                        int64_t vec_rows_in_flight, int64_t reduce_k_mode,
                                        int64_t k_vectors_in_flight) {
@@ -103,8 +104,8 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
               "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
               "set_tuning: min_rows_per_thread must be in [1, 64], got ", min_rows_per_thread);
-  TORCH_CHECK(vec_rows_in_flight >= 0 && vec_rows_in_flight <= 2,
-              "set_tuning: vec_rows_in_flight must be 0 (by element size), 1 or 2, got ",
+  TORCH_CHECK(vec_rows_in_flight >= 0 && vec_rows_in_flight <= 4 && vec_rows_in_flight != 3,
+              "set_tuning: vec_rows_in_flight must be 0 (by element size), 1, 2 or 4, got ",
               vec_rows_in_flight);
   TORCH_CHECK(reduce_k_mode >= 0 && reduce_k_mode <= 2,
               "set_tuning: reduce_k_mode must be 0, 1 or 2, got ", reduce_k_mode);

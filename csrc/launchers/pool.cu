@@ -63,7 +63,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
     launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
   } else {
-    with_rows_in_flight<VEC>([&](auto u) {
+    with_rows_in_flight<VEC, 4>([&](auto u) {
       launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, Policy>, lg.grid(), lg.block(), 0,
              global_ptr<T>(v.x), pol, lg.g);
     });
