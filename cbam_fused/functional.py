@@ -419,36 +419,10 @@ def _check_param(name, t, x, shape=None):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def cbam(x: Tensor,
-         mlp_w1: Optional[Tensor] = None, mlp_b1: Optional[Tensor] = None,
-         mlp_w2: Optional[Tensor] = None, mlp_b2: Optional[Tensor] = None,
-         conv_w: Optional[Tensor] = None, conv_b: Optional[Tensor] = None,
-         bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
-         bn_running_mean: Optional[Tensor] = None, bn_running_var: Optional[Tensor] = None,
-         *, pools: str = "avg+max", act: str = "relu", spatial_pools: str = "max,mean",
-         arrangement: str = "channel_first", batch_norm: bool = False, bn_training: bool = False,
-         bn_momentum: Union[float, Tensor] = 0.1, bn_eps: float = 1e-5,
-         return_gates: bool = False):
-    """CBAM on x of shape [N, C, *spatial] (1, 2 or 3 spatial dims, any of NCHW / channels-last).
-
-    Channel gate (present when mlp_w1 is given): gc = sigmoid(sum over `pools` of MLP(pool)),
-    MLP = mlp_w2 act(mlp_w1 p + mlp_b1) + mlp_b2, or mlp_w1 p + mlp_b1 when mlp_w2 is None.
-    Weights in Linear ([out, in]) or 1x1-conv ([out, in, 1, ...]) form; biases may be None.
-    pools: the pools over S whose MLP outputs are summed, joined by '+' in summation order: 'avg',
-    'max', and the official code's 'lp' (sqrt(sum x^2), F.lp_pool2d with norm 2) and 'lse'
-    (log sum exp x, its logsumexp_2d), e.g. 'avg+max' (the default) or 'avg+max+lp+lse'; or
-    'blend' (MLP of 0.5 (avg + max)).
-    Spatial gate (present when conv_w is given): gs = sigmoid(BN(conv(map))), map stacked from the
-    pools over C in `spatial_pools` order ('max,mean' official, 'mean,max' timm / ultralytics,
-    'blend' = 0.5 (mean + max), one channel); conv_w is [1, 2 or 1, k, ...] with odd k, padding
-    k // 2. batch_norm: apply BatchNorm(1) to the conv output (weight / bias / running statistics
-    may be None); in training (bn_training) it uses batch statistics and updates the running ones
-    in place with bn_momentum, as F.batch_norm does (bn_momentum may be a 0-d tensor, e.g. the
-    cumulative-average factor 1 / num_batches_tracked, read on the device without a host sync).
-    arrangement: 'channel_first' (paper), 'spatial_first' or 'parallel'.
-    Returns y, or (y, gc [N, C], gs [N, 1, *spatial]) with return_gates (gates detached, None for a
-    gate not present)."""
-    # ------------------------------------------------------------------ validation
+def _validate(x, mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight, bn_bias,
+              bn_running_mean, bn_running_var, pools, act, spatial_pools, arrangement,
+              batch_norm):
+    """cbam's argument checks: raises with the argument's name and what was expected."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:
@@ -516,6 +490,72 @@ def cbam(x: Tensor,
     elif conv_b is not None or batch_norm:
         raise ValueError("conv_b / batch_norm: given without conv_w")
 
+
+# The signatures of argument sets cbam has validated: the checks depend only on what a key holds
+# (types, dtypes, devices, shapes but the batch, the options), so a repeated call skips them, a
+# fifth of the Python time of a module's call. Not used while torch.compile traces, nor for
+# arguments that are not tensors (their errors come from _validate).
+_VALIDATED = set()
+_VALIDATED_MAX = 1024
+
+
+def _validation_key(x, tensors, options):
+    if torch.compiler.is_compiling() or type(x) is not Tensor:
+        return None
+    sig = []
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        elif isinstance(t, Tensor):
+            sig.append((type(t), t.dtype, t.device, t.shape))
+        else:
+            return None
+    try:
+        return (x.dtype, x.device, x.shape[1:], options, tuple(sig))
+    except TypeError:  # an unhashable option: validated each time (and refused there)
+        return None
+
+
+def cbam(x: Tensor,
+         mlp_w1: Optional[Tensor] = None, mlp_b1: Optional[Tensor] = None,
+         mlp_w2: Optional[Tensor] = None, mlp_b2: Optional[Tensor] = None,
+         conv_w: Optional[Tensor] = None, conv_b: Optional[Tensor] = None,
+         bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+         bn_running_mean: Optional[Tensor] = None, bn_running_var: Optional[Tensor] = None,
+         *, pools: str = "avg+max", act: str = "relu", spatial_pools: str = "max,mean",
+         arrangement: str = "channel_first", batch_norm: bool = False, bn_training: bool = False,
+         bn_momentum: Union[float, Tensor] = 0.1, bn_eps: float = 1e-5,
+         return_gates: bool = False):
+    """CBAM on x of shape [N, C, *spatial] (1, 2 or 3 spatial dims, any of NCHW / channels-last).
+
+    Channel gate (present when mlp_w1 is given): gc = sigmoid(sum over `pools` of MLP(pool)),
+    MLP = mlp_w2 act(mlp_w1 p + mlp_b1) + mlp_b2, or mlp_w1 p + mlp_b1 when mlp_w2 is None.
+    Weights in Linear ([out, in]) or 1x1-conv ([out, in, 1, ...]) form; biases may be None.
+    pools: the pools over S whose MLP outputs are summed, joined by '+' in summation order: 'avg',
+    'max', and the official code's 'lp' (sqrt(sum x^2), F.lp_pool2d with norm 2) and 'lse'
+    (log sum exp x, its logsumexp_2d), e.g. 'avg+max' (the default) or 'avg+max+lp+lse'; or
+    'blend' (MLP of 0.5 (avg + max)).
+    Spatial gate (present when conv_w is given): gs = sigmoid(BN(conv(map))), map stacked from the
+    pools over C in `spatial_pools` order ('max,mean' official, 'mean,max' timm / ultralytics,
+    'blend' = 0.5 (mean + max), one channel); conv_w is [1, 2 or 1, k, ...] with odd k, padding
+    k // 2. batch_norm: apply BatchNorm(1) to the conv output (weight / bias / running statistics
+    may be None); in training (bn_training) it uses batch statistics and updates the running ones
+    in place with bn_momentum, as F.batch_norm does (bn_momentum may be a 0-d tensor, e.g. the
+    cumulative-average factor 1 / num_batches_tracked, read on the device without a host sync).
+    arrangement: 'channel_first' (paper), 'spatial_first' or 'parallel'.
+    Returns y, or (y, gc [N, C], gs [N, 1, *spatial]) with return_gates (gates detached, None for a
+    gate not present)."""
+    # ------------------------------------------------------------------ validation
+    tensors = (mlp_w1, mlp_b1, mlp_w2, mlp_b2, conv_w, conv_b, bn_weight, bn_bias,
+               bn_running_mean, bn_running_var)
+    options = (pools, act, spatial_pools, arrangement, bool(batch_norm))
+    key = _validation_key(x, tensors, options)
+    if key is None or key not in _VALIDATED:
+        _validate(x, *tensors, *options)
+        if key is not None:
+            if len(_VALIDATED) >= _VALIDATED_MAX:
+                _VALIDATED.clear()
+            _VALIDATED.add(key)
     bn_train = bool(bn_training) or bn_running_mean is None
     if x.shape[0] == 0:  # empty batch: empty output, nothing to normalise or update
         y = x.clone()

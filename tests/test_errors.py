@@ -87,3 +87,36 @@ def test_bn_training_with_single_value_is_rejected_like_eager():
     m = cbam_fused.CBAM(4, hidden_channels=2).train()
     with pytest.raises(ValueError, match=r"more than 1 value per channel"):
         m(torch.randn(1, 4, 1, 1))
+
+
+def test_validation_is_cached_by_signature_only(monkeypatch):
+    """cbam checks an argument set once per signature (types, dtypes, devices, shapes but the
+    batch, options): a repeated call skips the checks, and a call that differs in any of those
+    is checked again, so a bad argument after good calls still raises."""
+    calls = []
+    real = functional._validate
+    monkeypatch.setattr(functional, "_validate", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(functional, "_VALIDATED", set())
+    m = cbam_fused.CBAM(32, reduction_ratio=8).eval()
+    kw = m.functional_kwargs()
+    x = torch.randn(2, 32, 5, 6)
+    for batch in (2, 3, 2):  # the batch is not part of the signature
+        functional.cbam(x[:1].expand(batch, -1, -1, -1).contiguous(), **kw)
+    assert len(calls) == 1
+    functional.cbam(x.to(memory_format=torch.channels_last), **kw)  # same signature
+    functional.cbam(torch.randn(2, 32, 7, 7), **kw)  # another map size: checked
+    assert len(calls) == 2
+    for bad, match in ((dict(kw, conv_w=torch.randn(1, 2, 6, 6)), "conv_w"),
+                       (dict(kw, mlp_b1=torch.randn(3)), "mlp_b1"),
+                       (dict(kw, mlp_w1=kw["mlp_w1"].int()), "mlp_w1"),
+                       (dict(kw, pools="avg+nope"), "pools")):
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+            functional.cbam(x, **bad)
+    with pytest.raises(ValueError, match="spatial_pools"):  # a refused set is not remembered
+        functional.cbam(x, **dict(kw, spatial_pools="max"))
+    with pytest.raises(ValueError, match="spatial_pools"):
+        functional.cbam(x, **dict(kw, spatial_pools="max"))
+    with pytest.raises(TypeError, match="mlp_b2"):  # not a tensor: no signature, checked
+        functional.cbam(x, **dict(kw, mlp_b2=1.0))
+    with pytest.raises(TypeError, match="mlp_b2"):
+        functional.cbam(x, **dict(kw, mlp_b2=1.0))
