@@ -10,7 +10,9 @@ registers, cycles per issued instruction).
         --csv --page details python benchmarks/profile_kernels.py > ncu.csv
     python benchmarks/profile_kernels.py --summarize ncu.csv  a table: one row per kernel, its case
 
-Each case (op x site x configuration, batch 64 as in issue 4) runs once after a warm-up, between
+Each case (op x site x configuration, batch 64 as in issue 4; the reductions also under the
+launcher settings before 2026-11-26's changes, BEFORE, so that the counters show what the new
+defaults changed) runs once after a warm-up, between
 cudaProfilerStart and cudaProfilerStop, in the manifest's order. A case launches one main kernel
 and, for a reduction split over tiles, its second stage (combine_partials_kernel): the summary
 gives each kernel its case by that order. scripts/gpu_check.py runs this as its `profile` step.
@@ -27,6 +29,11 @@ OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
 SITES = ((256, 56, 56), (2048, 7, 7))  # the largest and the smallest ResNet-50 CBAM sites
 CONFIGS = ("fp32-nchw", "bf16-cl")
 BATCH = 64
+# the reductions (the ops the 2026-11-26 settings changed: reduce_k's vectors in flight and tile
+# rows, reduce_r's rows in flight) again under the settings before them (bench_kernels' knobs)
+REDUCTIONS = ("pool_over_s", "pool_over_c", "pool_over_c_backward_scale",
+              "pool_over_s_backward_scale")
+BEFORE = (8, 4, 1, 2, 1)
 # the rows of the summary: (label, section metric name in ncu's details page)
 METRICS = (("time", "Duration"), ("DRAM %", "DRAM Throughput"), ("SM %", "Compute (SM) Throughput"),
            ("occ. achieved", "Achieved Occupancy"), ("occ. theor.", "Theoretical Occupancy"),
@@ -36,11 +43,15 @@ METRICS = (("time", "Duration"), ("DRAM %", "DRAM Throughput"), ("SM %", "Comput
 
 
 def cases():
-    return [(op, site, cfg) for cfg in CONFIGS for site in SITES for op in OPS]
+    """(op, site, config, tuning or None for the defaults), in launch order."""
+    out = [(op, site, cfg, None) for cfg in CONFIGS for site in SITES for op in OPS]
+    return out + [(op, site, cfg, BEFORE) for cfg in CONFIGS for site in SITES
+                  for op in REDUCTIONS]
 
 
-def case_id(op, site, cfg):
-    return f"{op}-{'x'.join(map(str, site))}-b{BATCH}-{cfg}"
+def case_id(op, site, cfg, tuning=None):
+    tag = "" if tuning is None else "-t" + "/".join(map(str, tuning))
+    return f"{op}-{'x'.join(map(str, site))}-b{BATCH}-{cfg}{tag}"
 
 
 def run_cases(device):
@@ -51,20 +62,26 @@ def run_cases(device):
 
     torch.ops.cbam_fused_debug.set_debug(False, 0)  # no poisoning fills between the kernels
     gen = torch.Generator(device=device).manual_seed(0)
+    set_tuning = torch.ops.cbam_fused_debug.set_tuning
     calls = []
-    for op, (c, h, w), cfg in cases():
-        dtype, fmt = bk.CONFIGS[cfg]
-        xs, gs, small, _ = bk._buffers(BATCH, c, h, w, dtype, fmt, device, 0, gen, nb=1)
-        args = bk._args(op, xs[0], gs[0], small)
-        fn = getattr(torch.ops.cbam_fused, op)
-        fn(*args)  # warm-up, outside the profiled range
-        calls.append((fn, args))
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    for fn, args in calls:
-        fn(*args)
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    try:
+        for op, (c, h, w), cfg, tuning in cases():
+            dtype, fmt = bk.CONFIGS[cfg]
+            xs, gs, small, _ = bk._buffers(BATCH, c, h, w, dtype, fmt, device, 0, gen, nb=1)
+            args = bk._args(op, xs[0], gs[0], small)
+            fn = getattr(torch.ops.cbam_fused, op)
+            set_tuning(*(tuning or bk.DEFAULT_TUNING))
+            fn(*args)  # warm-up, outside the profiled range
+            calls.append((fn, args, tuning or bk.DEFAULT_TUNING))
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        for fn, args, tuning in calls:
+            set_tuning(*tuning)  # host only: no kernel
+            fn(*args)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    finally:
+        set_tuning(*bk.DEFAULT_TUNING)
 
 
 def read_ncu_csv(path):
@@ -84,11 +101,17 @@ def read_ncu_csv(path):
 
 
 def short_name(name):
-    """`void cbam::reduce_k_kernel<float, 4, cbam::PoolPolicy<...>>(...)` -> `reduce_k<float, 4>`."""
+    """`void cbam::reduce_k_kernel<float, 4, 4, cbam::PoolPolicy<...>>(...)` ->
+    `reduce_k<float, 4, 4>`: the element type and the numbers after it (vector width, rows or
+    vectors in flight)."""
     base = name.split("(")[0].replace("void ", "").replace("cbam::", "")
     kernel, _, targs = base.partition("<")
-    parts = [p.strip() for p in targs.rstrip(">").split(",")[:2]] if targs else []
-    return kernel.replace("_kernel", "") + (f"<{', '.join(parts)}>" if parts else "")
+    parts = [p.strip() for p in targs.rstrip(">").split(",")] if targs else []
+    n = 1
+    while n < len(parts) and n < 4 and parts[n].isdigit():
+        n += 1
+    keep = parts[:n]
+    return kernel.replace("_kernel", "") + (f"<{', '.join(keep)}>" if keep else "")
 
 
 def attribute(kernels):

@@ -63,7 +63,7 @@ def test_dry_run_parts_and_merge(tmp_path):
           "env,sweep,profile,bench_cbam", "--cpu-peers", "timm,cbam_fused", str(c)])
     steps = _steps(c)
     assert steps["sweep"]["status"] == "SKIP" and "needs a GPU" in steps["sweep"]["note"]
-    assert steps["profile"]["status"] == "SKIP" and "28 cases (rc 0)" in steps["profile"]["note"]
+    assert steps["profile"]["status"] == "SKIP" and "44 cases (rc 0)" in steps["profile"]["note"]
     assert steps["bench_cbam"]["status"] == "PASS", steps["bench_cbam"]
 
     out = _run(["merge", str(a), str(b), str(c), "-o", str(merged)])
@@ -128,7 +128,7 @@ def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
         return (f'"{i}","1","python3","h","{name}","1","7","(16, 16, 1)","(1344, 1, 1)","0",'
                 f'"9.0","S","{metric}","{unit}","{value}"')
 
-    k0 = "void cbam::reduce_k_kernel<float, 4, cbam::PoolPolicy<float>>(const T1 *, cbam::Geom)"
+    k0 = "void cbam::reduce_k_kernel<float, 4, 4, cbam::PoolPolicy<float>>(const T1 *, cbam::Geom)"
     k1 = "void cbam::combine_partials_kernel<cbam::PoolPolicy<float>>(T1, long, long, long)"
     k2 = "void cbam::reduce_r_kernel<float, 4, 1, cbam::PoolPolicy<float>>(const T1 *)"
     lines = ["==PROF== Connected to process 1", "==PROF== Profiling reduce_k_kernel", head,
@@ -140,7 +140,12 @@ def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
     rows = pk.summary_rows(str(p))
     ids = [pk.case_id(*c) for c in pk.cases()]
     assert [r[0] for r in rows] == [ids[0], ids[0], ids[1]]
-    assert rows[0][1] == "reduce_k<float, 4>" and rows[1][1].startswith("combine_partials")
+    assert rows[0][1] == "reduce_k<float, 4, 4>" and rows[1][1].startswith("combine_partials")
+    assert rows[2][1] == "reduce_r<float, 4, 1>"
+    # the reductions again under the settings before 2026-11-26, after the default cases
+    before = [c for c in pk.cases() if c[3] is not None]
+    assert {c[0] for c in before} == set(pk.REDUCTIONS) and len(before) == 16
+    assert pk.case_id(*before[0]).endswith("-t8/4/1/2/1")
     assert rows[0][2] == "77.5 us" and rows[0][3] == "61.2 %" and rows[2][2] == "70,1 us"
     (tmp_path / "empty.csv").write_text("==PROF== no kernel profiled\n")
     assert pk.summary_rows(str(tmp_path / "empty.csv")) == []
