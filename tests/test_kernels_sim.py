@@ -529,6 +529,30 @@ def test_grid_sizing_knobs_are_checked(default_tuning):
     assert tuple(torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)) == DEFAULT_TUNING
 
 
+def test_side_traffic_floors_of_the_rows_per_tile(default_tuning):
+    """The fewest rows a tile may have at a small channels-last site (R = S = 49, K = C = 2048,
+    bfloat16), with one row per thread allowed (min_rows_per_thread 1, so the side traffic
+    decides): the small tensors a tile stages may cost 1/16 of its x bytes (apply_gates' 4-byte
+    gate and pool_over_c's 4-byte weight: 32 rows, 2 row tiles; the scale gradient's 12-byte
+    weight and grad_input's 20 bytes: one tile), a second stage's partials 1/32 (pool_over_s, a
+    reduction over rows: one tile). At 1/32 for both, every one of these ops ran one row tile
+    there; at 1/8 the block's backward went over its pass budget (test_block_pass_budget)."""
+    gen = torch.Generator().manual_seed(31)
+    x = rand_x((2, 2048, 7, 7), torch.bfloat16, "cl", gen)
+    want = {"apply_gates": 2 * 8 * 2, "grad_input": 2 * 8 * 1,  # 8 column tiles of 256
+            "pool_over_c": 2 * 2 * 2, "pool_over_s_backward_scale": 2 * 2 * 1,  # 2 of 1024
+            "pool_over_s": 2 * 8 * 1}
+    torch.ops.cbam_fused_sim.set_tuning(8, 1, 0, 2, 4)
+    for op, grid in want.items():
+        args = op_args(op, x, gen, 0)
+        with testing.use_simulator():
+            got = getattr(torch.ops.cbam_fused, op)(*args)
+            stats = testing.simulator_stats()
+        assert _stat(stats[0], "grid")[0] == grid, (op, [_stat(s, "grid") for s in stats])
+        check_same(op, got if isinstance(got, (tuple, list)) else (got,), run_cpu(op, args), x,
+                   "cl")
+
+
 # The ops that are one reduction of x (the pools and their scale gradients).
 POOL_OPS = {"pool_over_s", "pool_over_s_lp_lse", "pool_over_c", "pool_over_c_backward_scale",
             "pool_over_s_backward_scale", "pool_over_s_backward_scale_lp_lse"}

@@ -14,8 +14,9 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
                          bool need_k) {
   using acc_t = at::opmath_type<T>;
   const char* op = "backward_reduce";
-  // Side traffic per column: gk, and the column partials written and read again.
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, 3 * sizeof(acc_t), sizeof(T), op);
+  // Side traffic per column: gk staged, and the column partials written and read again.
+  const LaunchGeom lg =
+      make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op);
   const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor part_r =
       !need_r ? at::Tensor() : (lg.g.nkt > 1 ? at::empty({v.N, lg.g.nkt, v.R()}, opts) : out_r);

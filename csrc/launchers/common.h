@@ -157,15 +157,21 @@ struct LaunchGeom {
 };
 
 // kv_max: vectors per lane and row of a column tile (reduce_k: kReduceKVectors; else 1).
-// side_bytes: global bytes per column that a tile reads or writes besides x (staged small tensors,
-// partials); the tiles get enough rows to keep those under a few percent of the tile's x bytes.
+// Side traffic per column of a tile, which sets the fewest rows a tile may have:
+// staged_bytes, the small [N, C] / [N, S] tensors a tile reads (gates, weights: L2 hits mostly,
+// but counted by the pass budget) at most 1/16 of the tile's x bytes; partial_bytes, the
+// partials a second stage reads back (a reduction over rows: written, read again, one more
+// launch) at most 1/32. (Both at 1/32 held the small channels-last sites to a few hundred blocks whatever
+// tiles_per_sm and min_rows_per_thread said: a 2048x7x7 bfloat16 pool over C ran as 128 blocks
+// on 132 SMs.)
 // Lanes per row (TX, a power of two <= 32): one per vector of the row; with kv_max > 1 and
 // debug::reduce_k_mode >= 1, the fewest that cover the row with kv_max vectors each (a row of
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and
 // the xor-shuffle tree that combines a row's lanes takes fewer steps per row; the same bytes
 // are loaded either way.
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
-                            int64_t side_bytes, int64_t elem_bytes, const char* op) {
+                            int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
+                            const char* op) {
   LaunchGeom lg;
   const int64_t need = ceil_div(K, vec);
   const int64_t lanes = kv_max > 1 && debug::reduce_k_mode >= 1 ? ceil_div(need, kv_max) : need;
@@ -189,12 +195,13 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   } else {
     // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default 8),
     // each thread walking at least debug::min_rows_per_thread rows (default 4), and the side
-    // traffic at most 1/32 of the tile's x bytes.
+    // traffic bounded as above.
     const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
     const int64_t want_tiles = ceil_div(target, N * g.nkt);
     rpt = std::max({ceil_div(R, want_tiles),
                     static_cast<int64_t>(lg.ty) * debug::min_rows_per_thread,
-                    ceil_div(32 * side_bytes, elem_bytes)});
+                    ceil_div(16 * staged_bytes, elem_bytes),
+                    ceil_div(32 * partial_bytes, elem_bytes)});
   }
   rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
   g.nrt = ceil_div(R, rpt);

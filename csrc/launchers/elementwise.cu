@@ -15,7 +15,7 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
                      const at::Tensor& gs) {
   using acc_t = at::opmath_type<T>;
   const LaunchGeom lg =
-      make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), sizeof(T), "apply_gates");
+      make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), 0, sizeof(T), "apply_gates");
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
   with_rows_in_flight<VEC>([&](auto u) {
@@ -29,8 +29,10 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
                     const GradSidePtrs<at::opmath_type<T>>& cs,
                     const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement) {
   using acc_t = at::opmath_type<T>;
-  const int64_t side_bytes = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>));
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, side_bytes, sizeof(T), op);
+  // the global bytes behind a column's GradSide: the index is read as int64, and lp with dlp
+  const int64_t staged = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>)) + 4 +
+                         (LPLSE ? static_cast<int64_t>(sizeof(acc_t)) : 0);
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, staged, 0, sizeof(T), op);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {
     launch(op, &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, acc_t>, lg.grid(),

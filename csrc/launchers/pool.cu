@@ -44,14 +44,12 @@ void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
 template <typename T, int VEC, typename Policy>
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
-  // Side traffic per column of a row tile: the partials, written and read again (over r). Over
-  // k, the tile's staged weights ([N, K], a small tensor that stays in L2) do not count: where
-  // they did (1/32 of the tile's x bytes at most), they set the rows of a tile at the small
-  // sites (64 rows for 16-bit x), so that tiles_per_sm and min_rows_per_thread could not raise
-  // the grid there (a 2048x7x7 bfloat16 channels-last pool over C ran as 128 blocks on 132 SMs).
-  const int64_t side = over_k ? 0 : 2 * Policy::kPartialBytes;
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, over_k ? kReduceKVectors : 1, side,
-                                  sizeof(T), op);
+  // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
+  // split k, not the rows); over r, the partials, written and read again.
+  const int64_t staged = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight)) : 0;
+  const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
+  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, over_k ? kReduceKVectors : 1, staged,
+                                  partial, sizeof(T), op);
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
