@@ -698,8 +698,9 @@ def main(argv=None):
                finished=False)
     budget = bu.Budget(args.max_minutes)
     earlier = bu.load_resume(args.resume, SCHEMA, meta) if args.resume else None
-    kept = complete_cases(earlier, st["peers"]) if earlier else {}
-    kept = {cid: c for cid, c in kept.items() if cid in {case_id(k) for k in cases}}
+    grid_ids = {case_id(k) for k in cases}
+    kept = {cid: c for cid, c in (complete_cases(earlier, st["peers"]) if earlier else {}).items()
+            if cid in grid_ids}
     if args.resume and earlier:
         print(f"--resume {args.resume}: {len(kept)} of the {len(cases)} cases kept from the run "
               f"of {earlier['meta'].get('date_utc')}; measuring the other {len(cases) - len(kept)}")
@@ -711,6 +712,7 @@ def main(argv=None):
         old = dict(earlier, cases=list(kept.values()))
         out = merge_runs([old, res])
         out["resumed_cases"] = sorted(kept)
+        out["cases_skipped"] = res["cases_skipped"]  # the earlier run's skips are measured now
         return out
 
     cuda = device.type == "cuda"

@@ -11,8 +11,6 @@ TORCH_LIBRARY_IMPL(cbam_fused, CUDA, m) { cbam::impl_ops(m); }
 // SM, min rows per thread, vector rows in flight, reduce_k mode, reduce_k vectors in
 // flight) sets the tuning knobs and returns the previous values.
 TORCH_LIBRARY(cbam_fused_debug, m) {
-  m.def("set_debug(bool poison_outputs, int tile_mode) -> ()", &cbam::set_debug);
-  m.def("set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
-        "int reduce_k_mode=2, int k_vectors_in_flight=4) -> int[]",
-        &cbam::set_tuning);
+  m.def(cbam::kSetDebugSchema, &cbam::set_debug);
+  m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
 }

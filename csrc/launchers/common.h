@@ -161,9 +161,9 @@ struct LaunchGeom {
 // staged_bytes, the small [N, C] / [N, S] tensors a tile reads (gates, weights: L2 hits mostly,
 // but counted by the pass budget) at most 1/16 of the tile's x bytes; partial_bytes, the
 // partials a second stage reads back (a reduction over rows: written, read again, one more
-// launch) at most 1/32. (Both at 1/32 held the small channels-last sites to a few hundred blocks whatever
-// tiles_per_sm and min_rows_per_thread said: a 2048x7x7 bfloat16 pool over C ran as 128 blocks
-// on 132 SMs.)
+// launch) at most 1/32. (Both at 1/32 held the small channels-last sites to a few hundred
+// blocks whatever tiles_per_sm and min_rows_per_thread said: a 2048x7x7 bfloat16 pool over C
+// ran as 128 blocks on 132 SMs.)
 // Lanes per row (TX, a power of two <= 32): one per vector of the row; with kv_max > 1 and
 // debug::reduce_k_mode >= 1, the fewest that cover the row with kv_max vectors each (a row of
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and

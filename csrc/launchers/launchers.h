@@ -32,10 +32,9 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path;
 // the scalar path always takes kScalarRowsPerStep): 1, 2, 4 (reduce_r; 2 in the other kernels),
 // or 0 = by element size, 2 for 4-byte elements and 1 otherwise (with_rows_in_flight,
-// launchers/common.h). The H200 sweep of
-// benchmarks/results/2026-11-26-h200 (sweep.json): U = 2 raised the float32 NCHW ops' geometric
-// mean from 52.6% to 54.1% of the copy bandwidth, and lowered the bfloat16 channels-last ones'
-// from 41.6% to 38.4%.
+// launchers/common.h). The H200 sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2
+// raised the float32 NCHW ops' geometric mean from 52.6% to 54.1% of the copy bandwidth, and
+// lowered the bfloat16 channels-last ones' from 41.6% to 38.4%.
 constexpr int kDefaultVecRowsInFlight = 0;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
 // reduce_k's 16-byte vectors of a row in flight per thread: 1 (load, fold, load...) or
@@ -121,6 +120,13 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
   debug::k_vectors_in_flight = static_cast<int>(k_vectors_in_flight);
   return old;
 }
+
+// The schemas of the knob-setting debug ops (torch.ops.cbam_fused_sim / cbam_fused_debug).
+inline constexpr const char* kSetDebugSchema =
+    "set_debug(bool poison_outputs, int tile_mode) -> ()";
+inline constexpr const char* kSetTuningSchema =
+    "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
+    "int reduce_k_mode=2, int k_vectors_in_flight=4) -> int[]";
 
 // Sets the debug knobs above (the body of the debug ops).
 inline void set_debug(bool poison_outputs, int64_t tile_mode) {

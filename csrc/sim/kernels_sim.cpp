@@ -13,10 +13,8 @@
 TORCH_LIBRARY(cbam_fused_sim, m) {
   cbam::define_ops(m);
   // Test knobs of the launchers (csrc/launchers/launchers.h, cbam::debug).
-  m.def("set_debug(bool poison_outputs, int tile_mode) -> ()", &cbam::set_debug);
-  m.def("set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
-        "int reduce_k_mode=2, int k_vectors_in_flight=4) -> int[]",
-        &cbam::set_tuning);
+  m.def(cbam::kSetDebugSchema, &cbam::set_debug);
+  m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
 }
 
 TORCH_LIBRARY_IMPL(cbam_fused_sim, CPU, m) { cbam::impl_ops(m); }
