@@ -38,6 +38,40 @@ def pools_from_types(pool_types: Sequence[str]) -> str:
     return "avg+max" if kinds == ["max", "avg"] else "+".join(kinds)  # a + b == b + a exactly
 
 
+_ABSENT = object()
+
+
+def _dict_member(mod: nn.Module, name: str):
+    """mod.<name> for a parameter, buffer or submodule, read from the module's own dicts in the
+    order nn.Module.__getattr__ reads them, without the call (about 1 us each, some twenty per
+    forward: half of a module call's Python time before). A name in none of them (a
+    parametrization's property, which takes the parameter out of _parameters; a plain
+    attribute) goes through getattr."""
+    d = mod.__dict__
+    for store in ("_parameters", "_buffers", "_modules"):
+        v = d[store].get(name, _ABSENT)
+        if v is not _ABSENT:
+            return v
+    return getattr(mod, name)
+
+
+def _reader():
+    """How functional_kwargs reads a module's members: from its dicts in plain execution;
+    through getattr while torch.fx traces (its tracer records parameters as get_attr nodes from
+    getattr calls) or torch.compile does."""
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+        return getattr
+    return _dict_member
+
+
+def _nth(seq: nn.Module, i: int) -> nn.Module:
+    """seq[i]: by position in an nn.Sequential's children (what Sequential.__getitem__ returns,
+    without its checks), through __getitem__ for any other container."""
+    if type(seq) is nn.Sequential:
+        return list(seq.__dict__["_modules"].values())[i]
+    return seq[i]
+
+
 def hidden_size(channels: int, reduction_ratio: float, rounding: str = "floor") -> int:
     """The MLP's hidden size: official code floors C / r, timm rounds half up (round_channels)."""
     v = channels / reduction_ratio
@@ -93,11 +127,15 @@ class ChannelGate(nn.Module):
                                      _ACT_MODULES[act](), nn.Linear(hidden, gate_channels,
                                                                     bias=mlp_bias))
 
-    def functional_kwargs(self) -> dict:
-        mlp2 = self.mlp[3] if self.head == "mlp" else None
-        return dict(mlp_w1=self.mlp[1].weight, mlp_b1=self.mlp[1].bias,
-                    mlp_w2=None if mlp2 is None else mlp2.weight,
-                    mlp_b2=None if mlp2 is None else mlp2.bias, pools=self.pools, act=self.act)
+    def functional_kwargs(self, _get=None) -> dict:
+        get = _get or _reader()
+        mlp = get(self, "mlp")
+        lin1 = _nth(mlp, 1)
+        mlp2 = _nth(mlp, 3) if self.head == "mlp" else None
+        return dict(mlp_w1=get(lin1, "weight"), mlp_b1=get(lin1, "bias"),
+                    mlp_w2=None if mlp2 is None else get(mlp2, "weight"),
+                    mlp_b2=None if mlp2 is None else get(mlp2, "bias"), pools=self.pools,
+                    act=self.act)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.dim, self.gate_channels, "ChannelGate")
@@ -137,35 +175,43 @@ class SpatialGate(nn.Module):
                                  bias=conv_bias, norm=norm, dim=dim, bn_momentum=bn_momentum,
                                  bn_eps=bn_eps)
 
-    def _bn_momentum(self):
+    def _bn_momentum(self, get=getattr):
         """The running-statistics factor of the next training step, as nn.BatchNorm computes it
         (the cumulative average as a 0-d tensor: no host synchronisation)."""
-        bn = self.spatial.bn
+        bn = get(get(self, "spatial"), "bn")
         if bn.momentum is not None:
             return bn.momentum
-        return F._cumulative_momentum(bn.num_batches_tracked + 1)
+        return F._cumulative_momentum(get(bn, "num_batches_tracked") + 1)
 
-    def functional_kwargs(self) -> dict:
-        conv, bn = self.spatial.conv, self.spatial.bn
-        kw = dict(conv_w=conv.weight, conv_b=conv.bias, spatial_pools=self.spatial_pools)
+    def functional_kwargs(self, _get=None) -> dict:
+        get = _get or _reader()
+        spatial = get(self, "spatial")
+        conv, bn = get(spatial, "conv"), get(spatial, "bn")
+        kw = dict(conv_w=get(conv, "weight"), conv_b=get(conv, "bias"),
+                  spatial_pools=self.spatial_pools)
         if bn is not None:
-            kw.update(bn_weight=bn.weight, bn_bias=bn.bias, bn_running_mean=bn.running_mean,
-                      bn_running_var=bn.running_var, batch_norm=True,
-                      bn_training=self.training or bn.running_mean is None,
-                      bn_momentum=self._bn_momentum() if self.training else 0.0, bn_eps=bn.eps)
+            running_mean = get(bn, "running_mean")
+            kw.update(bn_weight=get(bn, "weight"), bn_bias=get(bn, "bias"),
+                      bn_running_mean=running_mean, bn_running_var=get(bn, "running_var"),
+                      batch_norm=True, bn_training=self.training or running_mean is None,
+                      bn_momentum=self._bn_momentum(get) if self.training else 0.0,
+                      bn_eps=bn.eps)
         return kw
 
-    def _count_batch(self, x: Tensor, kw: dict) -> None:
+    def _count_batch(self, x: Tensor, kw: dict, get=getattr) -> None:
         """Counts this training batch in the BatchNorm's num_batches_tracked and sets the running
         statistics factor of kw (the arguments of the coming cbam call) from the new count."""
-        bn = self.spatial.bn
-        if bn is not None and self.training and bn.num_batches_tracked is not None:
-            kw["bn_momentum"] = F._count_bn_batch(x, bn.num_batches_tracked, bn.momentum)
+        bn = get(get(self, "spatial"), "bn")
+        if bn is not None and self.training:
+            count = get(bn, "num_batches_tracked")
+            if count is not None:
+                kw["bn_momentum"] = F._count_bn_batch(x, count, bn.momentum)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.dim, None, "SpatialGate")
-        kw = self.functional_kwargs()
-        self._count_batch(x, kw)
+        get = _reader()
+        kw = self.functional_kwargs(get)
+        self._count_batch(x, kw, get)
         return F.cbam(x, **kw)
 
 
@@ -211,19 +257,21 @@ class CBAM(nn.Module):
                                            norm=spatial_norm, conv_bias=conv_bias, dim=dim,
                                            bn_momentum=bn_momentum, bn_eps=bn_eps)
 
-    def functional_kwargs(self) -> dict:
+    def functional_kwargs(self, _get=None) -> dict:
         """The arguments of cbam_fused.functional.cbam (and cbam_fused.reference.cbam) that this
         module's next forward passes."""
+        get = _get or _reader()
         kw = dict(arrangement=self.arrangement)
         if not self.no_channel:
-            kw.update(self.ChannelGate.functional_kwargs())
+            kw.update(get(self, "ChannelGate").functional_kwargs(get))
         if not self.no_spatial:
-            kw.update(self.SpatialGate.functional_kwargs())
+            kw.update(get(self, "SpatialGate").functional_kwargs(get))
         return kw
 
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.dim, self.gate_channels, "CBAM")
-        kw = self.functional_kwargs()
+        get = _reader()
+        kw = self.functional_kwargs(get)
         if not self.no_spatial:
-            self.SpatialGate._count_batch(x, kw)
+            get(self, "SpatialGate")._count_batch(x, kw, get)
         return F.cbam(x, **kw)

@@ -106,3 +106,59 @@ def test_inference_reuses_the_cast_parameters_of_a_low_precision_module():
         functional._CAST_CACHE.clear()
         assert torch.equal(y_new, m(x))  # the updated weight, not the cached cast
         assert not torch.equal(y_new, y)
+
+
+def _by_getattr(m):
+    """CBAM.functional_kwargs' parameters read the plain way (module attributes, Sequential
+    indexing): what the dict reads of cbam_fused.modules._dict_member must equal."""
+    cg, sp = m.ChannelGate, m.SpatialGate
+    return dict(mlp_w1=cg.mlp[1].weight, mlp_b1=cg.mlp[1].bias, mlp_w2=cg.mlp[3].weight,
+                mlp_b2=cg.mlp[3].bias, conv_w=sp.spatial.conv.weight,
+                conv_b=sp.spatial.conv.bias, bn_weight=sp.spatial.bn.weight,
+                bn_bias=sp.spatial.bn.bias, bn_running_mean=sp.spatial.bn.running_mean,
+                bn_running_var=sp.spatial.bn.running_var)
+
+
+def test_module_reads_its_current_parameters():
+    """The modules read their parameters from the modules' own dicts (no nn.Module.__getattr__
+    call): after a swapped layer, a replaced parameter, a parametrization and a loaded state
+    dict they are still the ones the attributes give, and the forward follows them."""
+    from torch.nn.utils import parametrize
+
+    m = cbam_fused.CBAM(32, reduction_ratio=4).train()
+    x = torch.randn(2, 32, 5, 6)
+
+    def same():
+        kw = m.functional_kwargs()
+        for k, v in _by_getattr(m).items():
+            assert kw[k] is v or torch.equal(kw[k], v), k
+        assert m.SpatialGate.spatial.bn.num_batches_tracked is not None
+
+    same()
+    m.ChannelGate.mlp[1] = torch.nn.Linear(32, 8)  # a swapped layer
+    m.ChannelGate.mlp[3].bias = torch.nn.Parameter(torch.randn(32))  # a replaced parameter
+    same()
+    assert m.functional_kwargs()["mlp_w1"] is m.ChannelGate.mlp[1].weight
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(m.SpatialGate.spatial.conv, "weight", Doubled())
+    conv = m.SpatialGate.spatial.conv
+    assert torch.equal(m.functional_kwargs()["conv_w"], 2 * conv.parametrizations.weight.original)
+    same()
+    count = int(m.SpatialGate.spatial.bn.num_batches_tracked)
+    y = m(x)  # the forward with those parameters, and it counts the batch
+    assert int(m.SpatialGate.spatial.bn.num_batches_tracked) == count + 1
+    from cbam_fused import reference
+    want = reference.cbam(x, **{**m.functional_kwargs(), "bn_momentum": 0.01})
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
+
+    m2 = cbam_fused.CBAM(32, reduction_ratio=4)
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v
+          for k, v in m2.state_dict().items()}
+    m2.load_state_dict(sd)
+    kw = m2.functional_kwargs()
+    assert torch.equal(kw["mlp_w1"], sd["ChannelGate.mlp.1.weight"])
+    assert torch.equal(kw["bn_running_var"], sd["SpatialGate.spatial.bn.running_var"])

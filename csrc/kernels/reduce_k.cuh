@@ -22,8 +22,8 @@ namespace cbam {
 
 constexpr int kReduceKVectors = 4;  // vectors per lane and row of one reduce_k tile, at most
 
+// (KV > 1: at most 64 registers, 4 blocks an SM; 80 and 3 for float64, where 64 spilled.)
 template <typename T, int VEC, int KV, typename Policy>
-// (KV > 1: at most 64 registers, 4 blocks an SM, 80 and 3 for float64, where 64 spilled.)
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1 ? 1 : sizeof(T) == 8 ? 3 : 4)
     reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   static_assert(KV == 1 || KV == kReduceKVectors, "KV: one vector at a time, or all of them");
