@@ -18,14 +18,25 @@ normal data, outputs not poisoned. frac_copy_bw = that bandwidth / the copy band
 the same run. Partial buffers of two-stage reductions are not counted: they are the kernel's own
 cost.
 
+The same bytes copied: the device's copy bandwidth is measured on a 1 GiB copy, where the fixed
+cost of a launch (its start, the first wave's ramp, the last wave's tail: a few microseconds) is
+lost in the time; an op at a 7x7 site moves 10-50 MB, a few microseconds of transfer. So each
+case is also timed against PyTorch's own copy of the same bytes (clone() of a tensor of the op's
+x dtype holding half its bytes: read + written = the op's bytes), timed the same way over as
+many rotating sources: frac_same_size_copy = that copy's time / the op's time, the op's share
+of what one launch of the best-tuned kernel PyTorch has reaches at that size. launch_floor_ms is
+the time of a one-element clone() timed so: the fixed cost of a launch in a graph.
+
 Runs standalone (python benchmarks/bench_kernels.py [--json PATH]) and as part of bench_cbam.py,
 whose JSON holds the same record under "kernels".
 
 JSON record ("cbam_fused.bench_kernels/1"): schema, batch, target_frac, copy_gb_per_s, timing,
 cases[] {id, op, site, shape [N, C, H, W], dtype, layout, bytes, x_bytes, median_ms, p10_ms,
-p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, error, graph_error (a CUDA-graph
-capture that failed: that op was then timed call by call)},
-summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest}}; with --sweep, each
+p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, copy_same_ms,
+frac_same_size_copy, error, graph_error (a CUDA-graph capture that failed: that op was then timed
+call by call)}, launch_floor_ms,
+summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest, min_frac_same_size,
+mean_frac_same_size, meeting_target_same_size}}; with --sweep, each
 case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors": frac_copy_bw} (or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
@@ -135,6 +146,16 @@ def _time(call, nb, device, timing, rec):
     return bu.time_runs(call, device, warmup=timing["warmup"], reps=reps), reps
 
 
+def _copy_same_bytes_ms(nbytes, dtype, nb, device, timing, gen):
+    """Median time of PyTorch's clone() of nbytes / 2 bytes (of dtype; read + written = nbytes),
+    over nb rotating sources, timed as the ops are (_time)."""
+    esize = torch.tensor([], dtype=dtype).element_size()
+    n = max(1, -(-nbytes // (2 * esize)))
+    srcs = [torch.randn(n, generator=gen, device=device, dtype=dtype) for _ in range(nb)]
+    times, _ = _time(lambda i: srcs[i % nb].clone(), nb, device, timing, {})
+    return bu.median(times)  # (srcs freed on return)
+
+
 def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
     """frac_copy_bw of the op under each tuning setting (TUNING_KNOBS) of `sweep`, keyed by
     tuning_key; the defaults are restored afterwards."""
@@ -175,7 +196,8 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
                            layout="channels_last" if fmt == torch.channels_last else "nchw",
                            bytes=None, x_bytes=x_bytes, median_ms=None, p10_ms=None,
                            p90_ms=None, reps=0, n_buffers=nb, gb_per_s=None, frac_copy_bw=None,
-                           meets_target=None, error=None, graph_error=None)
+                           meets_target=None, copy_same_ms=None, frac_same_size_copy=None,
+                           error=None, graph_error=None)
                 if bar is not None:
                     bar.set_postfix_str(rec["id"], refresh=False)
                 try:
@@ -193,6 +215,9 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
                     rec["frac_copy_bw"] = rec["gb_per_s"] / copy_gbps if copy_gbps else None
                     rec["meets_target"] = rec["frac_copy_bw"] is not None and \
                         rec["frac_copy_bw"] >= TARGET
+                    rec["copy_same_ms"] = _copy_same_bytes_ms(rec["bytes"], dtype, nb, device,
+                                                              timing, gen)
+                    rec["frac_same_size_copy"] = rec["copy_same_ms"] / med
                     if sweep and (sweep_max_s is None or time.monotonic() - t0 < sweep_max_s):
                         rec["sweep"] = _sweep(call, nb, device, dict(timing, graph_reps=10),
                                               rec, sweep, copy_gbps)
@@ -208,11 +233,13 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
             del xs, gs, small
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    launch_floor_ms = _copy_same_bytes_ms(2, torch.float32, 1, device, timing, gen)
     method = ("cuda_graph: the calls captured in one CUDA graph over the rotating buffers, "
               "replayed `reps` times; time per call = replay time / calls (CUDA events)"
               if device.type == "cuda" else "perf_counter around each call")
     return dict(schema=SCHEMA, batch=batch, target_frac=TARGET, copy_gb_per_s=copy_gbps,
-                timing=method, cases=cases, summary=summarize(cases))
+                timing=method, launch_floor_ms=launch_floor_ms, cases=cases,
+                summary=summarize(cases))
 
 
 def count(sites="resnet50", configs=tuple(CONFIGS), ops=OPS) -> int:
@@ -227,9 +254,13 @@ def summarize(cases):
             continue
         fr = [c["frac_copy_bw"] for c in sel]
         weakest = min(sel, key=lambda c: c["frac_copy_bw"])
+        ss = [c["frac_same_size_copy"] for c in sel if c.get("frac_same_size_copy")]
         out[key] = dict(cases=len(sel), min_frac=min(fr), mean_frac=sum(fr) / len(fr),
                         meeting_target=sum(1 for c in sel if c["meets_target"]),
-                        weakest=weakest["id"])
+                        weakest=weakest["id"],
+                        min_frac_same_size=min(ss) if ss else None,
+                        mean_frac_same_size=sum(ss) / len(ss) if ss else None,
+                        meeting_target_same_size=sum(1 for v in ss if v >= TARGET))
     return out
 
 
@@ -241,15 +272,23 @@ def print_results(rec):
                      bu.fmt_bytes(c["bytes"]) if c["bytes"] else "-",
                      f"{c['gb_per_s']:.4g}" if c["gb_per_s"] else "-",
                      f"{100 * c['frac_copy_bw']:.3g}%" if c["frac_copy_bw"] else "-",
-                     "" if c["meets_target"] is None else ("ok" if c["meets_target"] else "BELOW")])
+                     "" if c["meets_target"] is None else ("ok" if c["meets_target"] else "BELOW"),
+                     bu.fmt_ms(c.get("copy_same_ms")),
+                     f"{100 * c['frac_same_size_copy']:.3g}%" if c.get("frac_same_size_copy")
+                     else "-"])
+    floor = rec.get("launch_floor_ms")
     bu.print_table(["op", "site", "dtype layout", "median", "bytes", "GB/s", "%copy",
-                    f">={int(100 * TARGET)}%"], rows,
+                    f">={int(100 * TARGET)}%", "copy same bytes", "%same-size copy"], rows,
                    title=f"each op alone, batch {rec['batch']}: its bytes / median time "
-                         f"(copy bandwidth {rec['copy_gb_per_s']:.0f} GB/s)")
+                         f"(copy bandwidth {rec['copy_gb_per_s']:.0f} GB/s; a launch alone "
+                         f"{bu.fmt_ms(floor)})")
     for k, s in rec["summary"].items():
+        same = "" if s.get("mean_frac_same_size") is None else (
+            f"; {s['meeting_target_same_size']}/{s['cases']} at >= {int(100 * TARGET)}% of a "
+            f"same-size copy (mean {100 * s['mean_frac_same_size']:.3g}%)")
         print(f"  {k:22s} {s['meeting_target']}/{s['cases']} ops at >= {int(100 * TARGET)}% of "
               f"copy bw; min {100 * s['min_frac']:.3g}% ({s['weakest']}), "
-              f"mean {100 * s['mean_frac']:.3g}%")
+              f"mean {100 * s['mean_frac']:.3g}%{same}")
 
 
 def summarize_sweep(cases):

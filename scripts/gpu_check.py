@@ -1037,22 +1037,36 @@ def write_summary(d, part_dirs):
                      f"of copy bandwidth at batch {kr['batch']})")
             L.append("")
             L.append("Bytes = every tensor the op takes and returns; %copy = bytes / median "
-                     "time / copy bandwidth.")
+                     "time / copy bandwidth; %same-size = the time of PyTorch's copy of the same "
+                     "bytes (clone(), timed the same way) / the op's time"
+                     + (f"; a launch alone (one-element clone) takes "
+                        f"{_fmt_ms(kr['launch_floor_ms'])}" if kr.get("launch_floor_ms") else "")
+                     + ".")
             L.append("")
-            L.append("| dtype/layout | ops at target | min %copy (weakest) | mean %copy |")
-            L.append("|---|---|---|---|")
+
+            def pct(v):
+                return "-" if v is None else f"{100 * v:.3g}%"
+            L.append("| dtype/layout | ops at target | min %copy (weakest) | mean %copy | "
+                     "at 80% of a same-size copy | min, mean %same-size |")
+            L.append("|---|---|---|---|---|---|")
             for k, s in kr.get("summary", {}).items():
                 L.append(f"| {k} | {s['meeting_target']}/{s['cases']} | "
                          f"{100 * s['min_frac']:.3g}% ({s['weakest']}) | "
-                         f"{100 * s['mean_frac']:.3g}% |")
+                         f"{100 * s['mean_frac']:.3g}% | "
+                         f"{s.get('meeting_target_same_size', '-')}/{s['cases']} | "
+                         f"{pct(s.get('min_frac_same_size'))}, "
+                         f"{pct(s.get('mean_frac_same_size'))} |")
             L.append("")
-            L.append("| op | site | dtype layout | median | GB/s | %copy |")
-            L.append("|---|---|---|---|---|---|")
+            L.append("| op | site | dtype layout | median | GB/s | %copy | same-size copy | "
+                     "%same-size |")
+            L.append("|---|---|---|---|---|---|---|---|")
             for c in kr.get("cases", []):
                 L.append(f"| {c['op']} | {c['site']} | {c['dtype']} {c['layout']} | "
-                         + ("ERR | - | - |" if c.get("error") else
+                         + ("ERR | - | - | - | - |" if c.get("error") else
                             f"{_fmt_ms(c['median_ms'])} | {c['gb_per_s']:.4g} | "
-                            f"{100 * c['frac_copy_bw']:.3g}% |"))
+                            f"{100 * c['frac_copy_bw']:.3g}% | "
+                            f"{_fmt_ms(c.get('copy_same_ms'))} | "
+                            f"{pct(c.get('frac_same_size_copy'))} |"))
             L.append("")
     sw = (_load(os.path.join(d, "sweep.json")) or {}).get("sweep")
     if sw and sw.get("per_op"):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import cbam_fused
 
@@ -247,7 +248,40 @@ def _check_kernels(k, n_ops=7):
                     "grad_input": 2, "pool_over_s_lp_lse": 1,
                     "pool_over_s_backward_scale_lp_lse": 1, "grad_input_lp_lse": 3}[c["op"]]
         assert x_passes * c["x_bytes"] < c["bytes"] < (x_passes + 1) * c["x_bytes"], c
+        assert c["copy_same_ms"] > 0
+        assert c["frac_same_size_copy"] == pytest.approx(c["copy_same_ms"] / c["median_ms"])
+    assert k["launch_floor_ms"] > 0
     assert set(k["summary"]) == {"float32/nchw", "bfloat16/channels_last"}
+    for s in k["summary"].values():
+        assert 0 < s["min_frac_same_size"] <= s["mean_frac_same_size"]
+        assert 0 <= s["meeting_target_same_size"] <= s["cases"]
+
+
+def test_same_size_copy_moves_the_ops_bytes(monkeypatch):
+    """The same-size reference copies half the op's bytes (read + written = the op's bytes),
+    of the op's dtype, rotating over as many sources as the op's buffers."""
+    sys.path.insert(0, BENCH)
+    import bench_kernels as bk
+    seen = []
+
+    def fake_time(call, nb, device, timing, rec):
+        outs = [call(i) for i in range(2 * nb)]
+        seen.append((nb, outs))
+        return [1.0, 2.0, 3.0], 3
+    monkeypatch.setattr(bk, "_time", fake_time)
+    gen = torch.Generator().manual_seed(0)
+    for nbytes, dtype, nb in ((1000, torch.float32, 3), (1001, torch.bfloat16, 2),
+                              (2, torch.float32, 1)):
+        assert bk._copy_same_bytes_ms(nbytes, dtype, nb, torch.device("cpu"), {}, gen) == 2.0
+        n, outs = seen.pop()
+        assert n == nb and all(o.dtype == dtype for o in outs)
+        moved = 2 * outs[0].numel() * outs[0].element_size()
+        assert nbytes <= moved < nbytes + 2 * outs[0].element_size()
+        # distinct sources in rotation, each copied (not aliased)
+        assert len({o.data_ptr() for o in outs}) == len(outs)
+        assert all(torch.equal(outs[i], outs[i + nb]) for i in range(nb))
+        if nb > 1:
+            assert not torch.equal(outs[0], outs[1])
 
 
 def test_bench_kernels_standalone(tmp_path):
