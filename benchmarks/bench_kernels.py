@@ -64,16 +64,19 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
 # per thread, rows of 16-byte vectors in flight per thread (0: 2 for float32, else 1; 4: reduce_r
 # only, the other kernels take 2), the reductions over the contiguous axis (reduce_k_mode: 0 reduce_k with one lane per vector up to
 # 32, 1 with the fewest lanes that cover a row, 2 as 1 but short rows take reduce_k_rows, one
-# thread a row), and reduce_k's vectors of a row in flight per thread (1 or 4); keyed
+# thread a row, 3 as 2 but where reduce_k's grid is resident at once, 2 rows' vectors loaded
+# before the fold), and reduce_k's 16-byte loads in flight per thread (1 or 4); keyed
 # "tiles/rows/vec_rows/reduce_k_mode/k_vectors". The sweep crosses the first three and tries the
 # others once each at the default grid sizing (they change the reductions over the contiguous
-# axis only), plus the defaults before 2026-11-26's sweep (8/4/1/2/1), for a before / after.
+# axis only), plus the defaults before 2026-11-26's sweep (8/4/1/2/1) and those of the session
+# after it (8/4/0/2/4), for a before / after.
 TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "reduce_k_mode",
                 "k_vectors_in_flight")
-DEFAULT_TUNING = (8, 4, 0, 2, 4)
-SWEEP = [(t, r, u, 2, 4) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    DEFAULT_TUNING, (8, 4, 0, 2, 1), (8, 4, 0, 0, 4), (8, 4, 0, 1, 4), (8, 4, 1, 2, 1)] + [
-    (t, r, 4, 2, 4) for t in (4, 8, 32) for r in (1, 4)]  # reduce_r with 4 rows in flight
+DEFAULT_TUNING = (8, 4, 0, 3, 4)
+SWEEP = [(t, r, u, 3, 4) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
+    DEFAULT_TUNING, (8, 4, 0, 3, 1), (8, 4, 0, 2, 4), (8, 4, 0, 0, 4), (8, 4, 0, 1, 4),
+    (8, 4, 1, 2, 1)] + [
+    (t, r, 4, 3, 4) for t in (4, 8, 32) for r in (1, 4)]  # reduce_r with 4 rows in flight
 
 
 def tuning_key(setting) -> str:

@@ -175,9 +175,10 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
     4 blocks of 256 threads per SM (half of its 2048 threads), 3 for the variants that keep two
     vector rows in flight (U = 2 or 4: more loads in flight per thread). Memory-bound kernels
     need that many loads in flight; a change that grows a kernel past it fails here. (reduce_k's
-    third argument is its vectors in flight, 1 or 4: 4 blocks either way.)"""
+    third and fourth arguments are its vectors and rows in flight: 1, 1 and 4, 1 keep 4 blocks;
+    4, 2, the small grids' instance (reduce_k_mode 3), 3.)"""
     hot = {n: r for n, r in ptxas_report.items() if re.search(
-        r"_kernel<(float, 4|(c10::)?(Half|BFloat16), 8)(, [124])?, "
+        r"_kernel<(float, 4|(c10::)?(Half|BFloat16), 8)(, [124]){0,2}, "
         r"(float>|false|(cbam::)?(PoolPolicy|WeightedSumPolicy)<float, false>)", n)}
     kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
     assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "apply_gates_kernel",
@@ -188,6 +189,8 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
         # spills when capped at 64); reduce_k's vectors in flight keep 4 blocks
         need = 3 if re.search(r"_kernel<[\w:]+, \d+, [24],", name) and \
             "reduce_k_kernel" not in name else 4
+        if re.search(r"reduce_k_kernel<[\w:]+, \d+, 4, 2,", name):  # 2 rows of 4 vectors
+            need = 3
         threads = 256
         if "reduce_k_rows_kernel" in name:  # blocks of 128 threads (kShortRows) and 33 KB of
             threads, need = 128, 6              # staged rows: 6 blocks, 768 threads

@@ -118,13 +118,14 @@ def test_resnet50_sites(site, dtype, layout):
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_reduce_k_modes_on_gpu(shape, layout, dtype):
-    """Short rows under each reduce_k mode (0, 1: the tiled reduce_k; 2, the default: reduce_k_rows,
-    one thread a row) on the GPU: every op against the pure-PyTorch kernels, and each mode's
-    results bitwise the same on a second run."""
+    """Short rows under each reduce_k mode (0, 1: the tiled reduce_k; 2: reduce_k_rows, one thread
+    a row; 3, the default: as 2, and two rows in flight where the grid is small) on the GPU:
+    every op against the pure-PyTorch kernels, and each mode's results bitwise the same on a
+    second run."""
     gen = torch.Generator().manual_seed(23)
     x = rand_x(shape, dtype, layout, gen)
     try:
-        for mode in (2, 1, 0):
+        for mode in (3, 2, 1, 0):
             torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, mode, 4)
             for op in OPS:
                 args = cuda_args(op_args(op, x, gen, 0))
@@ -134,7 +135,7 @@ def test_reduce_k_modes_on_gpu(shape, layout, dtype):
                 for a, b in zip(got, again):
                     assert torch.equal(a, b), (op, mode)
     finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 2, 4)
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4)
 
 
 @pytest.mark.parametrize("shape,layout,dtype", [
@@ -144,24 +145,26 @@ def test_reduce_k_modes_on_gpu(shape, layout, dtype):
     ids=lambda v: str(v))
 def test_reduce_k_vectors_in_flight_on_gpu(shape, layout, dtype):
     """reduce_k with all of a lane's vectors of a row loaded before the fold (4, the default) and
-    one at a time (1), and each grid / rows-in-flight setting of a GPU sweep's corners: every op
-    against the pure-PyTorch kernels on the GPU, and bitwise the same results under both
-    k_vectors_in_flight settings (the same fold order)."""
+    one at a time (1), under reduce_k modes 2 and 3 (3: two rows' vectors loaded before the fold
+    where the grid is small), and each grid / rows-in-flight setting of a GPU sweep's corners:
+    every op against the pure-PyTorch kernels on the GPU, and bitwise the same results under both
+    k_vectors_in_flight settings (the same tiles, the same fold order)."""
     gen = torch.Generator().manual_seed(29)
     x = rand_x(shape, dtype, layout, gen)
     try:
-        for tiles, rows, u in [(8, 4, 0), (32, 1, 2), (4, 1, 1), (8, 1, 4)]:
+        for tiles, rows, u, mode in [(8, 4, 0, 3), (8, 4, 0, 2), (32, 1, 2, 3), (4, 1, 1, 2),
+                                     (8, 1, 4, 3), (64, 4, 0, 3)]:
             for op in OPS:
                 args = cuda_args(op_args(op, x, gen, 0))
                 outs = []
                 for kv in (4, 1):
-                    torch.ops.cbam_fused_debug.set_tuning(tiles, rows, u, 2, kv)
+                    torch.ops.cbam_fused_debug.set_tuning(tiles, rows, u, mode, kv)
                     outs.append(as_tuple(getattr(torch.ops.cbam_fused, op)(*args)))
                 check(op, outs[0], as_tuple(cpu.KERNELS[op](*args)), dtype)
                 for a, b in zip(*outs):
-                    assert torch.equal(a, b), (op, tiles, rows, u)
+                    assert torch.equal(a, b), (op, tiles, rows, u, mode)
     finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 2, 4)
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4)
 
 
 def test_cuda_graph_capture_and_replay():

@@ -486,7 +486,7 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 
 # tiles per SM, min rows per thread, vector rows in flight (0: by element size), reduce_k mode,
 # reduce_k vectors in flight
-DEFAULT_TUNING = (8, 4, 0, 2, 4)
+DEFAULT_TUNING = (8, 4, 0, 3, 4)
 
 
 @pytest.fixture
@@ -521,7 +521,7 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 
 def test_grid_sizing_knobs_are_checked(default_tuning):
     for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -1, 1),
-                (8, 4, 3, 1), (8, 4, 1, 3), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
+                (8, 4, 3, 1), (8, 4, 1, 4), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
                 (8, 4, 1, 2, 8)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
@@ -652,6 +652,61 @@ def test_reduce_k_vectors_in_flight_change_no_bit(shape, layout, dtype, default_
         if kernels[0] != kernels[1]:
             switched.add(op)
     assert switched == REDUCE_K_OPS[layout] & set(OPS), switched
+
+
+@pytest.mark.parametrize("shape,layout,dtype", K_VECTOR_SHAPES + [
+    ((2, 2048, 7, 7), "cl", torch.bfloat16)], ids=lambda v: str(v))
+def test_reduce_k_rows_in_flight_on_small_grids(shape, layout, dtype, default_tuning):
+    """reduce_k_mode 3 (the default): where reduce_k's grid is resident at once with 3 blocks an
+    SM (every shape here, N <= 2), the instance that loads 2 rows' vectors before folding them.
+    In exactly the reduce_k ops it runs another kernel than mode 2 on the same grid, with the same
+    bits (the same tiles, each row folded in the same order), matching the CPU kernels, under
+    every fiber schedule (no race)."""
+    gen = torch.Generator().manual_seed(37)
+    x = rand_x(shape, dtype, layout, gen)
+    switched = set()
+    for op in OPS:
+        args = op_args(op, x, gen, 0)
+        outs, launches = [], []
+        for mode in (3, 2):
+            torch.ops.cbam_fused_sim.set_tuning(8, 4, 0, mode, 4)
+            with testing.use_simulator():
+                got = getattr(torch.ops.cbam_fused, op)(*args)
+                launches.append([(_stat(s, "kernel"), tuple(_stat(s, "grid")),
+                                  tuple(_stat(s, "block"))) for s in testing.simulator_stats()])
+            outs.append(got if isinstance(got, (tuple, list)) else (got,))
+            if mode == 3:
+                for sched in ("reverse", "shuffle"):
+                    for a, b in zip(outs[-1], run_sim(op, args, sched, seed=4)):
+                        assert torch.equal(a, b), (op, sched)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), op
+        check_same(op, outs[0], run_cpu(op, args), x, layout)
+        assert [ln[1:] for ln in launches[0]] == [ln[1:] for ln in launches[1]], op
+        if launches[0] != launches[1]:
+            switched.add(op)
+    assert switched == REDUCE_K_OPS[layout] & set(OPS), switched
+
+
+def test_reduce_k_rows_in_flight_only_where_the_grid_is_small(default_tuning):
+    """Mode 3 takes the rows-in-flight instance only where the grid is resident at once with 3
+    blocks an SM (396 on the simulator's 132 SMs): pool over S of [40, 256, 16, 16]
+    channels-first (K = 256 floats: 16 lanes of 4 vectors, one column tile) with one row a
+    thread allowed has 640 tiles (16 rows each) for 8 tiles an SM wanted, and keeps mode 2's
+    kernel; for 1 an SM, 160 tiles (64 rows), and takes the other kernel, on the same grid."""
+    gen = torch.Generator().manual_seed(41)
+    x = rand_x((40, 256, 16, 16), torch.float32, "cf", gen)
+    launches = {}
+    for tiles, mode in ((8, 3), (8, 2), (1, 3), (1, 2)):
+        torch.ops.cbam_fused_sim.set_tuning(tiles, 1, 0, mode, 4)
+        with testing.use_simulator():
+            torch.ops.cbam_fused.pool_over_s(x, None)
+            launches[tiles, mode] = [(_stat(s, "kernel"), tuple(_stat(s, "grid")),
+                                      tuple(_stat(s, "block"))) for s in testing.simulator_stats()]
+    assert launches[8, 3] == launches[8, 2]
+    assert launches[8, 3][0][1:] == ((640, 1, 1), (16, 16, 1))
+    assert launches[1, 2][0][1:] == launches[1, 3][0][1:] == ((160, 1, 1), (16, 16, 1))
+    assert launches[1, 3][0][0] != launches[1, 2][0][0]
 
 
 SHORT_ROW_SHAPES = [  # (shape, layout): rows of K = S (cf) or C (cl) elements, R of them

@@ -37,15 +37,21 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // lowered the bfloat16 channels-last ones' from 41.6% to 38.4%.
 constexpr int kDefaultVecRowsInFlight = 0;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
-// reduce_k's 16-byte vectors of a row in flight per thread: 1 (load, fold, load...) or
-// kReduceKVectors (all of the lane's vectors of the row, loaded before they are folded).
+// reduce_k's 16-byte loads in flight per thread: 1 (load, fold, load...) or kReduceKVectors
+// (all of the lane's vectors of the row, loaded before they are folded; under reduce_k_mode 3
+// on small grids, those of kReduceKRows rows).
 constexpr int kDefaultKVectorsInFlight = 4;
 inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // The reductions over the contiguous axis: 0, reduce_k with one lane per vector of a row, up to
 // 32; 1, reduce_k with the fewest lanes that cover a row in one tile (make_geom); 2, as 1, but
 // rows of at most kShortRowBytes (of acc_t) take reduce_k_rows, one thread per row
-// (kernels/reduce_k_rows.cuh; with the normal tiling only).
-constexpr int kDefaultReduceKMode = 2;
+// (kernels/reduce_k_rows.cuh; with the normal tiling only); 3, as 2, and where reduce_k's grid
+// is resident at once with that instance's 3 blocks an SM (2 for the lp / lse pools; few, long
+// rows), its instance with kReduceKRows rows of loads in flight per thread (same tiles, same
+// bits; with k_vectors_in_flight 4; launchers/pool.cu run_reduction). Mode 3 is argued, not yet timed: at
+// the 7x7 channels-last sites of 2048 channels, batch 64, the pool over C and the spatial-first
+// scale gradient run 256 and 128 blocks, two and one an SM, and twice the loads in flight.
+constexpr int kDefaultReduceKMode = 3;
 inline int reduce_k_mode = kDefaultReduceKMode;
 }  // namespace debug
 
@@ -95,7 +101,7 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
 // [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight].
 // tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1, 2 or 4, reduce_k_mode
-// 0, 1 or 2, k_vectors_in_flight 1 or 4.
+// 0 to 3, k_vectors_in_flight 1 or 4.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
                                        int64_t vec_rows_in_flight, int64_t reduce_k_mode,
                                        int64_t k_vectors_in_flight) {
@@ -106,8 +112,8 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
   TORCH_CHECK(vec_rows_in_flight >= 0 && vec_rows_in_flight <= 4 && vec_rows_in_flight != 3,
               "set_tuning: vec_rows_in_flight must be 0 (by element size), 1, 2 or 4, got ",
               vec_rows_in_flight);
-  TORCH_CHECK(reduce_k_mode >= 0 && reduce_k_mode <= 2,
-              "set_tuning: reduce_k_mode must be 0, 1 or 2, got ", reduce_k_mode);
+  TORCH_CHECK(reduce_k_mode >= 0 && reduce_k_mode <= 3,
+              "set_tuning: reduce_k_mode must be 0, 1, 2 or 3, got ", reduce_k_mode);
   TORCH_CHECK(k_vectors_in_flight == 1 || k_vectors_in_flight == 4,
               "set_tuning: k_vectors_in_flight must be 1 or 4, got ", k_vectors_in_flight);
   std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread,
@@ -126,7 +132,7 @@ inline constexpr const char* kSetDebugSchema =
     "set_debug(bool poison_outputs, int tile_mode) -> ()";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
-    "int reduce_k_mode=2, int k_vectors_in_flight=4) -> int[]";
+    "int reduce_k_mode=3, int k_vectors_in_flight=4) -> int[]";
 
 // Sets the debug knobs above (the body of the debug ops).
 inline void set_debug(bool poison_outputs, int64_t tile_mode) {

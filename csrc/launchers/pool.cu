@@ -54,11 +54,20 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
   if (P > 1) set_partials(pol, v.x, v.N, P, L, keep);
+  // reduce_k_mode 3: where the whole grid is resident at once with reduce_k_rows_blocks blocks
+  // an SM (few, long rows), the instance with kReduceKRows rows of loads in flight per thread:
+  // the same tiles and bits, twice the bytes in flight (reduce_k.cuh, UR).
+  const bool k_rows = debug::reduce_k_mode == 3 &&
+                      lg.g.N * lg.g.nrt * lg.g.nkt <=
+                          static_cast<int64_t>(num_sms()) * reduce_k_rows_blocks<Policy>();
   if (over_k && debug::k_vectors_in_flight == 1) {
-    launch(op, &reduce_k_kernel<T, VEC, 1, Policy>, lg.grid(), lg.block(), 0, global_ptr<T>(v.x),
-           pol, lg.g);
+    launch(op, &reduce_k_kernel<T, VEC, 1, 1, Policy>, lg.grid(), lg.block(), 0,
+           global_ptr<T>(v.x), pol, lg.g);
+  } else if (over_k && k_rows) {
+    launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, kReduceKRows, Policy>, lg.grid(),
+           lg.block(), 0, global_ptr<T>(v.x), pol, lg.g);
   } else if (over_k) {
-    launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, Policy>, lg.grid(), lg.block(), 0,
+    launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
   } else {
     with_rows_in_flight<VEC, 4>([&](auto u) {
@@ -96,7 +105,7 @@ void run_short_rows(const char* op, const XView& v, const Policy& pol) {
 template <typename T, typename Policy>
 void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
   using acc_t = typename Policy::acc_t;
-  if (over_k && debug::reduce_k_mode == 2 && debug::tile_mode == 0 &&
+  if (over_k && debug::reduce_k_mode >= 2 && debug::tile_mode == 0 &&
       v.K() * static_cast<int64_t>(sizeof(acc_t)) <= kShortRowBytes) {
     run_short_rows<T>(op, v, pol);
     return;
