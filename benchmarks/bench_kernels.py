@@ -37,7 +37,7 @@ frac_same_size_copy, error, graph_error (a CUDA-graph capture that failed: that 
 call by call)}, launch_floor_ms,
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest, min_frac_same_size,
 mean_frac_same_size, meeting_target_same_size}}; with --sweep, each
-case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors": frac_copy_bw} (or sweep_skipped, past
+case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode": frac_copy_bw} (or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
 """
@@ -65,18 +65,19 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
 # only, the other kernels take 2), the reductions over the contiguous axis (reduce_k_mode: 0 reduce_k with one lane per vector up to
 # 32, 1 with the fewest lanes that cover a row, 2 as 1 but short rows take reduce_k_rows, one
 # thread a row, 3 as 2 but where reduce_k's grid is resident at once, 2 rows' vectors loaded
-# before the fold), and reduce_k's 16-byte loads in flight per thread (1 or 4); keyed
-# "tiles/rows/vec_rows/reduce_k_mode/k_vectors". The sweep crosses the first three and tries the
-# others once each at the default grid sizing (they change the reductions over the contiguous
-# axis only), plus the defaults before 2026-11-26's sweep (8/4/1/2/1) and those of the session
-# after it (8/4/0/2/4), for a before / after.
+# before the fold), reduce_k's 16-byte loads in flight per thread (1 or 4), and the lanes of
+# reduce_r's short rows (reduce_r_mode: 0 a power of two up to 32, 1 one per vector of a row of at
+# most 128 vectors); keyed "tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode". The sweep
+# crosses the first three and tries the others once each at the default grid sizing (they change
+# the reductions only), plus the defaults before 2026-11-26's sweep (8/4/1/2/1/0) and those of
+# the session after it (8/4/0/2/4/0), for a before / after.
 TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "reduce_k_mode",
-                "k_vectors_in_flight")
-DEFAULT_TUNING = (8, 4, 0, 3, 4)
-SWEEP = [(t, r, u, 3, 4) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    DEFAULT_TUNING, (8, 4, 0, 3, 1), (8, 4, 0, 2, 4), (8, 4, 0, 0, 4), (8, 4, 0, 1, 4),
-    (8, 4, 1, 2, 1)] + [
-    (t, r, 4, 3, 4) for t in (4, 8, 32) for r in (1, 4)]  # reduce_r with 4 rows in flight
+                "k_vectors_in_flight", "reduce_r_mode")
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
+SWEEP = [(t, r, u, 3, 4, 0) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
+    DEFAULT_TUNING, (8, 4, 0, 3, 1, 0), (8, 4, 0, 3, 4, 1), (8, 4, 0, 2, 4, 0),
+    (8, 4, 0, 0, 4, 0), (8, 4, 0, 1, 4, 0), (8, 4, 1, 2, 1, 0), (16, 1, 0, 3, 4, 1)] + [
+    (t, r, 4, 3, 4, 0) for t in (4, 8, 32) for r in (1, 4)]  # reduce_r with 4 rows in flight
 
 
 def tuning_key(setting) -> str:

@@ -29,11 +29,12 @@ OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
 SITES = ((256, 56, 56), (2048, 7, 7))  # the largest and the smallest ResNet-50 CBAM sites
 CONFIGS = ("fp32-nchw", "bf16-cl")
 BATCH = 64
-# the reductions (the ops the 2026-11-26 settings changed: reduce_k's vectors in flight and tile
-# rows, reduce_r's rows in flight) again under the settings before them (bench_kernels' knobs)
+# the reductions (the ops the 2026-11-26 settings changed: reduce_k's vectors and rows in flight
+# and tile rows, reduce_r's rows in flight and lanes of short rows) again under the settings
+# before them (bench_kernels' knobs)
 REDUCTIONS = ("pool_over_s", "pool_over_c", "pool_over_c_backward_scale",
               "pool_over_s_backward_scale")
-BEFORE = (8, 4, 1, 2, 1)
+BEFORE = (8, 4, 1, 2, 1, 0)
 # the rows of the summary: (label, section metric name in ncu's details page)
 METRICS = (("time", "Duration"), ("DRAM %", "DRAM Throughput"), ("SM %", "Compute (SM) Throughput"),
            ("occ. achieved", "Achieved Occupancy"), ("occ. theor.", "Theoretical Occupancy"),

@@ -135,7 +135,7 @@ def test_reduce_k_modes_on_gpu(shape, layout, dtype):
                 for a, b in zip(got, again):
                     assert torch.equal(a, b), (op, mode)
     finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4)
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, 0)
 
 
 @pytest.mark.parametrize("shape,layout,dtype", [
@@ -164,7 +164,31 @@ def test_reduce_k_vectors_in_flight_on_gpu(shape, layout, dtype):
                 for a, b in zip(*outs):
                     assert torch.equal(a, b), (op, tiles, rows, u, mode)
     finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4)
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, 0)
+
+
+@pytest.mark.parametrize("shape,layout,dtype", [
+    ((2, 300, 7, 7), "cf", torch.float32), ((2, 64, 14, 14), "cf", torch.float32),
+    ((2, 40, 5, 5), "cf", torch.bfloat16), ((2, 24, 5, 5), "cl", torch.float32),
+    ((64, 2048, 7, 7), "cf", torch.float32)], ids=lambda v: str(v))
+def test_reduce_r_modes_on_gpu(shape, layout, dtype):
+    """reduce_r's lanes of short rows (reduce_r_mode 1: one per vector, blocks of fewer than 256
+    threads; 0, the default: a power of two) on the GPU: every op against the pure-PyTorch
+    kernels, and each mode's results bitwise the same on a second run."""
+    gen = torch.Generator().manual_seed(47)
+    x = rand_x(shape, dtype, layout, gen)
+    try:
+        for mode in (1, 0):
+            torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, mode)
+            for op in OPS:
+                args = cuda_args(op_args(op, x, gen, 0))
+                got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
+                check(op, got, as_tuple(cpu.KERNELS[op](*args)), dtype)
+                again = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
+                for a, b in zip(got, again):
+                    assert torch.equal(a, b), (op, mode)
+    finally:
+        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, 0)
 
 
 def test_cuda_graph_capture_and_replay():

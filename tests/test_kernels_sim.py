@@ -486,7 +486,7 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 
 # tiles per SM, min rows per thread, vector rows in flight (0: by element size), reduce_k mode,
 # reduce_k vectors in flight
-DEFAULT_TUNING = (8, 4, 0, 3, 4)
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
 
 
 @pytest.fixture
@@ -522,7 +522,7 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 def test_grid_sizing_knobs_are_checked(default_tuning):
     for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -1, 1),
                 (8, 4, 3, 1), (8, 4, 1, 4), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
-                (8, 4, 1, 2, 8)]:
+                (8, 4, 1, 2, 8), (8, 4, 1, 2, 4, 2), (8, 4, 1, 2, 4, -1)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
     # unchanged by the refusals
@@ -707,6 +707,50 @@ def test_reduce_k_rows_in_flight_only_where_the_grid_is_small(default_tuning):
     assert launches[8, 3][0][1:] == ((640, 1, 1), (16, 16, 1))
     assert launches[1, 2][0][1:] == launches[1, 3][0][1:] == ((160, 1, 1), (16, 16, 1))
     assert launches[1, 3][0][0] != launches[1, 2][0][0]
+
+
+SPAN_ROW_SHAPES = [  # (shape, layout, dtype): reduce_r rows of K / VEC vectors, not a power of 2
+    ((2, 300, 7, 7), "cf", torch.float32),   # K = 49 floats, the scalar path: TX = 49, TY = 5
+    ((2, 64, 14, 14), "cf", torch.float32),  # K = 196: 49 vectors of 4
+    ((2, 40, 5, 5), "cf", torch.bfloat16),   # K = 25, the scalar path: TX = 25, TY = 10
+    ((2, 24, 5, 5), "cl", torch.float32),    # K = C = 24: 6 vectors, TY = 42 (252 threads)
+    ((3, 12, 6, 6), "cl", torch.float64),    # K = 12 doubles: 6 vectors of 2
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype", SPAN_ROW_SHAPES, ids=lambda v: str(v))
+def test_reduce_r_lanes_of_short_rows(shape, layout, dtype, default_tuning):
+    """The sixth tuning knob, reduce_r_mode 1 (0 by default): a reduction over rows whose rows have
+    few vectors, not a power of two of them, gives each vector its own lane (blocks of K / VEC x
+    256 / (K / VEC) threads, read as whole rows), where mode 0 rounds the lanes up to a power of
+    two. Exactly the reduce_r ops change their blocks; their results match the CPU kernels under
+    both modes and are the same bits under every fiber schedule (the column tree over a TY that
+    is not a power of two folds every state, with no race)."""
+    gen = torch.Generator().manual_seed(43)
+    x = rand_x(shape, dtype, layout, gen)
+    k_len = shape[1] if layout == "cl" else shape[2] * shape[3]
+    vec = 16 // x.element_size() if k_len % (16 // x.element_size()) == 0 else 1
+    need = k_len // vec
+    changed = set()
+    for op in OPS:
+        args = op_args(op, x, gen, 0)
+        want = run_cpu(op, args)
+        blocks = {}
+        for mode in (1, 0):
+            torch.ops.cbam_fused_sim.set_tuning(8, 4, 0, 3, 4, mode)
+            with testing.use_simulator():
+                got = getattr(torch.ops.cbam_fused, op)(*args)
+                blocks[mode] = [tuple(_stat(s, "block")) for s in testing.simulator_stats()]
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            check_same(op, got, want, x, layout)
+            if mode == 1:
+                for sched in ("reverse", "shuffle"):
+                    for a, b in zip(got, run_sim(op, args, sched, seed=6)):
+                        assert torch.equal(a, b), (op, sched)
+        if blocks[1] != blocks[0]:
+            changed.add(op)
+            assert blocks[1][0] == (need, 256 // need, 1), (op, blocks)
+    assert changed == (POOL_OPS - REDUCE_K_OPS[layout]) & set(OPS), changed
 
 
 SHORT_ROW_SHAPES = [  # (shape, layout): rows of K = S (cf) or C (cl) elements, R of them

@@ -17,7 +17,10 @@
 
 namespace cbam {
 
-constexpr int kBlockThreads = 256;  // TX * TY
+constexpr int kBlockThreads = 256;  // TX * TY (at most: a row's own TX, below, may leave a rest)
+// reduce_r's tiles of short rows: each of a row's K / VEC vectors its own lane, TX = K / VEC up
+// to this many (launchers/common.h make_geom)
+constexpr int kMaxSpanCols = 128;
 constexpr int kChunkRows = 256;     // rows whose small side values are staged in shared memory
 
 // Rows a thread loads before it uses them (U, independent loads in flight; a template parameter

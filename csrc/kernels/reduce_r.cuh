@@ -7,7 +7,9 @@
 // reduction (nrt splits of R). Threads along k keep one State per column (with the policy's
 // value of the column, kHasKept, staged once per tile); the weights of the tile's rows are
 // staged in shared memory kChunkRows at a time. The TY threads of a column then
-// combine through shared memory in a fixed tree. Thread row 0 writes the final value (nrt == 1)
+// combine through shared memory in a fixed tree (any TY: the launcher may give each vector of a
+// short row its own thread, TX = K / VEC up to kMaxSpanCols, TY = 256 / TX, so that a block's
+// rows are read as one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value (nrt == 1)
 // or the partial [n, rt, k], which combine_partials folds in order. Requires VEC == 1 or
 // K % VEC == 0.
 #pragma once
@@ -32,7 +34,7 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   State s[VEC];
   for (int v = 0; v < VEC; ++v) s[v] = pol.init();
   if constexpr (Policy::kHasKept) {  // the policy's values of the tile's columns, loaded once
-    __shared__ acc_t s_kept[32 * VEC];
+    __shared__ acc_t s_kept[kMaxSpanCols * VEC];
     acc_t kv[VEC];
     stage_k_side<VEC>(s_kept, t, [&](int64_t k) { return pol.kept(t.n, k); }, kv);
     for (int v = 0; v < VEC; ++v) pol.set_kept(s[v], kv[v]);
@@ -66,13 +68,17 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
 
   for (int v = 0; v < VEC; ++v) s_state[tid * VEC + v] = s[v];
   __syncthreads();
-  for (int half = TY / 2; half > 0; half /= 2) {
-    if (ty < half) {
+  // n states of a column left: the first n - h take in those h above them (h = ceil(n / 2); for
+  // a power of two, the halving tree)
+  for (int n = TY; n > 1;) {
+    const int h = (n + 1) / 2;
+    if (ty < n - h) {
       for (int v = 0; v < VEC; ++v) {
-        pol.combine(s_state[tid * VEC + v], s_state[(tid + half * TX) * VEC + v]);
+        pol.combine(s_state[tid * VEC + v], s_state[(tid + h * TX) * VEC + v]);
       }
     }
     __syncthreads();
+    n = h;
   }
   if (ty == 0 && active) {
     for (int v = 0; v < VEC; ++v) {

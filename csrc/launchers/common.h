@@ -169,15 +169,25 @@ struct LaunchGeom {
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and
 // the xor-shuffle tree that combines a row's lanes takes fewer steps per row; the same bytes
 // are loaded either way.
+// span_rows (reduce_r only, debug::reduce_r_mode 1): a row of at most kMaxSpanCols vectors, not a
+// power of two of them, gets one lane per vector (TX = K / VEC, TY = 256 / TX: fewer than 256
+// threads where TX does not divide 256), so a block reads TY whole rows, one contiguous span, at
+// each step. (Lanes by powers of two: a 7x7 channels-first map, 49 floats a row on the scalar
+// path, took two column tiles of 32 lanes, the second 17 lanes busy, and each row read in two
+// pieces by two blocks; a 14x14 map, 49 vectors, the same.)
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
                             int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
-                            const char* op) {
+                            const char* op, bool span_rows = false) {
   LaunchGeom lg;
   const int64_t need = ceil_div(K, vec);
   const int64_t lanes = kv_max > 1 && debug::reduce_k_mode >= 1 ? ceil_div(need, kv_max) : need;
   int tx = 1;
   while (tx < 32 && tx < lanes) tx *= 2;
   if (debug::tile_mode == 1 && tx > 2) tx = 2;
+  if (span_rows && debug::reduce_r_mode == 1 && debug::tile_mode != 1 && kv_max == 1 &&
+      need <= kMaxSpanCols && (need & (need - 1)) != 0) {
+    tx = static_cast<int>(need);
+  }
   lg.tx = tx;
   lg.ty = kBlockThreads / tx;
   Geom& g = lg.g;

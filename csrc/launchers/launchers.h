@@ -53,6 +53,16 @@ inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // scale gradient run 256 and 128 blocks, two and one an SM, and twice the loads in flight.
 constexpr int kDefaultReduceKMode = 3;
 inline int reduce_k_mode = kDefaultReduceKMode;
+// The reductions over the strided axis (reduce_r): 0, lanes along the row a power of two up to
+// 32; 1, a row of at most kMaxSpanCols vectors, not a power of two of them, one lane per vector
+// (TX = K / VEC, TY = 256 / TX), so that a block reads whole rows, one contiguous span (make_geom,
+// launchers/common.h). Off by default until a sweep times it: it reads each row whole and leaves
+// no lane idle (a 7x7 channels-first map: 49 floats a row, two column tiles of 32 lanes before,
+// the second 17 busy), but its blocks no longer split the columns, so at those sites the grid
+// and the loads in flight shrink by about a third (the pool over C of 2048x7x7 float32 at batch
+// 64: 1152 blocks of 256 threads, 704 of 245).
+constexpr int kDefaultReduceRMode = 0;
+inline int reduce_r_mode = kDefaultReduceRMode;
 }  // namespace debug
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
@@ -99,12 +109,12 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
                              const std::optional<at::Tensor>& lse, int64_t arrangement);
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
-// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight].
-// tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1, 2 or 4, reduce_k_mode
-// 0 to 3, k_vectors_in_flight 1 or 4.
+// [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight,
+// reduce_r_mode]. tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1, 2
+// or 4, reduce_k_mode 0 to 3, k_vectors_in_flight 1 or 4, reduce_r_mode 0 or 1.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
                                        int64_t vec_rows_in_flight, int64_t reduce_k_mode,
-                                       int64_t k_vectors_in_flight) {
+                                       int64_t k_vectors_in_flight, int64_t reduce_r_mode) {
   TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
               "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
@@ -116,14 +126,17 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
               "set_tuning: reduce_k_mode must be 0, 1, 2 or 3, got ", reduce_k_mode);
   TORCH_CHECK(k_vectors_in_flight == 1 || k_vectors_in_flight == 4,
               "set_tuning: k_vectors_in_flight must be 1 or 4, got ", k_vectors_in_flight);
-  std::vector<int64_t> old{debug::tiles_per_sm, debug::min_rows_per_thread,
+  TORCH_CHECK(reduce_r_mode == 0 || reduce_r_mode == 1,
+              "set_tuning: reduce_r_mode must be 0 or 1, got ", reduce_r_mode);
+  std::vector<int64_t> old{debug::tiles_per_sm,  debug::min_rows_per_thread,
                            debug::vec_rows_in_flight, debug::reduce_k_mode,
-                           debug::k_vectors_in_flight};
+                           debug::k_vectors_in_flight, debug::reduce_r_mode};
   debug::tiles_per_sm = static_cast<int>(tiles_per_sm);
   debug::min_rows_per_thread = static_cast<int>(min_rows_per_thread);
   debug::vec_rows_in_flight = static_cast<int>(vec_rows_in_flight);
   debug::reduce_k_mode = static_cast<int>(reduce_k_mode);
   debug::k_vectors_in_flight = static_cast<int>(k_vectors_in_flight);
+  debug::reduce_r_mode = static_cast<int>(reduce_r_mode);
   return old;
 }
 
@@ -132,7 +145,7 @@ inline constexpr const char* kSetDebugSchema =
     "set_debug(bool poison_outputs, int tile_mode) -> ()";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
-    "int reduce_k_mode=3, int k_vectors_in_flight=4) -> int[]";
+    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0) -> int[]";
 
 // Sets the debug knobs above (the body of the debug ops).
 inline void set_debug(bool poison_outputs, int64_t tile_mode) {

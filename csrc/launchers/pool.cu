@@ -49,7 +49,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
   const int64_t staged = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight)) : 0;
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
   const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, over_k ? kReduceKVectors : 1, staged,
-                                  partial, sizeof(T), op);
+                                  partial, sizeof(T), op, /*span_rows=*/!over_k);
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
