@@ -145,7 +145,7 @@ def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
     # the reductions again under the settings before 2026-11-26, after the default cases
     before = [c for c in pk.cases() if c[3] is not None]
     assert {c[0] for c in before} == set(pk.REDUCTIONS) and len(before) == 16
-    assert pk.case_id(*before[0]).endswith("-t8/4/1/2/1")
+    assert pk.case_id(*before[0]).endswith("-t8/4/1/2/1/0")
     assert rows[0][2] == "77.5 us" and rows[0][3] == "61.2 %" and rows[2][2] == "70,1 us"
     (tmp_path / "empty.csv").write_text("==PROF== no kernel profiled\n")
     assert pk.summary_rows(str(tmp_path / "empty.csv")) == []
