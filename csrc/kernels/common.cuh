@@ -3,7 +3,8 @@
 //
 // Every kernel sees x as [N, R, K] with K the contiguous axis (channels-first: R = C, K = S;
 // channels-last: R = S, K = C). A block of TX x TY = 256 threads (TX a power of two <= 32,
-// threadIdx.x along k) owns one tile: sample n, rows [r0, r0 + rows_per_tile), columns
+// threadIdx.x along k; reduce_r may take TX = K / VEC of a short row instead, TY = 256 / TX)
+// owns one tile: sample n, rows [r0, r0 + rows_per_tile), columns
 // [c0, c0 + cols_per_tile), cols_per_tile = TX * VEC (reduce_k: a multiple of it). Each thread
 // owns VEC adjacent columns (one 16-byte vector when VEC > 1;
 // VEC > 1 only when K % VEC == 0 and the base pointers are 16-byte aligned) and walks the tile's

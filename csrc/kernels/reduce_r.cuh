@@ -6,12 +6,12 @@
 // Pass: reads x once. Tiles as in common.cuh; the row tiles are the first stage of the
 // reduction (nrt splits of R). Threads along k keep one State per column (with the policy's
 // value of the column, kHasKept, staged once per tile); the weights of the tile's rows are
-// staged in shared memory kChunkRows at a time. The TY threads of a column then
-// combine through shared memory in a fixed tree (any TY: the launcher may give each vector of a
-// short row its own thread, TX = K / VEC up to kMaxSpanCols, TY = 256 / TX, so that a block's
-// rows are read as one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value (nrt == 1)
-// or the partial [n, rt, k], which combine_partials folds in order. Requires VEC == 1 or
-// K % VEC == 0.
+// staged in shared memory kChunkRows at a time. The TY threads of a column then combine through
+// shared memory in a fixed tree (any TY: the launcher may give each vector of a short row its
+// own thread, TX = K / VEC up to kMaxSpanCols, TY = 256 / TX, so that a block's rows are read as
+// one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value
+// (nrt == 1) or the partial [n, rt, k], which combine_partials folds in order. Requires
+// VEC == 1 or K % VEC == 0.
 #pragma once
 
 #include "kernels/common.cuh"

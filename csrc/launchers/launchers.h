@@ -48,9 +48,10 @@ inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // (kernels/reduce_k_rows.cuh; with the normal tiling only); 3, as 2, and where reduce_k's grid
 // is resident at once with that instance's 3 blocks an SM (2 for the lp / lse pools; few, long
 // rows), its instance with kReduceKRows rows of loads in flight per thread (same tiles, same
-// bits; with k_vectors_in_flight 4; launchers/pool.cu run_reduction). Mode 3 is argued, not yet timed: at
-// the 7x7 channels-last sites of 2048 channels, batch 64, the pool over C and the spatial-first
-// scale gradient run 256 and 128 blocks, two and one an SM, and twice the loads in flight.
+// bits; with k_vectors_in_flight 4; launchers/pool.cu run_reduction). Mode 3 is argued, not yet
+// timed: at the 7x7 channels-last sites of 2048 channels, batch 64, the pool over C and the
+// spatial-first scale gradient run 256 and 128 blocks, two and one an SM; it doubles their
+// loads in flight.
 constexpr int kDefaultReduceKMode = 3;
 inline int reduce_k_mode = kDefaultReduceKMode;
 // The reductions over the strided axis (reduce_r): 0, lanes along the row a power of two up to
