@@ -78,6 +78,9 @@ SWEEP = [(t, r, u, 3, 4, 0) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in 
     DEFAULT_TUNING, (8, 4, 0, 3, 1, 0), (8, 4, 0, 3, 4, 1), (8, 4, 0, 2, 4, 0),
     (8, 4, 0, 0, 4, 0), (8, 4, 0, 1, 4, 0), (8, 4, 1, 2, 1, 0), (16, 1, 0, 3, 4, 1)] + [
     (t, r, 4, 3, 4, 0) for t in (4, 8, 32) for r in (1, 4)]  # reduce_r with 4 rows in flight
+# Earlier defaults, set against today's in the sweep's per-op table (summarize_sweep)
+REFERENCE_TUNINGS = {"defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0),
+                     "defaults before 2026-11-26": (8, 4, 1, 2, 1, 0)}
 
 
 def tuning_key(setting) -> str:
@@ -297,7 +300,8 @@ def print_results(rec):
 
 def summarize_sweep(cases):
     """Per setting: the geometric mean of frac_copy_bw over the cases, and per op the best
-    setting by that mean; per case the best setting."""
+    setting by that mean, the default's and each REFERENCE_TUNINGS setting's (reference_gmean,
+    by label; None where the sweep lacks it); per case the best setting."""
     import math
     swept = [c for c in cases if c.get("sweep")]
     if not swept:
@@ -315,7 +319,8 @@ def summarize_sweep(cases):
             means = {k: gmean([c["sweep"].get(k) for c in sel]) for k in keys}
             best = max(means, key=lambda k: means[k] or 0)
             per_op[op] = dict(best=best, best_gmean=means[best], default_gmean=means.get(
-                tuning_key(DEFAULT_TUNING)))
+                tuning_key(DEFAULT_TUNING)), reference_gmean={
+                    label: means.get(tuning_key(st)) for label, st in REFERENCE_TUNINGS.items()})
     per_case = {c["id"]: max(c["sweep"], key=lambda k: c["sweep"][k] or 0) for c in swept}
     return dict(settings=keys, gmean_frac=overall, per_op=per_op, best_per_case=per_case,
                 cases_swept=len(swept), cases=len(cases))
@@ -329,8 +334,10 @@ def print_sweep(sw):
         print(f"  {k:>11s}  {100 * (v or 0):.3g}%{'   (default)' if k == default else ''}")
     print("per op, the best setting by that mean:")
     for op, r in sw["per_op"].items():
+        refs = "".join(f", {label} {100 * v:.3g}%" for label, v in
+                       (r.get("reference_gmean") or {}).items() if v)
         print(f"  {op:28s} {r['best']:>11s} {100 * r['best_gmean']:.3g}% (default "
-              f"{100 * (r['default_gmean'] or 0):.3g}%)")
+              f"{100 * (r['default_gmean'] or 0):.3g}%{refs})")
 
 
 def plot_axes(ax, rec):

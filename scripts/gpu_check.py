@@ -1078,11 +1078,16 @@ def write_summary(d, part_dirs):
                  "mean over the cases of each op's fraction of copy bandwidth. Set the best as "
                  "the defaults in `csrc/launchers/launchers.h`.")
         L.append("")
-        L.append("| op | best | best %copy | default %copy |")
-        L.append("|---|---|---|---|")
+        labels = list(next(iter(sw["per_op"].values())).get("reference_gmean") or {})
+        L.append("| op | best | best %copy | default %copy |"
+                 + "".join(f" {lb} |" for lb in labels))
+        L.append("|---|---|---|---|" + "---|" * len(labels))
         for op, r in sw["per_op"].items():
+            refs = r.get("reference_gmean") or {}
             L.append(f"| {op} | {r['best']} | {100 * (r.get('best_gmean') or 0):.3g}% | "
-                     f"{100 * (r.get('default_gmean') or 0):.3g}% |")
+                     f"{100 * (r.get('default_gmean') or 0):.3g}% |"
+                     + "".join(" - |" if refs.get(lb) is None else f" {100 * refs[lb]:.3g}% |"
+                               for lb in labels))
         L.append("")
     ncu_csv = os.path.join(d, "ncu.csv")
     if os.path.exists(ncu_csv):

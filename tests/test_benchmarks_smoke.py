@@ -365,6 +365,11 @@ def test_bench_kernels_sweep_summary(capsys):
     assert sw["per_op"]["grad_input"]["best"] == "16/1/2/3/4/0"
     assert sw["per_op"]["pool_over_s"]["best"] == bk.tuning_key(bk.DEFAULT_TUNING)
     assert abs(sw["per_op"]["pool_over_s"]["default_gmean"] - 0.7 * 0.5 ** 0.5) < 1e-12
+    # the earlier defaults, each in the sweep, against today's
+    assert all(st in bk.SWEEP for st in bk.REFERENCE_TUNINGS.values())
+    refs = sw["per_op"]["pool_over_s"]["reference_gmean"]
+    assert set(refs) == set(bk.REFERENCE_TUNINGS)
+    assert all(abs(v - 0.6 * 0.5 ** 0.5) < 1e-12 for v in refs.values())
     assert sw["best_per_case"]["grad_input-b"] == "16/1/2/3/4/0"
     assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == bk.tuning_key(bk.DEFAULT_TUNING)
     bk.print_sweep(sw)

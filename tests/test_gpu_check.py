@@ -149,3 +149,47 @@ def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
     assert rows[0][2] == "77.5 us" and rows[0][3] == "61.2 %" and rows[2][2] == "70,1 us"
     (tmp_path / "empty.csv").write_text("==PROF== no kernel profiled\n")
     assert pk.summary_rows(str(tmp_path / "empty.csv")) == []
+
+
+def test_summary_sweep_and_per_op_tables(tmp_path):
+    """summary.md's sweep table sets today's default against the earlier defaults
+    (bench_kernels.REFERENCE_TUNINGS), and its per-op table shows the same-size copy columns; a
+    folder written before those fields existed (2026-11-26-h200) still gives both tables, with
+    dashes."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_kernels as bk
+    import gpu_check
+
+    cases = []
+    for op in bk.OPS:
+        sweep = {bk.tuning_key(st): 0.5 + 0.01 * i for i, st in enumerate(bk.SWEEP)}
+        cases.append(dict(id=f"{op}-x", op=op, sweep=sweep, site="7x7", dtype="float32",
+                          layout="nchw", error=None, median_ms=0.01, gb_per_s=1000.0,
+                          frac_copy_bw=0.25, meets_target=False, copy_same_ms=0.008,
+                          frac_same_size_copy=0.8))
+    rec = dict(schema=bk.SCHEMA, batch=64, target_frac=0.8, launch_floor_ms=0.002, cases=cases,
+               summary=bk.summarize(cases), sweep=bk.summarize_sweep(cases))
+    (tmp_path / "sweep.json").write_text(json.dumps(rec))
+    src = os.path.join(ROOT, "benchmarks", "results", "2026-11-26-h200")
+    with open(os.path.join(src, "bench_cbam.json")) as f:
+        layer = json.load(f)
+    (tmp_path / "bench_cbam.json").write_text(json.dumps(dict(layer, kernels=rec)))
+    gpu_check.write_summary(str(tmp_path), [str(tmp_path)])
+    text = (tmp_path / "summary.md").read_text()
+    refs = "".join(f" {lb} |" for lb in bk.REFERENCE_TUNINGS)
+    assert "| op | best | best %copy | default %copy |" + refs in text
+    i = bk.SWEEP.index(bk.REFERENCE_TUNINGS["defaults before 2026-11-26"])
+    assert f" {100 * (0.5 + 0.01 * i):.3g}% |" in text.split("## Launcher tuning sweep")[1]
+    assert "a launch alone (one-element clone) takes 2.0 us" in text
+    assert "| pool_over_s | 7x7 | float32 nchw | 10.0 us | 1000 | 25% | 8.0 us | 80% |" in text
+    assert "| float32/nchw | 0/7 | 25% (pool_over_s-x) | 25% | 7/7 | 80%, 80% |" in text
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("steps.json", "bench_cbam.json", "sweep.json"):
+        (old / name).write_text(open(os.path.join(src, name)).read())
+    gpu_check.write_summary(str(old), [str(old)])
+    text = (old / "summary.md").read_text()
+    assert "## Launcher tuning sweep" in text and "### Each op alone" in text
+    assert "| pool_over_s | 256x56x56 | float32 nchw | 77.7 us | 2647 | 62.2% | - | - |" in text
