@@ -113,6 +113,27 @@ def test_resnet50_sites(site, dtype, layout):
             assert torch.equal(a, b), op
 
 
+# The launchers' tuning knobs at their defaults (csrc/launchers/launchers.h)
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
+
+
+def _every_op_under(settings, x, gen, dtype):
+    """Under each set_tuning setting: every op on the GPU against the pure-PyTorch kernels, and
+    bitwise the same on a second run; the defaults restored afterwards."""
+    try:
+        for setting in settings:
+            torch.ops.cbam_fused_debug.set_tuning(*setting)
+            for op in OPS:
+                args = cuda_args(op_args(op, x, gen, 0))
+                got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
+                check(op, got, as_tuple(cpu.KERNELS[op](*args)), dtype)
+                again = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
+                for a, b in zip(got, again):
+                    assert torch.equal(a, b), (op, setting)
+    finally:
+        torch.ops.cbam_fused_debug.set_tuning(*DEFAULT_TUNING)
+
+
 @pytest.mark.parametrize("shape,layout", [((4, 300, 7, 7), "cf"), ((3, 130, 5, 5), "cf"),
                                           ((4, 64, 7, 7), "cl"), ((2, 24, 9, 15), "cl")],
                          ids=lambda v: str(v))
@@ -124,18 +145,7 @@ def test_reduce_k_modes_on_gpu(shape, layout, dtype):
     second run."""
     gen = torch.Generator().manual_seed(23)
     x = rand_x(shape, dtype, layout, gen)
-    try:
-        for mode in (3, 2, 1, 0):
-            torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, mode, 4)
-            for op in OPS:
-                args = cuda_args(op_args(op, x, gen, 0))
-                got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
-                check(op, got, as_tuple(cpu.KERNELS[op](*args)), dtype)
-                again = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
-                for a, b in zip(got, again):
-                    assert torch.equal(a, b), (op, mode)
-    finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, 0)
+    _every_op_under([(8, 4, 0, mode, 4, 0) for mode in (3, 2, 1, 0)], x, gen, dtype)
 
 
 @pytest.mark.parametrize("shape,layout,dtype", [
@@ -164,7 +174,7 @@ def test_reduce_k_vectors_in_flight_on_gpu(shape, layout, dtype):
                 for a, b in zip(*outs):
                     assert torch.equal(a, b), (op, tiles, rows, u, mode)
     finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, 0)
+        torch.ops.cbam_fused_debug.set_tuning(*DEFAULT_TUNING)
 
 
 @pytest.mark.parametrize("shape,layout,dtype", [
@@ -177,18 +187,7 @@ def test_reduce_r_modes_on_gpu(shape, layout, dtype):
     kernels, and each mode's results bitwise the same on a second run."""
     gen = torch.Generator().manual_seed(47)
     x = rand_x(shape, dtype, layout, gen)
-    try:
-        for mode in (1, 0):
-            torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, mode)
-            for op in OPS:
-                args = cuda_args(op_args(op, x, gen, 0))
-                got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
-                check(op, got, as_tuple(cpu.KERNELS[op](*args)), dtype)
-                again = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
-                for a, b in zip(got, again):
-                    assert torch.equal(a, b), (op, mode)
-    finally:
-        torch.ops.cbam_fused_debug.set_tuning(8, 4, 0, 3, 4, 0)
+    _every_op_under([(8, 4, 0, 3, 4, mode) for mode in (1, 0)], x, gen, dtype)
 
 
 def test_cuda_graph_capture_and_replay():
