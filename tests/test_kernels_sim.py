@@ -320,6 +320,25 @@ def _stat(s, key):
     return s[key] if isinstance(s, dict) else getattr(s, key)
 
 
+def run_tuned(op, args, setting):
+    """op in the simulator under set_tuning(*setting): (its outputs as a tuple, its launches as
+    (kernel instance, grid, block) each)."""
+    torch.ops.cbam_fused_sim.set_tuning(*setting)
+    with testing.use_simulator():
+        got = getattr(torch.ops.cbam_fused, op)(*args)
+        launches = [(_stat(s, "kernel"), tuple(_stat(s, "grid")), tuple(_stat(s, "block")))
+                    for s in testing.simulator_stats()]
+    return (got if isinstance(got, (tuple, list)) else (got,)), launches
+
+
+def assert_schedules_agree(op, args, outs, seed):
+    """The reverse and shuffled fiber schedules give the same bits as `outs` (no race), under
+    the tuning set now."""
+    for sched in ("reverse", "shuffle"):
+        for a, b in zip(outs, run_sim(op, args, sched, seed=seed)):
+            assert torch.equal(a, b), (op, sched)
+
+
 def op_bytes(op, args):
     """(bytes read, bytes written) by all launches of one op call in the simulator."""
     with testing.use_simulator():
@@ -637,15 +656,11 @@ def test_reduce_k_vectors_in_flight_change_no_bit(shape, layout, dtype, default_
         args = op_args(op, x, gen, 0)
         outs, kernels = [], []
         for kv in (1, 4):
-            torch.ops.cbam_fused_sim.set_tuning(8, 4, 0, 2, kv)
-            with testing.use_simulator():
-                got = getattr(torch.ops.cbam_fused, op)(*args)
-                kernels.append([_stat(s, "kernel") for s in testing.simulator_stats()])
-            outs.append(got if isinstance(got, (tuple, list)) else (got,))
+            got, launches = run_tuned(op, args, (8, 4, 0, 2, kv))
+            outs.append(got)
+            kernels.append([ln[0] for ln in launches])
             if kv == 4:
-                for sched in ("reverse", "shuffle"):
-                    for a, b in zip(outs[-1], run_sim(op, args, sched, seed=3)):
-                        assert torch.equal(a, b), (op, sched)
+                assert_schedules_agree(op, args, got, seed=3)
         for a, b in zip(*outs):
             assert torch.equal(a, b), op
         check_same(op, outs[1], run_cpu(op, args), x, layout)
@@ -669,16 +684,11 @@ def test_reduce_k_rows_in_flight_on_small_grids(shape, layout, dtype, default_tu
         args = op_args(op, x, gen, 0)
         outs, launches = [], []
         for mode in (3, 2):
-            torch.ops.cbam_fused_sim.set_tuning(8, 4, 0, mode, 4)
-            with testing.use_simulator():
-                got = getattr(torch.ops.cbam_fused, op)(*args)
-                launches.append([(_stat(s, "kernel"), tuple(_stat(s, "grid")),
-                                  tuple(_stat(s, "block"))) for s in testing.simulator_stats()])
-            outs.append(got if isinstance(got, (tuple, list)) else (got,))
+            got, ln = run_tuned(op, args, (8, 4, 0, mode, 4))
+            outs.append(got)
+            launches.append(ln)
             if mode == 3:
-                for sched in ("reverse", "shuffle"):
-                    for a, b in zip(outs[-1], run_sim(op, args, sched, seed=4)):
-                        assert torch.equal(a, b), (op, sched)
+                assert_schedules_agree(op, args, got, seed=4)
         for a, b in zip(*outs):
             assert torch.equal(a, b), op
         check_same(op, outs[0], run_cpu(op, args), x, layout)
@@ -696,13 +706,8 @@ def test_reduce_k_rows_in_flight_only_where_the_grid_is_small(default_tuning):
     kernel; for 1 an SM, 160 tiles (64 rows), and takes the other kernel, on the same grid."""
     gen = torch.Generator().manual_seed(41)
     x = rand_x((40, 256, 16, 16), torch.float32, "cf", gen)
-    launches = {}
-    for tiles, mode in ((8, 3), (8, 2), (1, 3), (1, 2)):
-        torch.ops.cbam_fused_sim.set_tuning(tiles, 1, 0, mode, 4)
-        with testing.use_simulator():
-            torch.ops.cbam_fused.pool_over_s(x, None)
-            launches[tiles, mode] = [(_stat(s, "kernel"), tuple(_stat(s, "grid")),
-                                      tuple(_stat(s, "block"))) for s in testing.simulator_stats()]
+    launches = {(tiles, mode): run_tuned("pool_over_s", (x, None), (tiles, 1, 0, mode, 4))[1]
+                for tiles, mode in ((8, 3), (8, 2), (1, 3), (1, 2))}
     assert launches[8, 3] == launches[8, 2]
     assert launches[8, 3][0][1:] == ((640, 1, 1), (16, 16, 1))
     assert launches[1, 2][0][1:] == launches[1, 3][0][1:] == ((160, 1, 1), (16, 16, 1))
@@ -737,16 +742,11 @@ def test_reduce_r_lanes_of_short_rows(shape, layout, dtype, default_tuning):
         want = run_cpu(op, args)
         blocks = {}
         for mode in (1, 0):
-            torch.ops.cbam_fused_sim.set_tuning(8, 4, 0, 3, 4, mode)
-            with testing.use_simulator():
-                got = getattr(torch.ops.cbam_fused, op)(*args)
-                blocks[mode] = [tuple(_stat(s, "block")) for s in testing.simulator_stats()]
-            got = got if isinstance(got, (tuple, list)) else (got,)
+            got, launches = run_tuned(op, args, (8, 4, 0, 3, 4, mode))
+            blocks[mode] = [ln[2] for ln in launches]
             check_same(op, got, want, x, layout)
             if mode == 1:
-                for sched in ("reverse", "shuffle"):
-                    for a, b in zip(got, run_sim(op, args, sched, seed=6)):
-                        assert torch.equal(a, b), (op, sched)
+                assert_schedules_agree(op, args, got, seed=6)
         if blocks[1] != blocks[0]:
             changed.add(op)
             assert blocks[1][0] == (need, 256 // need, 1), (op, blocks)

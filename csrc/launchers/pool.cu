@@ -57,13 +57,13 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
   // reduce_k_mode 3: where the whole grid is resident at once with reduce_k_rows_blocks blocks
   // an SM (few, long rows), the instance with kReduceKRows rows of loads in flight per thread:
   // the same tiles and bits, twice the bytes in flight (reduce_k.cuh, UR).
-  const bool k_rows = debug::reduce_k_mode == 3 &&
+  const bool k_rows = over_k && debug::reduce_k_mode == 3 &&
                       lg.g.N * lg.g.nrt * lg.g.nkt <=
                           static_cast<int64_t>(num_sms()) * reduce_k_rows_blocks<Policy>();
   if (over_k && debug::k_vectors_in_flight == 1) {
     launch(op, &reduce_k_kernel<T, VEC, 1, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
-  } else if (over_k && k_rows) {
+  } else if (k_rows) {
     launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, kReduceKRows, Policy>, lg.grid(),
            lg.block(), 0, global_ptr<T>(v.x), pol, lg.g);
   } else if (over_k) {
