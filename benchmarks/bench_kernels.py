@@ -36,7 +36,9 @@ p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, copy_same_ms,
 frac_same_size_copy, error, graph_error (a CUDA-graph capture that failed: that op was then timed
 call by call)}, launch_floor_ms,
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest, min_frac_same_size,
-mean_frac_same_size, meeting_target_same_size}}; with --sweep, each
+mean_frac_same_size, meeting_target_same_size}}, heads[] {site, maps [N, 1, H, W], fused_ms
+(spatial_head), aten_ms (the ATen ops it replaced in the block: cat, convolution, batch_norm,
+sigmoid), speedup, error, graph_error}; with --sweep, each
 case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode": frac_copy_bw} (or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
@@ -240,13 +242,51 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
             del xs, gs, small
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    heads = _heads(device, sites, batch, timing, gen)
     launch_floor_ms = _copy_same_bytes_ms(2, torch.float32, 1, device, timing, gen)
     method = ("cuda_graph: the calls captured in one CUDA graph over the rotating buffers, "
               "replayed `reps` times; time per call = replay time / calls (CUDA events)"
               if device.type == "cuda" else "perf_counter around each call")
     return dict(schema=SCHEMA, batch=batch, target_frac=TARGET, copy_gb_per_s=copy_gbps,
                 timing=method, launch_floor_ms=launch_floor_ms, cases=cases,
-                summary=summarize(cases))
+                summary=summarize(cases), heads=heads)
+
+
+def _heads(device, sites, batch, timing, gen):
+    """spatial_head, one kernel, against the ATen ops it replaced in the block (cat, convolution,
+    batch_norm in eval mode, sigmoid: its pure-PyTorch kernel, which on CUDA tensors runs exactly
+    those), per site: the spatial gate of a block with BatchNorm in eval mode, float32 maps of
+    the pools over C, 7x7 kernel. Timed as the ops are (_time)."""
+    from cbam_fused import _cpu_kernels as cpu
+    out = []
+    for (c, h, w) in SITES[sites]:
+        rec = dict(site=f"{c}x{h}x{w}", maps=[batch, 1, h, w], fused_ms=None, aten_ms=None,
+                   speedup=None, error=None, graph_error=None)
+        try:
+            nb = 4
+
+            def rnd(*shape, lo=-1.0, hi=1.0):
+                return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
+            maps = [(rnd(batch, 1, h, w), rnd(batch, 1, h, w, lo=0.0, hi=2.0)) for _ in range(nb)]
+            params = (rnd(1, 2, 7, 7, lo=-0.1, hi=0.1), None, rnd(1, lo=0.5, hi=1.5), rnd(1),
+                      rnd(1, lo=-0.1, hi=0.1), rnd(1, lo=0.5, hi=1.5))
+
+            def fused(i, maps=maps, params=params, nb=nb):
+                return torch.ops.cbam_fused.spatial_head(*maps[i % nb], *params, 1e-5,
+                                                         "max,mean", True)
+
+            def aten(i, maps=maps, params=params, nb=nb):
+                return cpu.spatial_head(*maps[i % nb], *params, 1e-5, "max,mean", True)
+            tf, _ = _time(fused, nb, device, timing, rec)
+            ta, _ = _time(aten, nb, device, timing, rec)
+            rec.update(fused_ms=bu.median(tf), aten_ms=bu.median(ta))
+            rec["speedup"] = rec["aten_ms"] / rec["fused_ms"]
+        except Exception as e:  # noqa: BLE001  a failing head must not end the run
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            sys.stderr.write(f"\n[bench_kernels] spatial_head {rec['site']} failed:\n"
+                             f"{traceback.format_exc(limit=6)}\n")
+        out.append(rec)
+    return out
 
 
 def count(sites="resnet50", configs=tuple(CONFIGS), ops=OPS) -> int:
@@ -289,6 +329,15 @@ def print_results(rec):
                    title=f"each op alone, batch {rec['batch']}: its bytes / median time "
                          f"(copy bandwidth {rec['copy_gb_per_s']:.0f} GB/s; a launch alone "
                          f"{bu.fmt_ms(floor)})")
+    heads = rec.get("heads") or []
+    if heads:
+        bu.print_table(["site", "maps", "spatial_head", "ATen ops", "speed-up"],
+                       [[h["site"], "x".join(map(str, h["maps"])),
+                         "ERR" if h["error"] else bu.fmt_ms(h["fused_ms"]),
+                         "-" if h["error"] else bu.fmt_ms(h["aten_ms"]),
+                         "-" if h["error"] else f"{h['speedup']:.2f}x"] for h in heads],
+                       title="the spatial gate's head: one kernel against the ATen ops it "
+                             "replaced (cat, convolution, batch_norm, sigmoid)")
     for k, s in rec["summary"].items():
         same = "" if s.get("mean_frac_same_size") is None else (
             f"; {s['meeting_target_same_size']}/{s['cases']} at >= {int(100 * TARGET)}% of a "

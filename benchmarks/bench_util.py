@@ -102,7 +102,7 @@ def native_kernels() -> Dict[str, bool]:
     """op -> whether cbam_fused runs a hand-written CUDA kernel for it (not the PyTorch one)."""
     try:
         from cbam_fused import _ops
-        return {op: bool(_ops.has_cuda_kernel(op)) for op in _ops.OPS}
+        return {op: bool(_ops.has_cuda_kernel(op)) for op in _ops.ALL_OPS}
     except Exception as e:  # noqa: BLE001  (an old build; recorded, never fatal)
         return {"error": f"{type(e).__name__}: {e}"}
 

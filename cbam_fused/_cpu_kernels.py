@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _heads
 from ._sim_hook import sim_op
 
 
@@ -177,6 +178,82 @@ def grad_input_lp_lse(grad: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optiona
     return dx + (term if gsb is None else gsb * term)
 
 
+# ----------------------------------------------------------------------------- the head op
+# spatial_head is not x-sized: its inputs are the [N, 1, *spatial] pools over C in the
+# accumulation dtype. Its checks (the launcher's, csrc/launchers/spatial_head.cu, word for word)
+# run in the CPU and the fake kernel alike.
+SPATIAL_ORDERS = ("max,mean", "mean,max", "blend")
+_MAX_HEAD_TAPS = 1024  # kMaxHeadTaps, csrc/kernels/spatial_head.cuh
+
+
+def _dt(dtype) -> str:
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16", torch.int64: "Long"}.get(dtype, str(dtype))
+
+
+def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spatial_pools):
+    op = "spatial_head"
+    if spatial_pools not in SPATIAL_ORDERS:
+        raise RuntimeError(f"{op}: spatial_pools must be 'max,mean', 'mean,max' or 'blend', got "
+                           f"'{spatial_pools}'")
+    nd = avg.dim() - 2
+    if not (1 <= nd <= 3 and avg.shape[1] == 1):
+        raise RuntimeError(f"{op}: avg must have shape [N, 1, *spatial] with 1 to 3 spatial "
+                           f"dimensions, got {list(avg.shape)}")
+    if avg.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: avg must be float32 or float64 (the accumulation dtype), got "
+                           f"{_dt(avg.dtype)}")
+    for name, t in (("max", max), ("conv_w", conv_w)):
+        if t.device != avg.device:
+            raise RuntimeError(f"{op}: {name} must be on the device of avg ({avg.device}), got "
+                               f"{t.device}")
+        if name == "max" and t.shape != avg.shape:
+            raise RuntimeError(f"{op}: max must have the shape of avg {list(avg.shape)}, got "
+                               f"{list(t.shape)}")
+        if t.dtype != avg.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of avg ({_dt(avg.dtype)}), got "
+                               f"{_dt(t.dtype)}")
+    cin = 1 if spatial_pools == "blend" else 2
+    k = conv_w.shape[-1] if conv_w.dim() == nd + 2 else 0
+    if not (conv_w.dim() == nd + 2 and tuple(conv_w.shape) == (1, cin) + (k,) * nd
+            and k % 2 == 1):
+        ks = ", k" * nd
+        raise RuntimeError(f"{op}: conv_w must have shape [1, {cin}{ks}] with an odd k, got "
+                           f"{list(conv_w.shape)}")
+    if cin * k ** nd > _MAX_HEAD_TAPS:
+        raise RuntimeError(f"{op}: conv_w has {cin * k ** nd} weights, at most {_MAX_HEAD_TAPS} "
+                           f"are supported")
+    for name, t in (("conv_b", conv_b), ("bn_w", bn_w), ("bn_b", bn_b), ("bn_rm", bn_rm),
+                    ("bn_rv", bn_rv)):
+        if t is None:
+            continue
+        if t.device != avg.device:
+            raise RuntimeError(f"{op}: {name} must be on the device of avg ({avg.device}), got "
+                               f"{t.device}")
+        if t.dim() != 1 or t.numel() != 1:
+            raise RuntimeError(f"{op}: {name} must have shape [1], got {list(t.shape)}")
+        if t.dtype != avg.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of avg ({_dt(avg.dtype)}), got "
+                               f"{_dt(t.dtype)}")
+    if (bn_rm is None) != (bn_rv is None):
+        raise RuntimeError(f"{op}: bn_rm and bn_rv must be given together (BatchNorm in eval mode)")
+    if bn_rv is None and (bn_w is not None or bn_b is not None):
+        raise RuntimeError(f"{op}: bn_w and bn_b need bn_rm and bn_rv (BatchNorm in eval mode)")
+
+
+def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],
+                 bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
+                 bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str, gate: bool):
+    """(gs [N, S] or empty, smap, zconv): the ATen ops the kernel fuses (cat, convolution,
+    batch_norm in eval mode, sigmoid), as the block's composite ran them before it."""
+    n = avg.shape[0]
+    smap = _heads.spatial_map(avg, max, spatial_pools, tuple(avg.shape[2:]))
+    zs, zconv, _, _ = _heads.spatial_forward(smap, conv_w, conv_b, bn_rv is not None, bn_w, bn_b,
+                                             bn_rm, bn_rv, False, bn_eps)
+    gs = torch.sigmoid(zs).reshape(n, -1) if gate else avg.new_empty((0,))
+    return gs, smap, zconv
+
+
 # The math of each op, functional (no in-place writes, no simulator): what the kernels below run
 # and what cbam_fused.export decomposes the ops into. apply_gates and grad_input give [N, C, S].
 MATH = {
@@ -210,5 +287,19 @@ def _kernel(name: str):
     return kernel
 
 
+def _checked_head(name, math, check):
+    def kernel(*args):
+        check(*args[:8], args[9])
+        sim = sim_op(name)
+        return sim(*args) if sim is not None else math(*args)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = f"The CPU kernel of cbam_fused::{name} (the simulator's while it is active)."
+    return kernel
+
+
 # op name -> the kernel registered for CPU tensors
 KERNELS = {name: _kernel(name) for name in MATH}
+# the ops on the small pooled maps (not x-sized): their math and CPU kernels
+HEAD_MATH = {"spatial_head": spatial_head}
+HEAD_KERNELS = {"spatial_head": _checked_head("spatial_head", spatial_head, check_spatial_head)}

@@ -132,10 +132,12 @@ def _conv(x, w, b, pad):
                                       [1] * (x.dim() - 2), False, [0] * (x.dim() - 2), 1)
 
 
-def spatial_forward(smap, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn_rv, bn_training, bn_eps):
-    """zs [N, 1, *spatial] plus what the backward needs (conv out, BN's saved mean / invstd)."""
-    pad = conv_w.shape[-1] // 2
-    zconv = _conv(smap, conv_w, conv_b, pad)
+def spatial_forward(smap, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn_rv, bn_training, bn_eps,
+                    zconv=None):
+    """zs [N, 1, *spatial] plus what the backward needs (conv out, BN's saved mean / invstd).
+    zconv: the conv output when the caller has it (spatial_head's), else computed here."""
+    if zconv is None:
+        zconv = _conv(smap, conv_w, conv_b, conv_w.shape[-1] // 2)
     if not bn:
         return zconv, zconv, None, None
     if bn_training:

@@ -15,7 +15,9 @@ from ._cpu_kernels import acc_dtype
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-OPS = tuple(_cpu_kernels.KERNELS)
+OPS = tuple(_cpu_kernels.KERNELS)  # the x-sized ops
+HEAD_OPS = tuple(_cpu_kernels.HEAD_KERNELS)  # the ops on the small pooled maps
+ALL_OPS = OPS + HEAD_OPS
 
 
 def _small(x: Tensor, n_last: int) -> Tensor:
@@ -76,6 +78,16 @@ def _fake_grad_input_lp_lse(grad, x, gc, gs, da, dm, idx_s, du, dv, idx_c, d_lp,
     return torch.empty_like(grad)
 
 
+def _fake_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps, spatial_pools,
+                       gate):
+    _cpu_kernels.check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
+                                    spatial_pools)
+    n = avg.shape[0]
+    smap = avg.new_empty((n, 1 if spatial_pools == "blend" else 2, *avg.shape[2:]))
+    gs = avg.new_empty((n, _spatial_numel(avg))) if gate else avg.new_empty((0,))
+    return gs, smap, torch.empty_like(avg)
+
+
 _FAKES = {
     "pool_over_s": _fake_pool_over_s,
     "pool_over_s_lp_lse": _fake_pool_over_s_lp_lse,
@@ -89,6 +101,8 @@ _FAKES = {
     "grad_input_lp_lse": _fake_grad_input_lp_lse,
 }
 
+
+_HEAD_FAKES = {"spatial_head": _fake_spatial_head}
 
 # op name -> whether the C++ library registered a CUDA kernel for it (filled by _register)
 NATIVE_CUDA = {}
@@ -169,6 +183,13 @@ def _register():
         NATIVE_CUDA[name] = torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA")
         if not NATIVE_CUDA[name]:
             torch.library.impl(qual, "CUDA")(_cuda_fallback(name, _cpu_kernels.KERNELS[name]))
+    for name, kernel in _cpu_kernels.HEAD_KERNELS.items():  # checks of their own
+        qual = f"cbam_fused::{name}"
+        torch.library.register_fake(qual)(_HEAD_FAKES[name])
+        torch.library.impl(qual, "CPU")(kernel)
+        NATIVE_CUDA[name] = torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA")
+        if not NATIVE_CUDA[name]:
+            torch.library.impl(qual, "CUDA")(_cuda_fallback(name, kernel))
 
 
 _register()
@@ -191,6 +212,13 @@ def pool_over_c(x: Tensor, scale: Optional[Tensor] = None):
 
 def apply_gates(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     return ops.apply_gates(x, gc, gs)
+
+
+def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],
+                 bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
+                 bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str, gate: bool):
+    return ops.spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps,
+                            spatial_pools, gate)
 
 
 def backward_reduce(grad, x, gc, gs, need_rc: bool, need_rs: bool):

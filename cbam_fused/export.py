@@ -49,4 +49,6 @@ def decompositions(include_default: bool = True) -> MutableMapping[torch._ops.Op
     table[ops.cbam_block.default] = functional._cbam_block_fake
     for name in _cpu_kernels.MATH:
         table[getattr(ops, name).default] = _op_decomposition(name)
+    for name, math in _cpu_kernels.HEAD_MATH.items():  # ATen ops already, in the acc dtype
+        table[getattr(ops, name).default] = math
     return table

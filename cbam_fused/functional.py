@@ -114,12 +114,22 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
         zc, p, h_pre = _heads.channel_forward(pooled, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
         return torch.sigmoid(zc), idx_s, p, h_pre
 
-    def spatial_gate(scale):
+    def spatial_gate(scale):  # the head in one op; BatchNorm with batch statistics after it
         u, v, idx_c = _ops.pool_over_c(x, scale)
-        smap = _heads.spatial_map(u, v, cfg.spatial_pools, sp)
-        zs, zconv, mean, invstd = _heads.spatial_forward(
-            smap, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training, cfg.bn_eps)
-        return torch.sigmoid(zs).reshape(n, -1), idx_c, smap, zconv, mean, invstd
+        u, v = u.reshape(n, 1, *sp), v.reshape(n, 1, *sp)
+        bn_eval = cfg.batch_norm and not cfg.bn_training
+        bn_batch = cfg.batch_norm and cfg.bn_training
+        ev = (pbw, pbb, prm, prv) if bn_eval else (None,) * 4
+        gs, smap, zconv = _ops.spatial_head(u, v, pcw, pcb, *ev, cfg.bn_eps, cfg.spatial_pools,
+                                            not bn_batch)
+        mean = invstd = None
+        if bn_eval:  # what native_batch_norm returns in eval mode: no batch statistics
+            mean, invstd = u.new_empty((0,)), u.new_empty((0,))
+        if bn_batch:
+            zs, zconv, mean, invstd = _heads.spatial_forward(
+                smap, pcw, pcb, True, pbw, pbb, prm, prv, True, cfg.bn_eps, zconv=zconv)
+            gs = torch.sigmoid(zs).reshape(n, -1)
+        return gs, idx_c, smap, zconv, mean, invstd
 
     no_ch, no_sp = (None,) * 4, (None,) * 6
     if cfg.arrangement == 0:  # channel first: the spatial gate pools x * gc

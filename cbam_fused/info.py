@@ -65,7 +65,7 @@ def arch_covers(arch_list: str, capability: Tuple[int, int]) -> Optional[str]:
 
 def _ops_native() -> Dict[str, bool]:
     from . import _ops
-    return {op: _ops.has_cuda_kernel(op) for op in _ops.OPS}
+    return {op: _ops.has_cuda_kernel(op) for op in _ops.ALL_OPS}
 
 
 def _sim_built() -> bool:

@@ -48,6 +48,19 @@ inline at::Tensor apply_gates(const at::Tensor& x, const OptT& gc, const OptT& g
   return op.call(x, gc, gs);
 }
 
+inline Pools3 spatial_head(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& conv_w,
+                          const OptT& conv_b, const OptT& bn_w, const OptT& bn_b,
+                          const OptT& bn_rm, const OptT& bn_rv, double bn_eps,
+                          const std::string& spatial_pools, bool gate) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::spatial_head", "")
+          .typed<Pools3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+                        const OptT&, const OptT&, const OptT&, const OptT&, double,
+                        c10::string_view, bool)>();
+  return op.call(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps, spatial_pools, gate);
+}
+
 // A parameter in the accumulation dtype; MLP weights in Linear form ([out, in]).
 inline OptT acc(const OptT& t, at::ScalarType dtype) {
   if (!t.has_value() || !t->defined()) return std::nullopt;

@@ -60,7 +60,9 @@ struct SpatialGate {
   at::Tensor gs, idx_c, smap, zconv, mean, invstd;
 };
 
-// _heads.spatial_map and spatial_forward: conv (and BatchNorm) of the stacked pools over C.
+// The spatial gate: its head in one op (spatial_head: stacked map, conv, BatchNorm in eval
+// mode, sigmoid); with BatchNorm in training mode the op gives the conv output, which
+// native_batch_norm normalizes with the batch statistics.
 SpatialGate spatial_gate(const at::Tensor& x, const OptT& scale, const std::string& order,
                          const at::Tensor& conv_w, const OptT& conv_b, bool batch_norm,
                          const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
@@ -72,31 +74,25 @@ SpatialGate spatial_gate(const at::Tensor& x, const OptT& scale, const std::stri
   const at::Tensor u = u_flat.reshape(shape), v = v_flat.reshape(shape);
   SpatialGate out;
   out.idx_c = idx_c;
-  if (order == "max,mean") {
-    out.smap = at::cat({v, u}, 1);
-  } else if (order == "mean,max") {
-    out.smap = at::cat({u, v}, 1);
-  } else {  // blend
-    out.smap = at::mul(at::add(u, v), 0.5);
+  const bool bn_eval = batch_norm && !bn_training;
+  const bool bn_batch = batch_norm && bn_training;
+  const OptT none;
+  std::tie(out.gs, out.smap, out.zconv) =
+      spatial_head(u, v, conv_w, conv_b, bn_eval ? bn_w : none, bn_eval ? bn_b : none,
+                   bn_eval ? bn_rm : none, bn_eval ? bn_rv : none, bn_eps, order, !bn_batch);
+  if (bn_eval) {  // what native_batch_norm returns in eval mode: no batch statistics
+    out.mean = at::empty({0}, u.options());
+    out.invstd = at::empty({0}, u.options());
   }
-  const int64_t nd = x.dim() - 2;
-  const int64_t pad = conv_w.size(-1) / 2;
-  const std::vector<int64_t> ones(nd, 1), pads(nd, pad), zeros(nd, 0);
-  out.zconv = at::convolution(out.smap, conv_w, conv_b, ones, pads, ones, false, zeros, 1);
-  at::Tensor zs = out.zconv;
-  if (batch_norm) {
-    if (bn_training) {
-      TORCH_CHECK_VALUE(out.zconv.numel() > 1,
-                        "Expected more than 1 value per channel when training, got input size ",
-                        out.zconv.sizes(), " (the spatial map's BatchNorm)");
-      std::tie(zs, out.mean, out.invstd) = at::native_batch_norm(
-          out.zconv, bn_w, bn_b, std::nullopt, std::nullopt, true, 0.0, bn_eps);
-    } else {
-      std::tie(zs, out.mean, out.invstd) =
-          at::native_batch_norm(out.zconv, bn_w, bn_b, bn_rm, bn_rv, false, 0.0, bn_eps);
-    }
+  if (bn_batch) {
+    TORCH_CHECK_VALUE(out.zconv.numel() > 1,
+                      "Expected more than 1 value per channel when training, got input size ",
+                      out.zconv.sizes(), " (the spatial map's BatchNorm)");
+    at::Tensor zs;
+    std::tie(zs, out.mean, out.invstd) = at::native_batch_norm(
+        out.zconv, bn_w, bn_b, std::nullopt, std::nullopt, true, 0.0, bn_eps);
+    out.gs = at::sigmoid(zs).reshape({n, -1});
   }
-  out.gs = at::sigmoid(zs).reshape({n, -1});
   return out;
 }
 

@@ -21,6 +21,15 @@ inline void define_ops(torch::Library& m) {
   m.def("pool_over_c(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax)");
   // y[n,c,s] = x * gc[n,c] * gs[n,s] (a missing gate counts as 1); y keeps x's memory format.
   m.def("apply_gates(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
+  // The spatial gate's head on the pools over C (avg, max: [N, 1, *spatial], acc dtype):
+  //   smap = the stacked map ((max, avg), (avg, max) or 0.5 (avg + max), by spatial_pools),
+  //   zconv = conv(smap, conv_w, conv_b) (one output channel, odd k, zero padding k / 2),
+  //   gs = sigmoid(BN_eval(zconv)) as [N, S] (BN when bn_rm and bn_rv are given; an empty gs
+  //   without `gate`, for a caller that normalizes zconv with batch statistics itself).
+  m.def(
+      "spatial_head(Tensor avg, Tensor max, Tensor conv_w, Tensor? conv_b, Tensor? bn_w, "
+      "Tensor? bn_b, Tensor? bn_rm, Tensor? bn_rv, float bn_eps, str spatial_pools, bool gate) "
+      "-> (Tensor gs, Tensor smap, Tensor zconv)");
   // Q1: rc[n,c] = sum_s g x gs, rs[n,s] = sum_c g x gc (an output not needed is returned empty).
   m.def(
       "backward_reduce(Tensor grad, Tensor x, Tensor? gc, Tensor? gs, bool need_rc, "

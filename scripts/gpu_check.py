@@ -496,7 +496,7 @@ print("JSON:" + json.dumps(d))
 
     def _import_ok(self, report=False):
         code = ("import cbam_fused, json; from cbam_fused import _ops; "
-                "print('JSON:' + json.dumps({o: bool(_ops.has_cuda_kernel(o)) for o in _ops.OPS}))")
+                "print('JSON:' + json.dumps({o: bool(_ops.has_cuda_kernel(o)) for o in _ops.ALL_OPS}))")
         rc, out = self.pyrun(code)
         m = re.search(r"^JSON:(.*)$", out, re.M)
         if rc != 0 or not m:
@@ -1068,6 +1068,18 @@ def write_summary(d, part_dirs):
                             f"{_fmt_ms(c.get('copy_same_ms'))} | "
                             f"{pct(c.get('frac_same_size_copy'))} |"))
             L.append("")
+            if kr.get("heads"):
+                L.append("The spatial gate's head (spatial_head, one kernel) against the ATen ops "
+                         "it replaced in the block (cat, convolution, batch_norm, sigmoid):")
+                L.append("")
+                L.append("| site | maps | spatial_head | ATen ops | speed-up |")
+                L.append("|---|---|---|---|---|")
+                for h in kr["heads"]:
+                    L.append(f"| {h['site']} | {'x'.join(map(str, h['maps']))} | "
+                             + ("ERR | - | - |" if h.get("error") else
+                                f"{_fmt_ms(h['fused_ms'])} | {_fmt_ms(h['aten_ms'])} | "
+                                f"{h['speedup']:.2f}x |"))
+                L.append("")
     sw = (_load(os.path.join(d, "sweep.json")) or {}).get("sweep")
     if sw and sw.get("per_op"):
         L.append("## Launcher tuning sweep (sweep.json)")

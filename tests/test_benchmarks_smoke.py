@@ -251,6 +251,10 @@ def _check_kernels(k, n_ops=7):
         assert c["copy_same_ms"] > 0
         assert c["frac_same_size_copy"] == pytest.approx(c["copy_same_ms"] / c["median_ms"])
     assert k["launch_floor_ms"] > 0
+    assert len(k["heads"]) == 2  # spatial_head against the ATen ops it replaced, per site
+    for h in k["heads"]:
+        assert h["error"] is None and h["fused_ms"] > 0 and h["aten_ms"] > 0, h
+        assert h["speedup"] == pytest.approx(h["aten_ms"] / h["fused_ms"])
     assert set(k["summary"]) == {"float32/nchw", "bfloat16/channels_last"}
     for s in k["summary"].values():
         assert 0 < s["min_frac_same_size"] <= s["mean_frac_same_size"]

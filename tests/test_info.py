@@ -40,7 +40,7 @@ def test_report_and_self_test_here():
     assert rep["cbam_fused"] == cbam_fused.__version__ and rep["torch"] == torch.__version__
     b = rep["build"]
     assert b is not None and b["torch"] == torch.__version__  # written by this build's setup.py
-    assert set(rep["ops_native_cuda"]) == set(cbam_fused._ops.OPS)
+    assert set(rep["ops_native_cuda"]) == set(cbam_fused._ops.ALL_OPS)
     assert rep["gpus"] == [] and rep["problems"] == []
     (t,) = rep["self_tests"]
     assert t["device"] == "cpu" and t["passed"] and t["max_rel_err"] < info.SELF_TEST_TOL
@@ -61,7 +61,7 @@ def test_self_test_runs_every_op():
         res = info.self_test(torch.device("cpu"))
         names = {s["name"] if isinstance(s, dict) else s.name for s in testing.simulator_stats()}
     assert res["passed"], res
-    assert names == set(cbam_fused._ops.OPS), set(cbam_fused._ops.OPS) ^ names
+    assert names == set(cbam_fused._ops.ALL_OPS), set(cbam_fused._ops.ALL_OPS) ^ names
 
 
 def test_failed_self_test_sets_the_exit_status(monkeypatch, capsys):
@@ -79,7 +79,7 @@ def test_a_gpu_the_build_does_not_cover_is_a_problem(monkeypatch):
     monkeypatch.setattr(info, "build_info", lambda: dict(
         cuda=True, torch=torch.__version__, torch_cuda="13.0", nvcc="13.0",
         cuda_arch_list="8.0;9.0+PTX", built_utc="-"))
-    monkeypatch.setattr(info, "_ops_native", lambda: {op: True for op in cbam_fused._ops.OPS})
+    monkeypatch.setattr(info, "_ops_native", lambda: {op: True for op in cbam_fused._ops.ALL_OPS})
     rep = info.collect(run_self_test=False)
     (g,) = rep["gpus"]
     assert g["capability"] == "7.5" and g["runs_as"] is None
@@ -87,6 +87,6 @@ def test_a_gpu_the_build_does_not_cover_is_a_problem(monkeypatch):
     assert "not covered" in p and "TORCH_CUDA_ARCH_LIST=7.5" in p
     assert "NOT covered by the build" in info.report(rep)
     # the same GPU with the kernels missing altogether: the fallback is the problem named
-    monkeypatch.setattr(info, "_ops_native", lambda: {op: False for op in cbam_fused._ops.OPS})
+    monkeypatch.setattr(info, "_ops_native", lambda: {op: False for op in cbam_fused._ops.ALL_OPS})
     (p,) = info.collect(run_self_test=False)["problems"]
     assert "without its CUDA kernels" in p

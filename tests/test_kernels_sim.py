@@ -483,7 +483,9 @@ def test_gradcheck_through_simulator(variant):
                          ids=["f32-cf", "bf16-cl"])
 def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     """The whole CBAM block (cbam_fused.CBAM, every op simulated): global bytes of the forward
-    and of the backward over the bytes of x (DESIGN.md section 3, issue 4)."""
+    and of the backward over the bytes of x (DESIGN.md section 3, issue 4). The budget is the
+    x-sized ops' (as it was while the heads were ATen ops, uncounted); the spatial head's kernel
+    works on maps of 1 / C of x and is bounded on its own: here (C = 256) under 10% of x."""
     from conftest import randomize_
     from variants import make
 
@@ -493,8 +495,12 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     xb = x.numel() * x.element_size()
     with testing.use_simulator():
         y = m(x)
-        fwd = sum(_stat(s, "bytes_read") + _stat(s, "bytes_written")
-                  for s in testing.simulator_stats())
+        stats = testing.simulator_stats()
+    head = [_stat(s, "bytes_read") + _stat(s, "bytes_written") for s in stats
+            if _stat(s, "name") == "spatial_head"]
+    fwd = sum(_stat(s, "bytes_read") + _stat(s, "bytes_written") for s in stats
+              if _stat(s, "name") != "spatial_head")
+    assert len(head) == 1 and head[0] < 0.1 * xb, (head, xb)
     g = torch.randn(y.shape, generator=gen).to(dtype)
     with testing.use_simulator():
         y.backward(g)

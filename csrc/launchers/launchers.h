@@ -74,6 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_c(const at::Tensor& x,
                                                            const std::optional<at::Tensor>& scale);
 at::Tensor apply_gates(const at::Tensor& x, const std::optional<at::Tensor>& gc,
                        const std::optional<at::Tensor>& gs);
+// The spatial gate's head (kernels/spatial_head.cuh): (gs [N, S] or empty without `gate`,
+// smap [N, cin, *spatial], zconv [N, 1, *spatial]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(
+    const at::Tensor& avg, const at::Tensor& max, const at::Tensor& conv_w,
+    const std::optional<at::Tensor>& conv_b, const std::optional<at::Tensor>& bn_w,
+    const std::optional<at::Tensor>& bn_b, const std::optional<at::Tensor>& bn_rm,
+    const std::optional<at::Tensor>& bn_rv, double bn_eps, c10::string_view spatial_pools,
+    bool gate);
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad, const at::Tensor& x,
                                                    const std::optional<at::Tensor>& gc,
                                                    const std::optional<at::Tensor>& gs,

@@ -7,6 +7,7 @@
 #include "launchers/backward_reduce.cu"
 #include "launchers/elementwise.cu"
 #include "launchers/pool.cu"
+#include "launchers/spatial_head.cu"
 #include "launchers/register_ops.h"
 #include "op_schemas.h"
 
