@@ -6,6 +6,7 @@ Every op views x as [N, C, S] (S = product of the spatial sizes), works in the a
 (float64 for float64 inputs, float32 otherwise) and accepts any memory layout. The formulas are
 those of csrc/ops.cpp. While cbam_fused.testing.use_simulator() is active, each call is handed to
 the simulator's build of the CUDA kernel instead (cbam_fused/_sim_hook.py)."""
+import math
 from typing import Optional
 
 import torch
@@ -250,7 +251,7 @@ def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tens
     smap = _heads.spatial_map(avg, max, spatial_pools, tuple(avg.shape[2:]))
     zs, zconv, _, _ = _heads.spatial_forward(smap, conv_w, conv_b, bn_rv is not None, bn_w, bn_b,
                                              bn_rm, bn_rv, False, bn_eps)
-    gs = torch.sigmoid(zs).reshape(n, -1) if gate else avg.new_empty((0,))
+    gs = torch.sigmoid(zs).reshape(n, math.prod(avg.shape[2:])) if gate else avg.new_empty((0,))
     return gs, smap, zconv
 
 

@@ -259,3 +259,16 @@ def test_cuda_kernel_matches_the_cpu_kernel(geom, variant, dtype):
     again = torch.ops.cbam_fused.spatial_head(*dev)
     for a, b in zip(got, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["cpu", "sim"])
+def test_empty_batch(where):
+    if where == "sim" and not HAVE_SIM:
+        pytest.skip("the simulator build is missing")
+    args = make_args((5, 6), 3, "max,mean", True, "affine", True, n=0)
+    if where == "sim":
+        (gs, smap, z), stats = run_sim(args)
+        assert stats == []  # nothing to launch
+    else:
+        gs, smap, z = torch.ops.cbam_fused.spatial_head(*args)
+    assert gs.shape == (0, 30) and smap.shape == (0, 2, 5, 6) and z.shape == (0, 1, 5, 6)
