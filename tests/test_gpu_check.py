@@ -153,7 +153,8 @@ def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
 
 def test_summary_sweep_and_per_op_tables(tmp_path):
     """summary.md's sweep table sets today's default against the earlier defaults
-    (bench_kernels.REFERENCE_TUNINGS), and its per-op table shows the same-size copy columns; a
+    (bench_kernels.REFERENCE_TUNINGS), its per-op table shows the same-size copy columns, and
+    the spatial head's kernel is set against the ATen ops it replaced; a
     folder written before those fields existed (2026-11-26-h200) still gives both tables, with
     dashes."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -168,8 +169,10 @@ def test_summary_sweep_and_per_op_tables(tmp_path):
                           layout="nchw", error=None, median_ms=0.01, gb_per_s=1000.0,
                           frac_copy_bw=0.25, meets_target=False, copy_same_ms=0.008,
                           frac_same_size_copy=0.8))
+    heads = [dict(site="2048x7x7", maps=[64, 1, 7, 7], fused_ms=0.003, aten_ms=0.012, speedup=4.0,
+                  error=None), dict(site="256x56x56", maps=[64, 1, 56, 56], error="RuntimeError")]
     rec = dict(schema=bk.SCHEMA, batch=64, target_frac=0.8, launch_floor_ms=0.002, cases=cases,
-               summary=bk.summarize(cases), sweep=bk.summarize_sweep(cases))
+               summary=bk.summarize(cases), sweep=bk.summarize_sweep(cases), heads=heads)
     (tmp_path / "sweep.json").write_text(json.dumps(rec))
     src = os.path.join(ROOT, "benchmarks", "results", "2026-11-26-h200")
     with open(os.path.join(src, "bench_cbam.json")) as f:
@@ -184,6 +187,8 @@ def test_summary_sweep_and_per_op_tables(tmp_path):
     assert "a launch alone (one-element clone) takes 2.0 us" in text
     assert "| pool_over_s | 7x7 | float32 nchw | 10.0 us | 1000 | 25% | 8.0 us | 80% |" in text
     assert "| float32/nchw | 0/7 | 25% (pool_over_s-x) | 25% | 7/7 | 80%, 80% |" in text
+    assert "| 2048x7x7 | 64x1x7x7 | 3.0 us | 12.0 us | 4.00x |" in text  # the spatial head
+    assert "| 256x56x56 | 64x1x56x56 | ERR | - | - |" in text
 
     old = tmp_path / "old"
     old.mkdir()
