@@ -116,15 +116,16 @@ def spatial_map(u: Tensor, v: Tensor, order: str, spatial_shape) -> Tensor:
 
 
 def spatial_map_backward(dmap: Tensor, order: str):
-    """(du, dv) as [N, S] from the gradient of the stacked map."""
+    """(du, dv) as [N, S] from the gradient of the stacked map, both contiguous: the two channels
+    are split by one copy ([2, N, S]), not handed on as strided views, which the kernels of
+    pool_over_c_backward_scale and grad_input would each copy again (four copies a step)."""
     n = dmap.shape[0]
-    if order == "max,mean":
-        dv, du = dmap[:, 0], dmap[:, 1]
-    elif order == "mean,max":
-        du, dv = dmap[:, 0], dmap[:, 1]
-    else:
+    if order == "blend":
         du = dv = 0.5 * dmap[:, 0]
-    return du.reshape(n, -1), dv.reshape(n, -1)
+        return du.reshape(n, -1), dv.reshape(n, -1)
+    split = dmap.reshape(n, 2, -1).transpose(0, 1).contiguous()  # [2, N, S]
+    first, second = split[0], split[1]
+    return (second, first) if order == "max,mean" else (first, second)
 
 
 def _conv(x, w, b, pad):

@@ -97,17 +97,16 @@ SpatialGrads spatial_backward(const at::Tensor& dzs, const at::Tensor& smap, con
       dzconv, smap, conv_w, bias_sizes, ones, pads, ones, false, zeros, 1,
       {true, true, conv_b.has_value()});
   const int64_t n = dmap.size(0);
-  if (order == "max,mean") {
-    out.dv = dmap.select(1, 0);
-    out.du = dmap.select(1, 1);
-  } else if (order == "mean,max") {
-    out.du = dmap.select(1, 0);
-    out.dv = dmap.select(1, 1);
-  } else {  // blend
-    out.du = out.dv = at::mul(dmap.select(1, 0), 0.5);
+  if (order == "blend") {
+    out.du = out.dv = at::mul(dmap.select(1, 0), 0.5).reshape({n, -1});
+    return out;
   }
-  out.du = out.du.reshape({n, -1});
-  out.dv = out.dv.reshape({n, -1});
+  // the two channels split by one copy, [2, N, S]: contiguous du and dv (strided views would be
+  // copied again by each kernel that takes them, pool_over_c_backward_scale and grad_input)
+  const at::Tensor split = dmap.reshape({n, 2, -1}).transpose(0, 1).contiguous();
+  const bool max_first = order == "max,mean";
+  out.du = split.select(0, max_first ? 1 : 0);
+  out.dv = split.select(0, max_first ? 0 : 1);
   return out;
 }
 
