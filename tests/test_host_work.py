@@ -187,12 +187,19 @@ class _SmallArgs(_Count):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-@pytest.mark.parametrize("spatial_pools", ["max,mean", "mean,max", "blend"])
-@pytest.mark.parametrize("arrangement", ["channel_first", "spatial_first", "parallel"])
-def test_small_arguments_of_the_ops_are_contiguous(spatial_pools, arrangement):
+def _small_args_cases():
+    grid = [dict(spatial_pools=sp, arrangement=ar) for sp in ("max,mean", "mean,max", "blend")
+            for ar in ("channel_first", "spatial_first", "parallel")]
+    return grid + ["official_lp_lse", "spatial_first_lp_lse", "timm_light", "ultralytics"]
+
+
+@pytest.mark.parametrize("case", _small_args_cases(), ids=str)
+def test_small_arguments_of_the_ops_are_contiguous(case):
     """The backward hands the ops contiguous du and dv (one copy splits the map's gradient), not
-    strided views of it that pool_over_c_backward_scale and grad_input would each copy."""
-    m = cbam_fused.CBAM(16, 4, spatial_pools=spatial_pools, arrangement=arrangement).train()
+    strided views of it that pool_over_c_backward_scale and grad_input would each copy; the
+    same for every other [N, L] argument, lp / lse pools included."""
+    from variants import make
+    m = (make(case, 16) if isinstance(case, str) else cbam_fused.CBAM(16, 4, **case)).train()
     x = torch.randn(2, 16, 5, 4, requires_grad=True)
     orig = functional.EAGER_DIRECT
     functional.EAGER_DIRECT = "always"
@@ -204,4 +211,5 @@ def test_small_arguments_of_the_ops_are_contiguous(spatial_pools, arrangement):
     finally:
         functional.EAGER_DIRECT = orig
     assert fwd.strided == [] and bwd.strided == [], (fwd.strided, bwd.strided)
-    assert bwd.ops["cbam_fused.grad_input.default"] == 1
+    assert bwd.ops["cbam_fused.grad_input.default"] + \
+        bwd.ops["cbam_fused.grad_input_lp_lse.default"] == 1
