@@ -187,9 +187,14 @@ SPATIAL_ORDERS = ("max,mean", "mean,max", "blend")
 _MAX_HEAD_TAPS = 1024  # kMaxHeadTaps, csrc/kernels/spatial_head.cuh
 
 
-def _dt(dtype) -> str:
-    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-            torch.bfloat16: "BFloat16", torch.int64: "Long"}.get(dtype, str(dtype))
+# dtype names as the C++ checks print them (c10::ScalarType), so that an error reads the same on
+# every device
+DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+               torch.float64: "Double", torch.int64: "Long"}
+
+
+def dtype_name(dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spatial_pools):
@@ -203,7 +208,7 @@ def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spati
                            f"dimensions, got {list(avg.shape)}")
     if avg.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"{op}: avg must be float32 or float64 (the accumulation dtype), got "
-                           f"{_dt(avg.dtype)}")
+                           f"{dtype_name(avg.dtype)}")
     for name, t in (("max", max), ("conv_w", conv_w)):
         if t.device != avg.device:
             raise RuntimeError(f"{op}: {name} must be on the device of avg ({avg.device}), got "
@@ -212,8 +217,8 @@ def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spati
             raise RuntimeError(f"{op}: max must have the shape of avg {list(avg.shape)}, got "
                                f"{list(t.shape)}")
         if t.dtype != avg.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of avg ({_dt(avg.dtype)}), got "
-                               f"{_dt(t.dtype)}")
+            raise RuntimeError(f"{op}: {name} must have the dtype of avg "
+                               f"({dtype_name(avg.dtype)}), got {dtype_name(t.dtype)}")
     cin = 1 if spatial_pools == "blend" else 2
     k = conv_w.shape[-1] if conv_w.dim() == nd + 2 else 0
     if not (conv_w.dim() == nd + 2 and tuple(conv_w.shape) == (1, cin) + (k,) * nd
@@ -234,8 +239,8 @@ def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spati
         if t.dim() != 1 or t.numel() != 1:
             raise RuntimeError(f"{op}: {name} must have shape [1], got {list(t.shape)}")
         if t.dtype != avg.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of avg ({_dt(avg.dtype)}), got "
-                               f"{_dt(t.dtype)}")
+            raise RuntimeError(f"{op}: {name} must have the dtype of avg "
+                               f"({dtype_name(avg.dtype)}), got {dtype_name(t.dtype)}")
     if (bn_rm is None) != (bn_rv is None):
         raise RuntimeError(f"{op}: bn_rm and bn_rv must be given together (BatchNorm in eval mode)")
     if bn_rv is None and (bn_w is not None or bn_b is not None):

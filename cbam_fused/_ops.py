@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  defines the schemas
 from . import _cpu_kernels
-from ._cpu_kernels import acc_dtype
+from ._cpu_kernels import DTYPE_NAMES, acc_dtype, dtype_name
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -127,10 +127,6 @@ def _cuda_fallback(name, fn):
     return run
 
 
-# dtype names as the C++ checks print them (c10::ScalarType), so that an error reads the same on
-# every device
-_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
-                torch.float64: "Double", torch.int64: "Long"}
 _INDEX_ARGS = ("argmax", "idx_s", "idx_c")
 
 
@@ -150,18 +146,16 @@ def _check_dtypes(op: str, names, args) -> None:
         if name in ("x", "grad"):
             if t.dtype != x.dtype:
                 raise RuntimeError(f"{op}: {name} must have the dtype of {ref} "
-                                   f"({_DTYPE_NAMES[x.dtype]}), got {_dtype_name(t.dtype)}")
+                                   f"({DTYPE_NAMES[x.dtype]}), got {dtype_name(t.dtype)}")
         elif name in _INDEX_ARGS:
             if t.dtype != torch.int64:
                 raise RuntimeError(f"{op}: {name} must have dtype Long, got "
-                                   f"{_dtype_name(t.dtype)}")
+                                   f"{dtype_name(t.dtype)}")
         elif t.dtype != acc:
-            raise RuntimeError(f"{op}: {name} must have dtype {_DTYPE_NAMES[acc]} (the "
-                               f"accumulation dtype of x), got {_dtype_name(t.dtype)}")
+            raise RuntimeError(f"{op}: {name} must have dtype {DTYPE_NAMES[acc]} (the "
+                               f"accumulation dtype of x), got {dtype_name(t.dtype)}")
 
 
-def _dtype_name(dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def _checked(name, fn):

@@ -46,4 +46,13 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def sim_has(op: str) -> bool:
+    """Whether the simulator build (cbam_fused._sim) is there with a kernel for op `op`."""
+    try:
+        from cbam_fused import _sim  # noqa: F401  registers torch.ops.cbam_fused_sim.*
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(torch.ops.cbam_fused_sim, op)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

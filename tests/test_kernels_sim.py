@@ -21,12 +21,10 @@ import torch
 import cbam_fused  # noqa: F401  registers the ops
 from cbam_fused import _cpu_kernels as cpu
 
+from conftest import sim_has
+
 testing = pytest.importorskip("cbam_fused.testing")
-try:
-    from cbam_fused import _sim  # noqa: F401  registers torch.ops.cbam_fused_sim.*
-    HAVE_SIM = hasattr(torch.ops.cbam_fused_sim, "grad_input")
-except ImportError:  # pragma: no cover
-    HAVE_SIM = False
+HAVE_SIM = sim_has("grad_input")
 
 pytestmark = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) "
                                 "is missing")

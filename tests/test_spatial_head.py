@@ -15,14 +15,10 @@ import torch.nn.functional as F
 from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
-from conftest import needs_cuda
+from conftest import needs_cuda, sim_has
 
 testing = pytest.importorskip("cbam_fused.testing")
-try:
-    from cbam_fused import _sim  # noqa: F401
-    HAVE_SIM = hasattr(torch.ops.cbam_fused_sim, "spatial_head")
-except ImportError:  # pragma: no cover
-    HAVE_SIM = False
+HAVE_SIM = sim_has("spatial_head")
 needs_sim = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) is "
                                "missing")
 TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED = 0, 1, 2
