@@ -197,29 +197,25 @@ def dtype_name(dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spatial_pools):
-    op = "spatial_head"
+def _check_like_head(t, ref, op, name, ref_name):
+    if t.device != ref.device:
+        raise RuntimeError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got "
+                           f"{t.device}")
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"{op}: {name} must have the dtype of {ref_name} "
+                           f"({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
+
+
+def _check_head_order(spatial_pools, op):
     if spatial_pools not in SPATIAL_ORDERS:
         raise RuntimeError(f"{op}: spatial_pools must be 'max,mean', 'mean,max' or 'blend', got "
                            f"'{spatial_pools}'")
-    nd = avg.dim() - 2
-    if not (1 <= nd <= 3 and avg.shape[1] == 1):
-        raise RuntimeError(f"{op}: avg must have shape [N, 1, *spatial] with 1 to 3 spatial "
-                           f"dimensions, got {list(avg.shape)}")
-    if avg.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{op}: avg must be float32 or float64 (the accumulation dtype), got "
-                           f"{dtype_name(avg.dtype)}")
-    for name, t in (("max", max), ("conv_w", conv_w)):
-        if t.device != avg.device:
-            raise RuntimeError(f"{op}: {name} must be on the device of avg ({avg.device}), got "
-                               f"{t.device}")
-        if name == "max" and t.shape != avg.shape:
-            raise RuntimeError(f"{op}: max must have the shape of avg {list(avg.shape)}, got "
-                               f"{list(t.shape)}")
-        if t.dtype != avg.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of avg "
-                               f"({dtype_name(avg.dtype)}), got {dtype_name(t.dtype)}")
-    cin = 1 if spatial_pools == "blend" else 2
+    return 1 if spatial_pools == "blend" else 2
+
+
+def _check_head_params(ref, ref_name, nd, cin, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, op):
+    """conv_w, the [1] parameters and BatchNorm's pairing rules (launchers/spatial_head_checks.h)."""
+    _check_like_head(conv_w, ref, op, "conv_w", ref_name)
     k = conv_w.shape[-1] if conv_w.dim() == nd + 2 else 0
     if not (conv_w.dim() == nd + 2 and tuple(conv_w.shape) == (1, cin) + (k,) * nd
             and k % 2 == 1):
@@ -233,18 +229,64 @@ def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spati
                     ("bn_rv", bn_rv)):
         if t is None:
             continue
-        if t.device != avg.device:
-            raise RuntimeError(f"{op}: {name} must be on the device of avg ({avg.device}), got "
-                               f"{t.device}")
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), "
+                               f"got {t.device}")
         if t.dim() != 1 or t.numel() != 1:
             raise RuntimeError(f"{op}: {name} must have shape [1], got {list(t.shape)}")
-        if t.dtype != avg.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of avg "
-                               f"({dtype_name(avg.dtype)}), got {dtype_name(t.dtype)}")
+        if t.dtype != ref.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of {ref_name} "
+                               f"({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
     if (bn_rm is None) != (bn_rv is None):
         raise RuntimeError(f"{op}: bn_rm and bn_rv must be given together (BatchNorm in eval mode)")
     if bn_rv is None and (bn_w is not None or bn_b is not None):
         raise RuntimeError(f"{op}: bn_w and bn_b need bn_rm and bn_rv (BatchNorm in eval mode)")
+
+
+def _check_accumulation_dtype(t, op, name):
+    if t.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: {name} must be float32 or float64 (the accumulation dtype), got "
+                           f"{dtype_name(t.dtype)}")
+
+
+def check_spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, spatial_pools):
+    op = "spatial_head"
+    cin = _check_head_order(spatial_pools, op)
+    nd = avg.dim() - 2
+    if not (1 <= nd <= 3 and avg.shape[1] == 1):
+        raise RuntimeError(f"{op}: avg must have shape [N, 1, *spatial] with 1 to 3 spatial "
+                           f"dimensions, got {list(avg.shape)}")
+    _check_accumulation_dtype(avg, op, "avg")
+    _check_like_head(max, avg, op, "max", "avg")
+    if max.shape != avg.shape:
+        raise RuntimeError(f"{op}: max must have the shape of avg {list(avg.shape)}, got "
+                           f"{list(max.shape)}")
+    _check_head_params(avg, "avg", nd, cin, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, op)
+
+
+def check_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
+                                spatial_pools):
+    op = "spatial_head_backward"
+    cin = _check_head_order(spatial_pools, op)
+    nd = smap.dim() - 2
+    if not (1 <= nd <= 3 and smap.shape[1] == cin):
+        raise RuntimeError(f"{op}: smap must have shape [N, {cin}, *spatial] with 1 to 3 spatial "
+                           f"dimensions, got {list(smap.shape)}")
+    _check_accumulation_dtype(smap, op, "smap")
+    n, s = smap.shape[0], math.prod(smap.shape[2:])
+    for name, t, want in (("grad", grad, [n, s]), ("gs", gs, [n, s]),
+                          ("zconv", zconv, [n, 1, *smap.shape[2:]])):
+        if t is None:
+            continue
+        _check_like_head(t, smap, op, name, "smap")
+        if list(t.shape) != want:
+            raise RuntimeError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
+    _check_head_params(smap, "smap", nd, cin, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, op)
+    if gs is None and bn_rv is not None:
+        raise RuntimeError(f"{op}: BatchNorm (bn_rm, bn_rv) needs gs (without gs, grad is the conv "
+                           f"output's gradient)")
+    if zconv is None and bn_rv is not None:
+        raise RuntimeError(f"{op}: BatchNorm (bn_rm, bn_rv) needs zconv")
 
 
 def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],
@@ -258,6 +300,26 @@ def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tens
                                              bn_rm, bn_rv, False, bn_eps)
     gs = torch.sigmoid(zs).reshape(n, math.prod(avg.shape[2:])) if gate else avg.new_empty((0,))
     return gs, smap, zconv
+
+
+def spatial_head_backward(grad: Tensor, gs: Optional[Tensor], smap: Tensor,
+                          zconv: Optional[Tensor], conv_w: Tensor, conv_b: Optional[Tensor],
+                          bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
+                          bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str):
+    """(du, dv, d conv_w, d conv_b, d bn_w, d bn_b), empty where a parameter is not given: the
+    ATen ops the kernels fuse (sigmoid_backward, batch_norm_backward in eval mode,
+    convolution_backward, the split of the map's gradient)."""
+    n, sp = smap.shape[0], tuple(smap.shape[2:])
+    dzs = grad if gs is None else torch.ops.aten.sigmoid_backward(grad, gs)
+    dmap, dcw, dcb, dbw, dbb = _heads.spatial_backward(
+        dzs.reshape(n, 1, *sp), smap, zconv, conv_w, conv_b, bn_rv is not None, bn_w, bn_b, bn_rm,
+        bn_rv, False, bn_eps, None, None)
+    du, dv = _heads.spatial_map_backward(dmap, spatial_pools)
+    if spatial_pools == "blend":  # two outputs, not one tensor twice
+        dv = dv.clone()
+    empty = smap.new_empty((0,))
+    return (du, dv, dcw, dcb if dcb is not None else empty,
+            dbw if dbw is not None else empty.clone(), dbb if dbb is not None else empty.clone())
 
 
 # The math of each op, functional (no in-place writes, no simulator): what the kernels below run
@@ -293,9 +355,11 @@ def _kernel(name: str):
     return kernel
 
 
-def _checked_head(name, math, check):
+def _checked_head(name, math, check, n_tensors):
+    """The CPU kernel of a head op: check(the tensor arguments, spatial_pools), then the simulator
+    or the math. The tensors come first, bn_eps after them, spatial_pools after that."""
     def kernel(*args):
-        check(*args[:8], args[9])
+        check(*args[:n_tensors], args[n_tensors + 1])
         sim = sim_op(name)
         return sim(*args) if sim is not None else math(*args)
 
@@ -307,5 +371,9 @@ def _checked_head(name, math, check):
 # op name -> the kernel registered for CPU tensors
 KERNELS = {name: _kernel(name) for name in MATH}
 # the ops on the small pooled maps (not x-sized): their math and CPU kernels
-HEAD_MATH = {"spatial_head": spatial_head}
-HEAD_KERNELS = {"spatial_head": _checked_head("spatial_head", spatial_head, check_spatial_head)}
+HEAD_MATH = {"spatial_head": spatial_head, "spatial_head_backward": spatial_head_backward}
+HEAD_KERNELS = {
+    "spatial_head": _checked_head("spatial_head", spatial_head, check_spatial_head, 8),
+    "spatial_head_backward": _checked_head("spatial_head_backward", spatial_head_backward,
+                                           check_spatial_head_backward, 10),
+}

@@ -102,7 +102,22 @@ _FAKES = {
 }
 
 
-_HEAD_FAKES = {"spatial_head": _fake_spatial_head}
+def _fake_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
+                                bn_eps, spatial_pools):
+    _cpu_kernels.check_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_b,
+                                             bn_rm, bn_rv, spatial_pools)
+    n = smap.shape[0]
+    du = smap.new_empty((n, _spatial_numel(smap)))
+
+    def scalar(p):
+        return smap.new_empty((1,) if p is not None else (0,))
+
+    return (du, torch.empty_like(du), torch.empty_like(conv_w), scalar(conv_b), scalar(bn_w),
+            scalar(bn_b))
+
+
+_HEAD_FAKES = {"spatial_head": _fake_spatial_head,
+               "spatial_head_backward": _fake_spatial_head_backward}
 
 # op name -> whether the C++ library registered a CUDA kernel for it (filled by _register)
 NATIVE_CUDA = {}
@@ -213,6 +228,14 @@ def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tens
                  bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str, gate: bool):
     return ops.spatial_head(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps,
                             spatial_pools, gate)
+
+
+def spatial_head_backward(grad: Tensor, gs: Optional[Tensor], smap: Tensor,
+                          zconv: Optional[Tensor], conv_w: Tensor, conv_b: Optional[Tensor],
+                          bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
+                          bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str):
+    return ops.spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_b, bn_rm,
+                                     bn_rv, bn_eps, spatial_pools)
 
 
 def backward_reduce(grad, x, gc, gs, need_rc: bool, need_rs: bool):

@@ -4,11 +4,11 @@ Forward (channel-first arrangement; DESIGN.md section 1), 4 passes over x-sized 
     a, m, is = pool_over_s(x)                  read x
     gc = sigmoid(channel_head(a, m))           [N, C], ATen ops
     u, v, ic = pool_over_c(x, gc)              read x
-    gs = sigmoid(spatial_head(u, v))           [N, S], ATen ops (conv, BatchNorm)
+    gs = spatial_head(u, v)                    [N, S], one op (map, conv, BatchNorm, sigmoid)
     y = apply_gates(x, gc, gs)                 read x, write y
 Backward, 5 passes:
     rc, rs = backward_reduce(g, x, gc, gs)     read g and x      (Q1)
-    du, dv = spatial_head_backward(rs gs (1 - gs))
+    du, dv = spatial_head_backward(rs, gs)     [N, S], one op (and the conv / BN gradients)
     dgc = rc + pool_over_c_backward_scale(x, du, dv, ic)        read x  (Q2)
     da, dm = channel_head_backward(dgc gc (1 - gc))
     dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)  read g, write dx  (Q3)
@@ -335,13 +335,20 @@ def _backward_composite(g, saved, cfg):
         return _heads.channel_backward(_sigmoid_grad(dgc, gc), cfg.pools, p, h_pre, pw1, pb1,
                                        pw2, pb2, cfg.act)
 
-    def spatial_back(dgs):
-        dzs = _sigmoid_grad(dgs, gs).reshape(n, 1, *sp)
-        dmap, dcw_, dcb_, dbw_, dbb_ = _heads.spatial_backward(
-            dzs, smap, zconv, pcw, pcb, cfg.batch_norm, pbw, pbb, prm, prv, cfg.bn_training,
-            cfg.bn_eps, mean, invstd)
-        du_, dv_ = _heads.spatial_map_backward(dmap, cfg.spatial_pools)
-        return du_, dv_, dcw_, dcb_, dbw_, dbb_
+    def spatial_back(dgs):  # the head's backward in one op; BatchNorm's batch statistics first
+        if cfg.batch_norm and cfg.bn_training:
+            dzconv, dbw_, dbb_ = torch.ops.aten.native_batch_norm_backward(
+                _sigmoid_grad(dgs, gs).reshape(n, 1, *sp), zconv, pbw, prm, prv, mean, invstd,
+                True, cfg.bn_eps, [True, pbw is not None, pbb is not None])
+            du_, dv_, dcw_, dcb_, _, _ = _ops.spatial_head_backward(
+                dzconv.reshape(n, -1), None, smap, None, pcw, pcb, None, None, None, None,
+                cfg.bn_eps, cfg.spatial_pools)
+            return du_, dv_, dcw_, _none_if_empty(dcb_), dbw_, dbb_
+        ev = (pbw, pbb, prm, prv) if cfg.batch_norm else (None,) * 4
+        du_, dv_, dcw_, dcb_, dbw_, dbb_ = _ops.spatial_head_backward(
+            dgs, gs, smap, zconv if cfg.batch_norm else None, pcw, pcb, *ev, cfg.bn_eps,
+            cfg.spatial_pools)
+        return du_, dv_, dcw_, *[_none_if_empty(t) for t in (dcb_, dbw_, dbb_)]
 
     if cfg.arrangement == 0:  # channel first: the spatial gate pooled x * gc
         if spatial:

@@ -4,7 +4,7 @@
 // bitwise. In C++ for the reason block_forward.cpp is: host time.
 //
 //   rc, rs = backward_reduce(g, x, gc, gs)                          Q1: reads g and x
-//   heads' backward (closed form): dgs = rs (+ Q2) -> du, dv, conv / BN grads;
+//   heads' backward: dgs = rs (+ Q2) -> spatial_head_backward -> du, dv, conv / BN grads;
 //                                  dgc = rc (+ Q2) -> d pools, MLP grads
 //   Q2 (channel first): dgc += pool_over_c_backward_scale(x, du, dv, ic)         reads x
 //      (spatial first): dgs += pool_over_s_backward_scale(x, da, dm, is) (+ lp / lse terms)
@@ -73,40 +73,35 @@ struct SpatialGrads {
   at::Tensor du, dv, dcw, dcb, dbw, dbb;
 };
 
-// _heads.spatial_backward and spatial_map_backward.
-SpatialGrads spatial_backward(const at::Tensor& dzs, const at::Tensor& smap, const at::Tensor& zconv,
-                              const at::Tensor& conv_w, const OptT& conv_b, bool batch_norm,
-                              const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
-                              const OptT& bn_rv, bool bn_training, double bn_eps,
-                              const OptT& mean, const OptT& invstd, const std::string& order) {
+// The spatial head's backward from dgs = d gs [N, S]: one spatial_head_backward op (the sigmoid's
+// and BatchNorm's (eval) backward, the conv's, the map's split); with BatchNorm in training
+// mode, ATen's sigmoid_backward and batch_norm_backward (batch statistics) first.
+SpatialGrads spatial_backward(const at::Tensor& dgs, const at::Tensor& gs, const at::Tensor& smap,
+                              const at::Tensor& zconv, const at::Tensor& conv_w, const OptT& conv_b,
+                              bool batch_norm, const OptT& bn_w, const OptT& bn_b,
+                              const OptT& bn_rm, const OptT& bn_rv, bool bn_training,
+                              double bn_eps, const OptT& mean, const OptT& invstd,
+                              const std::string& order) {
   SpatialGrads out;
-  at::Tensor dzconv = dzs;
-  if (batch_norm) {
+  const OptT none;
+  at::Tensor dcb, dbw, dbb;  // empty where the parameter is not given
+  if (batch_norm && bn_training) {
+    at::Tensor dzconv;
     std::tie(dzconv, out.dbw, out.dbb) = at::native_batch_norm_backward(
-        dzs, zconv, bn_w, bn_rm, bn_rv, mean, invstd, bn_training, bn_eps,
-        {true, bn_w.has_value(), bn_b.has_value()});
+        at::sigmoid_backward(dgs, gs).reshape(zconv.sizes()), zconv, bn_w, bn_rm, bn_rv, mean, invstd,
+        true, bn_eps, {true, bn_w.has_value(), bn_b.has_value()});
+    std::tie(out.du, out.dv, out.dcw, dcb, dbw, dbb) =
+        spatial_head_backward(dzconv.reshape({dgs.size(0), -1}), none, smap, none, conv_w, conv_b,
+                              none, none, none, none, bn_eps, order);
+  } else {
+    std::tie(out.du, out.dv, out.dcw, dcb, dbw, dbb) = spatial_head_backward(
+        dgs, gs, smap, batch_norm ? OptT(zconv) : none, conv_w, conv_b,
+        batch_norm ? bn_w : none, batch_norm ? bn_b : none, batch_norm ? bn_rm : none,
+        batch_norm ? bn_rv : none, bn_eps, order);
+    if (dbw.numel() > 0) out.dbw = dbw;
+    if (dbb.numel() > 0) out.dbb = dbb;
   }
-  const int64_t nd = smap.dim() - 2;
-  const int64_t pad = conv_w.size(-1) / 2;
-  const std::vector<int64_t> ones(nd, 1), pads(nd, pad), zeros(nd, 0);
-  const std::vector<int64_t> bias_size{conv_w.size(0)};
-  const at::OptionalIntArrayRef bias_sizes =
-      conv_b.has_value() ? at::OptionalIntArrayRef(bias_size) : at::OptionalIntArrayRef();
-  at::Tensor dmap;
-  std::tie(dmap, out.dcw, out.dcb) = at::convolution_backward(
-      dzconv, smap, conv_w, bias_sizes, ones, pads, ones, false, zeros, 1,
-      {true, true, conv_b.has_value()});
-  const int64_t n = dmap.size(0);
-  if (order == "blend") {
-    out.du = out.dv = at::mul(dmap.select(1, 0), 0.5).reshape({n, -1});
-    return out;
-  }
-  // the two channels split by one copy, [2, N, S]: contiguous du and dv (strided views would be
-  // copied again by each kernel that takes them, pool_over_c_backward_scale and grad_input)
-  const at::Tensor split = dmap.reshape({n, 2, -1}).transpose(0, 1).contiguous();
-  const bool max_first = order == "max,mean";
-  out.du = split.select(0, max_first ? 1 : 0);
-  out.dv = split.select(0, max_first ? 0 : 1);
+  if (dcb.numel() > 0) out.dcb = dcb;
   return out;
 }
 
@@ -160,15 +155,12 @@ std::vector<at::Tensor> cbam_block_backward(
   }
   ChannelGrads cg;
   SpatialGrads sg;
-  std::vector<int64_t> map_shape{n, 1};
-  for (int64_t d = 2; d < x.dim(); ++d) map_shape.push_back(x.size(d));
   auto channel_back = [&](const at::Tensor& dgc) {
     cg = channel_backward(at::sigmoid_backward(dgc, *gc), pools, *p, *h_pre, *w1, b1, w2, b2,
                           act);
   };
   auto spatial_back = [&](const at::Tensor& dgs) {
-    const at::Tensor dzs = at::sigmoid_backward(dgs, *gs).reshape(map_shape);
-    sg = spatial_backward(dzs, *smap, *zconv, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm,
+    sg = spatial_backward(dgs, *gs, *smap, *zconv, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm,
                           bn_rv, bn_training, bn_eps, mean, invstd, order);
   };
   auto dpool = [&](const char* name) {

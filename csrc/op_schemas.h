@@ -30,6 +30,15 @@ inline void define_ops(torch::Library& m) {
       "spatial_head(Tensor avg, Tensor max, Tensor conv_w, Tensor? conv_b, Tensor? bn_w, "
       "Tensor? bn_b, Tensor? bn_rm, Tensor? bn_rv, float bn_eps, str spatial_pools, bool gate) "
       "-> (Tensor gs, Tensor smap, Tensor zconv)");
+  // Its backward, from grad = d gs [N, S] (dzs = grad gs (1 - gs), then BatchNorm in eval mode)
+  // or, without gs, grad = d zconv (a caller that ran BatchNorm's training backward itself):
+  //   du, dv [N, S] (the stacked map's gradient, by spatial_pools), d conv_w, d conv_b, d bn_w,
+  //   d bn_b ([1] each, empty where the parameter is not given; BatchNorm needs gs and zconv).
+  m.def(
+      "spatial_head_backward(Tensor grad, Tensor? gs, Tensor smap, Tensor? zconv, Tensor conv_w, "
+      "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, Tensor? bn_rv, float bn_eps, "
+      "str spatial_pools) -> (Tensor d_avg, Tensor d_max, Tensor d_conv_w, Tensor d_conv_b, "
+      "Tensor d_bn_w, Tensor d_bn_b)");
   // Q1: rc[n,c] = sum_s g x gs, rs[n,s] = sum_c g x gc (an output not needed is returned empty).
   m.def(
       "backward_reduce(Tensor grad, Tensor x, Tensor? gc, Tensor? gs, bool need_rc, "

@@ -82,6 +82,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(
     const std::optional<at::Tensor>& bn_b, const std::optional<at::Tensor>& bn_rm,
     const std::optional<at::Tensor>& bn_rv, double bn_eps, c10::string_view spatial_pools,
     bool gate);
+// Its backward (kernels/spatial_head_backward.cuh): (du, dv [N, S], d conv_w, then d conv_b,
+// d bn_w, d bn_b as [1], each empty where its parameter is not given). Without gs, grad is the
+// conv output's gradient (BatchNorm in training mode runs before it, in ATen). BatchNorm (eval)
+// needs gs and zconv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+spatial_head_backward(const at::Tensor& grad, const std::optional<at::Tensor>& gs,
+                      const at::Tensor& smap, const std::optional<at::Tensor>& zconv,
+                      const at::Tensor& conv_w, const std::optional<at::Tensor>& conv_b,
+                      const std::optional<at::Tensor>& bn_w, const std::optional<at::Tensor>& bn_b,
+                      const std::optional<at::Tensor>& bn_rm,
+                      const std::optional<at::Tensor>& bn_rv, double bn_eps,
+                      c10::string_view spatial_pools);
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad, const at::Tensor& x,
                                                    const std::optional<at::Tensor>& gc,
                                                    const std::optional<at::Tensor>& gs,

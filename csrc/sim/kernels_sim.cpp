@@ -8,6 +8,7 @@
 #include "launchers/elementwise.cu"
 #include "launchers/pool.cu"
 #include "launchers/spatial_head.cu"
+#include "launchers/spatial_head_backward.cu"
 #include "launchers/register_ops.h"
 #include "op_schemas.h"
 
