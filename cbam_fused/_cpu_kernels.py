@@ -310,14 +310,17 @@ def spatial_head_backward(grad: Tensor, gs: Optional[Tensor], smap: Tensor,
     ATen ops the kernels fuse (sigmoid_backward, batch_norm_backward in eval mode,
     convolution_backward, the split of the map's gradient)."""
     n, sp = smap.shape[0], tuple(smap.shape[2:])
+    empty = smap.new_empty((0,))
+    if n == 0:  # every sum is 0 (ATen's batch_norm_backward in eval mode dies of SIGFPE on it)
+        du = smap.new_empty((0, math.prod(sp)))
+        return (du, du.clone(), torch.zeros_like(conv_w),
+                *[smap.new_zeros((1,)) if p is not None else empty.clone()
+                  for p in (conv_b, bn_w, bn_b)])
     dzs = grad if gs is None else torch.ops.aten.sigmoid_backward(grad, gs)
     dmap, dcw, dcb, dbw, dbb = _heads.spatial_backward(
         dzs.reshape(n, 1, *sp), smap, zconv, conv_w, conv_b, bn_rv is not None, bn_w, bn_b, bn_rm,
         bn_rv, False, bn_eps, None, None)
     du, dv = _heads.spatial_map_backward(dmap, spatial_pools)
-    if spatial_pools == "blend":  # two outputs, not one tensor twice
-        dv = dv.clone()
-    empty = smap.new_empty((0,))
     return (du, dv, dcw, dcb if dcb is not None else empty,
             dbw if dbw is not None else empty.clone(), dbb if dbb is not None else empty.clone())
 

@@ -116,15 +116,13 @@ def spatial_map(u: Tensor, v: Tensor, order: str, spatial_shape) -> Tensor:
 
 
 def spatial_map_backward(dmap: Tensor, order: str):
-    """(du, dv) as [N, S] from the gradient of the stacked map, both contiguous: the two channels
-    are split by one copy ([2, N, S]), not handed on as strided views, which the kernels of
-    pool_over_c_backward_scale and grad_input would each copy again (four copies a step)."""
+    """(du, dv) as [N, S] from the gradient of the stacked map: two separate contiguous tensors
+    (spatial_head_backward's outputs, which may not alias each other)."""
     n = dmap.shape[0]
     if order == "blend":
-        du = dv = 0.5 * dmap[:, 0]
-        return du.reshape(n, -1), dv.reshape(n, -1)
-    split = dmap.reshape(n, 2, -1).transpose(0, 1).contiguous()  # [2, N, S]
-    first, second = split[0], split[1]
+        du = 0.5 * dmap[:, 0]
+        return du.reshape(n, -1), du.clone().reshape(n, -1)
+    first, second = dmap[:, 0].reshape(n, -1).clone(), dmap[:, 1].reshape(n, -1).clone()
     return (second, first) if order == "max,mean" else (first, second)
 
 

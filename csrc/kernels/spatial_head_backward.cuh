@@ -10,9 +10,10 @@
 //   db = sum dzconv,  dbn_w = sum dzs (zconv - rm) invstd,  dbn_b = sum dzs
 //
 // Pass 1, spatial_head_backward_kernel: a block per chunk of blockDim.x consecutive positions of
-// the flattened [N, S] (a grid-stride loop over the chunks). STAGED: the block stages dzconv and
-// the map over its chunk plus `reach` positions either side in shared memory (each computed once
-// from grad, gs and smap); otherwise the taps read global memory. Each thread writes du and dv at
+// the flattened [N, S] (a grid-stride loop over the chunks). STAGED: the block stages dzs and the
+// map over its chunk plus `reach` positions either side in shared memory (grad, gs and smap read
+// once per staged position); otherwise the taps read global memory. Every sum is of dzs, and
+// the scale invstd bn_w (linear) is applied once to its total. Each thread writes du and dv at
 // its own position (its dmap: the taps' transpose, row by row clipped to the map). Then the
 // block folds the chunk's part of the L = cin k^d + 3 parameter sums (the weights in row-major
 // order, then db, dbn_w, dbn_b: "slots") into registers: a thread per slot, and where L is small
@@ -94,8 +95,8 @@ template <typename acc_t, bool STAGED>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     spatial_head_backward_kernel(SpatialHeadBackwardArgs<acc_t> a) {
   __shared__ acc_t s_w[kMaxHeadTaps];
-  __shared__ acc_t s_own[3 * kBlockThreads];  // the chunk's dzconv, dzs xhat, dzs (slot order)
-  CBAM_DYNAMIC_SMEM(acc_t, s_stage);  // STAGED: dzconv [span], then the map [cin][span]
+  __shared__ acc_t s_own[2 * kBlockThreads];  // the chunk's dzs, then dzs xhat
+  CBAM_DYNAMIC_SMEM(acc_t, s_stage);  // STAGED: dzs [span], then the map [cin][span]
   const int taps = a.cin * a.kd * a.kh * a.kw;
   for (int i = threadIdx.x; i < taps; i += blockDim.x) s_w[i] = ld(a.w + i);
   const HeadBnBackward<acc_t> bn(a);
@@ -122,31 +123,32 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
        c0 += static_cast<int64_t>(gridDim.x) * nthreads) {
     const int64_t lo = c0 - a.reach;  // flat position of s_dz[0] and s_map[c][0]
     __syncthreads();  // (the weights; the previous chunk's stage is no longer read)
-    {
-      const int64_t o = c0 + tid;
-      acc_t dzs = acc_t(0), dzx = acc_t(0);
-      if (o < total) {
-        dzs = head_dzs_at(a, o);
-        if (bn.bn) dzx = dzs * ((ld(a.zconv + o) - bn.mean) * bn.invstd);
-      }
-      s_own[tid] = dzs * bn.scale;
-      s_own[nthreads + tid] = dzx;
-      s_own[2 * nthreads + tid] = dzs;
-    }
-    if constexpr (STAGED) {
+    // dzs (and dzs xhat) at position c0 + i of the chunk into s_own; entries past the end of
+    // [N, S] are never read
+    const auto own = [&](int64_t g, int i) {
+      const acc_t dzs = head_dzs_at(a, g);
+      s_own[i] = dzs;
+      s_own[nthreads + i] = bn.bn ? dzs * ((ld(a.zconv + g) - bn.mean) * bn.invstd) : acc_t(0);
+      return dzs;
+    };
+    if constexpr (STAGED) {  // grad and gs read once per staged position, own chunk included
       for (int64_t i = tid; i < span; i += nthreads) {
         const int64_t g = lo + i;
         if (g < 0 || g >= total) continue;  // never read: outside the map by coordinates
-        s_dz[i] = head_dzs_at(a, g) * bn.scale;
+        const int64_t i_own = i - a.reach;
+        s_dz[i] = i_own >= 0 && i_own < nthreads ? own(g, static_cast<int>(i_own))
+                                                  : head_dzs_at(a, g);
         for (int c = 0; c < a.cin; ++c) s_map[c * span + i] = head_smap_at(a, c, g);
       }
+    } else if (c0 + tid < total) {
+      own(c0 + tid, tid);
     }
     __syncthreads();
-    const auto dz_at = [&](int64_t g) {
+    const auto dzs_at = [&](int64_t g) {
       if constexpr (STAGED) {
         return s_dz[g - lo];
       } else {
-        return head_dzs_at(a, g) * bn.scale;
+        return head_dzs_at(a, g);
       }
     };
     const auto map_at = [&](int c, int64_t g) {
@@ -178,7 +180,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
             const int tx_hi = x0 + rw + 1 < a.kw ? x0 + rw + 1 : a.kw;
             const int64_t row = base + (static_cast<int64_t>(zz) * a.H + yy) * a.W + x0 + rw;
             acc_t acc = acc_t(0);
-            for (int tx = tx_lo; tx < tx_hi; ++tx) acc += s_w[t + tx] * dz_at(row - tx);
+            for (int tx = tx_lo; tx < tx_hi; ++tx) acc += s_w[t + tx] * dzs_at(row - tx);
             if (c == 0) {
               dmap0 += acc;
             } else {
@@ -187,6 +189,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
           }
         }
       }
+      dmap0 *= bn.scale;  // dzconv = dzs scale: the sums are linear in it
+      dmap1 *= bn.scale;
       if (a.order == 2) {
         const acc_t half = acc_t(0.5) * dmap0;
         st(a.du + o, half);
@@ -204,10 +208,10 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       if (r >= nslots) break;
       const int j = slot(r);
       acc_t acc = acc_t(0);
-      if (j >= taps) {  // db, dbn_w, dbn_b: sums over the run
-        const acc_t* own = s_own + (j - taps) * nthreads;
-        for (int i = run_lo; i < end; ++i) acc += own[i];
-      } else {  // weight j = (c, tz, ty, tx): sum over q of dzconv[q] map[c, q + t - k/2]
+      if (j >= taps) {  // db (times scale, below), dbn_w, dbn_b: sums over the run
+        const acc_t* vals = s_own + (j == taps + 1 ? nthreads : 0);
+        for (int i = run_lo; i < end; ++i) acc += vals[i];
+      } else {  // weight j = (c, tz, ty, tx): sum over q of dzs[q] map[c, q + t - k/2]
         const int tx = j % a.kw, ty = (j / a.kw) % a.kh, tz = (j / (a.kw * a.kh)) % a.kd;
         const int c = j / (a.kw * a.kh * a.kd);
         for (int i = run_lo; i < end;) {  // one row of the map at a time
@@ -235,7 +239,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   CBAM_UNROLL
   for (int r = 0; r < kMaxHeadSlotsPerThread; ++r) {
     if (r >= nslots) break;
-    st(a.partials + slot(r) * P + static_cast<int64_t>(blockIdx.x) * G + group, part[r]);
+    const int j = slot(r);
+    st(a.partials + j * P + static_cast<int64_t>(blockIdx.x) * G + group,
+       j <= taps ? part[r] * bn.scale : part[r]);  // the weights and db: sums of dzconv
   }
 }
 
