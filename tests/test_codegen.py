@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("elementwise.cu", "pool.cu", "backward_reduce.cu", "spatial_head.cu")
+SOURCES = ("elementwise.cu", "pool.cu", "backward_reduce.cu", "spatial_head.cu",
+           "spatial_head_backward.cu")
 
 # (kernel name pattern, most local-memory bytes allowed: stack frame, spill stores or loads),
 # first match wins; every other kernel: 0. grad_input at float64 with one vector row in flight:
@@ -37,6 +38,9 @@ ALLOWED = [
     # the float64 spatial head: the registers saved around the calls of double division's and
     # exp's slow paths, once per position (measured: 40 bytes staged, 72 unstaged)
     (r"spatial_head_kernel<double, (true|false)>", 72),
+    # its backward's unstaged path (a wide map's taps read global memory; float32 and float64):
+    # registers saved around the division's slow-path call (measured: 28 bytes)
+    (r"spatial_head_backward_kernel<(float|double), false>", 28),
 ]
 
 
@@ -138,7 +142,8 @@ def ptx_kernels(nvcc_sm90):
 def test_every_kernel_was_reported(ptxas_report):
     for kernel in ("grad_input_kernel<", "apply_gates_kernel<", "reduce_k_kernel<",
                    "reduce_r_kernel<", "combine_partials_kernel<", "backward_reduce_kernel<",
-                   "spatial_head_kernel<"):
+                   "spatial_head_kernel<", "spatial_head_backward_kernel<",
+                   "spatial_head_backward_combine_kernel<"):
         assert any(kernel in n for n in ptxas_report), (kernel, sorted(ptxas_report)[:5])
     assert len(ptxas_report) > 100, len(ptxas_report)
 

@@ -84,13 +84,6 @@ CBAM_DEVICE acc_t head_dzs_at(const SpatialHeadBackwardArgs<acc_t>& a, int64_t o
   return g * (acc_t(1) - y) * y;
 }
 
-// Channel c of the stacked map at flat offset o of [N, S].
-template <typename acc_t>
-CBAM_DEVICE acc_t head_smap_at(const SpatialHeadBackwardArgs<acc_t>& a, int c, int64_t o) {
-  const int64_t n = o / a.S;
-  return ld(a.smap + (n * a.cin + c) * a.S + (o - n * a.S));
-}
-
 template <typename acc_t, bool STAGED>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     spatial_head_backward_kernel(SpatialHeadBackwardArgs<acc_t> a) {
@@ -138,7 +131,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
         const int64_t i_own = i - a.reach;
         s_dz[i] = i_own >= 0 && i_own < nthreads ? own(g, static_cast<int>(i_own))
                                                   : head_dzs_at(a, g);
-        for (int c = 0; c < a.cin; ++c) s_map[c * span + i] = head_smap_at(a, c, g);
+        const int64_t n = g / a.S;
+        const acc_t* m = a.smap + n * a.cin * a.S + (g - n * a.S);
+        for (int c = 0; c < a.cin; ++c) s_map[c * span + i] = ld(m + c * a.S);
       }
     } else if (c0 + tid < total) {
       own(c0 + tid, tid);
@@ -149,13 +144,6 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
         return s_dz[g - lo];
       } else {
         return head_dzs_at(a, g);
-      }
-    };
-    const auto map_at = [&](int c, int64_t g) {
-      if constexpr (STAGED) {
-        return s_map[c * span + (g - lo)];
-      } else {
-        return head_smap_at(a, c, g);
       }
     };
 
@@ -201,8 +189,17 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       }
     }
 
-    // 2. The chunk's part of this thread's slots, over its run of positions.
+    // 2. The chunk's part of this thread's slots, over its run of positions, row by row of the
+    // map: the coordinates of the run's first position, then each next row's by carrying (no
+    // division per row).
     const int end = total - c0 < run_hi ? static_cast<int>(total - c0) : run_hi;
+    int64_t n0 = 0;
+    int x0 = 0, y0 = 0, z0 = 0;
+    if (run_lo < end) {
+      n0 = (c0 + run_lo) / a.S;
+      const int p = static_cast<int>(c0 + run_lo - n0 * a.S);
+      x0 = p % a.W, y0 = (p / a.W) % a.H, z0 = p / (a.W * a.H);
+    }
     CBAM_UNROLL  // part[] stays in registers
     for (int r = 0; r < kMaxHeadSlotsPerThread; ++r) {
       if (r >= nslots) break;
@@ -214,22 +211,33 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       } else {  // weight j = (c, tz, ty, tx): sum over q of dzs[q] map[c, q + t - k/2]
         const int tx = j % a.kw, ty = (j / a.kw) % a.kh, tz = (j / (a.kw * a.kh)) % a.kd;
         const int c = j / (a.kw * a.kh * a.kd);
+        int64_t n = n0;
+        int x = x0, y = y0, z = z0;
         for (int i = run_lo; i < end;) {  // one row of the map at a time
-          const int64_t q = c0 + i;
-          const int64_t n = q / a.S;
-          const int p = static_cast<int>(q - n * a.S);
-          const int x = p % a.W, y = (p / a.W) % a.H, z = p / (a.W * a.H);
           const int run = end - i < a.W - x ? end - i : a.W - x;  // positions left in this row
           const int zz = z + tz - rd, yy = y + ty - rh;
           if (zz >= 0 && zz < a.D && yy >= 0 && yy < a.H) {
             // positions x + e of the row whose tap lands inside: x + e + tx - rw in [0, W)
             const int e_lo = rw - tx - x > 0 ? rw - tx - x : 0;
             const int e_hi = a.W - x - tx + rw < run ? a.W - x - tx + rw : run;
-            const int64_t src = n * a.S + (static_cast<int64_t>(zz) * a.H + yy) * a.W + x +
-                                tx - rw;
-            for (int e = e_lo; e < e_hi; ++e) acc += s_own[i + e] * map_at(c, src + e);
+            const int64_t src = (static_cast<int64_t>(zz) * a.H + yy) * a.W + x + tx - rw;
+            if constexpr (STAGED) {
+              const acc_t* m = s_map + c * span + (n * a.S + src - lo);
+              for (int e = e_lo; e < e_hi; ++e) acc += s_own[i + e] * m[e];
+            } else {
+              const acc_t* m = a.smap + (n * a.cin + c) * a.S + src;
+              for (int e = e_lo; e < e_hi; ++e) acc += s_own[i + e] * ld(m + e);
+            }
           }
           i += run;
+          x = 0;  // the next row
+          if (++y == a.H) {
+            y = 0;
+            if (++z == a.D) {
+              z = 0;
+              ++n;
+            }
+          }
         }
       }
       part[r] += acc;
