@@ -36,9 +36,9 @@ p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, copy_same_ms,
 frac_same_size_copy, error, graph_error (a CUDA-graph capture that failed: that op was then timed
 call by call)}, launch_floor_ms,
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest, min_frac_same_size,
-mean_frac_same_size, meeting_target_same_size}}, heads[] {site, maps [N, 1, H, W], fused_ms
-(spatial_head), aten_ms (the ATen ops it replaced in the block: cat, convolution, batch_norm,
-sigmoid), speedup, error, graph_error}; with --sweep, each
+mean_frac_same_size, meeting_target_same_size}}, heads[] {site, op (spatial_head or
+spatial_head_backward), maps [N, 1, H, W], fused_ms (the op), aten_ms (the ATen ops it replaced
+in the block: HEAD_OPS), speedup, error, graph_error}; with --sweep, each
 case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode": frac_copy_bw} (or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
@@ -252,40 +252,60 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
                 summary=summarize(cases), heads=heads)
 
 
-def _heads(device, sites, batch, timing, gen):
-    """spatial_head, one kernel, against the ATen ops it replaced in the block (cat, convolution,
-    batch_norm in eval mode, sigmoid: its pure-PyTorch kernel, which on CUDA tensors runs exactly
-    those), per site: the spatial gate of a block with BatchNorm in eval mode, float32 maps of
-    the pools over C, 7x7 kernel. Timed as the ops are (_time)."""
+HEAD_OPS = {  # op -> the ATen ops its pure-PyTorch kernel runs (what the block ran before it)
+    "spatial_head": "cat, convolution, batch_norm, sigmoid",
+    "spatial_head_backward": "sigmoid_backward, batch_norm_backward, convolution_backward, "
+                             "the split of the map's gradient",
+}
+
+
+def _head_calls(op, device, batch, h, w, gen, nb):
+    """(fused(i), aten(i)) of one head op on nb rotating sets of random float32 inputs: the
+    spatial gate of a block with BatchNorm in eval mode, maps [batch, 1, h, w], 7x7 kernel."""
     from cbam_fused import _cpu_kernels as cpu
+
+    def rnd(*shape, lo=-1.0, hi=1.0):
+        return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
+    params = (rnd(1, 2, 7, 7, lo=-0.1, hi=0.1), None, rnd(1, lo=0.5, hi=1.5), rnd(1),
+              rnd(1, lo=-0.1, hi=0.1), rnd(1, lo=0.5, hi=1.5))
+    if op == "spatial_head":
+        ins = [(rnd(batch, 1, h, w), rnd(batch, 1, h, w, lo=0.0, hi=2.0)) for _ in range(nb)]
+        tail = (*params, 1e-5, "max,mean", True)
+    else:  # grad, gs, smap, zconv
+        ins = [(rnd(batch, h * w), rnd(batch, h * w, lo=0.0, hi=1.0), rnd(batch, 2, h, w),
+                rnd(batch, 1, h, w)) for _ in range(nb)]
+        tail = ()
+    fused_op, math = getattr(torch.ops.cbam_fused, op), cpu.HEAD_MATH[op]
+
+    def args(i):
+        if op == "spatial_head":
+            return (*ins[i % nb], *tail)
+        grad, gs, smap, zconv = ins[i % nb]
+        return (grad, gs, smap, zconv, *params, 1e-5, "max,mean")
+    return (lambda i: fused_op(*args(i))), (lambda i: math(*args(i)))
+
+
+def _heads(device, sites, batch, timing, gen):
+    """The spatial gate's head ops (HEAD_OPS: spatial_head, one kernel; spatial_head_backward,
+    two), each against the ATen ops it replaced in the block (its pure-PyTorch kernel, which on
+    CUDA tensors runs exactly those), per site. Timed as the ops are (_time)."""
     out = []
     for (c, h, w) in SITES[sites]:
-        rec = dict(site=f"{c}x{h}x{w}", maps=[batch, 1, h, w], fused_ms=None, aten_ms=None,
-                   speedup=None, error=None, graph_error=None)
-        try:
-            nb = 4
-
-            def rnd(*shape, lo=-1.0, hi=1.0):
-                return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
-            maps = [(rnd(batch, 1, h, w), rnd(batch, 1, h, w, lo=0.0, hi=2.0)) for _ in range(nb)]
-            params = (rnd(1, 2, 7, 7, lo=-0.1, hi=0.1), None, rnd(1, lo=0.5, hi=1.5), rnd(1),
-                      rnd(1, lo=-0.1, hi=0.1), rnd(1, lo=0.5, hi=1.5))
-
-            def fused(i, maps=maps, params=params, nb=nb):
-                return torch.ops.cbam_fused.spatial_head(*maps[i % nb], *params, 1e-5,
-                                                         "max,mean", True)
-
-            def aten(i, maps=maps, params=params, nb=nb):
-                return cpu.spatial_head(*maps[i % nb], *params, 1e-5, "max,mean", True)
-            tf, _ = _time(fused, nb, device, timing, rec)
-            ta, _ = _time(aten, nb, device, timing, rec)
-            rec.update(fused_ms=bu.median(tf), aten_ms=bu.median(ta))
-            rec["speedup"] = rec["aten_ms"] / rec["fused_ms"]
-        except Exception as e:  # noqa: BLE001  a failing head must not end the run
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            sys.stderr.write(f"\n[bench_kernels] spatial_head {rec['site']} failed:\n"
-                             f"{traceback.format_exc(limit=6)}\n")
-        out.append(rec)
+        for op in HEAD_OPS:
+            rec = dict(site=f"{c}x{h}x{w}", op=op, maps=[batch, 1, h, w], fused_ms=None,
+                       aten_ms=None, speedup=None, error=None, graph_error=None)
+            try:
+                nb = 4
+                fused, aten = _head_calls(op, device, batch, h, w, gen, nb)
+                tf, _ = _time(fused, nb, device, timing, rec)
+                ta, _ = _time(aten, nb, device, timing, rec)
+                rec.update(fused_ms=bu.median(tf), aten_ms=bu.median(ta))
+                rec["speedup"] = rec["aten_ms"] / rec["fused_ms"]
+            except Exception as e:  # noqa: BLE001  a failing head must not end the run
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                sys.stderr.write(f"\n[bench_kernels] {op} {rec['site']} failed:\n"
+                                 f"{traceback.format_exc(limit=6)}\n")
+            out.append(rec)
     return out
 
 
@@ -331,13 +351,13 @@ def print_results(rec):
                          f"{bu.fmt_ms(floor)})")
     heads = rec.get("heads") or []
     if heads:
-        bu.print_table(["site", "maps", "spatial_head", "ATen ops", "speed-up"],
-                       [[h["site"], "x".join(map(str, h["maps"])),
+        bu.print_table(["op", "site", "maps", "fused", "ATen ops", "speed-up"],
+                       [[h.get("op", "spatial_head"), h["site"], "x".join(map(str, h["maps"])),
                          "ERR" if h["error"] else bu.fmt_ms(h["fused_ms"]),
                          "-" if h["error"] else bu.fmt_ms(h["aten_ms"]),
                          "-" if h["error"] else f"{h['speedup']:.2f}x"] for h in heads],
-                       title="the spatial gate's head: one kernel against the ATen ops it "
-                             "replaced (cat, convolution, batch_norm, sigmoid)")
+                       title="the spatial gate's head, forward and backward: the fused kernels "
+                             "against the ATen ops they replaced")
     for k, s in rec["summary"].items():
         same = "" if s.get("mean_frac_same_size") is None else (
             f"; {s['meeting_target_same_size']}/{s['cases']} at >= {int(100 * TARGET)}% of a "

@@ -1069,13 +1069,16 @@ def write_summary(d, part_dirs):
                             f"{pct(c.get('frac_same_size_copy'))} |"))
             L.append("")
             if kr.get("heads"):
-                L.append("The spatial gate's head (spatial_head, one kernel) against the ATen ops "
-                         "it replaced in the block (cat, convolution, batch_norm, sigmoid):")
+                L.append("The spatial gate's head, forward (spatial_head, one kernel) and backward "
+                         "(spatial_head_backward, two), against the ATen ops each replaced in "
+                         "the block (forward: cat, convolution, batch_norm, sigmoid; backward: "
+                         "sigmoid_backward, batch_norm_backward, convolution_backward, a copy):")
                 L.append("")
-                L.append("| site | maps | spatial_head | ATen ops | speed-up |")
-                L.append("|---|---|---|---|---|")
+                L.append("| op | site | maps | fused | ATen ops | speed-up |")
+                L.append("|---|---|---|---|---|---|")
                 for h in kr["heads"]:
-                    L.append(f"| {h['site']} | {'x'.join(map(str, h['maps']))} | "
+                    L.append(f"| {h.get('op', 'spatial_head')} | {h['site']} | "
+                             f"{'x'.join(map(str, h['maps']))} | "
                              + ("ERR | - | - |" if h.get("error") else
                                 f"{_fmt_ms(h['fused_ms'])} | {_fmt_ms(h['aten_ms'])} | "
                                 f"{h['speedup']:.2f}x |"))

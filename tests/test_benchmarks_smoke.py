@@ -251,7 +251,12 @@ def _check_kernels(k, n_ops=7):
         assert c["copy_same_ms"] > 0
         assert c["frac_same_size_copy"] == pytest.approx(c["copy_same_ms"] / c["median_ms"])
     assert k["launch_floor_ms"] > 0
-    assert len(k["heads"]) == 2  # spatial_head against the ATen ops it replaced, per site
+    # spatial_head and spatial_head_backward against the ATen ops they replaced, per site
+    import bench_kernels as bk
+    sites = list(dict.fromkeys(h["site"] for h in k["heads"]))
+    assert len(sites) == 2
+    assert [(h["site"], h["op"]) for h in k["heads"]] == [(s, op) for s in sites
+                                                          for op in bk.HEAD_OPS]
     for h in k["heads"]:
         assert h["error"] is None and h["fused_ms"] > 0 and h["aten_ms"] > 0, h
         assert h["speedup"] == pytest.approx(h["aten_ms"] / h["fused_ms"])

@@ -244,7 +244,8 @@ def test_fake_kernel_shapes():
 def test_block_runs_one_head_launch(variant, train):
     """The block's spatial gate is one spatial_head launch whatever its BatchNorm (with batch
     statistics the op gives the conv output and ATen's batch_norm follows; ultralytics has
-    none), and the block still matches the reference, forward and gradients."""
+    none), its backward one spatial_head_backward (two launches: the pass and the sums), and the
+    block still matches the reference, forward and gradients."""
     from test_functional import _module, compare_with_reference
     m = _module(variant, 6, 2, torch.float64)
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
@@ -252,6 +253,7 @@ def test_block_runs_one_head_launch(variant, train):
         compare_with_reference(m, x, train, 1e-10)
         names = [s["name"] for s in testing.simulator_stats()]
     assert names.count("spatial_head") == 1, names
+    assert names.count("spatial_head_backward") == 2, names
 
 
 @needs_cuda
