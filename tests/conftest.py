@@ -55,4 +55,15 @@ def sim_has(op: str) -> bool:
     return hasattr(torch.ops.cbam_fused_sim, op)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+NEEDS_CUDA_REASON = "needs a CUDA device"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA_REASON)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked needs_cuda is a GPU test: it gets the `gpu` marker too, so that
+    `pytest -m gpu` (scripts/gpu_check.py's lease part) selects it. (The CUDA tests of the
+    spatial head ops had needs_cuda alone, and the lease part left them out.)"""
+    for item in items:
+        if any(m.name == "skipif" and m.kwargs.get("reason") == NEEDS_CUDA_REASON
+               for m in item.iter_markers()):
+            item.add_marker(pytest.mark.gpu)

@@ -89,3 +89,17 @@ def test_pip_include_dirs_carry_the_headers_torch_needs(setup_mod):
     dirs = setup_mod.nvidia_pip_include_dirs()
     assert setup_mod.header_dirs("cusparse.h", dirs), dirs
     assert sys.modules.get("cbam_setup") is None
+
+
+def test_needs_cuda_tests_are_gpu_tests():
+    """Every test that needs a CUDA device carries the `gpu` marker (conftest), so that the GPU
+    run's `pytest -m gpu` selects it: the spatial head's CUDA comparisons included."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                          "-p", "no:cacheprovider", "tests/test_spatial_head.py",
+                          "tests/test_spatial_head_backward.py"],
+                         cwd=ROOT, capture_output=True, text=True)
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert any("test_cuda_kernel_matches_the_cpu_kernel" in i for i in ids), out.stdout[-2000:]
+    assert any("test_cuda_kernels_match_the_cpu_kernel" in i for i in ids), out.stdout[-2000:]
+    assert all("cuda" in i for i in ids), [i for i in ids if "cuda" not in i][:5]
