@@ -20,6 +20,8 @@ from cbam_fused import _ops
 from conftest import needs_cuda, sim_has
 from test_spatial_head import GEOMS, TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED, make_args, oracle
 
+TILE_FULL_BLOCKS = 3  # blocks of 256 threads whatever the grid (the launcher's debug tile mode)
+
 testing = pytest.importorskip("cbam_fused.testing")
 HAVE_SIM = sim_has("spatial_head_backward")
 needs_sim = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) is "
@@ -157,18 +159,24 @@ def test_simulated_kernels_match_the_cpu_kernel(geom, variant, dtype):
 
 
 @needs_sim
-@pytest.mark.parametrize("geom", [((5, 9), 7), ((3, 4, 5), 3), ((40,), 7), ((2, 3, 4), 7)])
-def test_grid_stride_and_unstaged_paths(geom):
-    """One block walking every chunk (its partial sums over all of them), and the taps reading
-    global memory: the values of the normal launch; unstaged, the same bits (the same sums in
-    the same order, only read from elsewhere)."""
+@pytest.mark.parametrize("geom,block", [(((5, 9), 7), 64), (((3, 4, 5), 3), 64),
+                                        (((40,), 7), 64), (((2, 3, 4), 7), 256)])
+def test_grid_stride_full_blocks_and_unstaged_paths(geom, block):
+    """One block walking every chunk (its partial sums over all of them), blocks of 256 threads
+    (the normal launch of these small maps takes 64, but for the 7x7x7 kernel's 689 parameter
+    slots), and the taps reading global memory: the values of the normal launch; unstaged, the
+    same bits (the same sums in the same order, only read from elsewhere)."""
     args, _ = make_bwd_args(geom[0], geom[1], "max,mean", True, "affine", True, n=5)
     normal, nstats = run_sim(args)
-    assert nstats[0]["smem_bytes"] > 0  # the staged path
-    one, ostats = run_sim(args, tile=TILE_ONE_BLOCK)
-    assert ostats[0]["grid"][0] == 1
-    for a, b in zip(one, normal):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    assert nstats[0]["smem_bytes"] > 0 and nstats[0]["block"][0] == block  # staged
+    for tile in (TILE_ONE_BLOCK, TILE_FULL_BLOCKS):
+        other, ostats = run_sim(args, tile=tile)
+        if tile == TILE_ONE_BLOCK:
+            assert ostats[0]["grid"][0] == 1
+        else:
+            assert ostats[0]["block"][0] == 256
+        for a, b in zip(other, normal):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
     direct, dstats = run_sim(args, tile=TILE_UNSTAGED)
     assert dstats[0]["smem_bytes"] == 0
     for a, b in zip(direct, normal):
@@ -177,21 +185,35 @@ def test_grid_stride_and_unstaged_paths(geom):
 
 @needs_sim
 def test_several_blocks_fold_their_partials():
-    """64 x 40 positions, chunks of 256: ten blocks, each its own partial sums; the second pass
-    folds them (against the CPU kernel)."""
+    """64 x 40 positions: 40 chunks of 64 (fewer chunks than SMs: the smallest blocks), or 10 of
+    256; each block its own partial sums, which the second pass folds (against the CPU
+    kernel)."""
     args, _ = make_bwd_args((40,), 7, "mean,max", True, "affine", True, n=64)
-    out, stats = run_sim(args)
-    assert stats[0]["grid"][0] == 10
-    check_close(out, cpu.HEAD_KERNELS[OP](*args), torch.float64)
+    want = cpu.HEAD_KERNELS[OP](*args)
+    for tile, grid, block in ((TILE_NORMAL, 40, 64), (TILE_FULL_BLOCKS, 10, 256)):
+        out, stats = run_sim(args, tile=tile)
+        assert stats[0]["grid"][0] == grid and stats[0]["block"][0] == block
+        check_close(out, want, torch.float64)
+
+
+@needs_sim
+@pytest.mark.parametrize("k,block", [(127, 64), (401, 256)])
+def test_wide_kernels_keep_the_slots_per_thread_bounded(k, block):
+    """Blocks shrink only while a thread folds at most 5 parameter slots: a 1-D k = 127 kernel
+    (257 slots) runs blocks of 64 (five slots for thread 0), k = 401 (805) blocks of 256."""
+    args, _ = make_bwd_args((30,), k, "max,mean", False, "none", True)
+    _, stats = run_sim(args)
+    assert stats[0]["block"][0] == block
 
 
 @needs_sim
 def test_staging_reads_each_input_about_once():
     """The staged path reads grad, gs and the map (blockDim + 2 reach) / blockDim times over,
-    not cin k^2 times: 2-D 16x16 maps, k = 7 (reach 51), 8 samples; unstaged, 20+ times."""
+    not cin k^2 times: 2-D 16x16 maps, k = 7 (reach 51), 8 samples, blocks of 256; unstaged,
+    20+ times."""
     args, _ = make_bwd_args((16, 16), 7, "max,mean", False, "none", True, n=8,
                             dtype=torch.float32)
-    _, staged = run_sim(args)
+    _, staged = run_sim(args, tile=TILE_FULL_BLOCKS)
     _, direct = run_sim(args, tile=TILE_UNSTAGED)
     inputs = 4 * 4 * args[0].numel()  # grad, gs and the map's two channels, float32
     assert staged[0]["bytes_read"] < 1.5 * inputs + 8192, staged[0]["bytes_read"]
@@ -203,7 +225,7 @@ def test_staging_reads_each_input_about_once():
 def test_no_race(schedule):
     args, _ = make_bwd_args((6, 7), 7, "mean,max", True, "affine", True, n=12,
                             dtype=torch.float32)
-    for tile in (TILE_NORMAL, TILE_ONE_BLOCK):
+    for tile in (TILE_NORMAL, TILE_ONE_BLOCK, TILE_FULL_BLOCKS):
         want, _ = run_sim(args, tile=tile)
         got, _ = run_sim(args, schedule=schedule, tile=tile)
         for a, b in zip(got, want):

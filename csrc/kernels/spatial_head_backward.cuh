@@ -10,7 +10,8 @@
 //   db = sum dzconv,  dbn_w = sum dzs (zconv - rm) invstd,  dbn_b = sum dzs
 //
 // Pass 1, spatial_head_backward_kernel: a block per chunk of blockDim.x consecutive positions of
-// the flattened [N, S] (a grid-stride loop over the chunks). STAGED: the block stages dzs and the
+// the flattened [N, S] (a grid-stride loop over the chunks; blockDim.x is 64, 128 or 256, the
+// launcher's choice, with L <= blockDim.x kMaxHeadSlotsPerThread). STAGED: the block stages dzs and the
 // map over its chunk plus `reach` positions either side in shared memory (grad, gs and smap read
 // once per staged position); otherwise the taps read global memory. Every sum is of dzs, and
 // the scale invstd bn_w (linear) is applied once to its total. Each thread writes du and dv at
@@ -31,7 +32,7 @@
 namespace cbam {
 
 constexpr int kHeadBackwardExtras = 3;  // the slots after the weights': db, dbn_w, dbn_b
-// slots a thread folds when L > blockDim.x (one group)
+// slots a thread folds when L > blockDim.x (one group): enough for kMaxHeadTaps at kBlockThreads
 constexpr int kMaxHeadSlotsPerThread =
     (kMaxHeadTaps + kHeadBackwardExtras + kBlockThreads - 1) / kBlockThreads;
 
@@ -57,7 +58,8 @@ struct SpatialHeadBackwardArgs {
   int order;       // 0: "max,mean", 1: "mean,max", 2: "blend"
   int64_t reach;   // (kd / 2) H W + (kh / 2) W + kw / 2
   int L;           // cin kd kh kw + kHeadBackwardExtras
-  int groups;      // G: blockDim.x / L when L <= blockDim.x, else 1
+  int groups;      // G: blockDim.x / L when L <= blockDim.x, else 1 (then L <= blockDim.x
+                   // kMaxHeadSlotsPerThread)
 };
 
 // The BatchNorm (eval) constants of the backward: dzconv = dzs * scale, xhat = (zconv - mean) invstd.

@@ -19,7 +19,9 @@ namespace debug {
 inline bool poison_outputs = false;
 // Tiling: 0 = the normal heuristics; 1 = tiny tiles (at most 2 lanes along the contiguous axis,
 // 3 rows per tile: every reduction splits into many partials, on small shapes); 2 = one row tile
-// spanning all rows (the single-stage path of the strided reductions, chunked staging).
+// spanning all rows (the single-stage path of the strided reductions, chunked staging). The
+// spatial heads read it their own way: 1 = one block, 2 = no staging, 3 = (the backward) blocks
+// of kBlockThreads whatever the grid.
 inline int tile_mode = 0;
 // Grid sizing of the normal tiling (make_geom, launchers/common.h), tunable at run time so that a
 // GPU session can sweep them without rebuilding (benchmarks/bench_kernels.py --sweep): aim at

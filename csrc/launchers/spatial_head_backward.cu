@@ -101,12 +101,23 @@ spatial_head_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>
     const int taps = cin * a.kd * a.kh * a.kw;
     const auto out_ptr = [](at::Tensor& t) { return t.numel() > 0 ? global_ptr<acc_t>(t) : nullptr; };
     a.L = taps + kHeadBackwardExtras;
-    a.groups = a.L <= kBlockThreads ? kBlockThreads / a.L : 1;
+    // Threads a block, = positions a chunk: the largest of kBlockThreads, 128, 64 whose chunks
+    // still give every SM one, while each thread folds at most kMaxHeadSlotsPerThread slots.
+    // A chunk's parameter sums cost a thread about (L / threads) x (its run of positions): at
+    // the 2048x7x7 site, batch 64 (3136 positions), chunks of 256 would be 13 blocks on 132
+    // SMs, each thread walking 128 positions for its slot; chunks of 64 are 49 blocks.
+    // debug tile mode 3 (tests): always kBlockThreads.
+    int threads = kBlockThreads;
+    while (debug::tile_mode != 3 && threads > 64 && ceil_div(N * S, threads) < num_sms() &&
+           a.L <= threads / 2 * kMaxHeadSlotsPerThread) {
+      threads /= 2;
+    }
+    a.groups = a.L <= threads ? threads / a.L : 1;
     // Each block folds its chunks into one set of partial sums, so the grid is kept to a few
     // blocks an SM: the partials (L x blocks x groups) stay small for the second pass.
     // debug tile modes (tests): 1, one block (every chunk through the grid-stride loop); 2, no
     // staging (the taps read grad, gs and smap in global memory)
-    const int64_t chunks = ceil_div(N * S, kBlockThreads);
+    const int64_t chunks = ceil_div(N * S, threads);
     const int64_t blocks =
         debug::tile_mode == 1 ? 1 : std::min<int64_t>(chunks, static_cast<int64_t>(num_sms()) * 4);
     const int64_t P = N * S == 0 ? 0 : blocks * a.groups;
@@ -114,13 +125,13 @@ spatial_head_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>
     a.partials = global_ptr<acc_t>(partials);
     if (N * S > 0) {
       const int64_t stage_bytes =
-          static_cast<int64_t>(cin + 1) * (kBlockThreads + 2 * a.reach) * sizeof(acc_t);
+          static_cast<int64_t>(cin + 1) * (threads + 2 * a.reach) * sizeof(acc_t);
       const dim3 grid(static_cast<unsigned>(blocks));
       if (stage_bytes <= kMaxHeadStageBytes && debug::tile_mode != 2) {
-        launch(op, &spatial_head_backward_kernel<acc_t, true>, grid, dim3(kBlockThreads),
+        launch(op, &spatial_head_backward_kernel<acc_t, true>, grid, dim3(threads),
                static_cast<int>(stage_bytes), a);
       } else {
-        launch(op, &spatial_head_backward_kernel<acc_t, false>, grid, dim3(kBlockThreads), 0, a);
+        launch(op, &spatial_head_backward_kernel<acc_t, false>, grid, dim3(threads), 0, a);
       }
     }
     // an empty batch: P = 0, every sum is 0
