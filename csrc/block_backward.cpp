@@ -88,8 +88,8 @@ SpatialGrads spatial_backward(const at::Tensor& dgs, const at::Tensor& gs, const
   if (batch_norm && bn_training) {
     at::Tensor dzconv;
     std::tie(dzconv, out.dbw, out.dbb) = at::native_batch_norm_backward(
-        at::sigmoid_backward(dgs, gs).reshape(zconv.sizes()), zconv, bn_w, bn_rm, bn_rv, mean, invstd,
-        true, bn_eps, {true, bn_w.has_value(), bn_b.has_value()});
+        at::sigmoid_backward(dgs, gs).reshape(zconv.sizes()), zconv, bn_w, bn_rm, bn_rv, mean,
+        invstd, true, bn_eps, {true, bn_w.has_value(), bn_b.has_value()});
     std::tie(out.du, out.dv, out.dcw, dcb, dbw, dbb) =
         spatial_head_backward(dzconv.reshape({dgs.size(0), -1}), none, smap, none, conv_w, conv_b,
                               none, none, none, none, bn_eps, order);

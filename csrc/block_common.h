@@ -61,12 +61,15 @@ inline Pools3 spatial_head(const at::Tensor& avg, const at::Tensor& max, const a
   return op.call(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps, spatial_pools, gate);
 }
 
-using HeadGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (du, dv, d conv_w, d conv_b, d bn_w, d bn_b), empty where the parameter is not given
+using HeadGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-inline HeadGrads spatial_head_backward(const at::Tensor& grad, const OptT& gs, const at::Tensor& smap,
-                                       const OptT& zconv, const at::Tensor& conv_w,
-                                       const OptT& conv_b, const OptT& bn_w, const OptT& bn_b,
-                                       const OptT& bn_rm, const OptT& bn_rv, double bn_eps,
+inline HeadGrads spatial_head_backward(const at::Tensor& grad, const OptT& gs,
+                                       const at::Tensor& smap, const OptT& zconv,
+                                       const at::Tensor& conv_w, const OptT& conv_b,
+                                       const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
+                                       const OptT& bn_rv, double bn_eps,
                                        const std::string& spatial_pools) {
   static const auto op =
       c10::Dispatcher::singleton()

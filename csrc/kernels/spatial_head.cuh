@@ -3,8 +3,8 @@
 // BatchNorm in eval mode and the sigmoid (csrc/ops.cpp, spatial_head; DESIGN.md section 1):
 //
 //   map[n, c, p]  = (v, u)[c] ("max,mean"), (u, v)[c] ("mean,max"), 0.5 (u + v) ("blend", c = 0)
-//   zconv[n, p]   = sum over c, then the taps t in row-major order, of w[c, t] map[n, c, p + t - k/2]
-//                   (0 outside the map), + b
+//   zconv[n, p]   = sum over c, then the taps t in row-major order, of
+//                   w[c, t] map[n, c, p + t - k/2] (0 outside the map), + b
 //   gs[n, p]      = sigmoid(zs),  zs = (zconv - rm) invstd bn_w + bn_b, invstd = 1 / sqrt(rv + eps)
 //                   (zs = zconv without BatchNorm)
 //

@@ -11,15 +11,15 @@
 //
 // Pass 1, spatial_head_backward_kernel: a block per chunk of blockDim.x consecutive positions of
 // the flattened [N, S] (a grid-stride loop over the chunks; blockDim.x is 64, 128 or 256, the
-// launcher's choice, with L <= blockDim.x kMaxHeadSlotsPerThread). STAGED: the block stages dzs and the
-// map over its chunk plus `reach` positions either side in shared memory (grad, gs and smap read
-// once per staged position); otherwise the taps read global memory. Every sum is of dzs, and
-// the scale invstd bn_w (linear) is applied once to its total. Each thread writes du and dv at
-// its own position (its dmap: the taps' transpose, row by row clipped to the map). Then the
-// block folds the chunk's part of the L = cin k^d + 3 parameter sums (the weights in row-major
-// order, then db, dbn_w, dbn_b: "slots") into registers: a thread per slot, and where L is small
-// G = blockDim.x / L groups of threads that split the chunk into G runs. Each block writes its
-// G partial sums of every slot once, to partials [L, gridDim.x G].
+// launcher's choice, with L <= blockDim.x kMaxHeadSlotsPerThread). STAGED: the block stages dzs
+// and the map over its chunk plus `reach` positions either side in shared memory (grad, gs and
+// smap read once per staged position); otherwise the taps read global memory. Every sum is of
+// dzs, and the scale invstd bn_w (linear) is applied once to its total. Each thread writes du
+// and dv at its own position (its dmap: the taps' transpose, row by row clipped to the map).
+// Then the block folds the chunk's part of the L = cin k^d + 3 parameter sums (the weights in
+// row-major order, then db, dbn_w, dbn_b: "slots") into registers: a thread per slot, and where
+// L is small G = blockDim.x / L groups of threads that split the chunk into G runs. Each block
+// writes its G partial sums of every slot once, to partials [L, gridDim.x G].
 // Pass 2, spatial_head_backward_combine_kernel: a block per slot sums its partials, each thread a
 // strided share in order, then a tree in shared memory: a fixed order, so the sums are
 // deterministic (no atomics). Writes dw, db, dbn_w and dbn_b (those asked for).
@@ -62,7 +62,8 @@ struct SpatialHeadBackwardArgs {
                    // kMaxHeadSlotsPerThread)
 };
 
-// The BatchNorm (eval) constants of the backward: dzconv = dzs * scale, xhat = (zconv - mean) invstd.
+// The BatchNorm (eval) constants of the backward: dzconv = dzs scale,
+// xhat = (zconv - mean) invstd.
 template <typename acc_t>
 struct HeadBnBackward {
   bool bn = false;

@@ -99,7 +99,9 @@ spatial_head_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>
     a.reach = static_cast<int64_t>(a.kd / 2) * a.H * a.W + static_cast<int64_t>(a.kh / 2) * a.W +
               a.kw / 2;
     const int taps = cin * a.kd * a.kh * a.kw;
-    const auto out_ptr = [](at::Tensor& t) { return t.numel() > 0 ? global_ptr<acc_t>(t) : nullptr; };
+    const auto out_ptr = [](at::Tensor& t) {
+      return t.numel() > 0 ? global_ptr<acc_t>(t) : nullptr;
+    };
     a.L = taps + kHeadBackwardExtras;
     // Threads a block, = positions a chunk: the largest of kBlockThreads, 128, 64 whose chunks
     // still give every SM one, while each thread folds at most kMaxHeadSlotsPerThread slots.
