@@ -197,22 +197,27 @@ def _bad_args(mutate):
     return args
 
 
-@pytest.mark.parametrize("mutate,message", BAD)
-@pytest.mark.parametrize("where", ["cpu", "fake", "sim"])
-def test_bad_input_is_named(mutate, message, where):
-    args = _bad_args(mutate)
-    if where == "sim" and not HAVE_SIM:
+def check_refused_everywhere(op, args, message, where):
+    """op refuses args with `message` (after "op: ") on its CPU kernel, its fake kernel or the
+    simulator's launcher (`where`)."""
+    if where == "sim" and not sim_has(op):
         pytest.skip("the simulator build is missing")
-    with pytest.raises(RuntimeError, match="spatial_head: ") as e:
+    with pytest.raises(RuntimeError, match=f"{op}: ") as e:
         if where == "fake":
             from torch._subclasses.fake_tensor import FakeTensorMode
             with FakeTensorMode(allow_non_fake_inputs=True):
-                torch.ops.cbam_fused.spatial_head(*args)
+                getattr(torch.ops.cbam_fused, op)(*args)
         elif where == "sim":
-            torch.ops.cbam_fused_sim.spatial_head(*args)
+            getattr(torch.ops.cbam_fused_sim, op)(*args)
         else:
-            torch.ops.cbam_fused.spatial_head(*args)
+            getattr(torch.ops.cbam_fused, op)(*args)
     assert message in str(e.value), (where, str(e.value))
+
+
+@pytest.mark.parametrize("mutate,message", BAD)
+@pytest.mark.parametrize("where", ["cpu", "fake", "sim"])
+def test_bad_input_is_named(mutate, message, where):
+    check_refused_everywhere("spatial_head", _bad_args(mutate), message, where)
 
 
 def test_float16_maps_are_refused():

@@ -18,7 +18,8 @@ from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
 from conftest import needs_cuda, sim_has
-from test_spatial_head import GEOMS, TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED, make_args, oracle
+from test_spatial_head import (GEOMS, TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED,
+                               check_refused_everywhere, make_args, oracle)
 
 TILE_FULL_BLOCKS = 3  # blocks of 256 threads whatever the grid (the launcher's debug tile mode)
 
@@ -264,19 +265,7 @@ def _bad_args(mutate):
 @pytest.mark.parametrize("mutate,message", BAD)
 @pytest.mark.parametrize("where", ["cpu", "fake", "sim"])
 def test_bad_input_is_named(mutate, message, where):
-    args = _bad_args(mutate)
-    if where == "sim" and not HAVE_SIM:
-        pytest.skip("the simulator build is missing")
-    with pytest.raises(RuntimeError, match=f"{OP}: ") as e:
-        if where == "fake":
-            from torch._subclasses.fake_tensor import FakeTensorMode
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                torch.ops.cbam_fused.spatial_head_backward(*args)
-        elif where == "sim":
-            torch.ops.cbam_fused_sim.spatial_head_backward(*args)
-        else:
-            torch.ops.cbam_fused.spatial_head_backward(*args)
-    assert message in str(e.value), (where, str(e.value))
+    check_refused_everywhere(OP, _bad_args(mutate), message, where)
 
 
 def test_float16_maps_are_refused():

@@ -28,8 +28,19 @@ namespace cbam {
 constexpr int kMaxHeadTaps = 1024;             // cin k^d weights staged per block (acc_t)
 constexpr int kMaxHeadStageBytes = 32 * 1024;  // the staged map of a chunk (dynamic shared memory)
 
+// The geometry both head kernels (forward and backward) share: the maps [N, cin, *spatial] and
+// the kernel (launchers/spatial_head_checks.h set_head_geom fills it).
+struct HeadGeom {
+  int64_t N, S;
+  int D, H, W;     // the spatial extents, 1 for absent leading dimensions
+  int kd, kh, kw;  // kernel extents (1 along absent dimensions)
+  int cin;         // 2, or 1 for the blend
+  int order;       // 0: "max,mean", 1: "mean,max", 2: "blend"
+  int64_t reach;   // the largest flat distance of a tap: (kd / 2) H W + (kh / 2) W + kw / 2
+};
+
 template <typename acc_t>
-struct SpatialHeadArgs {
+struct SpatialHeadArgs : HeadGeom {
   const acc_t* u;     // [N, S] mean over C
   const acc_t* v;     // [N, S] max over C
   const acc_t* w;     // [1, cin, k...] contiguous: cin * kd * kh * kw weights
@@ -44,12 +55,6 @@ struct SpatialHeadArgs {
   acc_t* gs;     // [N, S] or nullptr (no gate: the caller normalizes zconv itself)
   acc_t* smap;   // [N, cin, S]
   acc_t* zconv;  // [N, S]
-  int64_t N, S;
-  int D, H, W;     // the spatial extents, 1 for absent leading dimensions
-  int kd, kh, kw;  // kernel extents (1 along absent dimensions)
-  int cin;         // 2, or 1 for the blend
-  int order;       // 0: "max,mean", 1: "mean,max", 2: "blend"
-  int64_t reach;   // the largest flat distance of a tap: (kd / 2) H W + (kh / 2) W + kw / 2
 };
 
 // Channel c of the map at offset o of [N, S].

@@ -37,7 +37,7 @@ constexpr int kMaxHeadSlotsPerThread =
     (kMaxHeadTaps + kHeadBackwardExtras + kBlockThreads - 1) / kBlockThreads;
 
 template <typename acc_t>
-struct SpatialHeadBackwardArgs {
+struct SpatialHeadBackwardArgs : HeadGeom {
   const acc_t* grad;   // [N, S]: d gs, or d zconv without gs
   const acc_t* gs;     // [N, S] or nullptr
   const acc_t* smap;   // [N, cin, S] the forward's stacked map
@@ -51,12 +51,6 @@ struct SpatialHeadBackwardArgs {
   acc_t* du;        // [N, S]
   acc_t* dv;        // [N, S]
   acc_t* partials;  // [L, P], P = gridDim.x * groups
-  int64_t N, S;
-  int D, H, W;     // the spatial extents, 1 for absent leading dimensions
-  int kd, kh, kw;  // kernel extents (1 along absent dimensions)
-  int cin;         // 2, or 1 for the blend
-  int order;       // 0: "max,mean", 1: "mean,max", 2: "blend"
-  int64_t reach;   // (kd / 2) H W + (kh / 2) W + kw / 2
   int L;           // cin kd kh kw + kHeadBackwardExtras
   int groups;      // G: blockDim.x / L when L <= blockDim.x, else 1 (then L <= blockDim.x
                    // kMaxHeadSlotsPerThread)

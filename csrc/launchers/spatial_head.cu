@@ -62,18 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(
     a.gs = gate ? global_ptr<acc_t>(gs) : nullptr;
     a.smap = global_ptr<acc_t>(smap);
     a.zconv = global_ptr<acc_t>(zconv);
-    a.N = N;
-    a.S = S;
-    a.D = ext[0];
-    a.H = ext[1];
-    a.W = ext[2];
-    a.kd = nd > 2 ? static_cast<int>(k) : 1;
-    a.kh = nd > 1 ? static_cast<int>(k) : 1;
-    a.kw = static_cast<int>(k);
-    a.cin = cin;
-    a.order = order;
-    a.reach = static_cast<int64_t>(a.kd / 2) * a.H * a.W + static_cast<int64_t>(a.kh / 2) * a.W +
-              a.kw / 2;
+    set_head_geom(a, N, S, ext, nd, k, cin, order);
     // debug tile modes (tests): 1, one block (every chunk through the grid-stride loop); 2, no
     // staging (the taps read u and v in global memory)
     const dim3 grid = debug::tile_mode == 1 ? dim3(1) : grid_1d(N * S);

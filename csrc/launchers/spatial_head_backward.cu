@@ -86,18 +86,7 @@ spatial_head_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>
     a.bn_eps = static_cast<acc_t>(bn_eps);
     a.du = global_ptr<acc_t>(du);
     a.dv = global_ptr<acc_t>(dv);
-    a.N = N;
-    a.S = S;
-    a.D = ext[0];
-    a.H = ext[1];
-    a.W = ext[2];
-    a.kd = nd > 2 ? static_cast<int>(k) : 1;
-    a.kh = nd > 1 ? static_cast<int>(k) : 1;
-    a.kw = static_cast<int>(k);
-    a.cin = cin;
-    a.order = order;
-    a.reach = static_cast<int64_t>(a.kd / 2) * a.H * a.W + static_cast<int64_t>(a.kh / 2) * a.W +
-              a.kw / 2;
+    set_head_geom(a, N, S, ext, nd, k, cin, order);
     const int taps = cin * a.kd * a.kh * a.kw;
     const auto out_ptr = [](at::Tensor& t) {
       return t.numel() > 0 ? global_ptr<acc_t>(t) : nullptr;

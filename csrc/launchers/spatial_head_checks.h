@@ -80,4 +80,22 @@ inline int64_t head_extents(const at::Tensor& t, int (&ext)[3], const char* op,
   return S;
 }
 
+// The shared geometry of a head launch: N, S, the extents `ext` (head_extents), the kernel's k
+// along each of the nd spatial dimensions, cin and the map order.
+inline void set_head_geom(HeadGeom& g, int64_t N, int64_t S, const int (&ext)[3], int64_t nd,
+                          int64_t k, int cin, int order) {
+  g.N = N;
+  g.S = S;
+  g.D = ext[0];
+  g.H = ext[1];
+  g.W = ext[2];
+  g.kd = nd > 2 ? static_cast<int>(k) : 1;
+  g.kh = nd > 1 ? static_cast<int>(k) : 1;
+  g.kw = static_cast<int>(k);
+  g.cin = cin;
+  g.order = order;
+  g.reach = static_cast<int64_t>(g.kd / 2) * g.H * g.W + static_cast<int64_t>(g.kh / 2) * g.W +
+            g.kw / 2;
+}
+
 }  // namespace cbam
