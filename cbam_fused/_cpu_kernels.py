@@ -214,7 +214,7 @@ def _check_head_order(spatial_pools, op):
 
 
 def _check_head_params(ref, ref_name, nd, cin, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, op):
-    """conv_w, the [1] parameters and BatchNorm's pairing rules (launchers/spatial_head_checks.h)."""
+    """conv_w, the [1] parameters and BatchNorm's pairing rules (launchers/spatial_head_common.h)."""
     _check_like_head(conv_w, ref, op, "conv_w", ref_name)
     k = conv_w.shape[-1] if conv_w.dim() == nd + 2 else 0
     if not (conv_w.dim() == nd + 2 and tuple(conv_w.shape) == (1, cin) + (k,) * nd

@@ -21,7 +21,9 @@ testing = pytest.importorskip("cbam_fused.testing")
 HAVE_SIM = sim_has("spatial_head")
 needs_sim = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) is "
                                "missing")
-TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED = 0, 1, 2
+# the launchers' debug tile modes: normal, one block, no staging, blocks of 256 threads whatever
+# the grid (normally these small maps take blocks of 64: head_block_threads)
+TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED, TILE_FULL_BLOCKS = 0, 1, 2, 3
 
 
 def make_args(spatial, k, order, bias, bn, gate, dtype=torch.float64, n=3, seed=0):
@@ -130,19 +132,21 @@ def test_simulated_kernel_matches_the_cpu_kernel(geom, variant, dtype):
 
 
 @needs_sim
-@pytest.mark.parametrize("tile", [TILE_ONE_BLOCK, TILE_UNSTAGED])
+@pytest.mark.parametrize("tile", [TILE_ONE_BLOCK, TILE_UNSTAGED, TILE_FULL_BLOCKS])
 @pytest.mark.parametrize("geom", [((5, 9), 7), ((3, 4, 5), 3), ((40,), 7)])
-def test_grid_stride_and_unstaged_paths(geom, tile):
-    """One block walking every chunk (N S = 135 to 600 positions, chunks of 256), and the taps
-    reading global memory: the same values as the normal launch."""
+def test_grid_stride_unstaged_and_full_block_paths(geom, tile):
+    """One block walking every chunk (N S = 135 to 600 positions, chunks of 64), the taps
+    reading global memory, and chunks of 256: the same values as the normal launch."""
     args = make_args(geom[0], geom[1], "max,mean", True, "affine", True, n=5)
     out, stats = run_sim(args, tile=tile)
     if tile == TILE_ONE_BLOCK:
         assert stats[0]["grid"][0] == 1
-    else:
+    elif tile == TILE_UNSTAGED:
         assert stats[0]["smem_bytes"] == 0
+    else:
+        assert stats[0]["block"][0] == 256
     normal, nstats = run_sim(args)
-    assert nstats[0]["smem_bytes"] > 0  # the staged path
+    assert nstats[0]["smem_bytes"] > 0 and nstats[0]["block"][0] == 64  # staged, small chunks
     for a, b in zip(out, normal):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
 
@@ -150,9 +154,9 @@ def test_grid_stride_and_unstaged_paths(geom, tile):
 @needs_sim
 def test_staging_reads_the_map_about_once():
     """The staged path reads u and v (blockDim + 2 reach) / blockDim times over, not cin k^2
-    times: 2-D 16x16 maps, k = 7 (reach 3 * 16 + 3 = 51), 8 samples."""
+    times: 2-D 16x16 maps, k = 7 (reach 3 * 16 + 3 = 51), 8 samples, blocks of 256."""
     args = make_args((16, 16), 7, "max,mean", False, "none", True, n=8, dtype=torch.float32)
-    _, staged = run_sim(args)
+    _, staged = run_sim(args, tile=TILE_FULL_BLOCKS)
     _, direct = run_sim(args, tile=TILE_UNSTAGED)
     map_bytes = 2 * args[0].numel() * 4
     assert staged[0]["bytes_read"] < 1.5 * map_bytes + 4096, staged[0]["bytes_read"]
@@ -164,7 +168,7 @@ def test_staging_reads_the_map_about_once():
 def test_no_race(schedule):
     args = make_args((6, 7), 7, "mean,max", True, "affine", True, n=4, dtype=torch.float32)
     want, _ = run_sim(args)
-    for tile in (TILE_NORMAL, TILE_ONE_BLOCK):
+    for tile in (TILE_NORMAL, TILE_ONE_BLOCK, TILE_FULL_BLOCKS):
         got, _ = run_sim(args, schedule=schedule, tile=tile)
         for a, b in zip(got, want):
             assert torch.equal(a, b)

@@ -18,10 +18,8 @@ from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
 from conftest import needs_cuda, sim_has
-from test_spatial_head import (GEOMS, TILE_NORMAL, TILE_ONE_BLOCK, TILE_UNSTAGED,
-                               check_refused_everywhere, make_args, oracle)
-
-TILE_FULL_BLOCKS = 3  # blocks of 256 threads whatever the grid (the launcher's debug tile mode)
+from test_spatial_head import (GEOMS, TILE_FULL_BLOCKS, TILE_NORMAL, TILE_ONE_BLOCK,
+                               TILE_UNSTAGED, check_refused_everywhere, make_args, oracle)
 
 testing = pytest.importorskip("cbam_fused.testing")
 HAVE_SIM = sim_has("spatial_head_backward")

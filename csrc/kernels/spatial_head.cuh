@@ -9,7 +9,8 @@
 //                   (zs = zconv without BatchNorm)
 //
 // Pass: one thread per output position, a block per chunk of blockDim.x consecutive positions
-// of the flattened [N, S] (a grid-stride loop over the chunks). STAGED: the block first stages the
+// of the flattened [N, S] (a grid-stride loop over the chunks; blockDim.x is 64, 128 or 256, the
+// launcher's choice: launchers/spatial_head_common.h head_block_threads). STAGED: the block first stages the
 // map over its chunk plus `reach` positions either side (the largest flat distance of a tap,
 // rd H W + rh W + rw) in shared memory, cin values each, computed once from u and v; every tap
 // then reads shared memory, so u and v are read (blockDim.x + 2 reach) / blockDim.x times over,
@@ -29,7 +30,7 @@ constexpr int kMaxHeadTaps = 1024;             // cin k^d weights staged per blo
 constexpr int kMaxHeadStageBytes = 32 * 1024;  // the staged map of a chunk (dynamic shared memory)
 
 // The geometry both head kernels (forward and backward) share: the maps [N, cin, *spatial] and
-// the kernel (launchers/spatial_head_checks.h set_head_geom fills it).
+// the kernel (launchers/spatial_head_common.h set_head_geom fills it).
 struct HeadGeom {
   int64_t N, S;
   int D, H, W;     // the spatial extents, 1 for absent leading dimensions

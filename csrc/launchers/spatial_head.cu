@@ -3,7 +3,7 @@
 
 #include "kernels/spatial_head.cuh"
 #include "launchers/common.h"
-#include "launchers/spatial_head_checks.h"
+#include "launchers/spatial_head_common.h"
 
 namespace cbam {
 
@@ -64,15 +64,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(
     a.zconv = global_ptr<acc_t>(zconv);
     set_head_geom(a, N, S, ext, nd, k, cin, order);
     // debug tile modes (tests): 1, one block (every chunk through the grid-stride loop); 2, no
-    // staging (the taps read u and v in global memory)
-    const dim3 grid = debug::tile_mode == 1 ? dim3(1) : grid_1d(N * S);
+    // staging (the taps read u and v in global memory); 3, blocks of kBlockThreads
+    const int threads = head_block_threads(N * S, [](int) { return true; });
+    const int64_t blocks =
+        std::min<int64_t>(ceil_div(N * S, threads), static_cast<int64_t>(num_sms()) * 16);
+    const dim3 grid(debug::tile_mode == 1 ? 1u : static_cast<unsigned>(blocks));
     const int64_t stage_bytes =
-        static_cast<int64_t>(cin) * (kBlockThreads + 2 * a.reach) * sizeof(acc_t);
+        static_cast<int64_t>(cin) * (threads + 2 * a.reach) * sizeof(acc_t);
     if (stage_bytes <= kMaxHeadStageBytes && debug::tile_mode != 2) {
-      launch(op, &spatial_head_kernel<acc_t, true>, grid, dim3(kBlockThreads),
+      launch(op, &spatial_head_kernel<acc_t, true>, grid, dim3(threads),
              static_cast<int>(stage_bytes), a);
     } else {
-      launch(op, &spatial_head_kernel<acc_t, false>, grid, dim3(kBlockThreads), 0, a);
+      launch(op, &spatial_head_kernel<acc_t, false>, grid, dim3(threads), 0, a);
     }
   });
   return {gs, smap, zconv};

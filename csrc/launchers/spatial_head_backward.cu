@@ -5,7 +5,7 @@
 
 #include "kernels/spatial_head_backward.cuh"
 #include "launchers/common.h"
-#include "launchers/spatial_head_checks.h"
+#include "launchers/spatial_head_common.h"
 
 namespace cbam {
 namespace {
@@ -92,17 +92,11 @@ spatial_head_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>
       return t.numel() > 0 ? global_ptr<acc_t>(t) : nullptr;
     };
     a.L = taps + kHeadBackwardExtras;
-    // Threads a block, = positions a chunk: the largest of kBlockThreads, 128, 64 whose chunks
-    // still give every SM one, while each thread folds at most kMaxHeadSlotsPerThread slots.
-    // A chunk's parameter sums cost a thread about (L / threads) x (its run of positions): at
-    // the 2048x7x7 site, batch 64 (3136 positions), chunks of 256 would be 13 blocks on 132
-    // SMs, each thread walking 128 positions for its slot; chunks of 64 are 49 blocks.
-    // debug tile mode 3 (tests): always kBlockThreads.
-    int threads = kBlockThreads;
-    while (debug::tile_mode != 3 && threads > 64 && ceil_div(N * S, threads) < num_sms() &&
-           a.L <= threads / 2 * kMaxHeadSlotsPerThread) {
-      threads /= 2;
-    }
+    // chunks of 64 or 128 positions where 256 leave SMs idle (head_block_threads), while each
+    // thread folds at most kMaxHeadSlotsPerThread slots: a chunk's parameter sums cost a thread
+    // about (L / threads) x (its run of positions)
+    const int threads = head_block_threads(
+        N * S, [&](int t) { return a.L <= t * kMaxHeadSlotsPerThread; });
     a.groups = a.L <= threads ? threads / a.L : 1;
     // Each block folds its chunks into one set of partial sums, so the grid is kept to a few
     // blocks an SM: the partials (L x blocks x groups) stay small for the second pass.

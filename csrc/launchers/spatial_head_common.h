@@ -1,6 +1,6 @@
-// The argument checks both spatial-head launchers share (spatial_head.cu and
-// spatial_head_backward.cu): the map order, the conv weights, the [1] parameters. The Python
-// checks (cbam_fused/_cpu_kernels.py) print the same messages.
+// What both spatial-head launchers share (spatial_head.cu and spatial_head_backward.cu): the
+// argument checks (the map order, the conv weights, the [1] parameters; the Python checks in
+// cbam_fused/_cpu_kernels.py print the same messages), the geometry and the block size.
 #pragma once
 
 #include <optional>
@@ -96,6 +96,20 @@ inline void set_head_geom(HeadGeom& g, int64_t N, int64_t S, const int (&ext)[3]
   g.order = order;
   g.reach = static_cast<int64_t>(g.kd / 2) * g.H * g.W + static_cast<int64_t>(g.kh / 2) * g.W +
             g.kw / 2;
+}
+
+// Threads a block, = positions a chunk, of a head kernel: the largest of kBlockThreads, 128 and
+// 64 whose chunks still give every SM one, among the sizes allowed(threads) accepts. A small map
+// at batch 64 (the 2048x7x7 site: 3136 positions) is 13 chunks of 256 on 132 SMs, 49 of 64.
+// debug tile mode 3 (tests): always kBlockThreads.
+template <typename Allowed>
+inline int head_block_threads(int64_t positions, Allowed allowed) {
+  int threads = kBlockThreads;
+  while (debug::tile_mode != 3 && threads > 64 && ceil_div(positions, threads) < num_sms() &&
+         allowed(threads / 2)) {
+    threads /= 2;
+  }
+  return threads;
 }
 
 }  // namespace cbam
