@@ -139,9 +139,9 @@ def run_sim(args, schedule="forward", tile=TILE_NORMAL):
     return out, stats
 
 
-# wide 1-D kernels: cin k + 3 parameter slots against 256 threads (k = 127: 257 slots, one group
-# and a second slot for thread 0; k = 401: 805 slots, up to four a thread)
-WIDE = [((50,), 127), ((30,), 401)]
+# wide 1-D kernels: more parameter slots (cin k + 3) than threads (k = 127: 257 slots on blocks of
+# 128, three for thread 0; k = 511: 1025 slots on 256, five for thread 0, the most a thread folds)
+WIDE = [((50,), 127), ((30,), 511)]
 
 
 @needs_sim
@@ -196,10 +196,12 @@ def test_several_blocks_fold_their_partials():
 
 
 @needs_sim
-@pytest.mark.parametrize("k,block", [(127, 64), (401, 256)])
-def test_wide_kernels_keep_the_slots_per_thread_bounded(k, block):
-    """Blocks shrink only while a thread folds at most 5 parameter slots: a 1-D k = 127 kernel
-    (257 slots) runs blocks of 64 (five slots for thread 0), k = 401 (805) blocks of 256."""
+@pytest.mark.parametrize("k,block", [(63, 64), (127, 128), (401, 256)])
+def test_block_size_keeps_slots_and_halo_bounded(k, block):
+    """Blocks shrink only while a thread folds at most 5 parameter slots and the halo (2 reach)
+    at most doubles a chunk: a 1-D k = 63 kernel (129 slots, reach 31) runs blocks of 64 (three
+    slots for thread 0), k = 127 (257 slots, reach 63) blocks of 128, k = 401 (805) blocks of
+    256."""
     args, _ = make_bwd_args((30,), k, "max,mean", False, "none", True)
     _, stats = run_sim(args)
     assert stats[0]["block"][0] == block

@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(
     set_head_geom(a, N, S, ext, nd, k, cin, order);
     // debug tile modes (tests): 1, one block (every chunk through the grid-stride loop); 2, no
     // staging (the taps read u and v in global memory); 3, blocks of kBlockThreads
-    const int threads = head_block_threads(N * S, [](int) { return true; });
+    const int threads = head_block_threads(N * S, a.reach, [](int) { return true; });
     const int64_t blocks =
         std::min<int64_t>(ceil_div(N * S, threads), static_cast<int64_t>(num_sms()) * 16);
     const dim3 grid(debug::tile_mode == 1 ? 1u : static_cast<unsigned>(blocks));

@@ -96,7 +96,7 @@ spatial_head_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>
     // thread folds at most kMaxHeadSlotsPerThread slots: a chunk's parameter sums cost a thread
     // about (L / threads) x (its run of positions)
     const int threads = head_block_threads(
-        N * S, [&](int t) { return a.L <= t * kMaxHeadSlotsPerThread; });
+        N * S, a.reach, [&](int t) { return a.L <= t * kMaxHeadSlotsPerThread; });
     a.groups = a.L <= threads ? threads / a.L : 1;
     // Each block folds its chunks into one set of partial sums, so the grid is kept to a few
     // blocks an SM: the partials (L x blocks x groups) stay small for the second pass.

@@ -99,14 +99,15 @@ inline void set_head_geom(HeadGeom& g, int64_t N, int64_t S, const int (&ext)[3]
 }
 
 // Threads a block, = positions a chunk, of a head kernel: the largest of kBlockThreads, 128 and
-// 64 whose chunks still give every SM one, among the sizes allowed(threads) accepts. A small map
-// at batch 64 (the 2048x7x7 site: 3136 positions) is 13 chunks of 256 on 132 SMs, 49 of 64.
+// 64 whose chunks still give every SM one, among the sizes whose staged halo (2 reach positions)
+// at most doubles a chunk's reads and that allowed(threads) accepts. A small map at batch 64 (the
+// 2048x7x7 site: 3136 positions, reach 24) is 13 chunks of 256 on 132 SMs, 49 of 64.
 // debug tile mode 3 (tests): always kBlockThreads.
 template <typename Allowed>
-inline int head_block_threads(int64_t positions, Allowed allowed) {
+inline int head_block_threads(int64_t positions, int64_t reach, Allowed allowed) {
   int threads = kBlockThreads;
   while (debug::tile_mode != 3 && threads > 64 && ceil_div(positions, threads) < num_sms() &&
-         allowed(threads / 2)) {
+         2 * reach <= threads / 2 && allowed(threads / 2)) {
     threads /= 2;
   }
   return threads;
