@@ -92,8 +92,31 @@ def _at_argmax(d: Tensor, idx: Tensor, n: int, dim: int) -> Tensor:
     return torch.where(idx.unsqueeze(dim) == pos, d.unsqueeze(dim), d.new_zeros(()))
 
 
+def check_store_args(op: str, x: Tensor, base: Optional[Tensor], gate: Optional[Tensor],
+                     over_s: bool) -> None:
+    """The shapes of the Q2 ops' base and gate ([N, S] for the scale of the pool over S, else
+    [N, C]), with the launcher's message (launchers/common.h small_arg)."""
+    n, l = x.shape[0], (math.prod(x.shape[2:]) if over_s else x.shape[1])
+    for name, t in (("base", base), ("gate", gate)):
+        if t is not None and (t.dim() != 2 or tuple(t.shape) != (n, l)):
+            raise RuntimeError(f"{op}: {name} must have shape {'[N, S]' if over_s else '[N, C]'} "
+                               f"= [{n}, {l}], got {list(t.shape)}")
+
+
+def _then_base_and_gate(out: Tensor, base: Optional[Tensor], gate: Optional[Tensor]) -> Tensor:
+    """The steps the Q2 ops take in their store: (base + out), then the sigmoid's backward
+    (times gate (1 - gate)), each where given."""
+    if base is not None:
+        out = base + out
+    if gate is not None:
+        out = torch.ops.aten.sigmoid_backward(out, gate)
+    return out
+
+
 def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
-                               argmax: Optional[Tensor]) -> Tensor:
+                               argmax: Optional[Tensor], base: Optional[Tensor] = None,
+                               gate: Optional[Tensor] = None) -> Tensor:
+    check_store_args("pool_over_c_backward_scale", x, base, gate, False)
     xf = _flat(x)
     n, c, _ = xf.shape
     w = torch.zeros_like(xf)
@@ -101,11 +124,11 @@ def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
         w = w + d_avg[:, None, :] / c
     if d_max is not None:
         w = w + _at_argmax(d_max, argmax, c, 1)
-    return (xf * w).sum(2)
+    return _then_base_and_gate((xf * w).sum(2), base, gate)
 
 
-def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
-                               argmax: Optional[Tensor]) -> Tensor:
+def _pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
+                                argmax: Optional[Tensor]) -> Tensor:
     xf = _flat(x)
     n, c, s = xf.shape
     w = torch.zeros_like(xf)
@@ -114,6 +137,13 @@ def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
     if d_max is not None:
         w = w + _at_argmax(d_max, argmax, s, 2)
     return (xf * w).sum(1)
+
+
+def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
+                               argmax: Optional[Tensor], base: Optional[Tensor] = None,
+                               gate: Optional[Tensor] = None) -> Tensor:
+    check_store_args("pool_over_s_backward_scale", x, base, gate, True)
+    return _then_base_and_gate(_pool_over_s_backward_scale(x, d_avg, d_max, argmax), base, gate)
 
 
 def _lp_lse_terms(v: Tensor, d_lp: Optional[Tensor], lp: Optional[Tensor],
@@ -132,11 +162,15 @@ def _lp_lse_terms(v: Tensor, d_lp: Optional[Tensor], lp: Optional[Tensor],
 def pool_over_s_backward_scale_lp_lse(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
                                       argmax: Optional[Tensor], scale: Optional[Tensor],
                                       d_lp: Optional[Tensor], lp: Optional[Tensor],
-                                      d_lse: Optional[Tensor], lse: Optional[Tensor]) -> Tensor:
+                                      d_lse: Optional[Tensor], lse: Optional[Tensor],
+                                      base: Optional[Tensor] = None,
+                                      gate: Optional[Tensor] = None) -> Tensor:
+    check_store_args("pool_over_s_backward_scale_lp_lse", x, base, gate, True)
     xf = _flat(x)
     v = xf if scale is None else xf * scale[:, None, :]
     extra = (xf * _lp_lse_terms(v, d_lp, lp, d_lse, lse)).sum(1)
-    return pool_over_s_backward_scale(x, d_avg, d_max, argmax) + extra
+    return _then_base_and_gate(_pool_over_s_backward_scale(x, d_avg, d_max, argmax) + extra,
+                               base, gate)
 
 
 def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Optional[Tensor],

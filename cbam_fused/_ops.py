@@ -57,15 +57,19 @@ def _fake_backward_reduce(grad, x, gc, gs, need_rc, need_rs):
     return rc, rs
 
 
-def _fake_pool_over_c_backward_scale(x, d_avg, d_max, argmax):
+def _fake_pool_over_c_backward_scale(x, d_avg, d_max, argmax, base=None, gate=None):
+    _cpu_kernels.check_store_args("pool_over_c_backward_scale", x, base, gate, False)
     return _small(x, x.shape[1])
 
 
-def _fake_pool_over_s_backward_scale(x, d_avg, d_max, argmax):
+def _fake_pool_over_s_backward_scale(x, d_avg, d_max, argmax, base=None, gate=None):
+    _cpu_kernels.check_store_args("pool_over_s_backward_scale", x, base, gate, True)
     return _small(x, _spatial_numel(x))
 
 
-def _fake_pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse, lse):
+def _fake_pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse, lse,
+                                            base=None, gate=None):
+    _cpu_kernels.check_store_args("pool_over_s_backward_scale_lp_lse", x, base, gate, True)
     return _small(x, _spatial_numel(x))
 
 
@@ -242,18 +246,18 @@ def backward_reduce(grad, x, gc, gs, need_rc: bool, need_rs: bool):
     return ops.backward_reduce(grad, x, gc, gs, need_rc, need_rs)
 
 
-def pool_over_c_backward_scale(x, d_avg, d_max, argmax) -> Tensor:
-    return ops.pool_over_c_backward_scale(x, d_avg, d_max, argmax)
+def pool_over_c_backward_scale(x, d_avg, d_max, argmax, base=None, gate=None) -> Tensor:
+    return ops.pool_over_c_backward_scale(x, d_avg, d_max, argmax, base, gate)
 
 
-def pool_over_s_backward_scale(x, d_avg, d_max, argmax) -> Tensor:
-    return ops.pool_over_s_backward_scale(x, d_avg, d_max, argmax)
+def pool_over_s_backward_scale(x, d_avg, d_max, argmax, base=None, gate=None) -> Tensor:
+    return ops.pool_over_s_backward_scale(x, d_avg, d_max, argmax, base, gate)
 
 
 def pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse,
-                                      lse) -> Tensor:
+                                      lse, base=None, gate=None) -> Tensor:
     return ops.pool_over_s_backward_scale_lp_lse(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse,
-                                                 lse)
+                                                 lse, base, gate)
 
 
 def grad_input(grad, gc, gs, da, dm, idx_s, du, dv, idx_c, arrangement: int) -> Tensor:

@@ -9,8 +9,9 @@ Forward (channel-first arrangement; DESIGN.md section 1), 4 passes over x-sized 
 Backward, 5 passes:
     rc, rs = backward_reduce(g, x, gc, gs)     read g and x      (Q1)
     du, dv = spatial_head_backward(rs, gs)     [N, S], one op (and the conv / BN gradients)
-    dgc = rc + pool_over_c_backward_scale(x, du, dv, ic)        read x  (Q2)
-    da, dm = channel_head_backward(dgc gc (1 - gc))
+    dzc = pool_over_c_backward_scale(x, du, dv, ic, rc, gc)     read x  (Q2; its store adds
+                                                 rc and takes the sigmoid's backward)
+    da, dm = channel_head_backward(dzc)
     dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)  read g, write dx  (Q3)
 Spatial-first swaps the roles of the two gates (the channel gate pools x * gs); parallel computes
 both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] tensors and argmax
@@ -331,9 +332,8 @@ def _backward_composite(g, saved, cfg):
     du = dv = None
     dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
 
-    def channel_back(dgc):
-        return _heads.channel_backward(_sigmoid_grad(dgc, gc), cfg.pools, p, h_pre, pw1, pb1,
-                                       pw2, pb2, cfg.act)
+    def channel_back(dzc):  # dzc: d of the channel gate's logits
+        return _heads.channel_backward(dzc, cfg.pools, p, h_pre, pw1, pb1, pw2, pb2, cfg.act)
 
     def spatial_back(dgs):  # the head's backward in one op; BatchNorm's batch statistics first
         if cfg.batch_norm and cfg.bn_training:
@@ -353,25 +353,25 @@ def _backward_composite(g, saved, cfg):
     if cfg.arrangement == 0:  # channel first: the spatial gate pooled x * gc
         if spatial:
             du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
-        if channel:
-            dgc = rc
-            if spatial:  # Q2
-                dgc = dgc + _ops.pool_over_c_backward_scale(x, du, dv, idx_c)
-            dpool, dw1, db1, dw2, db2 = channel_back(dgc)
+        if channel:  # Q2, its store adding rc and taking the sigmoid's backward
+            dzc = (_ops.pool_over_c_backward_scale(x, du, dv, idx_c, rc, gc) if spatial
+                   else _sigmoid_grad(rc, gc))
+            dpool, dw1, db1, dw2, db2 = channel_back(dzc)
     elif cfg.arrangement == 1:  # spatial first: the channel gate pooled x * gs
         if channel:
-            dpool, dw1, db1, dw2, db2 = channel_back(rc)
+            dpool, dw1, db1, dw2, db2 = channel_back(_sigmoid_grad(rc, gc))
         if spatial:
             dgs = rs
-            if channel:  # Q2
+            if channel:  # Q2, its store adding rs
                 q2 = (x, dpool.get("avg"), dpool.get("max"), idx_s)
-                dgs = dgs + (_ops.pool_over_s_backward_scale_lp_lse(
+                dgs = (_ops.pool_over_s_backward_scale_lp_lse(
                     *q2, gs, dpool.get("lp"), pooled.get("lp"), dpool.get("lse"),
-                    pooled.get("lse")) if lp_lse else _ops.pool_over_s_backward_scale(*q2))
+                    pooled.get("lse"), rs) if lp_lse
+                    else _ops.pool_over_s_backward_scale(*q2, rs))
             du, dv, dcw, dcb, dbw, dbb = spatial_back(dgs)
     else:  # parallel: both gates pooled plain x, no Q2
         if channel:
-            dpool, dw1, db1, dw2, db2 = channel_back(rc)
+            dpool, dw1, db1, dw2, db2 = channel_back(_sigmoid_grad(rc, gc))
         if spatial:
             du, dv, dcw, dcb, dbw, dbb = spatial_back(rs)
 

@@ -6,8 +6,9 @@
 //   rc, rs = backward_reduce(g, x, gc, gs)                          Q1: reads g and x
 //   heads' backward: dgs = rs (+ Q2) -> spatial_head_backward -> du, dv, conv / BN grads;
 //                                  dgc = rc (+ Q2) -> d pools, MLP grads
-//   Q2 (channel first): dgc += pool_over_c_backward_scale(x, du, dv, ic)         reads x
-//      (spatial first): dgs += pool_over_s_backward_scale(x, da, dm, is) (+ lp / lse terms)
+//   Q2 (channel first): dzc = pool_over_c_backward_scale(x, du, dv, ic, rc, gc)     reads x
+//      (its store adds rc and takes the sigmoid's backward)
+//      (spatial first): dgs = pool_over_s_backward_scale(x, da, dm, is, base=rs) (+ lp / lse)
 //   dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)              Q3: reads g, writes dx
 //        (grad_input_lp_lse with the official lp / lse pools: reads x too)
 // Inputs: grad of y, x, the parameters, and what the forward saved (functional._SAVED; an empty
@@ -155,9 +156,8 @@ std::vector<at::Tensor> cbam_block_backward(
   }
   ChannelGrads cg;
   SpatialGrads sg;
-  auto channel_back = [&](const at::Tensor& dgc) {
-    cg = channel_backward(at::sigmoid_backward(dgc, *gc), pools, *p, *h_pre, *w1, b1, w2, b2,
-                          act);
+  auto channel_back = [&](const at::Tensor& dzc) {  // dzc: d of the channel gate's logits
+    cg = channel_backward(dzc, pools, *p, *h_pre, *w1, b1, w2, b2, act);
   };
   auto spatial_back = [&](const at::Tensor& dgs) {
     sg = spatial_backward(dgs, *gs, *smap, *zconv, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm,
@@ -175,28 +175,26 @@ std::vector<at::Tensor> cbam_block_backward(
   if (arrangement == 0) {  // channel first: the spatial gate pooled x * gc
     if (spatial) spatial_back(rs);
     if (channel) {
-      at::Tensor dgc = rc;
-      if (spatial) {  // Q2
-        dgc = at::add(dgc, backward_scale("cbam_fused::pool_over_c_backward_scale", x,
-                                          opt(sg.du), opt(sg.dv), idx_c));
-      }
-      channel_back(dgc);
+      // Q2, its store adding rc and taking the sigmoid's backward (no launch of their own)
+      channel_back(spatial ? backward_scale("cbam_fused::pool_over_c_backward_scale", x,
+                                            opt(sg.du), opt(sg.dv), idx_c, rc, gc)
+                           : at::sigmoid_backward(rc, *gc));
     }
   } else if (arrangement == 1) {  // spatial first: the channel gate pooled x * gs
-    if (channel) channel_back(rc);
+    if (channel) channel_back(at::sigmoid_backward(rc, *gc));
     if (spatial) {
       at::Tensor dgs = rs;
-      if (channel) {  // Q2
-        dgs = at::add(dgs, lp_lse ? pool_over_s_backward_scale_lp_lse(
-                                        x, dpool("avg"), dpool("max"), idx_s, gs, dpool("lp"),
-                                        pool("lp"), dpool("lse"), pool("lse"))
-                                  : backward_scale("cbam_fused::pool_over_s_backward_scale", x,
-                                                   dpool("avg"), dpool("max"), idx_s));
+      if (channel) {  // Q2, its store adding rs
+        dgs = lp_lse ? pool_over_s_backward_scale_lp_lse(x, dpool("avg"), dpool("max"), idx_s, gs,
+                                                         dpool("lp"), pool("lp"), dpool("lse"),
+                                                         pool("lse"), rs)
+                     : backward_scale("cbam_fused::pool_over_s_backward_scale", x, dpool("avg"),
+                                      dpool("max"), idx_s, rs, std::nullopt);
       }
       spatial_back(dgs);
     }
   } else {  // parallel: both gates pooled plain x, no Q2
-    if (channel) channel_back(rc);
+    if (channel) channel_back(at::sigmoid_backward(rc, *gc));
     if (spatial) spatial_back(rs);
   }
 

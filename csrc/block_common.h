@@ -148,26 +148,30 @@ inline std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, c
   return op.call(g, x, gc, gs, need_rc, need_rs);
 }
 
-// pool_over_c_backward_scale and pool_over_s_backward_scale (same signature)
+// pool_over_c_backward_scale and pool_over_s_backward_scale (same signature): (base + the
+// scale's gradient), times gate (1 - gate) when gate is given
 inline at::Tensor backward_scale(const char* name, const at::Tensor& x, const OptT& d_avg,
-                                 const OptT& d_max, const OptT& argmax) {
+                                 const OptT& d_max, const OptT& argmax, const OptT& base,
+                                 const OptT& gate) {
   return c10::Dispatcher::singleton()
       .findSchemaOrThrow(name, "")
-      .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&, const OptT&)>()
-      .call(x, d_avg, d_max, argmax);
+      .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
+                        const OptT&)>()
+      .call(x, d_avg, d_max, argmax, base, gate);
 }
 
 inline at::Tensor pool_over_s_backward_scale_lp_lse(const at::Tensor& x, const OptT& d_avg,
                                                     const OptT& d_max, const OptT& argmax,
                                                     const OptT& scale, const OptT& d_lp,
                                                     const OptT& lp, const OptT& d_lse,
-                                                    const OptT& lse) {
+                                                    const OptT& lse, const OptT& base) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("cbam_fused::pool_over_s_backward_scale_lp_lse", "")
                              .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&,
                                                const OptT&, const OptT&, const OptT&, const OptT&,
-                                               const OptT&, const OptT&)>();
-  return op.call(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse, lse);
+                                               const OptT&, const OptT&, const OptT&,
+                                               const OptT&)>();
+  return op.call(x, d_avg, d_max, argmax, scale, d_lp, lp, d_lse, lse, base, std::nullopt);
 }
 
 inline at::Tensor grad_input(const at::Tensor& g, const OptT& gc, const OptT& gs, const OptT& da,

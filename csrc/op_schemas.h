@@ -44,19 +44,25 @@ inline void define_ops(torch::Library& m) {
       "backward_reduce(Tensor grad, Tensor x, Tensor? gc, Tensor? gs, bool need_rc, "
       "bool need_rs) -> (Tensor rc, Tensor rs)");
   // Q2, d/d(scale) of pool_over_c(x, scale): [N, C] = sum_s x (du/C + dv [c == ic[n,s]]).
+  // Each Q2 op also takes the two steps that follow it in the block's backward, into its store
+  // (no launch of their own): out = base + Q2 with `base` ([N, C] here: rc of Q1), and then,
+  // with `gate` (the sigmoid gate g the scale was), the sigmoid's backward out g (1 - g).
   m.def(
-      "pool_over_c_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax) -> "
-      "Tensor");
-  // Q2, d/d(scale) of pool_over_s(x, scale): [N, S] = sum_c x (da/S + dm [s == is[n,c]]).
+      "pool_over_c_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax, "
+      "Tensor? base=None, Tensor? gate=None) -> Tensor");
+  // Q2, d/d(scale) of pool_over_s(x, scale): [N, S] = sum_c x (da/S + dm [s == is[n,c]])
+  // (+ base, then g (1 - g) with gate, [N, S]).
   m.def(
-      "pool_over_s_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax) -> "
-      "Tensor");
+      "pool_over_s_backward_scale(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax, "
+      "Tensor? base=None, Tensor? gate=None) -> Tensor");
   // Q2 when the channel gate also pooled lp / lse of v = x*scale over S (spatial first):
   //   [N, S] = sum_c x (da/S + dm [s == is[n,c]] + (d_lp / lp) v + d_lse exp(v - lse))
-  // scale is the forward's [N, S] scale (None: 1); d_lp needs lp, d_lse needs lse.
+  // scale is the forward's [N, S] scale (None: 1); d_lp needs lp, d_lse needs lse; base and
+  // gate as above.
   m.def(
       "pool_over_s_backward_scale_lp_lse(Tensor x, Tensor? d_avg, Tensor? d_max, Tensor? argmax, "
-      "Tensor? scale, Tensor? d_lp, Tensor? lp, Tensor? d_lse, Tensor? lse) -> Tensor");
+      "Tensor? scale, Tensor? d_lp, Tensor? lp, Tensor? d_lse, Tensor? lse, Tensor? base=None, "
+      "Tensor? gate=None) -> Tensor");
   // Q3, dx written once:
   //   dx = g gc gs + kc (da/S + dm [s == is]) + ks (du/C + dv [c == ic])
   // arrangement 0 (channel first): kc = 1, ks = gc; 1 (spatial first): kc = gs, ks = 1;

@@ -113,14 +113,18 @@ def op_args(op, x, gen, variant):
         v = x.to(acc(dt)).reshape(n, c, s) * (1 if scale is None else scale[:, None, :])
         d_lp = torch.randn((n, c), generator=gen, dtype=acc(dt)) if variant in (0, 2) else None
         d_lse = torch.randn((n, c), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
-        return (op_args("pool_over_s_backward_scale", x, gen, variant) + (scale, d_lp,
-                v.square().sum(2).sqrt(), d_lse, torch.logsumexp(v, 2)))
+        q2 = op_args("pool_over_s_backward_scale", x, gen, variant)
+        return (q2[:4] + (scale, d_lp, v.square().sum(2).sqrt(), d_lse, torch.logsumexp(v, 2))
+                + q2[4:])
     if op in ("pool_over_c_backward_scale", "pool_over_s_backward_scale"):
         l, ext = (s, c) if op == "pool_over_c_backward_scale" else (c, s)
         d_avg = torch.randn((n, l), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
         d_max = torch.randn((n, l), generator=gen, dtype=acc(dt)) if variant in (0, 2) else None
         am = index(n, l, ext, gen) if variant in (0, 2) else None
-        return (x, d_avg, d_max, am)
+        # the store's steps: + base and the sigmoid's backward (variant 0), + base (1), none (2)
+        base = torch.randn((n, ext), generator=gen, dtype=acc(dt)) if variant in (0, 1) else None
+        gate = small(n, ext, dt, gen, 0.05, 0.95) if variant == 0 else None
+        return (x, d_avg, d_max, am, base, gate)
     if op == "grad_input":
         arrangement = variant
         gc, gs = small(n, c, dt, gen), small(n, s, dt, gen)

@@ -1,6 +1,8 @@
 """The cbam_fused custom ops: torch.library.opcheck (schema, fake kernel, autograd registration,
 AOT dispatch) over shapes, dtypes and both layouts; and the pure-PyTorch kernels' semantics
 against explicit loops (argmax rules, NaN)."""
+import re
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -8,6 +10,7 @@ from torch.library import opcheck
 import cbam_fused  # noqa: F401
 from cbam_fused import _cpu_kernels as K
 from cbam_fused._cpu_kernels import acc_dtype
+from conftest import sim_has
 
 ops = torch.ops.cbam_fused
 SHAPES = [(2, 5, 3, 4), (1, 3, 1, 1), (3, 8, 7)]
@@ -42,15 +45,18 @@ def op_args(shape, dtype, layout):
         "apply_gates": [(x, gc, gs), (x, None, gs), (x, gc, None)],
         "backward_reduce": [(g, x, gc, gs, True, True), (g, x, None, gs, True, False),
                             (g, x, gc, None, False, True)],
-        "pool_over_c_backward_scale": [(x, du, dv, idx_c), (x, du, None, None)],
-        "pool_over_s_backward_scale": [(x, da, dm, idx_s), (x, None, dm, idx_s)],
+        "pool_over_c_backward_scale": [(x, du, dv, idx_c), (x, du, None, None),
+                                       (x, du, dv, idx_c, da, gc)],
+        "pool_over_s_backward_scale": [(x, da, dm, idx_s), (x, None, dm, idx_s),
+                                       (x, da, dm, idx_s, du, None)],
         "grad_input": [(g, gc, gs, da, dm, idx_s, du, dv, idx_c, a) for a in (0, 1, 2)]
         + [(g, gc, None, da, None, None, None, None, None, 0)],
         # the lp / lse pools (lp > 0 and lse above the values: the pools of some real input)
         "pool_over_s_lp_lse": [(x, None), (x, gs)],
         "pool_over_s_backward_scale_lp_lse": [
             (x, da, dm, idx_s, gs, da, gc, dm, gc + 3), (x, None, None, None, None, None, None,
-                                                         dm, gc + 3)],
+                                                         dm, gc + 3),
+            (x, da, dm, idx_s, gs, da, gc, dm, gc + 3, du, gs.clamp(max=0.9))],
         "grad_input_lp_lse": [(g, x, gc, gs, da, dm, idx_s, du, dv, idx_c, da, gc, dm, gc + 3, a)
                               for a in (0, 1, 2)]
         + [(g, x, gc, None, None, None, None, None, None, None, da, gc, None, None, 0)],
@@ -135,6 +141,45 @@ def test_pool_over_c_and_backward_scales_match_loops():
             ref = sum(x[n, c, s] * (da[n, c] / s_ + (dm[n, c] if is_[n, c] == s else 0))
                       for c in range(c_))
             assert torch.allclose(out[n, s], ref)
+
+
+@pytest.mark.parametrize("op", ["pool_over_c_backward_scale", "pool_over_s_backward_scale",
+                                "pool_over_s_backward_scale_lp_lse"])
+def test_backward_scales_take_base_and_gate_in_their_store(op):
+    """base and gate: out = (base + the scale's gradient) gate (1 - gate), the two steps the
+    block's backward takes next (Q1's part and the sigmoid's backward)."""
+    n_, c_, s_ = 2, 4, 6
+    x = torch.randn(n_, c_, s_, dtype=torch.float64)
+    over_c = op == "pool_over_c_backward_scale"
+    kept, red = (s_, c_) if over_c else (c_, s_)
+    d_avg, d_max = torch.randn(n_, kept, dtype=torch.float64), torch.randn(n_, kept,
+                                                                           dtype=torch.float64)
+    idx = torch.randint(0, red, (n_, kept))
+    args = [x, d_avg, d_max, idx]
+    if op.endswith("lp_lse"):
+        lp = x.square().sum(2).sqrt()
+        args += [None, d_avg, lp, d_max, torch.logsumexp(x, 2)]
+    plain = getattr(ops, op)(*args)
+    base = torch.randn(n_, red, dtype=torch.float64)
+    gate = torch.rand(n_, red, dtype=torch.float64) * 0.9 + 0.05
+    torch.testing.assert_close(getattr(ops, op)(*args, base), base + plain)
+    torch.testing.assert_close(getattr(ops, op)(*args, base, gate),
+                               (base + plain) * gate * (1 - gate))
+    torch.testing.assert_close(getattr(ops, op)(*args, None, gate), plain * gate * (1 - gate))
+    shape = "[N, C]" if over_c else "[N, S]"
+    for where in ("cpu", "fake", "sim"):  # a base of the wrong shape: named, on every kernel
+        if where == "sim" and not sim_has(op):
+            continue
+        want = f"{op}: base must have shape {shape} = [2, {red}], got [1, {red}]"
+        with pytest.raises(RuntimeError, match=re.escape(want)):
+            if where == "fake":
+                from torch._subclasses.fake_tensor import FakeTensorMode
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    getattr(ops, op)(*args, base[:1])
+            elif where == "sim":
+                getattr(torch.ops.cbam_fused_sim, op)(*args, base[:1], None)
+            else:
+                getattr(ops, op)(*args, base[:1])
 
 
 def test_grad_input_matches_formula_per_arrangement():
@@ -223,3 +268,20 @@ def test_wrong_dtypes_raise_the_same_error_on_cpu_fake_and_cuda_kernels(case):
             getattr(ops, op)(*args)
         messages.append(str(sim.value).splitlines()[0])
     assert len(set(messages)) == 1, messages
+
+
+def test_backward_scale_store_steps_over_an_empty_extent():
+    """Nothing to reduce (S = 0 for the pool over C's scale): the output is the store's steps on
+    zeros, the same on the CPU kernel and the simulator's launcher (which takes them in ATen)."""
+    from cbam_fused import testing
+    if not sim_has("pool_over_c_backward_scale"):
+        pytest.skip("the simulator build is missing")
+    x, d_avg = torch.randn(2, 4, 0), torch.randn(2, 0)
+    base, gate = torch.randn(2, 4), torch.rand(2, 4)
+    for b, g in ((None, None), (base, None), (base, gate), (None, gate)):
+        want = ops.pool_over_c_backward_scale(x, d_avg, None, None, b, g)
+        with testing.use_simulator():
+            got = ops.pool_over_c_backward_scale(x, d_avg, None, None, b, g)
+        assert torch.equal(got, want)
+        expect = torch.zeros(2, 4) if b is None else b
+        assert torch.equal(want, expect if g is None else expect * (1 - g) * g)

@@ -160,6 +160,8 @@ struct WeightedSumPolicy {
   acc_t div;             // divisor of wa (the extent the forward pool averaged over)
   acc_t* out;            // [N, L]
   acc_t* p_sum;          // partials [N, P, L] (only with P > 1)
+  const acc_t* base;     // [N, L] or nullptr: out = base + the sum
+  const acc_t* gate;     // [N, L] or nullptr: then out = (base +) the sum, times gate (1 - gate)
   // LPLSE only:
   const acc_t* kscale;   // [N, L]: the scale the forward pools multiplied x by
   int64_t L;             // kept extent
@@ -232,7 +234,16 @@ struct WeightedSumPolicy {
     o.sum = __shfl_xor_sync(0xffffffffu, s.sum, lane_mask);
     return o;
   }
-  CBAM_DEVICE void store_final(int64_t o, const State& s) const { st(out + o, s.sum); }
+  // the block's next two steps in the store: + base (Q1's part), then the sigmoid's backward
+  CBAM_DEVICE void store_final(int64_t o, const State& s) const {
+    acc_t v = s.sum;
+    if (base != nullptr) v = ld(base + o) + v;
+    if (gate != nullptr) {
+      const acc_t g = ld(gate + o);
+      v = v * (acc_t(1) - g) * g;
+    }
+    st(out + o, v);
+  }
   CBAM_DEVICE void store_partial(int64_t o, const State& s) const { st(p_sum + o, s.sum); }
   CBAM_DEVICE State load_partial(int64_t o) const {
     State s = init();

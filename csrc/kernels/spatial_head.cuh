@@ -8,18 +8,18 @@
 //   gs[n, p]      = sigmoid(zs),  zs = (zconv - rm) invstd bn_w + bn_b, invstd = 1 / sqrt(rv + eps)
 //                   (zs = zconv without BatchNorm)
 //
-// Pass: one thread per output position, a block per chunk of blockDim.x consecutive positions
-// of the flattened [N, S] (a grid-stride loop over the chunks; blockDim.x is 64, 128 or 256, the
-// launcher's choice: launchers/spatial_head_common.h head_block_threads). STAGED: the block first stages the
-// map over its chunk plus `reach` positions either side (the largest flat distance of a tap,
-// rd H W + rh W + rw) in shared memory, cin values each, computed once from u and v; every tap
-// then reads shared memory, so u and v are read (blockDim.x + 2 reach) / blockDim.x times over,
-// not cin k^d times (the launcher takes it where the span fits kMaxHeadStageBytes). Otherwise
-// each tap reads u and v in global memory (L1 / L2 hits). Taps outside the map, by coordinates,
-// are skipped, so a chunk that spans two samples never mixes them. Each thread writes map, zconv
-// and (with `gate`) gs at its own position. The cin k^d weights are staged in shared memory once
-// per block. Replaces the ATen cat, convolution, batch_norm and sigmoid (four to five launches)
-// with one.
+// Pass: one thread per output position, a block per chunk of blockDim.x consecutive positions of
+// the flattened [N, S] (a grid-stride loop over the chunks; blockDim.x is 64, 128 or 256, the
+// launcher's choice: launchers/spatial_head_common.h head_block_threads). STAGED: the block first
+// stages the map over its chunk plus `reach` positions either side (the largest flat distance of a
+// tap, rd H W + rh W + rw) in shared memory, cin values each, computed once from u and v; every
+// tap then reads shared memory, so u and v are read (blockDim.x + 2 reach) / blockDim.x times
+// over, not cin k^d times (the launcher takes it where the span fits kMaxHeadStageBytes).
+// Otherwise each tap reads u and v in global memory (L1 / L2 hits). Taps outside the map, by
+// coordinates, are skipped, so a chunk that spans two samples never mixes them. Each thread writes
+// map, zconv and (with `gate`) gs at its own position. The cin k^d weights are staged in shared
+// memory once per block. Replaces the ATen cat, convolution, batch_norm and sigmoid (four to five
+// launches) with one.
 #pragma once
 
 #include "kernels/common.cuh"

@@ -102,16 +102,21 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad, const
                                                    bool need_rc, bool need_rs);
 at::Tensor pool_over_c_backward_scale(const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
                                       const std::optional<at::Tensor>& d_max,
-                                      const std::optional<at::Tensor>& argmax);
+                                      const std::optional<at::Tensor>& argmax,
+                                      const std::optional<at::Tensor>& base,
+                                      const std::optional<at::Tensor>& gate);
 at::Tensor pool_over_s_backward_scale(const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
                                       const std::optional<at::Tensor>& d_max,
-                                      const std::optional<at::Tensor>& argmax);
+                                      const std::optional<at::Tensor>& argmax,
+                                      const std::optional<at::Tensor>& base,
+                                      const std::optional<at::Tensor>& gate);
 at::Tensor pool_over_s_backward_scale_lp_lse(
     const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
     const std::optional<at::Tensor>& d_max, const std::optional<at::Tensor>& argmax,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& d_lp,
     const std::optional<at::Tensor>& lp, const std::optional<at::Tensor>& d_lse,
-    const std::optional<at::Tensor>& lse);
+    const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& base,
+    const std::optional<at::Tensor>& gate);
 at::Tensor grad_input(const at::Tensor& grad, const std::optional<at::Tensor>& gc,
                       const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& da,
                       const std::optional<at::Tensor>& dm, const std::optional<at::Tensor>& idx_s,

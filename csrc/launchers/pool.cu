@@ -170,10 +170,14 @@ struct LpLseScaleGrads {
 // over_s: the scale gradient of pool_over_s ([N, S] = sum_c x (da/S + dm [s == is]), small
 // tensors [N, C]); else of pool_over_c ([N, C] = sum_s x (du/C + dv [c == ic]), small [N, S]).
 // ext (over_s only): also the lp / lse pools' terms (pool_over_s_backward_scale_lp_lse).
+// base, gate ([N, S] over_s, else [N, C]): out = (base + the sum) gate (1 - gate), each step
+// where given (the block's next steps, in the kernels' store).
 at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
                                const std::optional<at::Tensor>& d_avg_in,
                                const std::optional<at::Tensor>& d_max_in,
-                               const std::optional<at::Tensor>& argmax_in, bool over_s,
+                               const std::optional<at::Tensor>& argmax_in,
+                               const std::optional<at::Tensor>& base_in,
+                               const std::optional<at::Tensor>& gate_in, bool over_s,
                                const LpLseScaleGrads* ext = nullptr) {
   const c10::DeviceGuard device_guard(x_in.device());
   const XView v = view_x(x_in, op, "x");
@@ -195,9 +199,15 @@ at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
     TORCH_CHECK(!d_lp.defined() || lp.defined(), op, ": d_lp needs lp");
     TORCH_CHECK(!d_lse.defined() || lse.defined(), op, ": d_lse needs lse");
   }
+  const char* out_shape = over_s ? "[N, S]" : "[N, C]";
+  const at::Tensor base = small_arg(base_in, v.x, v.N, E_fwd, acc, op, "base", out_shape);
+  const at::Tensor gate = small_arg(gate_in, v.x, v.N, E_fwd, acc, op, "gate", out_shape);
   at::Tensor out = new_output({v.N, E_fwd}, v.x.options().dtype(acc));
   if (out.numel() == 0) return out;
-  if (L_fwd == 0) return out.zero_();
+  if (L_fwd == 0) {  // an empty sum: the store's steps alone
+    at::Tensor z = base.defined() ? base.clone() : out.zero_();
+    return gate.defined() ? at::sigmoid_backward(z, gate) : z;
+  }
   const bool over_k = over_s == v.cl;  // reduces over the forward pool's kept axis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -208,6 +218,8 @@ at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
       pol.E = L_fwd;
       pol.div = static_cast<acc_t>(E_fwd);
       pol.out = global_ptr<acc_t>(out);
+      pol.base = opt_ptr<acc_t>(base);
+      pol.gate = opt_ptr<acc_t>(gate);
       pol.kscale = opt_ptr<acc_t>(scale);
       pol.L = E_fwd;
       pol.wl = opt_ptr<acc_t>(d_lp);
@@ -247,14 +259,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_c(const at::Tensor& x,
 
 at::Tensor pool_over_s_backward_scale(const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
                                       const std::optional<at::Tensor>& d_max,
-                                      const std::optional<at::Tensor>& argmax) {
-  return pool_backward_scale("pool_over_s_backward_scale", x, d_avg, d_max, argmax, true);
+                                      const std::optional<at::Tensor>& argmax,
+                                      const std::optional<at::Tensor>& base,
+                                      const std::optional<at::Tensor>& gate) {
+  return pool_backward_scale("pool_over_s_backward_scale", x, d_avg, d_max, argmax, base, gate,
+                             true);
 }
 
 at::Tensor pool_over_c_backward_scale(const at::Tensor& x, const std::optional<at::Tensor>& d_avg,
                                       const std::optional<at::Tensor>& d_max,
-                                      const std::optional<at::Tensor>& argmax) {
-  return pool_backward_scale("pool_over_c_backward_scale", x, d_avg, d_max, argmax, false);
+                                      const std::optional<at::Tensor>& argmax,
+                                      const std::optional<at::Tensor>& base,
+                                      const std::optional<at::Tensor>& gate) {
+  return pool_backward_scale("pool_over_c_backward_scale", x, d_avg, d_max, argmax, base, gate,
+                             false);
 }
 
 at::Tensor pool_over_s_backward_scale_lp_lse(
@@ -262,10 +280,11 @@ at::Tensor pool_over_s_backward_scale_lp_lse(
     const std::optional<at::Tensor>& d_max, const std::optional<at::Tensor>& argmax,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& d_lp,
     const std::optional<at::Tensor>& lp, const std::optional<at::Tensor>& d_lse,
-    const std::optional<at::Tensor>& lse) {
+    const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& base,
+    const std::optional<at::Tensor>& gate) {
   const LpLseScaleGrads ext{scale, d_lp, lp, d_lse, lse};
-  return pool_backward_scale("pool_over_s_backward_scale_lp_lse", x, d_avg, d_max, argmax, true,
-                             &ext);
+  return pool_backward_scale("pool_over_s_backward_scale_lp_lse", x, d_avg, d_max, argmax, base,
+                             gate, true, &ext);
 }
 
 }  // namespace cbam
