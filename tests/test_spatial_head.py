@@ -109,11 +109,12 @@ def test_cpu_kernel_matches_the_definitions(geom, variant):
     check_close(cpu.HEAD_KERNELS["spatial_head"](*args), oracle(*args), torch.float64)
 
 
-def run_sim(args, schedule="forward", tile=TILE_NORMAL):
+def run_sim(args, schedule="forward", tile=TILE_NORMAL, op="spatial_head"):
+    """(outputs, launch stats) of head op `op` through the simulator, outputs poisoned."""
     torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned with NaN
     try:
         with testing.use_simulator(schedule=schedule, seed=3):
-            out = torch.ops.cbam_fused.spatial_head(*args)
+            out = getattr(torch.ops.cbam_fused, op)(*args)
             stats = testing.simulator_stats()
     finally:
         torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)

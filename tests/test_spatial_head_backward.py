@@ -20,6 +20,7 @@ from cbam_fused import _ops
 from conftest import needs_cuda, sim_has
 from test_spatial_head import (GEOMS, TILE_FULL_BLOCKS, TILE_NORMAL, TILE_ONE_BLOCK,
                                TILE_UNSTAGED, check_refused_everywhere, make_args, oracle)
+from test_spatial_head import run_sim as run_head_sim
 
 testing = pytest.importorskip("cbam_fused.testing")
 HAVE_SIM = sim_has("spatial_head_backward")
@@ -129,14 +130,7 @@ def test_cpu_kernel_matches_autograd_of_the_definitions(geom, variant):
 
 
 def run_sim(args, schedule="forward", tile=TILE_NORMAL):
-    torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned with NaN
-    try:
-        with testing.use_simulator(schedule=schedule, seed=3):
-            out = torch.ops.cbam_fused.spatial_head_backward(*args)
-            stats = testing.simulator_stats()
-    finally:
-        torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
-    return out, stats
+    return run_head_sim(args, schedule, tile, op=OP)
 
 
 # wide 1-D kernels: more parameter slots (cin k + 3) than threads (k = 127: 257 slots on blocks of
