@@ -1,6 +1,6 @@
-"""Pure-PyTorch kernels of the cbam_fused ops: the kernels for CPU tensors, the oracle the CUDA
-kernels are tested against, and (while the package is built without CUDA kernels) the kernels for
-CUDA tensors too.
+"""Pure-PyTorch kernels of the cbam_fused ops: the oracle the CUDA kernels (and the CPU kernels of
+cbam_fused._cpu_fast) are tested against, the math cbam_fused.export decomposes the ops into, and
+(while the package is built without CUDA kernels) the kernels for CUDA tensors.
 
 Every op views x as [N, C, S] (S = product of the spatial sizes), works in the accumulation dtype
 (float64 for float64 inputs, float32 otherwise) and accepts any memory layout. The formulas are
@@ -21,7 +21,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1).to(acc_dtype(x.dtype))
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).to(acc_dtype(x.dtype))
 
 
 def _max_first(t: Tensor, dim: int):
@@ -388,7 +388,8 @@ def _kernel(name: str):
         return _like_x(out, args[0]) if name in X_SHAPED else out
 
     kernel.__name__ = kernel.__qualname__ = name
-    kernel.__doc__ = f"The CPU kernel of cbam_fused::{name} (the simulator's while it is active)."
+    kernel.__doc__ = (f"The oracle's kernel of cbam_fused::{name} (the simulator's while it is "
+                      f"active).")
     return kernel
 
 
@@ -405,8 +406,9 @@ def _checked_head(name, math, check, n_tensors):
     return kernel
 
 
-# op name -> the kernel registered for CPU tensors
-KERNELS = {name: _kernel(name) for name in MATH}
+# op name -> the oracle's kernel: MATH with the output in the first argument's layout (the CPU
+# kernels registered for the ops are cbam_fused._cpu_fast.KERNELS)
+ORACLE = {name: _kernel(name) for name in MATH}
 # the ops on the small pooled maps (not x-sized): their math and CPU kernels
 HEAD_MATH = {"spatial_head": spatial_head, "spatial_head_backward": spatial_head_backward}
 HEAD_KERNELS = {

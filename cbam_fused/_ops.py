@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  defines the schemas
-from . import _cpu_kernels
+from . import _cpu_fast, _cpu_kernels
 from ._cpu_kernels import DTYPE_NAMES, acc_dtype, dtype_name
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-OPS = tuple(_cpu_kernels.KERNELS)  # the x-sized ops
+OPS = tuple(_cpu_kernels.ORACLE)  # the x-sized ops
 HEAD_OPS = tuple(_cpu_kernels.HEAD_KERNELS)  # the ops on the small pooled maps
 ALL_OPS = OPS + HEAD_OPS
 
@@ -192,10 +192,10 @@ def _register():
     for name in OPS:
         qual = f"cbam_fused::{name}"
         torch.library.register_fake(qual)(_checked(name, _FAKES[name]))
-        torch.library.impl(qual, "CPU")(_checked(name, _cpu_kernels.KERNELS[name]))
+        torch.library.impl(qual, "CPU")(_checked(name, _cpu_fast.KERNELS[name]))
         NATIVE_CUDA[name] = torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA")
         if not NATIVE_CUDA[name]:
-            torch.library.impl(qual, "CUDA")(_cuda_fallback(name, _cpu_kernels.KERNELS[name]))
+            torch.library.impl(qual, "CUDA")(_cuda_fallback(name, _cpu_kernels.ORACLE[name]))
     for name, kernel in _cpu_kernels.HEAD_KERNELS.items():  # checks of their own
         qual = f"cbam_fused::{name}"
         torch.library.register_fake(qual)(_HEAD_FAKES[name])

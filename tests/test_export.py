@@ -132,19 +132,24 @@ def _op_inputs(name, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", sorted(_cpu_kernels.MATH))
 def test_each_op_decomposition_equals_the_op(name, layout):
-    """Each decomposition, traced into an ATen graph, computes the op's outputs with its
-    output's shape, dtype and memory format."""
+    """Each decomposition, traced into an ATen graph, computes the oracle's outputs bit for bit
+    (the same math) with the op's shape, dtype and memory format, and the op's values (its CPU
+    kernel, cbam_fused._cpu_fast, sums in another order) to float64 rounding."""
     from torch.fx.experimental.proxy_tensor import make_fx
     op = getattr(OPS, name).default
     args = _op_inputs(name, layout)
     gm = make_fx(lambda *a: op(*a), decomposition_table=decompositions(False))(*args)
     assert not any(str(n.target).startswith("cbam_fused.") for n in gm.graph.nodes)
-    want, got = op(*args), gm(*args)
-    want = list(want) if isinstance(want, (tuple, list)) else [want]
-    got = list(got) if isinstance(got, (tuple, list)) else [got]
-    for a, b in zip(got, want):
+
+    def listed(out):
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    want, oracle, got = listed(op(*args)), listed(_cpu_kernels.ORACLE[name](*args)), listed(gm(*args))
+    assert len(got) == len(want) == len(oracle)
+    for a, b, o in zip(got, want, oracle):
         assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
-        assert torch.equal(a, b)
+        assert torch.equal(a, o)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 class _Net(nn.Module):

@@ -55,13 +55,13 @@ def check_against_float64(op, got, args, dtype, ratio=4.0):
     float64 (the oracle), within `ratio` times the error of the same kernel in the accumulation
     dtype (its own error: a float32 sum over 16.8M positions is off by about 3e-5 relative in
     any order) plus the usual tolerances; indices equal to the accumulation-dtype run's."""
-    want = as_tuple(cpu.KERNELS[op](*args))
+    want = as_tuple(cpu.ORACLE[op](*args))
     if op in X_SHAPED:
         check(op, got, want, dtype, on_device=True)
         return
     args64 = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                    for a in args)
-    oracle = as_tuple(cpu.KERNELS[op](*args64))
+    oracle = as_tuple(cpu.ORACLE[op](*args64))
     del args64
     tol = tolerances(op, dtype)
     for i, (g, w, o) in enumerate(zip(got, want, oracle)):
@@ -89,7 +89,7 @@ def test_op_matches_cpu_kernel_on_gpu(op, dtype, layout):
             torch.ops.cbam_fused_debug.set_debug(True, mode)
             got = as_tuple(getattr(torch.ops.cbam_fused, op)(*cuda_args(args)))
             torch.ops.cbam_fused_debug.set_debug(True, TILE_NORMAL)
-            check(op, got, as_tuple(cpu.KERNELS[op](*args)), dtype)
+            check(op, got, as_tuple(cpu.ORACLE[op](*args)), dtype)
 
 
 RESNET50_SITES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
@@ -106,7 +106,7 @@ def test_resnet50_sites(site, dtype, layout):
     for op in OPS:
         args = cuda_args(op_args(op, x, gen, 0))
         got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
-        want = as_tuple(cpu.KERNELS[op](*args))  # device-agnostic PyTorch code
+        want = as_tuple(cpu.ORACLE[op](*args))  # device-agnostic PyTorch code
         check(op, got, want, dtype)
         again = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
         for a, b in zip(got, again):  # deterministic: bitwise equal (random data: no NaN)
@@ -126,7 +126,7 @@ def _every_op_under(settings, x, gen, dtype):
             for op in OPS:
                 args = cuda_args(op_args(op, x, gen, 0))
                 got = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
-                check(op, got, as_tuple(cpu.KERNELS[op](*args)), dtype)
+                check(op, got, as_tuple(cpu.ORACLE[op](*args)), dtype)
                 again = as_tuple(getattr(torch.ops.cbam_fused, op)(*args))
                 for a, b in zip(got, again):
                     assert torch.equal(a, b), (op, setting)
@@ -170,7 +170,7 @@ def test_reduce_k_vectors_in_flight_on_gpu(shape, layout, dtype):
                 for kv in (4, 1):
                     torch.ops.cbam_fused_debug.set_tuning(tiles, rows, u, mode, kv)
                     outs.append(as_tuple(getattr(torch.ops.cbam_fused, op)(*args)))
-                check(op, outs[0], as_tuple(cpu.KERNELS[op](*args)), dtype)
+                check(op, outs[0], as_tuple(cpu.ORACLE[op](*args)), dtype)
                 for a, b in zip(*outs):
                     assert torch.equal(a, b), (op, tiles, rows, u, mode)
     finally:
