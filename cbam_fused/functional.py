@@ -592,13 +592,14 @@ def cbam(x: Tensor,
     if batch_norm and bn_running_mean is not None and bn_training:
         with torch.no_grad():
             mean, var = _heads.batch_stats(out[1 + _SAVED.index("zconv")])
-            for running, batch in ((bn_running_mean, mean), (bn_running_var, var)):
-                batch = batch.to(running.dtype)
-                if isinstance(bn_momentum, Tensor):
-                    m = bn_momentum.to(running.dtype)
-                    running.mul_(1 - m).add_(batch * m)
-                else:
-                    running.mul_(1 - bn_momentum).add_(batch, alpha=bn_momentum)
+            # running += m (batch - running) for both buffers in one op (one launch on a GPU,
+            # where mul_ and add_ on each made four)
+            running = [bn_running_mean, bn_running_var]
+            batch = [mean.to(bn_running_mean.dtype), var.to(bn_running_var.dtype)]
+            if isinstance(bn_momentum, Tensor):
+                torch._foreach_lerp_(running, batch, [bn_momentum.to(r.dtype) for r in running])
+            else:
+                torch._foreach_lerp_(running, batch, float(bn_momentum))
     if return_gates:
         gc, gs = (_none_if_empty(out[1 + _SAVED.index(k)].detach()) for k in ("gc", "gs"))
         return y, gc, None if gs is None else gs.reshape(x.shape[0], 1, *x.shape[2:])

@@ -22,8 +22,10 @@ VIEWS = {"view", "reshape", "t", "select", "slice", "detach", "unsqueeze", "expa
 # the composites themselves (C++ kernels): their ops are counted inside
 BLOCK_OPS = ("cbam_fused.cbam_block.default", "cbam_fused.cbam_block_backward.default")
 
-# launching ops at most: eval forward, training forward, the backward of each (measured: 12, 18,
-# 13, 15). History: 13 and 19 forward before the spatial head became one op; 18 backward in both
+# launching ops at most: eval forward, training forward, the backward of each (measured: 12, 15,
+# 13, 15). History: 13 and 19 forward before the spatial head became one op, then 18 in training
+# before the BatchNorm's running statistics took one _foreach_lerp_ for both buffers (a mul_ and
+# an add_ on each before); 18 backward in both
 # modes before its backward became one op too (spatial_head_backward: two launches on a GPU,
 # where sigmoid_backward, batch_norm_backward, cuDNN's convolution_backward and the copy that
 # split the map's gradient made five to seven; with batch statistics, ATen's sigmoid_backward
@@ -31,7 +33,7 @@ BLOCK_OPS = ("cbam_fused.cbam_block.default", "cbam_fused.cbam_block_backward.de
 # rc and the channel gate's sigmoid_backward. The split's copy itself replaced four copies of
 # strided views inside the launchers, unseen by this count
 # (test_small_arguments_of_the_ops_are_contiguous).
-BUDGET = {"eval": 12, "train": 18, "backward_eval": 13, "backward_train": 15}
+BUDGET = {"eval": 12, "train": 15, "backward_eval": 13, "backward_train": 15}
 
 
 class _Count(TorchDispatchMode):
