@@ -44,7 +44,7 @@ def _x_sized_buffer(like: Tensor):
 
 
 def _in_dtype(buf: Tensor, like: Tensor) -> Tensor:
-    """The accumulation-dtype result in like's dtype (one rounding; the buffer itself when equal)."""
+    """The accumulation-dtype result in like's dtype (one rounding; the buffer itself if equal)."""
     return buf if buf.dtype == like.dtype else buf.to(like.dtype)
 
 

@@ -66,22 +66,34 @@ def pools_in(p: Tensor, pools: str, n: int) -> Dict[str, Tensor]:
     return {name: p[i * n:(i + 1) * n] for i, name in enumerate(pool_kinds(pools))}
 
 
+def saves_activated(act: str, two_layers: bool) -> bool:
+    """Whether the channel head saves its hidden layer after the activation (relu: its backward
+    needs only where the layer is positive, and the second layer's weight gradient needs the
+    activated values, so the backward recomputes nothing) rather than before it."""
+    return two_layers and act == "relu"
+
+
 def channel_forward(pooled, pools, w1, b1, w2, b2, act):
-    """zc [N, C] and what the backward needs: (P, h_pre) with P the stacked pool inputs."""
+    """zc [N, C] and what the backward needs: (P, h) with P the stacked pool inputs and h the
+    hidden layer, activated where saves_activated says so."""
     inputs = channel_inputs(pooled, pools)
     p = torch.cat(inputs, 0)  # [k N, C]
     h_pre = F.linear(p, w1, b1)
+    h = h_pre
     if w2 is None:  # single layer
         z = h_pre
     else:
-        z = F.linear(act_forward(h_pre, act), w2, b2)
+        h_act = act_forward(h_pre, act)
+        z = F.linear(h_act, w2, b2)
+        if saves_activated(act, True):
+            h = h_act
     zc = z.reshape(len(inputs), inputs[0].shape[0], -1).sum(0)
-    return zc, p, h_pre
+    return zc, p, h
 
 
-def channel_backward(dzc, pools, p, h_pre, w1, b1, w2, b2, act):
+def channel_backward(dzc, pools, p, h, w1, b1, w2, b2, act):
     """Gradients of sum_p z(p) for dzc: ({pool name: d pool [N, C]}, dw1, db1, dw2, db2); None
-    for an absent bias or second layer."""
+    for an absent bias or second layer. h: what channel_forward saved."""
     n = dzc.shape[0]
     k = 1 if pools == "blend" else len(pool_kinds(pools))
     dz = dzc.repeat(k, 1) if k > 1 else dzc  # the same dzc flows into every pool's MLP output
@@ -89,10 +101,11 @@ def channel_backward(dzc, pools, p, h_pre, w1, b1, w2, b2, act):
         dh_pre = dz
         dw2 = db2 = None
     else:
-        h = act_forward(h_pre, act)
-        dw2 = dz.t() @ h
+        # relu: h is activated, and relu's backward at h is the one at h_pre (same sign)
+        h_act = h if saves_activated(act, True) else act_forward(h, act)
+        dw2 = dz.t() @ h_act
         db2 = dz.sum(0) if b2 is not None else None
-        dh_pre = act_backward(dz @ w2, h_pre, act)
+        dh_pre = act_backward(dz @ w2, h, act)
     dw1 = dh_pre.t() @ p
     db1 = dh_pre.sum(0) if b1 is not None else None
     dp = dh_pre @ w1  # [k N, C]

@@ -92,7 +92,7 @@ def _acc_params(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv):
 
 # What the forward hands to the backward besides x and the parameters: [N, C], [N, S] and
 # spatial-map-sized tensors and argmax indices; an empty tensor stands for "absent".
-_SAVED = ("gc", "gs", "idx_s", "idx_c", "p", "h_pre", "smap", "zconv", "mean", "invstd")
+_SAVED = ("gc", "gs", "idx_s", "idx_c", "p", "h", "smap", "zconv", "mean", "invstd")
 # (p, the stacked MLP inputs, holds the lp / lse pools the backward needs: no slots of their own)
 
 
@@ -112,8 +112,8 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
         else:
             a, m, idx_s = _ops.pool_over_s(x, scale)
         pooled = {"avg": a, "max": m, "lp": lp, "lse": lse}
-        zc, p, h_pre = _heads.channel_forward(pooled, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
-        return torch.sigmoid(zc), idx_s, p, h_pre
+        zc, p, h = _heads.channel_forward(pooled, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
+        return torch.sigmoid(zc), idx_s, p, h
 
     def spatial_gate(scale):  # the head in one op; BatchNorm with batch statistics after it
         u, v, idx_c = _ops.pool_over_c(x, scale)
@@ -142,11 +142,11 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
     else:  # parallel: both gates pool plain x
         ch = channel_gate(None) if channel else no_ch
         spg = spatial_gate(None) if spatial else no_sp
-    gc, idx_s, p, h_pre = ch
+    gc, idx_s, p, h = ch
     gs, idx_c, smap, zconv, mean, invstd = spg
     y = _ops.apply_gates(x, gc, gs)
     acc = acc_dtype(x.dtype)
-    saved = [gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd]
+    saved = [gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd]
     return [y] + [x.new_empty((0,), dtype=acc) if t is None else t for t in saved]
 
 
@@ -316,7 +316,7 @@ def _backward_composite(g, saved, cfg):
     not given). The fake kernel of cbam_block_backward, whose C++ kernel (block_backward.cpp)
     computes the same."""
     x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = saved[:11]
-    gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd = \
+    gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd = \
         [_none_if_empty(t) for t in saved[11:]]
     n, sp = x.shape[0], tuple(x.shape[2:])
     pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
@@ -333,7 +333,7 @@ def _backward_composite(g, saved, cfg):
     dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
 
     def channel_back(dzc):  # dzc: d of the channel gate's logits
-        return _heads.channel_backward(dzc, cfg.pools, p, h_pre, pw1, pb1, pw2, pb2, cfg.act)
+        return _heads.channel_backward(dzc, cfg.pools, p, h, pw1, pb1, pw2, pb2, cfg.act)
 
     def spatial_back(dgs):  # the head's backward in one op; BatchNorm's batch statistics first
         if cfg.batch_norm and cfg.bn_training:

@@ -37,7 +37,7 @@ struct ChannelGrads {
 
 // _heads.channel_backward: gradients of sum_p z(p) for dzc = d(pre-sigmoid channel logits).
 ChannelGrads channel_backward(const at::Tensor& dzc, const std::string& pools, const at::Tensor& p,
-                              const at::Tensor& h_pre, const at::Tensor& w1, const OptT& b1,
+                              const at::Tensor& h, const at::Tensor& w1, const OptT& b1,
                               const OptT& w2, const OptT& b2, const std::string& act) {
   const int64_t n = dzc.size(0);
   const bool blend = pools == "blend";
@@ -50,10 +50,11 @@ ChannelGrads channel_backward(const at::Tensor& dzc, const std::string& pools, c
   if (!w2.has_value()) {
     dh_pre = dz;
   } else {
-    const at::Tensor h = act_forward(h_pre, act);
-    out.dw2 = at::mm(dz.t(), h);
+    // relu: h is activated, and relu's backward at h is the one at h_pre (same sign)
+    const at::Tensor h_act = saves_activated(act, true) ? h : act_forward(h, act);
+    out.dw2 = at::mm(dz.t(), h_act);
     if (b2.has_value()) out.db2 = dz.sum(0);
-    dh_pre = act_backward(at::mm(dz, *w2), h_pre, act);
+    dh_pre = act_backward(at::mm(dz, *w2), h, act);
   }
   out.dw1 = at::mm(dh_pre.t(), p);
   if (b1.has_value()) out.db1 = dh_pre.sum(0);
@@ -127,7 +128,7 @@ std::vector<at::Tensor> cbam_block_backward(
     const OptT& w2_in, const OptT& b2_in, const OptT& conv_w_in, const OptT& conv_b_in,
     const OptT& bn_w_in, const OptT& bn_b_in, const OptT& bn_rm_in, const OptT& bn_rv_in,
     const OptT& gc_in, const OptT& gs_in, const OptT& idx_s_in, const OptT& idx_c_in,
-    const OptT& p_in, const OptT& h_pre_in, const OptT& smap_in, const OptT& zconv_in,
+    const OptT& p_in, const OptT& h_in, const OptT& smap_in, const OptT& zconv_in,
     const OptT& mean_in, const OptT& invstd_in, c10::string_view pools_in,
     c10::string_view act_in, c10::string_view spatial_pools_in, int64_t arrangement,
     bool batch_norm, bool bn_training, double bn_eps) {
@@ -136,7 +137,7 @@ std::vector<at::Tensor> cbam_block_backward(
   const auto [w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv] = acc_params(
       x, w1_in, b1_in, w2_in, b2_in, conv_w_in, conv_b_in, bn_w_in, bn_b_in, bn_rm_in, bn_rv_in);
   const OptT gc = present(gc_in), gs = present(gs_in), idx_s = present(idx_s_in),
-             idx_c = present(idx_c_in), p = present(p_in), h_pre = present(h_pre_in),
+             idx_c = present(idx_c_in), p = present(p_in), h = present(h_in),
              smap = present(smap_in), zconv = present(zconv_in), mean = present(mean_in),
              invstd = present(invstd_in);
   const bool channel = gc.has_value(), spatial = gs.has_value();
@@ -157,7 +158,7 @@ std::vector<at::Tensor> cbam_block_backward(
   ChannelGrads cg;
   SpatialGrads sg;
   auto channel_back = [&](const at::Tensor& dzc) {  // dzc: d of the channel gate's logits
-    cg = channel_backward(dzc, pools, *p, *h_pre, *w1, b1, w2, b2, act);
+    cg = channel_backward(dzc, pools, *p, *h, *w1, b1, w2, b2, act);
   };
   auto spatial_back = [&](const at::Tensor& dgs) {
     sg = spatial_backward(dgs, *gs, *smap, *zconv, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm,
@@ -224,7 +225,7 @@ TORCH_LIBRARY_FRAGMENT(cbam_fused, m) {
       "cbam_block_backward(Tensor grad, Tensor x, Tensor? w1, Tensor? b1, Tensor? w2, "
       "Tensor? b2, Tensor? conv_w, Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, "
       "Tensor? bn_rv, Tensor? gc, Tensor? gs, Tensor? idx_s, Tensor? idx_c, Tensor? p, "
-      "Tensor? h_pre, Tensor? smap, Tensor? zconv, Tensor? mean, Tensor? invstd, str pools, "
+      "Tensor? h, Tensor? smap, Tensor? zconv, Tensor? mean, Tensor? invstd, str pools, "
       "str act, str spatial_pools, int arrangement, bool batch_norm, bool bn_training, "
       "float bn_eps) -> Tensor[]");
 }

@@ -11,7 +11,7 @@
 //   gs = sigmoid(BN(conv(stack(u, v))))
 //   y = apply_gates(x, gc, gs)
 // arrangement 0: the spatial gate pools x gc; 1: the channel gate pools x gs; 2: both plain x.
-// Returns [y, gc, gs, idx_s, idx_c, p, h_pre, smap, zconv, mean, invstd] (functional._SAVED; an
+// Returns [y, gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd] (functional._SAVED; an
 // empty tensor for an absent one), no two of them aliasing (an op's outputs must not).
 #include "block_common.h"
 
@@ -21,7 +21,7 @@ namespace {
 using namespace block;  // NOLINT(build/namespaces): the helpers of block_common.h
 
 struct ChannelGate {
-  at::Tensor gc, idx_s, p, h_pre;
+  at::Tensor gc, idx_s, p, h;  // h: the hidden layer, activated where saves_activated says
 };
 
 // _heads.channel_forward: the MLP on the stacked pools, its outputs summed per pool.
@@ -48,9 +48,14 @@ ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::stri
   ChannelGate out;
   out.idx_s = idx_s;
   out.p = at::cat(inputs, 0);  // [k N, C]
-  out.h_pre = at::linear(out.p, *w1, b1);
-  const at::Tensor z = w2.has_value() ? at::linear(act_forward(out.h_pre, act), *w2, b2)
-                                      : out.h_pre;
+  const at::Tensor h_pre = at::linear(out.p, *w1, b1);
+  out.h = h_pre;
+  at::Tensor z = h_pre;
+  if (w2.has_value()) {
+    const at::Tensor h_act = act_forward(h_pre, act);
+    z = at::linear(h_act, *w2, b2);
+    if (saves_activated(act, true)) out.h = h_act;
+  }
   const int64_t k = static_cast<int64_t>(inputs.size());
   out.gc = at::sigmoid(z.reshape({k, inputs[0].size(0), -1}).sum(0));
   return out;
@@ -133,7 +138,7 @@ std::vector<at::Tensor> cbam_block(const at::Tensor& x, const OptT& w1_in, const
     if (spatial) run_spatial(std::nullopt);
   }
   std::vector<at::Tensor> out{apply_gates(x, opt(ch.gc), opt(sp.gs)),
-                              ch.gc, sp.gs, ch.idx_s, sp.idx_c, ch.p, ch.h_pre,
+                              ch.gc, sp.gs, ch.idx_s, sp.idx_c, ch.p, ch.h,
                               sp.smap, sp.zconv, sp.mean, sp.invstd};
   const auto empty_opts =
       x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);

@@ -53,7 +53,8 @@ def _expects_fallback(op, args):
 @pytest.mark.parametrize("op", FAST_OPS)
 def test_fast_kernel_matches_the_oracle(op, dtype, layout, shape, variant):
     n, c, sp = shape
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((op, dtype, layout, shape, variant)).encode()))
+    case = repr((op, dtype, layout, shape, variant)).encode()
+    gen = torch.Generator().manual_seed(zlib.crc32(case))
     x = rand_x((n, c) + sp, dtype, layout, gen)
     args = op_args(op, x, gen, variant)
     out = fast.FAST[op](*args)
@@ -199,3 +200,27 @@ def test_half_outputs_are_rounded_once():
         assert got.dtype == dtype and torch.equal(got, want)
         assert got.stride() == to_layout(torch.empty(2, 8, 6, 6), "cl").stride()
         assert acc(dtype) == torch.float32
+
+
+def test_module_under_deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) (what a user chasing reproducibility turns on)
+    lets a CPU training step run (scatter_add_ on the CPU is deterministic) with the same
+    results as without it."""
+    m = cbam_fused.CBAM(16, 4).train()
+    x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def step():
+        m.load_state_dict(state)
+        y = m(x)
+        return [y] + list(torch.autograd.grad(y.square().sum(), [x, *m.parameters()]))
+
+    want = step()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = step()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

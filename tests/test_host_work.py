@@ -23,7 +23,7 @@ VIEWS = {"view", "reshape", "t", "select", "slice", "detach", "unsqueeze", "expa
 BLOCK_OPS = ("cbam_fused.cbam_block.default", "cbam_fused.cbam_block_backward.default")
 
 # launching ops at most: eval forward, training forward, the backward of each (measured: 12, 15,
-# 13, 15). History: 13 and 19 forward before the spatial head became one op, then 18 in training
+# 12, 14). History: 13 and 19 forward before the spatial head became one op, then 18 in training
 # before the BatchNorm's running statistics took one _foreach_lerp_ for both buffers (a mul_ and
 # an add_ on each before); 18 backward in both
 # modes before its backward became one op too (spatial_head_backward: two launches on a GPU,
@@ -32,8 +32,9 @@ BLOCK_OPS = ("cbam_fused.cbam_block.default", "cbam_fused.cbam_block_backward.de
 # and batch_norm_backward still run before it), then 15 and 17 before Q2's store took the add of
 # rc and the channel gate's sigmoid_backward. The split's copy itself replaced four copies of
 # strided views inside the launchers, unseen by this count
-# (test_small_arguments_of_the_ops_are_contiguous).
-BUDGET = {"eval": 12, "train": 15, "backward_eval": 13, "backward_train": 15}
+# (test_small_arguments_of_the_ops_are_contiguous). Then 13 and 15 in the backward before the
+# channel head saved its relu's output (the backward recomputed it).
+BUDGET = {"eval": 12, "train": 15, "backward_eval": 12, "backward_train": 14}
 
 
 class _Count(TorchDispatchMode):
@@ -100,6 +101,8 @@ def test_launch_budget_and_fewer_than_eager(train):
     assert not any("convolution" in k for k in bwd), sorted(bwd)
     # Q2's store adds Q1's rc and takes the channel gate's sigmoid backward
     assert "aten.add.Tensor" not in bwd, sorted(bwd)
+    # the forward saved the hidden layer after its relu: nothing to recompute
+    assert "aten.relu.default" not in bwd, sorted(bwd)
 
 
 def test_inference_reuses_the_cast_parameters_of_a_low_precision_module():

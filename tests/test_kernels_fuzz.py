@@ -1,0 +1,119 @@
+"""Random cases of every x-sized op through the SIMT simulator against the oracle: shapes, spatial
+rank, layout (channels-first, channels-last, non-dense), dtype, the optional arguments, the
+launchers' tuning knobs (the settings a GPU sweep may pick as defaults) and debug tilings drawn
+together, so that combinations the hand-picked cases of test_kernels_sim.py do not list still
+run on every commit. The cases come from fixed seeds (reproducible; a failure names its seed);
+CBAM_FUZZ_CASES=N runs N of them (default 120), CBAM_FUZZ_START=K starts at seed K."""
+import os
+import random
+
+import pytest
+import torch
+
+import cbam_fused  # noqa: F401  registers the ops
+from test_kernels_sim import (DTYPES, HAVE_SIM, OPS, TILE_NORMAL, check_same, op_args, rand_x,
+                              run_cpu, run_sim)
+
+pytestmark = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) "
+                                "is missing")
+
+CASES = int(os.environ.get("CBAM_FUZZ_CASES", "120"))
+START = int(os.environ.get("CBAM_FUZZ_START", "0"))
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
+
+
+def draw_case(seed: int):
+    """(op, dtype, layout, shape, variant, tuning, tile mode) for one seed."""
+    r = random.Random(seed)
+    op = r.choice(OPS)
+    dtype = r.choice(DTYPES)
+    layout = r.choices(["cf", "cl", "strided"], weights=[4, 4, 1])[0]
+    rank = r.choice([1, 2, 2, 3])
+    big = r.random() < 0.15  # now and then an extent over a tile, a staging chunk, a block
+    spatial = tuple(r.randint(1, 40 if big and rank == 1 else 12 if big else 7)
+                    for _ in range(rank))
+    small_c = [1, 2, 3, 4, 5, 7, 8, 9, 16, 24, 31, 33, 64, 70]
+    c = r.randint(65, 600) if big else r.choice(small_c)
+    n = r.randint(1, 3)
+    variant = r.randint(0, 2)
+    tuning = (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
+              r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1))
+    tile = r.choice([0, 0, 1, 2])
+    return op, dtype, layout, (n, c) + spatial, variant, tuning, tile
+
+
+@pytest.fixture
+def restore_knobs():
+    yield
+    torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+    torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
+
+
+@pytest.mark.parametrize("seed", range(START, START + CASES))
+def test_random_case_matches_the_oracle(seed, restore_knobs):
+    op, dtype, layout, shape, variant, tuning, tile = draw_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = rand_x(shape, dtype, layout, gen)
+    args = op_args(op, x, gen, variant)
+    torch.ops.cbam_fused_sim.set_tuning(*tuning)
+    torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned
+    got = run_sim(op, args)
+    want = run_cpu(op, args)
+    check_same(op, got, want, x, layout)
+
+
+def test_the_draws_cover_every_op_dtype_layout_and_knob():
+    """The default number of cases reaches every op, dtype, layout, spatial rank, tile mode and
+    value of each knob (so a smaller default would not silently drop one)."""
+    draws = [draw_case(s) for s in range(120)]
+    assert {d[0] for d in draws} == set(OPS)
+    assert {d[1] for d in draws} == set(DTYPES)
+    assert {d[2] for d in draws} == {"cf", "cl", "strided"}
+    assert {len(d[3]) - 2 for d in draws} == {1, 2, 3}
+    assert {d[6] for d in draws} == {0, 1, 2}
+    for i, values in enumerate([{1, 2, 8, 32, 64}, {1, 2, 4, 16, 64}, {0, 1, 2, 4}, {0, 1, 2, 3},
+                                {1, 4}, {0, 1}]):
+        assert {d[5][i] for d in draws} == values, i
+    assert any(d[3][1] > 64 for d in draws)
+
+
+# ------------------------------------------------------------------ the spatial gate's head ops
+def draw_head_case(seed: int):
+    """(spatial, k, (order, bias, bn, gate / from_gs), n, tile mode) for one seed: float64 maps
+    of rank 1 to 3 (now and then a long 1-D row), odd k with at most 1024 taps, every BatchNorm
+    form, every launch shape of the head kernels (normal, one block, unstaged, full blocks)."""
+    r = random.Random(10_000 + seed)
+    rank = r.choice([1, 2, 2, 3])
+    if rank == 1 and r.random() < 0.3:
+        spatial = (r.randint(20, 300),)
+    else:
+        spatial = tuple(r.randint(1, 12 if rank < 3 else 6) for _ in range(rank))
+    ks = [k for k in (1, 3, 5, 7, 9) if 2 * k ** rank <= 1024]
+    k = r.choice(ks)
+    order = r.choice(["max,mean", "mean,max", "blend"])
+    gate = r.random() < 0.8
+    bn = r.choice(["none", "plain", "affine"])
+    return spatial, k, (order, r.random() < 0.5, bn, gate), r.randint(1, 4), r.randint(0, 3)
+
+
+@pytest.mark.parametrize("seed", range(START, START + CASES // 2))
+def test_random_head_case_matches_the_cpu_kernel(seed):
+    from test_spatial_head import make_args
+    from test_spatial_head import run_sim as run_head_sim
+    from test_spatial_head_backward import make_bwd_args
+
+    from cbam_fused import _cpu_kernels as cpu
+
+    spatial, k, variant, n, tile = draw_head_case(seed)
+    args = make_args(spatial, k, *variant, n=n, seed=seed)
+    out, _ = run_head_sim(args, tile=tile)
+    want = cpu.HEAD_KERNELS["spatial_head"](*args)
+    for g, w in zip(out, want):
+        if w is not None and w.numel():
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    bargs, _ = make_bwd_args(spatial, k, *variant, n=n, seed=seed)
+    out, _ = run_head_sim(bargs, tile=tile, op="spatial_head_backward")
+    want = cpu.HEAD_KERNELS["spatial_head_backward"](*bargs)
+    for g, w in zip(out, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
