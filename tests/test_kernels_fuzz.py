@@ -3,7 +3,8 @@ rank, layout (channels-first, channels-last, non-dense), dtype, the optional arg
 launchers' tuning knobs (the settings a GPU sweep may pick as defaults) and debug tilings drawn
 together, so that combinations the hand-picked cases of test_kernels_sim.py do not list still
 run on every commit. The cases come from fixed seeds (reproducible; a failure names its seed);
-CBAM_FUZZ_CASES=N runs N of them (default 300; half as many head cases), CBAM_FUZZ_START=K starts at seed K."""
+CBAM_FUZZ_CASES=N runs N of them (default 300; half as many head cases), CBAM_FUZZ_START=K
+starts at seed K."""
 import os
 import random
 
