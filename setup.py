@@ -205,7 +205,7 @@ def extensions():
         exts.append(CUDAExtension(
             "cbam_fused._C",
             sources=["csrc/ops.cpp", "csrc/block_forward.cpp", "csrc/block_backward.cpp",
-                     "csrc/register_cuda.cpp"] + launcher_sources,
+                     "csrc/cpu/pool_rows.cpp", "csrc/register_cuda.cpp"] + launcher_sources,
             include_dirs=include + [toolkit_inc] + pip_inc,
             define_macros=[("CBAM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -213,7 +213,7 @@ def extensions():
     else:
         exts.append(CppExtension("cbam_fused._C",
                                  sources=["csrc/ops.cpp", "csrc/block_forward.cpp",
-                                          "csrc/block_backward.cpp"],
+                                          "csrc/block_backward.cpp", "csrc/cpu/pool_rows.cpp"],
                                  include_dirs=include, extra_compile_args={"cxx": cxx_flags}))
 
     sim_sources = sorted(glob.glob(os.path.join("csrc", "sim", "*.cpp")))

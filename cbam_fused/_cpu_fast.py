@@ -59,6 +59,24 @@ def _product(out: Tensor, v: Tensor, a: Optional[Tensor], b: Optional[Tensor]) -
         out.mul_(b)
 
 
+def _pool(x: Tensor, scale: Optional[Tensor], dim: int):
+    """mean, max and argmax over `dim` of [N, C, S] x * scale, one pass in C++
+    (csrc/cpu/pool_rows.cpp). An empty reduced extent goes to the oracle (and its error)."""
+    xr = _rows(x)
+    if xr.shape[dim] == 0:
+        return None
+    return tuple(torch.ops.cbam_fused_cpu.pool_rows(
+        xr, scale.contiguous() if scale is not None else None, dim))
+
+
+def pool_over_s(x: Tensor, scale: Optional[Tensor]):
+    return _pool(x, scale, 2)
+
+
+def pool_over_c(x: Tensor, scale: Optional[Tensor]):
+    return _pool(x, scale, 1)
+
+
 def apply_gates(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]):
     buf, y = _x_sized_buffer(x)
     if buf is None:
@@ -162,6 +180,8 @@ def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Option
 
 # op name -> its fast math: the op's outputs, or None to take the oracle's math for this call
 FAST = {
+    "pool_over_s": pool_over_s,
+    "pool_over_c": pool_over_c,
     "apply_gates": apply_gates,
     "grad_input": grad_input,
     "backward_reduce": backward_reduce,

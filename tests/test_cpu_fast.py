@@ -121,6 +121,58 @@ def test_ties_and_repeated_argmax(op):
     _check(op, fast.KERNELS[op](*args), cpu.ORACLE[op](*args), x)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["pool_over_s", "pool_over_c"])
+def test_pools_ties_nan_inf(op, dtype, layout):
+    """Max pooling as torch.max (the oracle): the first of tied maxima, a NaN wins (the first
+    NaN), inf, rows of -inf; argmax bit for bit, max exactly, mean to rounding. The layouts take
+    both loops of csrc/cpu/pool_rows.cpp (along the kept or the reduced axis)."""
+    gen = torch.Generator().manual_seed(17)
+    x = rand_x((2, 8, 5, 6), torch.float64, "cf", gen, kind="ties")
+    x[0, 2, 1, 1] = float("nan")
+    x[0, 2, 3, 4] = float("nan")
+    x[0, 4, 2, 2] = float("inf")
+    x[1, :, 0, 3] = float("-inf")
+    x[1, 1, :, :] = float("-inf")
+    x[1, 7, 3, 4] = float("nan")
+    x = to_layout(x.to(dtype).contiguous(), layout)
+    for scale in (None, op_args(op, x, gen, 0)[1]):
+        got = fast.FAST[op](x, scale)
+        want = cpu.ORACLE[op](x, scale)
+        assert torch.equal(got[2], want[2]), (got[2], want[2])
+        assert torch.equal(got[1].isnan(), want[1].isnan())
+        assert torch.equal(got[1].nan_to_num(), want[1].nan_to_num())
+        torch.testing.assert_close(got[0], want[0], equal_nan=True, **tolerances(op, dtype))
+
+
+@pytest.mark.parametrize("extent", [1, 15, 16, 17, 255, 256, 257, 600])
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("op", ["pool_over_s", "pool_over_c"])
+def test_pools_lane_and_chunk_edges(op, layout, extent):
+    """Reduced extents around the kernel's 16 lanes, its 256-element chunks and its 64-row sum
+    chunks, and kept extents over one block of 256 outputs, ties everywhere (the first index
+    must survive the lanes' combination and the chunks), against the oracle."""
+    gen = torch.Generator().manual_seed(extent)
+    shape = (2, extent, 3, 1) if op == "pool_over_c" else (2, 300, extent, 1)
+    x = rand_x(shape, torch.float32, layout, gen, kind="ties")
+    for scale in (None, op_args(op, x, gen, 0)[1]):
+        got, want = fast.FAST[op](x, scale), cpu.ORACLE[op](x, scale)
+        assert torch.equal(got[2], want[2]) and torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_pool_rows_refuses_bad_arguments():
+    op = torch.ops.cbam_fused_cpu.pool_rows
+    x = torch.randn(2, 3, 4)
+    for args, message in [((x.view(2, 12), None, 2), "shape"), ((x, None, 0), "dim"),
+                          ((x[:, :0], None, 1), "empty"),
+                          ((x, torch.rand(2, 5), 2), "scale"),
+                          ((x, torch.rand(2, 4, dtype=torch.float64), 2), "scale")]:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+
+
 def test_registered_cpu_kernel_is_the_fast_one_and_deterministic():
     """torch.ops.cbam_fused.<op> on CPU tensors runs _cpu_fast (bit for bit), and gives the same
     bits on a second run, on sizes that spread the ATen ops over threads."""
@@ -154,7 +206,9 @@ class _XSized(TorchDispatchMode):
 
 
 # x-sized ops at most, float32 with every optional argument (the oracle's counts in brackets)
-PASSES = {"apply_gates": 2,                 # x gc, then gs in place (4: two products, a copy)
+PASSES = {"pool_over_s": 0,                # one pass in C++: [N, K] outputs (the oracle: 3)
+          "pool_over_c": 0,
+          "apply_gates": 2,                 # x gc, then gs in place (4: two products, a copy)
           "grad_input": 6,                  # g gc gs (2), 2 broadcast terms, 2 scatters (~18)
           "backward_reduce": 3,             # g x, and one product per sum (3)
           "pool_over_c_backward_scale": 1,  # x times d_avg / C (~6)
