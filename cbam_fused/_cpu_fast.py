@@ -9,13 +9,16 @@ no more, each pass an in-place ATen op on one buffer:
   so the order of its adds is fixed);
 - the products and broadcast terms go into the output (or one accumulation-dtype buffer for
   float16 / bfloat16, rounded once at the end, as the oracle does);
-- the Q2 ops' sums over S or C of x times a broadcast weight are one product and one sum.
+- the Q2 ops' sums over S or C of x times a broadcast weight are one product and one sum;
+- the forward pools (mean, max, argmax of x * scale) are one pass in C++
+  (csrc/cpu/pool_rows.cpp), with no x * scale tensor.
 Sums run in another order than the oracle's, so results agree to rounding, not bit for bit;
 tests/test_cpu_fast.py checks each kernel against the oracle, non-finite values included.
 
 Ops without an entry in FAST, and the cases an entry hands back (None: a missing average
 gradient, whose term the oracle's product with zeros turns into NaN wherever x is not finite;
-output layouts whose spatial dimensions cannot be viewed as one), run the oracle's math. While
+output layouts whose spatial dimensions cannot be viewed as one; an empty reduced extent), run
+the oracle's math (the lp / lse variants always do). While
 cbam_fused.testing.use_simulator() is active, every call goes to the simulator, as in the
 oracle's kernels."""
 import math

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cbam_fused  # noqa: F401  registers the ops
 from cbam_fused import _cpu_fast as fast
 from cbam_fused import _cpu_kernels as cpu
-from test_kernels_sim import DTYPES, acc, op_args, rand_x, to_layout, tolerances
+from test_kernels_sim import (DTYPES, acc, op_args, rand_x, ties_nan_inf_x, to_layout,
+                              tolerances)
 
 FAST_OPS = sorted(fast.FAST)
 SHAPES = [
@@ -129,14 +130,7 @@ def test_pools_ties_nan_inf(op, dtype, layout):
     NaN), inf, rows of -inf; argmax bit for bit, max exactly, mean to rounding. The layouts take
     both loops of csrc/cpu/pool_rows.cpp (along the kept or the reduced axis)."""
     gen = torch.Generator().manual_seed(17)
-    x = rand_x((2, 8, 5, 6), torch.float64, "cf", gen, kind="ties")
-    x[0, 2, 1, 1] = float("nan")
-    x[0, 2, 3, 4] = float("nan")
-    x[0, 4, 2, 2] = float("inf")
-    x[1, :, 0, 3] = float("-inf")
-    x[1, 1, :, :] = float("-inf")
-    x[1, 7, 3, 4] = float("nan")
-    x = to_layout(x.to(dtype).contiguous(), layout)
+    x = ties_nan_inf_x((2, 8, 5, 6), dtype, layout, gen)
     for scale in (None, op_args(op, x, gen, 0)[1]):
         got = fast.FAST[op](x, scale)
         want = cpu.ORACLE[op](x, scale)

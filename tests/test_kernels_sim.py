@@ -246,6 +246,19 @@ def test_every_optional_combination(op):
         check_same(op, run_sim(op, args), run_cpu(op, args), x, "cf")
 
 
+def ties_nan_inf_x(shape, dtype, layout, gen):
+    """Small integers (ties everywhere) with NaN twice in one row, inf, a -inf position in every
+    channel and an all -inf channel: the max pools' hard cases (shape at least (2, 8, 4, 5))."""
+    x = rand_x(shape, dtype, "cf", gen, kind="ints")
+    x[0, 2, 1, 1] = float("nan")
+    x[0, 2, 3, 4] = float("nan")
+    x[0, 4, 2, 2] = float("inf")
+    x[1, :, 0, 3] = float("-inf")
+    x[1, 1, :, :] = float("-inf")
+    x[1, 7, 3, 4] = float("nan")
+    return to_layout(x, layout)
+
+
 @pytest.mark.parametrize("shape", [(2, 9, 5, 5), (2, 16, 4, 8)], ids=["scalar", "vector"])
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -254,14 +267,7 @@ def test_pools_ties_nan_inf(layout, dtype, shape):
     scalar path and on the vector path (C and S multiples of 8)."""
     gen = torch.Generator().manual_seed(3)
     for mode in (TILE_NORMAL, TILE_SMALL):
-        x = rand_x(shape, dtype, "cf", gen, kind="ints")
-        x[0, 2, 1, 1] = float("nan")
-        x[0, 2, 3, 4] = float("nan")
-        x[0, 4, 2, 2] = float("inf")
-        x[1, :, 0, 3] = float("-inf")
-        x[1, 1, :, :] = float("-inf")
-        x[1, 7, 3, 4] = float("nan")
-        x = to_layout(x, layout)
+        x = ties_nan_inf_x(shape, dtype, layout, gen)
         for op in ("pool_over_s", "pool_over_c", "pool_over_s_lp_lse"):
             for variant in (0, 1):
                 args = op_args(op, x, gen, variant)
