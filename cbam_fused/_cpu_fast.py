@@ -128,57 +128,46 @@ def grad_input(grad: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], da: Opt
 
 def backward_reduce(grad: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
                     need_rc: bool, need_rs: bool):
-    """rc = sum_s g x gs, rs = sum_c g x gc: g x into one buffer, each sum's product into a
-    second one."""
-    acc = oracle.acc_dtype(x.dtype)
-    gx = _rows(grad).to(acc) * _rows(x)
-    tmp = torch.empty_like(gx) if (gs is not None and need_rc) or (gc is not None and need_rs) \
-        else None
-    empty = gx.new_empty((0,))
-    rc = rs = empty
+    """rc = sum_s g x gs, rs = sum_c g x gc: g x into one buffer, rc's product into a second, rs's
+    into the first (g x is not needed after it)."""
+    gx = _rows(grad).to(oracle.acc_dtype(x.dtype)) * _rows(x)
+    rc = rs = gx.new_empty((0,))
     if need_rc:
-        rc = (gx if gs is None else torch.mul(gx, gs[:, None, :], out=tmp)).sum(2)
+        rc = (gx if gs is None else gx * gs[:, None, :]).sum(2)
     if need_rs:
-        rs = (gx if gc is None else torch.mul(gx, gc[:, :, None], out=tmp)).sum(1)
+        rs = (gx if gc is None else gx.mul_(gc[:, :, None])).sum(1)
     return rc, rs
 
 
-def _scale_sum(v: Tensor, w: Tensor, dim: int) -> Tensor:
-    """sum over dim of v * w (w broadcast), in the accumulation dtype."""
-    acc = oracle.acc_dtype(v.dtype)
-    return torch.mul(v if v.dtype == acc else v.to(acc), w).sum(dim)
+def _backward_scale(op: str, x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
+                    argmax: Optional[Tensor], base: Optional[Tensor], gate: Optional[Tensor],
+                    pooled: int):
+    """The Q2 ops: sum over the other axis of x (d_avg / P + d_max at the argmax), P the extent of
+    the `pooled` axis of [N, C, S] (1: the pool over C, 2: over S): one product and its sum (a
+    float16 / bfloat16 x promoted element by element), then each row's x at its argmax times
+    d_max added to that position's sum."""
+    if d_avg is None:
+        return None
+    oracle.check_store_args(op, x, base, gate, pooled == 2)
+    xr = _rows(x)
+    summed = 3 - pooled
+    out = torch.mul(xr, (d_avg / xr.shape[pooled]).unsqueeze(pooled)).sum(summed)
+    if d_max is not None and out.numel() > 0:
+        at = xr.gather(pooled, argmax.unsqueeze(pooled)).squeeze(pooled).to(out.dtype)
+        out.scatter_add_(1, argmax, at * d_max)
+    return oracle._then_base_and_gate(out, base, gate)
 
 
 def pool_over_c_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
                                argmax: Optional[Tensor], base: Optional[Tensor] = None,
                                gate: Optional[Tensor] = None):
-    """sum_s x (d_avg / C + d_max at the argmax over C): one product and its sum, then each
-    (n, s)'s x at its argmax channel times d_max added to that channel's sum."""
-    if d_avg is None:
-        return None
-    oracle.check_store_args("pool_over_c_backward_scale", x, base, gate, False)
-    xr = _rows(x)
-    out = _scale_sum(xr, (d_avg / x.shape[1])[:, None, :], 2)
-    if d_max is not None and out.numel() > 0:
-        at = xr.gather(1, argmax[:, None, :])[:, 0, :].to(out.dtype)
-        out.scatter_add_(1, argmax, at * d_max)
-    return oracle._then_base_and_gate(out, base, gate)
+    return _backward_scale("pool_over_c_backward_scale", x, d_avg, d_max, argmax, base, gate, 1)
 
 
 def pool_over_s_backward_scale(x: Tensor, d_avg: Optional[Tensor], d_max: Optional[Tensor],
                                argmax: Optional[Tensor], base: Optional[Tensor] = None,
                                gate: Optional[Tensor] = None):
-    """sum_c x (d_avg / S + d_max at the argmax over S), as pool_over_c_backward_scale with the
-    roles of C and S exchanged."""
-    if d_avg is None:
-        return None
-    oracle.check_store_args("pool_over_s_backward_scale", x, base, gate, True)
-    xr = _rows(x)
-    out = _scale_sum(xr, (d_avg / xr.shape[2])[:, :, None], 1)
-    if d_max is not None and out.numel() > 0:
-        at = xr.gather(2, argmax[:, :, None])[:, :, 0].to(out.dtype)
-        out.scatter_add_(1, argmax, at * d_max)
-    return oracle._then_base_and_gate(out, base, gate)
+    return _backward_scale("pool_over_s_backward_scale", x, d_avg, d_max, argmax, base, gate, 2)
 
 
 # op name -> its fast math: the op's outputs, or None to take the oracle's math for this call

@@ -66,11 +66,11 @@ def pools_in(p: Tensor, pools: str, n: int) -> Dict[str, Tensor]:
     return {name: p[i * n:(i + 1) * n] for i, name in enumerate(pool_kinds(pools))}
 
 
-def saves_activated(act: str, two_layers: bool) -> bool:
-    """Whether the channel head saves its hidden layer after the activation (relu: its backward
-    needs only where the layer is positive, and the second layer's weight gradient needs the
-    activated values, so the backward recomputes nothing) rather than before it."""
-    return two_layers and act == "relu"
+def saves_activated(act: str) -> bool:
+    """Whether a two-layer channel head saves its hidden layer after the activation (relu: its
+    backward needs only where the layer is positive, and the second layer's weight gradient needs
+    the activated values, so the backward recomputes nothing) rather than before it."""
+    return act == "relu"
 
 
 def channel_forward(pooled, pools, w1, b1, w2, b2, act):
@@ -85,7 +85,7 @@ def channel_forward(pooled, pools, w1, b1, w2, b2, act):
     else:
         h_act = act_forward(h_pre, act)
         z = F.linear(h_act, w2, b2)
-        if saves_activated(act, True):
+        if saves_activated(act):
             h = h_act
     zc = z.reshape(len(inputs), inputs[0].shape[0], -1).sum(0)
     return zc, p, h
@@ -102,7 +102,7 @@ def channel_backward(dzc, pools, p, h, w1, b1, w2, b2, act):
         dw2 = db2 = None
     else:
         # relu: h is activated, and relu's backward at h is the one at h_pre (same sign)
-        h_act = h if saves_activated(act, True) else act_forward(h, act)
+        h_act = h if saves_activated(act) else act_forward(h, act)
         dw2 = dz.t() @ h_act
         db2 = dz.sum(0) if b2 is not None else None
         dh_pre = act_backward(dz @ w2, h, act)

@@ -51,7 +51,7 @@ ChannelGrads channel_backward(const at::Tensor& dzc, const std::string& pools, c
     dh_pre = dz;
   } else {
     // relu: h is activated, and relu's backward at h is the one at h_pre (same sign)
-    const at::Tensor h_act = saves_activated(act, true) ? h : act_forward(h, act);
+    const at::Tensor h_act = saves_activated(act) ? h : act_forward(h, act);
     out.dw2 = at::mm(dz.t(), h_act);
     if (b2.has_value()) out.db2 = dz.sum(0);
     dh_pre = act_backward(at::mm(dz, *w2), h, act);

@@ -92,11 +92,10 @@ inline OptT linear_form(const OptT& w) {
   return w->reshape({w->size(0), w->size(1)});
 }
 
-// Whether the channel head saves its hidden layer after the activation (_heads.saves_activated:
-// relu's backward needs only where the layer is positive, so the backward recomputes nothing).
-inline bool saves_activated(const std::string& act, bool two_layers) {
-  return two_layers && act == "relu";
-}
+// Whether a two-layer channel head saves its hidden layer after the activation
+// (_heads.saves_activated: relu's backward needs only where the layer is positive, so the
+// backward recomputes nothing).
+inline bool saves_activated(const std::string& act) { return act == "relu"; }
 
 inline at::Tensor act_forward(const at::Tensor& h, const std::string& act) {
   if (act == "relu") return at::relu(h);

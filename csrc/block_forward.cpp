@@ -54,7 +54,7 @@ ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::stri
   if (w2.has_value()) {
     const at::Tensor h_act = act_forward(h_pre, act);
     z = at::linear(h_act, *w2, b2);
-    if (saves_activated(act, true)) out.h = h_act;
+    if (saves_activated(act)) out.h = h_act;
   }
   const int64_t k = static_cast<int64_t>(inputs.size());
   out.gc = at::sigmoid(z.reshape({k, inputs[0].size(0), -1}).sum(0));
