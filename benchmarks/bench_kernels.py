@@ -253,19 +253,31 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
 
 
 HEAD_OPS = {  # op -> the ATen ops its pure-PyTorch kernel runs (what the block ran before it)
+    "channel_head": "cat, linear, relu, linear, sum, sigmoid",
     "spatial_head": "cat, convolution, batch_norm, sigmoid",
     "spatial_head_backward": "sigmoid_backward, batch_norm_backward, convolution_backward, "
                              "the split of the map's gradient",
 }
 
 
-def _head_calls(op, device, batch, h, w, gen, nb):
+def _head_calls(op, device, batch, h, w, gen, nb, c=None):
     """(fused(i), aten(i)) of one head op on nb rotating sets of random float32 inputs: the
-    spatial gate of a block with BatchNorm in eval mode, maps [batch, 1, h, w], 7x7 kernel."""
+    channel gate of the official block (avg and max pools [batch, c], an MLP of c / 16 hidden
+    units with biases, relu), or the spatial gate of a block with BatchNorm in eval mode, maps
+    [batch, 1, h, w], 7x7 kernel."""
     from cbam_fused import _cpu_kernels as cpu
 
     def rnd(*shape, lo=-1.0, hi=1.0):
         return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
+    fused_op, math = getattr(torch.ops.cbam_fused, op), cpu.HEAD_MATH[op]
+    if op == "channel_head":
+        hid = max(1, c // 16)
+        mlp = (rnd(hid, c, lo=-0.1, hi=0.1), rnd(hid), rnd(c, hid, lo=-0.3, hi=0.3), rnd(c))
+        pools = [(rnd(batch, c), rnd(batch, c, lo=0.0, hi=2.0)) for _ in range(nb)]
+
+        def ch_args(i):
+            return (*pools[i % nb], None, None, *mlp, "avg+max", "relu")
+        return (lambda i: fused_op(*ch_args(i))), (lambda i: math(*ch_args(i)))
     params = (rnd(1, 2, 7, 7, lo=-0.1, hi=0.1), None, rnd(1, lo=0.5, hi=1.5), rnd(1),
               rnd(1, lo=-0.1, hi=0.1), rnd(1, lo=0.5, hi=1.5))
     if op == "spatial_head":
@@ -275,7 +287,6 @@ def _head_calls(op, device, batch, h, w, gen, nb):
         ins = [(rnd(batch, h * w), rnd(batch, h * w, lo=0.0, hi=1.0), rnd(batch, 2, h, w),
                 rnd(batch, 1, h, w)) for _ in range(nb)]
         tail = ()
-    fused_op, math = getattr(torch.ops.cbam_fused, op), cpu.HEAD_MATH[op]
 
     def args(i):
         if op == "spatial_head":
@@ -286,17 +297,19 @@ def _head_calls(op, device, batch, h, w, gen, nb):
 
 
 def _heads(device, sites, batch, timing, gen):
-    """The spatial gate's head ops (HEAD_OPS: spatial_head, one kernel; spatial_head_backward,
-    two), each against the ATen ops it replaced in the block (its pure-PyTorch kernel, which on
-    CUDA tensors runs exactly those), per site. Timed as the ops are (_time)."""
+    """The head ops (HEAD_OPS: channel_head, two or three kernels; spatial_head, one;
+    spatial_head_backward, two), each against the ATen ops it replaced in the block (its
+    pure-PyTorch kernel, which on CUDA tensors runs exactly those), per site. Timed as the ops
+    are (_time)."""
     out = []
     for (c, h, w) in SITES[sites]:
         for op in HEAD_OPS:
-            rec = dict(site=f"{c}x{h}x{w}", op=op, maps=[batch, 1, h, w], fused_ms=None,
+            maps = [batch, c] if op == "channel_head" else [batch, 1, h, w]
+            rec = dict(site=f"{c}x{h}x{w}", op=op, maps=maps, fused_ms=None,
                        aten_ms=None, speedup=None, error=None, graph_error=None)
             try:
                 nb = 4
-                fused, aten = _head_calls(op, device, batch, h, w, gen, nb)
+                fused, aten = _head_calls(op, device, batch, h, w, gen, nb, c)
                 tf, _ = _time(fused, nb, device, timing, rec)
                 ta, _ = _time(aten, nb, device, timing, rec)
                 rec.update(fused_ms=bu.median(tf), aten_ms=bu.median(ta))
@@ -356,8 +369,8 @@ def print_results(rec):
                          "ERR" if h["error"] else bu.fmt_ms(h["fused_ms"]),
                          "-" if h["error"] else bu.fmt_ms(h["aten_ms"]),
                          "-" if h["error"] else f"{h['speedup']:.2f}x"] for h in heads],
-                       title="the spatial gate's head, forward and backward: the fused kernels "
-                             "against the ATen ops they replaced")
+                       title="the heads (channel gate; spatial gate, forward and backward): the "
+                             "fused kernels against the ATen ops they replaced")
     for k, s in rec["summary"].items():
         same = "" if s.get("mean_frac_same_size") is None else (
             f"; {s['meeting_target_same_size']}/{s['cases']} at >= {int(100 * TARGET)}% of a "

@@ -323,6 +323,68 @@ def check_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_
         raise RuntimeError(f"{op}: BatchNorm (bn_rm, bn_rv) needs zconv")
 
 
+_CHANNEL_POOL_NAMES = ("avg", "max", "lp", "lse")  # _heads.CHANNEL_POOLS, the op's argument order
+_HEAD_ACTS = ("relu", "silu", "gelu", "identity")  # _heads.ACTIVATIONS
+
+
+def check_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
+    """The launcher's checks (csrc/launchers/channel_head.cu), word for word."""
+    op = "channel_head"
+    kinds = pools.split("+") if pools != "blend" else ["avg", "max"]
+    if pools != "blend" and (len(set(kinds)) != len(kinds)
+                             or any(k not in _CHANNEL_POOL_NAMES for k in kinds)):
+        raise RuntimeError(f"{op}: pools must be 'blend' or distinct names of avg, max, lp, lse "
+                           f"joined by '+', got '{pools}'")
+    if act not in _HEAD_ACTS:
+        raise RuntimeError(f"{op}: act must be 'relu', 'silu', 'gelu' or 'identity', got '{act}'")
+    if avg.dim() != 2:
+        raise RuntimeError(f"{op}: avg must have shape [N, C], got {list(avg.shape)}")
+    _check_accumulation_dtype(avg, op, "avg")
+    n, c = avg.shape
+    given = {"avg": avg, "max": max, "lp": lp, "lse": lse}
+    for name, t in given.items():
+        if t is None:
+            continue
+        _check_like_head(t, avg, op, name, "avg")
+        if t.shape != avg.shape:
+            raise RuntimeError(f"{op}: {name} must have the shape of avg {list(avg.shape)}, got "
+                               f"{list(t.shape)}")
+    for k in kinds:
+        if given[k] is None:
+            raise RuntimeError(f"{op}: pools '{pools}' need {k}")
+    if w1.dim() != 2 or w1.shape[1] != c:
+        raise RuntimeError(f"{op}: w1 must have shape [H, C] with C = {c}, got {list(w1.shape)}")
+    hid = w1.shape[0]
+    for name, t, want, shape in (("w1", w1, [hid, c], "[H, C]"), ("b1", b1, [hid], "[H]"),
+                                 ("w2", w2, [c, hid], "[C, H]"), ("b2", b2, [c], "[C]")):
+        if t is None:
+            continue
+        _check_like_head(t, avg, op, name, "avg")
+        if list(t.shape) != want:
+            raise RuntimeError(f"{op}: {name} must have shape {shape} = {want}, got "
+                               f"{list(t.shape)}")
+    if w2 is None and hid != c:
+        raise RuntimeError(f"{op}: w1 must have shape [C, C] = [{c}, {c}] without w2 (one "
+                           f"layer), got {list(w1.shape)}")
+    if w2 is None and b2 is not None:
+        raise RuntimeError(f"{op}: b2 needs w2")
+    limit = 65535 * 32  # max_grid_y() tiles of kHeadTile
+    if c > limit or hid > limit:
+        raise RuntimeError(f"{op}: at most {limit} channels and hidden units are supported, got "
+                           f"C = {c}, H = {hid}")
+    return n, c, hid, 1 if pools == "blend" else len(kinds)
+
+
+def channel_head(avg: Tensor, max: Tensor, lp: Optional[Tensor], lse: Optional[Tensor],
+                 w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+                 pools: str, act: str):
+    """(gc [N, C], P [k N, C], h [k N, H]): the ATen ops the kernels fuse (cat, two linear, the
+    activation, the sum over the pools, sigmoid), as the block's composite ran them before."""
+    pooled = {"avg": avg, "max": max, "lp": lp, "lse": lse}
+    zc, p, h = _heads.channel_forward(pooled, pools, w1, b1, w2, b2, act)
+    return torch.sigmoid(zc), p, h
+
+
 def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],
                  bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_rm: Optional[Tensor],
                  bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str, gate: bool):
@@ -410,8 +472,20 @@ def _checked_head(name, math, check, n_tensors):
 # kernels registered for the ops are cbam_fused._cpu_fast.KERNELS)
 ORACLE = {name: _kernel(name) for name in MATH}
 # the ops on the small pooled maps (not x-sized): their math and CPU kernels
-HEAD_MATH = {"spatial_head": spatial_head, "spatial_head_backward": spatial_head_backward}
+HEAD_MATH = {"channel_head": channel_head, "spatial_head": spatial_head,
+             "spatial_head_backward": spatial_head_backward}
+
+
+def _channel_head_kernel(*args):
+    """The CPU kernel of cbam_fused::channel_head (the simulator's while it is active)."""
+    check_channel_head(*args)
+    sim = sim_op("channel_head")
+    return sim(*args) if sim is not None else channel_head(*args)
+
+
+_channel_head_kernel.__name__ = _channel_head_kernel.__qualname__ = "channel_head"
 HEAD_KERNELS = {
+    "channel_head": _channel_head_kernel,
     "spatial_head": _checked_head("spatial_head", spatial_head, check_spatial_head, 8),
     "spatial_head_backward": _checked_head("spatial_head_backward", spatial_head_backward,
                                            check_spatial_head_backward, 10),

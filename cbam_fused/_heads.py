@@ -87,7 +87,7 @@ def channel_forward(pooled, pools, w1, b1, w2, b2, act):
         z = F.linear(h_act, w2, b2)
         if saves_activated(act):
             h = h_act
-    zc = z.reshape(len(inputs), inputs[0].shape[0], -1).sum(0)
+    zc = z.reshape(len(inputs), inputs[0].shape[0], z.shape[-1]).sum(0)  # (no -1: N may be 0)
     return zc, p, h
 
 

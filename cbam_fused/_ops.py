@@ -120,7 +120,12 @@ def _fake_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_
             scalar(bn_b))
 
 
-_HEAD_FAKES = {"spatial_head": _fake_spatial_head,
+def _fake_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
+    n, c, hid, k = _cpu_kernels.check_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act)
+    return avg.new_empty((n, c)), avg.new_empty((k * n, c)), avg.new_empty((k * n, hid))
+
+
+_HEAD_FAKES = {"channel_head": _fake_channel_head, "spatial_head": _fake_spatial_head,
                "spatial_head_backward": _fake_spatial_head_backward}
 
 # op name -> whether the C++ library registered a CUDA kernel for it (filled by _register)
@@ -225,6 +230,12 @@ def pool_over_c(x: Tensor, scale: Optional[Tensor] = None):
 
 def apply_gates(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     return ops.apply_gates(x, gc, gs)
+
+
+def channel_head(avg: Tensor, max: Tensor, lp: Optional[Tensor], lse: Optional[Tensor],
+                 w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+                 pools: str, act: str):
+    return ops.channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act)
 
 
 def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],

@@ -2,7 +2,7 @@
 
 Forward (channel-first arrangement; DESIGN.md section 1), 4 passes over x-sized tensors:
     a, m, is = pool_over_s(x)                  read x
-    gc = sigmoid(channel_head(a, m))           [N, C], ATen ops
+    gc = channel_head(a, m)                    [N, C], one op (MLP, sum over the pools, sigmoid)
     u, v, ic = pool_over_c(x, gc)              read x
     gs = spatial_head(u, v)                    [N, S], one op (map, conv, BatchNorm, sigmoid)
     y = apply_gates(x, gc, gs)                 read x, write y
@@ -111,9 +111,8 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
             a, m, idx_s, lp, lse = _ops.pool_over_s_lp_lse(x, scale)
         else:
             a, m, idx_s = _ops.pool_over_s(x, scale)
-        pooled = {"avg": a, "max": m, "lp": lp, "lse": lse}
-        zc, p, h = _heads.channel_forward(pooled, cfg.pools, pw1, pb1, pw2, pb2, cfg.act)
-        return torch.sigmoid(zc), idx_s, p, h
+        gc, p, h = _ops.channel_head(a, m, lp, lse, pw1, pb1, pw2, pb2, cfg.pools, cfg.act)
+        return gc, idx_s, p, h
 
     def spatial_gate(scale):  # the head in one op; BatchNorm with batch statistics after it
         u, v, idx_c = _ops.pool_over_c(x, scale)

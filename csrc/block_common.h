@@ -48,6 +48,18 @@ inline at::Tensor apply_gates(const at::Tensor& x, const OptT& gc, const OptT& g
   return op.call(x, gc, gs);
 }
 
+inline Pools3 channel_head(const at::Tensor& avg, const at::Tensor& max, const OptT& lp,
+                          const OptT& lse, const at::Tensor& w1, const OptT& b1, const OptT& w2,
+                          const OptT& b2, const std::string& pools, const std::string& act) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::channel_head", "")
+          .typed<Pools3(const at::Tensor&, const at::Tensor&, const OptT&, const OptT&,
+                        const at::Tensor&, const OptT&, const OptT&, const OptT&,
+                        c10::string_view, c10::string_view)>();
+  return op.call(avg, max, lp, lse, w1, b1, w2, b2, pools, act);
+}
+
 inline Pools3 spatial_head(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& conv_w,
                           const OptT& conv_b, const OptT& bn_w, const OptT& bn_b,
                           const OptT& bn_rm, const OptT& bn_rv, double bn_eps,

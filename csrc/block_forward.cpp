@@ -24,40 +24,21 @@ struct ChannelGate {
   at::Tensor gc, idx_s, p, h;  // h: the hidden layer, activated where saves_activated says
 };
 
-// _heads.channel_forward: the MLP on the stacked pools, its outputs summed per pool.
+// The channel gate: the pools over S, then its head in one op (channel_head: the stacked pools,
+// the MLP summed over them, the sigmoid).
 ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::string& pools,
                          const OptT& w1, const OptT& b1, const OptT& w2, const OptT& b2,
                          const std::string& act) {
-  const bool blend = pools == "blend";
-  const std::vector<std::string> kinds =
-      blend ? std::vector<std::string>{"avg", "max"} : split_pools(pools);
-  at::Tensor a, m, idx_s, lp, lse;
-  if (has_lp_lse(pools)) {
-    std::tie(a, m, idx_s, lp, lse) = pool_over_s_lp_lse(x, scale);
-  } else {
-    std::tie(a, m, idx_s) = pool_over_s(x, scale);
-  }
-  std::vector<at::Tensor> inputs;
-  if (blend) {
-    inputs.push_back(at::mul(at::add(a, m), 0.5));
-  } else {
-    for (const auto& k : kinds) {
-      inputs.push_back(k == "avg" ? a : k == "max" ? m : k == "lp" ? lp : lse);
-    }
-  }
+  at::Tensor a, m, lp, lse;
   ChannelGate out;
-  out.idx_s = idx_s;
-  out.p = at::cat(inputs, 0);  // [k N, C]
-  const at::Tensor h_pre = at::linear(out.p, *w1, b1);
-  out.h = h_pre;
-  at::Tensor z = h_pre;
-  if (w2.has_value()) {
-    const at::Tensor h_act = act_forward(h_pre, act);
-    z = at::linear(h_act, *w2, b2);
-    if (saves_activated(act)) out.h = h_act;
+  if (has_lp_lse(pools)) {
+    std::tie(a, m, out.idx_s, lp, lse) = pool_over_s_lp_lse(x, scale);
+  } else {
+    std::tie(a, m, out.idx_s) = pool_over_s(x, scale);
   }
-  const int64_t k = static_cast<int64_t>(inputs.size());
-  out.gc = at::sigmoid(z.reshape({k, inputs[0].size(0), -1}).sum(0));
+  auto opt = [](const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); };
+  std::tie(out.gc, out.p, out.h) = channel_head(a, m, opt(lp), opt(lse), *w1, b1, w2, b2, pools,
+                                                act);
   return out;
 }
 

@@ -21,6 +21,15 @@ inline void define_ops(torch::Library& m) {
   m.def("pool_over_c(Tensor x, Tensor? scale) -> (Tensor avg, Tensor max, Tensor argmax)");
   // y[n,c,s] = x * gc[n,c] * gs[n,s] (a missing gate counts as 1); y keeps x's memory format.
   m.def("apply_gates(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
+  // The channel gate's head on the pools over S ([N, C] each, acc dtype; lp and lse where `pools`
+  // names them), its MLP summed over the pools and the sigmoid:
+  //   p = the stacked MLP inputs [k N, C] (the pools in `pools` order; 'blend': 0.5 (avg + max)),
+  //   h = p w1^T + b1 [k N, H], after `act` when act is relu (before it otherwise),
+  //   gc = sigmoid(sum over the pools of (act(h) w2^T + b2)) [N, C]; without w2 (one layer,
+  //   H = C): gc = sigmoid(sum over the pools of h).
+  m.def(
+      "channel_head(Tensor avg, Tensor max, Tensor? lp, Tensor? lse, Tensor w1, Tensor? b1, "
+      "Tensor? w2, Tensor? b2, str pools, str act) -> (Tensor gc, Tensor p, Tensor h)");
   // The spatial gate's head on the pools over C (avg, max: [N, 1, *spatial], acc dtype):
   //   smap = the stacked map ((max, avg), (avg, max) or 0.5 (avg + max), by spatial_pools),
   //   zconv = conv(smap, conv_w, conv_b) (one output channel, odd k, zero padding k / 2),

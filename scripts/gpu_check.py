@@ -1069,10 +1069,12 @@ def write_summary(d, part_dirs):
                             f"{pct(c.get('frac_same_size_copy'))} |"))
             L.append("")
             if kr.get("heads"):
-                L.append("The spatial gate's head, forward (spatial_head, one kernel) and backward "
-                         "(spatial_head_backward, two), against the ATen ops each replaced in "
-                         "the block (forward: cat, convolution, batch_norm, sigmoid; backward: "
-                         "sigmoid_backward, batch_norm_backward, convolution_backward, a copy):")
+                L.append("The heads against the ATen ops each replaced in the block: the channel "
+                         "gate's (channel_head, two or three kernels; cat, linear, relu, linear, "
+                         "sum, sigmoid), the spatial gate's forward (spatial_head, one kernel; "
+                         "cat, convolution, batch_norm, sigmoid) and backward "
+                         "(spatial_head_backward, two; sigmoid_backward, batch_norm_backward, "
+                         "convolution_backward, a copy):")
                 L.append("")
                 L.append("| op | site | maps | fused | ATen ops | speed-up |")
                 L.append("|---|---|---|---|---|---|")

@@ -118,3 +118,32 @@ def test_random_head_case_matches_the_cpu_kernel(seed):
     for g, w in zip(out, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the channel gate's head op
+def draw_channel_head_case(seed: int):
+    """(n, c, hidden, pools, act, two layers, bias, dtype, tile mode) for one seed: pool lists of
+    one to four pools in any order or the blend, every activation, extents around the 32-wide
+    tiles (now and then a c axis long enough to split), one split, the normal split, a chunk a
+    split."""
+    r = random.Random(20_000 + seed)
+    names = ["avg", "max", "lp", "lse"]
+    r.shuffle(names)
+    pools = "blend" if r.random() < 0.2 else "+".join(names[:r.randint(1, 4)])
+    c = r.randint(129, 700) if r.random() < 0.2 else r.choice([1, 2, 5, 16, 31, 32, 33, 64, 70])
+    return (r.randint(1, 40), c, r.choice([1, 3, 8, 31, 32, 33, 70]), pools,
+            r.choice(["relu", "silu", "gelu", "identity"]), r.random() < 0.8, r.random() < 0.7,
+            r.choice([torch.float64, torch.float32]), r.randint(0, 2))
+
+
+@pytest.mark.parametrize("seed", range(START, START + CASES // 2))
+def test_random_channel_head_case_matches_the_cpu_kernel(seed):
+    from test_channel_head import check_close, make_args
+    from test_channel_head import run_sim as run_channel_sim
+
+    from cbam_fused import _cpu_kernels as cpu
+
+    n, c, hidden, pools, act, two, bias, dtype, tile = draw_channel_head_case(seed)
+    args = make_args(n, c, hidden, pools, act, two, bias, dtype=dtype, seed=seed)
+    out, _ = run_channel_sim(args, tile=tile)
+    check_close(out, cpu.HEAD_KERNELS["channel_head"](*args), dtype, args)

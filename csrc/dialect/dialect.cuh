@@ -19,7 +19,8 @@
 //   global memory ONLY through cbam::ld / cbam::st (scalar) and cbam::ld_vec / cbam::st_vec
 //   (N elements, N * sizeof(T) bytes aligned to that size, at most 16 bytes)
 //   c10::Half, c10::BFloat16, at::opmath_type<T>, and standard math (cbam::isnan, cbam::exp_acc,
-//   cbam::log_acc, cbam::sqrt_acc below, for the accumulation types float and double)
+//   cbam::log_acc, cbam::sqrt_acc, cbam::erf_acc below, for the accumulation types float and
+//   double)
 //
 // What a launcher (host code) may use:
 //   cbam::global_ptr<T>(tensor)  -> the tensor's data as T* (the simulator also records the
@@ -166,15 +167,17 @@ CBAM_HOST_DEVICE bool isnan(T v) {
   return v != v;
 }
 
-// exp, log and sqrt of the accumulation types (float, double) under both compilers: the accurate
-// libm / CUDA functions (expf, not the fast __expf), so both builds round the same way up to the
-// libraries' documented ulp bounds.
+// exp, log, sqrt and erf of the accumulation types (float, double) under both compilers: the
+// accurate libm / CUDA functions (expf, not the fast __expf), so both builds round the same way
+// up to the libraries' documented ulp bounds.
 CBAM_HOST_DEVICE float exp_acc(float v) { return ::expf(v); }
 CBAM_HOST_DEVICE double exp_acc(double v) { return ::exp(v); }
 CBAM_HOST_DEVICE float log_acc(float v) { return ::logf(v); }
 CBAM_HOST_DEVICE double log_acc(double v) { return ::log(v); }
 CBAM_HOST_DEVICE float sqrt_acc(float v) { return ::sqrtf(v); }
 CBAM_HOST_DEVICE double sqrt_acc(double v) { return ::sqrt(v); }
+CBAM_HOST_DEVICE float erf_acc(float v) { return ::erff(v); }
+CBAM_HOST_DEVICE double erf_acc(double v) { return ::erf(v); }
 
 // 64-bit index type used when a tensor may hold 2^31 elements or more.
 using index_t = int64_t;

@@ -76,6 +76,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_c(const at::Tensor& x,
                                                            const std::optional<at::Tensor>& scale);
 at::Tensor apply_gates(const at::Tensor& x, const std::optional<at::Tensor>& gc,
                        const std::optional<at::Tensor>& gs);
+// The channel gate's head (kernels/channel_head.cuh): (gc [N, C], P [k N, C] the stacked MLP
+// inputs, h [k N, H] the hidden layer, after relu / before another activation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
+    const at::Tensor& avg, const at::Tensor& max, const std::optional<at::Tensor>& lp,
+    const std::optional<at::Tensor>& lse, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
+    const std::optional<at::Tensor>& b2, c10::string_view pools, c10::string_view act);
 // The spatial gate's head (kernels/spatial_head.cuh): (gs [N, S] or empty without `gate`,
 // smap [N, cin, *spatial], zconv [N, 1, *spatial]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "launchers/backward_reduce.cu"
+#include "launchers/channel_head.cu"
 #include "launchers/elementwise.cu"
 #include "launchers/pool.cu"
 #include "launchers/spatial_head.cu"

@@ -1,0 +1,249 @@
+// The channel gate's head: its MLP on the stacked pools over S, and the sigmoid (csrc/ops.cpp,
+// channel_head; DESIGN.md section 1). All in the accumulation dtype (float or double):
+//
+//   P[i N + n, c] = pool_i[n, c]      the pools in summation order, i < k (blend: k = 1 and
+//                                     P[n, c] = 0.5 (avg + max))
+//   h[r, j]  = W1[j, :] . P[r, :] + b1[j]                    r < R = k N, j < H
+//   two layers:  gc[n, c] = sigmoid(sum over i of (W2[c, :] . act(h[i N + n, :]) + b2[c]))
+//   one layer:   gc[n, c] = sigmoid(sum over i of h[i N + n, c])       (H = C)
+//
+// The op returns gc [N, C], P [R, C] and h [R, H]; h holds act(h) where act is relu (its backward
+// needs only the sign), the layer before the activation otherwise (`store_act`). Each dot product
+// is summed by one thread in increasing index order (per split, then the splits in order), so
+// every result is the same from run to run. The sums are blocked: each 32-term chunk is summed
+// on its own, then added to the running sum (rounding error grows with 32 + terms / 32, not with
+// the number of terms, as in ATen's blocked reductions).
+//
+// Three kernels, two or three launches:
+//   channel_head_hidden_kernel  h = W1 P (+ b1, act): a block per 32 x 32 tile of h (rows r,
+//       hidden units j) and per split of the c axis; 256 threads, each 4 rows of one j. The
+//       block stages 32-column chunks of P and W1 in shared memory (coalesced reads along c,
+//       conflict-free reads of W1's tile: rows padded to 33), so P is read ceil(H / 32) times and
+//       W1 ceil(R / 32) times, from L2 mostly. The blocks of the first j tile also write P (the
+//       stack of the pools: no separate cat). One split: the epilogue adds b1, applies the
+//       activation and stores h (FINISH). Several (the launcher splits a long c axis when the
+//       tiles alone leave SMs idle): each stores its partial sums [split, R, H].
+//   channel_head_finish_kernel  h = sum of the partials in split order + b1, act; a thread an
+//       element (only after a split launch).
+//   channel_head_gate_kernel    gc: two layers, a block per 32 x 32 tile of gc (samples n,
+//       channels c), each thread 4 samples of one c and every pool, staging 32-wide chunks of
+//       W2 and of each pool's act(h) along j as above (W2 is read ceil(N / 32) times, h
+//       ceil(C / 32) times); one layer, a thread an element.
+// These replace ATen's cat, two linear (addmm), the activation, the sum over the pools and the
+// sigmoid (six launches).
+#pragma once
+
+#include "kernels/common.cuh"
+
+namespace cbam {
+
+constexpr int kHeadTile = 32;  // rows and columns of a tile of h or gc, and the staged chunk
+constexpr int kHeadRowsPerThread = kHeadTile * kHeadTile / kBlockThreads;  // 4
+constexpr int kMaxChannelPools = 4;
+
+// The MLP's activation, as ATen computes it (relu keeps NaN; gelu is the exact, erf form).
+enum HeadAct : int { kActRelu = 0, kActSilu = 1, kActGelu = 2, kActIdentity = 3 };
+
+template <typename acc_t>
+CBAM_DEVICE acc_t head_act(acc_t v, int act) {
+  if (act == kActRelu) return v < acc_t(0) ? acc_t(0) : v;
+  if (act == kActSilu) return v / (acc_t(1) + exp_acc(-v));
+  if (act == kActGelu) {
+    return acc_t(0.5) * v * (acc_t(1) + erf_acc(v * acc_t(0.70710678118654752440)));
+  }
+  return v;
+}
+
+template <typename acc_t>
+struct ChannelHeadArgs {
+  const acc_t* pools[kMaxChannelPools];  // [N, C] each, in summation order
+  int k;                                 // pools summed (1 for the blend)
+  bool blend;                            // P = 0.5 (pools[0] + pools[1]), k = 1
+  int64_t N, C, H, R;                    // R = k N rows of P and h
+  const acc_t* w1;                       // [H, C]
+  const acc_t* b1;                       // [H] or nullptr
+  const acc_t* w2;                       // [C, H], or nullptr: one layer (H = C)
+  const acc_t* b2;                       // [C] or nullptr
+  int act;                               // HeadAct
+  bool store_act;                        // h holds act(h) (relu of two layers)
+  int64_t split_cols;                    // columns of c per split (a multiple of kHeadTile)
+  acc_t* p;                              // [R, C]
+  acc_t* h;                              // [R, H]
+  acc_t* partial;                        // [splits, R, H], or nullptr (one split)
+  acc_t* gc;                             // [N, C]
+};
+
+// P[r, c] from the pools.
+template <typename acc_t>
+CBAM_DEVICE acc_t head_p_at(const ChannelHeadArgs<acc_t>& a, int64_t r, int64_t c) {
+  if (a.blend) {
+    const int64_t o = r * a.C + c;
+    return acc_t(0.5) * (ld(a.pools[0] + o) + ld(a.pools[1] + o));
+  }
+  const int64_t i = r / a.N;
+  return ld(a.pools[i] + (r - i * a.N) * a.C + c);
+}
+
+// h's epilogue: + b1, then the activation where h stores it.
+template <typename acc_t>
+CBAM_DEVICE acc_t head_hidden_out(const ChannelHeadArgs<acc_t>& a, acc_t acc, int64_t j) {
+  if (a.b1 != nullptr) acc += ld(a.b1 + j);
+  return a.store_act ? head_act(acc, a.act) : acc;
+}
+
+// grid (ceil(R / 32), ceil(H / 32), splits), 256 threads.
+template <typename acc_t, bool FINISH>
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
+    channel_head_hidden_kernel(ChannelHeadArgs<acc_t> a) {
+  __shared__ acc_t s_p[kHeadTile][kHeadTile + 1];  // [row][column of the chunk]
+  __shared__ acc_t s_w[kHeadTile][kHeadTile + 1];  // [hidden unit][column of the chunk]
+  const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
+  const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
+  const int64_t R = a.R;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kHeadTile;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kHeadTile;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * a.split_cols;
+  const int64_t c_end = c_begin + a.split_cols < a.C ? c_begin + a.split_cols : a.C;
+  const bool writes_p = blockIdx.y == 0;
+  acc_t acc[kHeadRowsPerThread];
+  CBAM_UNROLL
+  for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] = acc_t(0);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kHeadTile) {
+    __syncthreads();  // the previous chunk is no longer read
+    // stage: element e of the 32 x 32 chunk, row e / 32, column e % 32 (a warp reads one row's
+    // 32 consecutive columns)
+    for (int e = static_cast<int>(threadIdx.x); e < kHeadTile * kHeadTile; e += kBlockThreads) {
+      const int row = e / kHeadTile, col = e % kHeadTile;
+      const int64_t c = c0 + col;
+      const bool c_in = c < c_end;
+      acc_t pv = acc_t(0), wv = acc_t(0);
+      if (c_in && r0 + row < R) {
+        pv = head_p_at(a, r0 + row, c);
+        if (writes_p) st(a.p + (r0 + row) * a.C + c, pv);
+      }
+      if (c_in && j0 + row < a.H) wv = ld(a.w1 + (j0 + row) * a.C + c);
+      s_p[row][col] = pv;
+      s_w[row][col] = wv;
+    }
+    __syncthreads();
+    const int cols = c_end - c0 < kHeadTile ? static_cast<int>(c_end - c0) : kHeadTile;
+    acc_t part[kHeadRowsPerThread];  // the chunk's sum, then added: a blocked sum
+    CBAM_UNROLL
+    for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] = acc_t(0);
+    for (int cc = 0; cc < cols; ++cc) {
+      const acc_t w = s_w[tx][cc];
+      CBAM_UNROLL
+      for (int q = 0; q < kHeadRowsPerThread; ++q) {
+        part[q] += w * s_p[ty + q * (kBlockThreads / kHeadTile)][cc];
+      }
+    }
+    CBAM_UNROLL
+    for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] += part[q];
+  }
+  const int64_t j = j0 + tx;
+  if (j >= a.H) return;
+  CBAM_UNROLL
+  for (int q = 0; q < kHeadRowsPerThread; ++q) {
+    const int64_t r = r0 + ty + q * (kBlockThreads / kHeadTile);
+    if (r >= R) continue;
+    if constexpr (FINISH) {
+      st(a.h + r * a.H + j, head_hidden_out(a, acc[q], j));
+    } else {
+      st(a.partial + (static_cast<int64_t>(blockIdx.z) * R + r) * a.H + j, acc[q]);
+    }
+  }
+}
+
+// grid-stride over R * H; `splits` partials per element.
+template <typename acc_t>
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
+    channel_head_finish_kernel(ChannelHeadArgs<acc_t> a, int64_t splits) {
+  const int64_t R = a.R;
+  const int64_t total = R * a.H;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
+    acc_t s = acc_t(0);
+    for (int64_t sp = 0; sp < splits; ++sp) s += ld(a.partial + sp * total + e);
+    st(a.h + e, head_hidden_out(a, s, e % a.H));
+  }
+}
+
+// Two layers: grid (ceil(N / 32), ceil(C / 32)), 256 threads. One layer: grid-stride over N C.
+template <typename acc_t, bool MLP>
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
+    channel_head_gate_kernel(ChannelHeadArgs<acc_t> a) {
+  const int k = a.k;
+  if constexpr (!MLP) {
+    const int64_t total = a.N * a.C;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+         e += stride) {
+      acc_t z = acc_t(0);
+      for (int i = 0; i < k; ++i) z += ld(a.h + i * total + e);  // h: [k N, C]
+      st(a.gc + e, acc_t(1) / (acc_t(1) + exp_acc(-z)));
+    }
+  } else {
+    __shared__ acc_t s_h[kMaxChannelPools][kHeadTile][kHeadTile + 1];  // [pool][sample][unit]
+    __shared__ acc_t s_w[kHeadTile][kHeadTile + 1];  // [channel][hidden unit of the chunk]
+    const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
+    const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
+    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kHeadTile;
+    const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kHeadTile;
+    const bool apply_act = !a.store_act;
+    acc_t acc[kMaxChannelPools][kHeadRowsPerThread];  // W2 . act(h) per pool, summed apart
+    CBAM_UNROLL
+    for (int i = 0; i < kMaxChannelPools; ++i) {
+      CBAM_UNROLL
+      for (int q = 0; q < kHeadRowsPerThread; ++q) acc[i][q] = acc_t(0);
+    }
+    for (int64_t j0 = 0; j0 < a.H; j0 += kHeadTile) {
+      __syncthreads();  // the previous chunk is no longer read
+      // stage W2's chunk once and every pool's chunk of act(h): W2 is read once per sample tile
+      for (int e = static_cast<int>(threadIdx.x); e < kHeadTile * kHeadTile; e += kBlockThreads) {
+        const int row = e / kHeadTile, col = e % kHeadTile;
+        const int64_t j = j0 + col;
+        s_w[row][col] = j < a.H && c0 + row < a.C ? ld(a.w2 + (c0 + row) * a.H + j) : acc_t(0);
+        for (int i = 0; i < k; ++i) {
+          acc_t hv = acc_t(0);
+          if (j < a.H && n0 + row < a.N) {
+            hv = ld(a.h + (i * a.N + n0 + row) * a.H + j);
+            if (apply_act) hv = head_act(hv, a.act);
+          }
+          s_h[i][row][col] = hv;
+        }
+      }
+      __syncthreads();
+      const int cols = a.H - j0 < kHeadTile ? static_cast<int>(a.H - j0) : kHeadTile;
+      CBAM_UNROLL
+      for (int i = 0; i < kMaxChannelPools; ++i) {
+        if (i >= k) break;
+        acc_t part[kHeadRowsPerThread];  // the chunk's sum, then added: a blocked sum
+        CBAM_UNROLL
+        for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] = acc_t(0);
+        for (int jj = 0; jj < cols; ++jj) {
+          const acc_t w = s_w[tx][jj];
+          CBAM_UNROLL
+          for (int q = 0; q < kHeadRowsPerThread; ++q) {
+            part[q] += w * s_h[i][ty + q * (kBlockThreads / kHeadTile)][jj];
+          }
+        }
+        CBAM_UNROLL
+        for (int q = 0; q < kHeadRowsPerThread; ++q) acc[i][q] += part[q];
+      }
+    }
+    const int64_t c = c0 + tx;
+    if (c >= a.C) return;
+    const acc_t bias = a.b2 != nullptr ? ld(a.b2 + c) : acc_t(0);
+    CBAM_UNROLL
+    for (int q = 0; q < kHeadRowsPerThread; ++q) {
+      const int64_t n = n0 + ty + q * (kBlockThreads / kHeadTile);
+      if (n >= a.N) continue;
+      acc_t z = acc_t(0);  // sum over the pools of (W2 . act(h_i) + b2), in pool order
+      for (int i = 0; i < k; ++i) z += acc[i][q] + bias;
+      st(a.gc + n * a.C + c, acc_t(1) / (acc_t(1) + exp_acc(-z)));
+    }
+  }
+}
+
+}  // namespace cbam
