@@ -254,6 +254,7 @@ def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, 
 
 HEAD_OPS = {  # op -> the ATen ops its pure-PyTorch kernel runs (what the block ran before it)
     "channel_head": "cat, linear, relu, linear, sum, sigmoid",
+    "channel_head_backward": "repeat, four mm, two sums, threshold_backward",
     "spatial_head": "cat, convolution, batch_norm, sigmoid",
     "spatial_head_backward": "sigmoid_backward, batch_norm_backward, convolution_backward, "
                              "the split of the map's gradient",
@@ -263,21 +264,24 @@ HEAD_OPS = {  # op -> the ATen ops its pure-PyTorch kernel runs (what the block 
 def _head_calls(op, device, batch, h, w, gen, nb, c=None):
     """(fused(i), aten(i)) of one head op on nb rotating sets of random float32 inputs: the
     channel gate of the official block (avg and max pools [batch, c], an MLP of c / 16 hidden
-    units with biases, relu), or the spatial gate of a block with BatchNorm in eval mode, maps
+    units with biases, relu; the backward from a random dzc and that forward's P and h), or the
+    spatial gate of a block with BatchNorm in eval mode, maps
     [batch, 1, h, w], 7x7 kernel."""
     from cbam_fused import _cpu_kernels as cpu
 
     def rnd(*shape, lo=-1.0, hi=1.0):
         return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
     fused_op, math = getattr(torch.ops.cbam_fused, op), cpu.HEAD_MATH[op]
-    if op == "channel_head":
+    if op.startswith("channel_head"):
         hid = max(1, c // 16)
         mlp = (rnd(hid, c, lo=-0.1, hi=0.1), rnd(hid), rnd(c, hid, lo=-0.3, hi=0.3), rnd(c))
         pools = [(rnd(batch, c), rnd(batch, c, lo=0.0, hi=2.0)) for _ in range(nb)]
-
-        def ch_args(i):
-            return (*pools[i % nb], None, None, *mlp, "avg+max", "relu")
-        return (lambda i: fused_op(*ch_args(i))), (lambda i: math(*ch_args(i)))
+        fwd = [(*pools[i], None, None, *mlp, "avg+max", "relu") for i in range(nb)]
+        if op == "channel_head_backward":  # dzc, and the forward's P and h
+            saved = [cpu.channel_head(*f)[1:] for f in fwd]
+            fwd = [(rnd(batch, c), *saved[i], mlp[0], mlp[2], True, True, "avg+max", "relu")
+                   for i in range(nb)]
+        return (lambda i: fused_op(*fwd[i % nb])), (lambda i: math(*fwd[i % nb]))
     params = (rnd(1, 2, 7, 7, lo=-0.1, hi=0.1), None, rnd(1, lo=0.5, hi=1.5), rnd(1),
               rnd(1, lo=-0.1, hi=0.1), rnd(1, lo=0.5, hi=1.5))
     if op == "spatial_head":
@@ -297,14 +301,14 @@ def _head_calls(op, device, batch, h, w, gen, nb, c=None):
 
 
 def _heads(device, sites, batch, timing, gen):
-    """The head ops (HEAD_OPS: channel_head, two or three kernels; spatial_head, one;
-    spatial_head_backward, two), each against the ATen ops it replaced in the block (its
+    """The head ops (HEAD_OPS: channel_head, two or three kernels, and its backward, two or three;
+    spatial_head, one; spatial_head_backward, two), each against the ATen ops it replaced in the block (its
     pure-PyTorch kernel, which on CUDA tensors runs exactly those), per site. Timed as the ops
     are (_time)."""
     out = []
     for (c, h, w) in SITES[sites]:
         for op in HEAD_OPS:
-            maps = [batch, c] if op == "channel_head" else [batch, 1, h, w]
+            maps = [batch, c] if op.startswith("channel_head") else [batch, 1, h, w]
             rec = dict(site=f"{c}x{h}x{w}", op=op, maps=maps, fused_ms=None,
                        aten_ms=None, speedup=None, error=None, graph_error=None)
             try:

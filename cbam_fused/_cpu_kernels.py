@@ -327,16 +327,38 @@ _CHANNEL_POOL_NAMES = ("avg", "max", "lp", "lse")  # _heads.CHANNEL_POOLS, the o
 _HEAD_ACTS = ("relu", "silu", "gelu", "identity")  # _heads.ACTIVATIONS
 
 
-def check_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
-    """The launcher's checks (csrc/launchers/channel_head.cu), word for word."""
-    op = "channel_head"
-    kinds = pools.split("+") if pools != "blend" else ["avg", "max"]
+_MAX_HEAD_UNITS = 65535 * 32  # max_grid_y() tiles of kHeadTile (csrc/kernels/head_gemm.cuh)
+
+
+def _check_channel_pools_act(pools, act, op) -> int:
+    """The pools and act arguments (launchers/channel_head_common.h); the MLP inputs' count k."""
+    kinds = pools.split("+")
     if pools != "blend" and (len(set(kinds)) != len(kinds)
                              or any(k not in _CHANNEL_POOL_NAMES for k in kinds)):
         raise RuntimeError(f"{op}: pools must be 'blend' or distinct names of avg, max, lp, lse "
                            f"joined by '+', got '{pools}'")
     if act not in _HEAD_ACTS:
         raise RuntimeError(f"{op}: act must be 'relu', 'silu', 'gelu' or 'identity', got '{act}'")
+    return 1 if pools == "blend" else len(kinds)
+
+
+def _check_head_tensors(ref, ref_name, op, specs):
+    """(name, tensor or None, wanted shape, its formula) each on ref's device, in its dtype and
+    of that shape (launchers/channel_head_common.h head_param)."""
+    for name, t, want, shape in specs:
+        if t is None:
+            continue
+        _check_like_head(t, ref, op, name, ref_name)
+        if list(t.shape) != want:
+            raise RuntimeError(f"{op}: {name} must have shape {shape} = {want}, got "
+                               f"{list(t.shape)}")
+
+
+def check_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
+    """The launcher's checks (csrc/launchers/channel_head.cu), word for word."""
+    op = "channel_head"
+    k = _check_channel_pools_act(pools, act, op)
+    kinds = ["avg", "max"] if pools == "blend" else pools.split("+")
     if avg.dim() != 2:
         raise RuntimeError(f"{op}: avg must have shape [N, C], got {list(avg.shape)}")
     _check_accumulation_dtype(avg, op, "avg")
@@ -349,30 +371,23 @@ def check_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
         if t.shape != avg.shape:
             raise RuntimeError(f"{op}: {name} must have the shape of avg {list(avg.shape)}, got "
                                f"{list(t.shape)}")
-    for k in kinds:
-        if given[k] is None:
-            raise RuntimeError(f"{op}: pools '{pools}' need {k}")
+    for name in kinds:
+        if given[name] is None:
+            raise RuntimeError(f"{op}: pools '{pools}' need {name}")
     if w1.dim() != 2 or w1.shape[1] != c:
         raise RuntimeError(f"{op}: w1 must have shape [H, C] with C = {c}, got {list(w1.shape)}")
     hid = w1.shape[0]
-    for name, t, want, shape in (("w1", w1, [hid, c], "[H, C]"), ("b1", b1, [hid], "[H]"),
-                                 ("w2", w2, [c, hid], "[C, H]"), ("b2", b2, [c], "[C]")):
-        if t is None:
-            continue
-        _check_like_head(t, avg, op, name, "avg")
-        if list(t.shape) != want:
-            raise RuntimeError(f"{op}: {name} must have shape {shape} = {want}, got "
-                               f"{list(t.shape)}")
+    _check_head_tensors(avg, "avg", op, (("w1", w1, [hid, c], "[H, C]"), ("b1", b1, [hid], "[H]"),
+                                         ("w2", w2, [c, hid], "[C, H]"), ("b2", b2, [c], "[C]")))
     if w2 is None and hid != c:
         raise RuntimeError(f"{op}: w1 must have shape [C, C] = [{c}, {c}] without w2 (one "
                            f"layer), got {list(w1.shape)}")
     if w2 is None and b2 is not None:
         raise RuntimeError(f"{op}: b2 needs w2")
-    limit = 65535 * 32  # max_grid_y() tiles of kHeadTile
-    if c > limit or hid > limit:
-        raise RuntimeError(f"{op}: at most {limit} channels and hidden units are supported, got "
-                           f"C = {c}, H = {hid}")
-    return n, c, hid, 1 if pools == "blend" else len(kinds)
+    if c > _MAX_HEAD_UNITS or hid > _MAX_HEAD_UNITS:
+        raise RuntimeError(f"{op}: at most {_MAX_HEAD_UNITS} channels and hidden units are "
+                           f"supported, got C = {c}, H = {hid}")
+    return n, c, hid, k
 
 
 def channel_head(avg: Tensor, max: Tensor, lp: Optional[Tensor], lse: Optional[Tensor],
@@ -383,6 +398,42 @@ def channel_head(avg: Tensor, max: Tensor, lp: Optional[Tensor], lse: Optional[T
     pooled = {"avg": avg, "max": max, "lp": lp, "lse": lse}
     zc, p, h = _heads.channel_forward(pooled, pools, w1, b1, w2, b2, act)
     return torch.sigmoid(zc), p, h
+
+
+def check_channel_head_backward(dzc, p, h, w1, w2, has_b1, has_b2, pools, act):
+    """The launcher's checks (csrc/launchers/channel_head_backward.cu), word for word."""
+    op = "channel_head_backward"
+    k = _check_channel_pools_act(pools, act, op)
+    if dzc.dim() != 2:
+        raise RuntimeError(f"{op}: dzc must have shape [N, C], got {list(dzc.shape)}")
+    _check_accumulation_dtype(dzc, op, "dzc")
+    n, c = dzc.shape
+    if w1.dim() != 2 or w1.shape[1] != c:
+        raise RuntimeError(f"{op}: w1 must have shape [H, C] with C = {c}, got {list(w1.shape)}")
+    hid = w1.shape[0]
+    _check_head_tensors(dzc, "dzc", op, (("w1", w1, [hid, c], "[H, C]"),
+                                         ("p", p, [k * n, c], "[k N, C]"),
+                                         ("h", h, [k * n, hid], "[k N, H]"),
+                                         ("w2", w2, [c, hid], "[C, H]")))
+    if w2 is None and hid != c:
+        raise RuntimeError(f"{op}: w1 must have shape [C, C] = [{c}, {c}] without w2 (one "
+                           f"layer), got {list(w1.shape)}")
+    if w2 is None and has_b2:
+        raise RuntimeError(f"{op}: has_b2 needs w2")
+    if hid > _MAX_HEAD_UNITS:
+        raise RuntimeError(f"{op}: at most {_MAX_HEAD_UNITS} hidden units are supported, got "
+                           f"{hid}")
+    return n, c, hid, k
+
+
+def channel_head_backward(dzc: Tensor, p: Tensor, h: Tensor, w1: Tensor, w2: Optional[Tensor],
+                          has_b1: bool, has_b2: bool, pools: str, act: str):
+    """(dP, dw1, db1, dw2, db2), empty where absent: the ATen ops the kernels fuse (repeat, four
+    mm, two sums, the activation's backward), as the block's composite ran them before."""
+    present = dzc.new_empty((0,))  # stands for a bias: channel_backward only asks whether it is
+    dp, dw1, db1, dw2, db2 = _heads.channel_backward(
+        dzc, pools, p, h, w1, present if has_b1 else None, w2, present if has_b2 else None, act)
+    return tuple(t if t is not None else dzc.new_empty((0,)) for t in (dp, dw1, db1, dw2, db2))
 
 
 def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],
@@ -472,20 +523,27 @@ def _checked_head(name, math, check, n_tensors):
 # kernels registered for the ops are cbam_fused._cpu_fast.KERNELS)
 ORACLE = {name: _kernel(name) for name in MATH}
 # the ops on the small pooled maps (not x-sized): their math and CPU kernels
-HEAD_MATH = {"channel_head": channel_head, "spatial_head": spatial_head,
-             "spatial_head_backward": spatial_head_backward}
+HEAD_MATH = {"channel_head": channel_head, "channel_head_backward": channel_head_backward,
+             "spatial_head": spatial_head, "spatial_head_backward": spatial_head_backward}
 
 
-def _channel_head_kernel(*args):
-    """The CPU kernel of cbam_fused::channel_head (the simulator's while it is active)."""
-    check_channel_head(*args)
-    sim = sim_op("channel_head")
-    return sim(*args) if sim is not None else channel_head(*args)
+def _channel_kernel(name, math, check):
+    """The CPU kernel of a channel-head op: check(every argument), then the simulator or the
+    math."""
+    def kernel(*args):
+        check(*args)
+        sim = sim_op(name)
+        return sim(*args) if sim is not None else math(*args)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = f"The CPU kernel of cbam_fused::{name} (the simulator's while it is active)."
+    return kernel
 
 
-_channel_head_kernel.__name__ = _channel_head_kernel.__qualname__ = "channel_head"
 HEAD_KERNELS = {
-    "channel_head": _channel_head_kernel,
+    "channel_head": _channel_kernel("channel_head", channel_head, check_channel_head),
+    "channel_head_backward": _channel_kernel("channel_head_backward", channel_head_backward,
+                                             check_channel_head_backward),
     "spatial_head": _checked_head("spatial_head", spatial_head, check_spatial_head, 8),
     "spatial_head_backward": _checked_head("spatial_head_backward", spatial_head_backward,
                                            check_spatial_head_backward, 10),

@@ -92,9 +92,10 @@ def channel_forward(pooled, pools, w1, b1, w2, b2, act):
 
 
 def channel_backward(dzc, pools, p, h, w1, b1, w2, b2, act):
-    """Gradients of sum_p z(p) for dzc: ({pool name: d pool [N, C]}, dw1, db1, dw2, db2); None
-    for an absent bias or second layer. h: what channel_forward saved."""
-    n = dzc.shape[0]
+    """Gradients of sum_p z(p) for dzc: (dP, dw1, db1, dw2, db2), None for an absent bias or
+    second layer; dP is the gradient of the stacked inputs P [k N, C] (blend: [N, C], already
+    halved: the gradient of avg and of max alike; pool_grads splits it). h: what channel_forward
+    saved."""
     k = 1 if pools == "blend" else len(pool_kinds(pools))
     dz = dzc.repeat(k, 1) if k > 1 else dzc  # the same dzc flows into every pool's MLP output
     if w2 is None:
@@ -109,10 +110,14 @@ def channel_backward(dzc, pools, p, h, w1, b1, w2, b2, act):
     dw1 = dh_pre.t() @ p
     db1 = dh_pre.sum(0) if b1 is not None else None
     dp = dh_pre @ w1  # [k N, C]
+    return (0.5 * dp if pools == "blend" else dp), dw1, db1, dw2, db2
+
+
+def pool_grads(dp: Tensor, pools: str, n: int) -> Dict[str, Tensor]:
+    """The gradient of each pool [N, C] by name, from channel_backward's dP (views of it)."""
     if pools == "blend":
-        half = 0.5 * dp
-        return {"avg": half, "max": half}, dw1, db1, dw2, db2
-    return (pools_in(dp, pools, n) if k > 1 else {pools: dp}), dw1, db1, dw2, db2
+        return {"avg": dp, "max": dp}
+    return pools_in(dp, pools, n)
 
 
 # ----------------------------------------------------------------------------- spatial head

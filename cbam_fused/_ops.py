@@ -125,7 +125,19 @@ def _fake_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
     return avg.new_empty((n, c)), avg.new_empty((k * n, c)), avg.new_empty((k * n, hid))
 
 
-_HEAD_FAKES = {"channel_head": _fake_channel_head, "spatial_head": _fake_spatial_head,
+def _fake_channel_head_backward(dzc, p, h, w1, w2, has_b1, has_b2, pools, act):
+    n, c, hid, k = _cpu_kernels.check_channel_head_backward(dzc, p, h, w1, w2, has_b1, has_b2,
+                                                            pools, act)
+    empty = dzc.new_empty((0,))
+    return (dzc.new_empty((k * n, c)), dzc.new_empty((hid, c)),
+            dzc.new_empty((hid,)) if has_b1 else empty,
+            dzc.new_empty((c, hid)) if w2 is not None else empty.clone(),
+            dzc.new_empty((c,)) if has_b2 else empty.clone())
+
+
+_HEAD_FAKES = {"channel_head": _fake_channel_head,
+               "channel_head_backward": _fake_channel_head_backward,
+               "spatial_head": _fake_spatial_head,
                "spatial_head_backward": _fake_spatial_head_backward}
 
 # op name -> whether the C++ library registered a CUDA kernel for it (filled by _register)
@@ -236,6 +248,11 @@ def channel_head(avg: Tensor, max: Tensor, lp: Optional[Tensor], lse: Optional[T
                  w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
                  pools: str, act: str):
     return ops.channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act)
+
+
+def channel_head_backward(dzc: Tensor, p: Tensor, h: Tensor, w1: Tensor, w2: Optional[Tensor],
+                          has_b1: bool, has_b2: bool, pools: str, act: str):
+    return ops.channel_head_backward(dzc, p, h, w1, w2, has_b1, has_b2, pools, act)
 
 
 def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],

@@ -331,8 +331,11 @@ def _backward_composite(g, saved, cfg):
     du = dv = None
     dw1 = db1 = dw2 = db2 = dcw = dcb = dbw = dbb = None
 
-    def channel_back(dzc):  # dzc: d of the channel gate's logits
-        return _heads.channel_backward(dzc, cfg.pools, p, h, pw1, pb1, pw2, pb2, cfg.act)
+    def channel_back(dzc):  # dzc: d of the channel gate's logits; the head's backward in one op
+        dp, dw1_, db1_, dw2_, db2_ = _ops.channel_head_backward(
+            dzc, p, h, pw1, pw2, pb1 is not None, pb2 is not None, cfg.pools, cfg.act)
+        return (_heads.pool_grads(dp, cfg.pools, n), dw1_, db1_ if pb1 is not None else None,
+                dw2_ if pw2 is not None else None, db2_ if pb2 is not None else None)
 
     def spatial_back(dgs):  # the head's backward in one op; BatchNorm's batch statistics first
         if cfg.batch_norm and cfg.bn_training:

@@ -35,38 +35,28 @@ struct ChannelGrads {
   at::Tensor dw1, db1, dw2, db2;
 };
 
-// _heads.channel_backward: gradients of sum_p z(p) for dzc = d(pre-sigmoid channel logits).
+// The channel head's backward for dzc = d(pre-sigmoid channel logits): one op
+// (channel_head_backward), then its dP split by pool (views; the blend's dP is both pools').
 ChannelGrads channel_backward(const at::Tensor& dzc, const std::string& pools, const at::Tensor& p,
                               const at::Tensor& h, const at::Tensor& w1, const OptT& b1,
                               const OptT& w2, const OptT& b2, const std::string& act) {
   const int64_t n = dzc.size(0);
-  const bool blend = pools == "blend";
-  const std::vector<std::string> kinds =
-      blend ? std::vector<std::string>{"blend"} : split_pools(pools);
-  const int64_t k = static_cast<int64_t>(kinds.size());
-  const at::Tensor dz = k > 1 ? dzc.repeat({k, 1}) : dzc;  // the same dzc into every pool's MLP
   ChannelGrads out;
-  at::Tensor dh_pre;
-  if (!w2.has_value()) {
-    dh_pre = dz;
-  } else {
-    // relu: h is activated, and relu's backward at h is the one at h_pre (same sign)
-    const at::Tensor h_act = saves_activated(act) ? h : act_forward(h, act);
-    out.dw2 = at::mm(dz.t(), h_act);
-    if (b2.has_value()) out.db2 = dz.sum(0);
-    dh_pre = act_backward(at::mm(dz, *w2), h, act);
+  at::Tensor dp, db1, dw2, db2;
+  std::tie(dp, out.dw1, db1, dw2, db2) =
+      channel_head_backward(dzc, p, h, w1, w2, b1.has_value(), b2.has_value(), pools, act);
+  if (b1.has_value()) out.db1 = db1;
+  if (w2.has_value()) out.dw2 = dw2;
+  if (b2.has_value()) out.db2 = db2;
+  if (pools == "blend") {
+    out.dpool["avg"] = dp;
+    out.dpool["max"] = dp;
+    return out;
   }
-  out.dw1 = at::mm(dh_pre.t(), p);
-  if (b1.has_value()) out.db1 = dh_pre.sum(0);
-  const at::Tensor dp = at::mm(dh_pre, w1);  // [k N, C]
-  if (blend) {
-    const at::Tensor half = at::mul(dp, 0.5);
-    out.dpool["avg"] = half;
-    out.dpool["max"] = half;
-  } else if (k > 1) {
-    for (int64_t i = 0; i < k; ++i) out.dpool[kinds[i]] = dp.slice(0, i * n, (i + 1) * n);
-  } else {
-    out.dpool[kinds[0]] = dp;
+  const std::vector<std::string> kinds = split_pools(pools);
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    const int64_t i64 = static_cast<int64_t>(i);
+    out.dpool[kinds[i]] = dp.slice(0, i64 * n, (i64 + 1) * n);
   }
   return out;
 }

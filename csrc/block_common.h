@@ -1,6 +1,6 @@
 // Shared by the CBAM block's C++ composites (block_forward.cpp, block_backward.cpp): the package's
-// own ops called through the dispatcher, parameters in the accumulation dtype, the activations
-// and the `pools` string.
+// own ops called through the dispatcher, parameters in the accumulation dtype and the `pools`
+// string.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -60,6 +60,19 @@ inline Pools3 channel_head(const at::Tensor& avg, const at::Tensor& max, const O
   return op.call(avg, max, lp, lse, w1, b1, w2, b2, pools, act);
 }
 
+inline Pools5 channel_head_backward(const at::Tensor& dzc, const at::Tensor& p,
+                                   const at::Tensor& h, const at::Tensor& w1, const OptT& w2,
+                                   bool has_b1, bool has_b2, const std::string& pools,
+                                   const std::string& act) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::channel_head_backward", "")
+          .typed<Pools5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const OptT&, bool, bool, c10::string_view,
+                        c10::string_view)>();
+  return op.call(dzc, p, h, w1, w2, has_b1, has_b2, pools, act);
+}
+
 inline Pools3 spatial_head(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& conv_w,
                           const OptT& conv_b, const OptT& bn_w, const OptT& bn_b,
                           const OptT& bn_rm, const OptT& bn_rv, double bn_eps,
@@ -102,18 +115,6 @@ inline OptT acc(const OptT& t, at::ScalarType dtype) {
 inline OptT linear_form(const OptT& w) {
   if (!w.has_value() || w->dim() == 2) return w;
   return w->reshape({w->size(0), w->size(1)});
-}
-
-// Whether a two-layer channel head saves its hidden layer after the activation
-// (_heads.saves_activated: relu's backward needs only where the layer is positive, so the
-// backward recomputes nothing).
-inline bool saves_activated(const std::string& act) { return act == "relu"; }
-
-inline at::Tensor act_forward(const at::Tensor& h, const std::string& act) {
-  if (act == "relu") return at::relu(h);
-  if (act == "silu") return at::silu(h);
-  if (act == "gelu") return at::gelu(h);
-  return h;  // identity
 }
 
 inline std::vector<std::string> split_pools(const std::string& pools) {
@@ -215,14 +216,6 @@ inline at::Tensor grad_input_lp_lse(const at::Tensor& g, const at::Tensor& x, co
                             const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
                             int64_t)>();
   return op.call(g, x, gc, gs, da, dm, idx_s, du, dv, idx_c, d_lp, lp, d_lse, lse, arrangement);
-}
-
-// d act(h) / dh times dh, with the kernels eager autograd uses (_heads.act_backward).
-inline at::Tensor act_backward(const at::Tensor& dh, const at::Tensor& h, const std::string& act) {
-  if (act == "relu") return at::threshold_backward(dh, h, 0);
-  if (act == "silu") return at::silu_backward(dh, h);
-  if (act == "gelu") return at::gelu_backward(dh, h);
-  return dh;  // identity
 }
 
 }  // namespace block

@@ -21,7 +21,7 @@ namespace {
 using namespace block;  // NOLINT(build/namespaces): the helpers of block_common.h
 
 struct ChannelGate {
-  at::Tensor gc, idx_s, p, h;  // h: the hidden layer, activated where saves_activated says
+  at::Tensor gc, idx_s, p, h;  // h: the hidden layer (after relu, before another activation)
 };
 
 // The channel gate: the pools over S, then its head in one op (channel_head: the stacked pools,

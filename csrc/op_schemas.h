@@ -30,6 +30,14 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "channel_head(Tensor avg, Tensor max, Tensor? lp, Tensor? lse, Tensor w1, Tensor? b1, "
       "Tensor? w2, Tensor? b2, str pools, str act) -> (Tensor gc, Tensor p, Tensor h)");
+  // Its backward, from dzc = d of the gate's logits [N, C] (every pool's MLP output receives it)
+  // and the forward's p and h: dp [k N, C] (blend: [N, C], 0.5 of the MLP input's gradient: that
+  // of avg and of max alike), d w1, d b1, d w2, d b2 (a bias's gradient where has_b1 / has_b2,
+  // d w2 with w2; empty otherwise).
+  m.def(
+      "channel_head_backward(Tensor dzc, Tensor p, Tensor h, Tensor w1, Tensor? w2, bool has_b1, "
+      "bool has_b2, str pools, str act) -> (Tensor dp, Tensor dw1, Tensor db1, Tensor dw2, "
+      "Tensor db2)");
   // The spatial gate's head on the pools over C (avg, max: [N, 1, *spatial], acc dtype):
   //   smap = the stacked map ((max, avg), (avg, max) or 0.5 (avg + max), by spatial_pools),
   //   zconv = conv(smap, conv_w, conv_b) (one output channel, odd k, zero padding k / 2),

@@ -1070,8 +1070,10 @@ def write_summary(d, part_dirs):
             L.append("")
             if kr.get("heads"):
                 L.append("The heads against the ATen ops each replaced in the block: the channel "
-                         "gate's (channel_head, two or three kernels; cat, linear, relu, linear, "
-                         "sum, sigmoid), the spatial gate's forward (spatial_head, one kernel; "
+                         "gate's forward (channel_head, two or three kernels; cat, linear, relu, "
+                         "linear, sum, sigmoid) and backward (channel_head_backward, two or three; "
+                         "repeat, four mm, two sums, threshold_backward), the spatial gate's "
+                         "forward (spatial_head, one kernel; "
                          "cat, convolution, batch_norm, sigmoid) and backward "
                          "(spatial_head_backward, two; sigmoid_backward, batch_norm_backward, "
                          "convolution_backward, a copy):")

@@ -251,8 +251,8 @@ def _check_kernels(k, n_ops=7):
         assert c["copy_same_ms"] > 0
         assert c["frac_same_size_copy"] == pytest.approx(c["copy_same_ms"] / c["median_ms"])
     assert k["launch_floor_ms"] > 0
-    # channel_head, spatial_head and spatial_head_backward against the ATen ops they replaced,
-    # per site
+    # the head ops (channel_head, spatial_head and their backward ops) against the ATen ops
+    # they replaced, per site
     import bench_kernels as bk
     sites = list(dict.fromkeys(h["site"] for h in k["heads"]))
     assert len(sites) == 2
@@ -260,7 +260,7 @@ def _check_kernels(k, n_ops=7):
                                                           for op in bk.HEAD_OPS]
     for h in k["heads"]:
         assert h["error"] is None and h["fused_ms"] > 0 and h["aten_ms"] > 0, h
-        assert len(h["maps"]) == (2 if h["op"] == "channel_head" else 4), h
+        assert len(h["maps"]) == (2 if h["op"].startswith("channel_head") else 4), h
         assert h["speedup"] == pytest.approx(h["aten_ms"] / h["fused_ms"])
     assert set(k["summary"]) == {"float32/nchw", "bfloat16/channels_last"}
     for s in k["summary"].values():

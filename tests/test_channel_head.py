@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from cbam_fused import _cpu_kernels as cpu
+from cbam_fused import _ops
 
-from conftest import sim_has
+from conftest import needs_cuda, sim_has
 
 testing = pytest.importorskip("cbam_fused.testing")
 needs_sim = pytest.mark.skipif(not sim_has("channel_head"),
@@ -170,15 +171,30 @@ def test_split_and_unsplit_launches_agree(shape, tile, launches):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
+def assert_no_race(run, args, schedule):
+    """`run` (a run_sim) gives bitwise the forward order's outputs under `schedule`, at every
+    launch shape."""
+    for tile in (TILE_NORMAL, TILE_ONE_SPLIT, TILE_CHUNK_SPLITS):
+        want, _ = run(args, tile=tile)
+        got, _ = run(args, schedule=schedule, tile=tile)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def assert_matches(got, want, nan=False):
+    """Same shapes, values to 1e-12 (NaN where want has NaN, with nan)."""
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        if nan:
+            assert torch.equal(torch.isnan(g), torch.isnan(w))
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, equal_nan=nan)
+
+
 @needs_sim
 @pytest.mark.parametrize("schedule", ["reverse", "shuffle"])
 def test_no_race(schedule):
-    args = make_args(17, 70, 33, "avg+max+lp+lse", "gelu", dtype=torch.float32)
-    for tile in (TILE_NORMAL, TILE_ONE_SPLIT, TILE_CHUNK_SPLITS):
-        want, _ = run_sim(args, tile=tile)
-        got, _ = run_sim(args, schedule=schedule, tile=tile)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+    assert_no_race(run_sim, make_args(17, 70, 33, "avg+max+lp+lse", "gelu", dtype=torch.float32),
+                   schedule)
 
 
 @needs_sim
@@ -189,10 +205,7 @@ def test_empty_extents(shape, launches):
     args = make_args(*shape)
     out, stats = run_sim(args)
     assert len(stats) == launches
-    want = cpu.HEAD_KERNELS["channel_head"](*args)
-    for g, w in zip(out, want):
-        assert g.shape == w.shape
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert_matches(out, cpu.HEAD_KERNELS["channel_head"](*args))
 
 
 @needs_sim
@@ -204,10 +217,7 @@ def test_nan_and_inf_propagate_as_in_aten(act):
     args[0][1, 3] = float("nan")
     args[1][2, 7] = float("inf")
     got, _ = run_sim(args)
-    want = cpu.HEAD_KERNELS["channel_head"](*args)
-    for g, w in zip(got, want):
-        assert torch.equal(torch.isnan(g), torch.isnan(w))
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert_matches(got, cpu.HEAD_KERNELS["channel_head"](*args), nan=True)
     assert torch.isnan(got[0][1]).all()
 
 
@@ -231,6 +241,33 @@ def test_bytes_moved(n, c, hidden):
         floor = 4 * (r * c + 2 * hidden * c + hidden + c + n * c + r * c + r * hidden)
         total = sum(s["bytes_read"] + s["bytes_written"] for s in stats)
         assert total <= 2 * floor, (total, floor)
+
+
+# the ResNet-50 sites' heads at batch 64 and 256 (C, C / 16 hidden units): split and unsplit
+GPU_SHAPES = SHAPES + [(64, 256, 16), (64, 2048, 128), (256, 1024, 64), (256, 2048, 128)]
+
+
+@needs_cuda
+@pytest.mark.skipif(not _ops.has_cuda_kernel("channel_head"), reason="no CUDA kernel built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_kernels_match_the_cpu_kernel(shape, variant, dtype):
+    pools, act, two, bias = variant
+    args = make_args(*shape, pools, act, two, bias, dtype=dtype)
+    check_close(run_cuda("channel_head", args), cpu.HEAD_KERNELS["channel_head"](*args), dtype,
+                args)
+
+
+def run_cuda(op, args):
+    """Op `op` on CUDA copies of args, twice: the outputs (on the CPU) after checking that the
+    second run is bitwise equal to the first."""
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in args]
+    got = getattr(torch.ops.cbam_fused, op)(*dev)
+    again = getattr(torch.ops.cbam_fused, op)(*dev)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+    return [t.cpu() for t in got]
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -27,7 +27,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("elementwise.cu", "pool.cu", "backward_reduce.cu", "spatial_head.cu",
-           "spatial_head_backward.cu")
+           "spatial_head_backward.cu", "channel_head.cu", "channel_head_backward.cu")
 
 # (kernel name pattern, most local-memory bytes allowed: stack frame, spill stores or loads),
 # first match wins; every other kernel: 0. grad_input at float64 with one vector row in flight:
@@ -143,7 +143,10 @@ def test_every_kernel_was_reported(ptxas_report):
     for kernel in ("grad_input_kernel<", "apply_gates_kernel<", "reduce_k_kernel<",
                    "reduce_r_kernel<", "combine_partials_kernel<", "backward_reduce_kernel<",
                    "spatial_head_kernel<", "spatial_head_backward_kernel<",
-                   "spatial_head_backward_combine_kernel<"):
+                   "spatial_head_backward_combine_kernel<", "channel_head_hidden_kernel<",
+                   "channel_head_finish_kernel<", "channel_head_gate_kernel<",
+                   "channel_head_bwd_hidden_kernel<", "channel_head_bwd_finish_kernel<",
+                   "channel_head_bwd_params_kernel<"):
         assert any(kernel in n for n in ptxas_report), (kernel, sorted(ptxas_report)[:5])
     assert len(ptxas_report) > 100, len(ptxas_report)
 

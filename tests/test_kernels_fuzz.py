@@ -120,7 +120,7 @@ def test_random_head_case_matches_the_cpu_kernel(seed):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-# ------------------------------------------------------------------ the channel gate's head op
+# ------------------------------------------------------------------ the channel gate's head ops
 def draw_channel_head_case(seed: int):
     """(n, c, hidden, pools, act, two layers, bias, dtype, tile mode) for one seed: pool lists of
     one to four pools in any order or the blend, every activation, extents around the 32-wide
@@ -138,12 +138,17 @@ def draw_channel_head_case(seed: int):
 
 @pytest.mark.parametrize("seed", range(START, START + CASES // 2))
 def test_random_channel_head_case_matches_the_cpu_kernel(seed):
-    from test_channel_head import check_close, make_args
-    from test_channel_head import run_sim as run_channel_sim
+    import test_channel_head as fwd_tests
+    import test_channel_head_backward as bwd_tests
 
     from cbam_fused import _cpu_kernels as cpu
 
     n, c, hidden, pools, act, two, bias, dtype, tile = draw_channel_head_case(seed)
-    args = make_args(n, c, hidden, pools, act, two, bias, dtype=dtype, seed=seed)
-    out, _ = run_channel_sim(args, tile=tile)
-    check_close(out, cpu.HEAD_KERNELS["channel_head"](*args), dtype, args)
+    args = fwd_tests.make_args(n, c, hidden, pools, act, two, bias, dtype=dtype, seed=seed)
+    out, _ = fwd_tests.run_sim(args, tile=tile)
+    fwd_tests.check_close(out, cpu.HEAD_KERNELS["channel_head"](*args), dtype, args)
+    bargs, fwd = bwd_tests.make_bwd_args(n, c, hidden, pools, act, two, bias, dtype=dtype,
+                                         seed=seed)
+    out, _ = bwd_tests.run_sim(bargs, tile=tile)
+    bwd_tests.check_close(out, cpu.HEAD_KERNELS["channel_head_backward"](*bargs), dtype, bargs,
+                          fwd)

@@ -9,17 +9,14 @@
 //
 // The op returns gc [N, C], P [R, C] and h [R, H]; h holds act(h) where act is relu (its backward
 // needs only the sign), the layer before the activation otherwise (`store_act`). Each dot product
-// is summed by one thread in increasing index order (per split, then the splits in order), so
-// every result is the same from run to run. The sums are blocked: each 32-term chunk is summed
-// on its own, then added to the running sum (rounding error grows with 32 + terms / 32, not with
-// the number of terms, as in ATen's blocked reductions).
+// is summed by one thread in increasing index order, blocked by 32-term chunks (per split, then
+// the splits in order), so every result is the same from run to run.
 //
 // Three kernels, two or three launches:
 //   channel_head_hidden_kernel  h = W1 P (+ b1, act): a block per 32 x 32 tile of h (rows r,
-//       hidden units j) and per split of the c axis; 256 threads, each 4 rows of one j. The
-//       block stages 32-column chunks of P and W1 in shared memory (coalesced reads along c,
-//       conflict-free reads of W1's tile: rows padded to 33), so P is read ceil(H / 32) times and
-//       W1 ceil(R / 32) times, from L2 mostly. The blocks of the first j tile also write P (the
+//       hidden units j) and per split of the c axis (kernels/head_gemm.cuh: 256 threads, each 4
+//       rows of one j, 32-column chunks of P and W1 staged in shared memory), so P is read
+//       ceil(H / 32) times and W1 ceil(R / 32) times, from L2 mostly. The blocks of the first j tile also write P (the
 //       stack of the pools: no separate cat). One split: the epilogue adds b1, applies the
 //       activation and stores h (FINISH). Several (the launcher splits a long c axis when the
 //       tiles alone leave SMs idle): each stores its partial sums [split, R, H].
@@ -33,12 +30,10 @@
 // sigmoid (six launches).
 #pragma once
 
-#include "kernels/common.cuh"
+#include "kernels/head_gemm.cuh"
 
 namespace cbam {
 
-constexpr int kHeadTile = 32;  // rows and columns of a tile of h or gc, and the staged chunk
-constexpr int kHeadRowsPerThread = kHeadTile * kHeadTile / kBlockThreads;  // 4
 constexpr int kMaxChannelPools = 4;
 
 // The MLP's activation, as ATen computes it (relu keeps NaN; gelu is the exact, erf form).
@@ -91,12 +86,13 @@ CBAM_DEVICE acc_t head_hidden_out(const ChannelHeadArgs<acc_t>& a, acc_t acc, in
   return a.store_act ? head_act(acc, a.act) : acc;
 }
 
-// grid (ceil(R / 32), ceil(H / 32), splits), 256 threads.
+// grid (ceil(R / 32), ceil(H / 32), splits), 256 threads: the tile h[r0.., j0..] over this
+// split's columns of c (kernels/head_gemm.cuh), A = P (contiguous along c), B = W1 (along c).
 template <typename acc_t, bool FINISH>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     channel_head_hidden_kernel(ChannelHeadArgs<acc_t> a) {
-  __shared__ acc_t s_p[kHeadTile][kHeadTile + 1];  // [row][column of the chunk]
-  __shared__ acc_t s_w[kHeadTile][kHeadTile + 1];  // [hidden unit][column of the chunk]
+  __shared__ HeadTileSmem<acc_t> s_p;  // [row][column of the chunk]
+  __shared__ HeadTileSmem<acc_t> s_w;  // [hidden unit][column of the chunk]
   const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
   const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
   const int64_t R = a.R;
@@ -104,47 +100,25 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kHeadTile;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * a.split_cols;
   const int64_t c_end = c_begin + a.split_cols < a.C ? c_begin + a.split_cols : a.C;
-  const bool writes_p = blockIdx.y == 0;
+  const bool writes_p = blockIdx.y == 0;  // the first j tile also writes P
   acc_t acc[kHeadRowsPerThread];
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] = acc_t(0);
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kHeadTile) {
-    __syncthreads();  // the previous chunk is no longer read
-    // stage: element e of the 32 x 32 chunk, row e / 32, column e % 32 (a warp reads one row's
-    // 32 consecutive columns)
-    for (int e = static_cast<int>(threadIdx.x); e < kHeadTile * kHeadTile; e += kBlockThreads) {
-      const int row = e / kHeadTile, col = e % kHeadTile;
-      const int64_t c = c0 + col;
-      const bool c_in = c < c_end;
-      acc_t pv = acc_t(0), wv = acc_t(0);
-      if (c_in && r0 + row < R) {
-        pv = head_p_at(a, r0 + row, c);
-        if (writes_p) st(a.p + (r0 + row) * a.C + c, pv);
-      }
-      if (c_in && j0 + row < a.H) wv = ld(a.w1 + (j0 + row) * a.C + c);
-      s_p[row][col] = pv;
-      s_w[row][col] = wv;
-    }
-    __syncthreads();
-    const int cols = c_end - c0 < kHeadTile ? static_cast<int>(c_end - c0) : kHeadTile;
-    acc_t part[kHeadRowsPerThread];  // the chunk's sum, then added: a blocked sum
-    CBAM_UNROLL
-    for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] = acc_t(0);
-    for (int cc = 0; cc < cols; ++cc) {
-      const acc_t w = s_w[tx][cc];
-      CBAM_UNROLL
-      for (int q = 0; q < kHeadRowsPerThread; ++q) {
-        part[q] += w * s_p[ty + q * (kBlockThreads / kHeadTile)][cc];
-      }
-    }
-    CBAM_UNROLL
-    for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] += part[q];
-  }
+  const auto load_p = [&](int row, int64_t c) {
+    if (r0 + row >= R) return acc_t(0);
+    const acc_t v = head_p_at(a, r0 + row, c);
+    if (writes_p) st(a.p + (r0 + row) * a.C + c, v);
+    return v;
+  };
+  const auto load_w1 = [&](int row, int64_t c) {
+    return j0 + row < a.H ? ld(a.w1 + (j0 + row) * a.C + c) : acc_t(0);
+  };
+  head_tile_gemm<false, false>(c_begin, c_end, load_p, load_w1, s_p, s_w, acc);
   const int64_t j = j0 + tx;
   if (j >= a.H) return;
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) {
-    const int64_t r = r0 + ty + q * (kBlockThreads / kHeadTile);
+    const int64_t r = r0 + ty + q * kHeadRowStep;
     if (r >= R) continue;
     if constexpr (FINISH) {
       st(a.h + r * a.H + j, head_hidden_out(a, acc[q], j));
@@ -185,7 +159,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     }
   } else {
     __shared__ acc_t s_h[kMaxChannelPools][kHeadTile][kHeadTile + 1];  // [pool][sample][unit]
-    __shared__ acc_t s_w[kHeadTile][kHeadTile + 1];  // [channel][hidden unit of the chunk]
+    __shared__ HeadTileSmem<acc_t> s_w;  // [channel][hidden unit of the chunk]
     const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
     const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
     const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kHeadTile;
@@ -225,7 +199,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
           const acc_t w = s_w[tx][jj];
           CBAM_UNROLL
           for (int q = 0; q < kHeadRowsPerThread; ++q) {
-            part[q] += w * s_h[i][ty + q * (kBlockThreads / kHeadTile)][jj];
+            part[q] += w * s_h[i][ty + q * kHeadRowStep][jj];
           }
         }
         CBAM_UNROLL
@@ -237,7 +211,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     const acc_t bias = a.b2 != nullptr ? ld(a.b2 + c) : acc_t(0);
     CBAM_UNROLL
     for (int q = 0; q < kHeadRowsPerThread; ++q) {
-      const int64_t n = n0 + ty + q * (kBlockThreads / kHeadTile);
+      const int64_t n = n0 + ty + q * kHeadRowStep;
       if (n >= a.N) continue;
       acc_t z = acc_t(0);  // sum over the pools of (W2 . act(h_i) + b2), in pool order
       for (int i = 0; i < k; ++i) z += acc[i][q] + bias;

@@ -4,59 +4,9 @@
 #include <vector>
 
 #include "kernels/channel_head.cuh"
-#include "launchers/common.h"
-#include "launchers/spatial_head_common.h"
+#include "launchers/channel_head_common.h"
 
 namespace cbam {
-namespace {
-
-// The pools of a `pools` string in summation order (indices into avg, max, lp, lse), or {0, 1}
-// with *blend for "blend". The Python check (_cpu_kernels.check_channel_head) says the same.
-std::vector<int> channel_pool_order(const std::string& pools, bool* blend, const char* op) {
-  *blend = pools == "blend";
-  if (*blend) return {0, 1};
-  static const char* const kNames[] = {"avg", "max", "lp", "lse"};
-  std::vector<int> order;
-  size_t start = 0;
-  bool ok = !pools.empty();
-  while (ok) {
-    const size_t plus = pools.find('+', start);
-    const std::string name =
-        pools.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
-    int idx = -1;
-    for (int i = 0; i < kMaxChannelPools; ++i) {
-      if (name == kNames[i]) idx = i;
-    }
-    for (int seen : order) ok = ok && seen != idx;
-    ok = ok && idx >= 0;
-    if (ok) order.push_back(idx);
-    if (plus == std::string::npos) break;
-    start = plus + 1;
-  }
-  TORCH_CHECK(ok, op, ": pools must be 'blend' or distinct names of avg, max, lp, lse joined by "
-              "'+', got '", pools, "'");
-  return order;
-}
-
-int head_act_of(const std::string& act, const char* op) {
-  TORCH_CHECK(act == "relu" || act == "silu" || act == "gelu" || act == "identity", op,
-              ": act must be 'relu', 'silu', 'gelu' or 'identity', got '", act, "'");
-  return act == "relu" ? kActRelu : act == "silu" ? kActSilu : act == "gelu" ? kActGelu
-                                                                              : kActIdentity;
-}
-
-// A 1-D or 2-D parameter of the head with the given sizes, on avg's device and in its dtype.
-at::Tensor head_param(const std::optional<at::Tensor>& t, const at::Tensor& avg,
-                      std::vector<int64_t> want, const char* op, const char* arg,
-                      const char* shape) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_like_head(*t, avg, op, arg, "avg");
-  TORCH_CHECK(t->sizes() == at::IntArrayRef(want), op, ": ", arg, " must have shape ", shape,
-              " = ", at::IntArrayRef(want), ", got ", t->sizes());
-  return t->contiguous();
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
     const at::Tensor& avg_in, const at::Tensor& max_in, const std::optional<at::Tensor>& lp_in,
@@ -89,10 +39,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
   TORCH_CHECK(w1_in.dim() == 2 && w1_in.size(1) == C, op, ": w1 must have shape [H, C] with C = ",
               C, ", got ", w1_in.sizes());
   const int64_t H = w1_in.size(0);
-  const at::Tensor w1 = head_param(w1_in, avg_in, {H, C}, op, "w1", "[H, C]");
-  const at::Tensor b1 = head_param(b1_in, avg_in, {H}, op, "b1", "[H]");
-  const at::Tensor w2 = head_param(w2_in, avg_in, {C, H}, op, "w2", "[C, H]");
-  const at::Tensor b2 = head_param(b2_in, avg_in, {C}, op, "b2", "[C]");
+  const at::Tensor w1 = head_param(w1_in, avg_in, "avg", {H, C}, op, "w1", "[H, C]");
+  const at::Tensor b1 = head_param(b1_in, avg_in, "avg", {H}, op, "b1", "[H]");
+  const at::Tensor w2 = head_param(w2_in, avg_in, "avg", {C, H}, op, "w2", "[C, H]");
+  const at::Tensor b2 = head_param(b2_in, avg_in, "avg", {C}, op, "b2", "[C]");
   TORCH_CHECK(w2.defined() || H == C, op, ": w1 must have shape [C, C] = [", C, ", ", C,
               "] without w2 (one layer), got ", w1_in.sizes());
   TORCH_CHECK(w2.defined() || !b2.defined(), op, ": b2 needs w2");
@@ -107,17 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
   at::Tensor h = new_output({R, H}, opts);
   if (N == 0) return {gc, p, h};
 
-  // The split of the c axis: whole chunks of kHeadTile columns, at least 4 a split, split only
-  // while the tiles alone give fewer blocks than SMs. Debug tile modes (tests): 1, one split;
-  // 2, a chunk a split.
-  const int64_t tiles = ceil_div(R, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile));
-  const int64_t chunks = ceil_div(C, kHeadTile);
-  int64_t splits = std::min(ceil_div(num_sms(), tiles), std::max<int64_t>(1, chunks / 4));
-  if (debug::tile_mode == 1) splits = 1;
-  if (debug::tile_mode == 2) splits = std::max<int64_t>(1, chunks);
-  splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
-  const int64_t chunks_per_split = std::max<int64_t>(1, ceil_div(chunks, splits));
-  splits = std::max<int64_t>(1, ceil_div(chunks, chunks_per_split));
+  const auto [splits, chunks_per_split] = head_c_splits(
+      ceil_div(R, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile)), C);
   const at::Tensor partial = splits > 1 ? at::empty({splits, R, H}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(avg_in.scalar_type(), op, [&] {
@@ -145,10 +86,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
     const dim3 hidden_grid(static_cast<unsigned>(ceil_div(R, kHeadTile)),
                            static_cast<unsigned>(std::max<int64_t>(1, ceil_div(H, kHeadTile))),
                            static_cast<unsigned>(splits));
-    const auto stride_blocks = [](int64_t total) {
-      return dim3(static_cast<unsigned>(std::min<int64_t>(
-          ceil_div(total, kBlockThreads), static_cast<int64_t>(num_sms()) * 16)));
-    };
     if (splits == 1) {
       launch(op, &channel_head_hidden_kernel<acc_t, true>, hidden_grid, dim3(kBlockThreads), 0,
              a);
@@ -156,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
       launch(op, &channel_head_hidden_kernel<acc_t, false>, hidden_grid, dim3(kBlockThreads), 0,
              a);
       if (R * H > 0) {
-        launch(op, &channel_head_finish_kernel<acc_t>, stride_blocks(R * H), dim3(kBlockThreads),
+        launch(op, &channel_head_finish_kernel<acc_t>, head_stride_blocks(R * H), dim3(kBlockThreads),
                0, a, splits);
       }
     }
@@ -166,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
                            static_cast<unsigned>(ceil_div(C, kHeadTile)));
       launch(op, &channel_head_gate_kernel<acc_t, true>, gate_grid, dim3(kBlockThreads), 0, a);
     } else {
-      launch(op, &channel_head_gate_kernel<acc_t, false>, stride_blocks(N * C),
+      launch(op, &channel_head_gate_kernel<acc_t, false>, head_stride_blocks(N * C),
              dim3(kBlockThreads), 0, a);
     }
   });

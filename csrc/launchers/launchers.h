@@ -83,6 +83,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
     const std::optional<at::Tensor>& lse, const at::Tensor& w1,
     const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
     const std::optional<at::Tensor>& b2, c10::string_view pools, c10::string_view act);
+// Its backward (kernels/channel_head_backward.cuh): (dP [k N, C] (blend: [N, C], the gradient of
+// avg and of max alike), dW1, db1, dW2, db2; each bias's and dW2 empty where absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_head_backward(
+    const at::Tensor& dzc, const at::Tensor& p, const at::Tensor& h, const at::Tensor& w1,
+    const std::optional<at::Tensor>& w2, bool has_b1, bool has_b2, c10::string_view pools,
+    c10::string_view act);
 // The spatial gate's head (kernels/spatial_head.cuh): (gs [N, S] or empty without `gate`,
 // smap [N, cin, *spatial], zconv [N, 1, *spatial]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(

@@ -13,6 +13,7 @@ inline void impl_ops(torch::Library& m) {
   m.impl("pool_over_c", &pool_over_c);
   m.impl("apply_gates", &apply_gates);
   m.impl("channel_head", &channel_head);
+  m.impl("channel_head_backward", &channel_head_backward);
   m.impl("spatial_head", &spatial_head);
   m.impl("spatial_head_backward", &spatial_head_backward);
   m.impl("backward_reduce", &backward_reduce);

@@ -6,6 +6,7 @@
 
 #include "launchers/backward_reduce.cu"
 #include "launchers/channel_head.cu"
+#include "launchers/channel_head_backward.cu"
 #include "launchers/elementwise.cu"
 #include "launchers/pool.cu"
 #include "launchers/spatial_head.cu"
