@@ -1,4 +1,7 @@
-"""The small heads of CBAM, forward and backward in closed form (ATen ops, no autograd).
+"""The small heads of CBAM, forward and backward in closed form (ATen ops, no autograd): the math
+of the head ops' CPU kernels (cbam_fused._cpu_kernels: channel_head, channel_head_backward,
+spatial_head, spatial_head_backward) and of the BatchNorm with batch statistics the block runs
+around spatial_head.
 
 Channel head (on [N, C] pooled descriptors: avg, max, lp, lse, or the avg / max blend):
     MLP:    z = W2 act(W1 p + b1) + b2,   zc = sum over the chosen pools p of z(p)

@@ -11,11 +11,12 @@ Backward, 5 passes:
     du, dv = spatial_head_backward(rs, gs)     [N, S], one op (and the conv / BN gradients)
     dzc = pool_over_c_backward_scale(x, du, dv, ic, rc, gc)     read x  (Q2; its store adds
                                                  rc and takes the sigmoid's backward)
-    da, dm = channel_head_backward(dzc)
+    da, dm = channel_head_backward(dzc)        [N, C], one op (and the MLP's gradients)
     dx = grad_input(g, gc, gs, da, dm, is, du, dv, ic)  read g, write dx  (Q3)
 Spatial-first swaps the roles of the two gates (the channel gate pools x * gs); parallel computes
 both gates from plain x (no Q2). Saved for backward: x, plus [N, C] / [N, S] tensors and argmax
-indices. The heads run in closed form (_heads.py), so the whole block traces under
+indices. Every piece is a custom op with a fake kernel (the heads' CPU kernels are their
+closed forms in _heads.py) or an ATen op, so the whole block traces under
 torch.compile(fullgraph=True). The forward composite is the op's C++ kernel
 (csrc/block_forward.cpp: one call from Python instead of a dozen) and, for fake tensors, _forward
 below; the backward likewise: csrc/block_backward.cpp and _backward_composite.

@@ -190,8 +190,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       __syncthreads();
       const int cols = a.H - j0 < kHeadTile ? static_cast<int>(a.H - j0) : kHeadTile;
       CBAM_UNROLL
-      for (int i = 0; i < kMaxChannelPools; ++i) {
-        if (i >= k) break;
+      for (int i = 0; i < kMaxChannelPools; ++i) {  // (unrolled: acc stays in registers)
+        if (i >= k) continue;
         acc_t part[kHeadRowsPerThread];  // the chunk's sum, then added: a blocked sum
         CBAM_UNROLL
         for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] = acc_t(0);
@@ -214,7 +214,10 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       const int64_t n = n0 + ty + q * kHeadRowStep;
       if (n >= a.N) continue;
       acc_t z = acc_t(0);  // sum over the pools of (W2 . act(h_i) + b2), in pool order
-      for (int i = 0; i < k; ++i) z += acc[i][q] + bias;
+      CBAM_UNROLL
+      for (int i = 0; i < kMaxChannelPools; ++i) {
+        if (i < k) z += acc[i][q] + bias;
+      }
       st(a.gc + n * a.C + c, acc_t(1) / (acc_t(1) + exp_acc(-z)));
     }
   }
