@@ -57,8 +57,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
   at::Tensor h = new_output({R, H}, opts);
   if (N == 0) return {gc, p, h};
 
-  const auto [splits, chunks_per_split] = head_c_splits(
+  // (no structured bindings: the dispatch lambda captures them, C++20 only, and nvcc builds
+  // against older torch take -std=c++17)
+  const std::pair<int64_t, int64_t> split = head_c_splits(
       ceil_div(R, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile)), C);
+  const int64_t splits = split.first, chunks_per_split = split.second;
   const at::Tensor partial = splits > 1 ? at::empty({splits, R, H}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(avg_in.scalar_type(), op, [&] {

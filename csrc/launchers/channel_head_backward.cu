@@ -46,8 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_h
   at::Tensor dw2 = mlp ? new_output({C, H}, opts) : at::empty({0}, opts);
   at::Tensor db2 = has_b2 ? new_output({C}, opts) : at::empty({0}, opts);
   const at::Tensor dh = mlp ? at::empty({R, H}, opts) : at::Tensor();
-  const auto [splits, chunks_per_split] =
+  const std::pair<int64_t, int64_t> split =  // (no structured bindings: see channel_head.cu)
       head_c_splits(ceil_div(N, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile)), C);
+  const int64_t splits = split.first, chunks_per_split = split.second;
   const at::Tensor partial =
       mlp && splits > 1 ? at::empty({splits, N, H}, opts) : at::Tensor();
 
@@ -95,6 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_h
       }
     }
     if (a.seg[5] == 0) return;
+    TORCH_CHECK(a.seg[5] <= std::numeric_limits<int32_t>::max(), op, ": ", a.seg[5],
+                " blocks for the parameters' gradients, more than a grid holds (C = ", C,
+                ", H = ", H, ")");
     const dim3 grid(static_cast<unsigned>(a.seg[5]));
     if (mlp) {
       launch(op, &channel_head_bwd_params_kernel<acc_t, true>, grid, dim3(kBlockThreads), 0, a);
