@@ -278,3 +278,46 @@ def test_tensors_of_more_than_2_31_elements(layout):
         check_against_float64(op, tuple(t[-1:] for t in got), last_sample(args),
                               torch.bfloat16)
         del got
+
+
+def _head_case(op):
+    """(float32 arguments, check(got on the CPU, want)) of a small case of head op `op` that
+    splits its c axis / spans several blocks at the normal launch shape."""
+    import test_channel_head as ch
+    import test_channel_head_backward as chb
+    import test_spatial_head as sh
+    import test_spatial_head_backward as shb
+    f32 = torch.float32
+    if op == "channel_head":
+        args = ch.make_args(5, 300, 20, "avg+max+lp+lse", "gelu", dtype=f32)
+        return args, lambda got, want: ch.check_close(got, want, f32, args)
+    if op == "channel_head_backward":
+        args, fwd = chb.make_bwd_args(5, 300, 20, "lse+avg", "silu", dtype=f32)
+        return args, lambda got, want: chb.check_close(got, want, f32, args, fwd)
+    geom, variant = ((9, 11), 7), ("max,mean", True, "affine", True)
+    if op == "spatial_head":
+        args = sh.make_args(*geom, *variant, dtype=f32, n=3)
+        return args, lambda got, want: sh.check_close(got, want, f32, args)
+    args, _ = shb.make_bwd_args(*geom, *variant, dtype=f32, n=3)
+    refs = shb.float32_references(geom, variant, 3)
+    return args, lambda got, want: shb.check_close(got, want, f32, *refs)
+
+
+@pytest.mark.parametrize("op", _ops.HEAD_OPS)
+@pytest.mark.parametrize("tile", [TILE_NORMAL, 1, 2])
+def test_head_op_matches_cpu_kernel_on_gpu(op, tile):
+    """Every head op on small float32 inputs at each debug launch shape (channel heads: normal,
+    one split of c, a 32-column chunk a split; spatial heads: normal, one block, unstaged),
+    outputs poisoned, against the CPU kernel. Small and quick: the GPU protocol's sanitizer step
+    runs them under memcheck, racecheck, initcheck and synccheck (scripts/gpu_check.py
+    SANITIZE_K)."""
+    if not _ops.has_cuda_kernel(op):
+        pytest.skip(f"no CUDA kernel built for {op}")
+    args, check_close = _head_case(op)
+    want = cpu.HEAD_KERNELS[op](*args)
+    torch.ops.cbam_fused_debug.set_debug(True, tile)
+    try:
+        got = getattr(torch.ops.cbam_fused, op)(*cuda_args(args))
+    finally:
+        torch.ops.cbam_fused_debug.set_debug(True, TILE_NORMAL)
+    check_close([t.cpu() for t in got], want)
