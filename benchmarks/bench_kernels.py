@@ -302,9 +302,9 @@ def _head_calls(op, device, batch, h, w, gen, nb, c=None):
 
 def _heads(device, sites, batch, timing, gen):
     """The head ops (HEAD_OPS: channel_head, two or three kernels, and its backward, two or three;
-    spatial_head, one; spatial_head_backward, two), each against the ATen ops it replaced in the block (its
-    pure-PyTorch kernel, which on CUDA tensors runs exactly those), per site. Timed as the ops
-    are (_time)."""
+    spatial_head, one; spatial_head_backward, two), each against the ATen ops it replaced in the
+    block (its pure-PyTorch kernel, which on CUDA tensors runs exactly those), per site. Timed as
+    the ops are (_time)."""
     out = []
     for (c, h, w) in SITES[sites]:
         for op in HEAD_OPS:

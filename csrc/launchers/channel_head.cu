@@ -96,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
       launch(op, &channel_head_hidden_kernel<acc_t, false>, hidden_grid, dim3(kBlockThreads), 0,
              a);
       if (R * H > 0) {
-        launch(op, &channel_head_finish_kernel<acc_t>, head_stride_blocks(R * H), dim3(kBlockThreads),
-               0, a, splits);
+        launch(op, &channel_head_finish_kernel<acc_t>, head_stride_blocks(R * H),
+               dim3(kBlockThreads), 0, a, splits);
       }
     }
     if (C == 0) return;
