@@ -17,9 +17,10 @@
 //       hidden units j) and per split of the c axis (kernels/head_gemm.cuh: 256 threads, each 4
 //       rows of one j, 32-column chunks of P and W1 staged in shared memory), so P is read
 //       ceil(H / 32) times and W1 ceil(R / 32) times, from L2 mostly. The blocks of the first j
-//       tile also write P (the stack of the pools: no separate cat). One split: the epilogue adds b1, applies the
-//       activation and stores h (FINISH). Several (the launcher splits a long c axis when the
-//       tiles alone leave SMs idle): each stores its partial sums [split, R, H].
+//       tile also write P (the stack of the pools: no separate cat). One split: the epilogue
+//       adds b1, applies the activation and stores h (FINISH). Several (the launcher splits a
+//       long c axis when the tiles alone leave SMs idle): each stores its partial sums
+//       [split, R, H].
 //   channel_head_finish_kernel  h = sum of the partials in split order + b1, act; a thread an
 //       element (only after a split launch).
 //   channel_head_gate_kernel    gc: two layers, a block per 32 x 32 tile of gc (samples n,
