@@ -323,10 +323,6 @@ def check_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_
         raise RuntimeError(f"{op}: BatchNorm (bn_rm, bn_rv) needs zconv")
 
 
-_CHANNEL_POOL_NAMES = ("avg", "max", "lp", "lse")  # _heads.CHANNEL_POOLS, the op's argument order
-_HEAD_ACTS = ("relu", "silu", "gelu", "identity")  # _heads.ACTIVATIONS
-
-
 _MAX_HEAD_UNITS = 65535 * 32  # max_grid_y() tiles of kHeadTile (csrc/kernels/head_gemm.cuh)
 
 
@@ -334,10 +330,10 @@ def _check_channel_pools_act(pools, act, op) -> int:
     """The pools and act arguments (launchers/channel_head_common.h); the MLP inputs' count k."""
     kinds = pools.split("+")
     if pools != "blend" and (len(set(kinds)) != len(kinds)
-                             or any(k not in _CHANNEL_POOL_NAMES for k in kinds)):
+                             or any(k not in _heads.CHANNEL_POOLS for k in kinds)):
         raise RuntimeError(f"{op}: pools must be 'blend' or distinct names of avg, max, lp, lse "
                            f"joined by '+', got '{pools}'")
-    if act not in _HEAD_ACTS:
+    if act not in _heads.ACTIVATIONS:
         raise RuntimeError(f"{op}: act must be 'relu', 'silu', 'gelu' or 'identity', got '{act}'")
     return 1 if pools == "blend" else len(kinds)
 
@@ -358,7 +354,7 @@ def check_channel_head(avg, max, lp, lse, w1, b1, w2, b2, pools, act):
     """The launcher's checks (csrc/launchers/channel_head.cu), word for word."""
     op = "channel_head"
     k = _check_channel_pools_act(pools, act, op)
-    kinds = ["avg", "max"] if pools == "blend" else pools.split("+")
+    kinds = _heads.pool_kinds(pools)
     if avg.dim() != 2:
         raise RuntimeError(f"{op}: avg must have shape [N, C], got {list(avg.shape)}")
     _check_accumulation_dtype(avg, op, "avg")
@@ -430,9 +426,8 @@ def channel_head_backward(dzc: Tensor, p: Tensor, h: Tensor, w1: Tensor, w2: Opt
                           has_b1: bool, has_b2: bool, pools: str, act: str):
     """(dP, dw1, db1, dw2, db2), empty where absent: the ATen ops the kernels fuse (repeat, four
     mm, two sums, the activation's backward), as the block's composite ran them before."""
-    present = dzc.new_empty((0,))  # stands for a bias: channel_backward only asks whether it is
-    dp, dw1, db1, dw2, db2 = _heads.channel_backward(
-        dzc, pools, p, h, w1, present if has_b1 else None, w2, present if has_b2 else None, act)
+    dp, dw1, db1, dw2, db2 = _heads.channel_backward(dzc, pools, p, h, w1, w2, has_b1, has_b2,
+                                                     act)
     return tuple(t if t is not None else dzc.new_empty((0,)) for t in (dp, dw1, db1, dw2, db2))
 
 

@@ -94,11 +94,11 @@ def channel_forward(pooled, pools, w1, b1, w2, b2, act):
     return zc, p, h
 
 
-def channel_backward(dzc, pools, p, h, w1, b1, w2, b2, act):
-    """Gradients of sum_p z(p) for dzc: (dP, dw1, db1, dw2, db2), None for an absent bias or
-    second layer; dP is the gradient of the stacked inputs P [k N, C] (blend: [N, C], already
-    halved: the gradient of avg and of max alike; pool_grads splits it). h: what channel_forward
-    saved."""
+def channel_backward(dzc, pools, p, h, w1, w2, has_b1, has_b2, act):
+    """Gradients of sum_p z(p) for dzc: (dP, dw1, db1, dw2, db2), None for an absent bias
+    (has_b1, has_b2 false) or second layer; dP is the gradient of the stacked inputs P [k N, C]
+    (blend: [N, C], already halved: the gradient of avg and of max alike; pool_grads splits it).
+    h: what channel_forward saved."""
     k = 1 if pools == "blend" else len(pool_kinds(pools))
     dz = dzc.repeat(k, 1) if k > 1 else dzc  # the same dzc flows into every pool's MLP output
     if w2 is None:
@@ -108,10 +108,10 @@ def channel_backward(dzc, pools, p, h, w1, b1, w2, b2, act):
         # relu: h is activated, and relu's backward at h is the one at h_pre (same sign)
         h_act = h if saves_activated(act) else act_forward(h, act)
         dw2 = dz.t() @ h_act
-        db2 = dz.sum(0) if b2 is not None else None
+        db2 = dz.sum(0) if has_b2 else None
         dh_pre = act_backward(dz @ w2, h, act)
     dw1 = dh_pre.t() @ p
-    db1 = dh_pre.sum(0) if b1 is not None else None
+    db1 = dh_pre.sum(0) if has_b1 else None
     dp = dh_pre @ w1  # [k N, C]
     return (0.5 * dp if pools == "blend" else dp), dw1, db1, dw2, db2
 

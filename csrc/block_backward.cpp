@@ -28,7 +28,6 @@ OptT present(const OptT& t) {
   return t.has_value() && t->defined() && t->numel() > 0 ? t : std::nullopt;
 }
 
-OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
 
 struct ChannelGrads {
   std::map<std::string, at::Tensor> dpool;  // by pool name

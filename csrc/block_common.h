@@ -12,6 +12,8 @@
 #include <tuple>
 #include <vector>
 
+#include "pools_string.h"
+
 namespace cbam {
 namespace block {
 
@@ -117,17 +119,8 @@ inline OptT linear_form(const OptT& w) {
   return w->reshape({w->size(0), w->size(1)});
 }
 
-inline std::vector<std::string> split_pools(const std::string& pools) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (true) {
-    const size_t plus = pools.find('+', start);
-    out.push_back(pools.substr(start, plus == std::string::npos ? std::string::npos
-                                                                : plus - start));
-    if (plus == std::string::npos) return out;
-    start = plus + 1;
-  }
-}
+// An optional tensor from a tensor that may be undefined (absent).
+inline OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
 
 // The heads' parameters in the accumulation dtype of x (float64 for float64 x, else float32),
 // MLP weights in Linear form.

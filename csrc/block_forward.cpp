@@ -36,7 +36,6 @@ ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::stri
   } else {
     std::tie(a, m, out.idx_s) = pool_over_s(x, scale);
   }
-  auto opt = [](const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); };
   std::tie(out.gc, out.p, out.h) = channel_head(a, m, opt(lp), opt(lse), *w1, b1, w2, b2, pools,
                                                 act);
   return out;
@@ -107,7 +106,6 @@ std::vector<at::Tensor> cbam_block(const at::Tensor& x, const OptT& w1_in, const
     sp = spatial_gate(x, scale, order, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm, bn_rv,
                       bn_training, bn_eps);
   };
-  auto opt = [](const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); };
   if (arrangement == 0) {  // channel first: the spatial gate pools x * gc
     if (channel) run_channel(std::nullopt);
     if (spatial) run_spatial(opt(ch.gc));

@@ -12,6 +12,7 @@
 #include "kernels/channel_head.cuh"
 #include "launchers/common.h"
 #include "launchers/spatial_head_common.h"
+#include "pools_string.h"
 
 namespace cbam {
 
@@ -23,12 +24,8 @@ inline std::vector<int> channel_pool_order(const std::string& pools, bool* blend
   if (*blend) return {0, 1};
   static const char* const kNames[] = {"avg", "max", "lp", "lse"};
   std::vector<int> order;
-  size_t start = 0;
-  bool ok = !pools.empty();
-  while (ok) {
-    const size_t plus = pools.find('+', start);
-    const std::string name =
-        pools.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
+  bool ok = true;
+  for (const std::string& name : split_pools(pools)) {
     int idx = -1;
     for (int i = 0; i < kMaxChannelPools; ++i) {
       if (name == kNames[i]) idx = i;
@@ -36,8 +33,6 @@ inline std::vector<int> channel_pool_order(const std::string& pools, bool* blend
     for (int seen : order) ok = ok && seen != idx;
     ok = ok && idx >= 0;
     if (ok) order.push_back(idx);
-    if (plus == std::string::npos) break;
-    start = plus + 1;
   }
   TORCH_CHECK(ok, op, ": pools must be 'blend' or distinct names of avg, max, lp, lse joined by "
               "'+', got '", pools, "'");
