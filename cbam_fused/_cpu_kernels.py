@@ -247,6 +247,22 @@ def _check_head_order(spatial_pools, op):
     return 1 if spatial_pools == "blend" else 2
 
 
+def _check_head_scalars(ref, ref_name, op, **params):
+    """[1] parameters on ref's device, in its dtype (launchers/spatial_head_common.h head_scalar);
+    None: absent."""
+    for name, t in params.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), "
+                               f"got {t.device}")
+        if t.dim() != 1 or t.numel() != 1:
+            raise RuntimeError(f"{op}: {name} must have shape [1], got {list(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of {ref_name} "
+                               f"({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
+
+
 def _check_head_params(ref, ref_name, nd, cin, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, op):
     """conv_w, the [1] parameters and BatchNorm's pairing rules (launchers/spatial_head_common.h)."""
     _check_like_head(conv_w, ref, op, "conv_w", ref_name)
@@ -259,18 +275,8 @@ def _check_head_params(ref, ref_name, nd, cin, conv_w, conv_b, bn_w, bn_b, bn_rm
     if cin * k ** nd > _MAX_HEAD_TAPS:
         raise RuntimeError(f"{op}: conv_w has {cin * k ** nd} weights, at most {_MAX_HEAD_TAPS} "
                            f"are supported")
-    for name, t in (("conv_b", conv_b), ("bn_w", bn_w), ("bn_b", bn_b), ("bn_rm", bn_rm),
-                    ("bn_rv", bn_rv)):
-        if t is None:
-            continue
-        if t.device != ref.device:
-            raise RuntimeError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), "
-                               f"got {t.device}")
-        if t.dim() != 1 or t.numel() != 1:
-            raise RuntimeError(f"{op}: {name} must have shape [1], got {list(t.shape)}")
-        if t.dtype != ref.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of {ref_name} "
-                               f"({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
+    _check_head_scalars(ref, ref_name, op, conv_b=conv_b, bn_w=bn_w, bn_b=bn_b, bn_rm=bn_rm,
+                        bn_rv=bn_rv)
     if (bn_rm is None) != (bn_rv is None):
         raise RuntimeError(f"{op}: bn_rm and bn_rv must be given together (BatchNorm in eval mode)")
     if bn_rv is None and (bn_w is not None or bn_b is not None):
@@ -321,6 +327,37 @@ def check_spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_
                            f"output's gradient)")
     if zconv is None and bn_rv is not None:
         raise RuntimeError(f"{op}: BatchNorm (bn_rm, bn_rv) needs zconv")
+
+
+def _check_bn_zconv(zconv, op):
+    """zconv of the BatchNorm gate ops (launchers/batch_norm_gate.cu check_bn_zconv); (N, S)."""
+    nd = zconv.dim() - 2
+    if not (1 <= nd <= 3 and zconv.shape[1] == 1):
+        raise RuntimeError(f"{op}: zconv must have shape [N, 1, *spatial] with 1 to 3 spatial "
+                           f"dimensions, got {list(zconv.shape)}")
+    _check_accumulation_dtype(zconv, op, "zconv")
+    if zconv.numel() <= 1:
+        raise RuntimeError(f"{op}: zconv must hold more than 1 value (batch statistics), got "
+                           f"shape {list(zconv.shape)}")
+    return zconv.shape[0], math.prod(zconv.shape[2:])
+
+
+def check_batch_norm_gate(zconv, bn_w, bn_b, bn_eps):
+    op = "batch_norm_gate"
+    n, s = _check_bn_zconv(zconv, op)
+    _check_head_scalars(zconv, "zconv", op, bn_w=bn_w, bn_b=bn_b)
+    return n, s
+
+
+def check_batch_norm_gate_backward(dgs, gs, zconv, mean, invstd, bn_w, has_b):
+    op = "batch_norm_gate_backward"
+    n, s = _check_bn_zconv(zconv, op)
+    for name, t in (("dgs", dgs), ("gs", gs)):
+        _check_like_head(t, zconv, op, name, "zconv")
+        if list(t.shape) != [n, s]:
+            raise RuntimeError(f"{op}: {name} must have shape [{n}, {s}], got {list(t.shape)}")
+    _check_head_scalars(zconv, "zconv", op, mean=mean, invstd=invstd, bn_w=bn_w)
+    return n, s
 
 
 _MAX_HEAD_UNITS = 65535 * 32  # max_grid_y() tiles of kHeadTile (csrc/kernels/head_gemm.cuh)
@@ -438,8 +475,7 @@ def spatial_head(avg: Tensor, max: Tensor, conv_w: Tensor, conv_b: Optional[Tens
     batch_norm in eval mode, sigmoid), as the block's composite ran them before it."""
     n = avg.shape[0]
     smap = _heads.spatial_map(avg, max, spatial_pools, tuple(avg.shape[2:]))
-    zs, zconv, _, _ = _heads.spatial_forward(smap, conv_w, conv_b, bn_rv is not None, bn_w, bn_b,
-                                             bn_rm, bn_rv, False, bn_eps)
+    zs, zconv = _heads.spatial_forward(smap, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps)
     gs = torch.sigmoid(zs).reshape(n, math.prod(avg.shape[2:])) if gate else avg.new_empty((0,))
     return gs, smap, zconv
 
@@ -460,11 +496,33 @@ def spatial_head_backward(grad: Tensor, gs: Optional[Tensor], smap: Tensor,
                   for p in (conv_b, bn_w, bn_b)])
     dzs = grad if gs is None else torch.ops.aten.sigmoid_backward(grad, gs)
     dmap, dcw, dcb, dbw, dbb = _heads.spatial_backward(
-        dzs.reshape(n, 1, *sp), smap, zconv, conv_w, conv_b, bn_rv is not None, bn_w, bn_b, bn_rm,
-        bn_rv, False, bn_eps, None, None)
+        dzs.reshape(n, 1, *sp), smap, zconv, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps)
     du, dv = _heads.spatial_map_backward(dmap, spatial_pools)
     return (du, dv, dcw, dcb if dcb is not None else empty,
             dbw if dbw is not None else empty.clone(), dbb if dbb is not None else empty.clone())
+
+
+def batch_norm_gate(zconv: Tensor, bn_w: Optional[Tensor], bn_b: Optional[Tensor],
+                    bn_eps: float):
+    """(gs [N, S], mean, invstd, unbiased var): the ATen ops the kernels fuse (native_batch_norm
+    with batch statistics, sigmoid, var_mean for the running variance), as the block ran them
+    before."""
+    zs, mean, invstd = torch.ops.aten.native_batch_norm(zconv, bn_w, bn_b, None, None, True, 0.0,
+                                                        bn_eps)
+    var = torch.var_mean(zconv, dim=None, correction=1)[0].reshape(1)
+    return torch.sigmoid(zs).reshape(zconv.shape[0], -1), mean, invstd, var
+
+
+def batch_norm_gate_backward(dgs: Tensor, gs: Tensor, zconv: Tensor, mean: Tensor,
+                             invstd: Tensor, bn_w: Optional[Tensor], has_b: bool):
+    """(d zconv [N, S], d bn_w, d bn_b), empty where not asked for: the ATen ops the kernels fuse
+    (sigmoid_backward, native_batch_norm_backward with batch statistics)."""
+    dzs = torch.ops.aten.sigmoid_backward(dgs, gs).reshape(zconv.shape)
+    dz, dbw, dbb = torch.ops.aten.native_batch_norm_backward(
+        dzs, zconv, bn_w, None, None, mean, invstd, True, 0.0, [True, bn_w is not None, has_b])
+    empty = zconv.new_empty((0,))
+    return (dz.reshape(dgs.shape), dbw if dbw is not None else empty,
+            dbb if dbb is not None else empty.clone())
 
 
 # The math of each op, functional (no in-place writes, no simulator): what the kernels below run
@@ -519,12 +577,14 @@ def _checked_head(name, math, check, n_tensors):
 ORACLE = {name: _kernel(name) for name in MATH}
 # the ops on the small pooled maps (not x-sized): their math and CPU kernels
 HEAD_MATH = {"channel_head": channel_head, "channel_head_backward": channel_head_backward,
-             "spatial_head": spatial_head, "spatial_head_backward": spatial_head_backward}
+             "spatial_head": spatial_head, "spatial_head_backward": spatial_head_backward,
+             "batch_norm_gate": batch_norm_gate,
+             "batch_norm_gate_backward": batch_norm_gate_backward}
 
 
-def _channel_kernel(name, math, check):
-    """The CPU kernel of a channel-head op: check(every argument), then the simulator or the
-    math."""
+def _head_kernel(name, math, check):
+    """The CPU kernel of a head op whose check takes every argument: check, then the simulator or
+    the math."""
     def kernel(*args):
         check(*args)
         sim = sim_op(name)
@@ -536,10 +596,13 @@ def _channel_kernel(name, math, check):
 
 
 HEAD_KERNELS = {
-    "channel_head": _channel_kernel("channel_head", channel_head, check_channel_head),
-    "channel_head_backward": _channel_kernel("channel_head_backward", channel_head_backward,
-                                             check_channel_head_backward),
+    "channel_head": _head_kernel("channel_head", channel_head, check_channel_head),
+    "channel_head_backward": _head_kernel("channel_head_backward", channel_head_backward,
+                                          check_channel_head_backward),
     "spatial_head": _checked_head("spatial_head", spatial_head, check_spatial_head, 8),
     "spatial_head_backward": _checked_head("spatial_head_backward", spatial_head_backward,
                                            check_spatial_head_backward, 10),
+    "batch_norm_gate": _head_kernel("batch_norm_gate", batch_norm_gate, check_batch_norm_gate),
+    "batch_norm_gate_backward": _head_kernel("batch_norm_gate_backward", batch_norm_gate_backward,
+                                             check_batch_norm_gate_backward),
 }

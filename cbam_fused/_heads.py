@@ -1,7 +1,6 @@
 """The small heads of CBAM, forward and backward in closed form (ATen ops, no autograd): the math
 of the head ops' CPU kernels (cbam_fused._cpu_kernels: channel_head, channel_head_backward,
-spatial_head, spatial_head_backward) and of the BatchNorm with batch statistics the block runs
-around spatial_head.
+spatial_head, spatial_head_backward).
 
 Channel head (on [N, C] pooled descriptors: avg, max, lp, lse, or the avg / max blend):
     MLP:    z = W2 act(W1 p + b1) + b2,   zc = sum over the chosen pools p of z(p)
@@ -152,33 +151,24 @@ def _conv(x, w, b, pad):
                                       [1] * (x.dim() - 2), False, [0] * (x.dim() - 2), 1)
 
 
-def spatial_forward(smap, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn_rv, bn_training, bn_eps,
-                    zconv=None):
-    """zs [N, 1, *spatial] plus what the backward needs (conv out, BN's saved mean / invstd).
-    zconv: the conv output when the caller has it (spatial_head's), else computed here."""
-    if zconv is None:
-        zconv = _conv(smap, conv_w, conv_b, conv_w.shape[-1] // 2)
-    if not bn:
-        return zconv, zconv, None, None
-    if bn_training:
-        if zconv.numel() <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                             f"size {list(zconv.shape)} (the spatial map's BatchNorm)")
-        zs, mean, invstd = torch.ops.aten.native_batch_norm(zconv, bn_w, bn_b, None, None, True,
-                                                            0.0, bn_eps)
-    else:
-        zs, mean, invstd = torch.ops.aten.native_batch_norm(zconv, bn_w, bn_b, bn_rm, bn_rv, False,
-                                                            0.0, bn_eps)
-    return zs, zconv, mean, invstd
+def spatial_forward(smap, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps):
+    """(zs, zconv) [N, 1, *spatial]: the conv, then BatchNorm in eval mode where bn_rv is given
+    (with batch statistics: batch_norm_gate's math, cbam_fused._cpu_kernels)."""
+    zconv = _conv(smap, conv_w, conv_b, conv_w.shape[-1] // 2)
+    if bn_rv is None:
+        return zconv, zconv
+    zs, _, _ = torch.ops.aten.native_batch_norm(zconv, bn_w, bn_b, bn_rm, bn_rv, False, 0.0,
+                                                bn_eps)
+    return zs, zconv
 
 
-def spatial_backward(dzs, smap, zconv, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn_rv, bn_training,
-                     bn_eps, mean, invstd):
-    """(dmap, dconv_w, dconv_b, dbn_w, dbn_b)."""
+def spatial_backward(dzs, smap, zconv, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps):
+    """(dmap, dconv_w, dconv_b, dbn_w, dbn_b) from dzs = d zs, BatchNorm in eval mode where bn_rv
+    is given; None for a parameter not given."""
     dbn_w = dbn_b = None
-    if bn:
+    if bn_rv is not None:
         dzconv, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
-            dzs, zconv, bn_w, bn_rm, bn_rv, mean, invstd, bn_training, bn_eps,
+            dzs, zconv, bn_w, bn_rm, bn_rv, None, None, False, bn_eps,
             [True, bn_w is not None, bn_b is not None])
     else:
         dzconv = dzs
@@ -188,10 +178,3 @@ def spatial_backward(dzs, smap, zconv, conv_w, conv_b, bn, bn_w, bn_b, bn_rm, bn
         dzconv, smap, conv_w, [conv_w.shape[0]] if conv_b is not None else None, [1] * nd,
         [pad] * nd, [1] * nd, False, [0] * nd, 1, [True, True, conv_b is not None])
     return dmap, dw, db, dbn_w, dbn_b
-
-
-def batch_stats(zconv: Tensor):
-    """(batch mean, unbiased batch var) of the spatial map [N, 1, *spatial], for the running
-    statistics of its BatchNorm."""
-    var, mean = torch.var_mean(zconv, dim=None, correction=1)
-    return mean.reshape(1), var.reshape(1)

@@ -135,10 +135,24 @@ def _fake_channel_head_backward(dzc, p, h, w1, w2, has_b1, has_b2, pools, act):
             dzc.new_empty((c,)) if has_b2 else empty.clone())
 
 
+def _fake_batch_norm_gate(zconv, bn_w, bn_b, bn_eps):
+    n, s = _cpu_kernels.check_batch_norm_gate(zconv, bn_w, bn_b, bn_eps)
+    return (zconv.new_empty((n, s)), zconv.new_empty((1,)), zconv.new_empty((1,)),
+            zconv.new_empty((1,)))
+
+
+def _fake_batch_norm_gate_backward(dgs, gs, zconv, mean, invstd, bn_w, has_b):
+    n, s = _cpu_kernels.check_batch_norm_gate_backward(dgs, gs, zconv, mean, invstd, bn_w, has_b)
+    return (zconv.new_empty((n, s)), zconv.new_empty((1,) if bn_w is not None else (0,)),
+            zconv.new_empty((1,) if has_b else (0,)))
+
+
 _HEAD_FAKES = {"channel_head": _fake_channel_head,
                "channel_head_backward": _fake_channel_head_backward,
                "spatial_head": _fake_spatial_head,
-               "spatial_head_backward": _fake_spatial_head_backward}
+               "spatial_head_backward": _fake_spatial_head_backward,
+               "batch_norm_gate": _fake_batch_norm_gate,
+               "batch_norm_gate_backward": _fake_batch_norm_gate_backward}
 
 # op name -> whether the C++ library registered a CUDA kernel for it (filled by _register)
 NATIVE_CUDA = {}
@@ -268,6 +282,16 @@ def spatial_head_backward(grad: Tensor, gs: Optional[Tensor], smap: Tensor,
                           bn_rv: Optional[Tensor], bn_eps: float, spatial_pools: str):
     return ops.spatial_head_backward(grad, gs, smap, zconv, conv_w, conv_b, bn_w, bn_b, bn_rm,
                                      bn_rv, bn_eps, spatial_pools)
+
+
+def batch_norm_gate(zconv: Tensor, bn_w: Optional[Tensor], bn_b: Optional[Tensor],
+                    bn_eps: float):
+    return ops.batch_norm_gate(zconv, bn_w, bn_b, bn_eps)
+
+
+def batch_norm_gate_backward(dgs: Tensor, gs: Tensor, zconv: Tensor, mean: Tensor,
+                             invstd: Tensor, bn_w: Optional[Tensor], has_b: bool):
+    return ops.batch_norm_gate_backward(dgs, gs, zconv, mean, invstd, bn_w, has_b)
 
 
 def backward_reduce(grad, x, gc, gs, need_rc: bool, need_rs: bool):

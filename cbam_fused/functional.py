@@ -4,11 +4,13 @@ Forward (channel-first arrangement; DESIGN.md section 1), 4 passes over x-sized 
     a, m, is = pool_over_s(x)                  read x
     gc = channel_head(a, m)                    [N, C], one op (MLP, sum over the pools, sigmoid)
     u, v, ic = pool_over_c(x, gc)              read x
-    gs = spatial_head(u, v)                    [N, S], one op (map, conv, BatchNorm, sigmoid)
+    gs = spatial_head(u, v)                    [N, S], one op (map, conv, BatchNorm, sigmoid;
+                                                 with batch statistics, batch_norm_gate after it)
     y = apply_gates(x, gc, gs)                 read x, write y
 Backward, 5 passes:
     rc, rs = backward_reduce(g, x, gc, gs)     read g and x      (Q1)
-    du, dv = spatial_head_backward(rs, gs)     [N, S], one op (and the conv / BN gradients)
+    du, dv = spatial_head_backward(rs, gs)     [N, S], one op (and the conv / BN gradients;
+                                                 batch_norm_gate_backward before it)
     dzc = pool_over_c_backward_scale(x, du, dv, ic, rc, gc)     read x  (Q2; its store adds
                                                  rc and takes the sigmoid's backward)
     da, dm = channel_head_backward(dzc)        [N, C], one op (and the MLP's gradients)
@@ -95,10 +97,13 @@ def _acc_params(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv):
 # spatial-map-sized tensors and argmax indices; an empty tensor stands for "absent".
 _SAVED = ("gc", "gs", "idx_s", "idx_c", "p", "h", "smap", "zconv", "mean", "invstd")
 # (p, the stacked MLP inputs, holds the lp / lse pools the backward needs: no slots of their own)
+# The block's outputs are [y, *_SAVED, var]: var, the unbiased batch variance of zconv (training
+# mode with batch statistics; empty otherwise), updates the BatchNorm's running variance.
+_VAR = 1 + len(_SAVED)
 
 
 def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _Config):
-    """The forward composite: [y, *_SAVED], as the op's fake kernel (every piece is a custom op
+    """The forward composite: [y, *_SAVED, var], as the op's fake kernel (every piece is a custom op
     with a fake kernel, or an ATen op). Real tensors run its C++ twin, csrc/block_forward.cpp."""
     n = x.shape[0]
     sp = tuple(x.shape[2:])
@@ -123,16 +128,17 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
         ev = (pbw, pbb, prm, prv) if bn_eval else (None,) * 4
         gs, smap, zconv = _ops.spatial_head(u, v, pcw, pcb, *ev, cfg.bn_eps, cfg.spatial_pools,
                                             not bn_batch)
-        mean = invstd = None
+        mean = invstd = var = None
         if bn_eval:  # what native_batch_norm returns in eval mode: no batch statistics
             mean, invstd = u.new_empty((0,)), u.new_empty((0,))
         if bn_batch:
-            zs, zconv, mean, invstd = _heads.spatial_forward(
-                smap, pcw, pcb, True, pbw, pbb, prm, prv, True, cfg.bn_eps, zconv=zconv)
-            gs = torch.sigmoid(zs).reshape(n, -1)
-        return gs, idx_c, smap, zconv, mean, invstd
+            if zconv.numel() <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got "
+                                 f"input size {list(zconv.shape)} (the spatial map's BatchNorm)")
+            gs, mean, invstd, var = _ops.batch_norm_gate(zconv, pbw, pbb, cfg.bn_eps)
+        return gs, idx_c, smap, zconv, mean, invstd, var
 
-    no_ch, no_sp = (None,) * 4, (None,) * 6
+    no_ch, no_sp = (None,) * 4, (None,) * 7
     if cfg.arrangement == 0:  # channel first: the spatial gate pools x * gc
         ch = channel_gate(None) if channel else no_ch
         spg = spatial_gate(ch[0]) if spatial else no_sp
@@ -143,10 +149,10 @@ def _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, cfg: _
         ch = channel_gate(None) if channel else no_ch
         spg = spatial_gate(None) if spatial else no_sp
     gc, idx_s, p, h = ch
-    gs, idx_c, smap, zconv, mean, invstd = spg
+    gs, idx_c, smap, zconv, mean, invstd, var = spg
     y = _ops.apply_gates(x, gc, gs)
     acc = acc_dtype(x.dtype)
-    saved = [gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd]
+    saved = [gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd, var]
     return [y] + [x.new_empty((0,), dtype=acc) if t is None else t for t in saved]
 
 
@@ -251,8 +257,8 @@ def _cast_cached(t: Optional[Tensor], dtype) -> Optional[Tensor]:
 
 
 def _run_direct(args):
-    """The block's outputs [y, *_SAVED] from its C++ kernel, past the op's Python autograd kernel
-    (_eager_direct)."""
+    """The block's outputs [y, *_SAVED, var] from its C++ kernel, past the op's Python autograd
+    kernel (_eager_direct)."""
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args[:11]):
         return list(_CbamBlockFunction.apply(None, *args))
     acc = acc_dtype(args[0].dtype)
@@ -268,7 +274,7 @@ def _setup_context(ctx, inputs, output):
     if ctx.cfg.bn_training:  # BN's backward uses the batch statistics (mean, invstd); the
         bn_rm = bn_rv = None  # running ones are updated in place after the op returns
     ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv,
-                          *output[1:])
+                          *output[1:_VAR])
 
 
 def _backward(ctx, grads):
@@ -318,7 +324,7 @@ def _backward_composite(g, saved, cfg):
     x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv = saved[:11]
     gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd = \
         [_none_if_empty(t) for t in saved[11:]]
-    n, sp = x.shape[0], tuple(x.shape[2:])
+    n = x.shape[0]
     pw1, pb1, pw2, pb2, pcw, pcb, pbw, pbb, prm, prv = _acc_params(
         x, w1, b1, w2, b2, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv)
     channel, spatial = gc is not None, gs is not None
@@ -340,13 +346,12 @@ def _backward_composite(g, saved, cfg):
 
     def spatial_back(dgs):  # the head's backward in one op; BatchNorm's batch statistics first
         if cfg.batch_norm and cfg.bn_training:
-            dzconv, dbw_, dbb_ = torch.ops.aten.native_batch_norm_backward(
-                _sigmoid_grad(dgs, gs).reshape(n, 1, *sp), zconv, pbw, prm, prv, mean, invstd,
-                True, cfg.bn_eps, [True, pbw is not None, pbb is not None])
+            dzconv, dbw_, dbb_ = _ops.batch_norm_gate_backward(dgs, gs, zconv, mean, invstd, pbw,
+                                                               pbb is not None)
             du_, dv_, dcw_, dcb_, _, _ = _ops.spatial_head_backward(
-                dzconv.reshape(n, -1), None, smap, None, pcw, pcb, None, None, None, None,
-                cfg.bn_eps, cfg.spatial_pools)
-            return du_, dv_, dcw_, _none_if_empty(dcb_), dbw_, dbb_
+                dzconv, None, smap, None, pcw, pcb, None, None, None, None, cfg.bn_eps,
+                cfg.spatial_pools)
+            return du_, dv_, dcw_, *[_none_if_empty(t) for t in (dcb_, dbw_, dbb_)]
         ev = (pbw, pbb, prm, prv) if cfg.batch_norm else (None,) * 4
         du_, dv_, dcw_, dcb_, dbw_, dbb_ = _ops.spatial_head_backward(
             dgs, gs, smap, zconv if cfg.batch_norm else None, pcw, pcb, *ev, cfg.bn_eps,
@@ -594,7 +599,7 @@ def cbam(x: Tensor,
     y = out[0]
     if batch_norm and bn_running_mean is not None and bn_training:
         with torch.no_grad():
-            mean, var = _heads.batch_stats(out[1 + _SAVED.index("zconv")])
+            mean, var = out[1 + _SAVED.index("mean")], out[_VAR]  # batch_norm_gate's
             # running += m (batch - running) for both buffers in one op (one launch on a GPU,
             # where mul_ and add_ on each made four)
             running = [bn_running_mean, bn_running_var]

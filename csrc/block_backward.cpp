@@ -66,7 +66,7 @@ struct SpatialGrads {
 
 // The spatial head's backward from dgs = d gs [N, S]: one spatial_head_backward op (the sigmoid's
 // and BatchNorm's (eval) backward, the conv's, the map's split); with BatchNorm in training
-// mode, ATen's sigmoid_backward and batch_norm_backward (batch statistics) first.
+// mode, batch_norm_gate_backward (the sigmoid's and the batch statistics' backward) first.
 SpatialGrads spatial_backward(const at::Tensor& dgs, const at::Tensor& gs, const at::Tensor& smap,
                               const at::Tensor& zconv, const at::Tensor& conv_w, const OptT& conv_b,
                               bool batch_norm, const OptT& bn_w, const OptT& bn_b,
@@ -77,21 +77,19 @@ SpatialGrads spatial_backward(const at::Tensor& dgs, const at::Tensor& gs, const
   const OptT none;
   at::Tensor dcb, dbw, dbb;  // empty where the parameter is not given
   if (batch_norm && bn_training) {
-    at::Tensor dzconv;
-    std::tie(dzconv, out.dbw, out.dbb) = at::native_batch_norm_backward(
-        at::sigmoid_backward(dgs, gs).reshape(zconv.sizes()), zconv, bn_w, bn_rm, bn_rv, mean,
-        invstd, true, bn_eps, {true, bn_w.has_value(), bn_b.has_value()});
-    std::tie(out.du, out.dv, out.dcw, dcb, dbw, dbb) =
-        spatial_head_backward(dzconv.reshape({dgs.size(0), -1}), none, smap, none, conv_w, conv_b,
-                              none, none, none, none, bn_eps, order);
+    at::Tensor dzconv, no_bn_w, no_bn_b;
+    std::tie(dzconv, dbw, dbb) =
+        batch_norm_gate_backward(dgs, gs, zconv, *mean, *invstd, bn_w, bn_b.has_value());
+    std::tie(out.du, out.dv, out.dcw, dcb, no_bn_w, no_bn_b) = spatial_head_backward(
+        dzconv, none, smap, none, conv_w, conv_b, none, none, none, none, bn_eps, order);
   } else {
     std::tie(out.du, out.dv, out.dcw, dcb, dbw, dbb) = spatial_head_backward(
         dgs, gs, smap, batch_norm ? OptT(zconv) : none, conv_w, conv_b,
         batch_norm ? bn_w : none, batch_norm ? bn_b : none, batch_norm ? bn_rm : none,
         batch_norm ? bn_rv : none, bn_eps, order);
-    if (dbw.numel() > 0) out.dbw = dbw;
-    if (dbb.numel() > 0) out.dbb = dbb;
   }
+  if (dbw.numel() > 0) out.dbw = dbw;
+  if (dbb.numel() > 0) out.dbb = dbb;
   if (dcb.numel() > 0) out.dcb = dcb;
   return out;
 }

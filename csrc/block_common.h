@@ -88,6 +88,29 @@ inline Pools3 spatial_head(const at::Tensor& avg, const at::Tensor& max, const a
   return op.call(avg, max, conv_w, conv_b, bn_w, bn_b, bn_rm, bn_rv, bn_eps, spatial_pools, gate);
 }
 
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (gs [N, S], mean, invstd, unbiased var): BatchNorm with batch statistics and the sigmoid
+inline Tensors4 batch_norm_gate(const at::Tensor& zconv, const OptT& bn_w, const OptT& bn_b,
+                                double bn_eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cbam_fused::batch_norm_gate", "")
+                             .typed<Tensors4(const at::Tensor&, const OptT&, const OptT&, double)>();
+  return op.call(zconv, bn_w, bn_b, bn_eps);
+}
+
+// (d zconv [N, S], d bn_w, d bn_b), the last two empty where not asked for
+inline Pools3 batch_norm_gate_backward(const at::Tensor& dgs, const at::Tensor& gs,
+                                       const at::Tensor& zconv, const at::Tensor& mean,
+                                       const at::Tensor& invstd, const OptT& bn_w, bool has_b) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::batch_norm_gate_backward", "")
+          .typed<Pools3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const OptT&, bool)>();
+  return op.call(dgs, gs, zconv, mean, invstd, bn_w, has_b);
+}
+
 // (du, dv, d conv_w, d conv_b, d bn_w, d bn_b), empty where the parameter is not given
 using HeadGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -11,8 +11,9 @@
 //   gs = sigmoid(BN(conv(stack(u, v))))
 //   y = apply_gates(x, gc, gs)
 // arrangement 0: the spatial gate pools x gc; 1: the channel gate pools x gs; 2: both plain x.
-// Returns [y, gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd] (functional._SAVED; an
-// empty tensor for an absent one), no two of them aliasing (an op's outputs must not).
+// Returns [y, gc, gs, idx_s, idx_c, p, h, smap, zconv, mean, invstd] (functional._SAVED), then
+// var, the unbiased batch variance of zconv for the BatchNorm's running variance (training
+// mode); an empty tensor for an absent one; no two of them aliasing (an op's outputs must not).
 #include "block_common.h"
 
 namespace cbam {
@@ -42,12 +43,12 @@ ChannelGate channel_gate(const at::Tensor& x, const OptT& scale, const std::stri
 }
 
 struct SpatialGate {
-  at::Tensor gs, idx_c, smap, zconv, mean, invstd;
+  at::Tensor gs, idx_c, smap, zconv, mean, invstd, var;  // var: for the running variance
 };
 
 // The spatial gate: its head in one op (spatial_head: stacked map, conv, BatchNorm in eval
-// mode, sigmoid); with BatchNorm in training mode the op gives the conv output, which
-// native_batch_norm normalizes with the batch statistics.
+// mode, sigmoid); with BatchNorm in training mode the op gives the conv output, and
+// batch_norm_gate normalizes it with the batch statistics and takes the sigmoid.
 SpatialGate spatial_gate(const at::Tensor& x, const OptT& scale, const std::string& order,
                          const at::Tensor& conv_w, const OptT& conv_b, bool batch_norm,
                          const OptT& bn_w, const OptT& bn_b, const OptT& bn_rm,
@@ -73,10 +74,8 @@ SpatialGate spatial_gate(const at::Tensor& x, const OptT& scale, const std::stri
     TORCH_CHECK_VALUE(out.zconv.numel() > 1,
                       "Expected more than 1 value per channel when training, got input size ",
                       out.zconv.sizes(), " (the spatial map's BatchNorm)");
-    at::Tensor zs;
-    std::tie(zs, out.mean, out.invstd) = at::native_batch_norm(
-        out.zconv, bn_w, bn_b, std::nullopt, std::nullopt, true, 0.0, bn_eps);
-    out.gs = at::sigmoid(zs).reshape({n, -1});
+    std::tie(out.gs, out.mean, out.invstd, out.var) =
+        batch_norm_gate(out.zconv, bn_w, bn_b, bn_eps);
   }
   return out;
 }
@@ -118,7 +117,7 @@ std::vector<at::Tensor> cbam_block(const at::Tensor& x, const OptT& w1_in, const
   }
   std::vector<at::Tensor> out{apply_gates(x, opt(ch.gc), opt(sp.gs)),
                               ch.gc, sp.gs, ch.idx_s, sp.idx_c, ch.p, ch.h,
-                              sp.smap, sp.zconv, sp.mean, sp.invstd};
+                              sp.smap, sp.zconv, sp.mean, sp.invstd, sp.var};
   const auto empty_opts =
       x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   for (size_t i = 0; i < out.size(); ++i) {

@@ -56,6 +56,21 @@ inline void define_ops(torch::Library& m) {
       "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_rm, Tensor? bn_rv, float bn_eps, "
       "str spatial_pools) -> (Tensor d_avg, Tensor d_max, Tensor d_conv_w, Tensor d_conv_b, "
       "Tensor d_bn_w, Tensor d_bn_b)");
+  // The spatial gate's BatchNorm with batch statistics (training mode) and its sigmoid, on the
+  // conv output zconv [N, 1, *spatial] (acc dtype, M = N S > 1 values):
+  //   mean = sum z / M, var = sum (z - mean)^2 / M, invstd = 1 / sqrt(var + eps),
+  //   gs = sigmoid((z - mean) invstd bn_w + bn_b) as [N, S], var_u = var M / (M - 1) (for the
+  //   running variance); mean, invstd and var_u as [1].
+  m.def(
+      "batch_norm_gate(Tensor zconv, Tensor? bn_w, Tensor? bn_b, float bn_eps) -> (Tensor gs, "
+      "Tensor mean, Tensor invstd, Tensor var)");
+  // Its backward, from dgs = d gs [N, S] and the forward's gs, mean and invstd:
+  //   dzs = dgs gs (1 - gs), xhat = (z - mean) invstd, A = sum dzs, B = sum dzs xhat,
+  //   d zconv = (dzs - A / M - xhat B / M) invstd bn_w as [N, S], d bn_w = B (with bn_w),
+  //   d bn_b = A (with has_b); [1] each, empty otherwise.
+  m.def(
+      "batch_norm_gate_backward(Tensor dgs, Tensor gs, Tensor zconv, Tensor mean, Tensor invstd, "
+      "Tensor? bn_w, bool has_b) -> (Tensor d_zconv, Tensor d_bn_w, Tensor d_bn_b)");
   // Q1: rc[n,c] = sum_s g x gs, rs[n,s] = sum_c g x gc (an output not needed is returned empty).
   m.def(
       "backward_reduce(Tensor grad, Tensor x, Tensor? gc, Tensor? gs, bool need_rc, "

@@ -264,8 +264,8 @@ def test_cpp_kernels_of_the_block_are_bitwise_their_python_twins(variant, dtype,
         with torch.no_grad():
             cpp = functional.cbam_block(*args, *cfg)
             py = functional._forward(*args, cfg)
-        assert len(cpp) == len(py) == 1 + len(functional._SAVED)
-        for name, a, b in zip(("y",) + functional._SAVED, cpp, py):
+        assert len(cpp) == len(py) == 2 + len(functional._SAVED)
+        for name, a, b in zip(("y",) + functional._SAVED + ("var",), cpp, py):
             assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype)
             assert torch.equal(a, b), (name, train)
         assert cpp[0].stride() == x.stride()
@@ -273,7 +273,7 @@ def test_cpp_kernels_of_the_block_are_bitwise_their_python_twins(variant, dtype,
         saved = list(args)
         if cfg.bn_training:  # as _setup_context saves them: no running statistics
             saved[9] = saved[10] = None
-        saved += list(cpp[1:])
+        saved += list(cpp[1:functional._VAR])
         g = torch.randn(x.shape, dtype=dtype).to(memory_format=torch.contiguous_format)
         with torch.no_grad():
             cpp_b = functional.cbam_block_backward(g, *saved, *cfg)

@@ -99,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_head(
     bool gate);
 // Its backward (kernels/spatial_head_backward.cuh): (du, dv [N, S], d conv_w, then d conv_b,
 // d bn_w, d bn_b as [1], each empty where its parameter is not given). Without gs, grad is the
-// conv output's gradient (BatchNorm in training mode runs before it, in ATen). BatchNorm (eval)
-// needs gs and zconv.
+// conv output's gradient (batch_norm_gate_backward gives it with BatchNorm in training mode).
+// BatchNorm (eval) needs gs and zconv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 spatial_head_backward(const at::Tensor& grad, const std::optional<at::Tensor>& gs,
                       const at::Tensor& smap, const std::optional<at::Tensor>& zconv,
@@ -109,6 +109,16 @@ spatial_head_backward(const at::Tensor& grad, const std::optional<at::Tensor>& g
                       const std::optional<at::Tensor>& bn_rm,
                       const std::optional<at::Tensor>& bn_rv, double bn_eps,
                       c10::string_view spatial_pools);
+// The spatial gate's BatchNorm with batch statistics and sigmoid (kernels/batch_norm_gate.cuh):
+// (gs [N, S], mean, invstd, unbiased var [1] each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_gate(
+    const at::Tensor& zconv, const std::optional<at::Tensor>& bn_w,
+    const std::optional<at::Tensor>& bn_b, double bn_eps);
+// Its backward: (d zconv [N, S], d bn_w [1] (empty without bn_w), d bn_b [1] (empty without
+// has_b)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_gate_backward(
+    const at::Tensor& dgs, const at::Tensor& gs, const at::Tensor& zconv, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& bn_w, bool has_b);
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad, const at::Tensor& x,
                                                    const std::optional<at::Tensor>& gc,
                                                    const std::optional<at::Tensor>& gs,

@@ -16,6 +16,8 @@ inline void impl_ops(torch::Library& m) {
   m.impl("channel_head_backward", &channel_head_backward);
   m.impl("spatial_head", &spatial_head);
   m.impl("spatial_head_backward", &spatial_head_backward);
+  m.impl("batch_norm_gate", &batch_norm_gate);
+  m.impl("batch_norm_gate_backward", &batch_norm_gate_backward);
   m.impl("backward_reduce", &backward_reduce);
   m.impl("pool_over_c_backward_scale", &pool_over_c_backward_scale);
   m.impl("pool_over_s_backward_scale", &pool_over_s_backward_scale);

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "launchers/backward_reduce.cu"
+#include "launchers/batch_norm_gate.cu"
 #include "launchers/channel_head.cu"
 #include "launchers/channel_head_backward.cu"
 #include "launchers/elementwise.cu"
