@@ -27,7 +27,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("elementwise.cu", "pool.cu", "backward_reduce.cu", "spatial_head.cu",
-           "spatial_head_backward.cu", "channel_head.cu", "channel_head_backward.cu")
+           "spatial_head_backward.cu", "channel_head.cu", "channel_head_backward.cu",
+           "batch_norm_gate.cu")
 
 # (kernel name pattern, most local-memory bytes allowed: stack frame, spill stores or loads),
 # first match wins; every other kernel: 0. grad_input at float64 with one vector row in flight:
@@ -149,7 +150,9 @@ def test_every_kernel_was_reported(ptxas_report):
                    "spatial_head_backward_combine_kernel<", "channel_head_hidden_kernel<",
                    "channel_head_finish_kernel<", "channel_head_gate_kernel<",
                    "channel_head_bwd_hidden_kernel<", "channel_head_bwd_finish_kernel<",
-                   "channel_head_bwd_params_kernel<"):
+                   "channel_head_bwd_params_kernel<", "batch_norm_gate_partials_kernel<",
+                   "batch_norm_gate_apply_kernel<", "batch_norm_gate_backward_partials_kernel<",
+                   "batch_norm_gate_backward_apply_kernel<"):
         assert any(kernel in n for n in ptxas_report), (kernel, sorted(ptxas_report)[:5])
     assert len(ptxas_report) > 100, len(ptxas_report)
 

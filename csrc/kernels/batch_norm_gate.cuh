@@ -20,7 +20,9 @@
 //    (count, mean, m2)), so every block holds the same totals bit for bit; then a grid-stride
 //    loop writes gs (dz) at each position. Block 0 also writes the statistics (mean, invstd,
 //    var_u; d bn_w, d bn_b).
-// A pass reads z (and dgs, gs) twice and writes gs (dz) once: M-sized, small next to x.
+// Bytes: the forward reads z three times (the partials' second walk over a block's range of a few
+// kilobytes hits L1) and writes gs; the backward reads dgs, gs and z twice and writes dz: M-sized
+// tensors, small next to x.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -112,7 +114,12 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   __shared__ acc_t s_n[kBlockThreads];
   __shared__ acc_t s_mean[kBlockThreads];
   __shared__ acc_t s_m2[kBlockThreads];
+  __shared__ acc_t s_affine[2];  // bn_w, bn_b (1, 0 when absent): read once a block
   const int tid = threadIdx.x;
+  if (tid == 0) {
+    s_affine[0] = a.bn_w != nullptr ? ld(a.bn_w) : acc_t(1);
+    s_affine[1] = a.bn_b != nullptr ? ld(a.bn_b) : acc_t(0);
+  }
   Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
   for (int64_t p = tid; p < a.P; p += blockDim.x) {
     m = merge_moments(m, Moments<acc_t>{ld(a.partials + p), ld(a.partials + a.P + p),
@@ -135,8 +142,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   }
   const acc_t mean = s_mean[0], m2 = s_m2[0];
   const acc_t invstd = acc_t(1) / sqrt_acc(m2 / static_cast<acc_t>(a.M) + a.eps);
-  const acc_t scale = a.bn_w != nullptr ? invstd * ld(a.bn_w) : invstd;
-  const acc_t shift = a.bn_b != nullptr ? ld(a.bn_b) : acc_t(0);
+  const acc_t scale = invstd * s_affine[0], shift = s_affine[1];
   if (blockIdx.x == 0 && tid == 0) {
     st(a.mean, mean);
     st(a.invstd, invstd);
@@ -177,8 +183,14 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     batch_norm_gate_backward_partials_kernel(BatchNormGateBackwardArgs<acc_t> a,
                                              acc_t* partials) {
   __shared__ acc_t s_sum[kBlockThreads];
+  __shared__ acc_t s_stats[2];  // mean, invstd: read once a block
+  if (threadIdx.x == 0) {
+    s_stats[0] = ld(a.mean);
+    s_stats[1] = ld(a.invstd);
+  }
+  __syncthreads();
   const BnRange r = bn_range(a.M);
-  const acc_t mean = ld(a.mean), invstd = ld(a.invstd);
+  const acc_t mean = s_stats[0], invstd = s_stats[1];
   acc_t sa = acc_t(0), sb = acc_t(0);
   for (int64_t i = r.lo + threadIdx.x; i < r.hi; i += blockDim.x) {
     const acc_t dzs = bn_gate_dzs(a, i);
@@ -197,17 +209,23 @@ template <typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     batch_norm_gate_backward_apply_kernel(BatchNormGateBackwardArgs<acc_t> a) {
   __shared__ acc_t s_sum[kBlockThreads];
+  __shared__ acc_t s_stats[3];  // mean, invstd, bn_w (1 when absent): read once a block
   const int tid = threadIdx.x;
+  if (tid == 0) {
+    s_stats[0] = ld(a.mean);
+    s_stats[1] = ld(a.invstd);
+    s_stats[2] = a.bn_w != nullptr ? ld(a.bn_w) : acc_t(1);
+  }
   acc_t sa = acc_t(0), sb = acc_t(0);
   for (int64_t p = tid; p < a.P; p += blockDim.x) {
     sa += ld(a.partials + p);
     sb += ld(a.partials + a.P + p);
   }
-  const acc_t A = bn_block_sum(sa, s_sum), B = bn_block_sum(sb, s_sum);
-  const acc_t mean = ld(a.mean), invstd = ld(a.invstd);
+  const acc_t A = bn_block_sum(sa, s_sum), B = bn_block_sum(sb, s_sum);  // (barriers)
+  const acc_t mean = s_stats[0], invstd = s_stats[1];
   const acc_t inv_m = acc_t(1) / static_cast<acc_t>(a.M);
   const acc_t mean_dzs = A * inv_m, mean_dzs_xhat = B * inv_m;
-  const acc_t scale = a.bn_w != nullptr ? invstd * ld(a.bn_w) : invstd;
+  const acc_t scale = invstd * s_stats[2];
   if (blockIdx.x == 0 && tid == 0) {
     if (a.dbn_w != nullptr) st(a.dbn_w, B);
     if (a.dbn_b != nullptr) st(a.dbn_b, A);
