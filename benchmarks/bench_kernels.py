@@ -36,8 +36,8 @@ p90_ms, reps, n_buffers, gb_per_s, frac_copy_bw, meets_target, copy_same_ms,
 frac_same_size_copy, error, graph_error (a CUDA-graph capture that failed: that op was then timed
 call by call)}, launch_floor_ms,
 summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest, min_frac_same_size,
-mean_frac_same_size, meeting_target_same_size}}, heads[] {site, op (spatial_head or
-spatial_head_backward), maps [N, 1, H, W], fused_ms (the op), aten_ms (the ATen ops it replaced
+mean_frac_same_size, meeting_target_same_size}}, heads[] {site, op (a key of HEAD_OPS), maps
+([N, C] or [N, 1, H, W]), fused_ms (the op), aten_ms (the ATen ops it replaced
 in the block: HEAD_OPS), speedup, error, graph_error}; with --sweep, each
 case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode": frac_copy_bw} (or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
@@ -258,15 +258,17 @@ HEAD_OPS = {  # op -> the ATen ops its pure-PyTorch kernel runs (what the block 
     "spatial_head": "cat, convolution, batch_norm, sigmoid",
     "spatial_head_backward": "sigmoid_backward, batch_norm_backward, convolution_backward, "
                              "the split of the map's gradient",
+    "batch_norm_gate": "native_batch_norm (batch statistics), sigmoid, var_mean",
+    "batch_norm_gate_backward": "sigmoid_backward, native_batch_norm_backward",
 }
 
 
 def _head_calls(op, device, batch, h, w, gen, nb, c=None):
     """(fused(i), aten(i)) of one head op on nb rotating sets of random float32 inputs: the
     channel gate of the official block (avg and max pools [batch, c], an MLP of c / 16 hidden
-    units with biases, relu; the backward from a random dzc and that forward's P and h), or the
-    spatial gate of a block with BatchNorm in eval mode, maps
-    [batch, 1, h, w], 7x7 kernel."""
+    units with biases, relu; the backward from a random dzc and that forward's P and h), the
+    spatial gate of a block with BatchNorm in eval mode, maps [batch, 1, h, w], 7x7 kernel, or
+    that gate's BatchNorm with batch statistics on a conv output [batch, 1, h, w]."""
     from cbam_fused import _cpu_kernels as cpu
 
     def rnd(*shape, lo=-1.0, hi=1.0):
@@ -282,6 +284,14 @@ def _head_calls(op, device, batch, h, w, gen, nb, c=None):
             fwd = [(rnd(batch, c), *saved[i], mlp[0], mlp[2], True, True, "avg+max", "relu")
                    for i in range(nb)]
         return (lambda i: fused_op(*fwd[i % nb])), (lambda i: math(*fwd[i % nb]))
+    if op.startswith("batch_norm_gate"):  # the conv output [batch, 1, h, w], affine BatchNorm
+        bn = (rnd(1, lo=0.5, hi=1.5), rnd(1))
+        gate = [(rnd(batch, 1, h, w, lo=-3.0, hi=3.0), *bn, 1e-5) for _ in range(nb)]
+        if op == "batch_norm_gate_backward":  # d gs, and the forward's gs, mean and invstd
+            fwd = [cpu.batch_norm_gate(*g) for g in gate]
+            gate = [(rnd(batch, h * w), fwd[i][0], gate[i][0], fwd[i][1], fwd[i][2], bn[0], True)
+                    for i in range(nb)]
+        return (lambda i: fused_op(*gate[i % nb])), (lambda i: math(*gate[i % nb]))
     params = (rnd(1, 2, 7, 7, lo=-0.1, hi=0.1), None, rnd(1, lo=0.5, hi=1.5), rnd(1),
               rnd(1, lo=-0.1, hi=0.1), rnd(1, lo=0.5, hi=1.5))
     if op == "spatial_head":
@@ -302,9 +312,9 @@ def _head_calls(op, device, batch, h, w, gen, nb, c=None):
 
 def _heads(device, sites, batch, timing, gen):
     """The head ops (HEAD_OPS: channel_head, two or three kernels, and its backward, two or three;
-    spatial_head, one; spatial_head_backward, two), each against the ATen ops it replaced in the
-    block (its pure-PyTorch kernel, which on CUDA tensors runs exactly those), per site. Timed as
-    the ops are (_time)."""
+    spatial_head, one; spatial_head_backward, two; batch_norm_gate and its backward, two each),
+    each against the ATen ops it replaced in the block (its pure-PyTorch kernel, which on CUDA
+    tensors runs exactly those), per site. Timed as the ops are (_time)."""
     out = []
     for (c, h, w) in SITES[sites]:
         for op in HEAD_OPS:

@@ -93,9 +93,10 @@ using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (gs [N, S], mean, invstd, unbiased var): BatchNorm with batch statistics and the sigmoid
 inline Tensors4 batch_norm_gate(const at::Tensor& zconv, const OptT& bn_w, const OptT& bn_b,
                                 double bn_eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cbam_fused::batch_norm_gate", "")
-                             .typed<Tensors4(const at::Tensor&, const OptT&, const OptT&, double)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cbam_fused::batch_norm_gate", "")
+          .typed<Tensors4(const at::Tensor&, const OptT&, const OptT&, double)>();
   return op.call(zconv, bn_w, bn_b, bn_eps);
 }
 

@@ -127,7 +127,7 @@ RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 45, "sanitizer": 45, "
            "sweep": 60, "profile": 45, "bench_cbam": 75, "bench_network": 60}
 # the kernel tests the sanitizers run: the first of these files that exists, with its default
 # -k selection (small shapes, every op, both layouts: float32 NCHW and bfloat16 channels-last,
-# the two configurations of issue 4; and every head op at each debug launch shape: 32 tests,
+# the two configurations of issue 4; and every head op at each debug launch shape: 38 tests,
 # each run four times under the sanitizers)
 SANITIZE_FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_cuda.py")
 SANITIZE_K = {"test_kernels_cuda.py":
@@ -1078,7 +1078,10 @@ def write_summary(d, part_dirs):
                          "forward (spatial_head, one kernel; "
                          "cat, convolution, batch_norm, sigmoid) and backward "
                          "(spatial_head_backward, two; sigmoid_backward, batch_norm_backward, "
-                         "convolution_backward, a copy):")
+                         "convolution_backward, a copy), and its BatchNorm with batch "
+                         "statistics (batch_norm_gate, two; native_batch_norm, sigmoid, var_mean; "
+                         "batch_norm_gate_backward, two; sigmoid_backward, "
+                         "native_batch_norm_backward):")
                 L.append("")
                 L.append("| op | site | maps | fused | ATen ops | speed-up |")
                 L.append("|---|---|---|---|---|---|")

@@ -31,10 +31,10 @@ BLOCK_OPS = ("cbam_fused.cbam_block.default", "cbam_fused.cbam_block_backward.de
 # apart: ALLOCS) and 7 backward in training before the BatchNorm with batch statistics and its
 # sigmoid became one op each way (batch_norm_gate: native_batch_norm, sigmoid and the var_mean of
 # the running variance before; batch_norm_gate_backward: sigmoid_backward and
-# native_batch_norm_backward). Before that: 13 and 19 forward before the spatial head became one op, then 18 in training
-# before the BatchNorm's running statistics took one _foreach_lerp_ for both buffers (a mul_ and
-# an add_ on each before); 18 backward in both
-# modes before its backward became one op too (spatial_head_backward: two launches on a GPU,
+# native_batch_norm_backward). Before that: 13 and 19 forward before the spatial head became
+# one op, then 18 in training before the BatchNorm's running statistics took one _foreach_lerp_
+# for both buffers (a mul_ and an add_ on each before); 18 backward in both modes before its
+# backward became one op too (spatial_head_backward: two launches on a GPU,
 # where sigmoid_backward, batch_norm_backward, cuDNN's convolution_backward and the copy that
 # split the map's gradient made five to seven; with batch statistics, ATen's sigmoid_backward
 # and batch_norm_backward still run before it), then 15 and 17 before Q2's store took the add of

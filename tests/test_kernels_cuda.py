@@ -283,11 +283,19 @@ def test_tensors_of_more_than_2_31_elements(layout):
 def _head_case(op):
     """(float32 arguments, check(got on the CPU, want)) of a small case of head op `op` that
     splits its c axis / spans several blocks at the normal launch shape."""
+    import test_batch_norm_gate as bng
     import test_channel_head as ch
     import test_channel_head_backward as chb
     import test_spatial_head as sh
     import test_spatial_head_backward as shb
     f32 = torch.float32
+    if op == "batch_norm_gate":  # 4 x 40 x 40: several partial blocks
+        args = bng.make_args(4, (40, 40), "both", f32)
+        return args, lambda got, want: bng.check_close(got, want, bng.oracle(*args), f32)
+    if op == "batch_norm_gate_backward":
+        args, fwd = bng.make_bwd_args(4, (40, 40), "both", f32)
+        exact = bng.bwd_oracle(args, fwd)
+        return args, lambda got, want: bng.check_close(got, want, exact, f32)
     if op == "channel_head":
         args = ch.make_args(5, 300, 20, "avg+max+lp+lse", "gelu", dtype=f32)
         return args, lambda got, want: ch.check_close(got, want, f32, args)
@@ -307,7 +315,8 @@ def _head_case(op):
 @pytest.mark.parametrize("tile", [TILE_NORMAL, 1, 2])
 def test_head_op_matches_cpu_kernel_on_gpu(op, tile):
     """Every head op on small float32 inputs at each debug launch shape (channel heads: normal,
-    one split of c, a 32-column chunk a split; spatial heads: normal, one block, unstaged),
+    one split of c, a 32-column chunk a split; spatial heads: normal, one block, unstaged;
+    BatchNorm gates: normal, one block each, ranges of 16 values),
     outputs poisoned, against the CPU kernel. Small and quick: the GPU protocol's sanitizer step
     runs them under memcheck, racecheck, initcheck and synccheck (scripts/gpu_check.py
     SANITIZE_K)."""

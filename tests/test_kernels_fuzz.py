@@ -152,3 +152,36 @@ def test_random_channel_head_case_matches_the_cpu_kernel(seed):
     out, _ = bwd_tests.run_sim(bargs, tile=tile)
     bwd_tests.check_close(out, cpu.HEAD_KERNELS["channel_head_backward"](*bargs), dtype, bargs,
                           fwd)
+
+
+# ------------------------------------------------------------------ the BatchNorm gate ops
+def draw_batch_norm_gate_case(seed: int):
+    """(n, spatial, affine, offset, tile mode) for one seed: 1-D to 3-D maps of 2 to a few
+    thousand values, each affine form, values near zero or far from it, the three launch shapes
+    (normal, one block each, ranges of 16 values)."""
+    r = random.Random(30_000 + seed)
+    rank = r.choice([1, 2, 2, 3])
+    big = r.random() < 0.2
+    spatial = tuple(r.randint(1, 60 if big and rank == 1 else 30 if big else 7)
+                    for _ in range(rank))
+    n = r.randint(1, 6)
+    if n == 1 and all(d == 1 for d in spatial):
+        n = 2  # batch statistics need two values
+    return (n, spatial, r.choice(["both", "weight", "bias", "none"]),
+            r.choice([0.0, 0.5, -3.0, 100.0]), r.randint(0, 2))
+
+
+@pytest.mark.parametrize("seed", range(START, START + CASES // 4))
+def test_random_batch_norm_gate_case_matches_the_cpu_kernel(seed):
+    import test_batch_norm_gate as bng
+
+    from cbam_fused import _cpu_kernels as cpu
+
+    n, spatial, affine, offset, tile = draw_batch_norm_gate_case(seed)
+    args = bng.make_args(n, spatial, affine, seed=seed, offset=offset)
+    out, _ = bng.run_sim(bng.FWD, args, tile)
+    bng.check_close(out, cpu.HEAD_KERNELS[bng.FWD](*args), bng.oracle(*args), torch.float64)
+    bargs, fwd = bng.make_bwd_args(n, spatial, affine, seed=seed, offset=offset)
+    out, _ = bng.run_sim(bng.BWD, bargs, tile)
+    bng.check_close(out, cpu.HEAD_KERNELS[bng.BWD](*bargs), bng.bwd_oracle(bargs, fwd),
+                    torch.float64)

@@ -253,7 +253,7 @@ def test_fake_kernel_shapes():
 @pytest.mark.parametrize("train", [True, False])
 def test_block_runs_one_head_launch(variant, train):
     """The block's spatial gate is one spatial_head launch whatever its BatchNorm (with batch
-    statistics the op gives the conv output and ATen's batch_norm follows; ultralytics has
+    statistics the op gives the conv output and batch_norm_gate follows; ultralytics has
     none), its backward one spatial_head_backward (two launches: the pass and the sums), and the
     block still matches the reference, forward and gradients."""
     from test_functional import _module, compare_with_reference
