@@ -18,6 +18,7 @@ from cbam_fused import _ops
 
 from conftest import needs_cuda, sim_has
 from test_spatial_head import check_refused_everywhere
+from test_spatial_head import run_sim as run_head_sim
 
 testing = pytest.importorskip("cbam_fused.testing")
 HAVE_SIM = sim_has("batch_norm_gate")
@@ -108,14 +109,7 @@ def check_close(got, want, exact, dtype):
 
 def run_sim(op, args, tile=TILE_NORMAL, schedule="forward"):
     """(outputs, launch stats) of `op` through the simulator, outputs poisoned."""
-    torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned with NaN
-    try:
-        with testing.use_simulator(schedule=schedule, seed=5):
-            out = getattr(torch.ops.cbam_fused, op)(*args)
-            stats = testing.simulator_stats()
-    finally:
-        torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
-    return out, stats
+    return run_head_sim(args, schedule=schedule, tile=tile, op=op)
 
 
 # ------------------------------------------------------------------------------ the CPU kernels
