@@ -28,6 +28,15 @@ OptT present(const OptT& t) {
   return t.has_value() && t->defined() && t->numel() > 0 ? t : std::nullopt;
 }
 
+// A saved tensor or parameter the backward of a gate needs: an error naming it, not a crash,
+// when a direct call of the op leaves it out.
+const at::Tensor& required(const OptT& t, const char* name) {
+  TORCH_CHECK(t.has_value(), "cbam_block_backward: ", name,
+              " is required by the arguments given (the forward's output or the gate's "
+              "parameter)");
+  return *t;
+}
+
 
 struct ChannelGrads {
   std::map<std::string, at::Tensor> dpool;  // by pool name
@@ -79,7 +88,8 @@ SpatialGrads spatial_backward(const at::Tensor& dgs, const at::Tensor& gs, const
   if (batch_norm && bn_training) {
     at::Tensor dzconv, no_bn_w, no_bn_b;
     std::tie(dzconv, dbw, dbb) =
-        batch_norm_gate_backward(dgs, gs, zconv, *mean, *invstd, bn_w, bn_b.has_value());
+        batch_norm_gate_backward(dgs, gs, zconv, required(mean, "mean"),
+                                 required(invstd, "invstd"), bn_w, bn_b.has_value());
     std::tie(out.du, out.dv, out.dcw, dcb, no_bn_w, no_bn_b) = spatial_head_backward(
         dzconv, none, smap, none, conv_w, conv_b, none, none, none, none, bn_eps, order);
   } else {
@@ -145,10 +155,12 @@ std::vector<at::Tensor> cbam_block_backward(
   ChannelGrads cg;
   SpatialGrads sg;
   auto channel_back = [&](const at::Tensor& dzc) {  // dzc: d of the channel gate's logits
-    cg = channel_backward(dzc, pools, *p, *h, *w1, b1, w2, b2, act);
+    cg = channel_backward(dzc, pools, required(p, "p"), required(h, "h"), required(w1, "w1"), b1,
+                          w2, b2, act);
   };
   auto spatial_back = [&](const at::Tensor& dgs) {
-    sg = spatial_backward(dgs, *gs, *smap, *zconv, *conv_w, conv_b, batch_norm, bn_w, bn_b, bn_rm,
+    sg = spatial_backward(dgs, *gs, required(smap, "smap"), required(zconv, "zconv"),
+                          required(conv_w, "conv_w"), conv_b, batch_norm, bn_w, bn_b, bn_rm,
                           bn_rv, bn_training, bn_eps, mean, invstd, order);
   };
   auto dpool = [&](const char* name) {

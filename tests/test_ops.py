@@ -100,6 +100,24 @@ def test_opcheck_cbam_block(arrangement, layout, pools):
         opcheck(ops.cbam_block_backward, bargs)
 
 
+@pytest.mark.parametrize("missing", ["mean", "invstd", "smap", "zconv", "p", "h"])
+def test_block_backward_names_a_missing_saved_tensor(missing):
+    """A direct call of cbam_block_backward without a saved tensor its gates need is refused
+    with the tensor's name (the C++ kernel would otherwise dereference an absent optional)."""
+    x = torch.randn(2, 6, 3, 4)
+    w1, b1, w2, b2 = torch.randn(3, 6), torch.randn(3), torch.randn(6, 3), torch.randn(6)
+    cw, bw, bb = torch.randn(1, 2, 3, 3), torch.rand(1), torch.randn(1)
+    args = (x, w1, b1, w2, b2, cw, None, bw, bb, torch.zeros(1), torch.ones(1), "avg+max",
+            "relu", "max,mean", 0, True, True, 1e-5)
+    with torch.no_grad():
+        out = ops.cbam_block(*args)
+    saved = list(out[1:functional._VAR])
+    saved[functional._SAVED.index(missing)] = None
+    bargs = (torch.randn_like(x), *args[:9], None, None, *saved, *args[11:])
+    with pytest.raises(RuntimeError, match=f"cbam_block_backward: {missing} is required"):
+        ops.cbam_block_backward(*bargs)
+
+
 # ----------------------------------------------------------------- semantics against loops
 def test_pool_over_s_matches_loops_and_torch_max_rules():
     x = torch.randn(2, 3, 5, dtype=torch.float64)
