@@ -17,6 +17,7 @@ from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
 from conftest import needs_cuda, sim_has
+from test_spatial_head import run_sim as run_head_sim
 
 testing = pytest.importorskip("cbam_fused.testing")
 needs_sim = pytest.mark.skipif(not sim_has("channel_head"),
@@ -111,14 +112,7 @@ def check_close(got, want, dtype, args=None):
 
 def run_sim(args, schedule="forward", tile=TILE_NORMAL):
     """(outputs, launch stats) of channel_head through the simulator, outputs poisoned."""
-    torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned with NaN
-    try:
-        with testing.use_simulator(schedule=schedule, seed=5):
-            out = torch.ops.cbam_fused.channel_head(*args)
-            stats = testing.simulator_stats()
-    finally:
-        torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
-    return out, stats
+    return run_head_sim(args, schedule=schedule, tile=tile, op="channel_head")
 
 
 # (N, C, hidden): under a tile, a row tile's edge (33 rows of P), several 32-column chunks and

@@ -16,6 +16,7 @@ from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
 from conftest import needs_cuda, sim_has
+from test_spatial_head import run_sim as run_head_sim
 from test_channel_head import (ACTS, GPU_SHAPES, SHAPES, TILE_CHUNK_SPLITS, TILE_NORMAL,
                                TILE_ONE_SPLIT, VARIANTS, _set, assert_matches, assert_no_race,
                                make_args, run_cuda)
@@ -108,16 +109,8 @@ def check_close(got, want, dtype, args=None, fwd=None):
 
 
 def run_sim(args, schedule="forward", tile=TILE_NORMAL):
-    """(outputs, launch stats) of channel_head_backward through the simulator, outputs
-    poisoned."""
-    torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned with NaN
-    try:
-        with testing.use_simulator(schedule=schedule, seed=7):
-            out = torch.ops.cbam_fused.channel_head_backward(*args)
-            stats = testing.simulator_stats()
-    finally:
-        torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
-    return out, stats
+    """(outputs, launch stats) of channel_head_backward through the simulator, outputs poisoned."""
+    return run_head_sim(args, schedule=schedule, tile=tile, op="channel_head_backward")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
