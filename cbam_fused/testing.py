@@ -91,6 +91,8 @@ def simulator_stats() -> List[Dict]:
         smem_bytes     dynamic shared memory of the launch
         bytes_read     global-memory bytes read through cbam::ld / ld_vec
         bytes_written  global-memory bytes written through cbam::st / st_vec
+        bytes_vec      of those read and written, the bytes of 16-byte accesses (ld_vec /
+                       st_vec of a 16-byte vector): the vector path's share
     Only launches that completed are listed (a launch that raised is not).
     """
     sim = _sim_module()

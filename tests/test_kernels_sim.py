@@ -746,9 +746,10 @@ def test_reduce_k_rows_in_flight_only_where_the_grid_is_small(default_tuning):
 
 
 SPAN_ROW_SHAPES = [  # (shape, layout, dtype): reduce_r rows of K / VEC vectors, not a power of 2
-    ((2, 300, 7, 7), "cf", torch.float32),   # K = 49 floats, the scalar path: TX = 49, TY = 5
+    ((2, 302, 7, 7), "cf", torch.float32),   # K = 49 floats, the scalar path (R = 302: no fold
+                                             # of 4 rows): TX = 49, TY = 5
     ((2, 64, 14, 14), "cf", torch.float32),  # K = 196: 49 vectors of 4
-    ((2, 40, 5, 5), "cf", torch.bfloat16),   # K = 25, the scalar path: TX = 25, TY = 10
+    ((2, 44, 5, 5), "cf", torch.bfloat16),   # K = 25, the scalar path (no fold of 8): TX = 25
     ((2, 24, 5, 5), "cl", torch.float32),    # K = C = 24: 6 vectors, TY = 42 (252 threads)
     ((3, 12, 6, 6), "cl", torch.float64),    # K = 12 doubles: 6 vectors of 2
 ]
@@ -839,3 +840,141 @@ def test_short_rows_read_x_once():
         read, written = op_bytes(op, op_args(op, x, gen, 0))
         assert xb <= read <= 1.1 * xb, (op, read / xb)
         assert written <= 0.1 * xb, (op, written / xb)
+
+
+FOLD_SHAPES = [  # (shape, layout): rows of K elements (K = S cf, C cl), K % VEC != 0 mostly
+    ((2, 16, 7, 7), "cf"),    # K = 49: G = 2, 4, 8 rows a folded row (float64, float32, 16-bit)
+    ((2, 40, 14, 14), "cf"),  # K = 196: 16-bit G = 2; float32 and float64 rows are whole vectors
+    ((3, 16, 1, 1), "cf"),    # K = 1: rows shorter than a vector do not fold (scalar)
+    ((2, 24, 3, 1), "cf"),    # K = 3: float64 folds 2 rows, the others are scalar
+    ((2, 3, 4, 4), "cl"),     # K = C = 3, R = S = 16: float64 folds
+    ((1, 5, 8, 6), "cl"),     # K = C = 5, R = S = 48: float64 and float32 fold
+    ((2, 6, 5, 5), "cl"),     # K = 6, R = 25: float32 / 16-bit G = 2 / 4 do not divide R (scalar)
+    ((1, 300, 3, 3), "cf"),   # K = 9, R = 300: a 16-bit G = 8 does not divide R (scalar); float32
+                              # G = 4 folds, and its r sides take several staging chunks
+]
+
+
+def fold_of(k_len, r_len, dtype):
+    """Rows a folded row holds on the vector path (1: rows are whole vectors), 0: the scalar path
+    (launchers/elementwise.cu fold_rows)."""
+    import math
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    g = vec // math.gcd(k_len, vec)
+    return g if g == 1 or (r_len % g == 0 and k_len >= vec) else 0
+
+
+@pytest.mark.parametrize("shape,layout", FOLD_SHAPES, ids=lambda v: str(v))
+def test_x_sized_ops_fold_rows_into_whole_vectors(shape, layout):
+    """apply_gates and grad_input on rows whose length is not a multiple of the vector width: G
+    rows folded into one that is (kernels/common.cuh Fold) where G divides the rows, so every
+    x-sized byte moves in 16-byte accesses (the simulator's bytes_vec), else the scalar path (no
+    16-byte access). Every dtype, every tiling, every arrangement / gate combination; results
+    match the CPU kernels, and are the same bits under every fiber schedule."""
+    n, c = shape[:2]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    k_len, r_len = (c, s) if layout == "cl" else (s, c)
+    gen = torch.Generator().manual_seed(47)
+    for dtype in DTYPES:
+        x = rand_x(shape, dtype, layout, gen)
+        xb = x.numel() * x.element_size()
+        g = fold_of(k_len, r_len, dtype)
+        for op in X_SHAPED:
+            for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
+                args = op_args(op, x, gen, mode)
+                tile_mode(mode)
+                with testing.use_simulator():
+                    got = getattr(torch.ops.cbam_fused, op)(*args)
+                    (stat,) = testing.simulator_stats()
+                tile_mode(TILE_NORMAL)
+                check_same(op, (got,), run_cpu(op, args), x, layout)
+                passes = 3 if op == "grad_input_lp_lse" else 2  # (g, x,) dx / x, y
+                if g:
+                    assert stat["bytes_vec"] >= passes * xb, (op, dtype, mode, stat, xb)
+                else:
+                    assert stat["bytes_vec"] == 0, (op, dtype, mode, stat)
+                if mode == TILE_NORMAL and dtype == torch.float32:
+                    for sched, seed in (("reverse", 0), ("shuffle", 3)):
+                        again = run_sim(op, args, sched, seed)[0]
+                        assert torch.equal(again.view(torch.int32), got.view(torch.int32)), op
+
+
+@pytest.mark.parametrize("shape,layout", FOLD_SHAPES, ids=lambda v: str(v))
+def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
+    """The reductions over the strided axis (reduce_r: channels-first pool over C and the pool
+    over S's scale gradients, channels-last the others) fold rows like the x-sized ops where one
+    tile spans a folded row (at most 128 vectors; not under the tiny tiles): every byte of x in
+    16-byte loads, the G folded columns of an original column combined in a fixed order before
+    the store (or the partials of the second stage). Every dtype, tiling and variant; results
+    match the CPU kernels, the same bits under every fiber schedule."""
+    n, c = shape[:2]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    k_len, r_len = (c, s) if layout == "cl" else (s, c)
+    gen = torch.Generator().manual_seed(50)
+    for dtype in DTYPES:
+        x = rand_x(shape, dtype, layout, gen)
+        xb = x.numel() * x.element_size()
+        g = fold_of(k_len, r_len, dtype)
+        vec = 16 // x.element_size()
+        for op in sorted((POOL_OPS - REDUCE_K_OPS[layout]) & set(OPS)):
+            for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
+                args = op_args(op, x, gen, mode)
+                tile_mode(mode)
+                with testing.use_simulator():
+                    got = getattr(torch.ops.cbam_fused, op)(*args)
+                    stats = testing.simulator_stats()
+                tile_mode(TILE_NORMAL)
+                got = got if isinstance(got, (tuple, list)) else (got,)
+                check_same(op, got, run_cpu(op, args), x, layout)
+                folded = g > 1 and mode != TILE_SMALL and k_len * g // vec <= 128
+                if g == 1 or folded:
+                    assert stats[0]["bytes_vec"] >= xb, (op, dtype, mode, stats)
+                else:
+                    assert stats[0]["bytes_vec"] == 0, (op, dtype, mode, stats)
+                if mode == TILE_NORMAL and dtype == torch.float32:
+                    assert_schedules_agree(op, args, got, seed=4)
+
+
+def test_x_sized_ops_take_span_lanes_where_fuller():
+    """apply_gates / grad_input give each vector of a short row its own lane where that leaves
+    fewer of a block's threads idle than lanes by powers of two (make_geom, SpanLanes::kIfFuller):
+    a folded 7x7 float32 map, 49 vectors a row, runs blocks of 49 x 5 threads (not 2 column
+    tiles of 32 lanes, the second 17 busy); 8 vectors a row keep 8 x 32; a 100-vector row is
+    as full either way (200 of 256 threads, 4 tiles of 32 lanes for 100) and keeps 32 lanes."""
+    gen = torch.Generator().manual_seed(48)
+    for shape, layout, dtype, block in (((2, 8, 7, 7), "cf", torch.float32, (49, 5, 1)),
+                                        ((2, 8, 7, 7), "cf", torch.bfloat16, (49, 5, 1)),
+                                        ((2, 3, 4, 8), "cf", torch.float32, (8, 32, 1)),
+                                        ((1, 400, 2, 3), "cl", torch.float32, (32, 8, 1)),
+                                        ((2, 24, 3, 3), "cl", torch.bfloat16, (3, 85, 1))):
+        x = rand_x(shape, dtype, layout, gen)
+        for op in X_SHAPED:
+            args = op_args(op, x, gen, 0)
+            with testing.use_simulator():
+                got = getattr(torch.ops.cbam_fused, op)(*args)
+                (stat,) = testing.simulator_stats()
+            assert stat["block"] == block, (op, shape, dtype, stat)
+            check_same(op, (got,), run_cpu(op, args), x, layout)
+
+
+def test_folded_rows_stage_each_small_value_once_per_tile():
+    """The folded path stages a tile's k values once per original column (not once per folded
+    column, G times over), so it moves no more bytes than the scalar path of the same op on the
+    same shape (x one element off 16-byte alignment), and x-sized ones only once."""
+    gen = torch.Generator().manual_seed(49)
+    for shape in ((2, 256, 7, 7), (4, 64, 7, 7), (2, 256, 9, 9)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = rand_x(shape, dtype, "cf", gen)
+            xb = x.numel() * x.element_size()
+            off = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(x.shape)  # the scalar path
+            off.copy_(x)
+            for op in ("apply_gates", "grad_input"):
+                args = op_args(op, x, gen, 0)
+                read, written = op_bytes(op, args)
+                read_s, written_s = op_bytes(op, (off,) + args[1:])
+                assert xb <= read <= read_s and written == written_s == xb, (
+                    op, shape, dtype, read / xb, read_s / xb, written / xb)

@@ -5,32 +5,48 @@
 // along r is staged in shared memory per chunk of rows, so the small gates are read once per
 // tile. `cl` says whether k is the channel axis (channels-last). Requires VEC == 1 or
 // K % VEC == 0.
+// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0).
+// A thread's VEC columns then belong to original rows r G + j and columns k (FoldPos),
+// fixed for the thread: the tile's k gates are staged once per original column
+// (stage_k_side_folded) and held in registers, the r gates are staged G per folded row and read
+// per element.
 #pragma once
 
 #include "kernels/common.cuh"
 
 namespace cbam {
 
-template <typename T, int VEC, int U, typename acc_t>
+template <typename T, int VEC, int U, bool FOLD, typename acc_t>
 CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
-                                    const acc_t* gk, Geom g, bool cl) {
+                                    const acc_t* gk, Geom g, Fold f, bool cl) {
   __shared__ acc_t s_gr[kChunkRows];
   const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
+  const int G = FOLD ? f.G : 1;
+  const int64_t K0 = FOLD ? f.K0 : g.K;
 
-  __shared__ acc_t s_gk[32 * VEC];
+  __shared__ acc_t s_gk[FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC];
+  const auto gate_k = [&](int64_t k) { return gk != nullptr ? ld(gk + t.n * K0 + k) : acc_t(1); };
   acc_t wk[VEC];
-  stage_k_side<VEC>(
-      s_gk, t, [&](int64_t k) { return gk != nullptr ? ld(gk + t.n * g.K + k) : acc_t(1); },
-      wk);
-  for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
+  const FoldPos p0 = fold_pos(static_cast<int>(t.k0), FOLD ? f.K0 : 1);  // column 0's (FOLD)
+  if constexpr (FOLD) {
+    stage_k_side_folded<VEC>(s_gk, t, f.K0, gate_k);
+    FoldPos p = p0;
+    for (int v = 0; v < VEC && active; ++v, fold_next(p, f.K0)) {
+      wk[v] = s_gk[folded_slot<VEC>(p.k, t, f.K0)];
+    }
+  } else {
+    stage_k_side<VEC>(s_gk, t, gate_k, wk);
+  }
+  const int crows = kChunkRows / G;  // (folded) rows of one chunk of staged r gates
+  for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
     const int64_t rest = t.r_end - cb;
-    const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
+    const int clen = rest < crows ? static_cast<int>(rest) : crows;
     __syncthreads();
-    for (int i = tid; i < clen; i += TX * TY) {
-      s_gr[i] = gr != nullptr ? ld(gr + t.n * g.R + cb + i) : acc_t(1);
+    for (int i = tid; i < clen * G; i += TX * TY) {
+      s_gr[i] = gr != nullptr ? ld(gr + (t.n * g.R + cb) * G + i) : acc_t(1);
     }
     __syncthreads();
     if (!active) continue;
@@ -43,9 +59,11 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * TY;
         if (i >= clen) break;
-        const acc_t wr = s_gr[i];
+        FoldPos p = p0;
         for (int v = 0; v < VEC; ++v) {
+          const acc_t wr = s_gr[FOLD ? i * G + p.j : i];
           v_[u][v] = cl ? v_[u][v] * wk[v] * wr : v_[u][v] * wr * wk[v];
+          if constexpr (FOLD) fold_next(p, f.K0);
         }
         store_from_acc<VEC>(y + (t.n * g.R + cb + i) * g.K + t.k0, v_[u]);
       }

@@ -46,6 +46,18 @@ struct Geom {
   int64_t cols_per_tile;  // columns in each column tile: TX * VEC * (vectors per lane and row)
 };
 
+// Rows folded into one: the vector path of the x-sized kernels (apply_gates, grad_input) for rows
+// of K0 elements, K0 not a multiple of VEC. x [N, R0, K0] is viewed as [N, R0 / G, G K0] with
+// G = VEC / gcd(K0, VEC) (R0 % G == 0; launchers/elementwise.cu), so that a folded row is a whole
+// number of 16-byte vectors and every row starts aligned (a 7x7 channels-first map of float32:
+// 4 rows of 49 elements, 49 vectors). Column k of folded row r is element k % K0 of the original
+// row r G + k / K0. G == 1 is the unfolded view. K0 >= VEC: a thread's VEC columns lie in at most
+// two original rows.
+struct Fold {
+  int G;    // original rows per folded row
+  int K0;   // original row length
+};
+
 // The tile of this block.
 struct TileId {
   int64_t n, rt, kt;
@@ -108,6 +120,61 @@ template <int VEC, typename V, typename Load>
 CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load, V (&out)[VEC]) {
   stage_k_side<VEC>(smem, t, load);
   for (int v = 0; v < VEC; ++v) out[v] = smem[k_slot<VEC>(0, v)];  // unused where k >= K
+}
+
+// Where folded column kf is in the original view (Fold): row j within the folded row, column k.
+// A thread walks its VEC columns with fold_next (two registers, not 2 VEC: the 16-bit grad_input
+// spilled with per-column arrays).
+struct FoldPos {
+  int j;
+  int k;
+};
+CBAM_DEVICE FoldPos fold_pos(int kf, int K0) {
+  FoldPos p;
+  p.j = kf / K0;
+  p.k = kf - p.j * K0;
+  return p;
+}
+CBAM_DEVICE void fold_next(FoldPos& p, int K0) {
+  const bool wrap = p.k + 1 == K0;
+  p.k = wrap ? 0 : p.k + 1;
+  p.j += wrap ? 1 : 0;
+}
+
+// stage_k_side for rows folded G at a time (Fold): the tile's columns [k_begin, k_end) hold the
+// original columns (k_begin + e) % K0, e < min(K0, k_end - k_begin) (a tile that spans the
+// folded row: all K0 of them, not G K0 copies), each loaded once with load(original column) into
+// smem[padded_slot<VEC>(e)]: column order with one empty slot after every VEC, so that the lanes
+// of a warp, VEC columns apart, read distinct banks when they read their column v (unpadded:
+// up to 32-way conflicts for 16-byte values). smem holds kFoldedSlots<VEC> entries. Original
+// column k of the tile sits at folded_slot<VEC>(k, ...). Every thread of the block must call it
+// (it holds a barrier).
+template <int VEC>
+CBAM_DEVICE int padded_slot(int e) {
+  return e + e / VEC;
+}
+template <int VEC>
+constexpr int kFoldedSlots = kMaxSpanCols * (VEC + 1);
+
+template <int VEC, typename V, typename Load>
+CBAM_DEVICE void stage_k_side_folded(V* smem, const TileId& t, int K0, Load load) {
+  const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
+  const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+  const int64_t ncols = t.k_end - t.k_begin;
+  const int nu = static_cast<int>(ncols < K0 ? ncols : K0);
+  const int o0 = static_cast<int>(t.k_begin % K0);
+  for (int e = tid; e < nu; e += nthreads) {
+    const int k = o0 + e;
+    smem[padded_slot<VEC>(e)] = load(k < K0 ? k : k - K0);
+  }
+  __syncthreads();
+}
+
+// Where stage_k_side_folded put original column k (a column of the tile).
+template <int VEC>
+CBAM_DEVICE int folded_slot(int k, const TileId& t, int K0) {
+  const int e = k - static_cast<int>(t.k_begin % K0);
+  return padded_slot<VEC>(e < 0 ? e + K0 : e);
 }
 
 // Loads VEC elements of T at p (16-byte aligned when VEC > 1) as they are in memory: a kernel

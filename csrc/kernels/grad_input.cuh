@@ -14,6 +14,11 @@
 // (stage_k_side) and held in registers per thread, the sides along r are staged in shared memory
 // per chunk of rows. `cl`: k is the channel axis (channels-last). Requires VEC == 1 or
 // K % VEC == 0.
+// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0).
+// A thread's VEC columns then belong to original rows r G + j and columns k (FoldPos),
+// fixed for the thread: the tile's k sides are staged once per original column
+// (stage_k_side_folded, column order) and used as above, the r sides are staged G per folded row
+// and read per element.
 #pragma once
 
 #include <type_traits>
@@ -96,12 +101,17 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 // and no local arrays on the float32 and 16-bit paths at U = 1 and 2 (before: 36 to 96 bytes a
 // thread on the 16-bit one); 8 bytes for float64 at U = 1; none for the lp / lse variant with
 // 16-bit types since its k sides are staged lane-fastest (before: 12 / 28 bytes, and 236 / 312
-// before that). tests/test_codegen.py holds these.
-template <typename T, int VEC, int U, bool LPLSE, typename acc_t>
-CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
+// before that). Folded rows (FOLD) add the position of each column and the r sides of two rows:
+// the 16-bit instances get 80 registers (3 blocks) and read their k sides from shared memory
+// too, from the padded column order of stage_k_side_folded (no bank conflicts); held in
+// registers they spilled 24 to 72 bytes. They still spill 8 (U = 1) and 24 bytes (U = 2) at 80
+// (the 16-bit channels-first maps of odd size only; float32 and float64 none).
+// tests/test_codegen.py holds these.
+template <typename T, int VEC, int U, bool LPLSE, bool FOLD, typename acc_t>
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ? 3 : 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
-                      GradSidePtrs<acc_t> side_r, GradSidePtrs<acc_t> side_k, Geom g, bool cl,
-                      int arrangement) {
+                      GradSidePtrs<acc_t> side_r, GradSidePtrs<acc_t> side_k, Geom g, Fold f,
+                      bool cl, int arrangement) {
   using Side = GradSide<acc_t, LPLSE>;
   __shared__ Side s_side[kChunkRows];
   const TileId t = tile_id(g, VEC);
@@ -109,31 +119,49 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
   const int k0 = static_cast<int>(t.k0);
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = threadIdx.y * TX + threadIdx.x;
+  const int G = FOLD ? f.G : 1;
+  const int K0 = FOLD ? f.K0 : static_cast<int>(g.K);
+  const FoldPos p0 = fold_pos(k0, FOLD ? K0 : 1);  // the thread's column 0 (FOLD)
 
   // The k sides: staged in shared memory; without lp / lse, the values every element uses (gate,
   // dmean, idx) are also held in registers, and dmax (used at the argmax row only) is read from
   // shared memory there.
-  constexpr bool kSidesInRegs = !LPLSE;
+  constexpr bool kSidesInRegs = !LPLSE && !(FOLD && VEC == 8);
   constexpr int KR = kSidesInRegs ? VEC : 1;
-  __shared__ Side s_k[32 * VEC];
-  // (lane-fastest where every element reads them: the lp / lse variant)
-  stage_k_side<VEC, LPLSE>(s_k, t, [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); });
-  acc_t k_gate[KR], k_dmean[KR];
-  int k_idx[KR];
+  __shared__ Side s_k[FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC];
+  const auto load_k = [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); };
+  if constexpr (FOLD) {
+    stage_k_side_folded<VEC>(s_k, t, K0, load_k);
+  } else {  // (lane-fastest where every element reads them: the lp / lse variant)
+    stage_k_side<VEC, LPLSE>(s_k, t, load_k);
+  }
+  // the slot of the k side of the thread's column v (whose original column is k)
+  const auto k_side_slot = [&](int v, int k) {
+    return FOLD ? folded_slot<VEC>(k, t, K0) : k_slot<VEC, LPLSE>(0, v);
+  };
+  acc_t k_gate[KR] = {}, k_dmean[KR] = {};  // (left 0 in the threads past the row's end)
+  int k_idx[KR] = {};
   if constexpr (kSidesInRegs) {
-    for (int v = 0; v < VEC; ++v) {  // (unused where k >= K)
-      const Side& sv = s_k[k_slot<VEC, LPLSE>(0, v)];
-      k_gate[v] = sv.gate;
-      k_dmean[v] = sv.dmean;
-      k_idx[v] = sv.idx;
+    FoldPos p = p0;
+    for (int v = 0; v < VEC; ++v) {
+      if (active) {
+        const Side& sv = s_k[k_side_slot(v, FOLD ? p.k : k0 + v)];
+        k_gate[v] = sv.gate;
+        k_dmean[v] = sv.dmean;
+        k_idx[v] = sv.idx;
+      }
+      if constexpr (FOLD) fold_next(p, K0);
     }
   }
 
-  for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
+  const int crows = kChunkRows / G;  // (folded) rows of one chunk of staged r sides
+  for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
     const int64_t rest = t.r_end - cb;
-    const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
+    const int clen = rest < crows ? static_cast<int>(rest) : crows;
     __syncthreads();
-    for (int i = tid; i < clen; i += TX * TY) s_side[i] = side_r.template load<LPLSE>(t.n, cb + i);
+    for (int i = tid; i < clen * G; i += TX * TY) {
+      s_side[i] = side_r.template load<LPLSE>(t.n, cb * G + i);
+    }
     __syncthreads();
     if (!active) continue;
     const int64_t chunk0 = (t.n * g.R + cb) * g.K + t.k0;  // offset of the chunk's first row
@@ -155,13 +183,22 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * TY;
         if (i >= clen) continue;
-        const int r = static_cast<int>(cb) + i;  // indices in 32 bits: R, K < 2^31 (launcher)
-        const Side sr = s_side[i];
+        // indices in 32 bits: R, K < 2^31 (launcher; folded: R0 and K0)
+        const int rf = static_cast<int>(cb) + i;
+        // the r sides of the (at most two, K0 >= VEC) original rows of the thread's columns,
+        // selected per element (read per element, they took more registers)
+        const Side sr0 = s_side[FOLD ? i * G + p0.j : i];
+        const Side sr1 = FOLD && p0.j + 1 < G ? s_side[i * G + p0.j + 1] : sr0;
+        FoldPos p = p0;
         for (int v = 0; v < VEC; ++v) {
+          const int r = FOLD ? rf * G + p.j : rf;  // the original row and column of the element
+          const int k = FOLD ? p.k : k0 + v;
+          const Side sr = !FOLD || p.j == p0.j ? sr0 : sr1;
+          if constexpr (FOLD) fold_next(p, K0);
           const acc_t xe = LPLSE ? xv[LPLSE ? u : 0][v] : acc_t(0);
           const acc_t gv = v_[u][v];
           // the max indicators: the r side's idx is a column, the k side's a row
-          const bool hit_r = sr.idx == k0 + v;
+          const bool hit_r = sr.idx == k;
           const auto value = [&](const Side& skv, bool hit_k) {
             return cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, hit_k, hit_r, arrangement)
                       : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, hit_r, hit_k, arrangement);
@@ -173,10 +210,10 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 ? 3 : 4)
             skv.gate = k_gate[w];
             skv.dmean = k_dmean[w];
             skv.idx = k_idx[w];
-            skv.dmax = hit_k ? s_k[k_slot<VEC, LPLSE>(0, v)].dmax : acc_t(0);
+            skv.dmax = hit_k ? s_k[k_side_slot(v, k)].dmax : acc_t(0);
             v_[u][v] = value(skv, hit_k);
           } else {
-            const Side& skv = s_k[k_slot<VEC, LPLSE>(0, v)];
+            const Side& skv = s_k[k_side_slot(v, k)];
             v_[u][v] = value(skv, r == skv.idx);
           }
         }

@@ -12,14 +12,19 @@
 // one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value
 // (nrt == 1) or the partial [n, rt, k], which combine_partials folds in order. Requires
 // VEC == 1 or K % VEC == 0.
+// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0),
+// one tile spanning the folded row (nkt == 1, the launcher's span lanes). A thread's column v
+// folds the original rows r G + j of original column k (FoldPos; in increasing order);
+// after the column tree, the G folded columns k + j K0 of each original column k combine in
+// order of j (a fixed order) before the store.
 #pragma once
 
 #include "kernels/common.cuh"
 
 namespace cbam {
 
-template <typename T, int VEC, int U, typename Policy>
-CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
+template <typename T, int VEC, int U, bool FOLD, typename Policy>
+CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
   __shared__ typename Policy::Weight s_w[kChunkRows];
@@ -30,21 +35,33 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int TX = blockDim.x, TY = blockDim.y;
   const int tid = ty * TX + tx;
+  const int G = FOLD ? f.G : 1;
+  const FoldPos p0 = fold_pos(static_cast<int>(t.k0), FOLD ? f.K0 : 1);  // column 0's (FOLD)
 
   State s[VEC];
   for (int v = 0; v < VEC; ++v) s[v] = pol.init();
   if constexpr (Policy::kHasKept) {  // the policy's values of the tile's columns, loaded once
-    __shared__ acc_t s_kept[kMaxSpanCols * VEC];
-    acc_t kv[VEC];
-    stage_k_side<VEC>(s_kept, t, [&](int64_t k) { return pol.kept(t.n, k); }, kv);
-    for (int v = 0; v < VEC; ++v) pol.set_kept(s[v], kv[v]);
+    __shared__ acc_t s_kept[FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC];
+    const auto kept = [&](int64_t k) { return pol.kept(t.n, k); };
+    if constexpr (FOLD) {
+      stage_k_side_folded<VEC>(s_kept, t, f.K0, kept);
+      FoldPos p = p0;
+      for (int v = 0; v < VEC && active; ++v, fold_next(p, f.K0)) {
+        pol.set_kept(s[v], s_kept[folded_slot<VEC>(p.k, t, f.K0)]);
+      }
+    } else {
+      acc_t kv[VEC];
+      stage_k_side<VEC>(s_kept, t, kept, kv);
+      for (int v = 0; v < VEC; ++v) pol.set_kept(s[v], kv[v]);
+    }
   }
 
-  for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
+  const int crows = kChunkRows / G;  // (folded) rows of one chunk of staged weights
+  for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
     const int64_t rest = t.r_end - cb;
-    const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
+    const int clen = rest < crows ? static_cast<int>(rest) : crows;
     __syncthreads();  // the previous chunk's weights are no longer read
-    for (int i = tid; i < clen; i += TX * TY) s_w[i] = pol.weight(t.n, cb + i);
+    for (int i = tid; i < clen * G; i += TX * TY) s_w[i] = pol.weight(t.n, cb * G + i);
     __syncthreads();
     if (active) {
       for (int i0 = ty; i0 < clen; i0 += U * TY) {
@@ -59,8 +76,17 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
           const int i = i0 + u * TY;
           if (i >= clen) continue;  // (not break: the loop unrolls, xv stays in registers)
           const int64_t r = cb + i;
-          const typename Policy::Weight w = s_w[i];
-          for (int v = 0; v < VEC; ++v) pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
+          if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
+            FoldPos p = p0;
+            for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
+              pol.add(s[v], xv[u][v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
+            }
+          } else {
+            const typename Policy::Weight w = s_w[i];
+            for (int v = 0; v < VEC; ++v) {
+              pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
+            }
+          }
         }
       }
     }
@@ -80,7 +106,19 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g) {
     __syncthreads();
     n = h;
   }
-  if (ty == 0 && active) {
+  if constexpr (FOLD) {
+    // thread row 0's states are the folded columns 0 .. G K0 - 1 in order (k_begin == 0); those
+    // of original column k: k + jj K0, jj < G
+    for (int k = tid; k < f.K0; k += TX * TY) {
+      State sk = s_state[k];
+      for (int jj = 1; jj < G; ++jj) pol.combine(sk, s_state[k + jj * f.K0]);
+      if (g.nrt == 1) {
+        pol.store_final(t.n * f.K0 + k, sk);
+      } else {
+        pol.store_partial((t.n * g.nrt + t.rt) * f.K0 + k, sk);
+      }
+    }
+  } else if (ty == 0 && active) {
     for (int v = 0; v < VEC; ++v) {
       const int64_t k = t.k0 + v;
       if (g.nrt == 1) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -169,24 +170,47 @@ struct LaunchGeom {
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and
 // the xor-shuffle tree that combines a row's lanes takes fewer steps per row; the same bytes
 // are loaded either way.
-// span_rows (reduce_r only, debug::reduce_r_mode 1): a row of at most kMaxSpanCols vectors, not a
-// power of two of them, gets one lane per vector (TX = K / VEC, TY = 256 / TX: fewer than 256
-// threads where TX does not divide 256), so a block reads TY whole rows, one contiguous span, at
-// each step. (Lanes by powers of two: a 7x7 channels-first map, 49 floats a row on the scalar
-// path, took two column tiles of 32 lanes, the second 17 lanes busy, and each row read in two
-// pieces by two blocks; a 14x14 map, 49 vectors, the same.)
+// Span lanes: a row of at most kMaxSpanCols vectors, not a power of two of them, gets one lane
+// per vector (TX = K / VEC, TY = 256 / TX: fewer than 256 threads where TX does not divide 256),
+// so a block reads TY whole rows, one contiguous span, at each step. (Lanes by powers of two: a
+// 7x7 channels-first map, 49 floats a row on the scalar path, took two column tiles of 32 lanes,
+// the second 17 lanes busy, and each row read in two pieces by two blocks; a 14x14 map, 49
+// vectors, the same.) `spans` says when (SpanLanes).
+enum class SpanLanes {
+  kNever,
+  kByKnob,    // under debug::reduce_r_mode 1 (reduce_r, whose column tree takes any TY)
+  kAlways,    // a power of two too (one tile spans the row: reduce_r's folded rows)
+  kIfFuller,  // where they leave fewer of a block's 256 threads idle than lanes by powers of two
+              // (the x-sized kernels, whose lanes never combine: 49 vectors, 245 threads busy
+              // instead of 2 tiles of 32 lanes, 49 of 64)
+};
+
+// k_period (rows folded into one, Fold): the small values along k repeat every k_period columns
+// and a tile stages each once (stage_k_side_folded), so a tile of more columns stages fewer
+// bytes per column.
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
                             int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
-                            const char* op, bool span_rows = false) {
+                            const char* op, SpanLanes spans = SpanLanes::kNever,
+                            int64_t k_period = 0) {
   LaunchGeom lg;
   const int64_t need = ceil_div(K, vec);
   const int64_t lanes = kv_max > 1 && debug::reduce_k_mode >= 1 ? ceil_div(need, kv_max) : need;
   int tx = 1;
   while (tx < 32 && tx < lanes) tx *= 2;
   if (debug::tile_mode == 1 && tx > 2) tx = 2;
-  if (span_rows && debug::reduce_r_mode == 1 && debug::tile_mode != 1 && kv_max == 1 &&
-      need <= kMaxSpanCols && (need & (need - 1)) != 0) {
-    tx = static_cast<int>(need);
+  if (spans != SpanLanes::kNever && debug::tile_mode != 1 && kv_max == 1 &&
+      need <= kMaxSpanCols) {
+    const bool pow2 = (need & (need - 1)) == 0;
+    // busy threads of a block: one a vector of TY = 256 / need whole rows, or need of the
+    // ceil(need / tx) column tiles' tx each
+    const double span_fill = static_cast<double>(need * (kBlockThreads / need)) / kBlockThreads;
+    const double pow2_fill =
+        static_cast<double>(need) / static_cast<double>(ceil_div(need, tx) * tx);
+    if (spans == SpanLanes::kAlways ||
+        (!pow2 && (spans == SpanLanes::kByKnob ? debug::reduce_r_mode == 1
+                                               : span_fill > pow2_fill))) {
+      tx = static_cast<int>(need);
+    }
   }
   lg.tx = tx;
   lg.ty = kBlockThreads / tx;
@@ -197,6 +221,9 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   const int64_t kv = std::max<int64_t>(1, std::min<int64_t>(kv_max, ceil_div(need, tx)));
   g.cols_per_tile = static_cast<int64_t>(tx) * vec * (debug::tile_mode == 1 ? 1 : kv);
   g.nkt = ceil_div(K, g.cols_per_tile);
+  if (k_period > 0 && k_period < g.cols_per_tile) {
+    staged_bytes = ceil_div(staged_bytes * k_period, g.cols_per_tile);
+  }
   int64_t rpt;
   if (debug::tile_mode == 1) {
     rpt = 3;
@@ -220,6 +247,20 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   TORCH_CHECK(N * g.nrt * g.nkt <= std::numeric_limits<int32_t>::max(), op,
               ": the input is too large for one launch (", N * g.nrt * g.nkt, " tiles)");
   return lg;
+}
+
+// The rows folded into one for 16-byte vectors of `vec` elements on rows of v.K() elements
+// (Fold, kernels/common.cuh): G = vec / gcd(K, vec) (1: the rows are whole vectors) where
+// R % G == 0, K >= vec (a vector then holds elements of at most two rows: grad_input keeps the
+// sides of both in registers) and a folded row has fewer than 2^31 elements; 0 where the rows
+// cannot fold (the scalar path).
+inline int fold_rows(const XView& v, int vec) {
+  const int64_t G = vec / std::gcd<int64_t>(v.K(), vec);
+  if (G > 1 && (v.K() < vec || v.R() % G != 0 ||
+                v.K() * G > std::numeric_limits<int32_t>::max())) {
+    return 0;
+  }
+  return static_cast<int>(G);
 }
 
 // Calls f(std::integral_constant<int, U>{}) with the rows in flight U of a row-walking kernel:

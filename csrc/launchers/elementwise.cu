@@ -1,6 +1,11 @@
 // Launchers of the x-sized outputs: apply_gates (kernels/apply_gates.cuh) and grad_input /
 // grad_input_lp_lse, Q3 (kernels/grad_input.cuh). One launch each; the output has the dtype of
 // its input and its (supported) memory format.
+// Paths, by the row length K (the contiguous axis) and alignment: 16-byte vectors where K is a
+// multiple of their width; else, rows folded G at a time (Fold, kernels/common.cuh) where R % G
+// == 0, still 16-byte vectors (a 7x7 channels-first map of float32: 4 rows of 49, 49 vectors);
+// else one element a load. Rows of at most kMaxSpanCols vectors take span lanes where they
+// leave fewer threads idle (make_geom, SpanLanes::kIfFuller).
 #include <type_traits>
 
 #include "kernels/apply_gates.cuh"
@@ -10,34 +15,42 @@
 namespace cbam {
 namespace {
 
-template <typename T, int VEC>
+// The tiles of x [N, R, K] with rows folded G at a time (G == 1: not folded).
+LaunchGeom folded_geom(const XView& v, int vec, int G, int64_t staged, int64_t elem_bytes,
+                       const char* op) {
+  return make_geom(v.N, v.R() / G, v.K() * G, vec, 1, staged, 0, elem_bytes, op,
+                   SpanLanes::kIfFuller, G > 1 ? v.K() : 0);
+}
+
+template <typename T, int VEC, bool FOLD>
 void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
-                     const at::Tensor& gs) {
+                     const at::Tensor& gs, int G) {
   using acc_t = at::opmath_type<T>;
-  const LaunchGeom lg =
-      make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), 0, sizeof(T), "apply_gates");
+  const LaunchGeom lg = folded_geom(v, VEC, G, sizeof(acc_t), sizeof(T), "apply_gates");
+  const Fold f{G, static_cast<int>(v.K())};
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
   with_rows_in_flight<VEC>([&](auto u) {
-    launch("apply_gates", &apply_gates_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
-           lg.block(), 0, global_ptr<T>(v.x), global_ptr<T>(y), gr, gk, lg.g, v.cl);
+    launch("apply_gates", &apply_gates_kernel<T, VEC, decltype(u)::value, FOLD, acc_t>,
+           lg.grid(), lg.block(), 0, global_ptr<T>(v.x), global_ptr<T>(y), gr, gk, lg.g, f, v.cl);
   });
 }
 
-template <typename T, int VEC, bool LPLSE>
+template <typename T, int VEC, bool LPLSE, bool FOLD>
 void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const at::Tensor& dx,
                     const GradSidePtrs<at::opmath_type<T>>& cs,
-                    const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement) {
+                    const GradSidePtrs<at::opmath_type<T>>& ss, int arrangement, int G) {
   using acc_t = at::opmath_type<T>;
   // the global bytes behind a column's GradSide: the index is read as int64, and lp with dlp
   const int64_t staged = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>)) + 4 +
                          (LPLSE ? static_cast<int64_t>(sizeof(acc_t)) : 0);
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, 1, staged, 0, sizeof(T), op);
+  const LaunchGeom lg = folded_geom(v, VEC, G, staged, sizeof(T), op);
+  const Fold f{G, static_cast<int>(v.K())};
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {
-    launch(op, &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, acc_t>, lg.grid(),
+    launch(op, &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, FOLD, acc_t>, lg.grid(),
            lg.block(), 0, global_ptr<T>(v.x), xp, global_ptr<T>(dx), v.cl ? ss : cs,
-           v.cl ? cs : ss, lg.g, v.cl, arrangement);
+           v.cl ? cs : ss, lg.g, f, v.cl, arrangement);
   });
 }
 
@@ -60,10 +73,14 @@ at::Tensor apply_gates(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     constexpr int V = vec_width<scalar_t>();
-    if (v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(y.data_ptr())) {
-      run_apply_gates<scalar_t, V>(v, y, gc, gs);
+    const bool aligned = aligned16(v.x.data_ptr()) && aligned16(y.data_ptr());
+    const int G = aligned ? fold_rows(v, V) : 0;
+    if (G == 1) {
+      run_apply_gates<scalar_t, V, false>(v, y, gc, gs, 1);
+    } else if (G > 1) {
+      run_apply_gates<scalar_t, V, true>(v, y, gc, gs, G);
     } else {
-      run_apply_gates<scalar_t, 1>(v, y, gc, gs);
+      run_apply_gates<scalar_t, 1, false>(v, y, gc, gs, 1);
     }
   });
   return y;
@@ -127,19 +144,20 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in,
     cs.lse = opt_ptr<acc_t>(lse);
     constexpr int V = vec_width<scalar_t>();
     const int arr = static_cast<int>(arrangement);
-    const bool vec = v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(dx.data_ptr()) &&
-                     (!x.defined() || aligned16(x.data_ptr()));
-    const auto run = [&](auto vec_width, auto lp_lse) {
-      run_grad_input<scalar_t, decltype(vec_width)::value, decltype(lp_lse)::value>(op, v, x, dx,
-                                                                                    cs, ss, arr);
+    const bool aligned = aligned16(v.x.data_ptr()) && aligned16(dx.data_ptr()) &&
+                         (!x.defined() || aligned16(x.data_ptr()));
+    const int G = aligned ? fold_rows(v, V) : 0;
+    const auto run = [&](auto lp_lse) {
+      constexpr bool kLpLse = decltype(lp_lse)::value;
+      if (G == 1) {
+        run_grad_input<scalar_t, V, kLpLse, false>(op, v, x, dx, cs, ss, arr, 1);
+      } else if (G > 1) {
+        run_grad_input<scalar_t, V, kLpLse, true>(op, v, x, dx, cs, ss, arr, G);
+      } else {
+        run_grad_input<scalar_t, 1, kLpLse, false>(op, v, x, dx, cs, ss, arr, 1);
+      }
     };
-    using Vec = std::integral_constant<int, V>;
-    using One = std::integral_constant<int, 1>;
-    if (ext != nullptr) {
-      vec ? run(Vec{}, std::true_type{}) : run(One{}, std::true_type{});
-    } else {
-      vec ? run(Vec{}, std::false_type{}) : run(One{}, std::false_type{});
-    }
+    ext != nullptr ? run(std::true_type{}) : run(std::false_type{});
   });
   return dx;
 }

@@ -42,14 +42,19 @@ void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int
 }
 
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
-template <typename T, int VEC, typename Policy>
-void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
+// FOLD (over r only): rows folded G at a time (Fold), one tile spanning a folded row.
+template <typename T, int VEC, bool FOLD = false, typename Policy>
+void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int G = 1) {
   // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
   // split k, not the rows); over r, the partials, written and read again.
   const int64_t staged = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight)) : 0;
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
-  const LaunchGeom lg = make_geom(v.N, v.R(), v.K(), VEC, over_k ? kReduceKVectors : 1, staged,
-                                  partial, sizeof(T), op, /*span_rows=*/!over_k);
+  const LaunchGeom lg = make_geom(
+      v.N, v.R() / G, v.K() * G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T),
+      op, over_k ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob),
+      FOLD ? v.K() : 0);
+  TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
+  const Fold f{G, static_cast<int>(v.K())};
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
@@ -71,8 +76,8 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol) {
            global_ptr<T>(v.x), pol, lg.g);
   } else {
     with_rows_in_flight<VEC, 4>([&](auto u) {
-      launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, Policy>, lg.grid(), lg.block(), 0,
-             global_ptr<T>(v.x), pol, lg.g);
+      launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, FOLD, Policy>, lg.grid(),
+             lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
   }
   if (P > 1) {
@@ -111,8 +116,13 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
     return;
   }
   constexpr int V = vec_width<T>();
-  if (v.K() % V == 0 && aligned16(global_ptr<T>(v.x))) {
+  const int G = aligned16(global_ptr<T>(v.x)) ? fold_rows(v, V) : 0;
+  if (G == 1) {
     run_reduction<T, V>(op, v, over_k, pol);
+  } else if (G > 1 && !over_k && debug::tile_mode != 1 && v.K() * G / V <= kMaxSpanCols) {
+    // over r, rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row
+    // (a 7x7 channels-first map: 4 rows of 49 floats, 49 vectors; tiny tiles split it: scalar)
+    run_reduction<T, V, true>(op, v, over_k, pol, G);
   } else {
     run_reduction<T, 1>(op, v, over_k, pol);
   }

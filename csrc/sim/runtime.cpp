@@ -747,6 +747,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   g_mem.n_regions = t_last.size();
   g_mem.bytes_read = 0;
   g_mem.bytes_written = 0;
+  g_mem.bytes_vec = 0;
   uint3 failed{0, 0, 0};
   {
     struct InLaunch {  // reset even if the loop below throws
@@ -776,7 +777,8 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
                 dim_str(failed.x, failed.y, failed.z), " ", err);
   }
   s.stats.push_back(LaunchStat{name, reinterpret_cast<uintptr_t>(kernel), grid, block,
-                               smem_bytes, g_mem.bytes_read, g_mem.bytes_written});
+                               smem_bytes, g_mem.bytes_read, g_mem.bytes_written,
+                               g_mem.bytes_vec});
 }
 
 void set_max_dynamic_smem(const void* kernel, long long bytes) {

@@ -173,6 +173,7 @@ struct MemState {
   size_t n_regions = 0;
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
+  uint64_t bytes_vec = 0;  // of those, read or written by 16-byte accesses (ld_vec / st_vec)
 };
 extern MemState g_mem;
 
@@ -187,6 +188,7 @@ inline void check_access(const void* p, size_t bytes, size_t align, bool write,
     const Region& r = g_mem.regions[i];
     if (a >= r.lo && a + bytes <= r.hi && (r.writable || !write)) {
       (write ? g_mem.bytes_written : g_mem.bytes_read) += bytes;
+      if (bytes == 16) g_mem.bytes_vec += bytes;
       return;
     }
   }
@@ -235,7 +237,7 @@ struct LaunchStat {
   uintptr_t kernel;  // the kernel function's address: which template instance ran
   dim3 grid, block;
   size_t smem_bytes;
-  uint64_t bytes_read, bytes_written;
+  uint64_t bytes_read, bytes_written, bytes_vec;
 };
 std::vector<LaunchStat> launch_stats();
 void clear_launch_stats();
