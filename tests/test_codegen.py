@@ -156,7 +156,8 @@ def test_every_kernel_was_reported(ptxas_report):
                    "channel_head_bwd_hidden_kernel<", "channel_head_bwd_finish_kernel<",
                    "channel_head_bwd_params_kernel<", "batch_norm_gate_partials_kernel<",
                    "batch_norm_gate_apply_kernel<", "batch_norm_gate_backward_partials_kernel<",
-                   "batch_norm_gate_backward_apply_kernel<"):
+                   "batch_norm_gate_backward_apply_kernel<",
+                   "backward_reduce_folded_kernel<"):
         assert any(kernel in n for n in ptxas_report), (kernel, sorted(ptxas_report)[:5])
     assert len(ptxas_report) > 100, len(ptxas_report)
 
@@ -209,7 +210,8 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
            and not re.search(r"grad_input_kernel<[\w:]+, \d+, \d+, true,", n)}
     kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
     assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "apply_gates_kernel",
-                     "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel"}, kinds
+                     "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel",
+                     "backward_reduce_folded_kernel"}, kinds
     low = {}
     for name, (regs, *_, smem) in hot.items():
         # rows in flight U = 2 or 4 (reduce_r: 16-bit x takes 72 registers at U = 4, which
@@ -258,9 +260,10 @@ def _vector_path(ptx_kernels):
 def test_vector_path_kernels_load_16_bytes_at_a_time(ptx_kernels):
     vec = _vector_path(ptx_kernels)
     # 4 dtypes of every row-walking kernel at least (reduce_k, reduce_r, apply_gates,
-    # backward_reduce, grad_input)
+    # backward_reduce and its folded-rows kernel, grad_input)
     for kernel in ("reduce_k_kernel<", "reduce_r_kernel<", "apply_gates_kernel<",
-                   "backward_reduce_kernel<", "grad_input_kernel<"):
+                   "backward_reduce_kernel<", "backward_reduce_folded_kernel<",
+                   "grad_input_kernel<"):
         assert sum(kernel in n for n in vec) >= 4, (kernel, len(vec))
     missing = [n[:160] for n, body in vec.items() if not LOAD_16B.search(body)]
     assert not missing, "vector-path kernels without a 16-byte global load:\n" + "\n".join(missing)

@@ -904,11 +904,13 @@ def test_x_sized_ops_fold_rows_into_whole_vectors(shape, layout):
 @pytest.mark.parametrize("shape,layout", FOLD_SHAPES, ids=lambda v: str(v))
 def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
     """The reductions over the strided axis (reduce_r: channels-first pool over C and the pool
-    over S's scale gradients, channels-last the others) fold rows like the x-sized ops where one
-    tile spans a folded row (at most 128 vectors; not under the tiny tiles): every byte of x in
-    16-byte loads, the G folded columns of an original column combined in a fixed order before
-    the store (or the partials of the second stage). Every dtype, tiling and variant; results
-    match the CPU kernels, the same bits under every fiber schedule."""
+    over S's scale gradients, channels-last the others) and backward_reduce fold rows like the
+    x-sized ops where one tile spans a folded row (at most 128 vectors; not under the tiny
+    tiles): every byte of x (and g) in 16-byte loads, the G folded columns of an original column
+    combined in a fixed order before the store (or the partials of the second stage), and
+    backward_reduce's row sums added lane by lane in order through shared memory. Every dtype,
+    tiling and variant; results match the CPU kernels, the same bits under every fiber
+    schedule."""
     n, c = shape[:2]
     s = 1
     for d in shape[2:]:
@@ -920,9 +922,11 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
         xb = x.numel() * x.element_size()
         g = fold_of(k_len, r_len, dtype)
         vec = 16 // x.element_size()
-        for op in sorted((POOL_OPS - REDUCE_K_OPS[layout]) & set(OPS)):
-            for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
-                args = op_args(op, x, gen, mode)
+        for op in sorted((POOL_OPS - REDUCE_K_OPS[layout]) & set(OPS)) + ["backward_reduce"]:
+            # (backward_reduce's variants: both sums, rc only, rs only; in every tiling)
+            for mode, variant in [(m, m) for m in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE)] + (
+                    [(TILE_NORMAL, 1), (TILE_NORMAL, 2)] if op == "backward_reduce" else []):
+                args = op_args(op, x, gen, variant)
                 tile_mode(mode)
                 with testing.use_simulator():
                     got = getattr(torch.ops.cbam_fused, op)(*args)
@@ -931,8 +935,9 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
                 got = got if isinstance(got, (tuple, list)) else (got,)
                 check_same(op, got, run_cpu(op, args), x, layout)
                 folded = g > 1 and mode != TILE_SMALL and k_len * g // vec <= 128
+                passes = 2 if op == "backward_reduce" else 1  # (g and) x
                 if g == 1 or folded:
-                    assert stats[0]["bytes_vec"] >= xb, (op, dtype, mode, stats)
+                    assert stats[0]["bytes_vec"] >= passes * xb, (op, dtype, mode, stats)
                 else:
                     assert stats[0]["bytes_vec"] == 0, (op, dtype, mode, stats)
                 if mode == TILE_NORMAL and dtype == torch.float32:

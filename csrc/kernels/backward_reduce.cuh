@@ -10,7 +10,8 @@
 // writes the partial part_r[n, kt, r]; after the rows, the TY column sums of each column combine
 // in a fixed shared-memory tree and row 0 writes part_k[n, rt, k]. When nkt (nrt) is 1 the
 // partial buffer is the output itself; otherwise sum_partials (SumPolicy + combine_partials)
-// adds the partials in order. No atomics. Requires VEC == 1 or K % VEC == 0.
+// adds the partials in order. No atomics. Requires VEC == 1 or K % VEC == 0 (rows of other
+// lengths: backward_reduce_folded_kernel, below).
 #pragma once
 
 #include "kernels/common.cuh"
@@ -90,6 +91,131 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
       for (int v = 0; v < VEC; ++v) {
         st(part_k + (t.n * g.nrt + t.rt) * g.K + t.k0 + v, s_col[tid * VEC + v]);
       }
+    }
+  }
+}
+
+// backward_reduce for rows whose length K0 is not a multiple of VEC, folded G at a time into
+// whole vectors (Fold, common.cuh; the launcher's span lanes make one tile span a folded row:
+// TX = G K0 / VEC, nkt == 1). The same sums:
+// - out_k: each thread sums its folded columns over its rows as above (gr of original row
+//   r G + j, j the column's row within the folded row); after the column tree, the G folded
+//   columns k + jj K0 of original column k add in order of jj, and row 0 writes part_k.
+// - out_r: a thread's VEC columns lie in at most two original rows (K0 >= VEC), j0 and j0 + 1
+//   (FoldPos); it sums its products of each, in order, into shared memory (s_row), and after a
+//   barrier one thread per original row of the step adds those of the lanes that hold the row,
+//   lane by lane in order, and writes out_r (no partials: the tile holds every column).
+// Pass: reads g and x once each.
+template <typename T, int VEC, int U, typename acc_t>
+CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
+                                               const T* __restrict__ x, const acc_t* gr,
+                                               const acc_t* gk, acc_t* out_r, acc_t* part_k,
+                                               Geom g, Fold f, bool need_r, bool need_k) {
+  __shared__ acc_t s_gr[kChunkRows];
+  __shared__ acc_t s_col[kBlockThreads * VEC];
+  __shared__ acc_t s_gk[kFoldedSlots<VEC>];
+  __shared__ acc_t s_row[U][kBlockThreads][2];  // a step's sums of each thread's (two) rows
+
+  const TileId t = tile_id(g, VEC);  // (k_begin == 0: nkt == 1)
+  const bool active = t.k0 < g.K;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tid = ty * TX + tx;
+  const int G = f.G, K0 = f.K0;
+
+  stage_k_side_folded<VEC>(s_gk, t, K0, [&](int64_t k) {
+    return gk != nullptr ? ld(gk + t.n * K0 + k) : acc_t(1);
+  });
+  const FoldPos p0 = fold_pos(static_cast<int>(t.k0), K0);
+  const int split = K0 - p0.k;  // columns v < split lie in row p0.j, the others in p0.j + 1
+  acc_t wk[VEC] = {};
+  if (active) {
+    FoldPos p = p0;
+    for (int v = 0; v < VEC; ++v, fold_next(p, K0)) wk[v] = s_gk[folded_slot<VEC>(p.k, t, K0)];
+  }
+  acc_t col[VEC];
+  for (int v = 0; v < VEC; ++v) col[v] = acc_t(0);
+
+  const int crows = kChunkRows / G;  // (folded) rows of one chunk of staged r gates
+  for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
+    const int64_t rest = t.r_end - cb;
+    const int clen = rest < crows ? static_cast<int>(rest) : crows;
+    __syncthreads();  // the previous chunk's gates are no longer read
+    for (int i = tid; i < clen * G; i += TX * TY) {
+      s_gr[i] = gr != nullptr ? ld(gr + (t.n * g.R + cb) * G + i) : acc_t(1);
+    }
+    __syncthreads();
+    for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
+      acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
+      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+        const int i = ib + u * TY + ty;
+        if (active && i < clen) {
+          const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
+          load_acc<VEC>(grad + off, gv[u]);
+          load_acc<VEC>(x + off, xv[u]);
+        }
+      }
+      for (int u = 0; u < U; ++u) {
+        const int i = ib + u * TY + ty;
+        acc_t row0 = acc_t(0), row1 = acc_t(0);
+        if (active && i < clen) {
+          const acc_t wr0 = s_gr[i * G + p0.j];
+          const acc_t wr1 = p0.j + 1 < G ? s_gr[i * G + p0.j + 1] : wr0;
+          for (int v = 0; v < VEC; ++v) {
+            const acc_t p = gv[u][v] * xv[u][v];
+            const bool first = v < split;
+            if (first) {
+              row0 += p * wk[v];
+            } else {
+              row1 += p * wk[v];
+            }
+            col[v] += p * (first ? wr0 : wr1);
+          }
+        }
+        if (need_r) {
+          s_row[u][tid][0] = row0;
+          s_row[u][tid][1] = row1;
+        }
+      }
+      if (need_r) {
+        __syncthreads();
+        // original row jq of folded row ib + uq TY + yq: lanes [jq K0 / VEC, ((jq + 1) K0 - 1) /
+        // VEC]; a lane's first sum is that of the row of its first column
+        for (int q = tid; q < U * TY * G; q += TX * TY) {
+          const int jq = q % G, yq = (q / G) % TY, uq = q / (G * TY);
+          const int i = ib + uq * TY + yq;
+          if (i < clen) {
+            acc_t sum = acc_t(0);
+            const int l1 = ((jq + 1) * K0 - 1) / VEC;
+            for (int l = jq * K0 / VEC; l <= l1; ++l) {
+              sum += s_row[uq][yq * TX + l][l * VEC / K0 == jq ? 0 : 1];
+            }
+            st(out_r + (t.n * g.R + cb + i) * G + jq, sum);
+          }
+        }
+        __syncthreads();  // s_row is written again at the next step
+      }
+    }
+  }
+
+  if (need_k) {
+    for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] = col[v];
+    __syncthreads();
+    // n sums of a column left: the first n - h take in those h above them (h = ceil(n / 2); TY
+    // need not be a power of two)
+    for (int n = TY; n > 1;) {
+      const int h = (n + 1) / 2;
+      if (ty < n - h) {
+        for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] += s_col[(tid + h * TX) * VEC + v];
+      }
+      __syncthreads();
+      n = h;
+    }
+    // row 0's sums are the folded columns in order; original column k's: k + jj K0, jj < G
+    for (int k = tid; k < K0; k += TX * TY) {
+      acc_t sum = s_col[k];
+      for (int jj = 1; jj < G; ++jj) sum += s_col[k + jj * K0];
+      st(part_k + (t.n * g.nrt + t.rt) * K0 + k, sum);
     }
   }
 }

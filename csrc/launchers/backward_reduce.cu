@@ -1,6 +1,7 @@
 // Launcher of backward_reduce (Q1, kernels/backward_reduce.cuh): rc [N, C] and rs [N, S] in one
 // pass over grad and x, then the in-order sums of the partials (kernels/combine_partials.cuh)
-// when a reduction spans several tiles.
+// when a reduction spans several tiles. Rows of K % VEC != 0 fold into whole vectors
+// (backward_reduce_folded_kernel) where one tile spans a folded row; else one element a load.
 #include "kernels/backward_reduce.cuh"
 #include "kernels/combine_partials.cuh"
 #include "launchers/common.h"
@@ -8,25 +9,36 @@
 namespace cbam {
 namespace {
 
-template <typename T, int VEC>
+// FOLD: rows folded G at a time (Fold), one tile spanning a folded row (span lanes).
+template <typename T, int VEC, bool FOLD = false>
 void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& gr,
                          const at::Tensor& gk, at::Tensor& out_r, at::Tensor& out_k, bool need_r,
-                         bool need_k) {
+                         bool need_k, int G = 1) {
   using acc_t = at::opmath_type<T>;
   const char* op = "backward_reduce";
   // Side traffic per column: gk staged, and the column partials written and read again.
-  const LaunchGeom lg =
-      make_geom(v.N, v.R(), v.K(), VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op);
+  const LaunchGeom lg = make_geom(v.N, v.R() / G, v.K() * G, VEC, 1, sizeof(acc_t),
+                                  2 * sizeof(acc_t), sizeof(T), op,
+                                  FOLD ? SpanLanes::kAlways : SpanLanes::kNever, FOLD ? v.K() : 0);
+  TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor part_r =
       !need_r ? at::Tensor() : (lg.g.nkt > 1 ? at::empty({v.N, lg.g.nkt, v.R()}, opts) : out_r);
   const at::Tensor part_k =
       !need_k ? at::Tensor() : (lg.g.nrt > 1 ? at::empty({v.N, lg.g.nrt, v.K()}, opts) : out_k);
   with_rows_in_flight<VEC>([&](auto u) {
-    launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(), lg.block(),
-           0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr), opt_ptr<acc_t>(gk),
-           need_r ? global_ptr<acc_t>(part_r) : nullptr,
-           need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
+    if constexpr (FOLD) {
+      launch(op, &backward_reduce_folded_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
+             lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
+             opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
+             need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g,
+             Fold{G, static_cast<int>(v.K())}, need_r, need_k);
+    } else {
+      launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
+             lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
+             opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
+             need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
+    }
   });
   if (need_r && lg.g.nkt > 1) {
     SumPolicy<acc_t> pol{global_ptr<acc_t>(part_r), global_ptr<acc_t>(out_r)};
@@ -71,8 +83,13 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_in,
   const at::Tensor& gk = v.cl ? gc : gs;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     constexpr int V = vec_width<scalar_t>();
-    if (v.K() % V == 0 && aligned16(v.x.data_ptr()) && aligned16(g.data_ptr())) {
+    const int G = aligned16(v.x.data_ptr()) && aligned16(g.data_ptr()) ? fold_rows(v, V) : 0;
+    if (G == 1) {
       run_backward_reduce<scalar_t, V>(v, g, gr, gk, out_r, out_k, need_r, need_k);
+    } else if (G > 1 && debug::tile_mode != 1 && v.K() * G / V <= kMaxSpanCols) {
+      // rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row (tiny
+      // tiles split it: scalar)
+      run_backward_reduce<scalar_t, V, true>(v, g, gr, gk, out_r, out_k, need_r, need_k, G);
     } else {
       run_backward_reduce<scalar_t, 1>(v, g, gr, gk, out_r, out_k, need_r, need_k);
     }
