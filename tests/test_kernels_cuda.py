@@ -8,8 +8,8 @@ import cbam_fused  # noqa: F401
 from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
-from test_kernels_sim import (DTYPES, OPS, SHAPES, TILE_NORMAL, TILE_SINGLE, TILE_SMALL, X_SHAPED,
-                              op_args, rand_x, to_layout, tolerances)
+from test_kernels_sim import (DTYPES, FOLD_SHAPES, OPS, SHAPES, TILE_NORMAL, TILE_SINGLE,
+                              TILE_SMALL, X_SHAPED, op_args, rand_x, to_layout, tolerances)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,6 +90,29 @@ def test_op_matches_cpu_kernel_on_gpu(op, dtype, layout):
             got = as_tuple(getattr(torch.ops.cbam_fused, op)(*cuda_args(args)))
             torch.ops.cbam_fused_debug.set_debug(True, TILE_NORMAL)
             check(op, got, as_tuple(cpu.ORACLE[op](*args)), dtype)
+
+
+@pytest.mark.parametrize("shape,layout", FOLD_SHAPES, ids=lambda v: str(v))
+def test_folded_rows_on_gpu(shape, layout):
+    """Rows whose length is not a multiple of the vector width, folded into whole vectors
+    (kernels/common.cuh Fold) where their count allows: every op, every dtype, the normal tiling
+    and one row tile, against the pure-PyTorch kernels, and bitwise the same on a second run."""
+    gen = torch.Generator().manual_seed(51)
+    for dtype in DTYPES:
+        x = rand_x(shape, dtype, layout, gen)
+        for op in OPS:
+            for mode in (TILE_NORMAL, TILE_SINGLE):
+                args = op_args(op, x, gen, mode)
+                torch.ops.cbam_fused_debug.set_debug(True, mode)
+                try:
+                    got = as_tuple(getattr(torch.ops.cbam_fused, op)(*cuda_args(args)))
+                    again = as_tuple(getattr(torch.ops.cbam_fused, op)(*cuda_args(args)))
+                finally:
+                    torch.ops.cbam_fused_debug.set_debug(True, TILE_NORMAL)
+                check(op, got, as_tuple(cpu.ORACLE[op](*args)), dtype)
+                for a, b in zip(got, again):
+                    assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                                       b.view(torch.uint8) if b.is_floating_point() else b), op
 
 
 RESNET50_SITES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
