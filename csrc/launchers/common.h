@@ -186,8 +186,8 @@ enum class SpanLanes {
 };
 
 // k_period (rows folded into one, Fold): the small values along k repeat every k_period columns
-// and a tile stages each once (stage_k_side_folded), so a tile of more columns stages fewer
-// bytes per column.
+// and a tile stages each once (stage_k_side_folded), and writes one partial per original column,
+// so a tile of more columns moves fewer of those bytes per column.
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
                             int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
                             const char* op, SpanLanes spans = SpanLanes::kNever,
@@ -221,8 +221,9 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   const int64_t kv = std::max<int64_t>(1, std::min<int64_t>(kv_max, ceil_div(need, tx)));
   g.cols_per_tile = static_cast<int64_t>(tx) * vec * (debug::tile_mode == 1 ? 1 : kv);
   g.nkt = ceil_div(K, g.cols_per_tile);
-  if (k_period > 0 && k_period < g.cols_per_tile) {
+  if (k_period > 0 && k_period < g.cols_per_tile) {  // per original column, not folded one
     staged_bytes = ceil_div(staged_bytes * k_period, g.cols_per_tile);
+    partial_bytes = ceil_div(partial_bytes * k_period, g.cols_per_tile);
   }
   int64_t rpt;
   if (debug::tile_mode == 1) {
