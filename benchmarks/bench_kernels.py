@@ -39,7 +39,8 @@ summary{dtype/layout: {cases, min_frac, mean_frac, meeting_target, weakest, min_
 mean_frac_same_size, meeting_target_same_size}}, heads[] {site, op (a key of HEAD_OPS), maps
 ([N, C] or [N, 1, H, W]), fused_ms (the op), aten_ms (the ATen ops it replaced
 in the block: HEAD_OPS), speedup, error, graph_error}; with --sweep, each
-case also has sweep{"tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode": frac_copy_bw} (or sweep_skipped, past
+case also has sweep{tuning_key(setting): frac_copy_bw} (keys "tiles/rows/vec_rows/reduce_k_mode/
+k_vectors/reduce_r_mode/side_share/k_tile_vectors"; or sweep_skipped, past
 --max-minutes) and the record sweep{settings, gmean_frac, per_op{op: {best, best_gmean, default_gmean}},
 best_per_case, cases_swept, cases}.
 """
@@ -69,20 +70,27 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
 # thread a row, 3 as 2 but where reduce_k's grid is resident at once, 2 rows' vectors loaded
 # before the fold), reduce_k's 16-byte loads in flight per thread (1 or 4), and the lanes of
 # reduce_r's short rows (reduce_r_mode: 0 a power of two up to 32, 1 one per vector of a row of at
-# most 128 vectors); keyed "tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode". The sweep
-# crosses the first three and tries the others once each at the default grid sizing (they change
-# the reductions only), plus the defaults before 2026-11-26's sweep (8/4/1/2/1/0) and those of
-# the session after it (8/4/0/2/4/0), for a before / after.
+# most 128 vectors), the side traffic a tile may cost (side_share: staged values 1 / share of its
+# x bytes, partials half that; smaller shares allow tiles of fewer rows) and reduce_k's vectors a
+# lane per column tile (k_tile_vectors: 1, 2 or 4; fewer make more column tiles); keyed
+# "tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode/side_share/k_tile_vectors". The
+# sweep crosses the first three and tries the others once each at the default grid sizing (they
+# change the reductions only), then the small sites' knobs with fewer rows per thread, plus the
+# defaults before 2026-11-26's sweep (8/4/1/2/1/0) and those of the session after it
+# (8/4/0/2/4/0), for a before / after.
 TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "reduce_k_mode",
-                "k_vectors_in_flight", "reduce_r_mode")
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
-SWEEP = [(t, r, u, 3, 4, 0) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    DEFAULT_TUNING, (8, 4, 0, 3, 1, 0), (8, 4, 0, 3, 4, 1), (8, 4, 0, 2, 4, 0),
-    (8, 4, 0, 0, 4, 0), (8, 4, 0, 1, 4, 0), (8, 4, 1, 2, 1, 0), (16, 1, 0, 3, 4, 1)] + [
-    (t, r, 4, 3, 4, 0) for t in (4, 8, 32) for r in (1, 4)]  # reduce_r with 4 rows in flight
+                "k_vectors_in_flight", "reduce_r_mode", "side_share", "k_tile_vectors")
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
+SWEEP = [(t, r, u, 3, 4, 0, 16, 4) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
+    DEFAULT_TUNING, (8, 4, 0, 3, 1, 0, 16, 4), (8, 4, 0, 3, 4, 1, 16, 4),
+    (8, 4, 0, 2, 4, 0, 16, 4), (8, 4, 0, 0, 4, 0, 16, 4), (8, 4, 0, 1, 4, 0, 16, 4),
+    (8, 4, 1, 2, 1, 0, 16, 4), (16, 1, 0, 3, 4, 1, 16, 4)] + [
+    (t, r, 4, 3, 4, 0, 16, 4) for t in (4, 8, 32) for r in (1, 4)] + [  # reduce_r, 4 rows
+    (t, r, 0, 3, 4, 0, share, ktv) for t, r in ((8, 4), (16, 1)) for share, ktv in (
+        (4, 4), (8, 4), (16, 1), (16, 2), (4, 1), (4, 2))]  # the small sites' grids
 # Earlier defaults, set against today's in the sweep's per-op table (summarize_sweep)
-REFERENCE_TUNINGS = {"defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0),
-                     "defaults before 2026-11-26": (8, 4, 1, 2, 1, 0)}
+REFERENCE_TUNINGS = {"defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0, 16, 4),
+                     "defaults before 2026-11-26": (8, 4, 1, 2, 1, 0, 16, 4)}
 
 
 def tuning_key(setting) -> str:

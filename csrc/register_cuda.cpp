@@ -9,7 +9,8 @@ TORCH_LIBRARY_IMPL(cbam_fused, CUDA, m) { cbam::impl_ops(m); }
 // Test knobs of the CUDA build (csrc/launchers/launchers.h, cbam::debug): poison outputs with NaN,
 // choose the tiling. torch.ops.cbam_fused_debug.set_debug(poison, tile_mode); set_tuning(tiles per
 // SM, min rows per thread, vector rows in flight, reduce_k mode, reduce_k vectors in
-// flight, reduce_r mode) sets the tuning knobs and returns the previous values.
+// flight, reduce_r mode, side share, reduce_k vectors a lane per tile) sets the tuning knobs and
+// returns the previous values.
 TORCH_LIBRARY(cbam_fused_debug, m) {
   m.def(cbam::kSetDebugSchema, &cbam::set_debug);
   m.def(cbam::kSetTuningSchema, &cbam::set_tuning);

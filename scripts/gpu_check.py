@@ -1097,8 +1097,8 @@ def write_summary(d, part_dirs):
         L.append("## Launcher tuning sweep (sweep.json)")
         L.append("")
         L.append("Settings tiles_per_sm/min_rows_per_thread/vec_rows_in_flight/"
-                 "reduce_k_mode/k_vectors_in_flight/reduce_r_mode (older runs: the "
-                 "first four or five); the geometric "
+                 "reduce_k_mode/k_vectors_in_flight/reduce_r_mode/side_share/k_tile_vectors "
+                 "(older runs: the first four to six); the geometric "
                  "mean over the cases of each op's fraction of copy bandwidth. Set the best as "
                  "the defaults in `csrc/launchers/launchers.h`.")
         L.append("")

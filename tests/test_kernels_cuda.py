@@ -137,7 +137,7 @@ def test_resnet50_sites(site, dtype, layout):
 
 
 # The launchers' tuning knobs at their defaults (csrc/launchers/launchers.h)
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
 
 
 def _every_op_under(settings, x, gen, dtype):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_
 
 CASES = int(os.environ.get("CBAM_FUZZ_CASES", "300"))
 START = int(os.environ.get("CBAM_FUZZ_START", "0"))
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
 
 
 def draw_case(seed: int):
@@ -38,7 +38,8 @@ def draw_case(seed: int):
     n = r.randint(1, 3)
     variant = r.randint(0, 2)
     tuning = (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
-              r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1))
+              r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
+              r.choice([1, 2, 4]))
     tile = r.choice([0, 0, 1, 2])
     return op, dtype, layout, (n, c) + spatial, variant, tuning, tile
 
@@ -73,7 +74,7 @@ def test_the_draws_cover_every_op_dtype_layout_and_knob():
     assert {len(d[3]) - 2 for d in draws} == {1, 2, 3}
     assert {d[6] for d in draws} == {0, 1, 2}
     for i, values in enumerate([{1, 2, 8, 32, 64}, {1, 2, 4, 16, 64}, {0, 1, 2, 4}, {0, 1, 2, 3},
-                                {1, 4}, {0, 1}]):
+                                {1, 4}, {0, 1}, {1, 4, 16, 64}, {1, 2, 4}]):
         assert {d[5][i] for d in draws} == values, i
     assert any(d[3][1] > 64 for d in draws)
 

@@ -535,8 +535,8 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 
 
 # tiles per SM, min rows per thread, vector rows in flight (0: by element size), reduce_k mode,
-# reduce_k vectors in flight
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0)
+# reduce_k vectors in flight, reduce_r mode, side share, reduce_k vectors a lane per tile
+DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
 
 
 @pytest.fixture
@@ -572,7 +572,8 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 def test_grid_sizing_knobs_are_checked(default_tuning):
     for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -1, 1),
                 (8, 4, 3, 1), (8, 4, 1, 4), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
-                (8, 4, 1, 2, 8), (8, 4, 1, 2, 4, 2), (8, 4, 1, 2, 4, -1)]:
+                (8, 4, 1, 2, 8), (8, 4, 1, 2, 4, 2), (8, 4, 1, 2, 4, -1), (8, 4, 1, 2, 4, 0, 0),
+                (8, 4, 1, 2, 4, 0, 65), (8, 4, 1, 2, 4, 0, 16, 3), (8, 4, 1, 2, 4, 0, 16, 0)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
     # unchanged by the refusals
@@ -601,6 +602,35 @@ def test_side_traffic_floors_of_the_rows_per_tile(default_tuning):
         assert _stat(stats[0], "grid")[0] == grid, (op, [_stat(s, "grid") for s in stats])
         check_same(op, got if isinstance(got, (tuple, list)) else (got,), run_cpu(op, args), x,
                    "cl")
+
+
+def test_side_share_and_k_tile_vectors_change_the_grid_not_the_result(default_tuning):
+    """The two knobs of the small sites' grids (a GPU sweep times them): side_share 4 lets a tile's
+    staged values cost 1/4 of its x bytes (not 1/16), so the 7x7 channels-last site of 2048
+    channels splits its 49 rows into more tiles (with min_rows_per_thread 1); k_tile_vectors 1
+    gives reduce_k's column tiles one vector a lane (not 4), so its rows of 2048 channels split
+    into 8 column tiles (not 2) and a second stage. Every op keeps the CPU kernels' results and its bits under every fiber
+    schedule."""
+    gen = torch.Generator().manual_seed(52)
+    x = rand_x((2, 2048, 7, 7), torch.bfloat16, "cl", gen)
+    base = (8, 1, 0, 3, 4, 0)  # one row a thread allowed: the side traffic decides
+    for op in OPS:
+        args = op_args(op, x, gen, 0)
+        want = run_cpu(op, args)
+        grids = {}
+        for share, ktv in ((16, 4), (4, 4), (16, 1)):
+            got, launches = run_tuned(op, args, base + (share, ktv))
+            check_same(op, got, want, x, "cl")
+            if (share, ktv) != (16, 4):
+                assert_schedules_agree(op, args, got, seed=7)
+            grids[share, ktv] = launches[0][1][0]
+        if op in ("apply_gates", "pool_over_c"):  # staged values of 4 bytes: 32 rows, then 8
+            assert grids[4, 4] > grids[16, 4], (op, grids)
+        if op in REDUCE_K_OPS["cl"]:
+            assert grids[16, 1] == 4 * grids[16, 4], (op, grids)
+        else:
+            assert grids[16, 1] == grids[16, 4], (op, grids)
+        torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
 # The ops that are one reduction of x (the pools and their scale gradients).

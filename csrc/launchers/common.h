@@ -157,14 +157,15 @@ struct LaunchGeom {
   dim3 block() const { return dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty)); }
 };
 
-// kv_max: vectors per lane and row of a column tile (reduce_k: kReduceKVectors; else 1).
+// kv_max: vectors per lane and row of a column tile (reduce_k: kReduceKVectors, or fewer under
+// debug::k_tile_vectors; else 1).
 // Side traffic per column of a tile, which sets the fewest rows a tile may have:
 // staged_bytes, the small [N, C] / [N, S] tensors a tile reads (gates, weights: L2 hits mostly,
-// but counted by the pass budget) at most 1/16 of the tile's x bytes; partial_bytes, the
-// partials a second stage reads back (a reduction over rows: written, read again, one more
-// launch) at most 1/32. (Both at 1/32 held the small channels-last sites to a few hundred
-// blocks whatever tiles_per_sm and min_rows_per_thread said: a 2048x7x7 bfloat16 pool over C
-// ran as 128 blocks on 132 SMs.)
+// but counted by the pass budget) at most 1 / debug::side_share (16) of the tile's x bytes;
+// partial_bytes, the partials a second stage reads back (a reduction over rows: written, read
+// again, one more launch) at most half that. (Both at 1/32 held the small channels-last sites to
+// a few hundred blocks whatever tiles_per_sm and min_rows_per_thread said: a 2048x7x7 bfloat16
+// pool over C ran as 128 blocks on 132 SMs.)
 // Lanes per row (TX, a power of two <= 32): one per vector of the row; with kv_max > 1 and
 // debug::reduce_k_mode >= 1, the fewest that cover the row with kv_max vectors each (a row of
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and
@@ -193,6 +194,7 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
                             const char* op, SpanLanes spans = SpanLanes::kNever,
                             int64_t k_period = 0) {
   LaunchGeom lg;
+  if (kv_max > 1) kv_max = std::min(kv_max, debug::k_tile_vectors);
   const int64_t need = ceil_div(K, vec);
   const int64_t lanes = kv_max > 1 && debug::reduce_k_mode >= 1 ? ceil_div(need, kv_max) : need;
   int tx = 1;
@@ -238,8 +240,8 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
     const int64_t want_tiles = ceil_div(target, N * g.nkt);
     rpt = std::max({ceil_div(R, want_tiles),
                     static_cast<int64_t>(lg.ty) * debug::min_rows_per_thread,
-                    ceil_div(16 * staged_bytes, elem_bytes),
-                    ceil_div(32 * partial_bytes, elem_bytes)});
+                    ceil_div(debug::side_share * staged_bytes, elem_bytes),
+                    ceil_div(2 * debug::side_share * partial_bytes, elem_bytes)});
   }
   rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
   g.nrt = ceil_div(R, rpt);

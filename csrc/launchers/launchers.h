@@ -66,6 +66,20 @@ inline int reduce_k_mode = kDefaultReduceKMode;
 // 64: 1152 blocks of 256 threads, 704 of 245).
 constexpr int kDefaultReduceRMode = 0;
 inline int reduce_r_mode = kDefaultReduceRMode;
+// The side traffic a tile may cost (make_geom): the small tensors it stages at most 1 /
+// side_share of its x bytes, the partials of a second stage 1 / (2 side_share). These floors on
+// the rows of a tile keep the byte counts of the pass budget (tests/test_kernels_sim.py) but, at
+// the small sites, also the grids: the 7x7 channels-last sites of 2048 channels at batch 64
+// run their reductions along C as 128 to 256 blocks on 132 SMs, whatever tiles_per_sm says. The
+// staged values are L2 hits mostly; a sweep times a smaller share (4: tiles of 8 rows there).
+constexpr int kDefaultSideShare = 16;
+inline int side_share = kDefaultSideShare;
+// reduce_k's vectors a lane takes of a row in one column tile (kReduceKVectors, 4, at most): fewer
+// make more, narrower column tiles, so more blocks where rows are few and long (the same 7x7
+// channels-last sites: 2 column tiles of 2048 bfloat16 channels, 8 with 1), at the price of more
+// partials for the second stage.
+constexpr int kDefaultKTileVectors = 4;
+inline int k_tile_vectors = kDefaultKTileVectors;
 }  // namespace debug
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
@@ -161,11 +175,13 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
 // [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight,
-// reduce_r_mode]. tiles_per_sm and min_rows_per_thread in [1, 64], vec_rows_in_flight 0, 1, 2
-// or 4, reduce_k_mode 0 to 3, k_vectors_in_flight 1 or 4, reduce_r_mode 0 or 1.
+// reduce_r_mode, side_share, k_tile_vectors]. tiles_per_sm and min_rows_per_thread in [1, 64],
+// vec_rows_in_flight 0, 1, 2 or 4, reduce_k_mode 0 to 3, k_vectors_in_flight 1 or 4,
+// reduce_r_mode 0 or 1, side_share in [1, 64], k_tile_vectors 1, 2 or 4.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
                                        int64_t vec_rows_in_flight, int64_t reduce_k_mode,
-                                       int64_t k_vectors_in_flight, int64_t reduce_r_mode) {
+                                       int64_t k_vectors_in_flight, int64_t reduce_r_mode,
+                                       int64_t side_share, int64_t k_tile_vectors) {
   TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
               "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
@@ -179,15 +195,22 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
               "set_tuning: k_vectors_in_flight must be 1 or 4, got ", k_vectors_in_flight);
   TORCH_CHECK(reduce_r_mode == 0 || reduce_r_mode == 1,
               "set_tuning: reduce_r_mode must be 0 or 1, got ", reduce_r_mode);
-  std::vector<int64_t> old{debug::tiles_per_sm,  debug::min_rows_per_thread,
+  TORCH_CHECK(side_share >= 1 && side_share <= 64,
+              "set_tuning: side_share must be in [1, 64], got ", side_share);
+  TORCH_CHECK(k_tile_vectors == 1 || k_tile_vectors == 2 || k_tile_vectors == 4,
+              "set_tuning: k_tile_vectors must be 1, 2 or 4, got ", k_tile_vectors);
+  std::vector<int64_t> old{debug::tiles_per_sm,       debug::min_rows_per_thread,
                            debug::vec_rows_in_flight, debug::reduce_k_mode,
-                           debug::k_vectors_in_flight, debug::reduce_r_mode};
+                           debug::k_vectors_in_flight, debug::reduce_r_mode,
+                           debug::side_share,         debug::k_tile_vectors};
   debug::tiles_per_sm = static_cast<int>(tiles_per_sm);
   debug::min_rows_per_thread = static_cast<int>(min_rows_per_thread);
   debug::vec_rows_in_flight = static_cast<int>(vec_rows_in_flight);
   debug::reduce_k_mode = static_cast<int>(reduce_k_mode);
   debug::k_vectors_in_flight = static_cast<int>(k_vectors_in_flight);
   debug::reduce_r_mode = static_cast<int>(reduce_r_mode);
+  debug::side_share = static_cast<int>(side_share);
+  debug::k_tile_vectors = static_cast<int>(k_tile_vectors);
   return old;
 }
 
@@ -196,7 +219,8 @@ inline constexpr const char* kSetDebugSchema =
     "set_debug(bool poison_outputs, int tile_mode) -> ()";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
-    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0) -> int[]";
+    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=16, "
+    "int k_tile_vectors=4) -> int[]";
 
 // Sets the debug knobs above (the body of the debug ops).
 inline void set_debug(bool poison_outputs, int64_t tile_mode) {
