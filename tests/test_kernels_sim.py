@@ -609,8 +609,8 @@ def test_side_share_and_k_tile_vectors_change_the_grid_not_the_result(default_tu
     staged values cost 1/4 of its x bytes (not 1/16), so the 7x7 channels-last site of 2048
     channels splits its 49 rows into more tiles (with min_rows_per_thread 1); k_tile_vectors 1
     gives reduce_k's column tiles one vector a lane (not 4), so its rows of 2048 channels split
-    into 8 column tiles (not 2) and a second stage. Every op keeps the CPU kernels' results and its bits under every fiber
-    schedule."""
+    into 8 column tiles (not 2) and a second stage. Every op keeps the CPU kernels' results and
+    its bits under every fiber schedule."""
     gen = torch.Generator().manual_seed(52)
     x = rand_x((2, 2048, 7, 7), torch.bfloat16, "cl", gen)
     base = (8, 1, 0, 3, 4, 0)  # one row a thread allowed: the side traffic decides
