@@ -885,10 +885,12 @@ FOLD_SHAPES = [  # (shape, layout): rows of K elements (K = S cf, C cl), K % VEC
 ]
 
 
-def fold_of(k_len, r_len, dtype):
+def fold_of(shape, layout, dtype):
     """Rows a folded row holds on the vector path (1: rows are whole vectors), 0: the scalar path
-    (launchers/elementwise.cu fold_rows)."""
+    (launchers/common.h fold_rows), for x of `shape` in `layout` (cf / cl)."""
     import math
+    c, s = shape[1], math.prod(shape[2:])
+    k_len, r_len = (c, s) if layout == "cl" else (s, c)
     vec = 16 // torch.empty((), dtype=dtype).element_size()
     g = vec // math.gcd(k_len, vec)
     return g if g == 1 or (r_len % g == 0 and k_len >= vec) else 0
@@ -901,16 +903,11 @@ def test_x_sized_ops_fold_rows_into_whole_vectors(shape, layout):
     x-sized byte moves in 16-byte accesses (the simulator's bytes_vec), else the scalar path (no
     16-byte access). Every dtype, every tiling, every arrangement / gate combination; results
     match the CPU kernels, and are the same bits under every fiber schedule."""
-    n, c = shape[:2]
-    s = 1
-    for d in shape[2:]:
-        s *= d
-    k_len, r_len = (c, s) if layout == "cl" else (s, c)
     gen = torch.Generator().manual_seed(47)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)
         xb = x.numel() * x.element_size()
-        g = fold_of(k_len, r_len, dtype)
+        g = fold_of(shape, layout, dtype)
         for op in X_SHAPED:
             for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
                 args = op_args(op, x, gen, mode)
@@ -941,17 +938,13 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
     backward_reduce's row sums added lane by lane in order through shared memory. Every dtype,
     tiling and variant; results match the CPU kernels, the same bits under every fiber
     schedule."""
-    n, c = shape[:2]
-    s = 1
-    for d in shape[2:]:
-        s *= d
-    k_len, r_len = (c, s) if layout == "cl" else (s, c)
     gen = torch.Generator().manual_seed(50)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)
         xb = x.numel() * x.element_size()
-        g = fold_of(k_len, r_len, dtype)
+        g = fold_of(shape, layout, dtype)
         vec = 16 // x.element_size()
+        k_len = shape[1] if layout == "cl" else x[0, 0].numel()
         for op in sorted((POOL_OPS - REDUCE_K_OPS[layout]) & set(OPS)) + ["backward_reduce"]:
             # (backward_reduce's variants: both sums, rc only, rs only; in every tiling)
             for mode, variant in [(m, m) for m in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE)] + (
