@@ -17,8 +17,8 @@
 // FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0).
 // A thread's VEC columns then belong to original rows r G + j and columns k (FoldPos),
 // fixed for the thread: the tile's k sides are staged once per original column
-// (stage_k_side_folded, column order) and used as above, the r sides are staged G per folded row
-// and read per element.
+// (stage_k_side_folded, padded column order) and used as above, the r sides are staged G per
+// folded row and those of the (at most two) rows of a thread's columns selected per element.
 #pragma once
 
 #include <type_traits>
