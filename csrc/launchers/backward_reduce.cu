@@ -84,7 +84,13 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     constexpr int V = vec_width<scalar_t>();
     const int G = aligned16(v.x.data_ptr()) && aligned16(g.data_ptr()) ? fold_rows(v, V) : 0;
-    if (G == 1) {
+    const int64_t need = v.K() / V;  // vectors a row (G == 1)
+    if (G == 1 && debug::reduce_r_mode == 1 && debug::tile_mode != 1 && need <= kMaxSpanCols &&
+        (need & (need - 1)) != 0) {
+      // reduce_r_mode 1: span lanes for the reductions over rows; backward_reduce's row sums
+      // then go through shared memory, as for folded rows (G = 1: the rows as they are)
+      run_backward_reduce<scalar_t, V, true>(v, g, gr, gk, out_r, out_k, need_r, need_k, 1);
+    } else if (G == 1) {
       run_backward_reduce<scalar_t, V>(v, g, gr, gk, out_r, out_k, need_r, need_k);
     } else if (G > 1 && debug::tile_mode != 1 && v.K() * G / V <= kMaxSpanCols) {
       // rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row (tiny

@@ -56,10 +56,11 @@ inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // loads in flight.
 constexpr int kDefaultReduceKMode = 3;
 inline int reduce_k_mode = kDefaultReduceKMode;
-// The reductions over the strided axis (reduce_r): 0, lanes along the row a power of two up to
-// 32; 1, a row of at most kMaxSpanCols vectors, not a power of two of them, one lane per vector
-// (TX = K / VEC, TY = 256 / TX), so that a block reads whole rows, one contiguous span (make_geom,
-// launchers/common.h). Off by default until a sweep times it: it reads each row whole and leaves
+// The reductions over the strided axis (reduce_r, and backward_reduce's column sums): 0, lanes
+// along the row a power of two up to 32; 1, a row of at most kMaxSpanCols vectors, not a power
+// of two of them, one lane per vector (TX = K / VEC, TY = 256 / TX), so that a block reads whole
+// rows, one contiguous span (make_geom, launchers/common.h; backward_reduce then runs its
+// folded-rows kernel with G = 1, whose row sums go through shared memory, not xor shuffles). Off by default until a sweep times it: it reads each row whole and leaves
 // no lane idle (a 7x7 channels-first map: 49 floats a row, two column tiles of 32 lanes before,
 // the second 17 busy), but its blocks no longer split the columns, so at those sites the grid
 // and the loads in flight shrink by about a third (the pool over C of 2048x7x7 float32 at batch
