@@ -60,11 +60,12 @@ inline int reduce_k_mode = kDefaultReduceKMode;
 // along the row a power of two up to 32; 1, a row of at most kMaxSpanCols vectors, not a power
 // of two of them, one lane per vector (TX = K / VEC, TY = 256 / TX), so that a block reads whole
 // rows, one contiguous span (make_geom, launchers/common.h; backward_reduce then runs its
-// folded-rows kernel with G = 1, whose row sums go through shared memory, not xor shuffles). Off by default until a sweep times it: it reads each row whole and leaves
-// no lane idle (a 7x7 channels-first map: 49 floats a row, two column tiles of 32 lanes before,
-// the second 17 busy), but its blocks no longer split the columns, so at those sites the grid
-// and the loads in flight shrink by about a third (the pool over C of 2048x7x7 float32 at batch
-// 64: 1152 blocks of 256 threads, 704 of 245).
+// folded-rows kernel with G = 1, whose row sums go through shared memory, not xor shuffles).
+// Off by default until a sweep times it: it reads each row whole and leaves no lane idle (a
+// 14x14 channels-first map: 49 vectors of float32 a row, two column tiles of 32 lanes, the
+// second 17 busy), but its blocks no longer split the columns, so the grid and the loads in
+// flight shrink. (Rows that fold into whole vectors, a 7x7 map, take span lanes whatever the
+// knob: one tile must span a folded row.)
 constexpr int kDefaultReduceRMode = 0;
 inline int reduce_r_mode = kDefaultReduceRMode;
 // The side traffic a tile may cost (make_geom): the small tensors it stages at most 1 /
