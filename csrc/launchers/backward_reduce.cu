@@ -17,9 +17,8 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
   using acc_t = at::opmath_type<T>;
   const char* op = "backward_reduce";
   // Side traffic per column: gk staged, and the column partials written and read again.
-  const LaunchGeom lg = make_geom(v.N, v.R() / G, v.K() * G, VEC, 1, sizeof(acc_t),
-                                  2 * sizeof(acc_t), sizeof(T), op,
-                                  FOLD ? SpanLanes::kAlways : SpanLanes::kNever, FOLD ? v.K() : 0);
+  const LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op,
+                                    FOLD ? SpanLanes::kAlways : SpanLanes::kNever);
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor part_r =
@@ -32,7 +31,7 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
              opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
              need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g,
-             Fold{G, static_cast<int>(v.K())}, need_r, need_k);
+             fold_of(v, G), need_r, need_k);
     } else {
       launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),

@@ -266,6 +266,17 @@ inline int fold_rows(const XView& v, int vec) {
   return static_cast<int>(G);
 }
 
+// The tiles of x [N, R, K] with rows folded G at a time (G == 1: the rows as they are; make_geom
+// with the folded extents and, for G > 1, the period of the small values along k), and the Fold
+// the kernels take.
+inline LaunchGeom folded_geom(const XView& v, int G, int vec, int kv_max, int64_t staged_bytes,
+                              int64_t partial_bytes, int64_t elem_bytes, const char* op,
+                              SpanLanes spans) {
+  return make_geom(v.N, v.R() / G, v.K() * G, vec, kv_max, staged_bytes, partial_bytes,
+                   elem_bytes, op, spans, G > 1 ? v.K() : 0);
+}
+inline Fold fold_of(const XView& v, int G) { return Fold{G, static_cast<int>(v.K())}; }
+
 // Calls f(std::integral_constant<int, U>{}) with the rows in flight U of a row-walking kernel:
 // kScalarRowsPerStep on the scalar path, debug::vec_rows_in_flight on the vector path (0: 2 for
 // 4-byte elements, VEC == 4, else 1), at most kMaxU (4: reduce_r, whose tiles at the small sites

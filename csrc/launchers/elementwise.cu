@@ -15,19 +15,13 @@
 namespace cbam {
 namespace {
 
-// The tiles of x [N, R, K] with rows folded G at a time (G == 1: not folded).
-LaunchGeom folded_geom(const XView& v, int vec, int G, int64_t staged, int64_t elem_bytes,
-                       const char* op) {
-  return make_geom(v.N, v.R() / G, v.K() * G, vec, 1, staged, 0, elem_bytes, op,
-                   SpanLanes::kIfFuller, G > 1 ? v.K() : 0);
-}
-
 template <typename T, int VEC, bool FOLD>
 void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
                      const at::Tensor& gs, int G) {
   using acc_t = at::opmath_type<T>;
-  const LaunchGeom lg = folded_geom(v, VEC, G, sizeof(acc_t), sizeof(T), "apply_gates");
-  const Fold f{G, static_cast<int>(v.K())};
+  const LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 0, sizeof(T), "apply_gates",
+                                    SpanLanes::kIfFuller);
+  const Fold f = fold_of(v, G);
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
   with_rows_in_flight<VEC>([&](auto u) {
@@ -44,8 +38,8 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
   // the global bytes behind a column's GradSide: the index is read as int64, and lp with dlp
   const int64_t staged = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>)) + 4 +
                          (LPLSE ? static_cast<int64_t>(sizeof(acc_t)) : 0);
-  const LaunchGeom lg = folded_geom(v, VEC, G, staged, sizeof(T), op);
-  const Fold f{G, static_cast<int>(v.K())};
+  const LaunchGeom lg = folded_geom(v, G, VEC, 1, staged, 0, sizeof(T), op, SpanLanes::kIfFuller);
+  const Fold f = fold_of(v, G);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {
     launch(op, &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, FOLD, acc_t>, lg.grid(),

@@ -49,12 +49,11 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   // split k, not the rows); over r, the partials, written and read again.
   const int64_t staged = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight)) : 0;
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
-  const LaunchGeom lg = make_geom(
-      v.N, v.R() / G, v.K() * G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T),
-      op, over_k ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob),
-      FOLD ? v.K() : 0);
+  const LaunchGeom lg = folded_geom(
+      v, G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T), op,
+      over_k ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
-  const Fold f{G, static_cast<int>(v.K())};
+  const Fold f = fold_of(v, G);
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
