@@ -231,6 +231,31 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
         f"  {k}: {v}" for k, v in low.items())
 
 
+def test_reduce_r_rows_in_flight_keep_the_blocks_the_launcher_counts_on(ptxas_report):
+    """reduce_r's instances with 2 or 4 vector rows in flight: where the whole grid is resident
+    at once with their blocks an SM, the launcher takes them (launchers/pool.cu,
+    with_reduce_r_rows), counting reduce_r_min_blocks (kernels/reduce_r.cuh) blocks an SM: 3 at
+    U = 4, 4 at U = 2, 2 for both where the policy's state or weight is over 12 bytes (the lp /
+    lse policies, <acc_t, true>; every float64 policy). A kernel with fewer would leave part of
+    such a grid to a second wave."""
+    seen = 0
+    low = {}
+    for name, (regs, *_, smem) in ptxas_report.items():
+        m = re.search(r"reduce_r_kernel<([\w:]+), (\d+), ([24]), (?:true|false), "
+                      r"cbam::(\w+)<(\w+), (true|false)>", name)
+        if not m or m.group(2) == "1":  # (the scalar path's U is its own, 4)
+            continue
+        seen += 1
+        big = m.group(6) == "true" or m.group(5) == "double"
+        need = 2 if big else 3 if m.group(3) == "4" else 4
+        if blocks_per_sm(regs, smem) < need:
+            low[name[:150]] = (regs, smem, blocks_per_sm(regs, smem), need)
+    # 4 element types x U = 2, 4 x folded or not x 4 policies
+    assert seen == 64, seen
+    assert not low, "(registers, shared bytes, blocks per SM, counted on):\n" + "\n".join(
+        f"  {k}: {v}" for k, v in low.items())
+
+
 def test_blocks_per_sm_model():
     assert blocks_per_sm(32, 0) == 8  # the thread limit
     assert blocks_per_sm(64, 8192) == 4 and blocks_per_sm(80, 0) == 3  # registers
@@ -241,6 +266,8 @@ def test_blocks_per_sm_model():
 ELEM_BYTES = {"double": 8, "float": 4, "c10::Half": 2, "c10::BFloat16": 2}
 # 16-byte global accesses in PTX: four 32-bit or two 64-bit lanes (ld.global.nc: read-only path).
 LOAD_16B = re.compile(r"\bld\.global(?:\.nc)?\.v4\.(?:[fbu]32)\b|\bld\.global(?:\.nc)?\.v2\.(?:[fbu]64)\b")
+# 8-byte ones: two 32-bit or four 16-bit lanes
+LOAD_8B = re.compile(r"\bld\.global(?:\.nc)?\.v2\.(?:[fbu]32)\b|\bld\.global(?:\.nc)?\.v4\.(?:[fbu]16)\b")
 STORE_16B = re.compile(r"\bst\.global\.v4\.(?:[fbu]32)\b|\bst\.global\.v2\.(?:[fbu]64)\b")
 # Kernels whose output is x-sized (y, dx): every element is written through st_vec.
 WRITES_X_SIZED = ("apply_gates_kernel<", "grad_input_kernel<")
@@ -282,6 +309,25 @@ def test_x_sized_outputs_are_stored_16_bytes_at_a_time(ptx_kernels):
         if not any(STORE_16B.fullmatch(s) for s in stores) or narrow:
             bad[name[:160]] = sorted(stores)
     assert not bad, "x-sized outputs not stored 16 bytes at a time:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in bad.items())
+
+
+def test_8_byte_vector_reductions_load_8_bytes_at_a_time(ptx_kernels, ptxas_report):
+    """reduce_k's instances for rows that are whole 8-byte vectors but not 16-byte ones (float32
+    vectors of 2, 16-bit of 4; launchers/pool.cu): an 8-byte global load of x (PTX .v2 of 32-bit
+    or .v4 of 16-bit lanes), no 16-byte one, and at least 3 blocks of 256 threads an SM, as the
+    16-byte instances (3 for two rows in flight, reduce_k_rows_blocks)."""
+    found = {}
+    for name, body in ptx_kernels.items():
+        m = re.search(r"cbam::reduce_k_kernel<([\w:]+), (\d+)[,>]", name)
+        if m and int(m.group(2)) > 1 and ELEM_BYTES.get(m.group(1), 0) * int(m.group(2)) == 8:
+            regs, *_, smem = ptxas_report[name]
+            found[name[:150]] = (bool(LOAD_8B.search(body)), bool(LOAD_16B.search(body)),
+                                 blocks_per_sm(regs, smem) >= 3)
+    # float, Half, BFloat16 x (vectors, rows) in flight (1, 1), (4, 1), (4, 2) x 4 policies
+    assert len(found) == 36, sorted(found)
+    bad = {k: v for k, v in found.items() if v != (True, False, True)}
+    assert not bad, "(8-byte load, 16-byte load, 3 blocks an SM):\n" + "\n".join(
         f"  {k}: {v}" for k, v in bad.items())
 
 

@@ -775,6 +775,64 @@ def test_reduce_k_rows_in_flight_only_where_the_grid_is_small(default_tuning):
     assert launches[1, 3][0][0] != launches[1, 2][0][0]
 
 
+# The ops whose reduction runs along the strided axis (reduce_r) in each layout.
+REDUCE_R_OPS = {layout: POOL_OPS - ops for layout, ops in REDUCE_K_OPS.items()}
+
+
+def with_rows(u):
+    """DEFAULT_TUNING with vec_rows_in_flight u."""
+    return DEFAULT_TUNING[:2] + (u,) + DEFAULT_TUNING[3:]
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_reduce_r_rows_in_flight_on_resident_grids(dtype, layout, default_tuning):
+    """vec_rows_in_flight 0 (the default): where reduce_r's whole grid is resident at once with
+    its U = 4 instance's blocks an SM (every grid here, N = 2), the reductions over rows run that
+    instance, 4 rows of loads in flight per thread, in exactly the reduce_r ops (the others run
+    the element size's U); the same bits as the element size's U (each column's rows folded in
+    the same order), matching the CPU kernels, under every fiber schedule (no race)."""
+    gen = torch.Generator().manual_seed(47)
+    # several row steps of U = 4 per thread: cf, R = C = 160 rows of 32 (TY = 32 at float32);
+    # cl, R = S = 640 rows of 16 channels
+    shape = (2, 160, 4, 8) if layout == "cf" else (2, 16, 40, 16)
+    x = rand_x(shape, dtype, layout, gen)
+    base = 2 if dtype == torch.float32 else 1
+    switched = set()
+    for op in OPS:
+        args = op_args(op, x, gen, 0)
+        got, launches = run_tuned(op, args, DEFAULT_TUNING)
+        assert_schedules_agree(op, args, got, seed=5)
+        want, base_launches = run_tuned(op, args, with_rows(base))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), op
+        check_same(op, got, run_cpu(op, args), x, layout)
+        if op in REDUCE_R_OPS[layout]:
+            assert launches == run_tuned(op, args, with_rows(4))[1], op
+        if launches != base_launches:
+            switched.add(op)
+    assert switched == REDUCE_R_OPS[layout], switched
+
+
+@pytest.mark.parametrize("op,n,u", [
+    ("pool_over_s", 396, 4), ("pool_over_s", 397, 2), ("pool_over_s", 528, 2),
+    ("pool_over_s", 529, 1), ("pool_over_s_lp_lse", 264, 4), ("pool_over_s_lp_lse", 265, 1)])
+def test_reduce_r_rows_in_flight_only_where_the_grid_is_resident(op, n, u, default_tuning):
+    """The rows in flight of reduce_r by the grid, on the simulator's 132 SMs: a bfloat16
+    channels-last pool over S of [N, 256, 2, 2] (K = C = 256 channels, one column tile of 32
+    lanes; its 4 rows, one row tile) runs N blocks. Up to 396 (3 an SM) take U = 4, up to 528
+    (4 an SM) U = 2, more the element size's U = 1; the lp / lse pools' larger states keep 2
+    blocks an SM at U = 4 and U = 2, so U = 4 up to 264 and then 1. The instances differ, the
+    grid is the same."""
+    gen = torch.Generator().manual_seed(53)
+    x = rand_x((n, 256, 2, 2), torch.bfloat16, "cl", gen)
+    _, launches = run_tuned(op, (x, None), DEFAULT_TUNING)
+    assert launches[0][1] == (n, 1, 1), launches
+    forced = {v: run_tuned(op, (x, None), with_rows(v))[1] for v in (1, 2, 4)}
+    assert launches == forced[u]
+    assert len({ln[0][0] for ln in forced.values()}) == 3  # three instances
+
+
 SPAN_ROW_SHAPES = [  # (shape, layout, dtype): reduce_r rows of K / VEC vectors, not a power of 2
     ((2, 302, 7, 7), "cf", torch.float32),   # K = 49 floats, the scalar path (R = 302: no fold
                                              # of 4 rows): TX = 49, TY = 5
@@ -967,6 +1025,48 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
                     assert stats[0]["bytes_vec"] == 0, (op, dtype, mode, stats)
                 if mode == TILE_NORMAL and dtype == torch.float32:
                     assert_schedules_agree(op, args, got, seed=4)
+
+
+HALF_VEC_SHAPES = [  # (shape, layout): reduce_k rows of K > 64 elements (not reduce_k_rows')
+    ((2, 24, 14, 14), "cf"),  # K = 196: 16-bit, 49 8-byte vectors (24.5 16-byte ones); float32
+                              # and float64, whole 16-byte vectors
+    ((2, 16, 10, 15), "cf"),  # K = 150: float32, 75 8-byte vectors; 16-bit, 150 % 4 = 2: scalar
+    ((2, 100, 3, 3), "cl"),   # K = C = 100: 16-bit, 25 8-byte vectors; float32 whole vectors
+    ((2, 90, 2, 3), "cl"),    # K = C = 90: float32, 45 8-byte vectors; 16-bit scalar
+]
+
+
+@pytest.mark.parametrize("shape,layout", HALF_VEC_SHAPES, ids=lambda v: str(v))
+def test_reductions_along_rows_of_whole_8_byte_vectors(shape, layout, default_tuning):
+    """The reductions along the contiguous axis (reduce_k) on rows that are not whole 16-byte
+    vectors but are whole 8-byte ones: every byte of x in 8-byte vector loads (the simulator's
+    bytes_vec8), none in 16-byte ones; rows of neither, the scalar path (no vector access); rows
+    of whole 16-byte vectors, those. Every dtype, every tiling, both of reduce_k's loads in flight
+    (k_vectors_in_flight 1 and 4; these small grids take its 2-row instance); results match the
+    CPU kernels, the same bits under every fiber schedule."""
+    gen = torch.Generator().manual_seed(59)
+    for dtype in DTYPES:
+        x = rand_x(shape, dtype, layout, gen)
+        xb = x.numel() * x.element_size()
+        k_len = shape[1] if layout == "cl" else x[0, 0].numel()
+        vec = 16 // x.element_size()
+        path = "16" if k_len % vec == 0 else "8" if vec >= 4 and k_len % (vec // 2) == 0 else "1"
+        for op in sorted(REDUCE_K_OPS[layout] & set(OPS)):
+            for mode, kv in ((TILE_NORMAL, 4), (TILE_NORMAL, 1), (TILE_SMALL, 4),
+                             (TILE_SINGLE, 4)):
+                args = op_args(op, x, gen, 0)
+                tile_mode(mode)
+                got, _ = run_tuned(op, args, DEFAULT_TUNING[:4] + (kv,) + DEFAULT_TUNING[5:])
+                stats = testing.simulator_stats()
+                tile_mode(TILE_NORMAL)
+                check_same(op, got, run_cpu(op, args), x, layout)
+                vec16, vec8 = stats[0]["bytes_vec"], stats[0]["bytes_vec8"]
+                assert (vec16 >= xb, vec8 >= xb, vec16 + vec8 == 0) == (
+                    path == "16", path == "8", path == "1"), (op, dtype, mode, path, stats)
+                if mode == TILE_NORMAL and dtype in (torch.float32, torch.bfloat16):
+                    torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING[:4], kv)
+                    assert_schedules_agree(op, args, got, seed=6)
+                torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
 def test_x_sized_ops_take_span_lanes_where_fuller():

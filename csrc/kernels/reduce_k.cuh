@@ -13,7 +13,9 @@
 // same result bit for bit). Then the TX lanes of the row combine
 // by xor shuffles (fixed tree), and lane 0 writes the result of the row: the final value when
 // the row fits one column tile (nkt == 1), else the partial [n, kt, r]; combine_partials (second
-// stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0.
+// stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0:
+// VEC elements make a 16-byte vector, or an 8-byte one on rows that are whole 8-byte vectors but
+// not 16-byte ones (launchers/pool.cu).
 //
 // UR > 1 (with KV == kReduceKVectors): a thread takes UR of its rows at a time (rows r, r + TY,
 // ... r + (UR - 1) TY) and issues the loads of all its vectors of them first, then folds and

@@ -12,6 +12,9 @@
 // one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value
 // (nrt == 1) or the partial [n, rt, k], which combine_partials folds in order. Requires
 // VEC == 1 or K % VEC == 0.
+// U: a thread loads U of its rows (i, i + TY, ... of a chunk) before it folds them, in order, so
+// any U gives the same bits; the launcher takes more where the whole grid is resident at once
+// (few blocks, long walks: more loads in flight per thread, not more threads).
 // FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0),
 // one tile spanning the folded row (nkt == 1, the launcher's span lanes). A thread's column v
 // folds the original rows r G + j of original column k (FoldPos; in increasing order);
@@ -22,6 +25,20 @@
 #include "kernels/common.cuh"
 
 namespace cbam {
+
+// Blocks of 256 threads an SM that the instances with more rows in flight keep at least, which
+// the launcher counts on where it picks U by the size of the grid (launchers/pool.cu,
+// with_reduce_r_rows): U = 4, 3 (at most 80 registers; 16-bit x takes 69 to 80 with nvcc 13.0);
+// U = 2, 4 (64; 54 to 64); 2 for both where the policy's state or weight is over 12 bytes (the
+// lp / lse pools, float64: up to 128 registers). tests/test_codegen.py checks them against
+// ptxas's report. (No __launch_bounds__: with one, nvcc gave the U = 1 instances more registers,
+// 55 to 69 for 16-bit folded rows, and fewer blocks an SM.)
+template <int U, typename Policy>
+constexpr int reduce_r_min_blocks() {
+  constexpr bool big =
+      sizeof(typename Policy::State) > 12 || sizeof(typename Policy::Weight) > 12;
+  return U == 1 ? 1 : big ? 2 : U == 4 ? 3 : 4;
+}
 
 template <typename T, int VEC, int U, bool FOLD, typename Policy>
 CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {

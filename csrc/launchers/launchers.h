@@ -34,7 +34,11 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path;
 // the scalar path always takes kScalarRowsPerStep): 1, 2, 4 (reduce_r; 2 in the other kernels),
 // or 0 = by element size, 2 for 4-byte elements and 1 otherwise (with_rows_in_flight,
-// launchers/common.h). The H200 sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2
+// launchers/common.h), and in reduce_r by the grid too: 4 (else 2) where the whole grid is
+// resident at once with that instance's blocks an SM (with_reduce_r_rows, launchers/pool.cu;
+// argued, not yet timed: the 1024x14x14 and 512x28x28 bfloat16 channels-last pools over S at
+// batch 64 run 256 and 384 blocks, 28% and 38% of copy bandwidth on the H200 at U = 1). The H200
+// sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2
 // raised the float32 NCHW ops' geometric mean from 52.6% to 54.1% of the copy bandwidth, and
 // lowered the bfloat16 channels-last ones' from 41.6% to 38.4%.
 constexpr int kDefaultVecRowsInFlight = 0;

@@ -4,6 +4,7 @@
 // (kernels/reduce_k.cuh when the reduced axis is the contiguous one, or kernels/reduce_k_rows.cuh
 // when those rows are short; else kernels/reduce_r.cuh), plus the second stage
 // (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
+#include <algorithm>
 #include <vector>
 
 #include "kernels/combine_partials.cuh"
@@ -41,9 +42,35 @@ void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int
   pol.p_sum = global_ptr<acc_t>(keep.back());
 }
 
+// Calls f(std::integral_constant<int, U>{}) with reduce_r's rows in flight U for a grid of
+// `blocks` blocks. Where debug::vec_rows_in_flight is 0 (by element size) on the vector path: 4
+// where the whole grid is resident at once with the U = 4 instance's blocks an SM
+// (reduce_r_min_blocks), else 2 where the U = 2 instance's are and the element size gives 1
+// (16-bit x, float64), else the element size's (with_rows_in_flight). A resident grid's blocks
+// all run at once, each thread walking its rows to the end, so the loads in flight per thread,
+// not more blocks, hide DRAM's latency (a 1024x14x14 bfloat16 channels-last pool over S, batch
+// 64: 256 blocks of 256 threads, two an SM, at U = 1 one 16-byte load in flight per thread).
+// The same tiles, each column's rows folded in the same order: the same bits for any U.
+template <int VEC, typename Policy, typename F>
+void with_reduce_r_rows(int64_t blocks, F&& f) {
+  if constexpr (VEC > 1) {
+    if (debug::vec_rows_in_flight == 0) {
+      const int64_t sms = num_sms();
+      if (blocks <= sms * reduce_r_min_blocks<4, Policy>()) {
+        return f(std::integral_constant<int, 4>{});
+      }
+      if (VEC != 4 && blocks <= sms * reduce_r_min_blocks<2, Policy>()) {
+        return f(std::integral_constant<int, 2>{});
+      }
+    }
+  }
+  with_rows_in_flight<VEC, 4>(f);
+}
+
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
 // FOLD (over r only): rows folded G at a time (Fold), one tile spanning a folded row.
-template <typename T, int VEC, bool FOLD = false, typename Policy>
+// K_ONLY: over k only (the 8-byte vectors' instances; no reduce_r kernels for them).
+template <typename T, int VEC, bool FOLD = false, bool K_ONLY = false, typename Policy>
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int G = 1) {
   // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
   // split k, not the rows); over r, the partials, written and read again.
@@ -73,11 +100,13 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   } else if (over_k) {
     launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
-  } else {
-    with_rows_in_flight<VEC, 4>([&](auto u) {
+  } else if constexpr (!K_ONLY) {
+    with_reduce_r_rows<VEC, Policy>(lg.g.N * lg.g.nrt * lg.g.nkt, [&](auto u) {
       launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, FOLD, Policy>, lg.grid(),
              lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
+  } else {
+    TORCH_CHECK(false, op, ": internal error: a reduction over r in an over-k-only instance");
   }
   if (P > 1) {
     launch(op, &combine_partials_kernel<Policy>, grid_1d(v.N * L), dim3(256), 0, pol, v.N, P, L);
@@ -115,6 +144,7 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
     return;
   }
   constexpr int V = vec_width<T>();
+  constexpr int VH = V >= 4 ? V / 2 : 0;  // elements of an 8-byte vector (float64: none)
   const int G = aligned16(global_ptr<T>(v.x)) ? fold_rows(v, V) : 0;
   if (G == 1) {
     run_reduction<T, V>(op, v, over_k, pol);
@@ -122,6 +152,12 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
     // over r, rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row
     // (a 7x7 channels-first map: 4 rows of 49 floats, 49 vectors; tiny tiles split it: scalar)
     run_reduction<T, V, true>(op, v, over_k, pol, G);
+  } else if (VH > 0 && over_k && v.K() % std::max(VH, 1) == 0 &&
+             reinterpret_cast<uintptr_t>(global_ptr<T>(v.x)) % 8 == 0) {
+    // over k, rows that are whole 8-byte vectors but not 16-byte ones: reduce_k with 8-byte
+    // loads (a 16-bit 14x14 channels-first map, rows of 196; float32 rows of 4 j + 2), where the
+    // scalar path loads 2 or 4 bytes at a time, with a quarter or half of the bytes in flight
+    if constexpr (VH > 0) run_reduction<T, VH, false, true>(op, v, over_k, pol);
   } else {
     run_reduction<T, 1>(op, v, over_k, pol);
   }

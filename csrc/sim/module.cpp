@@ -107,6 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           d["bytes_read"] = s.bytes_read;
           d["bytes_written"] = s.bytes_written;
           d["bytes_vec"] = s.bytes_vec;
+          d["bytes_vec8"] = s.bytes_vec8;
           out.append(d);
         }
         return out;
@@ -114,7 +115,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "One dict per completed launch since the last clear_launch_stats(): name, kernel (an id "
       "of the kernel function: which template instance ran), grid, block, "
       "smem_bytes (dynamic shared memory), bytes_read, bytes_written (global memory), "
-      "bytes_vec (of those, the bytes of 16-byte accesses).");
+      "bytes_vec (of those, the bytes of 16-byte accesses), bytes_vec8 (and of 8-byte vector "
+      "accesses).");
   m.def("clear_launch_stats", &cbam::sim::clear_launch_stats);
   m.def("num_launch_stats", []() { return cbam::sim::launch_stats().size(); });
 

@@ -748,6 +748,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   g_mem.bytes_read = 0;
   g_mem.bytes_written = 0;
   g_mem.bytes_vec = 0;
+  g_mem.bytes_vec8 = 0;
   uint3 failed{0, 0, 0};
   {
     struct InLaunch {  // reset even if the loop below throws
@@ -778,7 +779,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   }
   s.stats.push_back(LaunchStat{name, reinterpret_cast<uintptr_t>(kernel), grid, block,
                                smem_bytes, g_mem.bytes_read, g_mem.bytes_written,
-                               g_mem.bytes_vec});
+                               g_mem.bytes_vec, g_mem.bytes_vec8});
 }
 
 void set_max_dynamic_smem(const void* kernel, long long bytes) {

@@ -173,15 +173,17 @@ struct MemState {
   size_t n_regions = 0;
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
-  uint64_t bytes_vec = 0;  // of those, read or written by 16-byte accesses (ld_vec / st_vec)
+  uint64_t bytes_vec = 0;   // of those, read or written by 16-byte accesses (ld_vec / st_vec)
+  uint64_t bytes_vec8 = 0;  // and by 8-byte vector accesses (ld_vec / st_vec of 8 bytes)
 };
 extern MemState g_mem;
 
 [[noreturn]] void access_error(const void* p, size_t bytes, size_t align, bool write,
                                const char* what);
 
-inline void check_access(const void* p, size_t bytes, size_t align, bool write,
-                         const char* what) {
+// vec: an access of ld_vec / st_vec (an 8-byte one counts in bytes_vec8; a scalar double does not)
+inline void check_access(const void* p, size_t bytes, size_t align, bool write, const char* what,
+                         bool vec = false) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if ((a & (align - 1)) != 0) access_error(p, bytes, align, write, what);
   for (size_t i = 0; i < g_mem.n_regions; ++i) {
@@ -189,6 +191,7 @@ inline void check_access(const void* p, size_t bytes, size_t align, bool write,
     if (a >= r.lo && a + bytes <= r.hi && (r.writable || !write)) {
       (write ? g_mem.bytes_written : g_mem.bytes_read) += bytes;
       if (bytes == 16) g_mem.bytes_vec += bytes;
+      if (vec && bytes == 8) g_mem.bytes_vec8 += bytes;
       return;
     }
   }
@@ -237,7 +240,7 @@ struct LaunchStat {
   uintptr_t kernel;  // the kernel function's address: which template instance ran
   dim3 grid, block;
   size_t smem_bytes;
-  uint64_t bytes_read, bytes_written, bytes_vec;
+  uint64_t bytes_read, bytes_written, bytes_vec, bytes_vec8;
 };
 std::vector<LaunchStat> launch_stats();
 void clear_launch_stats();
@@ -262,7 +265,7 @@ template <int N, typename T>
 inline Vec<T, N> ld_vec(const T* p) {
   static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
                 "ld_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
-  sim::check_access(p, sizeof(T) * N, sizeof(T) * N, false, "vector load");
+  sim::check_access(p, sizeof(T) * N, sizeof(T) * N, false, "vector load", true);
   Vec<T, N> v;
   std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(T) * N);
   return v;
@@ -271,7 +274,7 @@ template <int N, typename T>
 inline void st_vec(T* p, const Vec<T, N>& v) {
   static_assert(N >= 1 && sizeof(T) * N <= 16 && (sizeof(T) * N & (sizeof(T) * N - 1)) == 0,
                 "st_vec: N * sizeof(T) must be a power of two of at most 16 bytes");
-  sim::check_access(p, sizeof(T) * N, sizeof(T) * N, true, "vector store");
+  sim::check_access(p, sizeof(T) * N, sizeof(T) * N, true, "vector store", true);
   std::memcpy(static_cast<void*>(p), static_cast<const void*>(&v), sizeof(T) * N);
 }
 
