@@ -96,7 +96,12 @@ REFERENCE_TUNINGS = {"defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0, 16
 def tuning_key(setting) -> str:
     return "/".join(str(v) for v in setting)
 CONFIGS = {"fp32-nchw": (torch.float32, torch.contiguous_format),
-           "bf16-cl": (torch.bfloat16, torch.channels_last)}
+           "bf16-cl": (torch.bfloat16, torch.channels_last),
+           # 16-bit NCHW, as under autocast without channels_last (its 14x14 maps' rows of 196
+           # are not whole 16-byte vectors: the reductions along them are staged whole)
+           "bf16-nchw": (torch.bfloat16, torch.contiguous_format),
+           "fp16-nchw": (torch.float16, torch.contiguous_format)}
+ISSUE4_CONFIGS = ("fp32-nchw", "bf16-cl")  # issue 4's target; the default of --configs
 
 
 def _nbytes(t) -> int:
@@ -188,7 +193,7 @@ def _sweep(call, nb, device, timing, rec, sweep, copy_gbps):
     return out
 
 
-def run(device, *, sites="resnet50", batch=64, configs=tuple(CONFIGS), ops=OPS, copy_gbps=None,
+def run(device, *, sites="resnet50", batch=64, configs=ISSUE4_CONFIGS, ops=OPS, copy_gbps=None,
         l2_bytes=None, timing=None, seed=0, bar=None, sweep=None, sweep_max_s=None) -> dict:
     """Measures every (site, config, op), site by site; returns the JSON record (see the module
     docstring). sweep: settings (TUNING_KNOBS) to time each op under as well (CUDA kernels only), until sweep_max_s seconds have passed (the cases
@@ -344,7 +349,7 @@ def _heads(device, sites, batch, timing, gen):
     return out
 
 
-def count(sites="resnet50", configs=tuple(CONFIGS), ops=OPS) -> int:
+def count(sites="resnet50", configs=ISSUE4_CONFIGS, ops=OPS) -> int:
     return len(SITES[sites]) * len(configs) * len(ops)
 
 
@@ -484,6 +489,9 @@ def main(argv=None):
     p.add_argument("--ops", default="issue4", choices=sorted(OP_SETS),
                    help="issue4: the 7 ops of the avg / max pools (default); all: also the lp / "
                         "lse pools' ops")
+    p.add_argument("--configs", default=",".join(ISSUE4_CONFIGS),
+                   help="dtype / layout configurations, comma-separated, of "
+                        f"{', '.join(CONFIGS)}, or all (default: issue 4's, %(default)s)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="with --sweep: sweep the cases (site by site) until this much time has "
                         "passed, then measure the rest at the defaults only")
@@ -491,6 +499,11 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     ops = OP_SETS[args.ops]
+    configs = tuple(CONFIGS) if args.configs == "all" else tuple(
+        c.strip() for c in args.configs.split(",") if c.strip())
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        p.error(f"--configs: expected names of {', '.join(CONFIGS)} or all, got {args.configs!r}")
     device = bu.pick_device(args.device)
     cuda = device.type == "cuda"
     sites = args.sites or ("resnet50" if cuda else "tiny")
@@ -502,14 +515,14 @@ def main(argv=None):
     warn = bu.fallback_warning(meta)
     if warn:
         print(warn)
-    bar = bu.progress(count(sites, ops=ops), "bench_kernels", not args.no_progress)
+    bar = bu.progress(count(sites, configs, ops), "bench_kernels", not args.no_progress)
     timing = None if cuda else dict(warmup=1, target_s=0.05, min_reps=2, max_reps=3)
     sweep = None
     if args.sweep:
         if not (cuda and meta.get("cbam_fused_native")):
             raise SystemExit("--sweep: needs a GPU and cbam_fused's own CUDA kernels")
         sweep = SWEEP
-    rec = run(device, sites=sites, batch=batch, timing=timing, ops=ops,
+    rec = run(device, sites=sites, batch=batch, configs=configs, timing=timing, ops=ops,
               l2_bytes=meta["device"].get("l2_cache_bytes"), bar=bar, sweep=sweep,
               sweep_max_s=None if args.max_minutes is None else 60 * args.max_minutes)
     bar.close()

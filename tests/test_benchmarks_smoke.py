@@ -309,6 +309,27 @@ def test_bench_kernels_standalone(tmp_path):
     assert k["meta"]["device"]["type"] == "cpu"
 
 
+def test_bench_kernels_configs(tmp_path):
+    """--configs picks the dtype / layout configurations (16-bit NCHW here, as under autocast
+    without channels_last); a name it does not know is refused, naming the flag."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    js = tmp_path / "k.json"
+    cmd = [sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--device", "cpu",
+           "--no-progress"]
+    proc = subprocess.run(cmd + ["--configs", "bf16-nchw, fp16-nchw", "--json", str(js)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads(js.read_text())["cases"]
+    assert len(cases) == 2 * 2 * 7  # two tiny sites x two configurations x the ops
+    assert {(c["dtype"], c["layout"]) for c in cases} == {("bfloat16", "nchw"),
+                                                          ("float16", "nchw")}
+    assert all(c["error"] is None and c["median_ms"] > 0 for c in cases)
+    bad = subprocess.run(cmd + ["--configs", "fp32-nchw,fp8"], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--configs" in bad.stderr and "fp8" in bad.stderr, bad.stderr
+
+
 def test_bench_network_cpu_quick(tmp_path):
     res, png, out = _run("bench_network.py",
                          ["--models", "timm,official,gates", "--image-size", "32", "--steps",

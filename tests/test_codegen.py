@@ -224,7 +224,9 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
             need = 3                                                         # rows: 80 registers
         threads = 256
         if "reduce_k_rows_kernel" in name:  # blocks of 128 threads (kShortRows) and 33 KB of
-            threads, need = 128, 6              # staged rows: 6 blocks, 768 threads
+            threads, need = 128, 6              # staged rows: 6 blocks, 768 threads; medium
+            if re.search(r"reduce_k_rows_kernel<[\w:]+, \d+, true,", name):  # rows' up to 12 KB
+                need = 4                                                     # of weights: 4
         if blocks_per_sm(regs, smem, threads) < need:
             low[name[:150]] = (regs, smem, blocks_per_sm(regs, smem, threads), need)
     assert not low, "(registers, shared bytes, blocks per SM, needed):\n" + "\n".join(

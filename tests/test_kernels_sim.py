@@ -698,7 +698,8 @@ def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
 K_VECTOR_SHAPES = [  # (shape, layout, dtype): reduce_k rows whose lanes hold 0 to 4 vectors
     ((2, 24, 13, 16), "cf", torch.float32),   # K = 208: 16 lanes, lanes 0-3 hold 4, the rest 3
     ((1, 8, 40, 40), "cf", torch.float32),    # K = 1600: 4 column tiles, the last 16 vectors
-    ((2, 8, 7, 11), "cf", torch.float32),     # K = 77: the scalar path (K % 4 != 0)
+    ((2, 8, 23, 25), "cf", torch.float32),    # K = 575: the scalar path (K odd, and longer
+                                              # than reduce_k_rows' medium rows)
     ((2, 520, 3, 3), "cl", torch.bfloat16),   # K = C = 520: 8-element vectors, 3 then 2 a lane
     ((2, 520, 3, 3), "cl", torch.float32),    # two column tiles, the second of 2 vectors
 ]
@@ -890,11 +891,13 @@ def test_short_rows_take_one_thread_a_row(shape, layout, dtype, default_tuning):
     """reduce_k_mode 2 (the default): a reduction along rows of at most 256 bytes of acc_t runs
     reduce_k_rows (blocks of 128 threads, one a row, no second stage) in exactly the reduce_k ops,
     every other op keeps its kernels; results match the CPU kernels, and are bitwise the same
-    under every fiber schedule (no race in the shared-memory staging). Mode 1 keeps reduce_k."""
+    under every fiber schedule (no race in the shared-memory staging). Mode 1 keeps reduce_k.
+    (float64 rows of 49: not short, but not whole vectors, so staged as medium rows.)"""
     gen = torch.Generator().manual_seed(21)
     x = rand_x(shape, dtype, layout, gen)
     k_len = shape[1] if layout == "cl" else shape[2] * shape[3]
-    short = k_len * (8 if dtype == torch.float64 else 4) <= 256
+    short = k_len * (8 if dtype == torch.float64 else 4) <= 256 or (
+        k_len % (16 // x.element_size()) != 0 and k_len <= 512)
     for op in OPS:
         for variant in (0, 2):
             args = op_args(op, x, gen, variant)
@@ -930,6 +933,70 @@ def test_short_rows_read_x_once():
         read, written = op_bytes(op, op_args(op, x, gen, 0))
         assert xb <= read <= 1.1 * xb, (op, read / xb)
         assert written <= 0.1 * xb, (op, written / xb)
+
+
+MEDIUM_ROW_SHAPES = [  # (shape, layout): reduce_k rows of K elements, longer than short rows
+    ((2, 40, 13, 13), "cf"),   # K = 169, odd: every dtype staged whole (float32: 32 rows a block
+                               # of 4 lanes; float64: 16 of 8), 16-byte spans
+    ((2, 24, 14, 14), "cf"),   # K = 196: 16-bit staged (whole 8-byte vectors, not 16-byte);
+                               # float32 and float64, whole vectors: reduce_k
+    ((3, 100, 3, 3), "cl"),    # K = C = 100: 16-bit staged, float32 / float64 reduce_k
+    ((2, 509, 1, 3), "cl"),    # K = C = 509, prime: the longest rows staged (float32: 16 rows a
+                               # block, float64: 8 of 16 lanes; not the float64 lp / lse scale
+                               # gradient, at most 256), unaligned spans: scalar copy
+    ((2, 3, 23, 23), "cf"),    # K = 529 > kMedRowMaxK (512): reduce_k (scalar or 8-byte vectors)
+]
+
+
+@pytest.mark.parametrize("shape,layout", MEDIUM_ROW_SHAPES, ids=lambda v: str(v))
+def test_medium_rows_are_staged_whole(shape, layout, default_tuning):
+    """reduce_k_mode 2 and 3 (the default): the reductions along rows that are not whole 16-byte
+    vectors, of at most 512 elements (256 where the weights are float64 lp / lse), run
+    reduce_k_rows (blocks of 128 threads, as many rows as its span holds with 128 / rows lanes
+    each, one launch), in exactly the reduce_k ops: with 16-byte loads of the span where every
+    block's span is aligned (the simulator's bytes_vec); rows of whole vectors and longer rows
+    keep reduce_k. Every dtype and variant; results match the CPU kernels and those of mode 1
+    (reduce_k), the same bits under every fiber schedule (the lanes' folds and their xor tree,
+    the staging)."""
+    gen = torch.Generator().manual_seed(61)
+    for dtype in DTYPES:
+        x = rand_x(shape, dtype, layout, gen)
+        xb = x.numel() * x.element_size()
+        n, k_len = shape[0], shape[1] if layout == "cl" else shape[2] * shape[3]
+        r_len = x[0].numel() // k_len
+        vec = 16 // x.element_size()
+        acc_bytes = 8 if dtype == torch.float64 else 4
+        rows = 1
+        while 2 * rows <= min(128, 128 * (256 // acc_bytes + 1) // (k_len | 1)):
+            rows *= 2
+        aligned = (rows * k_len * x.element_size()) % 16 == 0 and \
+            (r_len * k_len * x.element_size()) % 16 == 0
+        for op in OPS:
+            for variant in (0, 2):
+                args = op_args(op, x, gen, variant)
+                got, launches = run_tuned(op, args, DEFAULT_TUNING)
+                stats = testing.simulator_stats()
+                other, other_launches = run_tuned(op, args, DEFAULT_TUNING[:3] + (1,) +
+                                                  DEFAULT_TUNING[4:])
+                torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+                want = run_cpu(op, args)
+                check_same(op, got, want, x, layout)
+                check_same(op, other, want, x, layout)
+                if op not in REDUCE_K_OPS[layout]:
+                    assert launches == other_launches, op
+                    continue
+                # (the float64 lp / lse weights, 48 bytes, stage 256 columns at most)
+                longest = 256 if (dtype, op) == (torch.float64,
+                                                 "pool_over_s_backward_scale_lp_lse") else 512
+                staged = k_len % vec != 0 and k_len <= longest
+                ran_staged = len(launches) == 1 and launches[0][2] == (128, 1, 1)
+                assert ran_staged == staged, (op, dtype, launches)
+                assert all(ln[2] != (128, 1, 1) for ln in other_launches), other_launches
+                if staged:
+                    assert launches[0][1] == (n * -(-r_len // rows), 1, 1), (op, dtype, launches)
+                    assert (stats[0]["bytes_vec"] >= xb) == aligned, (op, dtype, stats)
+                if dtype in (torch.float32, torch.bfloat16):
+                    assert_schedules_agree(op, args, got, seed=7)
 
 
 FOLD_SHAPES = [  # (shape, layout): rows of K elements (K = S cf, C cl), K % VEC != 0 mostly
@@ -1027,23 +1094,24 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
                     assert_schedules_agree(op, args, got, seed=4)
 
 
-HALF_VEC_SHAPES = [  # (shape, layout): reduce_k rows of K > 64 elements (not reduce_k_rows')
-    ((2, 24, 14, 14), "cf"),  # K = 196: 16-bit, 49 8-byte vectors (24.5 16-byte ones); float32
+HALF_VEC_SHAPES = [  # (shape, layout): reduce_k rows of K > 512 elements (not reduce_k_rows')
+    ((2, 8, 26, 26), "cf"),   # K = 676: 16-bit, 169 8-byte vectors (84.5 16-byte ones); float32
                               # and float64, whole 16-byte vectors
-    ((2, 16, 10, 15), "cf"),  # K = 150: float32, 75 8-byte vectors; 16-bit, 150 % 4 = 2: scalar
-    ((2, 100, 3, 3), "cl"),   # K = C = 100: 16-bit, 25 8-byte vectors; float32 whole vectors
-    ((2, 90, 2, 3), "cl"),    # K = C = 90: float32, 45 8-byte vectors; 16-bit scalar
+    ((2, 8, 18, 35), "cf"),   # K = 630: float32, 315 8-byte vectors; 16-bit, 630 % 4 = 2: scalar
+    ((2, 612, 1, 2), "cl"),   # K = C = 612: 16-bit, 153 8-byte vectors; float32 whole vectors
+    ((2, 522, 1, 2), "cl"),   # K = C = 522: float32, 261 8-byte vectors; 16-bit scalar
 ]
 
 
 @pytest.mark.parametrize("shape,layout", HALF_VEC_SHAPES, ids=lambda v: str(v))
 def test_reductions_along_rows_of_whole_8_byte_vectors(shape, layout, default_tuning):
     """The reductions along the contiguous axis (reduce_k) on rows that are not whole 16-byte
-    vectors but are whole 8-byte ones: every byte of x in 8-byte vector loads (the simulator's
-    bytes_vec8), none in 16-byte ones; rows of neither, the scalar path (no vector access); rows
-    of whole 16-byte vectors, those. Every dtype, every tiling, both of reduce_k's loads in flight
-    (k_vectors_in_flight 1 and 4; these small grids take its 2-row instance); results match the
-    CPU kernels, the same bits under every fiber schedule."""
+    vectors but are whole 8-byte ones (longer than reduce_k_rows' medium rows, or under the tiny
+    tiles and one row tile, which take no reduce_k_rows): every byte of x in 8-byte vector loads
+    (the simulator's bytes_vec8), none in 16-byte ones; rows of neither, the scalar path (no
+    vector access); rows of whole 16-byte vectors, those. Every dtype, every tiling, both of
+    reduce_k's loads in flight (k_vectors_in_flight 1 and 4; these small grids take its 2-row
+    instance); results match the CPU kernels, the same bits under every fiber schedule."""
     gen = torch.Generator().manual_seed(59)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)

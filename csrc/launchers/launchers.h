@@ -50,8 +50,9 @@ constexpr int kDefaultKVectorsInFlight = 4;
 inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // The reductions over the contiguous axis: 0, reduce_k with one lane per vector of a row, up to
 // 32; 1, reduce_k with the fewest lanes that cover a row in one tile (make_geom); 2, as 1, but
-// rows of at most kShortRowBytes (of acc_t) take reduce_k_rows, one thread per row
-// (kernels/reduce_k_rows.cuh; with the normal tiling only); 3, as 2, and where reduce_k's grid
+// rows of at most kShortRowBytes (of acc_t) take reduce_k_rows, one thread per row, and rows
+// that are not whole 16-byte vectors, of at most kMedRowMaxK elements, too, with a few lanes a
+// row (kernels/reduce_k_rows.cuh; with the normal tiling only); 3, as 2, and where reduce_k's grid
 // is resident at once with that instance's 3 blocks an SM (2 for the lp / lse pools; few, long
 // rows), its instance with kReduceKRows rows of loads in flight per thread (same tiles, same
 // bits; with k_vectors_in_flight 4; launchers/pool.cu run_reduction). Mode 3 is argued, not yet

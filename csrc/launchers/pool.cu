@@ -2,7 +2,8 @@
 // pool_over_c, pool_over_s_backward_scale, pool_over_s_backward_scale_lp_lse,
 // pool_over_c_backward_scale. Each is one reduction of x viewed as [N, R, K]
 // (kernels/reduce_k.cuh when the reduced axis is the contiguous one, or kernels/reduce_k_rows.cuh
-// when those rows are short; else kernels/reduce_r.cuh), plus the second stage
+// when those rows are short, or not whole 16-byte vectors and at most kMedRowMaxK long; else
+// kernels/reduce_r.cuh), plus the second stage
 // (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
 #include <algorithm>
 #include <vector>
@@ -113,37 +114,58 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   }
 }
 
-// Reduces x [N, R, K] over k with short rows (reduce_k_rows: one thread a row, one stage).
-template <typename T, typename Policy>
-void run_short_rows(const char* op, const XView& v, const Policy& pol) {
+// Reduces x [N, R, K] over k with its rows staged whole in shared memory (reduce_k_rows, one
+// stage): short rows (K * sizeof(acc_t) <= kShortRowBytes) one thread a row, 128 rows a block;
+// medium ones (MED: K <= kMedRowMaxK) as many rows a block as the span holds, a power of two of
+// 4 to 128 (a float32 13x13 map: 32 rows of 169), with TX = 128 / rows lanes a row.
+template <typename T, bool MED, typename Policy>
+void run_staged_rows(const char* op, const XView& v, const Policy& pol) {
+  using acc_t = typename Policy::acc_t;
   constexpr int V = vec_width<T>();
   const int64_t R = v.R(), K = v.K();
-  const int64_t blocks = v.N * ceil_div(R, kShortRows);
+  int rpb = kShortRows;  // rows a block
+  if constexpr (MED) {
+    const int64_t fit = std::min<int64_t>(kShortRows, span_elems<acc_t>() / (K | 1));
+    rpb = 1;
+    while (2 * rpb <= fit) rpb *= 2;
+    TORCH_CHECK(rpb >= kShortRows / 32 && K <= med_row_max_k<Policy>(), op,
+                ": internal error: rows of ",
+                K, " elements staged ", rpb, " a block");
+  }
+  const int64_t blocks = v.N * ceil_div(R, rpb);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
               ": the input is too large for one launch (", blocks, " blocks)");
-  // 16-byte loads when every block's span of kShortRows rows starts 16-byte aligned
+  // 16-byte loads when every block's span of rpb rows starts 16-byte aligned
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
   const bool vec = aligned16(global_ptr<T>(v.x)) && (R * row_bytes) % 16 == 0 &&
-                   (kShortRows * row_bytes) % 16 == 0;
+                   (rpb * row_bytes) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(blocks)), block(kShortRows);
+  const int tx = kShortRows / rpb;
   if (vec) {
-    launch(op, &reduce_k_rows_kernel<T, V, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, R,
-           static_cast<int>(K));
+    launch(op, &reduce_k_rows_kernel<T, V, MED, Policy>, grid, block, 0, global_ptr<T>(v.x), pol,
+           R, static_cast<int>(K), tx);
   } else {
-    launch(op, &reduce_k_rows_kernel<T, 1, Policy>, grid, block, 0, global_ptr<T>(v.x), pol, R,
-           static_cast<int>(K));
+    launch(op, &reduce_k_rows_kernel<T, 1, MED, Policy>, grid, block, 0, global_ptr<T>(v.x), pol,
+           R, static_cast<int>(K), tx);
   }
 }
 
 template <typename T, typename Policy>
 void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
   using acc_t = typename Policy::acc_t;
-  if (over_k && debug::reduce_k_mode >= 2 && debug::tile_mode == 0 &&
-      v.K() * static_cast<int64_t>(sizeof(acc_t)) <= kShortRowBytes) {
-    run_short_rows<T>(op, v, pol);
-    return;
-  }
   constexpr int V = vec_width<T>();
+  if (over_k && debug::reduce_k_mode >= 2 && debug::tile_mode == 0) {
+    if (v.K() * static_cast<int64_t>(sizeof(acc_t)) <= kShortRowBytes) {
+      run_staged_rows<T, false>(op, v, pol);
+      return;
+    }
+    if (v.K() % V != 0 && v.K() <= med_row_max_k<Policy>()) {
+      // rows that are not whole 16-byte vectors: staged whole, with 16-byte loads of the span
+      // (reduce_k would take them 8 bytes or one element a load)
+      run_staged_rows<T, true>(op, v, pol);
+      return;
+    }
+  }
   constexpr int VH = V >= 4 ? V / 2 : 0;  // elements of an 8-byte vector (float64: none)
   const int G = aligned16(global_ptr<T>(v.x)) ? fold_rows(v, V) : 0;
   if (G == 1) {
