@@ -38,9 +38,9 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // resident at once with that instance's blocks an SM (with_reduce_r_rows, launchers/pool.cu;
 // argued, not yet timed: the 1024x14x14 and 512x28x28 bfloat16 channels-last pools over S at
 // batch 64 run 256 and 384 blocks, 28% and 38% of copy bandwidth on the H200 at U = 1). The H200
-// sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2
-// raised the float32 NCHW ops' geometric mean from 52.6% to 54.1% of the copy bandwidth, and
-// lowered the bfloat16 channels-last ones' from 41.6% to 38.4%.
+// sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2 raised the float32 NCHW ops'
+// geometric mean from 52.6% to 54.1% of the copy bandwidth, and lowered the bfloat16
+// channels-last ones' from 41.6% to 38.4%.
 constexpr int kDefaultVecRowsInFlight = 0;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
 // reduce_k's 16-byte loads in flight per thread: 1 (load, fold, load...) or kReduceKVectors

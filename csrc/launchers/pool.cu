@@ -3,8 +3,8 @@
 // pool_over_c_backward_scale. Each is one reduction of x viewed as [N, R, K]
 // (kernels/reduce_k.cuh when the reduced axis is the contiguous one, or kernels/reduce_k_rows.cuh
 // when those rows are short, or not whole 16-byte vectors and at most kMedRowMaxK long; else
-// kernels/reduce_r.cuh), plus the second stage
-// (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
+// kernels/reduce_r.cuh), plus the second stage (kernels/combine_partials.cuh) when the reduced
+// axis is split over tiles.
 #include <algorithm>
 #include <vector>
 
@@ -129,8 +129,7 @@ void run_staged_rows(const char* op, const XView& v, const Policy& pol) {
     rpb = 1;
     while (2 * rpb <= fit) rpb *= 2;
     TORCH_CHECK(rpb >= kShortRows / 32 && K <= med_row_max_k<Policy>(), op,
-                ": internal error: rows of ",
-                K, " elements staged ", rpb, " a block");
+                ": internal error: rows of ", K, " elements staged ", rpb, " a block");
   }
   const int64_t blocks = v.N * ceil_div(R, rpb);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
@@ -176,9 +175,9 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
     run_reduction<T, V, true>(op, v, over_k, pol, G);
   } else if (VH > 0 && over_k && v.K() % std::max(VH, 1) == 0 &&
              reinterpret_cast<uintptr_t>(global_ptr<T>(v.x)) % 8 == 0) {
-    // over k, rows that are whole 8-byte vectors but not 16-byte ones: reduce_k with 8-byte
-    // loads (a 16-bit 14x14 channels-first map, rows of 196; float32 rows of 4 j + 2), where the
-    // scalar path loads 2 or 4 bytes at a time, with a quarter or half of the bytes in flight
+    // over k, rows that are whole 8-byte vectors but not 16-byte ones (16-bit rows of 8 j + 4
+    // elements, float32 of 4 j + 2), longer than the staged rows or under the debug tilings:
+    // reduce_k with 8-byte loads, where the scalar path loads 2 or 4 bytes at a time
     if constexpr (VH > 0) run_reduction<T, VH, false, true>(op, v, over_k, pol);
   } else {
     run_reduction<T, 1>(op, v, over_k, pol);
