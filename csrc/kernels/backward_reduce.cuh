@@ -18,6 +18,35 @@
 
 namespace cbam {
 
+// Both kernels' steps through a chunk of rows: the gates gr of its `count` rows (x's rows
+// first .. first + count - 1; 1 without gr) staged in s_gr, between barriers (the previous
+// chunk's gates are no longer read; these are written) ...
+template <typename acc_t>
+CBAM_DEVICE void stage_chunk_gates(acc_t* s_gr, const acc_t* gr, int64_t first, int count,
+                                   int tid, int nthreads) {
+  __syncthreads();
+  for (int i = tid; i < count; i += nthreads) {
+    s_gr[i] = gr != nullptr ? ld(gr + first + i) : acc_t(1);
+  }
+  __syncthreads();
+}
+
+// ... and the loads of a step: U rows of g and x, rows ib + u TY + ty of the chunk at row cb (of
+// clen rows), the thread's VEC columns (zeros outside the chunk or the row).
+template <int U, int VEC, typename T, typename acc_t>
+CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, const Geom& g,
+                                int64_t cb, int clen, int ib, bool active,
+                                acc_t (&gv)[U][VEC], acc_t (&xv)[U][VEC]) {
+  for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+    const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
+    if (active && i < clen) {
+      const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
+      load_acc<VEC>(grad + off, gv[u]);
+      load_acc<VEC>(x + off, xv[u]);
+    }
+  }
+}
+
 template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                         const acc_t* gr, const acc_t* gk, acc_t* part_r,
@@ -42,21 +71,10 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += kChunkRows) {
     const int64_t rest = t.r_end - cb;
     const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
-    __syncthreads();  // the previous chunk's gates are no longer read
-    for (int i = tid; i < clen; i += TX * TY) {
-      s_gr[i] = gr != nullptr ? ld(gr + t.n * g.R + cb + i) : acc_t(1);
-    }
-    __syncthreads();
+    stage_chunk_gates(s_gr, gr, t.n * g.R + cb, clen, tid, TX * TY);
     for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-        const int i = ib + u * TY + ty;
-        if (active && i < clen) {
-          const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-          load_acc<VEC>(grad + off, gv[u]);
-          load_acc<VEC>(x + off, xv[u]);
-        }
-      }
+      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row = acc_t(0);
@@ -140,21 +158,10 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
     const int64_t rest = t.r_end - cb;
     const int clen = rest < crows ? static_cast<int>(rest) : crows;
-    __syncthreads();  // the previous chunk's gates are no longer read
-    for (int i = tid; i < clen * G; i += TX * TY) {
-      s_gr[i] = gr != nullptr ? ld(gr + (t.n * g.R + cb) * G + i) : acc_t(1);
-    }
-    __syncthreads();
+    stage_chunk_gates(s_gr, gr, (t.n * g.R + cb) * G, clen * G, tid, TX * TY);
     for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-        const int i = ib + u * TY + ty;
-        if (active && i < clen) {
-          const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-          load_acc<VEC>(grad + off, gv[u]);
-          load_acc<VEC>(x + off, xv[u]);
-        }
-      }
+      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row0 = acc_t(0), row1 = acc_t(0);
