@@ -127,9 +127,9 @@ RESERVE = {"env": 15, "wheels": 10, "build": 20, "tests": 45, "sanitizer": 45, "
            "sweep": 60, "profile": 45, "bench_cbam": 75, "bench_network": 60}
 # the kernel tests the sanitizers run: the first of these files that exists, with its default
 # -k selection (small shapes, every op, both layouts: float32 NCHW and bfloat16 channels-last,
-# the two configurations of issue 4; rows folded into whole vectors, staged whole or of whole
-# 8-byte vectors, every dtype; and every head op at each debug launch shape: 55 tests, each run
-# four times under the sanitizers)
+# the two configurations of issue 4; rows folded into whole vectors, staged whole or shifted
+# against 16-byte vectors, every dtype; and every head op at each debug launch shape: 58 tests,
+# each run four times under the sanitizers)
 SANITIZE_FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_cuda.py")
 SANITIZE_K = {"test_kernels_cuda.py":
               "(test_op_matches_cpu_kernel_on_gpu and ((float32 and cf) or (bfloat16 and cl))) "

@@ -157,7 +157,7 @@ def test_every_kernel_was_reported(ptxas_report):
                    "channel_head_bwd_params_kernel<", "batch_norm_gate_partials_kernel<",
                    "batch_norm_gate_apply_kernel<", "batch_norm_gate_backward_partials_kernel<",
                    "batch_norm_gate_backward_apply_kernel<",
-                   "backward_reduce_folded_kernel<"):
+                   "backward_reduce_folded_kernel<", "reduce_k_shifted_kernel<"):
         assert any(kernel in n for n in ptxas_report), (kernel, sorted(ptxas_report)[:5])
     assert len(ptxas_report) > 100, len(ptxas_report)
 
@@ -211,7 +211,7 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
     kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
     assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "apply_gates_kernel",
                      "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel",
-                     "backward_reduce_folded_kernel"}, kinds
+                     "backward_reduce_folded_kernel", "reduce_k_shifted_kernel"}, kinds
     low = {}
     for name, (regs, *_, smem) in hot.items():
         # rows in flight U = 2 or 4 (reduce_r: 16-bit x takes 72 registers at U = 4, which
@@ -268,8 +268,6 @@ def test_blocks_per_sm_model():
 ELEM_BYTES = {"double": 8, "float": 4, "c10::Half": 2, "c10::BFloat16": 2}
 # 16-byte global accesses in PTX: four 32-bit or two 64-bit lanes (ld.global.nc: read-only path).
 LOAD_16B = re.compile(r"\bld\.global(?:\.nc)?\.v4\.(?:[fbu]32)\b|\bld\.global(?:\.nc)?\.v2\.(?:[fbu]64)\b")
-# 8-byte ones: two 32-bit or four 16-bit lanes
-LOAD_8B = re.compile(r"\bld\.global(?:\.nc)?\.v2\.(?:[fbu]32)\b|\bld\.global(?:\.nc)?\.v4\.(?:[fbu]16)\b")
 STORE_16B = re.compile(r"\bst\.global\.v4\.(?:[fbu]32)\b|\bst\.global\.v2\.(?:[fbu]64)\b")
 # Kernels whose output is x-sized (y, dx): every element is written through st_vec.
 WRITES_X_SIZED = ("apply_gates_kernel<", "grad_input_kernel<")
@@ -314,22 +312,23 @@ def test_x_sized_outputs_are_stored_16_bytes_at_a_time(ptx_kernels):
         f"  {k}: {v}" for k, v in bad.items())
 
 
-def test_8_byte_vector_reductions_load_8_bytes_at_a_time(ptx_kernels, ptxas_report):
-    """reduce_k's instances for rows that are whole 8-byte vectors but not 16-byte ones (float32
-    vectors of 2, 16-bit of 4; launchers/pool.cu): an 8-byte global load of x (PTX .v2 of 32-bit
-    or .v4 of 16-bit lanes), no 16-byte one, and at least 3 blocks of 256 threads an SM, as the
-    16-byte instances (3 for two rows in flight, reduce_k_rows_blocks)."""
+def test_shifted_row_reductions_keep_the_blocks_of_reduce_k(ptx_kernels, ptxas_report):
+    """reduce_k_shifted's instances (rows that are not whole 16-byte vectors, loaded from each
+    row's first 16-byte boundary; launchers/pool.cu): every dtype and policy, each with a 16-byte
+    global load of x, and the blocks of 256 threads an SM of reduce_k's instance with 4 vectors
+    in flight (4; 3 for float64, its __launch_bounds__), shared memory (a tile's weights, padded)
+    included."""
     found = {}
     for name, body in ptx_kernels.items():
-        m = re.search(r"cbam::reduce_k_kernel<([\w:]+), (\d+)[,>]", name)
-        if m and int(m.group(2)) > 1 and ELEM_BYTES.get(m.group(1), 0) * int(m.group(2)) == 8:
+        m = re.search(r"cbam::reduce_k_shifted_kernel<([\w:]+), (\d+),", name)
+        if m:
             regs, *_, smem = ptxas_report[name]
-            found[name[:150]] = (bool(LOAD_8B.search(body)), bool(LOAD_16B.search(body)),
-                                 blocks_per_sm(regs, smem) >= 3)
-    # float, Half, BFloat16 x (vectors, rows) in flight (1, 1), (4, 1), (4, 2) x 4 policies
-    assert len(found) == 36, sorted(found)
-    bad = {k: v for k, v in found.items() if v != (True, False, True)}
-    assert not bad, "(8-byte load, 16-byte load, 3 blocks an SM):\n" + "\n".join(
+            need = 3 if m.group(1) == "double" else 4
+            found[name[:150]] = (bool(LOAD_16B.search(body)), blocks_per_sm(regs, smem) >= need)
+    # 4 element types x 4 policies
+    assert len(found) == 16, sorted(found)
+    bad = {k: v for k, v in found.items() if v != (True, True)}
+    assert not bad, "(16-byte load, blocks an SM):\n" + "\n".join(
         f"  {k}: {v}" for k, v in bad.items())
 
 

@@ -8,7 +8,7 @@ import cbam_fused  # noqa: F401
 from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
-from test_kernels_sim import (DTYPES, FOLD_SHAPES, HALF_VEC_SHAPES, MEDIUM_ROW_SHAPES, OPS,
+from test_kernels_sim import (DTYPES, FOLD_SHAPES, SHIFTED_SHAPES, MEDIUM_ROW_SHAPES, OPS,
                               SHAPES, TILE_NORMAL, TILE_SINGLE, TILE_SMALL, X_SHAPED, op_args,
                               rand_x, to_layout, tolerances)
 
@@ -93,14 +93,15 @@ def test_op_matches_cpu_kernel_on_gpu(op, dtype, layout):
             check(op, got, as_tuple(cpu.ORACLE[op](*args)), dtype)
 
 
-@pytest.mark.parametrize("shape,layout", FOLD_SHAPES + HALF_VEC_SHAPES + MEDIUM_ROW_SHAPES,
+@pytest.mark.parametrize("shape,layout", FOLD_SHAPES + SHIFTED_SHAPES + MEDIUM_ROW_SHAPES,
                          ids=lambda v: str(v))
 def test_folded_rows_on_gpu(shape, layout):
     """Rows whose length is not a multiple of the vector width, folded into whole vectors
-    (kernels/common.cuh Fold) where their count allows, the reductions along such rows staged
-    whole (reduce_k_rows' medium rows) or in 8-byte vectors (launchers/pool.cu): every op, every
-    dtype, the normal tiling and one row tile, against the pure-PyTorch kernels, and bitwise the
-    same on a second run."""
+    (kernels/common.cuh Fold) where their count allows (over several column tiles where a folded
+    row is long), the reductions along such rows staged whole (reduce_k_rows' medium rows) or
+    from each row's first 16-byte boundary (reduce_k_shifted, launchers/pool.cu): every op,
+    every dtype, the normal tiling and one row tile, against the pure-PyTorch kernels, and
+    bitwise the same on a second run."""
     gen = torch.Generator().manual_seed(51)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)

@@ -698,8 +698,8 @@ def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
 K_VECTOR_SHAPES = [  # (shape, layout, dtype): reduce_k rows whose lanes hold 0 to 4 vectors
     ((2, 24, 13, 16), "cf", torch.float32),   # K = 208: 16 lanes, lanes 0-3 hold 4, the rest 3
     ((1, 8, 40, 40), "cf", torch.float32),    # K = 1600: 4 column tiles, the last 16 vectors
-    ((2, 8, 23, 25), "cf", torch.float32),    # K = 575: the scalar path (K odd, and longer
-                                              # than reduce_k_rows' medium rows)
+    ((2, 8, 24, 25), "cf", torch.float32),    # K = 600: two column tiles, the second of 22
+                                              # vectors
     ((2, 520, 3, 3), "cl", torch.bfloat16),   # K = C = 520: 8-element vectors, 3 then 2 a lane
     ((2, 520, 3, 3), "cl", torch.float32),    # two column tiles, the second of 2 vectors
 ]
@@ -1009,7 +1009,44 @@ FOLD_SHAPES = [  # (shape, layout): rows of K elements (K = S cf, C cl), K % VEC
     ((2, 6, 5, 5), "cl"),     # K = 6, R = 25: float32 / 16-bit G = 2 / 4 do not divide R (scalar)
     ((1, 300, 3, 3), "cf"),   # K = 9, R = 300: a 16-bit G = 8 does not divide R (scalar); float32
                               # G = 4 folds, and its r sides take several staging chunks
+    ((2, 8, 19, 19), "cf"),   # K = 361: folded rows of 361 vectors (G = 2, 4, 8), more than one
+                              # tile spans: column tiles, partials per folded column
+    ((1, 8, 25, 41), "cf"),   # K = 1025: folded rows of 1025 vectors, 9 column tiles of float32
 ]
+
+
+# Long folded rows (more than 128 vectors: several column tiles): folded where the partials per
+# folded column cost at most 1 / 16 (side_share) of x with every folded row in one row tile.
+LONG_FOLD_SHAPES = [
+    ((1, 384, 19, 19), "cf"),   # float32 pool over C: 96 folded rows of 361 vectors, just enough
+    ((1, 380, 19, 19), "cf"),   # 95: the scalar path (its scale gradients and Q1 still fold)
+    ((1, 1536, 13, 13), "cf"),  # 16-bit: 192 folded rows of 8, 169 vectors, just enough
+    ((1, 1528, 13, 13), "cf"),  # 191: the scalar path
+]
+
+
+def fold_partial_bytes(op, dtype):
+    """Bytes of the partials of one folded column of a reduction across rows, written and read
+    again (the policies' kPartialBytes; backward_reduce's column sums)."""
+    a = 8 if dtype == torch.float64 else 4
+    if op == "backward_reduce" or "backward_scale" in op:
+        return 2 * a
+    return 2 * ((4 if "lp_lse" in op else 2) * a + 4)
+
+
+def folds_across_rows(op, shape, layout, dtype, mode):
+    """Whether a reduction across rows (reduce_r, backward_reduce) takes the folded path
+    (launchers/common.h fold_rows and fold_across_rows)."""
+    import math
+    g = fold_of(shape, layout, dtype)
+    c, s = shape[1], math.prod(shape[2:])
+    k_len, r_len = (c, s) if layout == "cl" else (s, c)
+    elem = torch.empty((), dtype=dtype).element_size()
+    if g < 2:
+        return False
+    if mode == TILE_SMALL or k_len * g * elem // 16 <= 128:
+        return True
+    return r_len // g * elem >= 16 * fold_partial_bytes(op, dtype)
 
 
 def fold_of(shape, layout, dtype):
@@ -1055,16 +1092,18 @@ def test_x_sized_ops_fold_rows_into_whole_vectors(shape, layout):
                         assert torch.equal(again.view(torch.int32), got.view(torch.int32)), op
 
 
-@pytest.mark.parametrize("shape,layout", FOLD_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape,layout", FOLD_SHAPES + LONG_FOLD_SHAPES, ids=lambda v: str(v))
 def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
     """The reductions over the strided axis (reduce_r: channels-first pool over C and the pool
     over S's scale gradients, channels-last the others) and backward_reduce fold rows like the
-    x-sized ops where one tile spans a folded row (at most 128 vectors; not under the tiny
-    tiles): every byte of x (and g) in 16-byte loads, the G folded columns of an original column
-    combined in a fixed order before the store (or the partials of the second stage), and
-    backward_reduce's row sums added lane by lane in order through shared memory. Every dtype,
-    tiling and variant; results match the CPU kernels, the same bits under every fiber
-    schedule."""
+    x-sized ops: every byte of x (and g) in 16-byte loads. Where one tile spans a folded row (at
+    most 128 vectors, not under the tiny tiles), the G folded columns of an original column
+    combine in a fixed order before the store (or the partials of the second stage); else each
+    tile writes a partial per folded column (nrt G of them an output, one more launch), and
+    backward_reduce's row sums a partial per column tile, taken where those partials move at
+    most 1 / 16 of x's bytes (else the scalar path: no 16-byte access). backward_reduce's row
+    sums add lane by lane in order through shared memory. Every dtype, tiling and variant;
+    results match the CPU kernels, the same bits under every fiber schedule."""
     gen = torch.Generator().manual_seed(50)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)
@@ -1084,8 +1123,18 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
                 tile_mode(TILE_NORMAL)
                 got = got if isinstance(got, (tuple, list)) else (got,)
                 check_same(op, got, run_cpu(op, args), x, layout)
-                folded = g > 1 and mode != TILE_SMALL and k_len * g // vec <= 128
+                spans = mode != TILE_SMALL and k_len * max(g, 1) // vec <= 128
+                folded = folds_across_rows(op, shape, layout, dtype, mode)
                 passes = 2 if op == "backward_reduce" else 1  # (g and) x
+                if folded and not spans:
+                    assert len(stats) >= 2, (op, dtype, mode, stats)  # and combine_partials
+                    if mode == TILE_NORMAL:  # the partials: at most 1 / 16 of x more than the
+                        off = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(x.shape)  # scalar
+                        off.copy_(x)                                                   # path's
+                        moved = sum(op_bytes(op, args))
+                        moved_s = sum(op_bytes(op, (args[0], off) + args[2:] if op ==
+                                               "backward_reduce" else (off,) + args[1:]))
+                        assert moved <= moved_s + passes * xb / 16, (op, dtype, moved, moved_s)
                 if g == 1 or folded:
                     assert stats[0]["bytes_vec"] >= passes * xb, (op, dtype, mode, stats)
                 else:
@@ -1094,47 +1143,77 @@ def test_reductions_over_rows_fold_rows_into_whole_vectors(shape, layout):
                     assert_schedules_agree(op, args, got, seed=4)
 
 
-HALF_VEC_SHAPES = [  # (shape, layout): reduce_k rows of K > 512 elements (not reduce_k_rows')
-    ((2, 8, 26, 26), "cf"),   # K = 676: 16-bit, 169 8-byte vectors (84.5 16-byte ones); float32
-                              # and float64, whole 16-byte vectors
-    ((2, 8, 18, 35), "cf"),   # K = 630: float32, 315 8-byte vectors; 16-bit, 630 % 4 = 2: scalar
-    ((2, 612, 1, 2), "cl"),   # K = C = 612: 16-bit, 153 8-byte vectors; float32 whole vectors
-    ((2, 522, 1, 2), "cl"),   # K = C = 522: float32, 261 8-byte vectors; 16-bit scalar
+SHIFTED_SHAPES = [  # (shape, layout): reduce_k rows of K > 512 elements (not reduce_k_rows')
+    ((2, 8, 26, 26), "cf"),   # K = 676: 16-bit rows of 84 vectors + 4 (each row's head and tail
+                              # 0 + 4 or 4 + 0); float32 and float64 whole vectors
+    ((2, 8, 18, 35), "cf"),   # K = 630: float32 4 j + 2, 16-bit 8 j + 6
+    ((2, 612, 1, 2), "cl"),   # K = C = 612: 16-bit 8 j + 4; float32 whole vectors
+    ((2, 3, 23, 23), "cf"),   # K = 529, odd: every dtype, heads and tails of 0 to VEC - 1
+    ((1, 6, 25, 41), "cf"),   # K = 1025: two column tiles, the second of one column, where a
+                              # row's tail starts in the first (rows of head 3 in float32)
 ]
 
 
-@pytest.mark.parametrize("shape,layout", HALF_VEC_SHAPES, ids=lambda v: str(v))
-def test_reductions_along_rows_of_whole_8_byte_vectors(shape, layout, default_tuning):
+def shifted_vector_bytes(x, k_len):
+    """Bytes of x that reduce_k_shifted loads in 16-byte vectors: each row's whole vectors from
+    its first 16-byte boundary (x's base is aligned), not its head and tail."""
+    vec = 16 // x.element_size()
+    rows = x.numel() // k_len
+    total = 0
+    for row in range(rows):
+        h = min((-row * k_len) % vec, k_len)
+        total += (k_len - h) // vec * vec
+    return total * x.element_size()
+
+
+@pytest.mark.parametrize("shape,layout", SHIFTED_SHAPES, ids=lambda v: str(v))
+def test_reductions_along_rows_that_are_not_whole_vectors(shape, layout, default_tuning):
     """The reductions along the contiguous axis (reduce_k) on rows that are not whole 16-byte
-    vectors but are whole 8-byte ones (longer than reduce_k_rows' medium rows, or under the tiny
-    tiles and one row tile, which take no reduce_k_rows): every byte of x in 8-byte vector loads
-    (the simulator's bytes_vec8), none in 16-byte ones; rows of neither, the scalar path (no
-    vector access); rows of whole 16-byte vectors, those. Every dtype, every tiling, both of
-    reduce_k's loads in flight (k_vectors_in_flight 1 and 4; these small grids take its 2-row
-    instance); results match the CPU kernels, the same bits under every fiber schedule."""
+    vectors and longer than reduce_k_rows' medium rows (or any such rows under the tiny tiles
+    and one row tile, which take no reduce_k_rows): reduce_k_shifted loads each row's 16-byte
+    vectors from its first 16-byte boundary, exactly those bytes of x in 16-byte loads (the
+    simulator's bytes_vec; none in 8-byte ones), the head and tail elements one at a time; x
+    one element off alignment takes the scalar path (no vector access); rows of whole vectors,
+    reduce_k's vectors. Every dtype, every tiling, reduce_k's vectors in flight 1 and 4 (which
+    the shifted kernel does not take: the same bits); results match the CPU kernels, the same
+    bits under every fiber schedule."""
     gen = torch.Generator().manual_seed(59)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)
         xb = x.numel() * x.element_size()
         k_len = shape[1] if layout == "cl" else x[0, 0].numel()
         vec = 16 // x.element_size()
-        path = "16" if k_len % vec == 0 else "8" if vec >= 4 and k_len % (vec // 2) == 0 else "1"
+        want_vec = xb if k_len % vec == 0 else shifted_vector_bytes(x, k_len)
+        off = torch.empty(x.numel() + 1, dtype=dtype)[1:]  # one element off: the scalar path
+        off = off.view(x.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2) if layout == "cl" \
+            else off.view(x.shape)
+        off.copy_(x)
         for op in sorted(REDUCE_K_OPS[layout] & set(OPS)):
-            for mode, kv in ((TILE_NORMAL, 4), (TILE_NORMAL, 1), (TILE_SMALL, 4),
-                             (TILE_SINGLE, 4)):
+            for mode in (TILE_NORMAL, TILE_SMALL, TILE_SINGLE):
                 args = op_args(op, x, gen, 0)
                 tile_mode(mode)
-                got, _ = run_tuned(op, args, DEFAULT_TUNING[:4] + (kv,) + DEFAULT_TUNING[5:])
-                stats = testing.simulator_stats()
-                tile_mode(TILE_NORMAL)
-                check_same(op, got, run_cpu(op, args), x, layout)
-                vec16, vec8 = stats[0]["bytes_vec"], stats[0]["bytes_vec8"]
-                assert (vec16 >= xb, vec8 >= xb, vec16 + vec8 == 0) == (
-                    path == "16", path == "8", path == "1"), (op, dtype, mode, path, stats)
-                if mode == TILE_NORMAL and dtype in (torch.float32, torch.bfloat16):
-                    torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING[:4], kv)
-                    assert_schedules_agree(op, args, got, seed=6)
+                outs = []
+                for kv in (4, 1):
+                    got, _ = run_tuned(op, args, DEFAULT_TUNING[:4] + (kv,) + DEFAULT_TUNING[5:])
+                    stats = testing.simulator_stats()
+                    outs.append(got)
+                    assert (stats[0]["bytes_vec"], stats[0]["bytes_vec8"]) == (want_vec, 0), (
+                        op, dtype, mode, kv, want_vec, stats[0])
                 torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+                if k_len % vec != 0:
+                    for a, b in zip(*outs):
+                        assert torch.equal(a, b), (op, dtype, mode)
+                with testing.use_simulator():
+                    got_off = getattr(torch.ops.cbam_fused, op)(off, *args[1:])
+                    stats_off = testing.simulator_stats()
+                tile_mode(TILE_NORMAL)
+                want = run_cpu(op, args)
+                check_same(op, outs[0], want, x, layout)
+                got_off = got_off if isinstance(got_off, (tuple, list)) else (got_off,)
+                check_same(op, got_off, want, x, layout)
+                assert stats_off[0]["bytes_vec"] == 0, (op, dtype, mode, stats_off[0])
+                if mode == TILE_NORMAL and dtype in (torch.float32, torch.bfloat16):
+                    assert_schedules_agree(op, args, outs[0], seed=6)
 
 
 def test_x_sized_ops_take_span_lanes_where_fuller():

@@ -114,27 +114,32 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
 }
 
 // backward_reduce for rows whose length K0 is not a multiple of VEC, folded G at a time into
-// whole vectors (Fold, common.cuh; the launcher's span lanes make one tile span a folded row:
-// TX = G K0 / VEC, nkt == 1). The same sums:
+// whole vectors (Fold, common.cuh). Where a folded row has at most kMaxSpanCols vectors, the
+// launcher's span lanes make one tile span it (TX = G K0 / VEC, nkt == 1); longer ones (a 19x19
+// map's 361 vectors) take column tiles of TX lanes. The same sums:
 // - out_k: each thread sums its folded columns over its rows as above (gr of original row
-//   r G + j, j the column's row within the folded row); after the column tree, the G folded
-//   columns k + jj K0 of original column k add in order of jj, and row 0 writes part_k.
+//   r G + j, j the column's row within the folded row); after the column tree, one tile a
+//   folded row: the G folded columns k + jj K0 of original column k add in order of jj, and row
+//   0 writes part_k [N, nrt, K0]; several: row 0 writes each folded column's sum as a partial
+//   of its original column, part_k [N, nrt G, K0] at (rt, j) (combine_partials adds them in
+//   that order).
 // - out_r: a thread's VEC columns lie in at most two original rows (K0 >= VEC), j0 and j0 + 1
 //   (FoldPos); it sums its products of each, in order, into shared memory (s_row), and after a
-//   barrier one thread per original row of the step adds those of the lanes that hold the row,
-//   lane by lane in order, and writes out_r (no partials: the tile holds every column).
+//   barrier one thread per original row of the step adds those of the tile's lanes that hold
+//   the row, lane by lane in order (0 where none does), and writes part_r [N, nkt, R0]: the
+//   output itself where nkt == 1.
 // Pass: reads g and x once each.
 template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
                                                const T* __restrict__ x, const acc_t* gr,
-                                               const acc_t* gk, acc_t* out_r, acc_t* part_k,
+                                               const acc_t* gk, acc_t* part_r, acc_t* part_k,
                                                Geom g, Fold f, bool need_r, bool need_k) {
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];
   __shared__ acc_t s_gk[kFoldedSlots<VEC>];
   __shared__ acc_t s_row[U][kBlockThreads][2];  // a step's sums of each thread's (two) rows
 
-  const TileId t = tile_id(g, VEC);  // (k_begin == 0: nkt == 1)
+  const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int TX = blockDim.x, TY = blockDim.y;
@@ -186,18 +191,25 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
       }
       if (need_r) {
         __syncthreads();
-        // original row jq of folded row ib + uq TY + yq: lanes [jq K0 / VEC, ((jq + 1) K0 - 1) /
-        // VEC]; a lane's first sum is that of the row of its first column
+        // original row jq of folded row ib + uq TY + yq: folded vectors [jq K0 / VEC, ((jq + 1)
+        // K0 - 1) / VEC], of which the tile's lanes hold those from vector kt TX; a lane's first
+        // sum is that of the row of its first column
+        const int l0 = static_cast<int>(t.kt) * TX;
         for (int q = tid; q < U * TY * G; q += TX * TY) {
           const int jq = q % G, yq = (q / G) % TY, uq = q / (G * TY);
           const int i = ib + uq * TY + yq;
           if (i < clen) {
             acc_t sum = acc_t(0);
-            const int l1 = ((jq + 1) * K0 - 1) / VEC;
-            for (int l = jq * K0 / VEC; l <= l1; ++l) {
-              sum += s_row[uq][yq * TX + l][l * VEC / K0 == jq ? 0 : 1];
+            const int lo = jq * K0 / VEC, hi = ((jq + 1) * K0 - 1) / VEC;
+            const int l1 = hi < l0 + TX - 1 ? hi : l0 + TX - 1;
+            for (int l = lo > l0 ? lo : l0; l <= l1; ++l) {
+              sum += s_row[uq][yq * TX + l - l0][l * VEC / K0 == jq ? 0 : 1];
             }
-            st(out_r + (t.n * g.R + cb + i) * G + jq, sum);
+            // at ((n nkt + kt) R0 + r) (R0 = R G original rows), the tile's part added only
+            // where nkt > 1 (unconditionally, nvcc took 16 more registers at 16-bit U = 2)
+            st(part_r + (t.n * g.R + cb + i) * G + jq +
+                   (g.nkt > 1 ? (t.n * (g.nkt - 1) + t.kt) * g.R * G : 0),
+               sum);
           }
         }
         __syncthreads();  // s_row is written again at the next step
@@ -218,7 +230,16 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
       __syncthreads();
       n = h;
     }
-    // row 0's sums are the folded columns in order; original column k's: k + jj K0, jj < G
+    if (g.nkt > 1) {  // row 0's sums: partials of their original columns, at (rt, j)
+      if (ty == 0 && active) {
+        FoldPos p = p0;
+        for (int v = 0; v < VEC; ++v, fold_next(p, K0)) {
+          st(part_k + ((t.n * g.nrt + t.rt) * G + p.j) * K0 + p.k, s_col[tid * VEC + v]);
+        }
+      }
+      return;
+    }
+    // one tile: row 0's sums are the folded columns in order; original column k's: k + jj K0
     for (int k = tid; k < K0; k += TX * TY) {
       acc_t sum = s_col[k];
       for (int jj = 1; jj < G; ++jj) sum += s_col[k + jj * K0];

@@ -15,11 +15,13 @@
 // U: a thread loads U of its rows (i, i + TY, ... of a chunk) before it folds them, in order, so
 // any U gives the same bits; the launcher takes more where the whole grid is resident at once
 // (few blocks, long walks: more loads in flight per thread, not more threads).
-// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0),
-// one tile spanning the folded row (nkt == 1, the launcher's span lanes). A thread's column v
-// folds the original rows r G + j of original column k (FoldPos; in increasing order);
-// after the column tree, the G folded columns k + j K0 of each original column k combine in
-// order of j (a fixed order) before the store.
+// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0). A
+// thread's column v folds the original rows r G + j of original column k (FoldPos; in
+// increasing order). Where one tile spans the folded row (nkt == 1: at most kMaxSpanCols
+// vectors, the launcher's span lanes), after the column tree the G folded columns k + j K0 of
+// each original column k combine in order of j (a fixed order) before the store; else (longer
+// rows: a 19x19 map's 361 vectors) each folded column's state is a partial of its original
+// column at (rt, j), and combine_partials folds the nrt G of them in that order.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -124,8 +126,20 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
     n = h;
   }
   if constexpr (FOLD) {
-    // thread row 0's states are the folded columns 0 .. G K0 - 1 in order (k_begin == 0); those
-    // of original column k: k + jj K0, jj < G
+    if (g.nkt > 1) {
+      // a tile of part of the folded row: each folded column's state is a partial of its
+      // original column, [N, nrt G, K0] at (rt, j) (combine_partials folds them in that order)
+      if (ty == 0 && active) {
+        FoldPos p = p0;
+        for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
+          pol.store_partial(((t.n * g.nrt + t.rt) * G + p.j) * f.K0 + p.k,
+                            s_state[tid * VEC + v]);
+        }
+      }
+      return;
+    }
+    // one tile spans the folded row: thread row 0's states are the folded columns 0 .. G K0 - 1
+    // in order (k_begin == 0); those of original column k: k + jj K0, jj < G
     for (int k = tid; k < f.K0; k += TX * TY) {
       State sk = s_state[k];
       for (int jj = 1; jj < G; ++jj) pol.combine(sk, s_state[k + jj * f.K0]);

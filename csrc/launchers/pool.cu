@@ -2,9 +2,9 @@
 // pool_over_c, pool_over_s_backward_scale, pool_over_s_backward_scale_lp_lse,
 // pool_over_c_backward_scale. Each is one reduction of x viewed as [N, R, K]
 // (kernels/reduce_k.cuh when the reduced axis is the contiguous one, or kernels/reduce_k_rows.cuh
-// when those rows are short, or not whole 16-byte vectors and at most kMedRowMaxK long; else
-// kernels/reduce_r.cuh), plus the second stage (kernels/combine_partials.cuh) when the reduced
-// axis is split over tiles.
+// when those rows are short, or not whole 16-byte vectors and at most kMedRowMaxK long, or
+// kernels/reduce_k_shifted.cuh when they are longer such rows; else kernels/reduce_r.cuh), plus
+// the second stage (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
 #include <algorithm>
 #include <vector>
 
@@ -12,6 +12,7 @@
 #include "kernels/pool_policies.cuh"
 #include "kernels/reduce_k.cuh"
 #include "kernels/reduce_k_rows.cuh"
+#include "kernels/reduce_k_shifted.cuh"
 #include "kernels/reduce_r.cuh"
 #include "launchers/common.h"
 
@@ -69,9 +70,11 @@ void with_reduce_r_rows(int64_t blocks, F&& f) {
 }
 
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
-// FOLD (over r only): rows folded G at a time (Fold), one tile spanning a folded row.
-// K_ONLY: over k only (the 8-byte vectors' instances; no reduce_r kernels for them).
-template <typename T, int VEC, bool FOLD = false, bool K_ONLY = false, typename Policy>
+// FOLD (over r only): rows folded G at a time (Fold); one tile spans a folded row of at most
+// kMaxSpanCols vectors, else a folded row's tiles write partials per folded column (P = nrt G).
+// SHIFTED (over k only): rows that are not whole vectors, each row's 16-byte vectors from its
+// first 16-byte boundary (reduce_k_shifted).
+template <typename T, int VEC, bool FOLD = false, bool SHIFTED = false, typename Policy>
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int G = 1) {
   // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
   // split k, not the rows); over r, the partials, written and read again.
@@ -80,9 +83,8 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   const LaunchGeom lg = folded_geom(
       v, G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T), op,
       over_k ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
-  TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   const Fold f = fold_of(v, G);
-  const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
+  const int64_t P = over_k ? lg.g.nkt : FOLD && lg.g.nkt > 1 ? lg.g.nrt * G : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
   if (P > 1) set_partials(pol, v.x, v.N, P, L, keep);
@@ -92,7 +94,10 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   const bool k_rows = over_k && debug::reduce_k_mode == 3 &&
                       lg.g.N * lg.g.nrt * lg.g.nkt <=
                           static_cast<int64_t>(num_sms()) * reduce_k_rows_blocks<Policy>();
-  if (over_k && debug::k_vectors_in_flight == 1) {
+  if constexpr (SHIFTED) {
+    launch(op, &reduce_k_shifted_kernel<T, VEC, Policy>, lg.grid(), lg.block(), 0,
+           global_ptr<T>(v.x), pol, lg.g);
+  } else if (over_k && debug::k_vectors_in_flight == 1) {
     launch(op, &reduce_k_kernel<T, VEC, 1, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
   } else if (k_rows) {
@@ -101,13 +106,11 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   } else if (over_k) {
     launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
-  } else if constexpr (!K_ONLY) {
+  } else {
     with_reduce_r_rows<VEC, Policy>(lg.g.N * lg.g.nrt * lg.g.nkt, [&](auto u) {
       launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, FOLD, Policy>, lg.grid(),
              lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
-  } else {
-    TORCH_CHECK(false, op, ": internal error: a reduction over r in an over-k-only instance");
   }
   if (P > 1) {
     launch(op, &combine_partials_kernel<Policy>, grid_1d(v.N * L), dim3(256), 0, pol, v.N, P, L);
@@ -160,25 +163,25 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
     }
     if (v.K() % V != 0 && v.K() <= med_row_max_k<Policy>()) {
       // rows that are not whole 16-byte vectors: staged whole, with 16-byte loads of the span
-      // (reduce_k would take them 8 bytes or one element a load)
       run_staged_rows<T, true>(op, v, pol);
       return;
     }
   }
-  constexpr int VH = V >= 4 ? V / 2 : 0;  // elements of an 8-byte vector (float64: none)
-  const int G = aligned16(global_ptr<T>(v.x)) ? fold_rows(v, V) : 0;
-  if (G == 1) {
+  const bool aligned = aligned16(global_ptr<T>(v.x));
+  const int G = aligned ? fold_rows(v, V) : 0;
+  if (over_k && aligned && v.K() % V != 0) {
+    // over k, longer rows that are not whole 16-byte vectors (or under the debug tilings): each
+    // row's 16-byte vectors from its first 16-byte boundary, the few elements before and after
+    // them one at a time (reduce_k would take the whole row one element a load)
+    run_reduction<T, V, false, true>(op, v, over_k, pol);
+  } else if (G == 1) {
     run_reduction<T, V>(op, v, over_k, pol);
-  } else if (G > 1 && !over_k && debug::tile_mode != 1 && v.K() * G / V <= kMaxSpanCols) {
-    // over r, rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row
-    // (a 7x7 channels-first map: 4 rows of 49 floats, 49 vectors; tiny tiles split it: scalar)
+  } else if (G > 1 && !over_k &&
+             fold_across_rows(v, G, V, 2 * Policy::kPartialBytes, sizeof(T))) {
+    // over r, rows of K % V != 0 folded G at a time into whole vectors: a 7x7 channels-first
+    // map, 4 rows of 49 floats, one tile of 49 vectors; a 19x19 one of 384 channels or more,
+    // folded rows of 361 vectors over several tiles, each writing partials per folded column
     run_reduction<T, V, true>(op, v, over_k, pol, G);
-  } else if (VH > 0 && over_k && v.K() % std::max(VH, 1) == 0 &&
-             reinterpret_cast<uintptr_t>(global_ptr<T>(v.x)) % 8 == 0) {
-    // over k, rows that are whole 8-byte vectors but not 16-byte ones (16-bit rows of 8 j + 4
-    // elements, float32 of 4 j + 2), longer than the staged rows or under the debug tilings:
-    // reduce_k with 8-byte loads, where the scalar path loads 2 or 4 bytes at a time
-    if constexpr (VH > 0) run_reduction<T, VH, false, true>(op, v, over_k, pol);
   } else {
     run_reduction<T, 1>(op, v, over_k, pol);
   }
