@@ -62,7 +62,11 @@ OPS = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
 LP_LSE_OPS = ("pool_over_s_lp_lse", "pool_over_s_backward_scale_lp_lse", "grad_input_lp_lse")
 OP_SETS = {"issue4": OPS, "all": OPS + LP_LSE_OPS}
 SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
-         "tiny": [(32, 8, 8), (64, 5, 5)]}
+         "tiny": [(32, 8, 8), (64, 5, 5)],
+         # odd maps, whose channels-first rows are not whole vectors: Inception-v3's 35x35 and
+         # 17x17, a DeepLab 65x65 (513 input, stride 8), YOLOv3-608's 19x19 (the reductions
+         # along them staged or shifted, across them folded or shifted)
+         "odd": [(288, 35, 35), (768, 17, 17), (256, 65, 65), (1024, 19, 19)]}
 # The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM, min rows
 # per thread, rows of 16-byte vectors in flight per thread (0: 2 for float32, else 1; 4: reduce_r
 # only, the other kernels take 2), the reductions over the contiguous axis (reduce_k_mode: 0 reduce_k with one lane per vector up to

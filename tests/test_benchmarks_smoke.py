@@ -330,6 +330,24 @@ def test_bench_kernels_configs(tmp_path):
     assert bad.returncode == 2 and "--configs" in bad.stderr and "fp8" in bad.stderr, bad.stderr
 
 
+def test_bench_kernels_odd_sites(tmp_path):
+    """--sites odd: the odd maps whose channels-first rows are not whole vectors, every op at
+    batch 1 (the CPU kernels here), each case timed without error."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    js = tmp_path / "k.json"
+    cmd = [sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--device", "cpu",
+           "--no-progress", "--sites", "odd", "--batch", "1", "--configs", "fp32-nchw",
+           "--json", str(js)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads(js.read_text())["cases"]
+    assert len(cases) == 4 * 7  # four odd sites x the ops
+    assert {c["site"] for c in cases} == {"288x35x35", "768x17x17", "256x65x65", "1024x19x19"}
+    assert all(c["error"] is None and c["median_ms"] > 0 for c in cases)
+
+
 def test_bench_network_cpu_quick(tmp_path):
     res, png, out = _run("bench_network.py",
                          ["--models", "timm,official,gates", "--image-size", "32", "--steps",

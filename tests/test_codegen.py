@@ -195,6 +195,12 @@ def blocks_per_sm(regs, smem, threads=256):
     return min(by_regs, by_smem, 2048 // threads, 32)
 
 
+# The instances for rows that are not whole 16-byte vectors, loaded shifted (launchers/pool.cu,
+# backward_reduce.cu): reduce_k_shifted, and reduce_r's and backward_reduce's SHIFT (their last
+# template argument). They serve odd maps, never the whole-vector rows of issue 4's sites.
+SHIFTED_ROWS = r"cbam::(reduce_k_shifted_kernel<|(reduce_r|backward_reduce)_kernel<.*, true>\()"
+
+
 def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
     """Occupancy of the kernels of issue 4's configurations (float32 4-wide and 16-bit 8-wide
     vectors, without the lp / lse pools): registers and shared memory leave room for at least
@@ -202,16 +208,18 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
     vector rows in flight (U = 2 or 4: more loads in flight per thread). Memory-bound kernels
     need that many loads in flight; a change that grows a kernel past it fails here. (reduce_k's
     third and fourth arguments are its vectors and rows in flight: 1, 1 and 4, 1 keep 4 blocks;
-    4, 2, the small grids' instance (reduce_k_mode 3), 3.)"""
+    4, 2, the small grids' instance (reduce_k_mode 3), 3. The instances for rows that are not
+    whole vectors, SHIFTED_ROWS, have a test of their own below.)"""
     # (the lp / lse variants: PoolPolicy / WeightedSumPolicy<float, true>, grad_input's LPLSE)
     hot = {n: r for n, r in ptxas_report.items()
            if re.search(r"_kernel<(float, 4|(c10::)?(Half|BFloat16), 8)[,>]", n)
            and "Policy<float, true>" not in n
-           and not re.search(r"grad_input_kernel<[\w:]+, \d+, \d+, true,", n)}
+           and not re.search(r"grad_input_kernel<[\w:]+, \d+, \d+, true,", n)
+           and not re.search(SHIFTED_ROWS, n)}
     kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
     assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "apply_gates_kernel",
                      "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel",
-                     "backward_reduce_folded_kernel", "reduce_k_shifted_kernel"}, kinds
+                     "backward_reduce_folded_kernel"}, kinds
     low = {}
     for name, (regs, *_, smem) in hot.items():
         # rows in flight U = 2 or 4 (reduce_r: 16-bit x takes 72 registers at U = 4, which
@@ -312,21 +320,23 @@ def test_x_sized_outputs_are_stored_16_bytes_at_a_time(ptx_kernels):
         f"  {k}: {v}" for k, v in bad.items())
 
 
-def test_shifted_row_reductions_keep_the_blocks_of_reduce_k(ptx_kernels, ptxas_report):
-    """reduce_k_shifted's instances (rows that are not whole 16-byte vectors, loaded from each
-    row's first 16-byte boundary; launchers/pool.cu): every dtype and policy, each with a 16-byte
-    global load of x, and the blocks of 256 threads an SM of reduce_k's instance with 4 vectors
-    in flight (4; 3 for float64, its __launch_bounds__), shared memory (a tile's weights, padded)
-    included."""
+def test_shifted_row_reductions_keep_their_blocks(ptx_kernels, ptxas_report):
+    """The shifted instances: every dtype and policy, each with a 16-byte global load of x, and
+    at least the blocks of 256 threads an SM of the plain instances' scalar path: reduce_k_shifted
+    those of reduce_k with 4 vectors in flight (4; 3 for float64, its __launch_bounds__);
+    reduce_r's and backward_reduce's (one row in flight, its window and the next lane's in
+    registers: 16-bit backward_reduce holds four 8-element windows of g and x, 77 registers) 3,
+    shared memory included."""
     found = {}
     for name, body in ptx_kernels.items():
-        m = re.search(r"cbam::reduce_k_shifted_kernel<([\w:]+), (\d+),", name)
+        m = re.search(SHIFTED_ROWS, name)
         if m:
             regs, *_, smem = ptxas_report[name]
-            need = 3 if m.group(1) == "double" else 4
+            k_shifted = m.group(1) == "reduce_k_shifted_kernel<"
+            need = 3 if not k_shifted or "<double," in name else 4
             found[name[:150]] = (bool(LOAD_16B.search(body)), blocks_per_sm(regs, smem) >= need)
-    # 4 element types x 4 policies
-    assert len(found) == 16, sorted(found)
+    # 4 element types x 4 policies (reduce_k_shifted, reduce_r) + 4 (backward_reduce)
+    assert len(found) == 36, sorted(found)
     bad = {k: v for k, v in found.items() if v != (True, True)}
     assert not bad, "(16-byte load, blocks an SM):\n" + "\n".join(
         f"  {k}: {v}" for k, v in bad.items())

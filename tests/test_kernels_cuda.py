@@ -97,11 +97,11 @@ def test_op_matches_cpu_kernel_on_gpu(op, dtype, layout):
                          ids=lambda v: str(v))
 def test_folded_rows_on_gpu(shape, layout):
     """Rows whose length is not a multiple of the vector width, folded into whole vectors
-    (kernels/common.cuh Fold) where their count allows (over several column tiles where a folded
-    row is long), the reductions along such rows staged whole (reduce_k_rows' medium rows) or
-    from each row's first 16-byte boundary (reduce_k_shifted, launchers/pool.cu): every op,
-    every dtype, the normal tiling and one row tile, against the pure-PyTorch kernels, and
-    bitwise the same on a second run."""
+    (kernels/common.cuh Fold) where their count allows, else loaded shifted across them
+    (load_rows_shifted: windows and shuffles), the reductions along such rows staged whole
+    (reduce_k_rows' medium rows) or from each row's first 16-byte boundary (reduce_k_shifted,
+    launchers/pool.cu): every op, every dtype, the normal tiling and one row tile, against the
+    pure-PyTorch kernels, and bitwise the same on a second run."""
     gen = torch.Generator().manual_seed(51)
     for dtype in DTYPES:
         x = rand_x(shape, dtype, layout, gen)

@@ -11,7 +11,9 @@
 // in a fixed shared-memory tree and row 0 writes part_k[n, rt, k]. When nkt (nrt) is 1 the
 // partial buffer is the output itself; otherwise sum_partials (SumPolicy + combine_partials)
 // adds the partials in order. No atomics. Requires VEC == 1 or K % VEC == 0 (rows of other
-// lengths: backward_reduce_folded_kernel, below).
+// lengths: backward_reduce_folded_kernel, below), but for SHIFT: rows of K % VEC != 0 as they
+// are, each thread's VEC columns of a row from the 16-byte window they start in and the next
+// lane's (load_rows_shifted), its columns past K neither summed nor stored.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -32,22 +34,35 @@ CBAM_DEVICE void stage_chunk_gates(acc_t* s_gr, const acc_t* gr, int64_t first, 
 }
 
 // ... and the loads of a step: U rows of g and x, rows ib + u TY + ty of the chunk at row cb (of
-// clen rows), the thread's VEC columns (zeros outside the chunk or the row).
-template <int U, int VEC, typename T, typename acc_t>
+// clen rows), the thread's VEC columns (zeros outside the chunk or the row; SHIFT: every lane,
+// those past the row too, load_rows_shifted).
+template <int U, int VEC, bool SHIFT = false, typename T, typename acc_t>
 CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, const Geom& g,
                                 int64_t cb, int clen, int ib, bool active,
                                 acc_t (&gv)[U][VEC], acc_t (&xv)[U][VEC]) {
-  for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-    const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
-    if (active && i < clen) {
-      const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-      load_acc<VEC>(grad + off, gv[u]);
-      load_acc<VEC>(x + off, xv[u]);
+  if constexpr (SHIFT) {
+    int64_t e[U];
+    bool has[U];
+    for (int u = 0; u < U; ++u) {
+      const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
+      has[u] = i < clen;
+      e[u] = (t.n * g.R + cb + i) * g.K + t.k0;
+    }
+    load_rows_shifted<U, VEC>(grad, e, has, g.N * g.R * g.K, gv);
+    load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
+  } else {
+    for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
+      const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
+      if (active && i < clen) {
+        const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
+        load_acc<VEC>(grad + off, gv[u]);
+        load_acc<VEC>(x + off, xv[u]);
+      }
     }
   }
 }
 
-template <typename T, int VEC, int U, typename acc_t>
+template <typename T, int VEC, int U, typename acc_t, bool SHIFT = false>
 CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                         const acc_t* gr, const acc_t* gk, acc_t* part_r,
                                         acc_t* part_k, Geom g, bool need_r, bool need_k) {
@@ -74,13 +89,14 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
     stage_chunk_gates(s_gr, gr, t.n * g.R + cb, clen, tid, TX * TY);
     for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, active, gv, xv);
+      load_step_rows<U, VEC, SHIFT>(grad, x, t, g, cb, clen, ib, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row = acc_t(0);
         if (active && i < clen) {
           const acc_t wr = s_gr[i];
           for (int v = 0; v < VEC; ++v) {
+            if (SHIFT && t.k0 + v >= g.K) break;  // (past the row)
             const acc_t p = gv[u][v] * xv[u][v];
             row += p * wk[v];
             col[v] += p * wr;
@@ -107,6 +123,7 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
     }
     if (ty == 0 && active) {
       for (int v = 0; v < VEC; ++v) {
+        if (SHIFT && t.k0 + v >= g.K) break;
         st(part_k + (t.n * g.nrt + t.rt) * g.K + t.k0 + v, s_col[tid * VEC + v]);
       }
     }
@@ -114,32 +131,27 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
 }
 
 // backward_reduce for rows whose length K0 is not a multiple of VEC, folded G at a time into
-// whole vectors (Fold, common.cuh). Where a folded row has at most kMaxSpanCols vectors, the
-// launcher's span lanes make one tile span it (TX = G K0 / VEC, nkt == 1); longer ones (a 19x19
-// map's 361 vectors) take column tiles of TX lanes. The same sums:
+// whole vectors (Fold, common.cuh; the launcher's span lanes make one tile span a folded row:
+// TX = G K0 / VEC, nkt == 1). The same sums:
 // - out_k: each thread sums its folded columns over its rows as above (gr of original row
-//   r G + j, j the column's row within the folded row); after the column tree, one tile a
-//   folded row: the G folded columns k + jj K0 of original column k add in order of jj, and row
-//   0 writes part_k [N, nrt, K0]; several: row 0 writes each folded column's sum as a partial
-//   of its original column, part_k [N, nrt G, K0] at (rt, j) (combine_partials adds them in
-//   that order).
+//   r G + j, j the column's row within the folded row); after the column tree, the G folded
+//   columns k + jj K0 of original column k add in order of jj, and row 0 writes part_k.
 // - out_r: a thread's VEC columns lie in at most two original rows (K0 >= VEC), j0 and j0 + 1
 //   (FoldPos); it sums its products of each, in order, into shared memory (s_row), and after a
-//   barrier one thread per original row of the step adds those of the tile's lanes that hold
-//   the row, lane by lane in order (0 where none does), and writes part_r [N, nkt, R0]: the
-//   output itself where nkt == 1.
+//   barrier one thread per original row of the step adds those of the lanes that hold the row,
+//   lane by lane in order, and writes out_r (no partials: the tile holds every column).
 // Pass: reads g and x once each.
 template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
                                                const T* __restrict__ x, const acc_t* gr,
-                                               const acc_t* gk, acc_t* part_r, acc_t* part_k,
+                                               const acc_t* gk, acc_t* out_r, acc_t* part_k,
                                                Geom g, Fold f, bool need_r, bool need_k) {
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];
   __shared__ acc_t s_gk[kFoldedSlots<VEC>];
   __shared__ acc_t s_row[U][kBlockThreads][2];  // a step's sums of each thread's (two) rows
 
-  const TileId t = tile_id(g, VEC);
+  const TileId t = tile_id(g, VEC);  // (k_begin == 0: nkt == 1)
   const bool active = t.k0 < g.K;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int TX = blockDim.x, TY = blockDim.y;
@@ -191,25 +203,18 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
       }
       if (need_r) {
         __syncthreads();
-        // original row jq of folded row ib + uq TY + yq: folded vectors [jq K0 / VEC, ((jq + 1)
-        // K0 - 1) / VEC], of which the tile's lanes hold those from vector kt TX; a lane's first
-        // sum is that of the row of its first column
-        const int l0 = static_cast<int>(t.kt) * TX;
+        // original row jq of folded row ib + uq TY + yq: lanes [jq K0 / VEC, ((jq + 1) K0 - 1) /
+        // VEC]; a lane's first sum is that of the row of its first column
         for (int q = tid; q < U * TY * G; q += TX * TY) {
           const int jq = q % G, yq = (q / G) % TY, uq = q / (G * TY);
           const int i = ib + uq * TY + yq;
           if (i < clen) {
             acc_t sum = acc_t(0);
-            const int lo = jq * K0 / VEC, hi = ((jq + 1) * K0 - 1) / VEC;
-            const int l1 = hi < l0 + TX - 1 ? hi : l0 + TX - 1;
-            for (int l = lo > l0 ? lo : l0; l <= l1; ++l) {
-              sum += s_row[uq][yq * TX + l - l0][l * VEC / K0 == jq ? 0 : 1];
+            const int l1 = ((jq + 1) * K0 - 1) / VEC;
+            for (int l = jq * K0 / VEC; l <= l1; ++l) {
+              sum += s_row[uq][yq * TX + l][l * VEC / K0 == jq ? 0 : 1];
             }
-            // at ((n nkt + kt) R0 + r) (R0 = R G original rows), the tile's part added only
-            // where nkt > 1 (unconditionally, nvcc took 16 more registers at 16-bit U = 2)
-            st(part_r + (t.n * g.R + cb + i) * G + jq +
-                   (g.nkt > 1 ? (t.n * (g.nkt - 1) + t.kt) * g.R * G : 0),
-               sum);
+            st(out_r + (t.n * g.R + cb + i) * G + jq, sum);
           }
         }
         __syncthreads();  // s_row is written again at the next step
@@ -230,16 +235,7 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
       __syncthreads();
       n = h;
     }
-    if (g.nkt > 1) {  // row 0's sums: partials of their original columns, at (rt, j)
-      if (ty == 0 && active) {
-        FoldPos p = p0;
-        for (int v = 0; v < VEC; ++v, fold_next(p, K0)) {
-          st(part_k + ((t.n * g.nrt + t.rt) * G + p.j) * K0 + p.k, s_col[tid * VEC + v]);
-        }
-      }
-      return;
-    }
-    // one tile: row 0's sums are the folded columns in order; original column k's: k + jj K0
+    // row 0's sums are the folded columns in order; original column k's: k + jj K0, jj < G
     for (int k = tid; k < K0; k += TX * TY) {
       acc_t sum = s_col[k];
       for (int jj = 1; jj < G; ++jj) sum += s_col[k + jj * K0];

@@ -202,6 +202,57 @@ CBAM_DEVICE void load_acc(const T* p, acc_t (&out)[VEC]) {
   to_acc<VEC>(load_raw<VEC>(p), out);
 }
 
+// The VEC elements of T at x + a, a a multiple of VEC (x 16-byte aligned), as acc_t: one 16-byte
+// load, or where the window reaches `end` (x's size), one element a load and zeros past it.
+template <int VEC, typename T, typename acc_t>
+CBAM_DEVICE void load_window(const T* x, int64_t a, int64_t end, acc_t (&out)[VEC]) {
+  if (a + VEC <= end) {
+    load_acc<VEC>(x + a, out);
+  } else {
+    for (int v = 0; v < VEC; ++v) {
+      out[v] = a + v < end ? static_cast<acc_t>(ld(x + a + v)) : acc_t(0);
+    }
+  }
+}
+
+// Rows that are not whole vectors (K % VEC != 0, not folded): for each of U rows (has[u]), the
+// VEC elements of T at x + e[u] as acc_t, e[u] = the row's start + this lane's first column,
+// m = e[u] % VEC elements past a 16-byte boundary (the same for every lane of the row). The TX
+// lanes of a row (threadIdx.x: consecutive lanes of one warp, TX a power of two) each load the
+// window at e - m (load_window) and take the next one, which holds their last m elements, from
+// the next lane by a shuffle; the row's last lane loads it. Then [window | next] shifts down by
+// m in log2(VEC) fixed steps of selects (no indexing of registers: nothing goes to local
+// memory). So a row moves in 16-byte loads, about once (1 + 1 / TX). Every lane of the warp
+// calls it (the shuffles), lanes past the row's end too: their windows are the next lane's.
+template <int U, int VEC, typename T, typename acc_t>
+CBAM_DEVICE void load_rows_shifted(const T* x, const int64_t (&e)[U], const bool (&has)[U],
+                                   int64_t end, acc_t (&out)[U][VEC]) {
+  const bool last = threadIdx.x + 1 == blockDim.x;
+  CBAM_UNROLL
+  for (int u = 0; u < U; ++u) {
+    const int m = has[u] ? static_cast<int>(e[u] % VEC) : 0;
+    const int64_t a = e[u] - m;
+    if (has[u]) {
+      load_window<VEC>(x, a, end, out[u]);
+    } else {
+      for (int v = 0; v < VEC; ++v) out[u][v] = acc_t(0);
+    }
+    acc_t hi[VEC];
+    for (int v = 0; v < VEC; ++v) hi[v] = __shfl_down_sync(0xffffffffu, out[u][v], 1);
+    if (last && has[u] && m != 0) load_window<VEC>(x, a + VEC, end, hi);
+    CBAM_UNROLL
+    for (int b = 1; b < VEC; b *= 2) {  // [out | hi] shifted down by b where m has bit b
+      const bool take = (m & b) != 0;
+      CBAM_UNROLL
+      for (int v = 0; v < VEC; ++v) {
+        out[u][v] = take ? (v + b < VEC ? out[u][v + b] : hi[v + b - VEC]) : out[u][v];
+      }
+      CBAM_UNROLL
+      for (int v = 0; v < VEC; ++v) hi[v] = take ? (v + b < VEC ? hi[v + b] : acc_t(0)) : hi[v];
+    }
+  }
+}
+
 // Stores VEC values as T at p (16-byte aligned when VEC > 1).
 template <int VEC, typename T, typename acc_t>
 CBAM_DEVICE void store_from_acc(T* p, const acc_t (&in)[VEC]) {

@@ -11,17 +11,19 @@
 // own thread, TX = K / VEC up to kMaxSpanCols, TY = 256 / TX, so that a block's rows are read as
 // one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value
 // (nrt == 1) or the partial [n, rt, k], which combine_partials folds in order. Requires
-// VEC == 1 or K % VEC == 0.
+// VEC == 1 or K % VEC == 0, but for SHIFT.
 // U: a thread loads U of its rows (i, i + TY, ... of a chunk) before it folds them, in order, so
 // any U gives the same bits; the launcher takes more where the whole grid is resident at once
 // (few blocks, long walks: more loads in flight per thread, not more threads).
-// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0). A
-// thread's column v folds the original rows r G + j of original column k (FoldPos; in
-// increasing order). Where one tile spans the folded row (nkt == 1: at most kMaxSpanCols
-// vectors, the launcher's span lanes), after the column tree the G folded columns k + j K0 of
-// each original column k combine in order of j (a fixed order) before the store; else (longer
-// rows: a 19x19 map's 361 vectors) each folded column's state is a partial of its original
-// column at (rt, j), and combine_partials folds the nrt G of them in that order.
+// FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0),
+// one tile spanning the folded row (nkt == 1, the launcher's span lanes). A thread's column v
+// folds the original rows r G + j of original column k (FoldPos; in increasing order);
+// after the column tree, the G folded columns k + j K0 of each original column k combine in
+// order of j (a fixed order) before the store.
+// SHIFT: rows of K % VEC != 0 as they are (those that do not fold: G does not divide R, or the
+// folded row is longer than one tile spans), each thread's VEC columns of a row from the
+// 16-byte window they start in and the next lane's (load_rows_shifted); columns past K are
+// loaded but neither folded nor stored.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -42,8 +44,9 @@ constexpr int reduce_r_min_blocks() {
   return U == 1 ? 1 : big ? 2 : U == 4 ? 3 : 4;
 }
 
-template <typename T, int VEC, int U, bool FOLD, typename Policy>
+template <typename T, int VEC, int U, bool FOLD, typename Policy, bool SHIFT = false>
 CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {
+  static_assert(!(SHIFT && FOLD), "rows shifted or folded");
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
   __shared__ typename Policy::Weight s_w[kChunkRows];
@@ -82,7 +85,43 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
     __syncthreads();  // the previous chunk's weights are no longer read
     for (int i = tid; i < clen * G; i += TX * TY) s_w[i] = pol.weight(t.n, cb * G + i);
     __syncthreads();
-    if (active) {
+    // folds rows i_first + u TY of the chunk (u < U, those below clen), in increasing order
+    const auto fold = [&](int i_first, const acc_t (&xv)[U][VEC]) {
+      CBAM_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const int i = i_first + u * TY;
+        if (i >= clen) continue;  // (not break: the loop unrolls, xv stays in registers)
+        const int64_t r = cb + i;
+        if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
+          FoldPos p = p0;
+          for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
+            pol.add(s[v], xv[u][v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
+          }
+        } else {
+          const typename Policy::Weight w = s_w[i];
+          for (int v = 0; v < VEC; ++v) {
+            if (SHIFT && t.k0 + v >= g.K) break;  // (past the row)
+            pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
+          }
+        }
+      }
+    };
+    if constexpr (SHIFT) {
+      // every lane the same trip count, lanes past the row too (load_rows_shifted's shuffles)
+      for (int ib = 0; ib < clen; ib += U * TY) {
+        int64_t e[U];
+        bool has[U];
+        acc_t xv[U][VEC];
+        CBAM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          const int i = ib + u * TY + ty;
+          has[u] = i < clen;
+          e[u] = (t.n * g.R + cb + i) * g.K + t.k0;
+        }
+        load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
+        if (active) fold(ib + ty, xv);
+      }
+    } else if (active) {
       for (int i0 = ty; i0 < clen; i0 += U * TY) {
         acc_t xv[U][VEC] = {};
         CBAM_UNROLL
@@ -90,23 +129,7 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
           const int i = i0 + u * TY;
           if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, xv[u]);
         }
-        CBAM_UNROLL
-        for (int u = 0; u < U; ++u) {  // rows in increasing order
-          const int i = i0 + u * TY;
-          if (i >= clen) continue;  // (not break: the loop unrolls, xv stays in registers)
-          const int64_t r = cb + i;
-          if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
-            FoldPos p = p0;
-            for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
-              pol.add(s[v], xv[u][v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
-            }
-          } else {
-            const typename Policy::Weight w = s_w[i];
-            for (int v = 0; v < VEC; ++v) {
-              pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
-            }
-          }
-        }
+        fold(i0, xv);
       }
     }
   }
@@ -126,20 +149,8 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
     n = h;
   }
   if constexpr (FOLD) {
-    if (g.nkt > 1) {
-      // a tile of part of the folded row: each folded column's state is a partial of its
-      // original column, [N, nrt G, K0] at (rt, j) (combine_partials folds them in that order)
-      if (ty == 0 && active) {
-        FoldPos p = p0;
-        for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
-          pol.store_partial(((t.n * g.nrt + t.rt) * G + p.j) * f.K0 + p.k,
-                            s_state[tid * VEC + v]);
-        }
-      }
-      return;
-    }
-    // one tile spans the folded row: thread row 0's states are the folded columns 0 .. G K0 - 1
-    // in order (k_begin == 0); those of original column k: k + jj K0, jj < G
+    // thread row 0's states are the folded columns 0 .. G K0 - 1 in order (k_begin == 0); those
+    // of original column k: k + jj K0, jj < G
     for (int k = tid; k < f.K0; k += TX * TY) {
       State sk = s_state[k];
       for (int jj = 1; jj < G; ++jj) pol.combine(sk, s_state[k + jj * f.K0]);
@@ -152,6 +163,7 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
   } else if (ty == 0 && active) {
     for (int v = 0; v < VEC; ++v) {
       const int64_t k = t.k0 + v;
+      if (SHIFT && k >= g.K) break;
       if (g.nrt == 1) {
         pol.store_final(t.n * g.K + k, s_state[tid * VEC + v]);
       } else {

@@ -1,8 +1,9 @@
 // Launcher of backward_reduce (Q1, kernels/backward_reduce.cuh): rc [N, C] and rs [N, S] in one
 // pass over grad and x, then the in-order sums of the partials (kernels/combine_partials.cuh)
 // when a reduction spans several tiles. Rows of K % VEC != 0 fold into whole vectors
-// (backward_reduce_folded_kernel) where G rows divide R (and fold_across_rows); else one element
-// a load.
+// (backward_reduce_folded_kernel) where one tile spans a folded row; else they are loaded
+// shifted (backward_reduce_kernel's SHIFT) where g and x are 16-byte aligned; else one element a
+// load.
 #include "kernels/backward_reduce.cuh"
 #include "kernels/combine_partials.cuh"
 #include "launchers/common.h"
@@ -10,10 +11,9 @@
 namespace cbam {
 namespace {
 
-// FOLD: rows folded G at a time (Fold): one tile spans a folded row of at most kMaxSpanCols
-// vectors (span lanes); longer ones split over column tiles, whose column sums are partials per
-// folded column (P = nrt G).
-template <typename T, int VEC, bool FOLD = false>
+// FOLD: rows folded G at a time (Fold), one tile spanning a folded row (span lanes). SHIFT: rows
+// of K % VEC != 0 as they are, loaded shifted.
+template <typename T, int VEC, bool FOLD = false, bool SHIFT = false>
 void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& gr,
                          const at::Tensor& gk, at::Tensor& out_r, at::Tensor& out_k, bool need_r,
                          bool need_k, int G = 1) {
@@ -22,13 +22,13 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
   // Side traffic per column: gk staged, and the column partials written and read again.
   const LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op,
                                     FOLD ? SpanLanes::kAlways : SpanLanes::kNever);
+  TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor part_r =
       !need_r ? at::Tensor() : (lg.g.nkt > 1 ? at::empty({v.N, lg.g.nkt, v.R()}, opts) : out_r);
-  const int64_t pk = FOLD && lg.g.nkt > 1 ? lg.g.nrt * G : lg.g.nrt;  // column partials
   const at::Tensor part_k =
-      !need_k ? at::Tensor() : (pk > 1 ? at::empty({v.N, pk, v.K()}, opts) : out_k);
-  with_rows_in_flight<VEC>([&](auto u) {
+      !need_k ? at::Tensor() : (lg.g.nrt > 1 ? at::empty({v.N, lg.g.nrt, v.K()}, opts) : out_k);
+  const auto run = [&](auto u) {
     if constexpr (FOLD) {
       launch(op, &backward_reduce_folded_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
@@ -36,21 +36,26 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
              need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g,
              fold_of(v, G), need_r, need_k);
     } else {
-      launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
+      launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t, SHIFT>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
              opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
              need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
     }
-  });
+  };
+  if constexpr (SHIFT) {
+    run(std::integral_constant<int, 1>{});  // one row in flight (its window and the next's)
+  } else {
+    with_rows_in_flight<VEC>(run);
+  }
   if (need_r && lg.g.nkt > 1) {
     SumPolicy<acc_t> pol{global_ptr<acc_t>(part_r), global_ptr<acc_t>(out_r)};
     launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.R()), dim3(256), 0,
            pol, v.N, lg.g.nkt, v.R());
   }
-  if (need_k && pk > 1) {
+  if (need_k && lg.g.nrt > 1) {
     SumPolicy<acc_t> pol{global_ptr<acc_t>(part_k), global_ptr<acc_t>(out_k)};
     launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.K()), dim3(256), 0,
-           pol, v.N, pk, v.K());
+           pol, v.N, lg.g.nrt, v.K());
   }
 }
 
@@ -94,11 +99,15 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_in,
       run_backward_reduce<scalar_t, V, true>(v, g, gr, gk, out_r, out_k, need_r, need_k, 1);
     } else if (G == 1) {
       run_backward_reduce<scalar_t, V>(v, g, gr, gk, out_r, out_k, need_r, need_k);
-    } else if (G > 1 && fold_across_rows(v, G, V, 2 * sizeof(at::opmath_type<scalar_t>),
-                                         sizeof(scalar_t))) {
-      // rows of K % V != 0 folded G at a time into whole vectors (one tile a folded row of up
-      // to kMaxSpanCols vectors; longer ones, and tiny tiles, split it)
+    } else if (G > 1 && debug::tile_mode != 1 && v.K() * G / V <= kMaxSpanCols) {
+      // rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row
       run_backward_reduce<scalar_t, V, true>(v, g, gr, gk, out_r, out_k, need_r, need_k, G);
+    } else if (aligned16(v.x.data_ptr()) && aligned16(g.data_ptr()) && v.K() % V != 0 &&
+               v.K() >= V) {
+      // rows that are not whole vectors and do not fold (G does not divide the rows, the folded
+      // row is longer than one tile spans, or the tiny tiles): each thread's columns of a row
+      // from the 16-byte window they start in and the next lane's
+      run_backward_reduce<scalar_t, V, false, true>(v, g, gr, gk, out_r, out_k, need_r, need_k);
     } else {
       run_backward_reduce<scalar_t, 1>(v, g, gr, gk, out_r, out_k, need_r, need_k);
     }

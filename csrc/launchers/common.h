@@ -266,21 +266,6 @@ inline int fold_rows(const XView& v, int vec) {
   return static_cast<int>(G);
 }
 
-// Whether a reduction across rows (reduce_r, backward_reduce's column sums) takes rows folded G > 1
-// at a time (fold_rows): where one tile spans a folded row (at most kMaxSpanCols vectors) and
-// combines the G folded columns of each original column itself; or where a longer folded row's
-// column tiles, which write a partial per folded column (G an original column and row tile),
-// move at most 1 / side_share of x's bytes in them (partial_bytes a column, written and read
-// again) with all R / G folded rows in one row tile: a float32 pool over C at C >= 384, G = 4
-// (12-byte states), a 16-bit one at C >= 1536, G = 8; or under the tiny tiles (debug), which
-// run that path on small shapes. Else the scalar path, which writes no more partials than rows
-// of whole vectors do.
-inline bool fold_across_rows(const XView& v, int G, int vec, int64_t partial_bytes,
-                             int64_t elem_bytes) {
-  if (debug::tile_mode == 1 || v.K() * G / vec <= kMaxSpanCols) return true;
-  return v.R() / G * elem_bytes >= debug::side_share * partial_bytes;
-}
-
 // The tiles of x [N, R, K] with rows folded G at a time (G == 1: the rows as they are; make_geom
 // with the folded extents and, for G > 1, the period of the small values along k), and the Fold
 // the kernels take.

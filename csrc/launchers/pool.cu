@@ -70,10 +70,11 @@ void with_reduce_r_rows(int64_t blocks, F&& f) {
 }
 
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
-// FOLD (over r only): rows folded G at a time (Fold); one tile spans a folded row of at most
-// kMaxSpanCols vectors, else a folded row's tiles write partials per folded column (P = nrt G).
-// SHIFTED (over k only): rows that are not whole vectors, each row's 16-byte vectors from its
-// first 16-byte boundary (reduce_k_shifted).
+// FOLD (over r only): rows folded G at a time (Fold), one tile spanning a folded row.
+// SHIFTED: rows that are not whole vectors; over k, each row's 16-byte vectors from its first
+// 16-byte boundary (reduce_k_shifted); over r, each thread's VEC columns of a row from the
+// window they start in and the next lane's (reduce_r's SHIFT, one row in flight; lanes by
+// powers of two, so that a row's lanes are consecutive lanes of one warp).
 template <typename T, int VEC, bool FOLD = false, bool SHIFTED = false, typename Policy>
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int G = 1) {
   // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
@@ -82,9 +83,10 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
   const LaunchGeom lg = folded_geom(
       v, G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T), op,
-      over_k ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
+      over_k || SHIFTED ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
+  TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   const Fold f = fold_of(v, G);
-  const int64_t P = over_k ? lg.g.nkt : FOLD && lg.g.nkt > 1 ? lg.g.nrt * G : lg.g.nrt;
+  const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
   if (P > 1) set_partials(pol, v.x, v.N, P, L, keep);
@@ -95,8 +97,13 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
                       lg.g.N * lg.g.nrt * lg.g.nkt <=
                           static_cast<int64_t>(num_sms()) * reduce_k_rows_blocks<Policy>();
   if constexpr (SHIFTED) {
-    launch(op, &reduce_k_shifted_kernel<T, VEC, Policy>, lg.grid(), lg.block(), 0,
-           global_ptr<T>(v.x), pol, lg.g);
+    if (over_k) {
+      launch(op, &reduce_k_shifted_kernel<T, VEC, Policy>, lg.grid(), lg.block(), 0,
+             global_ptr<T>(v.x), pol, lg.g);
+    } else {
+      launch(op, &reduce_r_kernel<T, VEC, 1, false, Policy, true>, lg.grid(), lg.block(), 0,
+             global_ptr<T>(v.x), pol, lg.g, f);
+    }
   } else if (over_k && debug::k_vectors_in_flight == 1) {
     launch(op, &reduce_k_kernel<T, VEC, 1, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
@@ -176,12 +183,15 @@ void reduction(const char* op, const XView& v, bool over_k, const Policy& pol) {
     run_reduction<T, V, false, true>(op, v, over_k, pol);
   } else if (G == 1) {
     run_reduction<T, V>(op, v, over_k, pol);
-  } else if (G > 1 && !over_k &&
-             fold_across_rows(v, G, V, 2 * Policy::kPartialBytes, sizeof(T))) {
-    // over r, rows of K % V != 0 folded G at a time into whole vectors: a 7x7 channels-first
-    // map, 4 rows of 49 floats, one tile of 49 vectors; a 19x19 one of 384 channels or more,
-    // folded rows of 361 vectors over several tiles, each writing partials per folded column
+  } else if (G > 1 && !over_k && debug::tile_mode != 1 && v.K() * G / V <= kMaxSpanCols) {
+    // over r, rows of K % V != 0 folded G at a time into whole vectors, one tile a folded row
+    // (a 7x7 channels-first map: 4 rows of 49 floats, 49 vectors)
     run_reduction<T, V, true>(op, v, over_k, pol, G);
+  } else if (!over_k && aligned && v.K() % V != 0 && v.K() >= V) {
+    // over r, rows that are not whole vectors and do not fold (G does not divide the rows, the
+    // folded row is longer than one tile spans, a 19x19 map's 361 vectors, or the tiny tiles):
+    // each thread's columns of a row from the 16-byte window they start in and the next lane's
+    run_reduction<T, V, false, true>(op, v, over_k, pol);
   } else {
     run_reduction<T, 1>(op, v, over_k, pol);
   }
