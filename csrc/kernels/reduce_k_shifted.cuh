@@ -1,6 +1,7 @@
 // Reduction over the contiguous axis k of x [N, R, K] for rows that are not whole 16-byte vectors
 // (K % VEC != 0) and too long to stage whole (reduce_k_rows): a channels-first 23x23, 35x35 or
-// 65x65 map, any odd map of more than 512 elements, a 16-bit one of 4 j + 2.
+// 65x65 map, any map of more than 512 elements that is not a multiple of a vector (16-bit 8 j + 4
+// too).
 //
 //   out[n, r] = fold over k of Policy::add(x[n, r, k], w[n, k])       (pool_policies.cuh)
 //
@@ -8,19 +9,19 @@
 // elements before its first 16-byte boundary (x's base is 16-byte aligned): its head, k < h;
 // then its body of nb = (K - h) / VEC whole vectors, k = h + b VEC + v; then its tail, the
 // K - h - nb VEC < VEC elements after them. Tiles as in reduce_k.cuh (make_geom, kv_max
-// kReduceKVectors), over the body: column tile kt holds body vectors kt TX KV .. (kt + 1) TX KV
-// - 1 of each of its rows (fewer at the end of the body); tile 0 also the head, the last tile
-// also the tail. Each lane folds, in increasing k, its head elements (k = lane, lane + TX, ...),
-// its body vectors b = kt TX KV + j TX + lane (the loads of all KV of them issued first: KV
-// 16-byte loads in flight), its tail elements; then the TX lanes of the row combine by xor
-// shuffles (fixed tree; the max's ties go to the lower index) and lane 0 writes the row's final
-// value (nkt == 1) or its partial [n, kt, r] for combine_partials. The weights of the columns a
-// tile may touch, [k_begin - VEC + 1, k_end + VEC - 1) (h differs from row to row, and the last
-// tile's tail may start before k_begin), are staged once per tile in column order with one
-// empty slot after every VEC (padded_slot): the lanes, VEC columns apart, read distinct banks
-// whatever the row's h. Where reduce_k would load such a row one
-// element (2 or 4 bytes) at a time, every element but at most 2 (VEC - 1) a row moves in 16-byte
-// loads.
+// kReduceKVectors: kv = cols_per_tile / (TX VEC) vectors a lane), over the body: column tile kt
+// holds body vectors kt TX kv .. (kt + 1) TX kv - 1 of each of its rows (fewer at the end of the
+// body); tile 0 also the head, the last tile also the tail. Each lane folds, in increasing k,
+// its head elements (k = lane, lane + TX, ...), its body vectors b = kt TX kv + j TX + lane (the
+// loads of all of them issued first: up to kReduceKVectors 16-byte loads in flight), its tail
+// elements; then the TX lanes of the row combine by xor shuffles (fixed tree; the max's ties go
+// to the lower index) and lane 0 writes the row's final value (nkt == 1) or its partial
+// [n, kt, r] for combine_partials. The weights of the columns a tile may touch,
+// [k_begin - VEC + 1, k_end + VEC - 1) (h differs from row to row, and the last tile's tail may
+// start before k_begin), are staged once per tile in column order with one empty slot after
+// every VEC (padded_slot): the lanes, VEC columns apart, read distinct banks whatever the row's
+// h. Where reduce_k would load such a row one element (2 or 4 bytes) at a time, every element
+// but at most 2 (VEC - 1) a row moves in 16-byte loads.
 #pragma once
 
 #include "kernels/reduce_k.cuh"
@@ -51,8 +52,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
   }
   __syncthreads();
   const bool first = t.kt == 0, last = t.kt == g.nkt - 1;
-  const int kvt = static_cast<int>(g.cols_per_tile) / (TX * VEC);  // vectors a lane, at most
-  const int b0 = static_cast<int>(t.kt) * kvt * TX;                 // the tile's first body vector
+  const int kv = static_cast<int>(g.cols_per_tile) / (TX * VEC);  // vectors a lane, at most
+  const int b0 = static_cast<int>(t.kt) * kv * TX;                 // the tile's first body vector
   for (int64_t rb = t.r_begin; rb < t.r_end; rb += TY) {  // the same trip count in every thread
     const int64_t r = rb + threadIdx.y;
     State s = pol.init();
@@ -74,9 +75,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
       if (first) {
         for (int k = lane; k < h; k += TX) add(static_cast<acc_t>(ld(row + k)), k);
       }
-      // body vectors b0 + j TX + lane, j < kvt, below nb: loads first, then the fold in order
+      // body vectors b0 + j TX + lane, j < kv, below nb: loads first, then the fold in order
       const int left = b0 + lane < nb ? (nb - 1 - b0 - lane) / TX + 1 : 0;
-      const int nv = left < kvt ? left : kvt;  // <= KV
+      const int nv = left < kv ? left : kv;  // <= KV
       Vec<T, VEC> raw[KV] = {};  // (entries j >= nv are never folded)
       const T* p = row + h + static_cast<int64_t>(b0 + lane) * VEC;
       CBAM_UNROLL
