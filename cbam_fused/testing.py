@@ -93,9 +93,9 @@ def simulator_stats() -> List[Dict]:
         bytes_written  global-memory bytes written through cbam::st / st_vec
         bytes_vec      of those read and written, the bytes of 16-byte accesses (ld_vec /
                        st_vec of a 16-byte vector): the vector path's share
-        bytes_vec8     and the bytes of 8-byte vector accesses (ld_vec / st_vec of 8 bytes: the
-                       reductions along rows that are not whole 16-byte vectors but are whole
-                       8-byte ones; a scalar 8-byte load is not counted)
+        bytes_vec8     and the bytes of 8-byte vector accesses (ld_vec / st_vec of 8 bytes; a
+                       scalar 8-byte load is not counted): no kernel issues them now, rows that
+                       are not whole 16-byte vectors take 16-byte loads shifted against them
     Only launches that completed are listed (a launch that raised is not).
     """
     sim = _sim_module()

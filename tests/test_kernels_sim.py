@@ -944,7 +944,7 @@ MEDIUM_ROW_SHAPES = [  # (shape, layout): reduce_k rows of K elements, longer th
     ((2, 509, 1, 3), "cl"),    # K = C = 509, prime: the longest rows staged (float32: 16 rows a
                                # block, float64: 8 of 16 lanes; not the float64 lp / lse scale
                                # gradient, at most 256), unaligned spans: scalar copy
-    ((2, 3, 23, 23), "cf"),    # K = 529 > kMedRowMaxK (512): reduce_k (scalar or 8-byte vectors)
+    ((2, 3, 23, 23), "cf"),    # K = 529 > kMedRowMaxK (512): reduce_k_shifted
 ]
 
 

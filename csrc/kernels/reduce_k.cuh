@@ -13,9 +13,8 @@
 // same result bit for bit). Then the TX lanes of the row combine
 // by xor shuffles (fixed tree), and lane 0 writes the result of the row: the final value when
 // the row fits one column tile (nkt == 1), else the partial [n, kt, r]; combine_partials (second
-// stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0:
-// VEC elements make a 16-byte vector, or an 8-byte one on rows that are whole 8-byte vectors but
-// not 16-byte ones (launchers/pool.cu).
+// stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0
+// (other rows: reduce_k_rows.cuh, reduce_k_shifted.cuh).
 //
 // UR > 1 (with KV == kReduceKVectors): a thread takes UR of its rows at a time (rows r, r + TY,
 // ... r + (UR - 1) TY) and issues the loads of all its vectors of them first, then folds and
@@ -39,6 +38,33 @@ constexpr int kReduceKRows = 2;  // rows in flight per thread of the small-grid 
 template <typename Policy>
 constexpr int reduce_k_rows_blocks() {
   return Policy::kPartialBytes > 12 ? 2 : 3;
+}
+
+// A row's policy value (kHasKept) into its state s: one load by the row's lane 0, then a shuffle
+// to the row's TX lanes. Every lane of the warp calls it (rows past t.r_end too).
+template <typename Policy>
+CBAM_DEVICE void set_row_kept(const Policy& pol, typename Policy::State& s, const TileId& t,
+                              int64_t r) {
+  if constexpr (Policy::kHasKept) {
+    using acc_t = typename Policy::acc_t;
+    const int lane = static_cast<int>((threadIdx.y * blockDim.x + threadIdx.x) % 32);
+    const acc_t kv = threadIdx.x == 0 && r < t.r_end ? pol.kept(t.n, r) : acc_t(1);
+    pol.set_kept(s, __shfl_sync(0xffffffffu, kv, lane - static_cast<int>(threadIdx.x)));
+  }
+}
+
+// A row's result, combined over its lanes, from lane 0: the final value where the row fits one
+// column tile, else the partial [n, kt, r].
+template <typename Policy>
+CBAM_DEVICE void store_row(const Policy& pol, const typename Policy::State& s, const TileId& t,
+                           const Geom& g, int64_t r) {
+  if (threadIdx.x == 0 && r < t.r_end) {
+    if (g.nkt == 1) {
+      pol.store_final(t.n * g.R + r, s);
+    } else {
+      pol.store_partial((t.n * g.nkt + t.kt) * g.R + r, s);
+    }
+  }
 }
 
 // (KV > 1: at most 64 registers, 4 blocks an SM; 80 and 3 for float64, where 64 spilled. UR > 1:
@@ -70,11 +96,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
       for (int u = 0; u < UR; ++u) {  // loads first: UR rows of up to KV vectors in flight
         const int64_t r = rb + threadIdx.y + static_cast<int64_t>(u) * TY;
         s[u] = pol.init();
-        if constexpr (Policy::kHasKept) {  // as below: lane 0 of the row, then a shuffle
-          const int lane = static_cast<int>((threadIdx.y * TX + threadIdx.x) % 32);
-          const acc_t kv = threadIdx.x == 0 && r < t.r_end ? pol.kept(t.n, r) : acc_t(1);
-          pol.set_kept(s[u], __shfl_sync(0xffffffffu, kv, lane - static_cast<int>(threadIdx.x)));
-        }
+        set_row_kept(pol, s[u], t, r);
         if (r < t.r_end) {
           const T* p = x + (t.n * g.R + r) * g.K + t.k0;
           CBAM_UNROLL
@@ -104,9 +126,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
         for (int u = 0; u < UR; ++u) pol.combine(s[u], pol.shfl_xor(s[u], lane_mask));
       }
       CBAM_UNROLL
-      for (int u = 0; u < UR; ++u) {
-        const int64_t r = rb + threadIdx.y + static_cast<int64_t>(u) * TY;
-        if (threadIdx.x == 0 && r < t.r_end) {
+      for (int u = 0; u < UR; ++u) {  // (store_row's body: through it, nvcc spilled 20 bytes
+        const int64_t r = rb + threadIdx.y + static_cast<int64_t>(u) * TY;  // in the 16-bit lp /
+        if (threadIdx.x == 0 && r < t.r_end) {                              // lse instance)
           if (g.nkt == 1) {
             pol.store_final(t.n * g.R + r, s[u]);
           } else {
@@ -119,11 +141,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
     for (int64_t rb = t.r_begin; rb < t.r_end; rb += TY) {  // the same trip count in every thread
       const int64_t r = rb + threadIdx.y;
       State s = pol.init();
-      if constexpr (Policy::kHasKept) {  // one load per row: lane 0 of the row, then a shuffle
-        const int lane = static_cast<int>((threadIdx.y * TX + threadIdx.x) % 32);
-        const acc_t kv = threadIdx.x == 0 && r < t.r_end ? pol.kept(t.n, r) : acc_t(1);
-        pol.set_kept(s, __shfl_sync(0xffffffffu, kv, lane - static_cast<int>(threadIdx.x)));
-      }
+      set_row_kept(pol, s, t, r);
       if (r < t.r_end && KV == 1) {
         // a pointer stepped along the row (not the row's offset recomputed per vector)
         const T* p = x + (t.n * g.R + r) * g.K + t.k0;
@@ -162,13 +180,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
       for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
         pol.combine(s, pol.shfl_xor(s, lane_mask));
       }
-      if (threadIdx.x == 0 && r < t.r_end) {
-        if (g.nkt == 1) {
-          pol.store_final(t.n * g.R + r, s);
-        } else {
-          pol.store_partial((t.n * g.nkt + t.kt) * g.R + r, s);
-        }
-      }
+      store_row(pol, s, t, g, r);
     }
   }
 }

@@ -57,11 +57,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
   for (int64_t rb = t.r_begin; rb < t.r_end; rb += TY) {  // the same trip count in every thread
     const int64_t r = rb + threadIdx.y;
     State s = pol.init();
-    if constexpr (Policy::kHasKept) {  // one load per row: lane 0 of the row, then a shuffle
-      const int wl = static_cast<int>((threadIdx.y * TX + lane) % 32);
-      const acc_t kv = lane == 0 && r < t.r_end ? pol.kept(t.n, r) : acc_t(1);
-      pol.set_kept(s, __shfl_sync(0xffffffffu, kv, wl - lane));
-    }
+    set_row_kept(pol, s, t, r);
     if (r < t.r_end) {
       const int64_t e = (t.n * g.R + r) * g.K;  // the row's first element
       const T* row = x + e;
@@ -100,13 +96,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
     for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
       pol.combine(s, pol.shfl_xor(s, lane_mask));
     }
-    if (lane == 0 && r < t.r_end) {
-      if (g.nkt == 1) {
-        pol.store_final(t.n * g.R + r, s);
-      } else {
-        pol.store_partial((t.n * g.nkt + t.kt) * g.R + r, s);
-      }
-    }
+    store_row(pol, s, t, g, r);
   }
 }
 
