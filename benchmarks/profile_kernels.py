@@ -13,9 +13,9 @@ registers, cycles per issued instruction).
 Each case (op x site x configuration, batch 64 as in issue 4; the reductions also under the
 launcher settings before 2026-11-26's changes, BEFORE, so that the counters show what the new
 defaults changed) runs once after a warm-up, between
-cudaProfilerStart and cudaProfilerStop, in the manifest's order. A case launches one main kernel
-and, for a reduction split over tiles, its second stage (combine_partials_kernel): the summary
-gives each kernel its case by that order. scripts/gpu_check.py runs this as its `profile` step.
+cudaProfilerStart and cudaProfilerStop, in the manifest's order. A case launches one kernel (a
+reduction split over tiles finishes in the same launch: kernels/combine_partials.cuh), so the
+summary gives the kernels their cases in that order. scripts/gpu_check.py runs this as its `profile` step.
 """
 import argparse
 import csv
@@ -116,15 +116,9 @@ def short_name(name):
 
 
 def attribute(kernels):
-    """[(case id, kernel record)] in launch order: a kernel that is not a second stage
-    (combine_partials) starts the next case."""
+    """[(case id, kernel record)] in launch order, one kernel a case ("?" past the manifest)."""
     ids = [case_id(*c) for c in cases()]
-    out, i = [], -1
-    for k in kernels.values():
-        if "combine_partials" not in k["name"] or i < 0:
-            i += 1
-        out.append((ids[i] if i < len(ids) else "?", k))
-    return out
+    return [(ids[i] if i < len(ids) else "?", k) for i, k in enumerate(kernels.values())]
 
 
 def summary_rows(path):

@@ -149,7 +149,7 @@ def ptx_kernels(nvcc_sm90):
 
 def test_every_kernel_was_reported(ptxas_report):
     for kernel in ("grad_input_kernel<", "apply_gates_kernel<", "reduce_k_kernel<",
-                   "reduce_r_kernel<", "combine_partials_kernel<", "backward_reduce_kernel<",
+                   "reduce_r_kernel<", "backward_reduce_kernel<",
                    "spatial_head_kernel<", "spatial_head_backward_kernel<",
                    "spatial_head_backward_combine_kernel<", "channel_head_hidden_kernel<",
                    "channel_head_finish_kernel<", "channel_head_gate_kernel<",
@@ -340,6 +340,34 @@ def test_shifted_row_reductions_keep_their_blocks(ptx_kernels, ptxas_report):
     bad = {k: v for k, v in found.items() if v != (True, True)}
     assert not bad, "(16-byte load, blocks an SM):\n" + "\n".join(
         f"  {k}: {v}" for k, v in bad.items())
+
+
+# The reductions that may split over tiles, and finish in the same launch (combine_partials.cuh).
+SPLIT_REDUCTIONS = re.compile(
+    r"cbam::(reduce_k_kernel|reduce_k_shifted_kernel|reduce_r_kernel|backward_reduce_kernel|"
+    r"backward_reduce_folded_kernel)<")
+FENCE = re.compile(r"\b(?:membar\.gl|fence\.(?:sc|acq_rel)\.gpu)\b")
+TICKET = re.compile(r"\batom\.global\.add\.[us]32\b")
+LOAD_L2 = re.compile(r"\bld\.global\.cg\.")
+FLOAT_ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.]*?\.(?:f16|bf16|f16x2|bf16x2|f32|f64)\b")
+
+
+def test_split_reductions_finish_in_their_launch(ptx_kernels):
+    """Every instance of the reductions that may split over tiles has the last-block combine:
+    a device-wide fence, an integer atomicAdd (the group's ticket) and the partials loaded from
+    L2 (ld.global.cg). No kernel of the project has a floating-point atomic: the reductions'
+    results do not depend on the order the blocks finish in (issue 4; DESIGN.md section 3)."""
+    split = {n: b for n, b in ptx_kernels.items() if SPLIT_REDUCTIONS.search(n)}
+    assert len(split) > 100, len(split)
+    bad = {n[:150]: (bool(FENCE.search(b)), bool(TICKET.search(b)), bool(LOAD_L2.search(b)))
+           for n, b in split.items()}
+    bad = {n: v for n, v in bad.items() if v != (True, True, True)}
+    assert not bad, "(fence, ticket, L2 load) missing:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in bad.items())
+    floats = [n[:150] for n, b in ptx_kernels.items() if FLOAT_ATOMIC.search(b)]
+    assert not floats, floats
+    assert FLOAT_ATOMIC.search("atom.global.add.f32 %f1, [%rd1], %f2;")  # the pattern bites
+    assert not FLOAT_ATOMIC.search("atom.global.add.u32 %r1, [%rd1], 1;")
 
 
 def test_the_scalar_path_is_not_mistaken_for_the_vector_path(ptx_kernels):

@@ -250,6 +250,54 @@ def test_cuda_graph_capture_and_replay():
     assert not torch.equal(captured[4], eager[4])  # the replay saw the new x
 
 
+def test_split_reductions_on_streams_and_graphs():
+    """The reductions split over tiles finish in their launch (the last block of each group,
+    kernels/combine_partials.cuh), counting on per-stream counters that those blocks set back
+    to zero, and on a buffer of its own per launch in a CUDA graph. Side streams running the
+    ops at once, then two graphs captured on the same stream replayed at once on two streams,
+    each give the eager results bit for bit; every kept counter is zero after."""
+    torch.ops.cbam_fused_debug.set_debug(False, TILE_NORMAL)  # no fill_ inside the capture
+    gen = torch.Generator().manual_seed(29)
+    ops = torch.ops.cbam_fused
+    xs = [rand_x((4, 512, 7, 7), torch.float32, "cf", gen).cuda() for _ in range(2)]
+    gcs = [torch.rand(4, 512, generator=gen).cuda() for _ in range(2)]
+
+    def step(i):  # a folded pool over C split over row tiles, a pool over S, backward_reduce
+        u, v, iu = ops.pool_over_c(xs[i], gcs[i])
+        a, m, ia = ops.pool_over_s(xs[i], None)
+        rc, rs = ops.backward_reduce(xs[1 - i], xs[i], gcs[i], None, True, True)
+        return u, v, iu, a, m, ia, rc, rs
+
+    eager = [step(0), step(1)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = [[], []]
+    for _ in range(20):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i].append(step(i))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for got in outs[i]:
+            assert all(torch.equal(a, b) for a, b in zip(got, eager[i])), i
+    graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+    captured = []
+    for i, graph in enumerate(graphs):
+        with torch.cuda.graph(graph):  # both on torch.cuda.graph's default capture stream
+            captured.append(step(i))
+    for _ in range(20):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                graphs[i].replay()
+        torch.cuda.synchronize()
+        for i in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(captured[i], eager[i])), i
+    kept = [b for b in torch.ops.cbam_fused_debug.group_counters() if b.is_cuda]
+    assert len(kept) >= 3  # the current stream's and the two side streams'
+    assert all(int(b.abs().sum()) == 0 for b in kept)
+
+
 # ~50 GB each at its peak (the float64 oracle of a sample: 8.6 GB per x-sized tensor): under
 # pytest-xdist (the GPU protocol's -n 8 --dist loadgroup) both
 # run on one worker, one after the other, not side by side with each other

@@ -6,12 +6,13 @@ op's pure-PyTorch CPU kernel (cbam_fused._cpu_kernels, the oracle), for every dt
 layouts (channels-first and channels-last, 1-D / 2-D / 3-D spatial) and a non-dense input, on
 shapes that reach every code path: S = 1, C = 1, N = 1, odd sizes, sizes that are not multiples
 of the vector width or of the lanes of a tile, and every tiling (the launchers' debug tile modes:
-the normal heuristics; tiny tiles that split every reduction into many partials and run the
-second stage; one row tile spanning all rows, whose small-tensor staging goes in several chunks).
-Outputs are poisoned (NaN, INT64_MIN) by the launchers before the kernels run, so an element no
-kernel writes fails the comparison. Also: NaN / inf / ties in the pools, bitwise-equal results
-under the forward, reverse and shuffled fiber orders, and the pass budget (DESIGN.md section 3)
-from the simulator's byte counts.
+the normal heuristics; tiny tiles that split every reduction into many partials, which the last
+block of each group folds in the same launch; one row tile spanning all rows, whose small-tensor
+staging goes in several chunks). Outputs (and partials) are poisoned (NaN, INT64_MIN) by the
+launchers before the kernels run, so an element no kernel writes fails the comparison. Also:
+NaN / inf / ties in the pools, bitwise-equal results under the forward, reverse and shuffled
+fiber and block orders, and the pass budget (DESIGN.md section 3) from the simulator's byte
+counts.
 """
 import zlib
 
@@ -322,6 +323,81 @@ def test_bitwise_equal_under_every_schedule(op):
                     g, r = g.contiguous().view(torch.int32), r.contiguous().view(torch.int32)
                 assert torch.equal(g, r), (op, layout, mode, schedule, seed)
         tile_mode(TILE_NORMAL)
+
+
+REDUCTIONS = [op for op in OPS if op not in X_SHAPED]
+
+
+def _sim_module():
+    from cbam_fused import _sim
+    return _sim
+
+
+@pytest.mark.parametrize("op", REDUCTIONS)
+def test_split_reductions_finish_in_one_launch(op):
+    """A reduction split over tiles (the tiny tiles split every one; the normal tiles the folded
+    rows of a 7x7 map over its 512 channels) is one launch: the last block of each group of tiles folds the
+    group's partials (kernels/combine_partials.cuh). Whichever block comes last (the simulator
+    runs the blocks in linear, reverse and shuffled order), the CPU kernel's values, the same
+    bits; the kept group counters are zero again after every launch, and a counter left non-zero
+    loses its group's outputs (so the counters are what finishes them). Under a CUDA-graph
+    capture (simulated) each launch zeroes a buffer of its own and the kept ones stay as they
+    were."""
+    sim = _sim_module()
+    counters = torch.ops.cbam_fused_sim.group_counters
+    gen = torch.Generator().manual_seed(zlib.crc32(op.encode()))
+    # (layout, tiling, shape, split): a 7x7 map of 512 channels folds 4 rows of 49 into one
+    # (reduce_r's and backward_reduce's folded kernels, split over row tiles); the reductions
+    # along its rows of 49 take one thread a row, one tile (reduce_k_rows)
+    folded_split = op in ("pool_over_c", "backward_reduce", "pool_over_s_backward_scale",
+                          "pool_over_s_backward_scale_lp_lse")
+    cases = [("cf", TILE_SMALL, (2, 7, 3, 5), True), ("cl", TILE_SMALL, (2, 7, 3, 5), True),
+             ("cf", TILE_NORMAL, (1, 512, 7, 7), folded_split)]
+    for layout, mode, shape, split in cases:
+        x = rand_x(shape, torch.float32, layout, gen)
+        args = op_args(op, x, gen, 0)
+        want = run_cpu(op, args)
+        tile_mode(mode)
+        try:
+            ref = None
+            for schedule, seed in (("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
+                with testing.use_simulator(schedule=schedule, seed=seed):
+                    got = getattr(torch.ops.cbam_fused, op)(*args)
+                    stats = testing.simulator_stats()
+                got = got if isinstance(got, (tuple, list)) else (got,)
+                assert len(stats) == 1, (op, layout, mode, [s["name"] for s in stats])
+                check_same(op, got, want, x, layout)
+                ref = ref or got
+                for g, r in zip(got, ref):
+                    assert torch.equal(g.contiguous().view(torch.uint8),
+                                       r.contiguous().view(torch.uint8)), (op, schedule, seed)
+                kept = counters()
+                assert kept and all(int(b.abs().sum()) == 0 for b in kept), (op, layout, mode)
+            # counters that are not zero at the launch: no group sees its last block, its
+            # outputs stay poisoned
+            (buf,) = [b for b in counters() if b.device.type == "cpu"]
+            buf.fill_(1 << 20)
+            try:
+                bad = run_sim(op, args)
+                differs = any(not torch.equal(b, r) for b, r in zip(bad, ref))
+                assert differs == split, (op, layout, mode, split)
+            finally:
+                buf.zero_()
+            # the CUDA-graph path: a zeroed buffer of the launch's own, the kept one untouched
+            before = [b.data_ptr() for b in counters()]
+            buf[1] = 7  # (the kept buffer, not read by the capture path)
+            sim.set_capturing(True)
+            try:
+                got = run_sim(op, args)
+            finally:
+                sim.set_capturing(False)
+                assert int(buf[1]) == 7
+                buf.zero_()
+            assert [b.data_ptr() for b in counters()] == before
+            for g, r in zip(got, ref):
+                assert torch.equal(g, r), (op, "capture")
+        finally:
+            tile_mode(TILE_NORMAL)
 
 
 def _stat(s, key):

@@ -340,6 +340,32 @@ def test_copy_byte_counts_exact(schedule, dtype, n, start):
                  "bytes_vec": 2 * 16 * n_vec, "bytes_vec8": 0}
 
 
+# ------------------------------------------------------------------------------ block order
+@pytest.mark.parametrize("grid", [(7, 1, 1), (3, 2, 4)])
+def test_blocks_run_in_the_schedules_order(grid):
+    """The blocks of a grid run one at a time: in linear order (x fastest) under "forward", in
+    reverse under "reverse", in a seeded permutation under "shuffle" (each block's thread 0
+    takes a ticket with cbam::atomic_ticket, which counts one at a time)."""
+    n = grid[0] * grid[1] * grid[2]
+    orders = {}
+    for schedule, seed in (("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2),
+                           ("shuffle", 1)):
+        counter = torch.zeros(1, dtype=torch.int32)
+        with use_simulator(schedule, seed):
+            order = _sim.selftest_block_order(counter, list(grid), 64)
+            (s,) = simulator_stats()
+        assert int(counter) == n
+        assert sorted(order.tolist()) == list(range(n))
+        # 8 bytes an atomic ticket (read and written), 4 a block's store
+        assert (s["bytes_read"], s["bytes_written"]) == (4 * n, 8 * n)
+        orders.setdefault((schedule, seed), order.tolist())
+        assert orders[schedule, seed] == order.tolist()  # the same seed, the same order
+    assert orders["forward", 0] == list(range(n))
+    assert orders["reverse", 0] == list(range(n))[::-1]
+    assert orders["shuffle", 1] != orders["shuffle", 2]
+    assert orders["shuffle", 1] not in (orders["forward", 0], orders["reverse", 0])
+
+
 # --------------------------------------------------------------------- launch configurations
 def _config(grid, block, smem=0, raise_to=-1):
     total = 1

@@ -17,7 +17,10 @@
 //   __ballot_sync, __any_sync, __all_sync, warpSize
 //   __shared__ fixed-size arrays; CBAM_DYNAMIC_SMEM(type, name) for dynamic shared memory
 //   global memory ONLY through cbam::ld / cbam::st (scalar) and cbam::ld_vec / cbam::st_vec
-//   (N elements, N * sizeof(T) bytes aligned to that size, at most 16 bytes)
+//   (N elements, N * sizeof(T) bytes aligned to that size, at most 16 bytes); cbam::ld_cg (a
+//   scalar load from L2, not L1: values other blocks of the launch wrote), cbam::atomic_ticket
+//   (atomicAdd(p, 1) on an int, the value before; the only atomic) and cbam::fence_gpu
+//   (__threadfence), for the last-block pattern of kernels/combine_partials.cuh
 //   c10::Half, c10::BFloat16, at::opmath_type<T>, and standard math (cbam::isnan, cbam::exp_acc,
 //   cbam::log_acc, cbam::sqrt_acc, cbam::erf_acc below, for the accumulation types float and
 //   double)
@@ -31,6 +34,9 @@
 //                                    simulator: runs the whole grid, then checks it
 //   cbam::set_max_dynamic_smem(kernel, bytes)  -> raises the dynamic shared-memory limit
 //   cbam::max_grid_y(), cbam::num_sms()         -> hardware limits for grid sizing
+//   cbam::stream_id(), cbam::stream_capturing()  -> the current stream (its id; whether a CUDA
+//                                                  graph is being captured on it)
+//   cbam::zero_async(ptr, bytes)                -> cudaMemsetAsync(ptr, 0, bytes, current stream)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -104,6 +110,17 @@ CBAM_DEVICE void st_vec(T* p, const Vec<T, N>& v) {
   }
 }
 
+// A load served by L2, not L1 (ld.global.cg): the partials that other blocks of the launch
+// wrote, read by the last block of their group after fence_gpu (combine_partials.cuh).
+template <typename T>
+CBAM_DEVICE T ld_cg(const T* p) {
+  return __ldcg(p);
+}
+// atomicAdd(p, 1): the value before. Integer counters only: no floating-point atomics (the
+// reductions' results must not depend on the order blocks finish in).
+CBAM_DEVICE int atomic_ticket(int* p) { return atomicAdd(p, 1); }
+CBAM_DEVICE void fence_gpu() { __threadfence(); }
+
 template <typename T>
 inline T* global_ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
@@ -127,6 +144,16 @@ inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 inline unsigned max_grid_y() { return 65535u; }
+
+inline int64_t stream_id() { return at::cuda::getCurrentCUDAStream().id(); }
+inline bool stream_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+inline void zero_async(void* p, size_t bytes) {
+  C10_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, at::cuda::getCurrentCUDAStream()));
+}
 
 }  // namespace cbam
 

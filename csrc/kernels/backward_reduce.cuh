@@ -9,16 +9,40 @@
 // memory. Per row, the TX lanes combine the row sum by xor shuffles and lane 0
 // writes the partial part_r[n, kt, r]; after the rows, the TY column sums of each column combine
 // in a fixed shared-memory tree and row 0 writes part_k[n, rt, k]. When nkt (nrt) is 1 the
-// partial buffer is the output itself; otherwise sum_partials (SumPolicy + combine_partials)
-// adds the partials in order. No atomics. Requires VEC == 1 or K % VEC == 0 (rows of other
+// partial buffer is the output itself; otherwise the last block of the row (column) tile's group
+// adds the partials in order into out_r (out_k) (finish_group, combine_partials.cuh). No
+// floating-point atomics. Requires VEC == 1 or K % VEC == 0 (rows of other
 // lengths: backward_reduce_folded_kernel, below), but for SHIFT: rows of K % VEC != 0 as they
 // are, each thread's VEC columns of a row from the 16-byte window they start in and the next
 // lane's (load_rows_shifted), its columns past K neither summed nor stored.
 #pragma once
 
-#include "kernels/common.cuh"
+#include "kernels/combine_partials.cuh"
 
 namespace cbam {
+
+// Plain sums for combine_group (the second stage of backward_reduce, combine_partials.cuh).
+template <typename acc_t_>
+struct SumPolicy {
+  using acc_t = acc_t_;
+  const acc_t* part;  // [N, P, L]
+  acc_t* out;         // [N, L]
+  struct State {
+    acc_t sum;
+  };
+  CBAM_DEVICE State init() const {
+    State s;
+    s.sum = acc_t(0);
+    return s;
+  }
+  CBAM_DEVICE void combine(State& a, const State& b) const { a.sum += b.sum; }
+  CBAM_DEVICE State load_partial(int64_t o) const {
+    State s;
+    s.sum = ld_cg(part + o);
+    return s;
+  }
+  CBAM_DEVICE void store_final(int64_t o, const State& s) const { st(out + o, s.sum); }
+};
 
 // Both kernels' steps through a chunk of rows: the gates gr of its `count` rows (x's rows
 // first .. first + count - 1; 1 without gr) staged in s_gr, between barriers (the previous
@@ -65,7 +89,8 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
 template <typename T, int VEC, int U, typename acc_t, bool SHIFT = false>
 CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                         const acc_t* gr, const acc_t* gk, acc_t* part_r,
-                                        acc_t* part_k, Geom g, bool need_r, bool need_k) {
+                                        acc_t* part_k, acc_t* out_r, acc_t* out_k, Geom g,
+                                        bool need_r, bool need_k) {
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];
 
@@ -128,6 +153,14 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
       }
     }
   }
+  // the second stages (combine_partials.cuh): a row's nkt partials by the row tile's last
+  // block (counters [0, N nrt)), a column's nrt partials by the column tile's (those after)
+  if (need_r) finish_group<true>(SumPolicy<acc_t>{part_r, out_r}, g, g.R);
+  if (need_k) {
+    Geom gk = g;
+    gk.counters = g.counters + g.N * g.nrt;
+    finish_group<false>(SumPolicy<acc_t>{part_k, out_k}, gk, g.K);
+  }
 }
 
 // backward_reduce for rows whose length K0 is not a multiple of VEC, folded G at a time into
@@ -145,7 +178,8 @@ template <typename T, int VEC, int U, typename acc_t>
 CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
                                                const T* __restrict__ x, const acc_t* gr,
                                                const acc_t* gk, acc_t* out_r, acc_t* part_k,
-                                               Geom g, Fold f, bool need_r, bool need_k) {
+                                               acc_t* out_k, Geom g, Fold f, bool need_r,
+                                               bool need_k) {
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];
   __shared__ acc_t s_gk[kFoldedSlots<VEC>];
@@ -241,30 +275,9 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
       for (int jj = 1; jj < G; ++jj) sum += s_col[k + jj * K0];
       st(part_k + (t.n * g.nrt + t.rt) * K0 + k, sum);
     }
+    // a column's nrt partials, by the last block of the sample's (nkt == 1)
+    finish_group<false>(SumPolicy<acc_t>{part_k, out_k}, g, K0);
   }
 }
-
-// Plain sums for combine_partials (the second stage of backward_reduce).
-template <typename acc_t_>
-struct SumPolicy {
-  using acc_t = acc_t_;
-  const acc_t* part;  // [N, P, L]
-  acc_t* out;         // [N, L]
-  struct State {
-    acc_t sum;
-  };
-  CBAM_DEVICE State init() const {
-    State s;
-    s.sum = acc_t(0);
-    return s;
-  }
-  CBAM_DEVICE void combine(State& a, const State& b) const { a.sum += b.sum; }
-  CBAM_DEVICE State load_partial(int64_t o) const {
-    State s;
-    s.sum = ld(part + o);
-    return s;
-  }
-  CBAM_DEVICE void store_final(int64_t o, const State& s) const { st(out + o, s.sum); }
-};
 
 }  // namespace cbam

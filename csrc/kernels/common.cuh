@@ -44,6 +44,7 @@ struct Geom {
   int64_t nkt;            // column tiles
   int64_t rows_per_tile;  // rows in each row tile (the last one may hold fewer)
   int64_t cols_per_tile;  // columns in each column tile: TX * VEC * (vectors per lane and row)
+  int* counters;          // a split reduction's group counters (combine_partials.cuh), else null
 };
 
 // Rows folded into one: the vector path of the x-sized kernels (apply_gates, grad_input) for rows

@@ -132,12 +132,12 @@ struct PoolPolicy {
   }
   CBAM_DEVICE State load_partial(int64_t o) const {
     State s;
-    s.sum = ld(p_sum + o);
-    s.mx = ld(p_max + o);
-    s.idx = ld(p_arg + o);
+    s.sum = ld_cg(p_sum + o);  // (written by the group's other blocks: combine_partials.cuh)
+    s.mx = ld_cg(p_max + o);
+    s.idx = ld_cg(p_arg + o);
     if constexpr (LPLSE) {
-      s.sq = ld(p_sq + o);
-      s.e = ld(p_exp + o);
+      s.sq = ld_cg(p_sq + o);
+      s.e = ld_cg(p_exp + o);
     }
     return s;
   }
@@ -247,7 +247,7 @@ struct WeightedSumPolicy {
   CBAM_DEVICE void store_partial(int64_t o, const State& s) const { st(p_sum + o, s.sum); }
   CBAM_DEVICE State load_partial(int64_t o) const {
     State s = init();
-    s.sum = ld(p_sum + o);
+    s.sum = ld_cg(p_sum + o);
     return s;
   }
 };

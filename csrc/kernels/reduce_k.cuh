@@ -12,8 +12,9 @@
 // thread has that many 16-byte loads in flight, not one (KV == 1: load, fold, load, ...; the
 // same result bit for bit). Then the TX lanes of the row combine
 // by xor shuffles (fixed tree), and lane 0 writes the result of the row: the final value when
-// the row fits one column tile (nkt == 1), else the partial [n, kt, r]; combine_partials (second
-// stage) then folds the nkt partials of each row in order. Requires VEC == 1 or K % VEC == 0
+// the row fits one column tile (nkt == 1), else the partial [n, kt, r], and the last of the row
+// tile's nkt blocks to finish folds each row's partials in order (finish_group,
+// combine_partials.cuh). Requires VEC == 1 or K % VEC == 0
 // (other rows: reduce_k_rows.cuh, reduce_k_shifted.cuh).
 //
 // UR > 1 (with KV == kReduceKVectors): a thread takes UR of its rows at a time (rows r, r + TY,
@@ -26,7 +27,7 @@
 // row's fold and its combine are those of UR == 1, so the results are the same bits.
 #pragma once
 
-#include "kernels/common.cuh"
+#include "kernels/combine_partials.cuh"
 
 namespace cbam {
 
@@ -34,10 +35,14 @@ constexpr int kReduceKVectors = 4;  // vectors per lane and row of one reduce_k 
 constexpr int kReduceKRows = 2;  // rows in flight per thread of the small-grid instance
 
 // That instance's blocks an SM, at least: 3 (at most 80 registers); 2 for the states of more
-// than 12 bytes (the lp / lse pools: 16-bit x spilled at 80).
+// than 12 bytes and the weights of more than three accumulators (the lp / lse pools and their
+// scale gradient: 16-bit x spilled at 80, the gradient once its groups' last blocks also fold
+// the partials, combine_partials.cuh).
 template <typename Policy>
 constexpr int reduce_k_rows_blocks() {
-  return Policy::kPartialBytes > 12 ? 2 : 3;
+  using acc_t = typename Policy::acc_t;
+  return Policy::kPartialBytes > 12 || sizeof(typename Policy::Weight) > 3 * sizeof(acc_t) ? 2
+                                                                                           : 3;
 }
 
 // A row's policy value (kHasKept) into its state s: one load by the row's lane 0, then a shuffle
@@ -183,6 +188,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
       store_row(pol, s, t, g, r);
     }
   }
+  // a row's nkt partials, by the last block of the row tile's group (nkt > 1)
+  finish_group<true>(pol, g, g.R);
 }
 
 }  // namespace cbam

@@ -10,7 +10,8 @@
 // shared memory in a fixed tree (any TY: the launcher may give each vector of a short row its
 // own thread, TX = K / VEC up to kMaxSpanCols, TY = 256 / TX, so that a block's rows are read as
 // one contiguous span, launchers/common.h make_geom). Thread row 0 writes the final value
-// (nrt == 1) or the partial [n, rt, k], which combine_partials folds in order. Requires
+// (nrt == 1) or the partial [n, rt, k], and the last of the column tile's nrt blocks to finish
+// folds each column's partials in order (finish_group, combine_partials.cuh). Requires
 // VEC == 1 or K % VEC == 0, but for SHIFT.
 // U: a thread loads U of its rows (i, i + TY, ... of a chunk) before it folds them, in order, so
 // any U gives the same bits; the launcher takes more where the whole grid is resident at once
@@ -26,7 +27,7 @@
 // loaded but neither folded nor stored.
 #pragma once
 
-#include "kernels/common.cuh"
+#include "kernels/combine_partials.cuh"
 
 namespace cbam {
 
@@ -171,6 +172,8 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
       }
     }
   }
+  // a column's nrt partials, by the last block of the column tile's group (nrt > 1)
+  finish_group<false>(pol, g, FOLD ? f.K0 : g.K);  // (FOLD: nkt == 1, the original columns)
 }
 
 }  // namespace cbam

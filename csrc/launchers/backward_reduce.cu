@@ -1,11 +1,10 @@
 // Launcher of backward_reduce (Q1, kernels/backward_reduce.cuh): rc [N, C] and rs [N, S] in one
-// pass over grad and x, then the in-order sums of the partials (kernels/combine_partials.cuh)
-// when a reduction spans several tiles. Rows of K % VEC != 0 fold into whole vectors
+// pass over grad and x, one launch (where a reduction spans several tiles, the last block of each
+// group of tiles sums their partials in order: kernels/combine_partials.cuh). Rows of K % VEC != 0 fold into whole vectors
 // (backward_reduce_folded_kernel) where one tile spans a folded row; else they are loaded
 // shifted (backward_reduce_kernel's SHIFT) where g and x are 16-byte aligned; else one element a
 // load.
 #include "kernels/backward_reduce.cuh"
-#include "kernels/combine_partials.cuh"
 #include "launchers/common.h"
 
 namespace cbam {
@@ -20,42 +19,42 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
   using acc_t = at::opmath_type<T>;
   const char* op = "backward_reduce";
   // Side traffic per column: gk staged, and the column partials written and read again.
-  const LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op,
-                                    FOLD ? SpanLanes::kAlways : SpanLanes::kNever);
+  LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op,
+                              FOLD ? SpanLanes::kAlways : SpanLanes::kNever);
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // (partials poisoned under the debug knob, as outputs: a group's last block must not read
+  // one before it is written)
   const at::Tensor part_r =
-      !need_r ? at::Tensor() : (lg.g.nkt > 1 ? at::empty({v.N, lg.g.nkt, v.R()}, opts) : out_r);
+      !need_r ? at::Tensor() : (lg.g.nkt > 1 ? new_output({v.N, lg.g.nkt, v.R()}, opts) : out_r);
   const at::Tensor part_k =
-      !need_k ? at::Tensor() : (lg.g.nrt > 1 ? at::empty({v.N, lg.g.nrt, v.K()}, opts) : out_k);
+      !need_k ? at::Tensor() : (lg.g.nrt > 1 ? new_output({v.N, lg.g.nrt, v.K()}, opts) : out_k);
+  // groups (kernels/combine_partials.cuh): each row tile's nkt blocks (the row sums), then each
+  // column tile's nrt blocks (the column sums)
+  std::vector<at::Tensor> keep;
+  if ((need_r && lg.g.nkt > 1) || (need_k && lg.g.nrt > 1)) {
+    lg.g.counters = group_counters(v.x, v.N * (lg.g.nrt + lg.g.nkt), keep);
+  }
+  acc_t* const o_r = need_r ? global_ptr<acc_t>(out_r) : nullptr;
+  acc_t* const o_k = need_k ? global_ptr<acc_t>(out_k) : nullptr;
   const auto run = [&](auto u) {
     if constexpr (FOLD) {
       launch(op, &backward_reduce_folded_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
              opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
-             need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g,
-             fold_of(v, G), need_r, need_k);
+             need_k ? global_ptr<acc_t>(part_k) : nullptr, o_k, lg.g, fold_of(v, G), need_r,
+             need_k);
     } else {
       launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t, SHIFT>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
              opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
-             need_k ? global_ptr<acc_t>(part_k) : nullptr, lg.g, need_r, need_k);
+             need_k ? global_ptr<acc_t>(part_k) : nullptr, o_r, o_k, lg.g, need_r, need_k);
     }
   };
   if constexpr (SHIFT) {
     run(std::integral_constant<int, 1>{});  // one row in flight (its window and the next's)
   } else {
     with_rows_in_flight<VEC>(run);
-  }
-  if (need_r && lg.g.nkt > 1) {
-    SumPolicy<acc_t> pol{global_ptr<acc_t>(part_r), global_ptr<acc_t>(out_r)};
-    launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.R()), dim3(256), 0,
-           pol, v.N, lg.g.nkt, v.R());
-  }
-  if (need_k && lg.g.nrt > 1) {
-    SumPolicy<acc_t> pol{global_ptr<acc_t>(part_k), global_ptr<acc_t>(out_k)};
-    launch(op, &combine_partials_kernel<SumPolicy<acc_t>>, grid_1d(v.N * v.K()), dim3(256), 0,
-           pol, v.N, lg.g.nrt, v.K());
   }
 }
 

@@ -133,6 +133,8 @@ inline at::Tensor poisoned(at::Tensor t) {
   if (debug::poison_outputs && t.numel() > 0) {
     if (t.is_floating_point()) {
       t.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else if (t.scalar_type() == at::kInt) {  // (a partial argmax)
+      t.fill_(std::numeric_limits<int32_t>::min());
     } else {
       t.fill_(std::numeric_limits<int64_t>::min());
     }
@@ -163,9 +165,9 @@ struct LaunchGeom {
 // staged_bytes, the small [N, C] / [N, S] tensors a tile reads (gates, weights: L2 hits mostly,
 // but counted by the pass budget) at most 1 / debug::side_share (16) of the tile's x bytes;
 // partial_bytes, the partials a second stage reads back (a reduction over rows: written, read
-// again, one more launch) at most half that. (Both at 1/32 held the small channels-last sites to
-// a few hundred blocks whatever tiles_per_sm and min_rows_per_thread said: a 2048x7x7 bfloat16
-// pool over C ran as 128 blocks on 132 SMs.)
+// again by the last block of their group) at most half that. (Both at 1/32 held the small
+// channels-last sites to a few hundred blocks whatever tiles_per_sm and min_rows_per_thread
+// said: a 2048x7x7 bfloat16 pool over C ran as 128 blocks on 132 SMs.)
 // Lanes per row (TX, a power of two <= 32): one per vector of the row; with kv_max > 1 and
 // debug::reduce_k_mode >= 1, the fewest that cover the row with kv_max vectors each (a row of
 // 49 floats: 16 lanes of up to 4 instead of 32 lanes of 1 or 2), so a warp holds more rows and
@@ -217,6 +219,7 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   lg.tx = tx;
   lg.ty = kBlockThreads / tx;
   Geom& g = lg.g;
+  g.counters = nullptr;  // (split reductions: group_counters)
   g.N = N;
   g.R = R;
   g.K = K;
@@ -293,6 +296,34 @@ void with_rows_in_flight(F&& f) {
   } else {
     f(std::integral_constant<int, 1>{});
   }
+}
+
+// The zeroed counters of a launch's `count` groups (a reduction split over tiles: the last block
+// of each group combines the group's partials, kernels/combine_partials.cuh), as Geom::counters.
+// Outside a CUDA graph capture: the buffer of x's device and the current stream, kept between
+// launches (group_counter_store; grown where too short, zeroed when made); each group's last block
+// sets its counter back to zero, so the next launch on the stream finds them zero, and no memset
+// or second launch is queued. Launches on one stream run in order; other streams have their own
+// buffers. During a capture: a new buffer zeroed by a memset node of the graph, since a graph may
+// be replayed on any stream, alongside other graphs captured on the same stream. `keep` holds
+// the buffer until the launch is queued.
+inline int* group_counters(const at::Tensor& like, int64_t count, std::vector<at::Tensor>& keep) {
+  const auto opts = like.options().dtype(at::kInt);
+  if (stream_capturing()) {
+    keep.push_back(at::empty({count}, opts));
+    zero_async(keep.back().data_ptr(), static_cast<size_t>(count) * sizeof(int));
+  } else {
+    GroupCounterStore& s = group_counter_store();
+    const std::lock_guard<std::mutex> lock(s.mu);
+    const auto d = like.device();
+    at::Tensor& buf = s.bufs[{static_cast<int>(d.type()), d.index(), stream_id()}];
+    if (!buf.defined() || buf.numel() < count) {
+      const int64_t old = buf.defined() ? buf.numel() : 0;
+      buf = at::zeros({std::max<int64_t>({count, 2 * old, 1024})}, opts);
+    }
+    keep.push_back(buf);
+  }
+  return global_ptr<int>(keep.back());
 }
 
 // A 1-D grid-stride launch over `total` items.

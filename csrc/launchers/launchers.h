@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -221,9 +223,30 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
   return old;
 }
 
+// The group counters of the reductions split over tiles (kernels/combine_partials.cuh), one
+// buffer per device and stream, kept (launchers/common.h group_counters). Leaked on purpose: no
+// destructor frees device memory after the CUDA context is gone at exit.
+struct GroupCounterStore {
+  std::mutex mu;
+  std::map<std::tuple<int, int, int64_t>, at::Tensor> bufs;  // (device type, index, stream)
+};
+inline GroupCounterStore& group_counter_store() {
+  static auto* store = new GroupCounterStore();
+  return *store;
+}
+// The kept buffers (the group_counters debug op): every counter is zero between launches.
+inline std::vector<at::Tensor> group_counter_buffers() {
+  GroupCounterStore& s = group_counter_store();
+  const std::lock_guard<std::mutex> lock(s.mu);
+  std::vector<at::Tensor> out;
+  for (const auto& kv : s.bufs) out.push_back(kv.second);
+  return out;
+}
+
 // The schemas of the knob-setting debug ops (torch.ops.cbam_fused_sim / cbam_fused_debug).
 inline constexpr const char* kSetDebugSchema =
     "set_debug(bool poison_outputs, int tile_mode) -> ()";
+inline constexpr const char* kGroupCountersSchema = "group_counters() -> Tensor[]";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
     "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=16, "

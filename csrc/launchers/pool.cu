@@ -3,12 +3,12 @@
 // pool_over_c_backward_scale. Each is one reduction of x viewed as [N, R, K]
 // (kernels/reduce_k.cuh when the reduced axis is the contiguous one, or kernels/reduce_k_rows.cuh
 // when those rows are short, or not whole 16-byte vectors and at most kMedRowMaxK long, or
-// kernels/reduce_k_shifted.cuh when they are longer such rows; else kernels/reduce_r.cuh), plus
-// the second stage (kernels/combine_partials.cuh) when the reduced axis is split over tiles.
+// kernels/reduce_k_shifted.cuh when they are longer such rows; else kernels/reduce_r.cuh), one
+// launch: where the reduced axis is split over tiles, the last block of each group of tiles folds
+// their partials (kernels/combine_partials.cuh).
 #include <algorithm>
 #include <vector>
 
-#include "kernels/combine_partials.cuh"
 #include "kernels/pool_policies.cuh"
 #include "kernels/reduce_k.cuh"
 #include "kernels/reduce_k_rows.cuh"
@@ -19,13 +19,13 @@
 namespace cbam {
 namespace {
 
-// Partial buffers of the two-stage path ([N, P, L]); they live until the launches are queued.
+// Partial buffers of the two-stage path ([N, P, L]); they live until the launch is queued.
 template <typename acc_t, bool LPLSE>
 void set_partials(PoolPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int64_t N, int64_t P,
                   int64_t L, std::vector<at::Tensor>& keep) {
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto partial = [&](c10::TensorOptions o) {
-    keep.push_back(at::empty({N, P, L}, o));
+    keep.push_back(new_output({N, P, L}, o));  // (poisoned under the debug knob, as outputs)
     return keep.back();
   };
   pol.p_sum = global_ptr<acc_t>(partial(opts));
@@ -40,7 +40,7 @@ void set_partials(PoolPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int64_t N,
 template <typename acc_t, bool LPLSE>
 void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int64_t N, int64_t P,
                   int64_t L, std::vector<at::Tensor>& keep) {
-  keep.push_back(at::empty({N, P, L}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value)));
+  keep.push_back(new_output({N, P, L}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value)));
   pol.p_sum = global_ptr<acc_t>(keep.back());
 }
 
@@ -81,7 +81,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   // split k, not the rows); over r, the partials, written and read again.
   const int64_t staged = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight)) : 0;
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
-  const LaunchGeom lg = folded_geom(
+  LaunchGeom lg = folded_geom(
       v, G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T), op,
       over_k || SHIFTED ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
@@ -89,7 +89,12 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
-  if (P > 1) set_partials(pol, v.x, v.N, P, L, keep);
+  if (P > 1) {
+    set_partials(pol, v.x, v.N, P, L, keep);
+    // a group a row tile (over k) or column tile (over r), whose last block combines its
+    // partials (kernels/combine_partials.cuh)
+    lg.g.counters = group_counters(v.x, v.N * (over_k ? lg.g.nrt : lg.g.nkt), keep);
+  }
   // reduce_k_mode 3: where the whole grid is resident at once with reduce_k_rows_blocks blocks
   // an SM (few, long rows), the instance with kReduceKRows rows of loads in flight per thread:
   // the same tiles and bits, twice the bytes in flight (reduce_k.cuh, UR).
@@ -118,9 +123,6 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
       launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, FOLD, Policy>, lg.grid(),
              lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
-  }
-  if (P > 1) {
-    launch(op, &combine_partials_kernel<Policy>, grid_1d(v.N * L), dim3(256), 0, pol, v.N, P, L);
   }
 }
 

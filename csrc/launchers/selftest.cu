@@ -21,6 +21,7 @@ const void* const kLaunchers[] = {
     reinterpret_cast<const void*>(&config),
     reinterpret_cast<const void*>(&smem_leak),
     reinterpret_cast<const void*>(&barrier_loop),
+    reinterpret_cast<const void*>(&block_order),
 };
 
 }  // namespace selftest

@@ -20,6 +20,7 @@ TORCH_LIBRARY(cbam_fused_sim, m) {
   // Test knobs of the launchers (csrc/launchers/launchers.h, cbam::debug).
   m.def(cbam::kSetDebugSchema, &cbam::set_debug);
   m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
+  m.def(cbam::kGroupCountersSchema, &cbam::group_counter_buffers);
 }
 
 TORCH_LIBRARY_IMPL(cbam_fused_sim, CPU, m) { cbam::impl_ops(m); }

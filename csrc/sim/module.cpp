@@ -135,6 +135,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("smem"), py::arg("raise_to"));
   m.def("selftest_smem_leak", &st::smem_leak, py::arg("out_static"), py::arg("out_dynamic"),
         py::arg("threads"));
+  m.def("selftest_block_order", &st::block_order, py::arg("counter"), py::arg("grid"),
+        py::arg("threads"));
+  m.def(
+      "set_capturing", [](bool on) { cbam::sim::set_capturing(on); }, py::arg("on"),
+      "Whether cbam::stream_capturing() says true: the launchers then take their CUDA-graph path "
+      "(tests only).");
   m.def("selftest_barrier_loop", &st::barrier_loop, py::arg("out"), py::arg("threads"),
         py::arg("iters"));
   m.def("selftest_fault", &simonly::fault, py::arg("mode"), py::arg("addr") = 16,

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cinttypes>
 #include <cstdio>
 #include <exception>
@@ -761,14 +762,24 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
       }
     } in_launch;
     FaultGuard fault_guard;
-    for (unsigned z = 0; z < grid.z && !s.has_error; ++z) {
-      for (unsigned y = 0; y < grid.y && !s.has_error; ++y) {
-        for (unsigned x = 0; x < grid.x && !s.has_error; ++x) {
-          g_blockIdx = uint3{x, y, z};
-          run_block(block, smem_bytes);
-          if (s.has_error) failed = g_blockIdx;
-        }
-      }
+    // The blocks in the schedule's order: which block of a group finishes last (the last-block
+    // combine of kernels/combine_partials.cuh) must not change a result.
+    const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+    std::vector<uint64_t> order;
+    if (s.schedule == Schedule::Shuffle) {
+      order.resize(nblocks);
+      for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
+      std::shuffle(order.begin(), order.end(), s.rng);
+    }
+    for (uint64_t i = 0; i < nblocks && !s.has_error; ++i) {
+      const uint64_t b = s.schedule == Schedule::Forward   ? i
+                         : s.schedule == Schedule::Reverse ? nblocks - 1 - i
+                                                           : order[i];
+      g_blockIdx = uint3{static_cast<unsigned>(b % grid.x),
+                         static_cast<unsigned>(b / grid.x % grid.y),
+                         static_cast<unsigned>(b / grid.x / grid.y)};
+      run_block(block, smem_bytes);
+      if (s.has_error) failed = g_blockIdx;
     }
   }
   if (s.has_error) {
@@ -817,5 +828,11 @@ void clear_launch_stats() {
 }  // namespace sim
 
 int num_sms() { return 132; }
+
+namespace {
+std::atomic<bool> g_capturing{false};
+}  // namespace
+bool stream_capturing() { return g_capturing.load(); }
+void sim::set_capturing(bool on) { g_capturing.store(on); }
 
 }  // namespace cbam

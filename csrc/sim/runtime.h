@@ -5,7 +5,8 @@
 //
 // Execution model
 //   * cbam::launch validates the launch like the hardware does, then runs the grid one block at a
-//     time, blocks in linear order (x fastest). Each CUDA thread of the block is a fiber with its own
+//     time: in linear order (x fastest) under the "forward" schedule, in reverse linear order under
+//     "reverse", in a seeded random order under "shuffle" (below). Each CUDA thread of the block is a fiber with its own
 //     256 KiB stack (a hand-written register switch on x86-64, ucontext elsewhere or with
 //     -DCBAM_SIM_UCONTEXT; stacks are allocated once and reused); all fibers run in the launching
 //     OS thread, so `__shared__` is plain `static` storage and the dynamic shared memory is one
@@ -278,6 +279,25 @@ inline void st_vec(T* p, const Vec<T, N>& v) {
   std::memcpy(static_cast<void*>(p), static_cast<const void*>(&v), sizeof(T) * N);
 }
 
+// Blocks run one at a time, each to its end, so every store of a finished block is visible to
+// the later ones: ld_cg is ld, fence_gpu does nothing, and atomic_ticket needs no lock (the
+// fibers of a block run in one OS thread, one at a time). The simulator's schedules run the
+// blocks in different orders (run_grid), so that which block of a group comes last varies.
+template <typename T>
+inline T ld_cg(const T* p) {
+  return ld(p);
+}
+inline int atomic_ticket(int* p) {
+  sim::check_access(p, sizeof(int), alignof(int), false, "atomic");
+  sim::check_access(p, sizeof(int), alignof(int), true, "atomic");
+  int v;
+  std::memcpy(&v, p, sizeof(int));
+  const int next = v + 1;
+  std::memcpy(p, &next, sizeof(int));
+  return v;
+}
+inline void fence_gpu() {}
+
 // The tensor's data as T*; records its byte range as memory the next launch may touch (writable
 // unless T is const). A dtype that does not match T (for the scalar types torch knows) is an error.
 template <typename T>
@@ -314,6 +334,14 @@ inline void set_max_dynamic_smem(void (*kernel)(KArgs...), int bytes) {
 
 int num_sms();  // a fixed, H100-like 132
 inline unsigned max_grid_y() { return 65535u; }
+// One stream (id 0). stream_capturing() is false unless a test says otherwise
+// (sim::set_capturing), to run the launchers' CUDA-graph path.
+inline int64_t stream_id() { return 0; }
+bool stream_capturing();
+inline void zero_async(void* p, size_t bytes) { std::memset(p, 0, bytes); }
+namespace sim {
+void set_capturing(bool on);
+}  // namespace sim
 
 }  // namespace cbam
 

@@ -197,6 +197,18 @@ CBAM_GLOBAL void copy_kernel(const T* __restrict__ x, T* __restrict__ out, int64
   for (int64_t i = head + n_vec * VEC + t0; i < n; i += stride) st(out + i, ld(x + i));
 }
 
+// ----------------------------------------------------------------------------- block order
+// order[b] = the ticket block b drew (its place among the blocks that finished before it):
+// thread 0 of each block takes atomic_ticket(counter) after the block's barrier. The simulator's
+// schedules run the blocks in linear, reverse or shuffled order.
+CBAM_GLOBAL void block_order_kernel(int* counter, int* order) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+    fence_gpu();
+    st(order + linear_bid(), atomic_ticket(counter));
+  }
+}
+
 // ------------------------------------------------------------------------ launch configurations
 // out[block linear id * threads + thread linear id] = that index + 1; also round-trips through
 // the dynamic shared memory (the first smem_floats floats of it).
@@ -422,6 +434,21 @@ inline void barrier_loop(const at::Tensor& out, int64_t threads, int64_t iters) 
   TORCH_CHECK(out.numel() % threads == 0, "barrier_loop: sizes");
   launch("selftest_barrier_loop", &barrier_loop_kernel, dim3(out.numel() / threads),
          dim3(threads), 0, global_ptr<float>(out), iters);
+}
+
+// The tickets of a grid's blocks (int32 [blocks]); counter: int32 [1], zero.
+inline at::Tensor block_order(const at::Tensor& counter, std::vector<int64_t> grid,
+                              int64_t threads) {
+  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() == 1,
+              "block_order: counter must be int32 [1]");
+  TORCH_CHECK(grid.size() == 3, "block_order: grid must have 3 dimensions");
+  const at::Tensor order = at::full({grid[0] * grid[1] * grid[2]}, -1, counter.options());
+  launch("selftest_block_order", &block_order_kernel,
+         dim3(static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]),
+              static_cast<unsigned>(grid[2])),
+         dim3(static_cast<unsigned>(threads)), 0, global_ptr<int>(counter),
+         global_ptr<int>(order));
+  return order;
 }
 
 }  // namespace selftest
