@@ -400,6 +400,25 @@ def test_split_reductions_finish_in_one_launch(op):
             tile_mode(TILE_NORMAL)
 
 
+def test_group_counters_grow():
+    """A launch with more groups than the kept counter buffer holds gets a longer one, zeroed
+    (the old one is dropped), and is right; every counter is zero after it."""
+    counters = torch.ops.cbam_fused_sim.group_counters
+    gen = torch.Generator().manual_seed(31)
+    tile_mode(TILE_SMALL)  # rows of 16 in 2 column tiles, 3 rows a tile: a group per 3 channels
+    try:
+        run_sim("pool_over_s", (rand_x((1, 8, 4, 4), torch.float32, "cf", gen), None))
+        (before,) = [b.numel() for b in counters() if b.device.type == "cpu"]
+        c = 3 * (before + 100)
+        x = rand_x((1, c, 4, 4), torch.float32, "cf", gen)
+        got = run_sim("pool_over_s", (x, None))
+    finally:
+        tile_mode(TILE_NORMAL)
+    check_same("pool_over_s", got, run_cpu("pool_over_s", (x, None)), x, "cf")
+    (after,) = [b for b in counters() if b.device.type == "cpu"]
+    assert after.numel() >= before + 100 and int(after.abs().sum()) == 0, (before, after.numel())
+
+
 def _stat(s, key):
     return s[key] if isinstance(s, dict) else getattr(s, key)
 
