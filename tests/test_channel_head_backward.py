@@ -139,12 +139,17 @@ def test_simulated_kernels_match_the_cpu_kernel(shape, variant, dtype):
 
 
 @needs_sim
-@pytest.mark.parametrize("tile,launches", [(TILE_ONE_SPLIT, 2), (TILE_CHUNK_SPLITS, 3)])
+@pytest.mark.parametrize("tile", [TILE_ONE_SPLIT, TILE_CHUNK_SPLITS])
 @pytest.mark.parametrize("shape", [(5, 300, 20), (40, 129, 64), (3, 40, 5)])
-def test_split_and_unsplit_launches_agree(shape, tile, launches):
+def test_split_and_unsplit_launches_agree(shape, tile):
+    """One split of the c axis and a 32-column chunk a split (partials, which each tile's last
+    split to finish adds in the same launch): two launches, the normal launch's values, the
+    tiles' counters zero again after."""
     args, _ = make_bwd_args(*shape, "avg+max+lp+lse", "gelu")
     out, stats = run_sim(args, tile=tile)
-    assert len(stats) == launches
+    assert len(stats) == 2
+    kept = torch.ops.cbam_fused_sim.group_counters()
+    assert all(int(b.abs().sum()) == 0 for b in kept)
     normal, _ = run_sim(args)
     for a, b in zip(out, normal):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
@@ -255,7 +260,7 @@ def test_fake_kernel_shapes():
 @pytest.mark.parametrize("variant", ["official", "timm_light", "ultralytics", "official_lp_lse",
                                      "spatial_first", "parallel"])
 def test_block_backward_runs_one_channel_head_backward(variant):
-    """The block's backward runs the channel head's as one op (one to three launches, no ATen
+    """The block's backward runs the channel head's as one op (one or two launches, no ATen
     mm), and the block still matches the reference, forward and gradients."""
     from test_functional import _module, compare_with_reference
     m = _module(variant, 6, 2, torch.float64)
@@ -265,6 +270,6 @@ def test_block_backward_runs_one_channel_head_backward(variant):
         testing.simulator_stats()
         y.backward(torch.randn_like(y))
         names = [s["name"] for s in testing.simulator_stats()]
-    assert 1 <= names.count("channel_head_backward") <= 3, names
+    assert 1 <= names.count("channel_head_backward") <= 2, names
     with testing.use_simulator():
         compare_with_reference(m, x, train=True, tol=1e-10)

@@ -12,7 +12,7 @@
 // is summed by one thread in increasing index order, blocked by 32-term chunks (per split, then
 // the splits in order), so every result is the same from run to run.
 //
-// Three kernels, two or three launches:
+// Two kernels, two launches:
 //   channel_head_hidden_kernel  h = W1 P (+ b1, act): a block per 32 x 32 tile of h (rows r,
 //       hidden units j) and per split of the c axis (kernels/head_gemm.cuh: 256 threads, each 4
 //       rows of one j, 32-column chunks of P and W1 staged in shared memory), so P is read
@@ -20,9 +20,8 @@
 //       tile also write P (the stack of the pools: no separate cat). One split: the epilogue
 //       adds b1, applies the activation and stores h (FINISH). Several (the launcher splits a
 //       long c axis when the tiles alone leave SMs idle): each stores its partial sums
-//       [split, R, H].
-//   channel_head_finish_kernel  h = sum of the partials in split order + b1, act; a thread an
-//       element (only after a split launch).
+//       [split, R, H], and the tile's last split to finish (kernels/combine_partials.cuh) adds
+//       them in split order, b1 and the activation, and stores h.
 //   channel_head_gate_kernel    gc: two layers, a block per 32 x 32 tile of gc (samples n,
 //       channels c), each thread 4 samples of one c and every pool, staging 32-wide chunks of
 //       W2 and of each pool's act(h) along j as above (W2 is read ceil(N / 32) times, h
@@ -31,6 +30,7 @@
 // sigmoid (six launches).
 #pragma once
 
+#include "kernels/combine_partials.cuh"
 #include "kernels/head_gemm.cuh"
 
 namespace cbam {
@@ -66,6 +66,7 @@ struct ChannelHeadArgs {
   acc_t* p;                              // [R, C]
   acc_t* h;                              // [R, H]
   acc_t* partial;                        // [splits, R, H], or nullptr (one split)
+  int* counters;                         // a counter per tile of h (several splits), zero
   acc_t* gc;                             // [N, C]
 };
 
@@ -116,31 +117,29 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   };
   head_tile_gemm<false, false>(c_begin, c_end, load_p, load_w1, s_p, s_w, acc);
   const int64_t j = j0 + tx;
-  if (j >= a.H) return;
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) {
     const int64_t r = r0 + ty + q * kHeadRowStep;
-    if (r >= R) continue;
+    if (r >= R || j >= a.H) continue;
     if constexpr (FINISH) {
       st(a.h + r * a.H + j, head_hidden_out(a, acc[q], j));
     } else {
       st(a.partial + (static_cast<int64_t>(blockIdx.z) * R + r) * a.H + j, acc[q]);
     }
   }
-}
-
-// grid-stride over R * H; `splits` partials per element.
-template <typename acc_t>
-CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
-    channel_head_finish_kernel(ChannelHeadArgs<acc_t> a, int64_t splits) {
-  const int64_t R = a.R;
-  const int64_t total = R * a.H;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += stride) {
-    acc_t s = acc_t(0);
-    for (int64_t sp = 0; sp < splits; ++sp) s += ld(a.partial + sp * total + e);
-    st(a.h + e, head_hidden_out(a, s, e % a.H));
+  if constexpr (!FINISH) {
+    // the tile's last split to finish: h = the partials summed in split order, + b1, act
+    // (kernels/combine_partials.cuh: a ticket of the tile's counter between fences)
+    const int64_t splits = gridDim.z;
+    if (!last_of_group(a.counters + blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+    CBAM_UNROLL
+    for (int q = 0; q < kHeadRowsPerThread; ++q) {
+      const int64_t r = r0 + ty + q * kHeadRowStep;
+      if (r >= R || j >= a.H) continue;
+      acc_t sum = acc_t(0);
+      for (int64_t sp = 0; sp < splits; ++sp) sum += ld_cg(a.partial + (sp * R + r) * a.H + j);
+      st(a.h + r * a.H + j, head_hidden_out(a, sum, j));
+    }
   }
 }
 

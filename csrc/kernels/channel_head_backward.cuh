@@ -15,11 +15,11 @@
 // saved act(h) is, NaN passing; silu, exact gelu; identity). Every sum is one thread's, blocked
 // in 32-term chunks, in a fixed order: no atomics, the same result every run.
 //
-// Kernels, one to three launches:
+// Kernels, one or two launches:
 //   channel_head_bwd_hidden_kernel  (two layers) g = dzc W2 as 32 x 32 tiles of [N, H]
 //       (kernels/head_gemm.cuh) over a split of c; one split: the epilogue writes dh for every
-//       pool (FINISH); several: partial sums [split, N, H].
-//   channel_head_bwd_finish_kernel  (after a split) g = the partials in split order, dh written.
+//       pool (FINISH); several: partial sums [split, N, H], which the tile's last split to finish
+//       adds in split order before it writes dh (kernels/combine_partials.cuh).
 //   channel_head_bwd_params_kernel  one launch, its blocks in five segments: the tiles of dW2
 //       ([C, H], K = N), of dW1 ([H, C], K = R), of dP ([R, C], K = H), then db1 and db2, a
 //       thread a column. They replace ATen's repeat, four mm, two sums and the activation's
@@ -45,6 +45,7 @@ struct ChannelHeadBwdArgs {
   int64_t split_cols;
   acc_t* dh;       // [R, H] (two layers; one layer reads dzc instead)
   acc_t* partial;  // [splits, N, H] or nullptr
+  int* counters;   // a counter per tile of g (several splits), zero
   acc_t* dp;       // [R, C]
   acc_t* dw1;      // [H, C]
   acc_t* db1;      // [H] or nullptr
@@ -105,30 +106,29 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   };
   head_tile_gemm<false, true>(c_begin, c_end, load_dz, load_w2, s_a, s_b, acc);
   const int64_t j = j0 + tx;
-  if (j >= a.H) return;
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) {
     const int64_t n = n0 + ty + q * kHeadRowStep;
-    if (n >= a.N) continue;
+    if (n >= a.N || j >= a.H) continue;
     if constexpr (FINISH) {
       head_store_dh(a, acc[q], n, j);
     } else {
       st(a.partial + (static_cast<int64_t>(blockIdx.z) * a.N + n) * a.H + j, acc[q]);
     }
   }
-}
-
-// grid-stride over N * H; `splits` partials per element.
-template <typename acc_t>
-CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
-    channel_head_bwd_finish_kernel(ChannelHeadBwdArgs<acc_t> a, int64_t splits) {
-  const int64_t total = a.N * a.H;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += stride) {
-    acc_t g = acc_t(0);
-    for (int64_t sp = 0; sp < splits; ++sp) g += ld(a.partial + sp * total + e);
-    head_store_dh(a, g, e / a.H, e % a.H);
+  if constexpr (!FINISH) {
+    // the tile's last split to finish: g = the partials summed in split order, dh written
+    // (kernels/combine_partials.cuh)
+    const int64_t splits = gridDim.z;
+    if (!last_of_group(a.counters + blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+    CBAM_UNROLL
+    for (int q = 0; q < kHeadRowsPerThread; ++q) {
+      const int64_t n = n0 + ty + q * kHeadRowStep;
+      if (n >= a.N || j >= a.H) continue;
+      acc_t g = acc_t(0);
+      for (int64_t sp = 0; sp < splits; ++sp) g += ld_cg(a.partial + (sp * a.N + n) * a.H + j);
+      head_store_dh(a, g, n, j);
+    }
   }
 }
 

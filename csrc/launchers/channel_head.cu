@@ -1,5 +1,5 @@
 // Launcher of the channel gate's head (kernels/channel_head.cuh): checks, outputs, the split of
-// the c axis, two or three launches.
+// the c axis, two launches.
 #include <string>
 #include <vector>
 
@@ -62,7 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
   const std::pair<int64_t, int64_t> split = head_c_splits(
       ceil_div(R, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile)), C);
   const int64_t splits = split.first, chunks_per_split = split.second;
-  const at::Tensor partial = splits > 1 ? at::empty({splits, R, H}, opts) : at::Tensor();
+  const at::Tensor partial = splits > 1 ? new_output({splits, R, H}, opts) : at::Tensor();
+  const int64_t tiles = ceil_div(R, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile));
+  std::vector<at::Tensor> keep;  // the tiles' counters (kernels/combine_partials.cuh)
+  int* const counters = splits > 1 ? group_counters(avg_in, tiles, keep) : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(avg_in.scalar_type(), op, [&] {
     using acc_t = scalar_t;
@@ -85,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
     a.p = global_ptr<acc_t>(p);
     a.h = global_ptr<acc_t>(h);
     a.partial = splits > 1 ? global_ptr<acc_t>(partial) : nullptr;
+    a.counters = counters;
     a.gc = global_ptr<acc_t>(gc);
     const dim3 hidden_grid(static_cast<unsigned>(ceil_div(R, kHeadTile)),
                            static_cast<unsigned>(std::max<int64_t>(1, ceil_div(H, kHeadTile))),
@@ -93,12 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_head(
       launch(op, &channel_head_hidden_kernel<acc_t, true>, hidden_grid, dim3(kBlockThreads), 0,
              a);
     } else {
+      // (each tile's last split to finish adds the partials: no second launch)
       launch(op, &channel_head_hidden_kernel<acc_t, false>, hidden_grid, dim3(kBlockThreads), 0,
              a);
-      if (R * H > 0) {
-        launch(op, &channel_head_finish_kernel<acc_t>, head_stride_blocks(R * H),
-               dim3(kBlockThreads), 0, a, splits);
-      }
     }
     if (C == 0) return;
     if (w2.defined()) {

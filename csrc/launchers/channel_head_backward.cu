@@ -1,5 +1,5 @@
 // Launcher of the channel gate's head backward (kernels/channel_head_backward.cuh): checks,
-// outputs, the split of the c axis, one to three launches.
+// outputs, the split of the c axis, one or two launches.
 #include <string>
 #include <vector>
 
@@ -50,7 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_h
       head_c_splits(ceil_div(N, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile)), C);
   const int64_t splits = split.first, chunks_per_split = split.second;
   const at::Tensor partial =
-      mlp && splits > 1 ? at::empty({splits, N, H}, opts) : at::Tensor();
+      mlp && splits > 1 ? new_output({splits, N, H}, opts) : at::Tensor();
+  std::vector<at::Tensor> keep;  // the tiles' counters (kernels/combine_partials.cuh)
+  const int64_t tiles = ceil_div(N, kHeadTile) * std::max<int64_t>(1, ceil_div(H, kHeadTile));
+  int* const counters = partial.defined() ? group_counters(dzc, tiles, keep) : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(dzc.scalar_type(), op, [&] {
     using acc_t = scalar_t;
@@ -71,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_h
     a.split_cols = chunks_per_split * kHeadTile;
     a.dh = mlp ? global_ptr<acc_t>(dh) : nullptr;
     a.partial = partial.defined() ? global_ptr<acc_t>(partial) : nullptr;
+    a.counters = counters;
     a.dp = global_ptr<acc_t>(dp);
     a.dw1 = global_ptr<acc_t>(dw1);
     a.db1 = has_b1 ? global_ptr<acc_t>(db1) : nullptr;
@@ -89,10 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_h
       if (splits == 1) {
         launch(op, &channel_head_bwd_hidden_kernel<acc_t, true>, grid, dim3(kBlockThreads), 0, a);
       } else {
+        // (each tile's last split to finish adds the partials: no second launch)
         launch(op, &channel_head_bwd_hidden_kernel<acc_t, false>, grid, dim3(kBlockThreads), 0,
                a);
-        launch(op, &channel_head_bwd_finish_kernel<acc_t>, head_stride_blocks(N * H),
-               dim3(kBlockThreads), 0, a, splits);
       }
     }
     if (a.seg[5] == 0) return;
