@@ -42,9 +42,9 @@ BLOCK_OPS = ("cbam_fused.cbam_block.default", "cbam_fused.cbam_block_backward.de
 # strided views inside the launchers, unseen by this count
 # (test_small_arguments_of_the_ops_are_contiguous). Then 13 and 15 in the backward before the
 # channel head saved its relu's output (the backward recomputed it). Then 12 and 15 forward before
-# the channel gate's head became one op (channel_head: two or three launches on a GPU, where
+# the channel gate's head became one op (channel_head: two launches on a GPU, where
 # ATen's cat, two addmm, relu, sum and sigmoid made six), and 12 and 14 backward before its
-# backward did (channel_head_backward: one to three launches, where ATen's repeat, four mm, two
+# backward did (channel_head_backward: one or two launches, where ATen's repeat, four mm, two
 # sums and threshold_backward made eight).
 BUDGET = {"eval": 5, "train": 8, "backward_eval": 5, "backward_train": 6}
 

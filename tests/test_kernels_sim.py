@@ -616,7 +616,7 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     fwd = sum(_stat(s, "bytes_read") + _stat(s, "bytes_written") for s in stats
               if _stat(s, "name") not in small + ("channel_head",))
     assert head["launches"] == [1, 2] and max(head["bytes"]) < 0.1 * xb, (head, xb)
-    assert 2 <= sum(_stat(s, "name") == "channel_head" for s in stats) <= 3
+    assert sum(_stat(s, "name") == "channel_head" for s in stats) == 2
     g = torch.randn(y.shape, generator=gen).to(dtype)
     with testing.use_simulator():
         y.backward(g)
