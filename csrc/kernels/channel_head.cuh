@@ -30,7 +30,6 @@
 // sigmoid (six launches).
 #pragma once
 
-#include "kernels/combine_partials.cuh"
 #include "kernels/head_gemm.cuh"
 
 namespace cbam {
@@ -117,29 +116,16 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   };
   head_tile_gemm<false, false>(c_begin, c_end, load_p, load_w1, s_p, s_w, acc);
   const int64_t j = j0 + tx;
-  CBAM_UNROLL
-  for (int q = 0; q < kHeadRowsPerThread; ++q) {
-    const int64_t r = r0 + ty + q * kHeadRowStep;
-    if (r >= R || j >= a.H) continue;
-    if constexpr (FINISH) {
-      st(a.h + r * a.H + j, head_hidden_out(a, acc[q], j));
-    } else {
-      st(a.partial + (static_cast<int64_t>(blockIdx.z) * R + r) * a.H + j, acc[q]);
-    }
-  }
-  if constexpr (!FINISH) {
-    // the tile's last split to finish: h = the partials summed in split order, + b1, act
-    // (kernels/combine_partials.cuh: a ticket of the tile's counter between fences)
-    const int64_t splits = gridDim.z;
-    if (!last_of_group(a.counters + blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+  if constexpr (FINISH) {
     CBAM_UNROLL
     for (int q = 0; q < kHeadRowsPerThread; ++q) {
       const int64_t r = r0 + ty + q * kHeadRowStep;
-      if (r >= R || j >= a.H) continue;
-      acc_t sum = acc_t(0);
-      for (int64_t sp = 0; sp < splits; ++sp) sum += ld_cg(a.partial + (sp * R + r) * a.H + j);
-      st(a.h + r * a.H + j, head_hidden_out(a, sum, j));
+      if (r < R && j < a.H) st(a.h + r * a.H + j, head_hidden_out(a, acc[q], j));
     }
+  } else {  // partials; the tile's last split to finish sums them, + b1, act
+    head_split_tile_finish(acc, a.partial, a.counters, R, a.H, r0, j, [&](int64_t r, acc_t sum) {
+      st(a.h + r * a.H + j, head_hidden_out(a, sum, j));
+    });
   }
 }
 

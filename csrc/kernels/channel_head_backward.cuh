@@ -106,29 +106,15 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   };
   head_tile_gemm<false, true>(c_begin, c_end, load_dz, load_w2, s_a, s_b, acc);
   const int64_t j = j0 + tx;
-  CBAM_UNROLL
-  for (int q = 0; q < kHeadRowsPerThread; ++q) {
-    const int64_t n = n0 + ty + q * kHeadRowStep;
-    if (n >= a.N || j >= a.H) continue;
-    if constexpr (FINISH) {
-      head_store_dh(a, acc[q], n, j);
-    } else {
-      st(a.partial + (static_cast<int64_t>(blockIdx.z) * a.N + n) * a.H + j, acc[q]);
-    }
-  }
-  if constexpr (!FINISH) {
-    // the tile's last split to finish: g = the partials summed in split order, dh written
-    // (kernels/combine_partials.cuh)
-    const int64_t splits = gridDim.z;
-    if (!last_of_group(a.counters + blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+  if constexpr (FINISH) {
     CBAM_UNROLL
     for (int q = 0; q < kHeadRowsPerThread; ++q) {
       const int64_t n = n0 + ty + q * kHeadRowStep;
-      if (n >= a.N || j >= a.H) continue;
-      acc_t g = acc_t(0);
-      for (int64_t sp = 0; sp < splits; ++sp) g += ld_cg(a.partial + (sp * a.N + n) * a.H + j);
-      head_store_dh(a, g, n, j);
+      if (n < a.N && j < a.H) head_store_dh(a, acc[q], n, j);
     }
+  } else {  // partials; the tile's last split to finish sums them and writes dh
+    head_split_tile_finish(acc, a.partial, a.counters, a.N, a.H, n0, j,
+                           [&](int64_t n, acc_t g) { head_store_dh(a, g, n, j); });
   }
 }
 

@@ -13,7 +13,7 @@
 // result every run; rounding error grows with 32 + K / 32 terms, not K).
 #pragma once
 
-#include "kernels/common.cuh"
+#include "kernels/combine_partials.cuh"
 
 namespace cbam {
 
@@ -68,6 +68,35 @@ CBAM_DEVICE acc_t head_blocked_sum(int64_t R, const Value& v) {
     s += part;
   }
   return s;
+}
+
+// The tile of a product split over kk (grid (row tiles, column tiles, splits)): this block's
+// sums acc (rows row0 + ty + 8 q of `rows`, column col of `cols`) stored as partials [split,
+// rows, cols]; then, in the tile's last split to finish (combine_partials.cuh: a ticket of the
+// tile's counter between fences), each element's partials summed in split order and handed to
+// out(row, sum). Every thread of the block must call it.
+template <typename acc_t, typename Out>
+CBAM_DEVICE void head_split_tile_finish(const acc_t (&acc)[kHeadRowsPerThread], acc_t* partial,
+                                        int* counters, int64_t rows, int64_t cols, int64_t row0,
+                                        int64_t col, Out out) {
+  const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
+  CBAM_UNROLL
+  for (int q = 0; q < kHeadRowsPerThread; ++q) {
+    const int64_t row = row0 + ty + q * kHeadRowStep;
+    if (row < rows && col < cols) {
+      st(partial + (static_cast<int64_t>(blockIdx.z) * rows + row) * cols + col, acc[q]);
+    }
+  }
+  const int64_t splits = gridDim.z;
+  if (!last_of_group(counters + blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+  CBAM_NO_UNROLL
+  for (int q = 0; q < kHeadRowsPerThread; ++q) {  // (one copy: acc is not read here)
+    const int64_t row = row0 + ty + q * kHeadRowStep;
+    if (row >= rows || col >= cols) continue;
+    acc_t sum = acc_t(0);
+    for (int64_t sp = 0; sp < splits; ++sp) sum += ld_cg(partial + (sp * rows + row) * cols + col);
+    out(row, sum);
+  }
 }
 
 }  // namespace cbam
