@@ -419,6 +419,38 @@ def test_group_counters_grow():
     assert after.numel() >= before + 100 and int(after.abs().sum()) == 0, (before, after.numel())
 
 
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("shape", [(2, 256, 14, 14), (1, 512, 14, 14)])
+def test_block_launches(shape, layout):
+    """The kernel launches of a CBAM block (cbam_fused.CBAM, BatchNorm in its spatial gate) on
+    shapes where the reductions over the strided axis, Q1 and the channel head split over tiles
+    (the launch's bytes written exceed its outputs: partials): an eval-mode forward is 6 (the
+    two pools, the channel head's 2, the spatial head, the apply), its backward 7 (Q1, the
+    spatial head's 2, Q2, the channel head's 2, Q3), and with batch statistics 9 (the BatchNorm
+    gate's 2 more). A reduction split over tiles finishes in its launch
+    (kernels/combine_partials.cuh), so no shape adds one."""
+    gen = torch.Generator().manual_seed(37)
+    m = cbam_fused.CBAM(shape[1])  # (BatchNorm in the spatial gate by default)
+    x = rand_x(shape, torch.float32, layout, gen)
+    for train, fwd, bwd in ((False, 6, 7), (True, 8, 9)):
+        m.train(train)
+        xr = x.clone().requires_grad_()
+        with testing.use_simulator():
+            y = m(xr)
+            stats = testing.simulator_stats()
+            names_fwd = [_stat(s, "name") for s in stats]
+        n, c = shape[:2]
+        outs = {"pool_over_s": n * c * 16, "pool_over_c": x[0, 0].numel() * n * 16}  # avg max arg
+        assert any(_stat(s, "bytes_written") > outs[_stat(s, "name")] for s in stats
+                   if _stat(s, "name") in outs), "no pool split over tiles"
+        with testing.use_simulator():
+            y.backward(torch.randn(y.shape, generator=gen))
+            names_bwd = [_stat(s, "name") for s in testing.simulator_stats()]
+        assert len(names_fwd) == fwd, (train, names_fwd)
+        assert len(names_bwd) == bwd, (train, names_bwd)
+        assert names_fwd.count("channel_head") == 2 and names_bwd.count("backward_reduce") == 1
+
+
 def _stat(s, key):
     return s[key] if isinstance(s, dict) else getattr(s, key)
 
