@@ -426,8 +426,8 @@ def test_block_launches(shape, layout):
     shapes where the reductions over the strided axis, Q1 and the channel head split over tiles
     (the launch's bytes written exceed its outputs: partials): an eval-mode forward is 6 (the
     two pools, the channel head's 2, the spatial head, the apply), its backward 7 (Q1, the
-    spatial head's 2, Q2, the channel head's 2, Q3), and with batch statistics 9 (the BatchNorm
-    gate's 2 more). A reduction split over tiles finishes in its launch
+    spatial head's 2, Q2, the channel head's 2, Q3); with batch statistics 8 and 9 (the
+    BatchNorm gate's 2 more each way). A reduction split over tiles finishes in its launch
     (kernels/combine_partials.cuh), so no shape adds one."""
     gen = torch.Generator().manual_seed(37)
     m = cbam_fused.CBAM(shape[1])  # (BatchNorm in the spatial gate by default)
