@@ -328,11 +328,6 @@ def test_bitwise_equal_under_every_schedule(op):
 REDUCTIONS = [op for op in OPS if op not in X_SHAPED]
 
 
-def _sim_module():
-    from cbam_fused import _sim
-    return _sim
-
-
 @pytest.mark.parametrize("op", REDUCTIONS)
 def test_split_reductions_finish_in_one_launch(op):
     """A reduction split over tiles (the tiny tiles split every one; the normal tiles the folded
@@ -343,7 +338,8 @@ def test_split_reductions_finish_in_one_launch(op):
     loses its group's outputs (so the counters are what finishes them). Under a CUDA-graph
     capture (simulated) each launch zeroes a buffer of its own and the kept ones stay as they
     were."""
-    sim = _sim_module()
+    from cbam_fused import _sim as sim
+
     counters = torch.ops.cbam_fused_sim.group_counters
     gen = torch.Generator().manual_seed(zlib.crc32(op.encode()))
     # (layout, tiling, shape, split): a 7x7 map of 512 channels folds 4 rows of 49 into one

@@ -326,10 +326,4 @@ inline int* group_counters(const at::Tensor& like, int64_t count, std::vector<at
   return global_ptr<int>(keep.back());
 }
 
-// A 1-D grid-stride launch over `total` items.
-inline dim3 grid_1d(int64_t total) {
-  const int64_t cap = static_cast<int64_t>(num_sms()) * 16;
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(total, 256), cap))));
-}
-
 }  // namespace cbam
