@@ -67,11 +67,7 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
   if constexpr (SHIFT) {
     int64_t e[U];
     bool has[U];
-    for (int u = 0; u < U; ++u) {
-      const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
-      has[u] = i < clen;
-      e[u] = (t.n * g.R + cb + i) * g.K + t.k0;
-    }
+    shifted_step_rows<U>(t, g, cb, clen, ib, e, has);
     load_rows_shifted<U, VEC>(grad, e, has, g.N * g.R * g.K, gv);
     load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
   } else {

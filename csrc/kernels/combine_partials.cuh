@@ -74,15 +74,12 @@ CBAM_DEVICE void finish_group(const Policy& pol, const Geom& g, int64_t L) {
   const int64_t P = OVER_K ? g.nkt : g.nrt;
   if (P == 1) return;
   const TileAtEnd t = tile_at_end(g);
-  if (OVER_K) {
-    if (!last_of_group(g.counters + t.n * g.nrt + t.rt, P)) return;
-    const int64_t r0 = t.rt * g.rows_per_tile, r1 = r0 + g.rows_per_tile;
-    combine_group(pol, t.n, P, L, r0, r1 < L ? r1 : L);
-  } else {
-    if (!last_of_group(g.counters + t.n * g.nkt + t.kt, P)) return;
-    const int64_t k0 = t.kt * g.cols_per_tile, k1 = k0 + g.cols_per_tile;
-    combine_group(pol, t.n, P, L, k0, k1 < L ? k1 : L);
-  }
+  // the group: a row tile's column tiles (OVER_K) or a column tile's row tiles, and its outputs
+  const int64_t groups = OVER_K ? g.nrt : g.nkt, group = OVER_K ? t.rt : t.kt;
+  const int64_t span = OVER_K ? g.rows_per_tile : g.cols_per_tile;
+  if (!last_of_group(g.counters + t.n * groups + group, P)) return;
+  const int64_t l0 = group * span, l1 = l0 + span;
+  combine_group(pol, t.n, P, L, l0, l1 < L ? l1 : L);
 }
 
 }  // namespace cbam

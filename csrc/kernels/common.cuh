@@ -254,6 +254,20 @@ CBAM_DEVICE void load_rows_shifted(const T* x, const int64_t (&e)[U], const bool
   }
 }
 
+// The U rows of a step through a chunk of a tile's rows (rows ib + u TY + ty of the chunk at
+// row cb, of clen rows) as load_rows_shifted takes them: has[u] whether the row is in the
+// chunk, e[u] the offset of this lane's first column in it.
+template <int U>
+CBAM_DEVICE void shifted_step_rows(const TileId& t, const Geom& g, int64_t cb, int clen, int ib,
+                                   int64_t (&e)[U], bool (&has)[U]) {
+  CBAM_UNROLL
+  for (int u = 0; u < U; ++u) {
+    const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
+    has[u] = i < clen;
+    e[u] = (t.n * g.R + cb + i) * g.K + t.k0;
+  }
+}
+
 // Stores VEC values as T at p (16-byte aligned when VEC > 1).
 template <int VEC, typename T, typename acc_t>
 CBAM_DEVICE void store_from_acc(T* p, const acc_t (&in)[VEC]) {

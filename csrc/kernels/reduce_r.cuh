@@ -113,12 +113,7 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
         int64_t e[U];
         bool has[U];
         acc_t xv[U][VEC];
-        CBAM_UNROLL
-        for (int u = 0; u < U; ++u) {
-          const int i = ib + u * TY + ty;
-          has[u] = i < clen;
-          e[u] = (t.n * g.R + cb + i) * g.K + t.k0;
-        }
+        shifted_step_rows<U>(t, g, cb, clen, ib, e, has);
         load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
         if (active) fold(ib + ty, xv);
       }
