@@ -73,6 +73,8 @@ SCHEMA = "cbam_fused.bench_cbam/1"
 SCHEMA_DOC = {
     "meta": "where and when: device, versions, git commit, whether cbam_fused runs its own CUDA "
             "kernels (cbam_fused_native) or the PyTorch fallback",
+    "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "
+                           "(each the reverse of the one before on its stream) or 'forward'",
     "copy_bandwidth.gb_per_s": "device-to-device copy bandwidth of this run, bytes read + "
                                "written per second / 1e9",
     "cases[].floor_passes": "x-sized passes of the pass floor (DESIGN.md section 3): fwd 2 "
@@ -151,6 +153,11 @@ def parse_args(argv=None):
                    help="the channel gate's pools, comma list of avg,max,lp,lse (the official "
                         "code's pool_types; default avg,max). With lp or lse the timm peer is "
                         "left out (timm has neither)")
+    p.add_argument("--pass-order", default="alternate", choices=("alternate", "forward"),
+                   help="the tile order of cbam_fused's x-sized passes on CUDA (the "
+                        "set_pass_order debug op): 'alternate' (the default: each pass on a "
+                        "stream the reverse of the one before, so that it starts on what is "
+                        "still in L2) or 'forward' (every pass from its first tile), to compare")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -167,6 +174,17 @@ def parse_args(argv=None):
                         "for one lease of the GPU accumulates over several. Another device, "
                         "torch or source tree: the file is ignored (with a notice)")
     return p.parse_args(argv)
+
+
+def set_pass_order(order):
+    """Sets the tile order of cbam_fused's CUDA passes (set_pass_order debug op of the CUDA
+    build; a build without CUDA kernels has none, and its passes are the PyTorch fallback's)."""
+    try:
+        op = torch.ops.cbam_fused_debug.set_pass_order
+    except (AttributeError, RuntimeError):
+        print(f"note: --pass-order {order}: this build has no CUDA kernels", file=sys.stderr)
+        return
+    op({"forward": 0, "alternate": 1}[order])
 
 
 def _csv(s):
@@ -245,7 +263,7 @@ def settings_from(args, device):
     kernels = args.kernels == "on" or (args.kernels == "auto" and cuda)
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
-                kernels=kernels, pool_types=pool_types)
+                kernels=kernels, pool_types=pool_types, pass_order=args.pass_order)
 
 
 def make_cases(st):
@@ -687,6 +705,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        set_pass_order(st["pass_order"])
     cb = bu.copy_bandwidth(device)
     print(f"copy bandwidth: {cb['gb_per_s']:.1f} GB/s (read + write, {bu.fmt_bytes(cb['bytes_copied'])} "
           f"copied, median of {cb['reps']})")

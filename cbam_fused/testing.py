@@ -96,6 +96,9 @@ def simulator_stats() -> List[Dict]:
         bytes_vec8     and the bytes of 8-byte vector accesses (ld_vec / st_vec of 8 bytes; a
                        scalar 8-byte load is not counted): no kernel issues them now, rows that
                        are not whole 16-byte vectors take 16-byte loads shifted against them
+        regions        the memory of the launch's tensors, a (lo, hi, first) tuple of
+                       addresses each: [lo, hi) and the launch's first access to it in the order
+                       the blocks ran (0: none), where a pass over it started
     Only launches that completed are listed (a launch that raised is not).
     """
     sim = _sim_module()

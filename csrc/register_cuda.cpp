@@ -16,4 +16,5 @@ TORCH_LIBRARY(cbam_fused_debug, m) {
   m.def(cbam::kSetDebugSchema, &cbam::set_debug);
   m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
   m.def(cbam::kGroupCountersSchema, &cbam::group_counter_buffers);
+  m.def(cbam::kSetPassOrderSchema, &cbam::set_pass_order);
 }

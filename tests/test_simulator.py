@@ -332,6 +332,15 @@ def test_copy_byte_counts_exact(schedule, dtype, n, start):
     (s,) = simulator_stats()
     assert isinstance(s.pop("kernel"), int)  # the kernel function's address (its identity)
     es = x.element_size()
+    # the launch's tensors, and the first access to each: in the forward schedule block 0's
+    # thread 0, the first element
+    regions = {lo: (hi, first) for lo, hi, first in s.pop("regions")}
+    assert sorted(regions) == sorted((x.data_ptr(), out.data_ptr()))
+    for t in (x, out):
+        hi, first = regions[t.data_ptr()]
+        assert hi == t.data_ptr() + n * es
+        assert (first == t.data_ptr() if schedule[0] == "forward" else
+                t.data_ptr() <= first < hi), (schedule, t.data_ptr(), first)
     # 16-byte vectors where x and out (a new, aligned tensor) agree in alignment: whole vectors,
     # then a scalar tail; otherwise scalars only
     n_vec = n // (16 // es) if start * es % 16 == 0 else 0

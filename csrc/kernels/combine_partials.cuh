@@ -60,9 +60,9 @@ struct TileAtEnd {
 };
 CBAM_DEVICE TileAtEnd tile_at_end(const Geom& g) {
   const unsigned nkt = static_cast<unsigned>(g.nkt), nrt = static_cast<unsigned>(g.nrt);
-  const unsigned b = blockIdx.x / nkt;
+  const unsigned tb = tile_block(g.reverse), b = tb / nkt;
   return TileAtEnd{static_cast<int>(b / nrt), static_cast<int>(b % nrt),
-                   static_cast<int>(blockIdx.x % nkt)};
+                   static_cast<int>(tb % nkt)};
 }
 
 // Both steps for a reduction along k (reduce_k: partials [n, kt, r]; a group is a row tile's nkt

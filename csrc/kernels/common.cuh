@@ -9,7 +9,11 @@
 // owns VEC adjacent columns (one 16-byte vector when VEC > 1;
 // VEC > 1 only when K % VEC == 0 and the base pointers are 16-byte aligned) and walks the tile's
 // rows with stride TY. blockIdx.x enumerates (n, row tile, column tile), column tile fastest, so
-// no grid dimension other than x is used and any N, C, S fits the hardware limits.
+// no grid dimension other than x is used and any N, C, S fits the hardware limits; or, where the
+// launcher reverses the pass (Geom::reverse), the same tiles from the last: block b takes tile
+// gridDim.x - 1 - b (tile_block). Blocks start roughly in order of blockIdx, so a reversed pass
+// reads x from its end first, the bytes the previous pass read last, still in L2 when x is not
+// much larger than it (launchers/common.h next_pass_reversed).
 // Element offsets are 64-bit ((n * R + r) * K, once per row); in-row offsets are 32-bit
 // (the launchers check R, K < 2^31).
 #pragma once
@@ -45,7 +49,13 @@ struct Geom {
   int64_t rows_per_tile;  // rows in each row tile (the last one may hold fewer)
   int64_t cols_per_tile;  // columns in each column tile: TX * VEC * (vectors per lane and row)
   int* counters;          // a split reduction's group counters (combine_partials.cuh), else null
+  int reverse;            // 1: the tiles in reverse order of blockIdx (tile_block)
 };
+
+// The tile index of this block: blockIdx.x, or counted from the last where the pass is reversed.
+CBAM_DEVICE unsigned tile_block(int reverse) {
+  return reverse != 0 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+}
 
 // Rows folded into one: the vector path of the x-sized kernels (apply_gates, grad_input) for rows
 // of K0 elements, K0 not a multiple of VEC. x [N, R0, K0] is viewed as [N, R0 / G, G K0] with
@@ -69,7 +79,7 @@ struct TileId {
 
 CBAM_DEVICE TileId tile_id(const Geom& g, int vec) {
   TileId t;
-  int64_t b = blockIdx.x;
+  int64_t b = tile_block(g.reverse);
   t.kt = b % g.nkt;
   b /= g.nkt;
   t.rt = b % g.nrt;

@@ -18,7 +18,8 @@
 // w[n, 0..K) are staged once. Then the TX lanes of each row (TX = 1 for short rows) fold the
 // row's elements k = lane, lane + TX, ... in order, combine by xor shuffles (a fixed tree; the
 // max's ties go to the lower index, as everywhere) and lane 0 stores the row's result: no
-// partials, no second stage. Grid: N * ceil(R / (blockDim.x / TX)) blocks, 1-D.
+// partials, no second stage. Grid: N * ceil(R / (blockDim.x / TX)) blocks, 1-D (reverse: the
+// blocks' tiles counted from the last, tile_block).
 #pragma once
 
 #include "kernels/common.cuh"
@@ -46,7 +47,7 @@ constexpr int span_elems() {
 
 template <typename T, int VEC, bool MED, typename Policy>
 CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64_t R, int K,
-                                      int TX) {
+                                      int TX, int reverse) {
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
   constexpr int kMaxK =
@@ -56,8 +57,9 @@ CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64
   const int nt = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int rpb = nt / TX;  // rows a block
   const int64_t chunks = (R + rpb - 1) / rpb;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) / chunks;
-  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) % chunks) * rpb;
+  const int64_t tb = tile_block(reverse);
+  const int64_t n = tb / chunks;
+  const int64_t r0 = (tb % chunks) * rpb;
   const int rows = static_cast<int>(R - r0 < rpb ? R - r0 : rpb);
   const int pitch = K | 1;
 

@@ -220,6 +220,7 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   lg.ty = kBlockThreads / tx;
   Geom& g = lg.g;
   g.counters = nullptr;  // (split reductions: group_counters)
+  g.reverse = 0;         // (the x-sized passes: next_pass_reversed)
   g.N = N;
   g.R = R;
   g.K = K;
@@ -296,6 +297,23 @@ void with_rows_in_flight(F&& f) {
   } else {
     f(std::integral_constant<int, 1>{});
   }
+}
+
+// The tile order of the next x-sized pass on x's device and the current stream (Geom::reverse):
+// under debug::pass_order 1, the opposite of the pass before it there (the first: from the first
+// tile), so that consecutive passes over the same tensor meet in the L2 cache (the first blocks
+// of a pass read the bytes the last blocks of the one before it read). The tiles, their fold
+// orders and so the results are the same either way; a CUDA graph keeps the order of each
+// captured launch.
+inline int next_pass_reversed(const at::Tensor& like) {
+  if (debug::pass_order == 0) return 0;
+  PassOrderStore& s = pass_order_store();
+  const std::lock_guard<std::mutex> lock(s.mu);
+  const auto d = like.device();
+  bool& next = s.reversed[{static_cast<int>(d.type()), d.index(), stream_id()}];
+  const int reverse = next ? 1 : 0;
+  next = !next;
+  return reverse;
 }
 
 // The zeroed counters of a launch's `count` groups (a reduction split over tiles: the last block

@@ -19,8 +19,9 @@ template <typename T, int VEC, bool FOLD>
 void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
                      const at::Tensor& gs, int G) {
   using acc_t = at::opmath_type<T>;
-  const LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 0, sizeof(T), "apply_gates",
-                                    SpanLanes::kIfFuller);
+  LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 0, sizeof(T), "apply_gates",
+                              SpanLanes::kIfFuller);
+  lg.g.reverse = next_pass_reversed(v.x);
   const Fold f = fold_of(v, G);
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
@@ -38,7 +39,8 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
   // the global bytes behind a column's GradSide: the index is read as int64, and lp with dlp
   const int64_t staged = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>)) + 4 +
                          (LPLSE ? static_cast<int64_t>(sizeof(acc_t)) : 0);
-  const LaunchGeom lg = folded_geom(v, G, VEC, 1, staged, 0, sizeof(T), op, SpanLanes::kIfFuller);
+  LaunchGeom lg = folded_geom(v, G, VEC, 1, staged, 0, sizeof(T), op, SpanLanes::kIfFuller);
+  lg.g.reverse = next_pass_reversed(v.x);
   const Fold f = fold_of(v, G);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {

@@ -89,6 +89,13 @@ inline int side_share = kDefaultSideShare;
 // partials for the second stage.
 constexpr int kDefaultKTileVectors = 4;
 inline int k_tile_vectors = kDefaultKTileVectors;
+// The order of the tiles of the x-sized passes (launchers/common.h next_pass_reversed): 0, every
+// pass from the first tile; 1, each pass on a stream in the reverse order of the one before it
+// there, so that it starts on the bytes that pass read last (L2 hits where x is not much larger
+// than the L2: a block's pools over S and over C, then the apply, or Q1, Q2 and Q3 of its
+// backward). Argued, not yet timed: a GPU run compares the two (bench_cbam.py --pass-order).
+constexpr int kDefaultPassOrder = 1;
+inline int pass_order = kDefaultPassOrder;
 }  // namespace debug
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_over_s(const at::Tensor& x,
@@ -234,6 +241,17 @@ inline GroupCounterStore& group_counter_store() {
   static auto* store = new GroupCounterStore();
   return *store;
 }
+// Whether the next x-sized pass on each device and stream runs reversed (next_pass_reversed;
+// none yet: from the first tile).
+struct PassOrderStore {
+  std::mutex mu;
+  std::map<std::tuple<int, int, int64_t>, bool> reversed;  // (device type, index, stream)
+};
+inline PassOrderStore& pass_order_store() {
+  static auto* store = new PassOrderStore();
+  return *store;
+}
+
 // The kept buffers (the group_counters debug op): every counter is zero between launches.
 inline std::vector<at::Tensor> group_counter_buffers() {
   GroupCounterStore& s = group_counter_store();
@@ -247,10 +265,25 @@ inline std::vector<at::Tensor> group_counter_buffers() {
 inline constexpr const char* kSetDebugSchema =
     "set_debug(bool poison_outputs, int tile_mode) -> ()";
 inline constexpr const char* kGroupCountersSchema = "group_counters() -> Tensor[]";
+inline constexpr const char* kSetPassOrderSchema = "set_pass_order(int mode) -> int";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
     "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=16, "
     "int k_tile_vectors=4) -> int[]";
+
+// Sets debug::pass_order (the set_pass_order debug op): 0, every x-sized pass from its first
+// tile; 1, alternating. Either way the next pass on every stream then runs from the first tile.
+// Returns the previous mode.
+inline int64_t set_pass_order(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, "set_pass_order: mode must be 0 (every pass forward) or 1 "
+              "(alternating), got ", mode);
+  PassOrderStore& s = pass_order_store();
+  const std::lock_guard<std::mutex> lock(s.mu);
+  const int64_t old = debug::pass_order;
+  debug::pass_order = static_cast<int>(mode);
+  s.reversed.clear();
+  return old;
+}
 
 // Sets the debug knobs above (the body of the debug ops).
 inline void set_debug(bool poison_outputs, int64_t tile_mode) {

@@ -21,6 +21,7 @@ TORCH_LIBRARY(cbam_fused_sim, m) {
   m.def(cbam::kSetDebugSchema, &cbam::set_debug);
   m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
   m.def(cbam::kGroupCountersSchema, &cbam::group_counter_buffers);
+  m.def(cbam::kSetPassOrderSchema, &cbam::set_pass_order);
 }
 
 TORCH_LIBRARY_IMPL(cbam_fused_sim, CPU, m) { cbam::impl_ops(m); }

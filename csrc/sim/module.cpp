@@ -108,6 +108,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           d["bytes_written"] = s.bytes_written;
           d["bytes_vec"] = s.bytes_vec;
           d["bytes_vec8"] = s.bytes_vec8;
+          py::list regions;
+          for (const auto& r : s.regions) regions.append(py::make_tuple(r.lo, r.hi, r.first));
+          d["regions"] = regions;
           out.append(d);
         }
         return out;
@@ -116,7 +119,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "of the kernel function: which template instance ran), grid, block, "
       "smem_bytes (dynamic shared memory), bytes_read, bytes_written (global memory), "
       "bytes_vec (of those, the bytes of 16-byte accesses), bytes_vec8 (and of 8-byte vector "
-      "accesses).");
+      "accesses), regions (the memory of the launch's tensors as (lo, hi, first) addresses, "
+      "first the launch's first access to it, in the order the blocks ran; 0 if none).");
   m.def("clear_launch_stats", &cbam::sim::clear_launch_stats);
   m.def("num_launch_stats", []() { return cbam::sim::launch_stats().size(); });
 

@@ -744,6 +744,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   s.error.clear();
   g_gridDim = grid;
   g_blockDim = block;
+  for (const Region& r : t_last) r.first = 0;
   g_mem.regions = t_last.data();
   g_mem.n_regions = t_last.size();
   g_mem.bytes_read = 0;
@@ -790,7 +791,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   }
   s.stats.push_back(LaunchStat{name, reinterpret_cast<uintptr_t>(kernel), grid, block,
                                smem_bytes, g_mem.bytes_read, g_mem.bytes_written,
-                               g_mem.bytes_vec, g_mem.bytes_vec8});
+                               g_mem.bytes_vec, g_mem.bytes_vec8, t_last});
 }
 
 void set_max_dynamic_smem(const void* kernel, long long bytes) {

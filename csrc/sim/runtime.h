@@ -167,6 +167,9 @@ uint32_t warp_op(Op op, uint32_t mask, void* value, unsigned size, int arg, int 
 struct Region {
   uintptr_t lo, hi;  // [lo, hi)
   bool writable;
+  // the address of the launch's first access to the region, in the order the blocks and threads
+  // ran (0: none yet): where a pass over a tensor starts (the tile order of a reversed pass)
+  mutable uintptr_t first = 0;
 };
 
 struct MemState {
@@ -190,6 +193,7 @@ inline void check_access(const void* p, size_t bytes, size_t align, bool write, 
   for (size_t i = 0; i < g_mem.n_regions; ++i) {
     const Region& r = g_mem.regions[i];
     if (a >= r.lo && a + bytes <= r.hi && (r.writable || !write)) {
+      if (r.first == 0) r.first = a;
       (write ? g_mem.bytes_written : g_mem.bytes_read) += bytes;
       if (bytes == 16) g_mem.bytes_vec += bytes;
       if (vec && bytes == 8) g_mem.bytes_vec8 += bytes;
@@ -242,6 +246,7 @@ struct LaunchStat {
   dim3 grid, block;
   size_t smem_bytes;
   uint64_t bytes_read, bytes_written, bytes_vec, bytes_vec8;
+  std::vector<Region> regions;  // the launch's tensors, with the first access to each
 };
 std::vector<LaunchStat> launch_stats();
 void clear_launch_stats();
