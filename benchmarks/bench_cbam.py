@@ -97,6 +97,12 @@ SCHEMA_DOC = {
                                 "sees); null for the torch.compile peers and on the CPU",
     "cases[].peers[].graph_frac_copy_bw": "floor_bytes / graph_ms / copy bandwidth",
     "cases[].peers[].speedup_of_fused_graph": "this peer's graph_ms / cbam_fused's graph_ms",
+    "cases[].peers[].graph_ms_forward_order": "cbam_fused under --pass-order both: graph_ms "
+                                              "with every x-sized pass from its first tile "
+                                              "(graph_ms: alternating)",
+    "summary.*.geomean_forward_over_alternate": "--pass-order both: the geometric mean over the "
+                                                "cases of graph_ms_forward_order / graph_ms "
+                                                "(> 1: alternating is faster)",
     "cases[].peers[].graph_error": "why the graph timing failed, if it did (median_ms stands)",
     "cases[].peers[].error": "why the peer failed, if it did",
     "cases[].peers[].skipped": "why the peer was not run, if it was not (e.g. time budget)",
@@ -153,11 +159,13 @@ def parse_args(argv=None):
                    help="the channel gate's pools, comma list of avg,max,lp,lse (the official "
                         "code's pool_types; default avg,max). With lp or lse the timm peer is "
                         "left out (timm has neither)")
-    p.add_argument("--pass-order", default="alternate", choices=("alternate", "forward"),
+    p.add_argument("--pass-order", default="alternate", choices=("alternate", "forward", "both"),
                    help="the tile order of cbam_fused's x-sized passes on CUDA (the "
                         "set_pass_order debug op): 'alternate' (the default: each pass on a "
                         "stream the reverse of the one before, so that it starts on what is "
-                        "still in L2) or 'forward' (every pass from its first tile), to compare")
+                        "still in L2), 'forward' (every pass from its first tile), or 'both' "
+                        "(alternate, and cbam_fused's CUDA-graph time again with every pass "
+                        "forward: graph_ms_forward_order)")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -450,6 +458,13 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
             if r["graph_ms"]:
                 r["graph_frac_copy_bw"] = (rec["floor_bytes"] / (r["graph_ms"] * 1e-3) / 1e9
                                            / copy_gbps if copy_gbps else None)
+                if name == FUSED and st.get("pass_order") == "both":
+                    set_pass_order("forward")
+                    try:
+                        r["graph_ms_forward_order"] = graph_time(run, device, name, len(xs),
+                                                                 tm.get("graph_reps", 10))
+                    finally:
+                        set_pass_order("alternate")
         except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
@@ -488,6 +503,11 @@ def summarize(cases, peers):
                             [v for v in sp if v])
                     s["mean_graph_frac_copy_bw" if key else "mean_frac_copy_bw"][p] = \
                         sum(fr) / len(fr) if fr else None
+            ratios = [f["graph_ms_forward_order"] / f["graph_ms"] for f in
+                      (c["peers"].get(FUSED, {}) for c in sel)
+                      if f.get("graph_ms_forward_order") and f.get("graph_ms")]
+            if ratios:
+                s["geomean_forward_over_alternate"] = bu.geomean(ratios)
             out[f"{mode}/{dt}"] = s
     return out
 
@@ -589,6 +609,9 @@ def print_results(res):
         if gsp or gfr:
             print(f"  {k:16s} in CUDA graphs: {gsp or '-'}"
                   + (f"; cbam_fused {100 * gfr:.2g}% of copy bw" if gfr else ""))
+        if s.get("geomean_forward_over_alternate"):
+            print(f"  {k:16s} cbam_fused in CUDA graphs, every pass forward / alternating: "
+                  f"{s['geomean_forward_over_alternate']:.3f}x the time")
     errs = [(c["id"], p, r["error"]) for c in res["cases"] for p, r in c["peers"].items()
             if r["error"]]
     for cid, p, e in errs[:20]:
@@ -705,7 +728,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        set_pass_order(st["pass_order"])
+        set_pass_order("forward" if st["pass_order"] == "forward" else "alternate")
     cb = bu.copy_bandwidth(device)
     print(f"copy bandwidth: {cb['gb_per_s']:.1f} GB/s (read + write, {bu.fmt_bytes(cb['bytes_copied'])} "
           f"copied, median of {cb['reps']})")

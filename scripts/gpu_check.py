@@ -105,8 +105,10 @@ PART_OPTIONS = {
         tests="gpu",  # pytest -m gpu: the GPU tests only (CI runs the rest on every commit)
         sanitizer=("memcheck", "racecheck"),
         # issue 4's two configurations at batch 64, the peers that compile in seconds
+        # (--pass-order both: cbam_fused's graph time again with every pass from its first
+        # tile, to time the alternating tile order, launchers/common.h next_pass_reversed)
         bench_cbam=["--quick", "--dtype", "bfloat16,float32",
-                    "--peers", "official,timm,compile,cbam_fused"],
+                    "--peers", "official,timm,compile,cbam_fused", "--pass-order", "both"],
         bench_network=["--quick"]),
     "extra": dict(
         tests="all",
@@ -1013,6 +1015,14 @@ def write_summary(d, part_dirs):
                 fr = (s.get("mean_graph_frac_copy_bw") or {}).get("cbam_fused")
                 L.append(f"| {k} | " + " | ".join(cells) +
                          (f" | {100 * fr:.2g}% |" if fr else " | - |"))
+            L.append("")
+        order = {k: s["geomean_forward_over_alternate"] for k, s in bc.get("summary", {}).items()
+                 if s.get("geomean_forward_over_alternate")}
+        if order:
+            L.append("Tile order of the passes (--pass-order both): cbam_fused's graph time with "
+                     "every pass from its first tile over its time with alternating orders "
+                     "(geometric mean; > 1: alternating is faster): " +
+                     ", ".join(f"{k} {v:.3f}x" for k, v in order.items()) + ".")
             L.append("")
         L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused host | "
                  "fused graph | fused GB/s | fused %copy | fused peak mem |")

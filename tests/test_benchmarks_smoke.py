@@ -67,7 +67,8 @@ def _check_meta(meta):
 
 def test_bench_cbam_cpu_quick(tmp_path):
     res, png, out = _run("bench_cbam.py", ["--shapes", "tiny", "--modes", "fwd,train", "--reps", "3",
-                                                 "--warmup", "1", "--kernels", "on"], tmp_path)
+                                                 "--warmup", "1", "--kernels", "on",
+                                                 "--pass-order", "both"], tmp_path)
     assert res["schema"] == "cbam_fused.bench_cbam/1" and res["finished"] is True
     for k in ("schema_doc", "meta", "settings", "copy_bandwidth", "cases", "summary"):
         assert k in res, k
@@ -88,12 +89,16 @@ def test_bench_cbam_cpu_quick(tmp_path):
                       "speedup_of_fused_graph", "graph_error"):
                 assert k in r, k
             assert r["median_ms"] > 0 and r["speedup_of_fused"] > 0
-            # CUDA-graph timing: GPU only, and not an error on the CPU
+            # CUDA-graph timing: GPU only, and not an error on the CPU (nor the second
+            # tile order's)
             assert r["graph_ms"] is None and r["graph_error"] is None, r
+            assert "graph_ms_forward_order" not in r, r
         if c["mode"] == "fwd":
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
+    assert res["settings"]["pass_order"] == "both"
     for s in res["summary"].values():
         assert "geomean_speedup_of_fused_graph" in s and "mean_graph_frac_copy_bw" in s
+        assert "geomean_forward_over_alternate" not in s
     _check_kernels(res["kernels"])
     assert "each op alone" in out
     _check_png(png)

@@ -3,6 +3,7 @@ the build and the whole test suite, which would rebuild and rerun this very suit
 part's GPU-test selection runs, its tests skipped here), the `extra` part's steps, and the merge
 of the parts' folders. Checks the files, the step records and the summary, never a time."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -197,3 +198,42 @@ def test_summary_sweep_and_per_op_tables(tmp_path):
     text = (old / "summary.md").read_text()
     assert "## Launcher tuning sweep" in text and "### Each op alone" in text
     assert "| pool_over_s | 256x56x56 | float32 nchw | 77.7 us | 2647 | 62.2% | - | - |" in text
+
+
+def test_summary_compares_the_tile_orders(tmp_path):
+    """bench_cbam --pass-order both: cbam_fused's graph time with every pass forward over its
+    time with alternating tile orders, as a geometric mean per mode and dtype in bench_cbam's
+    summary and a line of summary.md; a run without it has neither."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_cbam as bc
+    import gpu_check
+
+    src = os.path.join(ROOT, "benchmarks", "results", "2026-11-26-h200", "bench_cbam.json")
+    with open(src) as f:
+        layer = json.load(f)
+    ratios = {}
+    for i, c in enumerate(layer["cases"]):
+        f = c["peers"]["cbam_fused"]
+        f["graph_ms"] = 0.1 + 0.01 * i
+        if c["mode"] == "fwd" and c["dtype"] == "bfloat16":
+            r = 1.0 + 0.02 * (i % 5)
+            f["graph_ms_forward_order"] = f["graph_ms"] * r
+            ratios.setdefault(c["batch"], []).append(r)
+    layer["summary"] = bc.summarize(layer["cases"], layer["settings"]["peers"])
+    want = math.exp(sum(math.log(r) for rs in ratios.values() for r in rs) /
+                    sum(len(rs) for rs in ratios.values()))
+    got = layer["summary"]["fwd/bfloat16"]["geomean_forward_over_alternate"]
+    assert abs(got - want) < 1e-12 and got > 1
+    assert all("geomean_forward_over_alternate" not in s for k, s in layer["summary"].items()
+               if k != "fwd/bfloat16")
+    (tmp_path / "bench_cbam.json").write_text(json.dumps(layer))
+    gpu_check.write_summary(str(tmp_path), [str(tmp_path)])
+    text = (tmp_path / "summary.md").read_text()
+    assert f"(geometric mean; > 1: alternating is faster): fwd/bfloat16 {want:.3f}x." in text
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "bench_cbam.json").write_text(open(src).read())
+    gpu_check.write_summary(str(old), [str(old)])
+    assert "Tile order of the passes" not in (old / "summary.md").read_text()
