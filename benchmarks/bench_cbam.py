@@ -74,7 +74,8 @@ SCHEMA_DOC = {
     "meta": "where and when: device, versions, git commit, whether cbam_fused runs its own CUDA "
             "kernels (cbam_fused_native) or the PyTorch fallback",
     "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "
-                           "(each the reverse of the one before on its stream) or 'forward'",
+                           "(by the pass before on the stream: launchers/common.h "
+                           "next_pass_reversed), 'forward', or 'both' (graph_ms_forward_order)",
     "copy_bandwidth.gb_per_s": "device-to-device copy bandwidth of this run, bytes read + "
                                "written per second / 1e9",
     "cases[].floor_passes": "x-sized passes of the pass floor (DESIGN.md section 3): fwd 2 "
@@ -161,11 +162,12 @@ def parse_args(argv=None):
                         "left out (timm has neither)")
     p.add_argument("--pass-order", default="alternate", choices=("alternate", "forward", "both"),
                    help="the tile order of cbam_fused's x-sized passes on CUDA (the "
-                        "set_pass_order debug op): 'alternate' (the default: each pass on a "
-                        "stream the reverse of the one before, so that it starts on what is "
-                        "still in L2), 'forward' (every pass from its first tile), or 'both' "
-                        "(alternate, and cbam_fused's CUDA-graph time again with every pass "
-                        "forward: graph_ms_forward_order)")
+                        "set_pass_order debug op): 'alternate' (the default: a pass over the "
+                        "tensors of the pass before it on the stream in the reverse order of "
+                        "that one, so that it starts on what is still in L2, a pass over other "
+                        "tensors from its last tile), 'forward' (every pass from its first "
+                        "tile), or 'both' (alternate, and cbam_fused's CUDA-graph time again "
+                        "with every pass forward: graph_ms_forward_order)")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

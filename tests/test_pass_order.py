@@ -1,11 +1,13 @@
-"""The tile order of the x-sized passes (launchers/common.h next_pass_reversed): each pass on a
-stream runs its tiles in the reverse order of the pass before it there, so that its first blocks
-read the bytes the previous pass read last (L2 hits on a GPU where x is not much larger than the
-L2). Through the simulator, which starts the blocks in order of blockIdx as a GPU roughly does
-and records where each launch first touched each tensor (launch stats' regions): every x-sized
-op, on shapes that reach each of its kernels, starts in the first sample, then in the last, with
-the same bits and the CPU kernel's values; under set_pass_order(0) every pass starts in the first;
-a CBAM block's pools, apply, Q1, Q2 and Q3 alternate."""
+"""The tile order of the x-sized passes (launchers/common.h next_pass_reversed): a pass over a
+tensor the pass before it on the stream touched runs its tiles in the reverse order of that one,
+so that its first blocks read the bytes that pass touched last (L2 hits on a GPU where x is not
+much larger than the L2); a pass over other tensors runs from its last tile (their writer most
+likely wrote them first to last). Through the simulator, which starts the blocks in order of
+blockIdx as a GPU roughly does and records where each launch first touched each tensor (launch
+stats' regions): every x-sized op, on shapes that reach each of its kernels, called three times
+on the same tensors starts in the last sample, the first, the last, with the same bits and the
+CPU kernel's values; under set_pass_order(0) every pass starts in the first; a CBAM block's
+pools, apply, Q1, Q2 and Q3 follow the rule."""
 import zlib
 
 import pytest
@@ -38,7 +40,7 @@ CASES = [
 @pytest.fixture(autouse=True)
 def poisoned_alternating():
     torch.ops.cbam_fused_sim.set_debug(True, TILE_NORMAL)
-    old = torch.ops.cbam_fused_sim.set_pass_order(1)  # (also: the next pass from the first tile)
+    old = torch.ops.cbam_fused_sim.set_pass_order(1)  # (also: the passes before are forgotten)
     yield
     torch.ops.cbam_fused_sim.set_pass_order(old)
     torch.ops.cbam_fused_sim.set_debug(False, TILE_NORMAL)
@@ -87,8 +89,9 @@ def test_each_pass_reverses_the_one_before(op):
         finally:
             tile_mode(TILE_NORMAL)
         case = (op, shape, layout, mode)
-        assert all(f < 0.5 for f in f_first + f_third), (case, f_first, f_third)
-        assert all(f >= 0.5 for f in f_second), (case, f_second)
+        # new tensors: from the last tile; then the reverse of the call before, on the same ones
+        assert all(f >= 0.5 for f in f_first + f_third), (case, f_first, f_third)
+        assert all(f < 0.5 for f in f_second), (case, f_second)
         assert all(f < 0.5 for _, fs in plain for f in fs), (case, plain)
         check_same(op, first, want, x, layout)
         for got in (second, third, plain[0][0], plain[1][0]):
@@ -101,9 +104,10 @@ X_PASSES = ("pool_over_s", "pool_over_c", "apply_gates", "backward_reduce",
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 def test_a_blocks_passes_alternate(layout):
-    """A CBAM block (channel first, eval mode): the pools over S and over C, the apply, then the
-    backward's Q1, Q2 and Q3 start in the first sample, the last, the first, and so on; the
-    heads' launches between them do not count."""
+    """A CBAM block (channel first, eval mode), its passes and where they start: the pool over S
+    (a new x: from the last tile), the pool over C and the apply (x again: first, last); the
+    backward's Q1 (x again, with g: first), Q2 (x: last), Q3 (g and a new dx, not Q2's x: from
+    the last tile). The heads' launches between them do not count."""
     gen = torch.Generator().manual_seed(41)
     m = cbam_fused.CBAM(64).eval()
     x = rand_x((2, 64, 6, 6), torch.float32, layout, gen).requires_grad_()
@@ -113,8 +117,9 @@ def test_a_blocks_passes_alternate(layout):
         y.backward(torch.randn(y.shape, generator=gen))
         stats = [s for s in testing.simulator_stats() if s["name"] in X_PASSES]
     assert [s["name"] for s in stats] == list(X_PASSES)
-    for i, fr in enumerate(starts(stats, x_bytes)):
-        assert all((f >= 0.5) == (i % 2 == 1) for f in fr), (stats[i]["name"], i, fr)
+    from_last = [True, False, True, False, True, True]
+    for s, fr, last in zip(stats, starts(stats, x_bytes), from_last):
+        assert all((f >= 0.5) == last for f in fr), (s["name"], fr)
 
 
 def test_set_pass_order_checks_its_mode():

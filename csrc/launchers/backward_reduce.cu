@@ -22,7 +22,7 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
   LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 2 * sizeof(acc_t), sizeof(T), op,
                               FOLD ? SpanLanes::kAlways : SpanLanes::kNever);
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
-  lg.g.reverse = next_pass_reversed(v.x);
+  lg.g.reverse = next_pass_reversed({&g, &v.x});
   const auto opts = v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // (partials poisoned under the debug knob, as outputs: a group's last block must not read
   // one before it is written)

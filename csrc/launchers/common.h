@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <c10/core/DeviceGuard.h>
@@ -299,21 +301,39 @@ void with_rows_in_flight(F&& f) {
   }
 }
 
-// The tile order of the next x-sized pass on x's device and the current stream (Geom::reverse):
-// under debug::pass_order 1, the opposite of the pass before it there (the first: from the first
-// tile), so that consecutive passes over the same tensor meet in the L2 cache (the first blocks
-// of a pass read the bytes the last blocks of the one before it read). The tiles, their fold
-// orders and so the results are the same either way; a CUDA graph keeps the order of each
-// captured launch.
-inline int next_pass_reversed(const at::Tensor& like) {
+// The tile order of an x-sized pass (Geom::reverse) on the current stream, from the x-sized
+// tensors it reads and writes (`touched`; undefined ones skipped) and the pass before it there.
+// Under debug::pass_order 1: where it touches a tensor that pass touched, the opposite of that
+// pass's order, so that it starts on the bytes that pass touched last (a block's pool over C
+// after its pool over S, the apply after that, Q2 after Q1); where it touches none, from the
+// last tile, since the kernel that wrote its input most likely wrote it first to last (a
+// convolution before the block; the loss's backward before Q1). A pass's last blocks then touch
+// the start of its tensors, where the next reader most likely begins (the apply's y; Q3's dx).
+// Blocks start roughly in order of blockIdx; the tiles, their fold orders and so the results
+// are the same either way, and a CUDA graph keeps the order of each captured launch. A tensor
+// freed and another allocated at its address counts as the same: a guess either way.
+inline int next_pass_reversed(std::initializer_list<const at::Tensor*> touched) {
   if (debug::pass_order == 0) return 0;
+  std::vector<const void*> ptrs;
+  c10::Device device(c10::kCPU);
+  for (const at::Tensor* t : touched) {
+    if (t != nullptr && t->defined()) {
+      ptrs.push_back(t->data_ptr());
+      device = t->device();
+    }
+  }
   PassOrderStore& s = pass_order_store();
   const std::lock_guard<std::mutex> lock(s.mu);
-  const auto d = like.device();
-  bool& next = s.reversed[{static_cast<int>(d.type()), d.index(), stream_id()}];
-  const int reverse = next ? 1 : 0;
-  next = !next;
-  return reverse;
+  PassOrderStore::Last& last = s.last[{static_cast<int>(device.type()), device.index(),
+                                       stream_id()}];
+  bool related = false;
+  for (const void* p : ptrs) {
+    related = related || std::find(last.touched.begin(), last.touched.end(), p) !=
+                             last.touched.end();
+  }
+  last.reversed = related ? !last.reversed : true;
+  last.touched = std::move(ptrs);
+  return last.reversed ? 1 : 0;
 }
 
 // The zeroed counters of a launch's `count` groups (a reduction split over tiles: the last block

@@ -21,7 +21,7 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
   using acc_t = at::opmath_type<T>;
   LaunchGeom lg = folded_geom(v, G, VEC, 1, sizeof(acc_t), 0, sizeof(T), "apply_gates",
                               SpanLanes::kIfFuller);
-  lg.g.reverse = next_pass_reversed(v.x);
+  lg.g.reverse = next_pass_reversed({&v.x, &y});
   const Fold f = fold_of(v, G);
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
@@ -40,7 +40,7 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
   const int64_t staged = static_cast<int64_t>(sizeof(GradSide<acc_t, LPLSE>)) + 4 +
                          (LPLSE ? static_cast<int64_t>(sizeof(acc_t)) : 0);
   LaunchGeom lg = folded_geom(v, G, VEC, 1, staged, 0, sizeof(T), op, SpanLanes::kIfFuller);
-  lg.g.reverse = next_pass_reversed(v.x);
+  lg.g.reverse = next_pass_reversed({&v.x, &x, &dx});
   const Fold f = fold_of(v, G);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
   with_rows_in_flight<VEC>([&](auto u) {

@@ -90,10 +90,11 @@ inline int side_share = kDefaultSideShare;
 constexpr int kDefaultKTileVectors = 4;
 inline int k_tile_vectors = kDefaultKTileVectors;
 // The order of the tiles of the x-sized passes (launchers/common.h next_pass_reversed): 0, every
-// pass from the first tile; 1, each pass on a stream in the reverse order of the one before it
-// there, so that it starts on the bytes that pass read last (L2 hits where x is not much larger
-// than the L2: a block's pools over S and over C, then the apply, or Q1, Q2 and Q3 of its
-// backward). Argued, not yet timed: a GPU run compares the two (bench_cbam.py --pass-order).
+// pass from the first tile; 1, a pass over a tensor the pass before it on the stream touched in
+// the reverse order of that one, so that it starts on the bytes that pass touched last (L2 hits
+// where x is not much larger than the L2: a block's pools over S and over C, then the apply;
+// Q1, then Q2), and a pass over other tensors from its last tile. Argued, not yet timed: a GPU
+// run compares the two (bench_cbam.py --pass-order both).
 constexpr int kDefaultPassOrder = 1;
 inline int pass_order = kDefaultPassOrder;
 }  // namespace debug
@@ -241,11 +242,15 @@ inline GroupCounterStore& group_counter_store() {
   static auto* store = new GroupCounterStore();
   return *store;
 }
-// Whether the next x-sized pass on each device and stream runs reversed (next_pass_reversed;
-// none yet: from the first tile).
+// The last x-sized pass on each device and stream: its tensors and tile order
+// (launchers/common.h next_pass_reversed).
 struct PassOrderStore {
+  struct Last {
+    std::vector<const void*> touched;  // the data of the x-sized tensors it read or wrote
+    bool reversed = false;
+  };
   std::mutex mu;
-  std::map<std::tuple<int, int, int64_t>, bool> reversed;  // (device type, index, stream)
+  std::map<std::tuple<int, int, int64_t>, Last> last;  // (device type, index, stream)
 };
 inline PassOrderStore& pass_order_store() {
   static auto* store = new PassOrderStore();
@@ -272,16 +277,16 @@ inline constexpr const char* kSetTuningSchema =
     "int k_tile_vectors=4) -> int[]";
 
 // Sets debug::pass_order (the set_pass_order debug op): 0, every x-sized pass from its first
-// tile; 1, alternating. Either way the next pass on every stream then runs from the first tile.
-// Returns the previous mode.
+// tile; 1, by the pass before it (next_pass_reversed). Either way the passes before are
+// forgotten: the next pass on every stream counts as over new tensors. Returns the previous mode.
 inline int64_t set_pass_order(int64_t mode) {
   TORCH_CHECK(mode == 0 || mode == 1, "set_pass_order: mode must be 0 (every pass forward) or 1 "
-              "(alternating), got ", mode);
+              "(by the pass before), got ", mode);
   PassOrderStore& s = pass_order_store();
   const std::lock_guard<std::mutex> lock(s.mu);
   const int64_t old = debug::pass_order;
   debug::pass_order = static_cast<int>(mode);
-  s.reversed.clear();
+  s.last.clear();
   return old;
 }
 

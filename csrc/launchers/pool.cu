@@ -85,7 +85,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
       v, G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T), op,
       over_k || SHIFTED ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
-  lg.g.reverse = next_pass_reversed(v.x);
+  lg.g.reverse = next_pass_reversed({&v.x});
   const Fold f = fold_of(v, G);
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
@@ -153,7 +153,7 @@ void run_staged_rows(const char* op, const XView& v, const Policy& pol) {
                    (rpb * row_bytes) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(blocks)), block(kShortRows);
   const int tx = kShortRows / rpb;
-  const int reverse = next_pass_reversed(v.x);
+  const int reverse = next_pass_reversed({&v.x});
   if (vec) {
     launch(op, &reduce_k_rows_kernel<T, V, MED, Policy>, grid, block, 0, global_ptr<T>(v.x), pol,
            R, static_cast<int>(K), tx, reverse);
