@@ -12,8 +12,9 @@
 // no grid dimension other than x is used and any N, C, S fits the hardware limits; or, where the
 // launcher reverses the pass (Geom::reverse), the same tiles from the last: block b takes tile
 // gridDim.x - 1 - b (tile_block). Blocks start roughly in order of blockIdx, so a reversed pass
-// reads x from its end first, the bytes the previous pass read last, still in L2 when x is not
-// much larger than it (launchers/common.h next_pass_reversed).
+// reads x from its end first: the launcher reverses a pass where that end is what the pass
+// before it touched last, still in L2 when x is not much larger than it
+// (launchers/common.h next_pass_reversed).
 // Element offsets are 64-bit ((n * R + r) * K, once per row); in-row offsets are 32-bit
 // (the launchers check R, K < 2^31).
 #pragma once
