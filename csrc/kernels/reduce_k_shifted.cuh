@@ -16,12 +16,12 @@
 // loads of all of them issued first: up to kReduceKVectors 16-byte loads in flight), its tail
 // elements; then the TX lanes of the row combine by xor shuffles (fixed tree; the max's ties go
 // to the lower index) and lane 0 writes the row's final value (nkt == 1) or its partial
-// [n, kt, r] for the row tile's last block (finish_group, combine_partials.cuh). The weights of the columns a tile may touch,
-// [k_begin - VEC + 1, k_end + VEC - 1) (h differs from row to row, and the last tile's tail may
-// start before k_begin), are staged once per tile in column order with one empty slot after
-// every VEC (padded_slot): the lanes, VEC columns apart, read distinct banks whatever the row's
-// h. Where reduce_k would load such a row one element (2 or 4 bytes) at a time, every element
-// but at most 2 (VEC - 1) a row moves in 16-byte loads.
+// [n, kt, r] for the row tile's last block (finish_group, combine_partials.cuh). The weights of
+// the columns a tile may touch, [k_begin - VEC + 1, k_end + VEC - 1) (h differs from row to
+// row, and the last tile's tail may start before k_begin), are staged once per tile in column
+// order with one empty slot after every VEC (padded_slot): the lanes, VEC columns apart, read
+// distinct banks whatever the row's h. Where reduce_k would load such a row one element (2 or 4
+// bytes) at a time, every element but at most 2 (VEC - 1) a row moves in 16-byte loads.
 #pragma once
 
 #include "kernels/reduce_k.cuh"

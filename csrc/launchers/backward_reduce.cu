@@ -1,9 +1,9 @@
 // Launcher of backward_reduce (Q1, kernels/backward_reduce.cuh): rc [N, C] and rs [N, S] in one
 // pass over grad and x, one launch (where a reduction spans several tiles, the last block of each
-// group of tiles sums their partials in order: kernels/combine_partials.cuh). Rows of K % VEC != 0 fold into whole vectors
-// (backward_reduce_folded_kernel) where one tile spans a folded row; else they are loaded
-// shifted (backward_reduce_kernel's SHIFT) where g and x are 16-byte aligned; else one element a
-// load.
+// group of tiles sums their partials in order: kernels/combine_partials.cuh). Rows of
+// K % VEC != 0 fold into whole vectors (backward_reduce_folded_kernel) where one tile spans a
+// folded row; else they are loaded shifted (backward_reduce_kernel's SHIFT) where g and x are
+// 16-byte aligned; else one element a load.
 #include "kernels/backward_reduce.cuh"
 #include "launchers/common.h"
 

@@ -9,7 +9,6 @@
 #include <numeric>
 #include <optional>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include <c10/core/DeviceGuard.h>
@@ -301,8 +300,14 @@ void with_rows_in_flight(F&& f) {
   }
 }
 
+// The key of the current stream of device d in the launchers' per-stream stores.
+inline StreamKey stream_key(const c10::Device& d) {
+  return {static_cast<int>(d.type()), d.index(), stream_id()};
+}
+
 // The tile order of an x-sized pass (Geom::reverse) on the current stream, from the x-sized
-// tensors it reads and writes (`touched`; undefined ones skipped) and the pass before it there.
+// tensors it reads and writes (`touched`, at most PassOrderStore::kMaxTouched; undefined ones
+// skipped) and the pass before it there.
 // Under debug::pass_order 1: where it touches a tensor that pass touched, the opposite of that
 // pass's order, so that it starts on the bytes that pass touched last (a block's pool over C
 // after its pool over S, the apply after that, Q2 after Q1); where it touches none, from the
@@ -314,25 +319,27 @@ void with_rows_in_flight(F&& f) {
 // freed and another allocated at its address counts as the same: a guess either way.
 inline int next_pass_reversed(std::initializer_list<const at::Tensor*> touched) {
   if (debug::pass_order == 0) return 0;
-  std::vector<const void*> ptrs;
+  constexpr int kMax = PassOrderStore::kMaxTouched;
+  TORCH_CHECK(touched.size() <= static_cast<size_t>(kMax),
+              "next_pass_reversed: internal error: more than ", kMax, " tensors");
+  const void* ptrs[kMax] = {};
   c10::Device device(c10::kCPU);
+  int n = 0;
   for (const at::Tensor* t : touched) {
-    if (t != nullptr && t->defined()) {
-      ptrs.push_back(t->data_ptr());
+    if (t->defined() && t->data_ptr() != nullptr) {  // (not the empty slots' null)
+      ptrs[n++] = t->data_ptr();
       device = t->device();
     }
   }
   PassOrderStore& s = pass_order_store();
   const std::lock_guard<std::mutex> lock(s.mu);
-  PassOrderStore::Last& last = s.last[{static_cast<int>(device.type()), device.index(),
-                                       stream_id()}];
-  bool related = false;
-  for (const void* p : ptrs) {
-    related = related || std::find(last.touched.begin(), last.touched.end(), p) !=
-                             last.touched.end();
-  }
+  PassOrderStore::Last& last = s.last[stream_key(device)];
+  const auto end = last.touched + kMax;
+  const bool related = std::any_of(ptrs, ptrs + n, [&](const void* p) {
+    return std::find(last.touched, end, p) != end;
+  });
   last.reversed = related ? !last.reversed : true;
-  last.touched = std::move(ptrs);
+  std::copy(ptrs, ptrs + kMax, last.touched);
   return last.reversed ? 1 : 0;
 }
 
@@ -353,8 +360,7 @@ inline int* group_counters(const at::Tensor& like, int64_t count, std::vector<at
   } else {
     GroupCounterStore& s = group_counter_store();
     const std::lock_guard<std::mutex> lock(s.mu);
-    const auto d = like.device();
-    at::Tensor& buf = s.bufs[{static_cast<int>(d.type()), d.index(), stream_id()}];
+    at::Tensor& buf = s.bufs[stream_key(like.device())];
     if (!buf.defined() || buf.numel() < count) {
       const int64_t old = buf.defined() ? buf.numel() : 0;
       buf = at::zeros({std::max<int64_t>({count, 2 * old, 1024})}, opts);

@@ -231,12 +231,16 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
   return old;
 }
 
+// (device type, device index, stream id): what the launchers keep per stream (launchers/common.h
+// stream_key).
+using StreamKey = std::tuple<int, int, int64_t>;
+
 // The group counters of the reductions split over tiles (kernels/combine_partials.cuh), one
 // buffer per device and stream, kept (launchers/common.h group_counters). Leaked on purpose: no
 // destructor frees device memory after the CUDA context is gone at exit.
 struct GroupCounterStore {
   std::mutex mu;
-  std::map<std::tuple<int, int, int64_t>, at::Tensor> bufs;  // (device type, index, stream)
+  std::map<StreamKey, at::Tensor> bufs;
 };
 inline GroupCounterStore& group_counter_store() {
   static auto* store = new GroupCounterStore();
@@ -245,12 +249,13 @@ inline GroupCounterStore& group_counter_store() {
 // The last x-sized pass on each device and stream: its tensors and tile order
 // (launchers/common.h next_pass_reversed).
 struct PassOrderStore {
+  static constexpr int kMaxTouched = 3;  // x-sized tensors of a pass: grad_input_lp_lse's
   struct Last {
-    std::vector<const void*> touched;  // the data of the x-sized tensors it read or wrote
+    const void* touched[kMaxTouched] = {};  // the data of the x-sized tensors it read or wrote
     bool reversed = false;
   };
   std::mutex mu;
-  std::map<std::tuple<int, int, int64_t>, Last> last;  // (device type, index, stream)
+  std::map<StreamKey, Last> last;
 };
 inline PassOrderStore& pass_order_store() {
   static auto* store = new PassOrderStore();

@@ -6,11 +6,11 @@
 // Execution model
 //   * cbam::launch validates the launch like the hardware does, then runs the grid one block at a
 //     time: in linear order (x fastest) under the "forward" schedule, in reverse linear order under
-//     "reverse", in a seeded random order under "shuffle" (below). Each CUDA thread of the block is a fiber with its own
-//     256 KiB stack (a hand-written register switch on x86-64, ucontext elsewhere or with
-//     -DCBAM_SIM_UCONTEXT; stacks are allocated once and reused); all fibers run in the launching
-//     OS thread, so `__shared__` is plain `static` storage and the dynamic shared memory is one
-//     buffer, both shared by the block.
+//     "reverse", in a seeded random order under "shuffle" (below). Each CUDA thread of the block
+//     is a fiber with its own 256 KiB stack (a hand-written register switch on x86-64, ucontext
+//     elsewhere or with -DCBAM_SIM_UCONTEXT; stacks are allocated once and reused); all fibers
+//     run in the launching OS thread, so `__shared__` is plain `static` storage and the dynamic
+//     shared memory is one buffer, both shared by the block.
 //   * Fibers run cooperatively. A fiber runs until it reaches a synchronisation point
 //     (__syncthreads, or a warp collective: __syncwarp, shuffles, ballot/any/all) or exits. When no
 //     fiber can run, the scheduler resolves warp collectives whose live lanes have all arrived, and
