@@ -99,12 +99,42 @@ def simulator_stats() -> List[Dict]:
         regions        the memory of the launch's tensors, a (lo, hi, first) tuple of
                        addresses each: [lo, hi) and the launch's first access to it in the order
                        the blocks ran (0: none), where a pass over it started
+        l2_miss_bytes  under l2_model(): the bytes the launch's loads fetched from DRAM through
+                       the modelled L2 (32 per sector a load missed); None outside it
     Only launches that completed are listed (a launch that raised is not).
     """
     sim = _sim_module()
     stats = sim.launch_stats()
     start = _starts[-1] if _starts else 0
     return [dict(s) for s in stats[start:]]
+
+
+@contextmanager
+def l2_model(capacity_bytes: int, sms: int = 132, threads_per_sm: int = 2048):
+    """Count DRAM reads through a model of a GPU's L2 while the context is active.
+
+    A model of traffic, not of time: a fully associative, least-recently-used cache of
+    `capacity_bytes` in 32-byte sectors (a GPU's L2 fetches from DRAM in sectors); a load that
+    finds its sector absent fetches it (each launch's `l2_miss_bytes`), a store allocates its
+    sector without a fetch. The simulator runs a launch's blocks one after another; the model
+    replays their accesses as a GPU interleaves them: as many blocks as `sms` SMs of
+    `threads_per_sm` threads hold (at most 32 an SM, fewer where their shared memory does not
+    fit 228 KiB; registers are not modelled) start together in the order the blocks ran, take one
+    access each in turn, and a block that ends hands its place to the next. The cache starts
+    empty and its contents last across launches, so consecutive passes over a tensor meet what
+    the ones before them left there (the tile order of the passes, launchers/common.h). The
+    defaults are an H100's or H200's SMs; their L2s hold 50 and 60 MiB. On exit the model is
+    off again.
+    """
+    if not isinstance(capacity_bytes, int) or capacity_bytes < 32:
+        raise ValueError(f"l2_model: capacity_bytes must be an int of at least 32, "
+                         f"got {capacity_bytes!r}")
+    sim = _sim_module()
+    sim.set_l2_model(capacity_bytes, sms, threads_per_sm)
+    try:
+        yield
+    finally:
+        sim.set_l2_model(0)
 
 
 def rel_err_max(got, want) -> float:

@@ -7,7 +7,7 @@ import torch
 
 import cbam_fused  # noqa: F401  loads the package (and libtorch) first
 from cbam_fused import _sim_hook
-from cbam_fused.testing import simulator_available, simulator_stats, use_simulator
+from cbam_fused.testing import l2_model, simulator_available, simulator_stats, use_simulator
 
 pytestmark = pytest.mark.skipif(not simulator_available(), reason="simulator not built")
 
@@ -553,3 +553,64 @@ def test_last_static_shared():
         assert _sim.last_static_shared() == (1024 * 4, 1)
         _sim.selftest_copy(torch.ones(64), 1, 32)
         assert _sim.last_static_shared() == (0, 0)
+
+
+# ------------------------------------------------------------------------------ the L2 model
+# selftest_reread: 4 blocks of 64 threads, each reads its 1 KiB chunk of x twice (the 32 sectors
+# of 32 bytes of the chunk) and writes 256 bytes of out (stores: allocated, never fetched).
+REREAD_X = 1024  # floats: 4 chunks of 256
+
+
+def _reread_misses(capacity, sms, launches=1, schedule=("forward", 0)):
+    x = torch.randn(REREAD_X)
+    assert x.data_ptr() % 32 == 0
+    want = 2 * x.view(4, 4, 64).sum(1).reshape(-1)  # out[b * 64 + t]: both passes' sums
+    with use_simulator(*schedule), l2_model(capacity, sms=sms, threads_per_sm=64):
+        outs = [_sim.selftest_reread(x, 4, 64) for _ in range(launches)]
+        stats = simulator_stats()
+    for out in outs:
+        torch.testing.assert_close(out, want)
+    assert [s["name"] for s in stats] == ["selftest_reread"] * launches
+    return [s["l2_miss_bytes"] for s in stats]
+
+
+def test_l2_model_is_off_by_default():
+    with use_simulator():
+        _sim.selftest_reread(torch.randn(REREAD_X), 4, 64)
+        (s,) = simulator_stats()
+    assert s["l2_miss_bytes"] is None
+    assert _sim.l2_model_capacity() == 0
+
+
+@pytest.mark.parametrize("kind,seed", SCHEDULES)
+def test_l2_model_a_block_alone_rereads_from_l2(kind, seed):
+    """One block at a time (1 SM of 64 threads): each block's second pass finds the 32 sectors of
+    its first in a 64-sector L2, whatever order the blocks and threads run in: 4 KiB fetched,
+    x once."""
+    assert _reread_misses(2048, sms=1, schedule=(kind, seed)) == [4096]
+
+
+def test_l2_model_interleaves_the_resident_blocks():
+    """The 4 blocks at once (4 SMs): between a block's two passes the others touch their chunks
+    too, 128 sectors in all, and the 64-sector L2 keeps none of the first pass: x twice."""
+    assert _reread_misses(2048, sms=4) == [8192]
+    assert _reread_misses(8192, sms=4) == [4096]  # 256 sectors: all of x and out fit
+
+
+def test_l2_model_keeps_its_contents_across_launches():
+    """x (4 KiB) and out (1 KiB) fit a 8 KiB L2: the second launch fetches nothing."""
+    assert _reread_misses(8192, sms=1, launches=2) == [4096, 0]
+    assert _sim.l2_model_capacity() == 0  # off again after the context
+
+
+def test_l2_model_checks_its_arguments():
+    with pytest.raises(ValueError, match="l2_model: capacity_bytes must be an int of at least 32"):
+        with l2_model(16):
+            pass
+    with pytest.raises(RuntimeError, match="set_l2_model: sms must be in"):
+        _sim.set_l2_model(1024, 0, 2048)
+    with pytest.raises(RuntimeError, match="set_l2_model: threads_per_sm must be in"):
+        _sim.set_l2_model(1024, 132, 16)
+    with pytest.raises(RuntimeError, match="set_l2_model: capacity_bytes must be 0 .off. or"):
+        _sim.set_l2_model(16, 132, 2048)
+    assert _sim.l2_model_capacity() == 0

@@ -22,6 +22,7 @@ const void* const kLaunchers[] = {
     reinterpret_cast<const void*>(&smem_leak),
     reinterpret_cast<const void*>(&barrier_loop),
     reinterpret_cast<const void*>(&block_order),
+    reinterpret_cast<const void*>(&reread),
 };
 
 }  // namespace selftest

@@ -111,6 +111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::list regions;
           for (const auto& r : s.regions) regions.append(py::make_tuple(r.lo, r.hi, r.first));
           d["regions"] = regions;
+          d["l2_miss_bytes"] = s.l2_on ? py::object(py::int_(s.l2_miss_bytes)) : py::none();
           out.append(d);
         }
         return out;
@@ -120,8 +121,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "smem_bytes (dynamic shared memory), bytes_read, bytes_written (global memory), "
       "bytes_vec (of those, the bytes of 16-byte accesses), bytes_vec8 (and of 8-byte vector "
       "accesses), regions (the memory of the launch's tensors as (lo, hi, first) addresses, "
-      "first the launch's first access to it, in the order the blocks ran; 0 if none).");
+      "first the launch's first access to it, in the order the blocks ran; 0 if none), "
+      "l2_miss_bytes (the bytes its loads fetched from DRAM under the L2 model; None when the "
+      "model is off).");
   m.def("clear_launch_stats", &cbam::sim::clear_launch_stats);
+  m.def("set_l2_model", &cbam::sim::set_l2_model, py::arg("capacity_bytes"),
+        py::arg("sms") = 132, py::arg("threads_per_sm") = 2048,
+        "Empties the L2 model and gives it capacity_bytes (0: off). A traffic model only: fully "
+        "associative LRU over 32-byte sectors, stores allocate without a fetch, each launch "
+        "replayed with as many blocks at once as sms SMs of threads_per_sm threads hold, the "
+        "contents kept across launches; each launch's stats then carry l2_miss_bytes.");
+  m.def("l2_model_capacity", &cbam::sim::l2_model_capacity,
+        "The L2 model's capacity in bytes (0: off).");
   m.def("num_launch_stats", []() { return cbam::sim::launch_stats().size(); });
 
   // self-test kernels (csrc/sim/selftest_kernels.cuh)
@@ -135,6 +146,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_barrier", &st::barrier, py::arg("x"), py::arg("mode"));
   m.def("selftest_access", &st::access, py::arg("x"), py::arg("mode"), py::arg("offset"));
   m.def("selftest_copy", &st::copy, py::arg("x"), py::arg("blocks"), py::arg("threads"));
+  m.def("selftest_reread", &st::reread, py::arg("x"), py::arg("blocks"), py::arg("threads"));
   m.def("selftest_config", &st::config, py::arg("out"), py::arg("grid"), py::arg("block"),
         py::arg("smem"), py::arg("raise_to"));
   m.def("selftest_smem_leak", &st::smem_leak, py::arg("out_static"), py::arg("out_dynamic"),

@@ -13,6 +13,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <exception>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -718,6 +719,117 @@ void register_region(const at::Tensor& t, bool writable, c10::ScalarType expecte
               t.storage().getWeakStorageImpl()});
 }
 
+// ------------------------------------------------------------------------------ the L2 model
+namespace {
+
+constexpr uint64_t kSectorBytes = 32;
+
+struct L2Model {
+  uint64_t capacity_sectors = 0;
+  int sms = 0, threads_per_sm = 0;
+  std::list<uint64_t> lru;  // resident sectors (address / 32), most recently used first
+  std::unordered_map<uint64_t, std::list<uint64_t>::iterator> where;
+  // the running launch: each block's accesses in the order its threads ran, as sector * 2 +
+  // (1 for a store), in the order the blocks ran
+  std::vector<std::vector<uint64_t>> logs;
+};
+
+L2Model& L2() {
+  static L2Model* m = new L2Model();
+  return *m;
+}
+
+// One access to a sector: resident, it becomes the most recently used; absent, a load fetches it
+// (l2_miss_bytes), a store allocates it, and the least recently used sector leaves.
+void l2_touch(L2Model& m, uint64_t entry) {
+  const uint64_t sector = entry >> 1;
+  auto it = m.where.find(sector);
+  if (it != m.where.end()) {
+    m.lru.splice(m.lru.begin(), m.lru, it->second);
+    return;
+  }
+  if ((entry & 1) == 0) g_mem.l2_miss_bytes += kSectorBytes;
+  m.lru.push_front(sector);
+  m.where.emplace(sector, m.lru.begin());
+  if (m.lru.size() > m.capacity_sectors) {
+    m.where.erase(m.lru.back());
+    m.lru.pop_back();
+  }
+}
+
+// Blocks resident at once on the modelled GPU: the SMs times the blocks an SM holds by its
+// threads (at most 32) and shared memory (228 KiB an SM, 1 KiB of it reserved a block). Registers
+// may hold fewer; the model does not know them.
+size_t l2_resident_blocks(const L2Model& m, const dim3& block, size_t smem_bytes) {
+  const long long threads = static_cast<long long>(block.x) * block.y * block.z;
+  long long per_sm = std::min<long long>(32, m.threads_per_sm / threads);
+  per_sm = std::min<long long>(per_sm, (228 * 1024) / (static_cast<long long>(smem_bytes) + 1024));
+  return static_cast<size_t>(std::max<long long>(1, per_sm) * m.sms);
+}
+
+// The launch's accesses, replayed as a GPU interleaves them: the first `slots` blocks (in the
+// order the simulator ran them) start together and take one access each in turn; a block that
+// finishes hands its slot to the next one.
+void l2_replay(L2Model& m, size_t slots) {
+  std::vector<size_t> active, pos;
+  size_t next = 0;
+  while (active.size() < slots && next < m.logs.size()) {
+    active.push_back(next++);
+    pos.push_back(0);
+  }
+  while (!active.empty()) {
+    for (size_t i = 0; i < active.size();) {
+      const std::vector<uint64_t>& log = m.logs[active[i]];
+      if (pos[i] < log.size()) {
+        l2_touch(m, log[pos[i]++]);
+        ++i;
+      } else if (next < m.logs.size()) {
+        active[i] = next++;
+        pos[i] = 0;
+      } else {
+        active.erase(active.begin() + static_cast<std::ptrdiff_t>(i));
+        pos.erase(pos.begin() + static_cast<std::ptrdiff_t>(i));
+      }
+    }
+  }
+  m.logs.clear();
+}
+
+}  // namespace
+
+void l2_access(uintptr_t a, size_t bytes, bool write) {
+  std::vector<uint64_t>& log = L2().logs.back();
+  const uint64_t last = (static_cast<uint64_t>(a) + bytes - 1) / kSectorBytes;
+  for (uint64_t sector = static_cast<uint64_t>(a) / kSectorBytes; sector <= last; ++sector) {
+    log.push_back(sector * 2 + (write ? 1 : 0));
+  }
+}
+
+void set_l2_model(uint64_t capacity_bytes, int64_t sms, int64_t threads_per_sm) {
+  TORCH_CHECK(capacity_bytes == 0 || capacity_bytes >= kSectorBytes,
+              "set_l2_model: capacity_bytes must be 0 (off) or at least one 32-byte sector, got ",
+              capacity_bytes);
+  TORCH_CHECK(sms >= 1 && sms <= 4096, "set_l2_model: sms must be in [1, 4096], got ", sms);
+  TORCH_CHECK(threads_per_sm >= 32 && threads_per_sm <= 4096,
+              "set_l2_model: threads_per_sm must be in [32, 4096], got ", threads_per_sm);
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  L2Model& m = L2();
+  m.lru.clear();
+  m.where.clear();
+  m.logs.clear();
+  m.capacity_sectors = capacity_bytes / kSectorBytes;
+  m.sms = static_cast<int>(sms);
+  m.threads_per_sm = static_cast<int>(threads_per_sm);
+  g_mem.l2_on = capacity_bytes != 0;
+}
+
+uint64_t l2_model_capacity() {
+  Sim& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return g_mem.l2_on ? L2().capacity_sectors * kSectorBytes : 0;
+}
+
 // ------------------------------------------------------------------------------------ launch
 void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
               KernelBody body) {
@@ -751,6 +863,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   g_mem.bytes_written = 0;
   g_mem.bytes_vec = 0;
   g_mem.bytes_vec8 = 0;
+  g_mem.l2_miss_bytes = 0;
   uint3 failed{0, 0, 0};
   {
     struct InLaunch {  // reset even if the loop below throws
@@ -779,9 +892,14 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
       g_blockIdx = uint3{static_cast<unsigned>(b % grid.x),
                          static_cast<unsigned>(b / grid.x % grid.y),
                          static_cast<unsigned>(b / grid.x / grid.y)};
+      if (g_mem.l2_on) L2().logs.emplace_back();
       run_block(block, smem_bytes);
       if (s.has_error) failed = g_blockIdx;
     }
+  }
+  if (g_mem.l2_on) {  // (a launch that failed touched nothing: its logs go)
+    if (s.has_error) L2().logs.clear();
+    else l2_replay(L2(), l2_resident_blocks(L2(), block, smem_bytes));
   }
   if (s.has_error) {
     const std::string err = s.error;
@@ -791,7 +909,8 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   }
   s.stats.push_back(LaunchStat{name, reinterpret_cast<uintptr_t>(kernel), grid, block,
                                smem_bytes, g_mem.bytes_read, g_mem.bytes_written,
-                               g_mem.bytes_vec, g_mem.bytes_vec8, t_last});
+                               g_mem.bytes_vec, g_mem.bytes_vec8, t_last, g_mem.l2_on,
+                               g_mem.l2_miss_bytes});
 }
 
 void set_max_dynamic_smem(const void* kernel, long long bytes) {

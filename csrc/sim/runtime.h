@@ -55,7 +55,9 @@
 // in helper functions are not poisoned between blocks; static plus dynamic shared memory above
 // 227 KiB; a thread spinning on memory without a synchronisation point hangs. Nor does it model
 // speed: shared-memory bank conflicts, or the width of the instructions nvcc makes of ld_vec /
-// st_vec (tests/test_codegen.py reads nvcc's PTX for that).
+// st_vec (tests/test_codegen.py reads nvcc's PTX for that). Its L2 model (set_l2_model, off by
+// default) counts the bytes loads would fetch from DRAM through an idealised cache: a model of
+// traffic, not of time, and blocks that run one after another, not a few hundred at once.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -179,8 +181,25 @@ struct MemState {
   uint64_t bytes_written = 0;
   uint64_t bytes_vec = 0;   // of those, read or written by 16-byte accesses (ld_vec / st_vec)
   uint64_t bytes_vec8 = 0;  // and by 8-byte vector accesses (ld_vec / st_vec of 8 bytes)
+  bool l2_on = false;          // the L2 model is on (set_l2_model): every access goes through it
+  uint64_t l2_miss_bytes = 0;  // under it, the bytes the launch's loads fetched from DRAM
 };
 extern MemState g_mem;
+
+// The L2 model, a traffic model and nothing else: fully associative, least recently used,
+// 32-byte sectors (a GPU's L2 fetches from DRAM in sectors of 32 bytes), a store allocates its
+// sectors without fetching them (write-back, byte-masked), a load that finds its sector absent
+// fetches it (l2_miss_bytes). The simulator runs a launch's blocks one at a time; the model logs
+// each block's accesses and replays the launch as a GPU interleaves it: as many blocks as the
+// modelled GPU holds at once (sms times the blocks an SM holds by threads_per_sm, at most 32,
+// and by shared memory) start together in the order the simulator ran them (blockIdx order under
+// the forward schedule, as a GPU roughly starts them) and take one access each in turn; a block
+// that ends hands its slot to the next. Its contents last across launches, so the passes of an op
+// or a CBAM block meet (or miss) what the passes before them left there. Off by default;
+// set_l2_model(capacity, ...) empties it and turns it on (capacity 0 turns it off).
+void l2_access(uintptr_t a, size_t bytes, bool write);
+void set_l2_model(uint64_t capacity_bytes, int64_t sms, int64_t threads_per_sm);
+uint64_t l2_model_capacity();
 
 [[noreturn]] void access_error(const void* p, size_t bytes, size_t align, bool write,
                                const char* what);
@@ -197,6 +216,7 @@ inline void check_access(const void* p, size_t bytes, size_t align, bool write, 
       (write ? g_mem.bytes_written : g_mem.bytes_read) += bytes;
       if (bytes == 16) g_mem.bytes_vec += bytes;
       if (vec && bytes == 8) g_mem.bytes_vec8 += bytes;
+      if (g_mem.l2_on) l2_access(a, bytes, write);
       return;
     }
   }
@@ -247,6 +267,8 @@ struct LaunchStat {
   size_t smem_bytes;
   uint64_t bytes_read, bytes_written, bytes_vec, bytes_vec8;
   std::vector<Region> regions;  // the launch's tensors, with the first access to each
+  bool l2_on;                   // the L2 model was on: l2_miss_bytes holds its DRAM reads
+  uint64_t l2_miss_bytes;
 };
 std::vector<LaunchStat> launch_stats();
 void clear_launch_stats();

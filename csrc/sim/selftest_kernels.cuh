@@ -197,6 +197,21 @@ CBAM_GLOBAL void copy_kernel(const T* __restrict__ x, T* __restrict__ out, int64
   for (int64_t i = head + n_vec * VEC + t0; i < n; i += stride) st(out + i, ld(x + i));
 }
 
+// ---------------------------------------------------------------------------------- reread
+// Block b reads its chunk x[b * chunk, (b + 1) * chunk) twice, a barrier between the two passes:
+// out[b * threads + t] = 2 * (the sum of the elements t, t + threads, ... of the chunk). For the
+// simulator's L2 model (tests/test_simulator.py): alone, a block's second pass finds its chunk in
+// an L2 that holds it; with the other blocks interleaved, only in one that holds all of theirs.
+CBAM_GLOBAL void reread_kernel(const float* __restrict__ x, float* __restrict__ out, int64_t chunk) {
+  const unsigned t = linear_tid();
+  const int64_t base = static_cast<int64_t>(linear_bid()) * chunk;
+  float acc = 0.0f;
+  for (int64_t i = t; i < chunk; i += threads_per_block()) acc += ld(x + base + i);
+  __syncthreads();
+  for (int64_t i = t; i < chunk; i += threads_per_block()) acc += ld(x + base + i);
+  st(out + static_cast<int64_t>(linear_bid()) * threads_per_block() + t, acc);
+}
+
 // ----------------------------------------------------------------------------- block order
 // order[b] = the ticket block b drew (its place among the blocks that finished before it):
 // thread 0 of each block takes atomic_ticket(counter) after the block's barrier. The simulator's
@@ -382,6 +397,16 @@ void copy_t(const at::Tensor& x, const at::Tensor& out, int64_t blocks, int64_t 
     head = static_cast<int64_t>(((align - addr % align) % align) / sizeof(T));
   launch("selftest_copy", &copy_kernel<T, VEC>, dim3(blocks), dim3(threads), 0,
          global_ptr<const T>(x), global_ptr<T>(out), x.numel(), head);
+}
+
+// Launches reread_kernel over float x (contiguous) in `blocks` chunks of x.numel() / blocks.
+inline at::Tensor reread(const at::Tensor& x, int64_t blocks, int64_t threads) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "reread: contiguous float x");
+  TORCH_CHECK(blocks >= 1 && x.numel() % blocks == 0, "reread: blocks must divide x.numel()");
+  at::Tensor out = at::empty({blocks * threads}, x.options());
+  launch("selftest_reread", &reread_kernel, dim3(blocks), dim3(threads), 0,
+         global_ptr<const float>(x), global_ptr<float>(out), x.numel() / blocks);
+  return out;
 }
 
 // A copy of x (any dtype of 2, 4 or 8 bytes; contiguous), with 16-byte vector accesses.
