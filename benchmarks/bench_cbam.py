@@ -73,6 +73,8 @@ SCHEMA = "cbam_fused.bench_cbam/1"
 SCHEMA_DOC = {
     "meta": "where and when: device, versions, git commit, whether cbam_fused runs its own CUDA "
             "kernels (cbam_fused_native) or the PyTorch fallback",
+    "settings.tiles_also": "--tiles-also N: cbam_fused's CUDA-graph time again with the "
+                           "launchers' tiles_per_sm at N (graph_ms_tiles_also); null without it",
     "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "
                            "(by the pass before on the stream: launchers/common.h "
                            "next_pass_reversed), 'forward', or 'both' (graph_ms_forward_order)",
@@ -104,6 +106,11 @@ SCHEMA_DOC = {
     "summary.*.geomean_forward_over_alternate": "--pass-order both: the geometric mean over the "
                                                 "cases of graph_ms_forward_order / graph_ms "
                                                 "(> 1: alternating is faster)",
+    "cases[].peers[].graph_ms_tiles_also": "cbam_fused under --tiles-also N: graph_ms with "
+                                           "tiles_per_sm N (graph_ms: the default, 32)",
+    "summary.*.geomean_tiles_also_over_default": "--tiles-also N: the geometric mean over the "
+                                                 "cases of graph_ms_tiles_also / graph_ms "
+                                                 "(> 1: the default tiling is faster)",
     "cases[].peers[].graph_error": "why the graph timing failed, if it did (median_ms stands)",
     "cases[].peers[].error": "why the peer failed, if it did",
     "cases[].peers[].skipped": "why the peer was not run, if it was not (e.g. time budget)",
@@ -168,6 +175,12 @@ def parse_args(argv=None):
                         "tensors from its last tile), 'forward' (every pass from its first "
                         "tile), or 'both' (alternate, and cbam_fused's CUDA-graph time again "
                         "with every pass forward: graph_ms_forward_order)")
+    p.add_argument("--tiles-also", type=int, default=None, metavar="N",
+                   help="also time cbam_fused's CUDA graph with the launchers' tiles_per_sm at N "
+                        "(set_tuning; the default is 32: a pass over x in a few waves, so the "
+                        "next one, in the reverse order, meets in L2 what it touched last; 8, "
+                        "the default before, ran one wave over all of x): "
+                        "graph_ms_tiles_also")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -197,6 +210,21 @@ def set_pass_order(order):
     op({"forward": 0, "alternate": 1}[order])
 
 
+def set_tiles_per_sm(tiles):
+    """Sets the launchers' tiles_per_sm (set_tuning debug op of the CUDA build, the other knobs
+    kept); returns the previous value, or None where the build has no CUDA kernels."""
+    if tiles is None:
+        return None
+    try:
+        op = torch.ops.cbam_fused_debug.set_tuning
+    except (AttributeError, RuntimeError):
+        print(f"note: --tiles-also {tiles}: this build has no CUDA kernels", file=sys.stderr)
+        return None
+    old = op(tiles, 4)
+    op(tiles, *old[1:])
+    return old[0]
+
+
 def _csv(s):
     return [t.strip() for t in s.split(",") if t.strip()]
 
@@ -217,6 +245,8 @@ def settings_from(args, device):
     for m in modes:
         if m not in ("fwd", "train"):
             raise SystemExit(f"--modes: unknown mode {m!r} (expected fwd, train)")
+    if args.tiles_also is not None and not 1 <= args.tiles_also <= 64:
+        raise SystemExit(f"--tiles-also: expected tiles per SM in [1, 64], got {args.tiles_also}")
     if args.batch:
         batches = [int(b) for b in _csv(args.batch)]
     else:
@@ -273,7 +303,8 @@ def settings_from(args, device):
     kernels = args.kernels == "on" or (args.kernels == "auto" and cuda)
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
-                kernels=kernels, pool_types=pool_types, pass_order=args.pass_order)
+                kernels=kernels, pool_types=pool_types, pass_order=args.pass_order,
+                tiles_also=args.tiles_also)
 
 
 def make_cases(st):
@@ -467,6 +498,13 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
                                                                  tm.get("graph_reps", 10))
                     finally:
                         set_pass_order("alternate")
+                if name == FUSED and st.get("tiles_also"):
+                    old = set_tiles_per_sm(st["tiles_also"])
+                    try:
+                        r["graph_ms_tiles_also"] = graph_time(run, device, name, len(xs),
+                                                              tm.get("graph_reps", 10))
+                    finally:
+                        set_tiles_per_sm(old)
         except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
@@ -510,6 +548,11 @@ def summarize(cases, peers):
                       if f.get("graph_ms_forward_order") and f.get("graph_ms")]
             if ratios:
                 s["geomean_forward_over_alternate"] = bu.geomean(ratios)
+            ratios = [f["graph_ms_tiles_also"] / f["graph_ms"] for f in
+                      (c["peers"].get(FUSED, {}) for c in sel)
+                      if f.get("graph_ms_tiles_also") and f.get("graph_ms")]
+            if ratios:
+                s["geomean_tiles_also_over_default"] = bu.geomean(ratios)
             out[f"{mode}/{dt}"] = s
     return out
 

@@ -120,7 +120,9 @@ def l2_model(capacity_bytes: int, sms: int = 132, threads_per_sm: int = 2048):
     replays their accesses as a GPU interleaves them: as many blocks as `sms` SMs of
     `threads_per_sm` threads hold (at most 32 an SM, fewer where their shared memory does not
     fit 228 KiB; registers are not modelled) start together in the order the blocks ran, take one
-    access each in turn, and a block that ends hands its place to the next. The cache starts
+    access each in turn, and a block that ends hands its place to the next; the launchers size
+    their grids for those `sms` SMs meanwhile (cbam::num_sms), so a case scaled down with its
+    batch, its L2 and its SMs keeps the waves of its passes. The cache starts
     empty and its contents last across launches, so consecutive passes over a tensor meet what
     the ones before them left there (the tile order of the passes, launchers/common.h). The
     defaults are an H100's or H200's SMs; their L2s hold 50 and 60 MiB. On exit the model is

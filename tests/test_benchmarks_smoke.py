@@ -68,7 +68,8 @@ def _check_meta(meta):
 def test_bench_cbam_cpu_quick(tmp_path):
     res, png, out = _run("bench_cbam.py", ["--shapes", "tiny", "--modes", "fwd,train", "--reps", "3",
                                                  "--warmup", "1", "--kernels", "on",
-                                                 "--pass-order", "both"], tmp_path)
+                                                 "--pass-order", "both", "--tiles-also", "8"],
+                            tmp_path)
     assert res["schema"] == "cbam_fused.bench_cbam/1" and res["finished"] is True
     for k in ("schema_doc", "meta", "settings", "copy_bandwidth", "cases", "summary"):
         assert k in res, k
@@ -92,10 +93,10 @@ def test_bench_cbam_cpu_quick(tmp_path):
             # CUDA-graph timing: GPU only, and not an error on the CPU (nor the second
             # tile order's)
             assert r["graph_ms"] is None and r["graph_error"] is None, r
-            assert "graph_ms_forward_order" not in r, r
+            assert "graph_ms_forward_order" not in r and "graph_ms_tiles_also" not in r, r
         if c["mode"] == "fwd":
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
-    assert res["settings"]["pass_order"] == "both"
+    assert res["settings"]["pass_order"] == "both" and res["settings"]["tiles_also"] == 8
     for s in res["summary"].values():
         assert "geomean_speedup_of_fused_graph" in s and "mean_graph_frac_copy_bw" in s
         assert "geomean_forward_over_alternate" not in s
@@ -473,3 +474,40 @@ def test_bench_kernels_sweep_needs_the_cuda_kernels():
                            "cpu", "--sweep", "--no-progress"], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode != 0 and "--sweep: needs a GPU" in proc.stderr
+
+
+def test_model_l2_writes_its_record(tmp_path):
+    """benchmarks/model_l2.py on a tiny case scaled down with its L2 and SMs: one record per
+    configuration, mode, tiles_per_sm and pass order, each pass over x listed in the block's
+    order (the first fetches all of x: the L2 starts empty), and the simulator's knobs as they
+    were afterwards. Traffic only, never a time."""
+    from cbam_fused.testing import simulator_available
+    if not simulator_available():
+        pytest.skip("the simulator build (cbam_fused._sim) is missing")
+    sys.path.insert(0, BENCH)
+    import model_l2
+
+    js = tmp_path / "m.json"
+    model_l2.main(["--sites", "64x16x16", "--batch", "2", "--tiles-per-sm", "8,32",
+                   "--l2-mib", "0.125", "--sms", "2", "--json", str(js)])
+    rec = json.loads(js.read_text())
+    assert rec["schema"] == "cbam_fused.model_l2/1"
+    assert (rec["l2_bytes"], rec["sms"], rec["threads_per_sm"]) == (2**17, 2, 2048)
+    fwd = ["pool_over_s", "pool_over_c", "apply_gates"]
+    train = fwd + ["backward_reduce", "pool_over_c_backward_scale", "grad_input"]
+    keys = set()
+    for c in rec["cases"]:
+        keys.add((c["config"], c["mode"], c["tiles_per_sm"], c["pass_order"]))
+        assert c["site"] == [64, 16, 16] and c["batch"] == 2
+        assert c["x_bytes"] == 2 * 64 * 256 * (4 if c["config"] == "fp32-nchw" else 2)
+        assert [p["name"] for p in c["passes"]] == (fwd if c["mode"] == "fwd" else train)
+        assert all(p["grid"] >= 1 for p in c["passes"])
+        assert c["passes"][0]["dram_over_x"] > 0.99, c
+        assert c["dram_over_x"] >= sum(p["dram_over_x"] for p in c["passes"]) - 1e-9
+    assert keys == {(cf, m, t, o) for cf in ("fp32-nchw", "bf16-cl") for m in ("fwd", "train")
+                    for t in (8, 32) for o in ("forward", "alternate")}
+    sim = torch.ops.cbam_fused_sim
+    assert sim.set_pass_order(1) == 1
+    assert tuple(sim.set_tuning(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
+    with pytest.raises(SystemExit, match="unknown or missing"):
+        model_l2.main(["--modes", "backward"])

@@ -203,7 +203,8 @@ def test_summary_sweep_and_per_op_tables(tmp_path):
 def test_summary_compares_the_tile_orders(tmp_path):
     """bench_cbam --pass-order both: cbam_fused's graph time with every pass forward over its
     time with alternating tile orders, as a geometric mean per mode and dtype in bench_cbam's
-    summary and a line of summary.md; a run without it has neither."""
+    summary and a line of summary.md; --tiles-also 8 the same for 8 tiles an SM over the
+    default's; a run without them has neither."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_cbam as bc
@@ -219,7 +220,9 @@ def test_summary_compares_the_tile_orders(tmp_path):
         if c["mode"] == "fwd" and c["dtype"] == "bfloat16":
             r = 1.0 + 0.02 * (i % 5)
             f["graph_ms_forward_order"] = f["graph_ms"] * r
+            f["graph_ms_tiles_also"] = f["graph_ms"] * r * r
             ratios.setdefault(c["batch"], []).append(r)
+    layer["settings"]["tiles_also"] = 8
     layer["summary"] = bc.summarize(layer["cases"], layer["settings"]["peers"])
     want = math.exp(sum(math.log(r) for rs in ratios.values() for r in rs) /
                     sum(len(rs) for rs in ratios.values()))
@@ -231,9 +234,16 @@ def test_summary_compares_the_tile_orders(tmp_path):
     gpu_check.write_summary(str(tmp_path), [str(tmp_path)])
     text = (tmp_path / "summary.md").read_text()
     assert f"(geometric mean; > 1: alternating is faster): fwd/bfloat16 {want:.3f}x." in text
+    # --tiles-also 8: the same for the graph time at 8 tiles an SM over the default's
+    got = layer["summary"]["fwd/bfloat16"]["geomean_tiles_also_over_default"]
+    assert abs(got - want ** 2) < 1e-12
+    assert ("Tiles an SM (--tiles-also 8): cbam_fused's graph time with 8 tiles an SM over its "
+            "time with the default 32 (geometric mean; > 1: the default is faster): "
+            f"fwd/bfloat16 {want ** 2:.3f}x.") in text
 
     old = tmp_path / "old"
     old.mkdir()
     (old / "bench_cbam.json").write_text(open(src).read())
     gpu_check.write_summary(str(old), [str(old)])
     assert "Tile order of the passes" not in (old / "summary.md").read_text()
+    assert "Tiles an SM" not in (old / "summary.md").read_text()

@@ -8,9 +8,9 @@ import cbam_fused  # noqa: F401
 from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
-from test_kernels_sim import (DTYPES, FOLD_SHAPES, SHIFTED_SHAPES, MEDIUM_ROW_SHAPES, OPS,
-                              SHAPES, TILE_NORMAL, TILE_SINGLE, TILE_SMALL, X_SHAPED, op_args,
-                              rand_x, to_layout, tolerances)
+from test_kernels_sim import (DEFAULT_TUNING, DTYPES, FOLD_SHAPES, SHIFTED_SHAPES,
+                              MEDIUM_ROW_SHAPES, OPS, SHAPES, TILE_NORMAL, TILE_SINGLE, TILE_SMALL,
+                              X_SHAPED, op_args, rand_x, to_layout, tolerances)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -142,10 +142,6 @@ def test_resnet50_sites(site, dtype, layout):
         check(op, got, want, dtype)
         for a, b in zip(got, again):  # deterministic: bitwise equal (random data: no NaN)
             assert torch.equal(a, b), op
-
-
-# The launchers' tuning knobs at their defaults (csrc/launchers/launchers.h)
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
 
 
 def _every_op_under(settings, x, gen, dtype):

@@ -12,15 +12,14 @@ import pytest
 import torch
 
 import cbam_fused  # noqa: F401  registers the ops
-from test_kernels_sim import (DTYPES, HAVE_SIM, OPS, TILE_NORMAL, check_same, op_args, rand_x,
-                              run_cpu, run_sim)
+from test_kernels_sim import (DEFAULT_TUNING, DTYPES, HAVE_SIM, OPS, TILE_NORMAL, check_same,
+                              op_args, rand_x, run_cpu, run_sim)
 
 pytestmark = pytest.mark.skipif(not HAVE_SIM, reason="the simulator build (cbam_fused._sim) "
                                 "is missing")
 
 CASES = int(os.environ.get("CBAM_FUZZ_CASES", "300"))
 START = int(os.environ.get("CBAM_FUZZ_START", "0"))
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
 
 
 def draw_case(seed: int):

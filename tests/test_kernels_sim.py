@@ -657,9 +657,11 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
     assert fwd <= fwd_max * xb and bwd <= bwd_max * xb, (fwd / xb, bwd / xb)
 
 
-# tiles per SM, min rows per thread, vector rows in flight (0: by element size), reduce_k mode,
-# reduce_k vectors in flight, reduce_r mode, side share, reduce_k vectors a lane per tile
-DEFAULT_TUNING = (8, 4, 0, 3, 4, 0, 16, 4)
+# The launchers' tuning knobs at their defaults (csrc/launchers/launchers.h; the default_tuning
+# fixture checks the build's, test_benchmarks_smoke bench_kernels'): tiles per SM, min rows per
+# thread, vector rows in flight (0: by element size), reduce_k mode, reduce_k vectors in flight,
+# reduce_r mode, side share, reduce_k vectors a lane per tile
+DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 4)
 
 
 @pytest.fixture

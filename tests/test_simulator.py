@@ -346,7 +346,8 @@ def test_copy_byte_counts_exact(schedule, dtype, n, start):
     n_vec = n // (16 // es) if start * es % 16 == 0 else 0
     assert s == {"name": "selftest_copy", "grid": (3, 1, 1), "block": (64, 1, 1),
                  "smem_bytes": 0, "bytes_read": n * es, "bytes_written": n * es,
-                 "bytes_vec": 2 * 16 * n_vec, "bytes_vec8": 0}
+                 "bytes_vec": 2 * 16 * n_vec, "bytes_vec8": 0,
+                 "l2_miss_bytes": None}  # (the L2 model is off)
 
 
 # ------------------------------------------------------------------------------ block order

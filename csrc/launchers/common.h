@@ -238,7 +238,7 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   } else if (debug::tile_mode == 2) {
     rpt = R;
   } else {
-    // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default 8),
+    // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default 32),
     // each thread walking at least debug::min_rows_per_thread rows (default 4), and the side
     // traffic bounded as above.
     const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;

@@ -28,8 +28,18 @@ inline int tile_mode = 0;
 // Grid sizing of the normal tiling (make_geom, launchers/common.h), tunable at run time so that a
 // GPU session can sweep them without rebuilding (benchmarks/bench_kernels.py --sweep): aim at
 // tiles_per_sm tiles (blocks) per multiprocessor, and give every thread at least
-// min_rows_per_thread rows of its tile.
-constexpr int kDefaultTilesPerSm = 8;
+// min_rows_per_thread rows of its tile. 32 tiles an SM, four times the 8 blocks of 256 threads it
+// holds: a pass over x then runs in a few waves, its blocks at any time over a band of x rather
+// than all of it, and the pass after it, in the reverse tile order (pass_order), starts on the
+// bytes that band left in L2. With 8 (the default until 2026-11-27) a pass was one wave over all
+// of x at once and the reversed order met little of it. By the simulator's L2 model
+// (benchmarks/model_l2.py: 60 MiB, 132 SMs, batch 64), a block's inference forward fetches x from
+// DRAM 2.73 times at 32 and 2.95 at 8 at the float32 NCHW 256x56x56 site, 2.54 and 2.71 at the
+// bfloat16 channels-last one, 2.58 and 2.75 at the float32 512x28x28 one (3.0, 2.8, 2.8 with every
+// pass in the forward order). Timed per op (the H200 sweep of 2026-11-26, 9b21929, buffers
+// rotated past the L2), 8, 16 and 32 were within 0.5% of each other (geometric mean over the 56
+// cases: 46.7%, 46.9%, 46.5% of copy bandwidth). A GPU run times the block (bench_cbam.py).
+constexpr int kDefaultTilesPerSm = 32;
 constexpr int kDefaultMinRowsPerThread = 4;
 inline int tiles_per_sm = kDefaultTilesPerSm;
 inline int min_rows_per_thread = kDefaultMinRowsPerThread;
@@ -93,8 +103,9 @@ inline int k_tile_vectors = kDefaultKTileVectors;
 // pass from the first tile; 1, a pass over a tensor the pass before it on the stream touched in
 // the reverse order of that one, so that it starts on the bytes that pass touched last (L2 hits
 // where x is not much larger than the L2: a block's pools over S and over C, then the apply;
-// Q1, then Q2), and a pass over other tensors from its last tile. Argued, not yet timed: a GPU
-// run compares the two (bench_cbam.py --pass-order both).
+// Q1, then Q2), and a pass over other tensors from its last tile. Modelled (the simulator's L2
+// model: with tiles_per_sm above), not yet timed: a GPU run compares the two (bench_cbam.py
+// --pass-order both).
 constexpr int kDefaultPassOrder = 1;
 inline int pass_order = kDefaultPassOrder;
 }  // namespace debug

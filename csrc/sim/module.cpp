@@ -129,8 +129,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sms") = 132, py::arg("threads_per_sm") = 2048,
         "Empties the L2 model and gives it capacity_bytes (0: off). A traffic model only: fully "
         "associative LRU over 32-byte sectors, stores allocate without a fetch, each launch "
-        "replayed with as many blocks at once as sms SMs of threads_per_sm threads hold, the "
-        "contents kept across launches; each launch's stats then carry l2_miss_bytes.");
+        "replayed with as many blocks at once as sms SMs of threads_per_sm threads hold (the "
+        "launchers size their grids for sms SMs meanwhile), the contents kept across launches; "
+        "each launch's stats then carry l2_miss_bytes.");
   m.def("l2_model_capacity", &cbam::sim::l2_model_capacity,
         "The L2 model's capacity in bytes (0: off).");
   m.def("num_launch_stats", []() { return cbam::sim::launch_stats().size(); });

@@ -947,7 +947,9 @@ void clear_launch_stats() {
 
 }  // namespace sim
 
-int num_sms() { return 132; }
+// 132 (an H100's or H200's); under the L2 model, its SMs: the launchers size their grids for the
+// GPU the model stands for (a case scaled down with its SMs keeps its waves).
+int num_sms() { return sim::g_mem.l2_on ? sim::L2().sms : 132; }
 
 namespace {
 std::atomic<bool> g_capturing{false};

@@ -186,17 +186,18 @@ struct MemState {
 };
 extern MemState g_mem;
 
-// The L2 model, a traffic model and nothing else: fully associative, least recently used,
-// 32-byte sectors (a GPU's L2 fetches from DRAM in sectors of 32 bytes), a store allocates its
-// sectors without fetching them (write-back, byte-masked), a load that finds its sector absent
-// fetches it (l2_miss_bytes). The simulator runs a launch's blocks one at a time; the model logs
-// each block's accesses and replays the launch as a GPU interleaves it: as many blocks as the
-// modelled GPU holds at once (sms times the blocks an SM holds by threads_per_sm, at most 32,
-// and by shared memory) start together in the order the simulator ran them (blockIdx order under
-// the forward schedule, as a GPU roughly starts them) and take one access each in turn; a block
-// that ends hands its slot to the next. Its contents last across launches, so the passes of an op
-// or a CBAM block meet (or miss) what the passes before them left there. Off by default;
-// set_l2_model(capacity, ...) empties it and turns it on (capacity 0 turns it off).
+// The L2 model, a traffic model and nothing else: fully associative, least recently used, 32-byte
+// sectors (a GPU's L2 fetches from DRAM in sectors of 32 bytes), a store allocates its sectors
+// without fetching them (write-back, byte-masked), a load that finds its sector absent fetches it
+// (l2_miss_bytes). The simulator runs a launch's blocks one at a time; the model logs each block's
+// accesses and replays the launch as a GPU interleaves it: as many blocks as the modelled GPU holds
+// at once (sms times the blocks an SM holds by threads_per_sm, at most 32, and by shared memory)
+// start together in the order the simulator ran them (blockIdx order under the forward schedule, as
+// a GPU roughly starts them) and take one access each in turn; a block that ends hands its slot to
+// the next; cbam::num_sms() says `sms` meanwhile, so the launchers size their grids for that GPU
+// too. Its contents last across launches, so the passes of an op or a CBAM block meet (or miss)
+// what the passes before them left there. Off by default; set_l2_model(capacity, ...) empties it
+// and turns it on (capacity 0 turns it off).
 void l2_access(uintptr_t a, size_t bytes, bool write);
 void set_l2_model(uint64_t capacity_bytes, int64_t sms, int64_t threads_per_sm);
 uint64_t l2_model_capacity();
@@ -359,7 +360,7 @@ inline void set_max_dynamic_smem(void (*kernel)(KArgs...), int bytes) {
   sim::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 
-int num_sms();  // a fixed, H100-like 132
+int num_sms();  // 132, H100-like; under the L2 model, the SMs it models (set_l2_model)
 inline unsigned max_grid_y() { return 65535u; }
 // One stream (id 0). stream_capturing() is false unless a test says otherwise
 // (sim::set_capturing), to run the launchers' CUDA-graph path.

@@ -202,7 +202,8 @@ CBAM_GLOBAL void copy_kernel(const T* __restrict__ x, T* __restrict__ out, int64
 // out[b * threads + t] = 2 * (the sum of the elements t, t + threads, ... of the chunk). For the
 // simulator's L2 model (tests/test_simulator.py): alone, a block's second pass finds its chunk in
 // an L2 that holds it; with the other blocks interleaved, only in one that holds all of theirs.
-CBAM_GLOBAL void reread_kernel(const float* __restrict__ x, float* __restrict__ out, int64_t chunk) {
+CBAM_GLOBAL void reread_kernel(const float* __restrict__ x, float* __restrict__ out,
+                              int64_t chunk) {
   const unsigned t = linear_tid();
   const int64_t base = static_cast<int64_t>(linear_bid()) * chunk;
   float acc = 0.0f;
