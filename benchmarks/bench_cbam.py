@@ -75,6 +75,8 @@ SCHEMA_DOC = {
             "kernels (cbam_fused_native) or the PyTorch fallback",
     "settings.tiles_also": "--tiles-also N: cbam_fused's CUDA-graph time again with the "
                            "launchers' tiles_per_sm at N (graph_ms_tiles_also); null without it",
+    "settings.tiles_per_sm": "with --tiles-also: the launchers' tiles_per_sm of graph_ms (the "
+                             "build's default); null without it or without the CUDA kernels",
     "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "
                            "(by the pass before on the stream: launchers/common.h "
                            "next_pass_reversed), 'forward', or 'both' (graph_ms_forward_order)",
@@ -107,7 +109,7 @@ SCHEMA_DOC = {
                                                 "cases of graph_ms_forward_order / graph_ms "
                                                 "(> 1: alternating is faster)",
     "cases[].peers[].graph_ms_tiles_also": "cbam_fused under --tiles-also N: graph_ms with "
-                                           "tiles_per_sm N (graph_ms: the default, 32)",
+                                           "tiles_per_sm N (graph_ms: settings.tiles_per_sm)",
     "summary.*.geomean_tiles_also_over_default": "--tiles-also N: the geometric mean over the "
                                                  "cases of graph_ms_tiles_also / graph_ms "
                                                  "(> 1: the default tiling is faster)",
@@ -210,6 +212,17 @@ def set_pass_order(order):
     op({"forward": 0, "alternate": 1}[order])
 
 
+def current_tiles_per_sm():
+    """The launchers' tiles_per_sm now (set_tuning debug op of the CUDA build; None without)."""
+    try:
+        op = torch.ops.cbam_fused_debug.set_tuning
+    except (AttributeError, RuntimeError):
+        return None
+    old = op(1, 4)
+    op(*old)
+    return old[0]
+
+
 def set_tiles_per_sm(tiles):
     """Sets the launchers' tiles_per_sm (set_tuning debug op of the CUDA build, the other knobs
     kept); returns the previous value, or None where the build has no CUDA kernels."""
@@ -304,7 +317,8 @@ def settings_from(args, device):
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
                 kernels=kernels, pool_types=pool_types, pass_order=args.pass_order,
-                tiles_also=args.tiles_also)
+                tiles_also=args.tiles_also,
+                tiles_per_sm=current_tiles_per_sm() if args.tiles_also else None)
 
 
 def make_cases(st):

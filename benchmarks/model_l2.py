@@ -106,9 +106,15 @@ def main(argv=None):
     sites = parse_sites(args.sites)
     configs = [c for c in args.configs.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
-    tiles = [int(t) for t in args.tiles_per_sm.split(",") if t]
+    try:
+        tiles = [int(t) for t in args.tiles_per_sm.split(",") if t]
+    except ValueError:
+        raise SystemExit(f"model_l2: --tiles-per-sm: expected integers, got "
+                         f"{args.tiles_per_sm!r}") from None
+    if not tiles or not all(1 <= t <= 64 for t in tiles):
+        raise SystemExit(f"model_l2: --tiles-per-sm: expected values in [1, 64], got {tiles}")
     bad = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in ("fwd", "train")]
-    if bad or not (sites and configs and modes and tiles):
+    if bad or not (sites and configs and modes):
         raise SystemExit(f"model_l2: unknown or missing --configs / --modes: {bad}")
     l2_bytes = int(args.l2_mib * 2**20)
     print(f"model_l2: simulated L2 {args.l2_mib:g} MiB, {args.sms} SMs of {args.threads_per_sm} "

@@ -126,12 +126,14 @@ def l2_model(capacity_bytes: int, sms: int = 132, threads_per_sm: int = 2048):
     empty and its contents last across launches, so consecutive passes over a tensor meet what
     the ones before them left there (the tile order of the passes, launchers/common.h). The
     defaults are an H100's or H200's SMs; their L2s hold 50 and 60 MiB. On exit the model is
-    off again.
+    off again. The contexts do not nest (an inner one would empty the outer one's cache).
     """
     if not isinstance(capacity_bytes, int) or capacity_bytes < 32:
         raise ValueError(f"l2_model: capacity_bytes must be an int of at least 32, "
                          f"got {capacity_bytes!r}")
     sim = _sim_module()
+    if sim.l2_model_capacity():
+        raise RuntimeError("l2_model: the L2 model is already on (its contexts do not nest)")
     sim.set_l2_model(capacity_bytes, sms, threads_per_sm)
     try:
         yield

@@ -1030,10 +1030,12 @@ def write_summary(d, part_dirs):
         tiles = {k: s["geomean_tiles_also_over_default"] for k, s in bc.get("summary", {}).items()
                  if s.get("geomean_tiles_also_over_default")}
         if tiles:
-            n = (bc.get("settings") or {}).get("tiles_also")
+            st = bc.get("settings") or {}
+            n, default = st.get("tiles_also"), st.get("tiles_per_sm") or "?"
             L.append(f"Tiles an SM (--tiles-also {n}): cbam_fused's graph time with {n} tiles an "
-                     "SM over its time with the default 32 (geometric mean; > 1: the default is "
-                     "faster): " + ", ".join(f"{k} {v:.3f}x" for k, v in tiles.items()) + ".")
+                     f"SM over its time with the default {default} (geometric mean; > 1: the "
+                     "default is faster): " +
+                     ", ".join(f"{k} {v:.3f}x" for k, v in tiles.items()) + ".")
             L.append("")
         L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused host | "
                  "fused graph | fused GB/s | fused %copy | fused peak mem |")

@@ -97,6 +97,7 @@ def test_bench_cbam_cpu_quick(tmp_path):
         if c["mode"] == "fwd":
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
     assert res["settings"]["pass_order"] == "both" and res["settings"]["tiles_also"] == 8
+    assert res["settings"]["tiles_per_sm"] in (32, None)  # None: no CUDA kernels built
     for s in res["summary"].values():
         assert "geomean_speedup_of_fused_graph" in s and "mean_graph_frac_copy_bw" in s
         assert "geomean_forward_over_alternate" not in s
@@ -503,7 +504,8 @@ def test_model_l2_writes_its_record(tmp_path):
         assert [p["name"] for p in c["passes"]] == (fwd if c["mode"] == "fwd" else train)
         assert all(p["grid"] >= 1 for p in c["passes"])
         assert c["passes"][0]["dram_over_x"] > 0.99, c
-        assert c["dram_over_x"] >= sum(p["dram_over_x"] for p in c["passes"]) - 1e-9
+        # the heads' and partials' reads are a small part of the whole
+        assert 0.8 * c["dram_over_x"] < sum(p["dram_over_x"] for p in c["passes"]), c
     assert keys == {(cf, m, t, o) for cf in ("fp32-nchw", "bf16-cl") for m in ("fwd", "train")
                     for t in (8, 32) for o in ("forward", "alternate")}
     sim = torch.ops.cbam_fused_sim
@@ -511,3 +513,25 @@ def test_model_l2_writes_its_record(tmp_path):
     assert tuple(sim.set_tuning(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
     with pytest.raises(SystemExit, match="unknown or missing"):
         model_l2.main(["--modes", "backward"])
+    with pytest.raises(SystemExit, match="--tiles-per-sm: expected values in"):
+        model_l2.main(["--tiles-per-sm", "8,65"])
+
+
+def test_bench_cbam_sets_the_tiles_per_sm_and_back():
+    """--tiles-also: set_tiles_per_sm changes only tiles_per_sm and gives back the value before
+    (the CUDA build's debug op, which a machine without a GPU has too)."""
+    sys.path.insert(0, BENCH)
+    import bench_cbam as bc
+    try:
+        op = torch.ops.cbam_fused_debug.set_tuning
+    except (AttributeError, RuntimeError):
+        pytest.skip("the CUDA kernels are not built")
+    assert bc.current_tiles_per_sm() == 32
+    assert bc.set_tiles_per_sm(8) == 32
+    try:
+        assert tuple(op(32, 4)) == (8, 4, 0, 3, 4, 0, 16, 4)
+        op(8, 4)
+    finally:
+        assert bc.set_tiles_per_sm(32) == 8
+    assert tuple(op(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
+    assert bc.current_tiles_per_sm() == 32 and bc.set_tiles_per_sm(None) is None

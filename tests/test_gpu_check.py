@@ -222,7 +222,7 @@ def test_summary_compares_the_tile_orders(tmp_path):
             f["graph_ms_forward_order"] = f["graph_ms"] * r
             f["graph_ms_tiles_also"] = f["graph_ms"] * r * r
             ratios.setdefault(c["batch"], []).append(r)
-    layer["settings"]["tiles_also"] = 8
+    layer["settings"].update(tiles_also=8, tiles_per_sm=32)
     layer["summary"] = bc.summarize(layer["cases"], layer["settings"]["peers"])
     want = math.exp(sum(math.log(r) for rs in ratios.values() for r in rs) /
                     sum(len(rs) for rs in ratios.values()))

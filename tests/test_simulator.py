@@ -608,6 +608,12 @@ def test_l2_model_checks_its_arguments():
     with pytest.raises(ValueError, match="l2_model: capacity_bytes must be an int of at least 32"):
         with l2_model(16):
             pass
+    with l2_model(1024, sms=3):
+        assert _sim.l2_model_capacity() == 1024
+        with pytest.raises(RuntimeError, match="already on .its contexts do not nest"):
+            with l2_model(2048):
+                pass
+        assert _sim.l2_model_capacity() == 1024  # the outer one still on
     with pytest.raises(RuntimeError, match="set_l2_model: sms must be in"):
         _sim.set_l2_model(1024, 0, 2048)
     with pytest.raises(RuntimeError, match="set_l2_model: threads_per_sm must be in"):

@@ -36,9 +36,10 @@ inline int tile_mode = 0;
 // (benchmarks/model_l2.py: 60 MiB, 132 SMs, batch 64), a block's inference forward fetches x from
 // DRAM 2.73 times at 32 and 2.95 at 8 at the float32 NCHW 256x56x56 site, 2.54 and 2.71 at the
 // bfloat16 channels-last one, 2.58 and 2.75 at the float32 512x28x28 one (3.0, 2.8, 2.8 with every
-// pass in the forward order). Timed per op (the H200 sweep of 2026-11-26, 9b21929, buffers
-// rotated past the L2), 8, 16 and 32 were within 0.5% of each other (geometric mean over the 56
-// cases: 46.7%, 46.9%, 46.5% of copy bandwidth). A GPU run times the block (bench_cbam.py).
+// pass in the forward order). Timed per op (the H200 sweep of 2026-11-26, 9b21929, that day's
+// other knobs, buffers rotated past the L2), 8, 16 and 32 came within 0.8% of each other
+// (geometric mean over the 56 cases: 46.7%, 46.9%, 46.5% of copy bandwidth; 32 0.5% under 8).
+// Not yet timed with today's other knobs, nor the block at all (bench_cbam.py --tiles-also 8).
 constexpr int kDefaultTilesPerSm = 32;
 constexpr int kDefaultMinRowsPerThread = 4;
 inline int tiles_per_sm = kDefaultTilesPerSm;

@@ -739,6 +739,10 @@ L2Model& L2() {
   return *m;
 }
 
+// The modelled SMs while the model is on, else 0: read by num_sms() from the launchers (host
+// code, outside the simulator's lock), written by set_l2_model under it.
+std::atomic<int> g_model_sms{0};
+
 // One access to a sector: resident, it becomes the most recently used; absent, a load fetches it
 // (l2_miss_bytes), a store allocates it, and the least recently used sector leaves.
 void l2_touch(L2Model& m, uint64_t entry) {
@@ -758,7 +762,8 @@ void l2_touch(L2Model& m, uint64_t entry) {
 }
 
 // Blocks resident at once on the modelled GPU: the SMs times the blocks an SM holds by its
-// threads (at most 32) and shared memory (228 KiB an SM, 1 KiB of it reserved a block). Registers
+// threads (at most 32) and shared memory (228 KiB an SM, 1 KiB of it reserved a block; smem_bytes:
+// the dynamic bytes and the static ones the simulator found in the kernel function). Registers
 // may hold fewer; the model does not know them.
 size_t l2_resident_blocks(const L2Model& m, const dim3& block, size_t smem_bytes) {
   const long long threads = static_cast<long long>(block.x) * block.y * block.z;
@@ -822,6 +827,7 @@ void set_l2_model(uint64_t capacity_bytes, int64_t sms, int64_t threads_per_sm) 
   m.sms = static_cast<int>(sms);
   m.threads_per_sm = static_cast<int>(threads_per_sm);
   g_mem.l2_on = capacity_bytes != 0;
+  g_model_sms.store(g_mem.l2_on ? m.sms : 0);
 }
 
 uint64_t l2_model_capacity() {
@@ -848,6 +854,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   std::lock_guard<std::mutex> lock(s.mu);
   validate_launch(name, kernel, grid, block, smem_bytes);
   select_static_shared(kernel);
+  if (g_mem.l2_on) L2().logs.clear();  // (a launch that threw before its replay left some)
   const int n = static_cast<int>(block.x * block.y * block.z);
   ensure_stacks(n);
   s.n_threads = n;
@@ -899,7 +906,11 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   }
   if (g_mem.l2_on) {  // (a launch that failed touched nothing: its logs go)
     if (s.has_error) L2().logs.clear();
-    else l2_replay(L2(), l2_resident_blocks(L2(), block, smem_bytes));
+    else {
+      unsigned long static_bytes = 0, count = 0;
+      selected_static_shared_info(&static_bytes, &count);
+      l2_replay(L2(), l2_resident_blocks(L2(), block, smem_bytes + static_bytes));
+    }
   }
   if (s.has_error) {
     const std::string err = s.error;
@@ -949,7 +960,10 @@ void clear_launch_stats() {
 
 // 132 (an H100's or H200's); under the L2 model, its SMs: the launchers size their grids for the
 // GPU the model stands for (a case scaled down with its SMs keeps its waves).
-int num_sms() { return sim::g_mem.l2_on ? sim::L2().sms : 132; }
+int num_sms() {
+  const int sms = sim::g_model_sms.load();
+  return sms > 0 ? sms : 132;
+}
 
 namespace {
 std::atomic<bool> g_capturing{false};

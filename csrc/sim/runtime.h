@@ -195,9 +195,11 @@ extern MemState g_mem;
 // start together in the order the simulator ran them (blockIdx order under the forward schedule, as
 // a GPU roughly starts them) and take one access each in turn; a block that ends hands its slot to
 // the next; cbam::num_sms() says `sms` meanwhile, so the launchers size their grids for that GPU
-// too. Its contents last across launches, so the passes of an op or a CBAM block meet (or miss)
-// what the passes before them left there. Off by default; set_l2_model(capacity, ...) empties it
-// and turns it on (capacity 0 turns it off).
+// too. Within a block, accesses are logged in the simulator's thread order (a thread runs to its
+// next barrier), not in warp lockstep: the order of a block's own accesses is modelled only up to
+// its barriers. Its contents last across launches, so the passes of an op or a CBAM block meet (or
+// miss) what the passes before them left there. Off by default; set_l2_model(capacity, ...) empties
+// it and turns it on (capacity 0 turns it off).
 void l2_access(uintptr_t a, size_t bytes, bool write);
 void set_l2_model(uint64_t capacity_bytes, int64_t sms, int64_t threads_per_sm);
 uint64_t l2_model_capacity();
