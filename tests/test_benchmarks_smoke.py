@@ -479,8 +479,8 @@ def test_bench_kernels_sweep_needs_the_cuda_kernels():
 
 def test_model_l2_writes_its_record(tmp_path):
     """benchmarks/model_l2.py on a tiny case scaled down with its L2 and SMs: one record per
-    configuration, mode, tiles_per_sm and pass order, each pass over x listed in the block's
-    order (the first fetches all of x: the L2 starts empty), and the simulator's knobs as they
+    configuration, arrangement, mode, tiles_per_sm and pass order, each pass over x listed in
+    the block's order (the first fetches all of x: the L2 starts empty), and the simulator's knobs as they
     were afterwards. Traffic only, never a time."""
     from cbam_fused.testing import simulator_available
     if not simulator_available():
@@ -490,29 +490,39 @@ def test_model_l2_writes_its_record(tmp_path):
 
     js = tmp_path / "m.json"
     model_l2.main(["--sites", "64x16x16", "--batch", "2", "--tiles-per-sm", "8,32",
-                   "--l2-mib", "0.125", "--sms", "2", "--json", str(js)])
+                   "--l2-mib", "0.125", "--sms", "2", "--json", str(js),
+                   "--arrangements", "channel_first,spatial_first,parallel"])
     rec = json.loads(js.read_text())
     assert rec["schema"] == "cbam_fused.model_l2/1"
     assert (rec["l2_bytes"], rec["sms"], rec["threads_per_sm"]) == (2**17, 2, 2048)
-    fwd = ["pool_over_s", "pool_over_c", "apply_gates"]
-    train = fwd + ["backward_reduce", "pool_over_c_backward_scale", "grad_input"]
+    # the x-sized passes of each arrangement: forward, then the backward's (the parallel
+    # arrangement's Q1 gives both reductions, no Q2)
+    passes = {"channel_first": (["pool_over_s", "pool_over_c", "apply_gates"],
+                                ["backward_reduce", "pool_over_c_backward_scale", "grad_input"]),
+              "spatial_first": (["pool_over_c", "pool_over_s", "apply_gates"],
+                                ["backward_reduce", "pool_over_s_backward_scale", "grad_input"]),
+              "parallel": (["pool_over_s", "pool_over_c", "apply_gates"],
+                           ["backward_reduce", "grad_input"])}
     keys = set()
     for c in rec["cases"]:
-        keys.add((c["config"], c["mode"], c["tiles_per_sm"], c["pass_order"]))
+        keys.add((c["config"], c["arrangement"], c["mode"], c["tiles_per_sm"], c["pass_order"]))
         assert c["site"] == [64, 16, 16] and c["batch"] == 2
         assert c["x_bytes"] == 2 * 64 * 256 * (4 if c["config"] == "fp32-nchw" else 2)
-        assert [p["name"] for p in c["passes"]] == (fwd if c["mode"] == "fwd" else train)
+        fwd, bwd = passes[c["arrangement"]]
+        assert [p["name"] for p in c["passes"]] == (fwd if c["mode"] == "fwd" else fwd + bwd)
         assert all(p["grid"] >= 1 for p in c["passes"])
         assert c["passes"][0]["dram_over_x"] > 0.99, c
         # the heads' and partials' reads are a small part of the whole
         assert 0.8 * c["dram_over_x"] < sum(p["dram_over_x"] for p in c["passes"]), c
-    assert keys == {(cf, m, t, o) for cf in ("fp32-nchw", "bf16-cl") for m in ("fwd", "train")
-                    for t in (8, 32) for o in ("forward", "alternate")}
+    assert keys == {(cf, a, m, t, o) for cf in ("fp32-nchw", "bf16-cl") for a in passes
+                    for m in ("fwd", "train") for t in (8, 32) for o in ("forward", "alternate")}
     sim = torch.ops.cbam_fused_sim
     assert sim.set_pass_order(1) == 1
     assert tuple(sim.set_tuning(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
     with pytest.raises(SystemExit, match="unknown or missing"):
         model_l2.main(["--modes", "backward"])
+    with pytest.raises(SystemExit, match="unknown or missing .*'sideways'"):
+        model_l2.main(["--arrangements", "sideways"])
     with pytest.raises(SystemExit, match="--tiles-per-sm: expected values in"):
         model_l2.main(["--tiles-per-sm", "8,65"])
 
