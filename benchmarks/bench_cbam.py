@@ -214,16 +214,13 @@ def set_pass_order(order):
 
 def current_tiles_per_sm():
     """The launchers' tiles_per_sm now (set_tuning debug op of the CUDA build; None without)."""
-    try:
-        op = torch.ops.cbam_fused_debug.set_tuning
-    except (AttributeError, RuntimeError):
-        return None
-    old = op(1, 4)
-    op(*old)
-    return old[0]
+    old = set_tiles_per_sm(1, quiet=True)
+    if old is not None:
+        set_tiles_per_sm(old, quiet=True)
+    return old
 
 
-def set_tiles_per_sm(tiles):
+def set_tiles_per_sm(tiles, quiet=False):
     """Sets the launchers' tiles_per_sm (set_tuning debug op of the CUDA build, the other knobs
     kept); returns the previous value, or None where the build has no CUDA kernels."""
     if tiles is None:
@@ -231,11 +228,10 @@ def set_tiles_per_sm(tiles):
     try:
         op = torch.ops.cbam_fused_debug.set_tuning
     except (AttributeError, RuntimeError):
-        print(f"note: --tiles-also {tiles}: this build has no CUDA kernels", file=sys.stderr)
+        if not quiet:
+            print(f"note: --tiles-also {tiles}: this build has no CUDA kernels", file=sys.stderr)
         return None
-    old = op(tiles, 4)
-    op(tiles, *old[1:])
-    return old[0]
+    return bu.set_tiles_per_sm(op, tiles)[0]
 
 
 def _csv(s):

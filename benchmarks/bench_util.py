@@ -409,6 +409,15 @@ def drop_missing(names: List[str], packages: Dict[str, str], what: str) -> List[
     return kept
 
 
+def set_tiles_per_sm(set_tuning, tiles: int) -> List[int]:
+    """Sets the launchers' tiles_per_sm through a set_tuning op (cbam_fused_debug's or
+    cbam_fused_sim's), the other knobs kept; returns every knob's previous value, for
+    set_tuning(*previous) to restore."""
+    old = set_tuning(tiles, 4)
+    set_tuning(tiles, *old[1:])
+    return old
+
+
 def geomean(v: List[float]) -> Optional[float]:
     import math
     v = [x for x in v if x and x > 0]
