@@ -171,6 +171,44 @@ def write_build_info(cuda_home):
             f.write(text)
 
 
+# The sources of the two extensions. _C: the op schemas and CPU kernels (every build), plus the
+# CUDA registration and the launchers (a CUDA build); _sim: the simulator, which compiles the
+# launchers itself (csrc/sim/kernels_sim.cpp includes them).
+C_SOURCES = ["csrc/ops.cpp", "csrc/block_forward.cpp", "csrc/block_backward.cpp",
+             "csrc/cpu/pool_rows.cpp"]
+C_CUDA_SOURCES = ["csrc/register_cuda.cpp"]
+
+
+def launcher_sources():
+    return sorted(glob.glob(os.path.join("csrc", "launchers", "*.cu")))
+
+
+def sim_sources():
+    return sorted(glob.glob(os.path.join("csrc", "sim", "*.cpp")))
+
+
+def opt_flags():
+    return ["-O0", "-g"] if os.environ.get("CBAM_FUSED_DEBUG") == "1" else ["-O3"]
+
+
+def cxx_flags():
+    """g++'s flags for the host sources (both extensions)."""
+    # C++20 for the host sources whatever torch's own default is: the simulator needs it
+    # (std::source_location), torch >= 2.14 asks for it anyway, and older torch (2.11 on the GPU
+    # machines) would add -std=c++17, which cpp_extension leaves out when a -std flag is given.
+    # nvcc keeps torch's choice.
+    flags = opt_flags() + ["-std=c++20", "-Wall"]
+    if os.environ.get("CBAM_FUSED_WERROR") == "1":  # CI (scripts/dev.sh): host warnings fail
+        flags.append("-Werror")
+    return flags
+
+
+def nvcc_flags():
+    """nvcc's flags for the launchers, besides torch's own (its -std and -D flags)."""
+    return opt_flags() + ["--expt-relaxed-constexpr", "-lineinfo",
+                          "-Xcompiler", "-Wall", "-Werror=all-warnings"]
+
+
 def extensions():
     cuda_home = want_cuda()
     if cuda_home:
@@ -179,19 +217,8 @@ def extensions():
     write_build_info(cuda_home)
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    debug = os.environ.get("CBAM_FUSED_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    # C++20 for the host sources whatever torch's own default is: the simulator needs it
-    # (std::source_location), torch >= 2.14 asks for it anyway, and older torch (2.11 on the GPU
-    # machines) would add -std=c++17, which cpp_extension leaves out when a -std flag is given.
-    # nvcc keeps torch's choice.
-    cxx_flags = list(opt) + ["-std=c++20", "-Wall"]
-    if os.environ.get("CBAM_FUSED_WERROR") == "1":  # CI (scripts/dev.sh): host warnings fail
-        cxx_flags.append("-Werror")
     include = [os.path.join(HERE, "csrc")]
     exts = []
-
-    launcher_sources = sorted(glob.glob(os.path.join("csrc", "launchers", "*.cu")))
     if cuda_home:
         pip_inc = nvidia_pip_include_dirs()
         toolkit_inc = os.path.join(cuda_home, "include")
@@ -200,28 +227,21 @@ def extensions():
                 _fail(f"{needed} is in neither {toolkit_inc} nor the nvidia pip packages' include "
                       f"folders ({pip_inc or 'none found'}); torch's CUDA headers need it. Install "
                       f"the matching nvidia-* wheels (they come with the CUDA build of torch)")
-        nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo",
-                            "-Xcompiler", "-Wall", "-Werror=all-warnings"]
         exts.append(CUDAExtension(
-            "cbam_fused._C",
-            sources=["csrc/ops.cpp", "csrc/block_forward.cpp", "csrc/block_backward.cpp",
-                     "csrc/cpu/pool_rows.cpp", "csrc/register_cuda.cpp"] + launcher_sources,
+            "cbam_fused._C", sources=C_SOURCES + C_CUDA_SOURCES + launcher_sources(),
             include_dirs=include + [toolkit_inc] + pip_inc,
             define_macros=[("CBAM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
         ))
     else:
-        exts.append(CppExtension("cbam_fused._C",
-                                 sources=["csrc/ops.cpp", "csrc/block_forward.cpp",
-                                          "csrc/block_backward.cpp", "csrc/cpu/pool_rows.cpp"],
-                                 include_dirs=include, extra_compile_args={"cxx": cxx_flags}))
+        exts.append(CppExtension("cbam_fused._C", sources=C_SOURCES, include_dirs=include,
+                                 extra_compile_args={"cxx": cxx_flags()}))
 
-    sim_sources = sorted(glob.glob(os.path.join("csrc", "sim", "*.cpp")))
-    if sim_sources:
+    if sim_sources():
         exts.append(CppExtension(
-            "cbam_fused._sim", sources=sim_sources, include_dirs=include,
+            "cbam_fused._sim", sources=sim_sources(), include_dirs=include,
             define_macros=[("CBAM_SIMULATOR", "1")],
-            extra_compile_args={"cxx": cxx_flags}))
+            extra_compile_args={"cxx": cxx_flags()}))
     return exts
 
 

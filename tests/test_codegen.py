@@ -13,8 +13,16 @@ into four 4-byte stores (the dialect now writes them as PTX); these tests read t
 kernel instance on the vector path (VEC * sizeof(T) == 16) and require 16-byte global loads, and
 16-byte global stores in the kernels that write x-sized outputs.
 
-Skipped without an nvcc (a CPU-only setup). nvcc gets the -std flag torch's own extension build
-gives it (C++20 for torch 2.14, C++17 for the GPU machines' torch 2.11)."""
+The build on the GPU machines: their torch is older than the one pinned here (2.11, which gives
+nvcc -std=c++17; 2.14 gives C++20), and a source that builds here can fail there, costing a GPU
+session its kernels. So nvcc compiles the launchers against that torch's headers and -std
+(gpu_machine_torch.py fetches them once), with the build's flags (setup.py nvcc_flags,
+-Werror=all-warnings included), and g++ checks the host sources of both extensions against them
+too. Where those headers cannot be had, nvcc compiles against the installed torch at its -std, and
+the two tests of the GPU machines' build skip, saying why.
+
+Skipped without an nvcc (a CPU-only setup)."""
+import glob
 import importlib.util
 import os
 import re
@@ -25,10 +33,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import gpu_machine_torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("elementwise.cu", "pool.cu", "backward_reduce.cu", "spatial_head.cu",
-           "spatial_head_backward.cu", "channel_head.cu", "channel_head_backward.cu",
-           "batch_norm_gate.cu")
+# every launcher source the CUDA build compiles (setup.py launcher_sources)
+SOURCES = tuple(sorted(os.path.basename(p) for p in
+                       glob.glob(os.path.join(ROOT, "csrc", "launchers", "*.cu"))))
+# what torch's extension build adds to nvcc's flags (its COMMON_NVCC_FLAGS' macros and the
+# extension's name)
+TORCH_NVCC_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                      "--expt-relaxed-constexpr", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                      "-DTORCH_EXTENSION_NAME=_C")
 
 # (kernel name pattern, most local-memory bytes allowed: stack frame, spill stores or loads),
 # first match wins; every other kernel: 0. grad_input at float64 with one vector row in flight:
@@ -73,32 +89,41 @@ def _demangle(names):
                           check=True).stdout.splitlines()
 
 
+def _torch_for_nvcc():
+    """(include dirs, -std flag, what they are) of the torch the launchers are compiled against:
+    the GPU machines' (gpu_machine_torch.py) where its headers can be had, since that is where
+    the kernels run; else the installed one."""
+    got, why = gpu_machine_torch.headers_or_reason()
+    if got is not None:
+        return got[0], got[1], f"torch {gpu_machine_torch.VERSION} (the GPU machines')"
+    from torch.utils.cpp_extension import include_paths
+    return include_paths(device_type="cpu"), _torch_nvcc_std(), f"the installed torch ({why})"
+
+
 @pytest.fixture(scope="module")
 def nvcc_sm90(tmp_path_factory):
-    """[(ptxas -v log, PTX text)] of each launcher source, compiled once for the module."""
+    """[(ptxas -v log, PTX text)] of each launcher source, compiled once for the module with the
+    build's nvcc flags (setup.py), against _torch_for_nvcc()'s headers and -std."""
     setup = _setup_mod()
     cuda_home = setup.find_cuda_home()
     if cuda_home is None:
         pytest.skip("no CUDA toolkit (nvcc) found")
     if shutil.which("c++filt") is None:
         pytest.skip("no c++filt (binutils) to demangle the kernel names")
-    from torch.utils.cpp_extension import include_paths
-    incs = [os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include"),
-            *include_paths(device_type="cpu"), *setup.nvidia_pip_include_dirs(),
-            sysconfig.get_paths()["include"]]
+    torch_incs, std, _ = _torch_for_nvcc()
+    incs = [os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include"), *torch_incs,
+            *setup.nvidia_pip_include_dirs(), sysconfig.get_paths()["include"]]
+    # the build's flags, -Werror=all-warnings included (-lineinfo's .loc lines left out of the
+    # PTX the tests read)
+    flags = [f for f in setup.nvcc_flags() if f != "-lineinfo"]
     out_dir = tmp_path_factory.mktemp("ptxas")
-    std = _torch_nvcc_std()
 
     def compile_one(src):
         keep = out_dir / src.replace(".cu", "")
         keep.mkdir()
         cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-c",
                os.path.join(ROOT, "csrc", "launchers", src), "-o", str(out_dir / (src + ".o")),
-               "--keep", "--keep-dir", str(keep),
-               "-O3", "--expt-relaxed-constexpr", "-DCBAM_WITH_CUDA=1",
-               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+               "--keep", "--keep-dir", str(keep), *flags, "-DCBAM_WITH_CUDA=1", *TORCH_NVCC_DEFINES,
                "--compiler-options", "-fPIC", "-gencode=arch=compute_90,code=sm_90", std,
                "-Xptxas", "-v", *[f"-I{d}" for d in incs]]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -111,12 +136,19 @@ def nvcc_sm90(tmp_path_factory):
         return list(pool.map(compile_one, SOURCES))
 
 
+def _product(compiled):
+    """nvcc_sm90's results of the product's launchers: the simulator's self-test kernels
+    (selftest.cu) are compiled, since the build compiles them, but not held to the product's
+    budgets."""
+    return [c for src, c in zip(SOURCES, compiled) if src != "selftest.cu"]
+
+
 @pytest.fixture(scope="module")
 def ptxas_report(nvcc_sm90):
     """{demangled kernel name: (registers, stack frame, spill store bytes, spill load bytes,
     static shared memory bytes)}."""
     report, mangled = {}, []
-    for log, _ in nvcc_sm90:
+    for log, _ in _product(nvcc_sm90):
         name = spill = None
         for line in log.splitlines():
             m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -140,7 +172,7 @@ def ptxas_report(nvcc_sm90):
 def ptx_kernels(nvcc_sm90):
     """{demangled kernel name: its PTX body}."""
     names, bodies = [], []
-    for _, ptx in nvcc_sm90:
+    for _, ptx in _product(nvcc_sm90):
         for part in re.split(r"^\.(?:visible|weak)?\s*\.entry\s+", ptx, flags=re.M)[1:]:
             names.append(re.match(r"(\w+)\(", part).group(1))
             bodies.append(part)
@@ -376,3 +408,63 @@ def test_the_scalar_path_is_not_mistaken_for_the_vector_path(ptx_kernels):
         r"cbam::(apply_gates|grad_input)_kernel<[\w:]+, 1,", n)]
     assert len(scalar) >= 8
     assert not any(STORE_16B.search(b) for b in scalar)
+
+
+def test_launchers_build_with_the_gpu_machines_torch(nvcc_sm90):
+    """nvcc_sm90 compiled every launcher against the GPU machines' torch: its headers, at the
+    -std its extension build gives nvcc (C++17), with the build's flags. A launcher that needs
+    C++20, an ATen header or function newer than that torch, or that warns there, failed that
+    compile (the fixture's error names the source and gives nvcc's message)."""
+    _, std, what = _torch_for_nvcc()
+    if not what.startswith(f"torch {gpu_machine_torch.VERSION}"):
+        pytest.skip(what)
+    assert std == "-std=c++17", std
+    assert len(nvcc_sm90) == len(SOURCES) and "selftest.cu" in SOURCES, SOURCES
+
+
+def _host_sources():
+    """(source, the extension's macro, its name) of every host source the build compiles."""
+    setup = _setup_mod()
+    return ([(s, "CBAM_WITH_CUDA", "_C") for s in setup.C_SOURCES + setup.C_CUDA_SOURCES] +
+            [(s, "CBAM_SIMULATOR", "_sim") for s in setup.sim_sources()])
+
+
+@pytest.fixture(scope="module")
+def host_syntax_gpu_torch():
+    """{source: (exit status, g++'s messages)}: g++ -fsyntax-only of each host source with the
+    build's flags (setup.py cxx_flags: C++20 whatever the torch) against the GPU machines'
+    torch's headers."""
+    got, why = gpu_machine_torch.headers_or_reason()
+    if got is None:
+        pytest.skip(why)
+    setup = _setup_mod()
+    cuda_home = setup.find_cuda_home()
+    cuda_incs = ([os.path.join(cuda_home, "include"), *setup.nvidia_pip_include_dirs()]
+                 if cuda_home else [])
+    base = [os.environ.get("CXX") or "g++", "-fsyntax-only", "-fPIC", *setup.cxx_flags(),
+            "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{os.path.join(ROOT, 'csrc')}",
+            *[f"-I{d}" for d in got[0]], f"-I{sysconfig.get_paths()['include']}"]
+
+    def check(entry):
+        src, macro, name = entry
+        if macro == "CBAM_WITH_CUDA" and not cuda_home:
+            return src, (None, "no CUDA toolkit: the CUDA build's sources are not checked")
+        cmd = [*base, f"-D{macro}=1", f"-DTORCH_EXTENSION_NAME={name}",
+               *([f"-I{d}" for d in cuda_incs] if macro == "CBAM_WITH_CUDA" else []),
+               os.path.join(ROOT, src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return src, (proc.returncode, proc.stderr[-4000:])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(check, _host_sources()))
+
+
+@pytest.mark.parametrize("src", [s for s, _, _ in _host_sources()])
+def test_host_sources_build_with_the_gpu_machines_torch(host_syntax_gpu_torch, src):
+    """The host sources of _C (its CUDA build's) and of the simulator, which the GPU machines
+    build too, parse and type-check against their torch's headers: no ATen function or header
+    newer than that torch, and no warning where the build turns them into errors."""
+    rc, err = host_syntax_gpu_torch[src]
+    if rc is None:
+        pytest.skip(err)
+    assert rc == 0, f"g++ {src} against torch {gpu_machine_torch.VERSION}'s headers:\n{err}"
