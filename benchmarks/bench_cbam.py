@@ -77,6 +77,8 @@ SCHEMA_DOC = {
                            "launchers' tiles_per_sm at N (graph_ms_tiles_also); null without it",
     "settings.tiles_per_sm": "with --tiles-also: the launchers' tiles_per_sm of graph_ms (the "
                              "build's default); null without it or without the CUDA kernels",
+    "settings.pdl_also": "--pdl-also: cbam_fused's CUDA-graph time again with programmatic "
+                         "dependent launch (graph_ms_pdl); false without it",
     "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "
                            "(by the pass before on the stream: launchers/common.h "
                            "next_pass_reversed), 'forward', or 'both' (graph_ms_forward_order)",
@@ -113,6 +115,11 @@ SCHEMA_DOC = {
     "summary.*.geomean_tiles_also_over_default": "--tiles-also N: the geometric mean over the "
                                                  "cases of graph_ms_tiles_also / graph_ms "
                                                  "(> 1: the default tiling is faster)",
+    "cases[].peers[].graph_ms_pdl": "cbam_fused under --pdl-also: graph_ms with programmatic "
+                                    "dependent launch (the set_pdl debug op; graph_ms: without)",
+    "summary.*.geomean_pdl_over_default": "--pdl-also: the geometric mean over the cases of "
+                                          "graph_ms_pdl / graph_ms (< 1: programmatic dependent "
+                                          "launch is faster)",
     "cases[].peers[].graph_error": "why the graph timing failed, if it did (median_ms stands)",
     "cases[].peers[].error": "why the peer failed, if it did",
     "cases[].peers[].skipped": "why the peer was not run, if it was not (e.g. time budget)",
@@ -183,6 +190,11 @@ def parse_args(argv=None):
                         "next one, in the reverse order, meets in L2 what it touched last; 8, "
                         "the default before, ran one wave over all of x): "
                         "graph_ms_tiles_also")
+    p.add_argument("--pdl-also", action="store_true",
+                   help="also time cbam_fused's CUDA graph with programmatic dependent launch "
+                        "(the set_pdl debug op: each kernel launches while the one before it "
+                        "runs its last wave and waits for its end at its first statement; "
+                        "sm_90+, off by default): graph_ms_pdl")
     p.add_argument("--json", default=None, help="write the results here (schema in --help)")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and bandwidth fractions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -232,6 +244,17 @@ def set_tiles_per_sm(tiles, quiet=False):
             print(f"note: --tiles-also {tiles}: this build has no CUDA kernels", file=sys.stderr)
         return None
     return bu.set_tiles_per_sm(op, tiles)[0]
+
+
+def set_pdl(mode):
+    """Sets programmatic dependent launch (set_pdl debug op of the CUDA build); returns the
+    previous mode, or None where the build has no CUDA kernels."""
+    try:
+        op = torch.ops.cbam_fused_debug.set_pdl
+    except (AttributeError, RuntimeError):
+        print("note: --pdl-also: this build has no CUDA kernels", file=sys.stderr)
+        return None
+    return op(mode)
 
 
 def _csv(s):
@@ -314,7 +337,8 @@ def settings_from(args, device):
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
                 kernels=kernels, pool_types=pool_types, pass_order=args.pass_order,
                 tiles_also=args.tiles_also,
-                tiles_per_sm=current_tiles_per_sm() if args.tiles_also else None)
+                tiles_per_sm=current_tiles_per_sm() if args.tiles_also else None,
+                pdl_also=args.pdl_also)
 
 
 def make_cases(st):
@@ -515,6 +539,14 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
                                                               tm.get("graph_reps", 10))
                     finally:
                         set_tiles_per_sm(old)
+                if name == FUSED and st.get("pdl_also"):
+                    old = set_pdl(1)
+                    if old is not None:
+                        try:
+                            r["graph_ms_pdl"] = graph_time(run, device, name, len(xs),
+                                                           tm.get("graph_reps", 10))
+                        finally:
+                            set_pdl(old)
         except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
@@ -563,6 +595,11 @@ def summarize(cases, peers):
                       if f.get("graph_ms_tiles_also") and f.get("graph_ms")]
             if ratios:
                 s["geomean_tiles_also_over_default"] = bu.geomean(ratios)
+            ratios = [f["graph_ms_pdl"] / f["graph_ms"] for f in
+                      (c["peers"].get(FUSED, {}) for c in sel)
+                      if f.get("graph_ms_pdl") and f.get("graph_ms")]
+            if ratios:
+                s["geomean_pdl_over_default"] = bu.geomean(ratios)
             out[f"{mode}/{dt}"] = s
     return out
 

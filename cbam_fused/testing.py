@@ -101,6 +101,8 @@ def simulator_stats() -> List[Dict]:
                        the blocks ran (0: none), where a pass over it started
         l2_miss_bytes  under l2_model(): the bytes the launch's loads fetched from DRAM through
                        the modelled L2 (32 per sector a load missed); None outside it
+        pdl            launched under set_pdl(1) (programmatic dependent launch in the CUDA
+                       build): the knob as the launch read it
     Only launches that completed are listed (a launch that raised is not).
     """
     sim = _sim_module()

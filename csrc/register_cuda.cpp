@@ -17,4 +17,5 @@ TORCH_LIBRARY(cbam_fused_debug, m) {
   m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
   m.def(cbam::kGroupCountersSchema, &cbam::group_counter_buffers);
   m.def(cbam::kSetPassOrderSchema, &cbam::set_pass_order);
+  m.def(cbam::kSetPdlSchema, &cbam::set_pdl);
 }

@@ -108,10 +108,11 @@ PART_OPTIONS = {
         # (--pass-order both: cbam_fused's graph time again with every pass from its first
         # tile, to time the alternating tile order, launchers/common.h next_pass_reversed;
         # --tiles-also 8: again with 8 tiles an SM, the default before 32, whose one wave over
-        # all of x the reversed order meets less of, by the simulator's L2 model)
+        # all of x the reversed order meets less of, by the simulator's L2 model; --pdl-also:
+        # again with programmatic dependent launch, off by default until this times it)
         bench_cbam=["--quick", "--dtype", "bfloat16,float32",
                     "--peers", "official,timm,compile,cbam_fused", "--pass-order", "both",
-                    "--tiles-also", "8"],
+                    "--tiles-also", "8", "--pdl-also"],
         bench_network=["--quick"]),
     "extra": dict(
         tests="all",
@@ -1036,6 +1037,14 @@ def write_summary(d, part_dirs):
                      f"SM over its time with the default {default} (geometric mean; > 1: the "
                      "default is faster): " +
                      ", ".join(f"{k} {v:.3f}x" for k, v in tiles.items()) + ".")
+            L.append("")
+        pdl = {k: s["geomean_pdl_over_default"] for k, s in bc.get("summary", {}).items()
+               if s.get("geomean_pdl_over_default")}
+        if pdl:
+            L.append("Programmatic dependent launch (--pdl-also): cbam_fused's graph time with it "
+                     "over its time without (geometric mean; < 1: it is faster, and set_pdl(1) "
+                     "should become the default): " +
+                     ", ".join(f"{k} {v:.3f}x" for k, v in pdl.items()) + ".")
             L.append("")
         L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused host | "
                  "fused graph | fused GB/s | fused %copy | fused peak mem |")

@@ -68,7 +68,8 @@ def _check_meta(meta):
 def test_bench_cbam_cpu_quick(tmp_path):
     res, png, out = _run("bench_cbam.py", ["--shapes", "tiny", "--modes", "fwd,train", "--reps", "3",
                                                  "--warmup", "1", "--kernels", "on",
-                                                 "--pass-order", "both", "--tiles-also", "8"],
+                                                 "--pass-order", "both", "--tiles-also", "8",
+                                                 "--pdl-also"],
                             tmp_path)
     assert res["schema"] == "cbam_fused.bench_cbam/1" and res["finished"] is True
     for k in ("schema_doc", "meta", "settings", "copy_bandwidth", "cases", "summary"):
@@ -93,10 +94,11 @@ def test_bench_cbam_cpu_quick(tmp_path):
             # CUDA-graph timing: GPU only, and not an error on the CPU (nor the second
             # tile order's)
             assert r["graph_ms"] is None and r["graph_error"] is None, r
-            assert "graph_ms_forward_order" not in r and "graph_ms_tiles_also" not in r, r
+            assert not {"graph_ms_forward_order", "graph_ms_tiles_also", "graph_ms_pdl"} & set(r)
         if c["mode"] == "fwd":
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
     assert res["settings"]["pass_order"] == "both" and res["settings"]["tiles_also"] == 8
+    assert res["settings"]["pdl_also"] is True
     assert res["settings"]["tiles_per_sm"] in (32, None)  # None: no CUDA kernels built
     for s in res["summary"].values():
         assert "geomean_speedup_of_fused_graph" in s and "mean_graph_frac_copy_bw" in s
@@ -545,3 +547,22 @@ def test_bench_cbam_sets_the_tiles_per_sm_and_back():
         assert bc.set_tiles_per_sm(32) == 8
     assert tuple(op(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
     assert bc.current_tiles_per_sm() == 32 and bc.set_tiles_per_sm(None) is None
+
+
+def test_bench_cbam_sets_pdl_and_back():
+    """--pdl-also: set_pdl turns programmatic dependent launch on and gives back the mode before
+    (the CUDA build's debug op; its launches read it only on a GPU of sm_90 or later)."""
+    sys.path.insert(0, BENCH)
+    import bench_cbam as bc
+    try:
+        op = torch.ops.cbam_fused_debug.set_pdl
+    except (AttributeError, RuntimeError):
+        pytest.skip("the CUDA kernels are not built")
+    assert bc.set_pdl(1) == 0
+    try:
+        assert op(1) == 1
+    finally:
+        assert bc.set_pdl(0) == 1
+    with pytest.raises(RuntimeError, match="set_pdl: mode must be 0"):
+        op(-1)
+    assert op(0) == 0

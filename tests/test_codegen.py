@@ -410,6 +410,31 @@ def test_the_scalar_path_is_not_mistaken_for_the_vector_path(ptx_kernels):
     assert not any(STORE_16B.search(b) for b in scalar)
 
 
+# A PTX instruction that may touch global memory: ld / st / atom / red of the global state space
+# or generic addressing (any but .param, .shared, .local, .const), ldu, cp.async, prefetch.
+GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:(?:ld|st|atom|red)(?!\.(?:param|shared|local|const)"
+                           r"\b)\.|ldu\.|cp\.async|prefetch\.)", re.M)
+
+
+def test_every_kernel_waits_for_its_grid_dependency_first(ptx_kernels):
+    """Programmatic dependent launch (set_pdl, dialect.cuh launch) lets a kernel start while the
+    kernel before it in the stream is still running: each kernel's first statement,
+    grid_dependency_sync, waits for that one's completion (griddepcontrol.wait) before any of
+    its global loads or stores, then lets the next one launch (launch_dependents). In every
+    kernel's PTX both come before the first instruction that may touch global memory (the
+    simulator refuses an access before it in every kernel it runs)."""
+    late = {}
+    for name, body in ptx_kernels.items():
+        wait = body.find("griddepcontrol.wait;")
+        trigger = body.find("griddepcontrol.launch_dependents;")
+        first = GLOBAL_ACCESS.search(body)
+        first_at = first.start() if first else len(body)
+        if not (0 <= wait < first_at and 0 <= trigger < first_at):
+            late[name[:160]] = (wait, trigger, first and first.group(0).strip())
+    assert len(ptx_kernels) > 100
+    assert not late, late
+
+
 def test_launchers_build_with_the_gpu_machines_torch(nvcc_sm90):
     """nvcc_sm90 compiled every launcher against the GPU machines' torch: its headers, at the
     -std its extension build gives nvcc (C++17), with the build's flags. A launcher that needs

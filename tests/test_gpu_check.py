@@ -204,7 +204,8 @@ def test_summary_compares_the_tile_orders(tmp_path):
     """bench_cbam --pass-order both: cbam_fused's graph time with every pass forward over its
     time with alternating tile orders, as a geometric mean per mode and dtype in bench_cbam's
     summary and a line of summary.md; --tiles-also 8 the same for 8 tiles an SM over the
-    default's; a run without them has neither."""
+    default's, --pdl-also for programmatic dependent launch over none; a run without them has
+    none of these."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_cbam as bc
@@ -221,6 +222,7 @@ def test_summary_compares_the_tile_orders(tmp_path):
             r = 1.0 + 0.02 * (i % 5)
             f["graph_ms_forward_order"] = f["graph_ms"] * r
             f["graph_ms_tiles_also"] = f["graph_ms"] * r * r
+            f["graph_ms_pdl"] = f["graph_ms"] / r
             ratios.setdefault(c["batch"], []).append(r)
     layer["settings"].update(tiles_also=8, tiles_per_sm=32)
     layer["summary"] = bc.summarize(layer["cases"], layer["settings"]["peers"])
@@ -240,6 +242,12 @@ def test_summary_compares_the_tile_orders(tmp_path):
     assert ("Tiles an SM (--tiles-also 8): cbam_fused's graph time with 8 tiles an SM over its "
             "time with the default 32 (geometric mean; > 1: the default is faster): "
             f"fwd/bfloat16 {want ** 2:.3f}x.") in text
+    # --pdl-also: the graph time with programmatic dependent launch over without
+    got = layer["summary"]["fwd/bfloat16"]["geomean_pdl_over_default"]
+    assert abs(got - 1 / want) < 1e-12
+    assert ("Programmatic dependent launch (--pdl-also): cbam_fused's graph time with it over "
+            "its time without (geometric mean; < 1: it is faster, and set_pdl(1) should become "
+            f"the default): fwd/bfloat16 {1 / want:.3f}x.") in text
 
     old = tmp_path / "old"
     old.mkdir()
@@ -247,3 +255,4 @@ def test_summary_compares_the_tile_orders(tmp_path):
     gpu_check.write_summary(str(old), [str(old)])
     assert "Tile order of the passes" not in (old / "summary.md").read_text()
     assert "Tiles an SM" not in (old / "summary.md").read_text()
+    assert "Programmatic dependent launch" not in (old / "summary.md").read_text()

@@ -249,6 +249,53 @@ def test_cuda_graph_capture_and_replay():
     assert not torch.equal(captured[4], eager[4])  # the replay saw the new x
 
 
+def test_programmatic_dependent_launch_gives_the_same_bits():
+    """set_pdl(1): each kernel may launch while the one before it in the stream runs its last
+    wave and waits for its completion at its first statement (dialect.cuh). Every op, and a
+    CBAM block's training step whose kernels each read what the one before wrote (behind an
+    ATen kernel that writes x just before), eagerly and replayed from a CUDA graph, gives the
+    bits it gives without."""
+    torch.ops.cbam_fused_debug.set_debug(False, TILE_NORMAL)  # no fill_ inside the capture
+    gen = torch.Generator().manual_seed(31)
+    ops = torch.ops.cbam_fused
+    x = rand_x((8, 256, 28, 28), torch.float32, "cf", gen).cuda()
+    block = cbam_fused.CBAM(256).cuda().to(memory_format=torch.channels_last)
+    xb = rand_x((8, 256, 14, 14), torch.float32, "cl", gen).cuda()
+    block_args = [op_args(op, x.cpu(), gen, 0) for op in OPS]
+
+    def step():
+        outs = [as_tuple(getattr(ops, op)(*cuda_args(a))) for op, a in zip(OPS, block_args)]
+        xi = (xb * 1.5).detach().requires_grad_()  # an ATen kernel writes the block's input
+        y = block(xi)
+        y.square().sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad(set_to_none=True)
+        return [t for o in outs for t in o] + [y] + grads
+
+    assert torch.ops.cbam_fused_debug.set_pdl(0) == 0
+    want = step()
+    try:
+        assert torch.ops.cbam_fused_debug.set_pdl(1) == 0
+        for _ in range(3):
+            got = step()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()  # warm-up on the side stream
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = [t.detach() for t in step() if t is not None]
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in
+                       zip(captured, [t for t in want if t is not None]))
+    finally:
+        torch.ops.cbam_fused_debug.set_pdl(0)
+
+
 def test_split_reductions_on_streams_and_graphs():
     """The reductions split over tiles finish in their launch (the last block of each group,
     kernels/combine_partials.cuh), counting on per-stream counters that those blocks set back

@@ -302,6 +302,40 @@ def test_out_of_bounds_access_raises(mode, offset):
     assert "cbam::global_ptr" in msg
 
 
+def test_global_access_before_grid_dependency_sync_is_refused():
+    """Every kernel calls cbam::grid_dependency_sync() first: on a GPU, under programmatic
+    dependent launch, the kernel before it may still be running until then."""
+    x = torch.zeros(64)
+    with use_simulator(), pytest.raises(RuntimeError) as e:
+        _sim.selftest_access(x, 5, 3)
+    msg = str(e.value)
+    assert "global load" in msg and "before cbam::grid_dependency_sync()" in msg, msg
+    assert "selftest_access" in msg and "thread (0,0,0)" in msg, msg
+    with use_simulator():  # the same load after it
+        assert _sim.selftest_access(torch.arange(64.0), 2, 3)[0] == 3
+
+
+def test_set_pdl_reaches_the_launches():
+    """set_pdl(1) makes cbam::launch ask for programmatic dependent launch (on a GPU of sm_90 or
+    later); the simulator records it per launch. The results are the same bits."""
+    ops = torch.ops.cbam_fused_sim
+    x = torch.randn(2, 8, 5, 5)
+    gc, gs = torch.rand(2, 8), torch.rand(2, 25)
+    assert ops.set_pdl(0) == 0
+    try:
+        with use_simulator():
+            y0 = ops.apply_gates(x, gc, gs)
+            assert ops.set_pdl(1) == 0
+            y1 = ops.apply_gates(x, gc, gs)
+            stats = simulator_stats()
+    finally:
+        assert ops.set_pdl(0) == 1
+    assert [s["pdl"] for s in stats] == [False, True], stats
+    assert torch.equal(y0, y1)
+    with pytest.raises(RuntimeError, match=r"set_pdl: mode must be 0 .* or 1 .*got 2"):
+        ops.set_pdl(2)
+
+
 def test_out_of_bounds_on_a_view():
     """The registered range is the view's, not its storage's."""
     base = torch.zeros(128)
@@ -347,7 +381,8 @@ def test_copy_byte_counts_exact(schedule, dtype, n, start):
     assert s == {"name": "selftest_copy", "grid": (3, 1, 1), "block": (64, 1, 1),
                  "smem_bytes": 0, "bytes_read": n * es, "bytes_written": n * es,
                  "bytes_vec": 2 * 16 * n_vec, "bytes_vec8": 0,
-                 "l2_miss_bytes": None}  # (the L2 model is off)
+                 "l2_miss_bytes": None,  # (the L2 model is off)
+                 "pdl": False}  # (set_pdl's default)
 
 
 # ------------------------------------------------------------------------------ block order

@@ -24,13 +24,22 @@
 //   c10::Half, c10::BFloat16, at::opmath_type<T>, and standard math (cbam::isnan, cbam::exp_acc,
 //   cbam::log_acc, cbam::sqrt_acc, cbam::erf_acc below, for the accumulation types float and
 //   double)
+//   cbam::grid_dependency_sync(): the first statement of every kernel, before any global memory
+//   access (the simulator refuses one before it; tests/test_codegen.py checks nvcc's PTX). On
+//   sm_90+ it waits until the grids this one depends on have completed and their writes are
+//   visible (griddepcontrol.wait), then lets the next kernel of the stream launch
+//   (griddepcontrol.launch_dependents): under programmatic dependent launch (set_pdl) that next
+//   kernel's launch and block scheduling overlap this one's last wave instead of following its
+//   end. Without it (the default, and before sm_90) both are no-ops.
 //
 // What a launcher (host code) may use:
 //   cbam::global_ptr<T>(tensor)  -> the tensor's data as T* (the simulator also records the
 //                                   tensor's byte range as memory the launch may touch)
 //   cbam::launch(name, kernel, grid, block, smem_bytes, args...)
 //                                 -> nvcc: kernel<<<grid, block, smem, current stream>>>(args...)
-//                                    then C10_CUDA_KERNEL_LAUNCH_CHECK();
+//                                    then C10_CUDA_KERNEL_LAUNCH_CHECK(); with cbam::pdl_mode 1
+//                                    on an sm_90+ device, cudaLaunchKernelEx with programmatic
+//                                    stream serialization (checked likewise);
 //                                    simulator: runs the whole grid, then checks it
 //   cbam::set_max_dynamic_smem(kernel, bytes)  -> raises the dynamic shared-memory limit
 //   cbam::max_grid_y(), cbam::num_sms()         -> hardware limits for grid sizing
@@ -47,6 +56,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+
+#include "launch_options.h"
 
 #if defined(__CUDACC__)
 // ------------------------------------------------------------------------------------- nvcc
@@ -121,14 +132,43 @@ CBAM_DEVICE T ld_cg(const T* p) {
 CBAM_DEVICE int atomic_ticket(int* p) { return atomicAdd(p, 1); }
 CBAM_DEVICE void fence_gpu() { __threadfence(); }
 
+// The first statement of every kernel (see the list above). "memory": no global access of the
+// kernel moves above the wait.
+CBAM_DEVICE void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <typename T>
 inline T* global_ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// Whether the current device runs programmatic dependent launches (sm_90 and later).
+inline bool device_has_pdl() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
+
 template <typename... KArgs, typename... Args>
 inline void launch(const char* /*name*/, void (*kernel)(KArgs...), dim3 grid, dim3 block,
                    size_t smem_bytes, Args&&... args) {
+  if (pdl_mode == 1 && device_has_pdl()) {
+    // This kernel may launch once the stream's previous kernel has let it (its blocks' first
+    // statement, grid_dependency_sync); it waits there for that kernel's completion itself.
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = at::cuda::getCurrentCUDAStream();
+    config.attrs = attr;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   kernel<<<grid, block, smem_bytes, at::cuda::getCurrentCUDAStream()>>>(
       std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -19,6 +19,7 @@ namespace cbam {
 template <typename T, int VEC, int U, bool FOLD, typename acc_t>
 CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
                                     const acc_t* gk, Geom g, Fold f, bool cl) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_gr[kChunkRows];
   const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;

@@ -87,6 +87,7 @@ CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __r
                                         const acc_t* gr, const acc_t* gk, acc_t* part_r,
                                         acc_t* part_k, acc_t* out_r, acc_t* out_k, Geom g,
                                         bool need_r, bool need_k) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];
 
@@ -176,6 +177,7 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
                                                const acc_t* gk, acc_t* out_r, acc_t* part_k,
                                                acc_t* out_k, Geom g, Fold f, bool need_r,
                                                bool need_k) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];
   __shared__ acc_t s_gk[kFoldedSlots<VEC>];

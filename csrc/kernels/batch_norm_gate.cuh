@@ -88,6 +88,7 @@ struct BatchNormGateArgs {
 template <typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     batch_norm_gate_partials_kernel(const acc_t* z, int64_t M, acc_t* partials) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_sum[kBlockThreads];
   const BnRange r = bn_range(M);  // never empty: P <= M (launcher)
   acc_t sum = acc_t(0);
@@ -111,6 +112,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
 template <typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     batch_norm_gate_apply_kernel(BatchNormGateArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_n[kBlockThreads];
   __shared__ acc_t s_mean[kBlockThreads];
   __shared__ acc_t s_m2[kBlockThreads];
@@ -182,6 +184,7 @@ template <typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     batch_norm_gate_backward_partials_kernel(BatchNormGateBackwardArgs<acc_t> a,
                                              acc_t* partials) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_sum[kBlockThreads];
   __shared__ acc_t s_stats[2];  // mean, invstd: read once a block
   if (threadIdx.x == 0) {
@@ -208,6 +211,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
 template <typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     batch_norm_gate_backward_apply_kernel(BatchNormGateBackwardArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_sum[kBlockThreads];
   __shared__ acc_t s_stats[3];  // mean, invstd, bn_w (1 when absent): read once a block
   const int tid = threadIdx.x;

@@ -92,6 +92,7 @@ CBAM_DEVICE acc_t head_hidden_out(const ChannelHeadArgs<acc_t>& a, acc_t acc, in
 template <typename acc_t, bool FINISH>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     channel_head_hidden_kernel(ChannelHeadArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ HeadTileSmem<acc_t> s_p;  // [row][column of the chunk]
   __shared__ HeadTileSmem<acc_t> s_w;  // [hidden unit][column of the chunk]
   const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
@@ -133,6 +134,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
 template <typename acc_t, bool MLP>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     channel_head_gate_kernel(ChannelHeadArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   const int k = a.k;
   if constexpr (!MLP) {
     const int64_t total = a.N * a.C;

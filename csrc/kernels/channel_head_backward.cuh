@@ -87,6 +87,7 @@ CBAM_DEVICE void head_store_dh(const ChannelHeadBwdArgs<acc_t>& a, acc_t g, int6
 template <typename acc_t, bool FINISH>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     channel_head_bwd_hidden_kernel(ChannelHeadBwdArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ HeadTileSmem<acc_t> s_a;
   __shared__ HeadTileSmem<acc_t> s_b;
   const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
@@ -123,6 +124,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
 template <typename acc_t, bool MLP>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     channel_head_bwd_params_kernel(ChannelHeadBwdArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ HeadTileSmem<acc_t> s_a;
   __shared__ HeadTileSmem<acc_t> s_b;
   const int tx = static_cast<int>(threadIdx.x) % kHeadTile;

@@ -112,6 +112,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
                       GradSidePtrs<acc_t> side_r, GradSidePtrs<acc_t> side_k, Geom g, Fold f,
                       bool cl, int arrangement) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   using Side = GradSide<acc_t, LPLSE>;
   __shared__ Side s_side[kChunkRows];
   const TileId t = tile_id(g, VEC);

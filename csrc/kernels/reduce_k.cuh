@@ -80,6 +80,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
                                                   : sizeof(T) == 8 ? 3
                                                                    : 4)
     reduce_k_kernel(const T* __restrict__ x, Policy pol, Geom g) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   static_assert(KV == 1 || KV == kReduceKVectors, "KV: one vector at a time, or all of them");
   static_assert(UR == 1 || (UR == kReduceKRows && KV == kReduceKVectors),
                 "UR: rows in flight, with all of a lane's vectors of each");

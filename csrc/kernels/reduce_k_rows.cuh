@@ -48,6 +48,7 @@ constexpr int span_elems() {
 template <typename T, int VEC, bool MED, typename Policy>
 CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64_t R, int K,
                                       int TX, int reverse) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
   constexpr int kMaxK =

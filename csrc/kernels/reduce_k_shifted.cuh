@@ -36,6 +36,7 @@ constexpr int kShiftedSlots = (32 * VEC * kReduceKVectors + 2 * VEC) * (VEC + 1)
 template <typename T, int VEC, typename Policy>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
     reduce_k_shifted_kernel(const T* __restrict__ x, Policy pol, Geom g) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   static_assert(VEC > 1, "rows shifted against 16-byte vectors of VEC > 1 elements");
   constexpr int KV = kReduceKVectors;
   using acc_t = typename Policy::acc_t;

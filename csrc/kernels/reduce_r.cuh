@@ -47,6 +47,7 @@ constexpr int reduce_r_min_blocks() {
 
 template <typename T, int VEC, int U, bool FOLD, typename Policy, bool SHIFT = false>
 CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   static_assert(!(SHIFT && FOLD), "rows shifted or folded");
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;

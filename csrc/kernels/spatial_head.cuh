@@ -67,6 +67,7 @@ CBAM_DEVICE acc_t head_map_at(const SpatialHeadArgs<acc_t>& a, int c, int64_t o)
 
 template <typename acc_t, bool STAGED>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads) spatial_head_kernel(SpatialHeadArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_w[kMaxHeadTaps];
   CBAM_DYNAMIC_SMEM(acc_t, s_map);  // STAGED: [cin][span], the map over a chunk and its reach
   const int taps = a.cin * a.kd * a.kh * a.kw;

@@ -84,6 +84,7 @@ CBAM_DEVICE acc_t head_dzs_at(const SpatialHeadBackwardArgs<acc_t>& a, int64_t o
 template <typename acc_t, bool STAGED>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     spatial_head_backward_kernel(SpatialHeadBackwardArgs<acc_t> a) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_w[kMaxHeadTaps];
   __shared__ acc_t s_own[2 * kBlockThreads];  // the chunk's dzs, then dzs xhat
   CBAM_DYNAMIC_SMEM(acc_t, s_stage);  // STAGED: dzs [span], then the map [cin][span]
@@ -258,6 +259,7 @@ template <typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     spatial_head_backward_combine_kernel(const acc_t* partials, int64_t P, int L, int taps,
                                          acc_t* dw, acc_t* db, acc_t* dbn_w, acc_t* dbn_b) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_sum[kBlockThreads];
   const int tid = threadIdx.x;
   for (int l = blockIdx.x; l < L; l += gridDim.x) {

@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "dialect/launch_options.h"
+
 namespace cbam {
 
 // Test knobs, off by default; set from Python through the debug op of each build
@@ -288,6 +290,7 @@ inline constexpr const char* kSetDebugSchema =
     "set_debug(bool poison_outputs, int tile_mode) -> ()";
 inline constexpr const char* kGroupCountersSchema = "group_counters() -> Tensor[]";
 inline constexpr const char* kSetPassOrderSchema = "set_pass_order(int mode) -> int";
+inline constexpr const char* kSetPdlSchema = "set_pdl(int mode) -> int";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
     "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=16, "
@@ -304,6 +307,22 @@ inline int64_t set_pass_order(int64_t mode) {
   const int64_t old = debug::pass_order;
   debug::pass_order = static_cast<int>(mode);
   s.last.clear();
+  return old;
+}
+
+// Sets cbam::pdl_mode (the set_pdl debug op; dialect.cuh launch): 0, every kernel launches when
+// the stream's previous kernel has ended (the default); 1, programmatic dependent launch on sm_90+
+// devices: a kernel may launch, and its blocks take the SMs the previous kernel's last wave
+// leaves free, once every block of that kernel has started; each block then waits at its first
+// statement (grid_dependency_sync) until that kernel has completed. The same results either way;
+// what it saves is the gap between dependent launches, a few microseconds each, which the small
+// sites' passes (a 7x7 map: 3-6 us of bytes) feel most. Off until a GPU run times it
+// (bench_cbam.py --pdl-also). Returns the previous mode.
+inline int64_t set_pdl(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, "set_pdl: mode must be 0 (launches in stream order) or 1 "
+              "(programmatic dependent launch where the device has it), got ", mode);
+  const int64_t old = pdl_mode;
+  pdl_mode = static_cast<int>(mode);
   return old;
 }
 

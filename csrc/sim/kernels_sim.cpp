@@ -22,6 +22,7 @@ TORCH_LIBRARY(cbam_fused_sim, m) {
   m.def(cbam::kSetTuningSchema, &cbam::set_tuning);
   m.def(cbam::kGroupCountersSchema, &cbam::group_counter_buffers);
   m.def(cbam::kSetPassOrderSchema, &cbam::set_pass_order);
+  m.def(cbam::kSetPdlSchema, &cbam::set_pdl);
 }
 
 TORCH_LIBRARY_IMPL(cbam_fused_sim, CPU, m) { cbam::impl_ops(m); }

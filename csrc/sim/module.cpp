@@ -24,6 +24,7 @@ CBAM_DEVICE float deep(int n, float v) {
 // mode 1: a raw store through a wild pointer (thread 3 only)
 // mode 2 / 3: cbam::ld on static / dynamic shared memory (an error: ld/st are for global memory)
 CBAM_GLOBAL void fault_kernel(float* __restrict__ out, int mode, int64_t addr) {
+  cbam::grid_dependency_sync();
   __shared__ float buf[64];
   CBAM_DYNAMIC_SMEM(float, dyn);
   buf[threadIdx.x] = 1.0f;
@@ -112,6 +113,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           for (const auto& r : s.regions) regions.append(py::make_tuple(r.lo, r.hi, r.first));
           d["regions"] = regions;
           d["l2_miss_bytes"] = s.l2_on ? py::object(py::int_(s.l2_miss_bytes)) : py::none();
+          d["pdl"] = s.pdl;
           out.append(d);
         }
         return out;
@@ -123,7 +125,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "accesses), regions (the memory of the launch's tensors as (lo, hi, first) addresses, "
       "first the launch's first access to it, in the order the blocks ran; 0 if none), "
       "l2_miss_bytes (the bytes its loads fetched from DRAM under the L2 model; None when the "
-      "model is off).");
+      "model is off), pdl (launched under set_pdl(1): programmatic dependent launch on a GPU).");
   m.def("clear_launch_stats", &cbam::sim::clear_launch_stats);
   m.def("set_l2_model", &cbam::sim::set_l2_model, py::arg("capacity_bytes"),
         py::arg("sms") = 132, py::arg("threads_per_sm") = 2048,

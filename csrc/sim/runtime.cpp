@@ -117,6 +117,7 @@ struct Fiber {
   unsigned char value[8] = {};
   uint32_t result = 0;
   uint3 tid{0, 0, 0};
+  bool synced = false;  // past cbam::grid_dependency_sync()
 };
 
 struct Sim {
@@ -280,9 +281,11 @@ void resume(Fiber* f) {
   Sim& s = S();
   s.cur = f;
   g_threadIdx = f->tid;
+  g_mem.synced = &f->synced;
   f->state = FState::Ready;
   ctx_switch(&s.sched_ctx, &f->ctx);
   s.cur = nullptr;
+  g_mem.synced = &kSyncedOutsideKernels;
   if (s.fault) {
     s.fault = 0;
     record_error(f, s.fault_msg);
@@ -569,6 +572,7 @@ void run_block(const dim3& block, size_t smem_bytes) {
     f.state = FState::Fresh;
     f.abort = false;
     f.op = Op::None;
+    f.synced = false;
     f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
     ctx_start(f);
   }
@@ -652,6 +656,22 @@ uint32_t warp_op(Op op, uint32_t mask, void* value, unsigned size, int arg, int 
   wait_here(f);
   if (size) std::memcpy(value, f->value, size);
   return f->result;
+}
+
+void unsynced_error(const void* p, bool write, const char* what) {
+  std::ostringstream o;
+  o << "global " << what << " at 0x" << std::hex << reinterpret_cast<uintptr_t>(p) << std::dec
+    << " before cbam::grid_dependency_sync(): every kernel calls it first, before it "
+    << (write ? "writes" : "reads")
+    << " global memory (on a GPU, under programmatic dependent launch, the kernel before it in "
+       "the stream may still be running until then)";
+  TORCH_CHECK(false, o.str());
+}
+
+void grid_dependency_sync() {
+  Sim& s = S();
+  TORCH_CHECK(s.cur != nullptr, "cbam::grid_dependency_sync() outside a kernel");
+  s.cur->synced = true;
 }
 
 void access_error(const void* p, size_t bytes, size_t align, bool write, const char* what) {
@@ -921,7 +941,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
   s.stats.push_back(LaunchStat{name, reinterpret_cast<uintptr_t>(kernel), grid, block,
                                smem_bytes, g_mem.bytes_read, g_mem.bytes_written,
                                g_mem.bytes_vec, g_mem.bytes_vec8, t_last, g_mem.l2_on,
-                               g_mem.l2_miss_bytes});
+                               g_mem.l2_miss_bytes, pdl_mode == 1});
 }
 
 void set_max_dynamic_smem(const void* kernel, long long bytes) {

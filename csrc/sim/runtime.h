@@ -33,6 +33,9 @@
 //     shfl.sync exactly (segments of `width` lanes; only the low 5 bits of srcLane / delta /
 //     laneMask count; a source outside the segment gives the lane its own value). Only the full
 //     mask 0xffffffff is supported (the dialect's rule); any other mask is an error.
+//   * A thread accesses global memory only after it has called cbam::grid_dependency_sync(), the
+//     first statement of every kernel (on a GPU, under programmatic dependent launch, the kernel
+//     before it may still be running until then); an access before it is an error.
 //   * Global memory is accessed only through cbam::ld / st / ld_vec / st_vec. Each access must lie
 //     inside a tensor handed to cbam::global_ptr for this launch (the launcher's global_ptr calls
 //     since the previous launch; a launch with no global_ptr call since the previous launch reuses
@@ -71,6 +74,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "../dialect/launch_options.h"  // cbam::pdl_mode: recorded in each launch's stats
 
 // (Kernel sources write nvcc's `#pragma unroll` as CBAM_UNROLL, empty here: dialect.cuh.)
 
@@ -174,6 +179,8 @@ struct Region {
   mutable uintptr_t first = 0;
 };
 
+inline constexpr bool kSyncedOutsideKernels = true;  // MemState::synced between fibers
+
 struct MemState {
   const Region* regions = nullptr;  // the running launch's tensors
   size_t n_regions = 0;
@@ -183,6 +190,8 @@ struct MemState {
   uint64_t bytes_vec8 = 0;  // and by 8-byte vector accesses (ld_vec / st_vec of 8 bytes)
   bool l2_on = false;          // the L2 model is on (set_l2_model): every access goes through it
   uint64_t l2_miss_bytes = 0;  // under it, the bytes the launch's loads fetched from DRAM
+  // whether the running thread has called cbam::grid_dependency_sync() (its fiber's flag)
+  const bool* synced = &kSyncedOutsideKernels;
 };
 extern MemState g_mem;
 
@@ -206,10 +215,14 @@ uint64_t l2_model_capacity();
 
 [[noreturn]] void access_error(const void* p, size_t bytes, size_t align, bool write,
                                const char* what);
+[[noreturn]] void unsynced_error(const void* p, bool write, const char* what);
+// cbam::grid_dependency_sync(): marks the running thread as past it.
+void grid_dependency_sync();
 
 // vec: an access of ld_vec / st_vec (an 8-byte one counts in bytes_vec8; a scalar double does not)
 inline void check_access(const void* p, size_t bytes, size_t align, bool write, const char* what,
                          bool vec = false) {
+  if (!*g_mem.synced) unsynced_error(p, write, what);
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if ((a & (align - 1)) != 0) access_error(p, bytes, align, write, what);
   for (size_t i = 0; i < g_mem.n_regions; ++i) {
@@ -272,6 +285,7 @@ struct LaunchStat {
   std::vector<Region> regions;  // the launch's tensors, with the first access to each
   bool l2_on;                   // the L2 model was on: l2_miss_bytes holds its DRAM reads
   uint64_t l2_miss_bytes;
+  bool pdl;  // launched with cbam::pdl_mode 1 (programmatic dependent launch on a GPU)
 };
 std::vector<LaunchStat> launch_stats();
 void clear_launch_stats();
@@ -327,6 +341,7 @@ inline int atomic_ticket(int* p) {
   return v;
 }
 inline void fence_gpu() {}
+inline void grid_dependency_sync() { sim::grid_dependency_sync(); }
 
 // The tensor's data as T*; records its byte range as memory the next launch may touch (writable
 // unless T is const). A dtype that does not match T (for the scalar types torch knows) is an error.

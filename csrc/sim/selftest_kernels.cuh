@@ -24,6 +24,7 @@ CBAM_DEVICE unsigned threads_per_block() { return blockDim.x * blockDim.y * bloc
 // out[b] = sum of x[b * blockDim.x + t]; blockDim.x is a power of two of at most 1024.
 template <typename T>
 CBAM_GLOBAL void block_reduce_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ T buf[1024];
   const unsigned t = threadIdx.x;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + t;
@@ -42,6 +43,7 @@ CBAM_GLOBAL void block_reduce_kernel(const T* __restrict__ x, T* __restrict__ ou
 template <typename T>
 CBAM_GLOBAL void warp_reduce_kernel(const T* __restrict__ x, T* __restrict__ out,
                                     T* __restrict__ all) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
   const T v = ld(x + i);
   T a = v;
@@ -58,6 +60,7 @@ CBAM_GLOBAL void warp_reduce_kernel(const T* __restrict__ x, T* __restrict__ out
 template <typename T>
 CBAM_GLOBAL void shuffle_kernel(const T* __restrict__ x, T* __restrict__ out, int mode, int arg,
                                 int width, int n_live) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   const unsigned t = linear_tid();
   if (static_cast<int>(t) >= n_live) return;
   const int64_t g = static_cast<int64_t>(linear_bid()) * threads_per_block() + t;
@@ -79,6 +82,7 @@ CBAM_GLOBAL void shuffle_kernel(const T* __restrict__ x, T* __restrict__ out, in
 // For pred = (x[g] != 0): ballot[g], any[g], all[g] over the thread's warp.
 CBAM_GLOBAL void vote_kernel(const int32_t* __restrict__ x, int64_t* __restrict__ ballot,
                              int32_t* __restrict__ any, int32_t* __restrict__ all, int n_live) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   const unsigned t = linear_tid();
   if (static_cast<int>(t) >= n_live) return;
   const int64_t g = static_cast<int64_t>(linear_bid()) * threads_per_block() + t;
@@ -96,6 +100,7 @@ CBAM_GLOBAL void vote_kernel(const int32_t* __restrict__ x, int64_t* __restrict_
 // out[t] = x[(t + 1) % n] through shared memory; with sync == 0 the __syncthreads between the
 // write and the read is missing (a race: the result depends on the thread order).
 CBAM_GLOBAL void neighbour_kernel(const float* __restrict__ x, float* __restrict__ out, int sync) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ float buf[1024];
   const unsigned t = threadIdx.x;
   const unsigned n = blockDim.x;
@@ -116,6 +121,7 @@ CBAM_GLOBAL void neighbour_kernel(const float* __restrict__ x, float* __restrict
 // mode 4: a __syncwarp with a partial mask (unsupported by the dialect)
 // mode 5: a shuffle with width 3 (invalid)
 CBAM_GLOBAL void barrier_kernel(const float* __restrict__ x, float* __restrict__ out, int mode) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ float buf[1024];
   const unsigned t = threadIdx.x;
   float v = ld(x + t);
@@ -161,8 +167,11 @@ CBAM_GLOBAL void barrier_kernel(const float* __restrict__ x, float* __restrict__
 // mode 1: vector store of 4 floats at out + offset
 // mode 2: scalar load of x[offset]; mode 3: scalar store to out[offset]
 // mode 4: scalar store to x[offset] (x is handed to the launch as const)
+// mode 5: mode 2 before grid_dependency_sync() (refused: every kernel calls it first)
 CBAM_GLOBAL void access_kernel(const float* __restrict__ x, float* __restrict__ out, int mode,
                                int64_t offset) {
+  if (mode == 5 && threadIdx.x == 0) st(out, ld(x + offset));
+  grid_dependency_sync();  // first, before any global access (dialect.cuh), but for mode 5
   if (threadIdx.x != 0) return;
   if (mode == 0) {
     const Vec<float, 4> v = ld_vec<4>(x + offset);
@@ -186,6 +195,7 @@ CBAM_GLOBAL void access_kernel(const float* __restrict__ x, float* __restrict__ 
 template <typename T, int VEC>
 CBAM_GLOBAL void copy_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n,
                              int64_t head) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = t0; i < head && i < n; i += stride) st(out + i, ld(x + i));
@@ -204,6 +214,7 @@ CBAM_GLOBAL void copy_kernel(const T* __restrict__ x, T* __restrict__ out, int64
 // an L2 that holds it; with the other blocks interleaved, only in one that holds all of theirs.
 CBAM_GLOBAL void reread_kernel(const float* __restrict__ x, float* __restrict__ out,
                               int64_t chunk) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   const unsigned t = linear_tid();
   const int64_t base = static_cast<int64_t>(linear_bid()) * chunk;
   float acc = 0.0f;
@@ -218,6 +229,7 @@ CBAM_GLOBAL void reread_kernel(const float* __restrict__ x, float* __restrict__ 
 // thread 0 of each block takes atomic_ticket(counter) after the block's barrier. The simulator's
 // schedules run the blocks in linear, reverse or shuffled order.
 CBAM_GLOBAL void block_order_kernel(int* counter, int* order) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
     fence_gpu();
@@ -229,6 +241,7 @@ CBAM_GLOBAL void block_order_kernel(int* counter, int* order) {
 // out[block linear id * threads + thread linear id] = that index + 1; also round-trips through
 // the dynamic shared memory (the first smem_floats floats of it).
 CBAM_GLOBAL void config_kernel(int64_t* __restrict__ out, int smem_floats) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   CBAM_DYNAMIC_SMEM(float, dyn);
   const unsigned t = linear_tid();
   const unsigned n = threads_per_block();
@@ -244,6 +257,7 @@ CBAM_GLOBAL void config_kernel(int64_t* __restrict__ out, int smem_floats) {
 
 // The same, for launches that raise the dynamic shared memory limit first.
 CBAM_GLOBAL void big_smem_kernel(int64_t* __restrict__ out, int smem_floats) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   CBAM_DYNAMIC_SMEM(float, dyn);
   const unsigned t = threadIdx.x;
   for (int k = static_cast<int>(t); k < smem_floats; k += static_cast<int>(blockDim.x))
@@ -259,6 +273,7 @@ CBAM_GLOBAL void big_smem_kernel(int64_t* __restrict__ out, int smem_floats) {
 // Block 0 writes its static and dynamic shared memory; every block then reads both without
 // writing: blocks after the first must see poison (NaN), not block 0's values.
 CBAM_GLOBAL void smem_leak_kernel(float* __restrict__ out_static, float* __restrict__ out_dynamic) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ float buf[256];
   CBAM_DYNAMIC_SMEM(float, dyn);
   const unsigned t = threadIdx.x;
@@ -275,6 +290,7 @@ CBAM_GLOBAL void smem_leak_kernel(float* __restrict__ out_static, float* __restr
 // ------------------------------------------------------------------------------------ timing
 // iters rounds of: write shared memory, __syncthreads, read a neighbour. out[g] = final value.
 CBAM_GLOBAL void barrier_loop_kernel(float* __restrict__ out, int iters) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ float buf[1024];
   const unsigned t = threadIdx.x;
   const unsigned n = blockDim.x;
