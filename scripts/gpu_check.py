@@ -1020,32 +1020,27 @@ def write_summary(d, part_dirs):
                 L.append(f"| {k} | " + " | ".join(cells) +
                          (f" | {100 * fr:.2g}% |" if fr else " | - |"))
             L.append("")
-        order = {k: s["geomean_forward_over_alternate"] for k, s in bc.get("summary", {}).items()
-                 if s.get("geomean_forward_over_alternate")}
-        if order:
-            L.append("Tile order of the passes (--pass-order both): cbam_fused's graph time with "
-                     "every pass from its first tile over its time with alternating orders "
-                     "(geometric mean; > 1: alternating is faster): " +
-                     ", ".join(f"{k} {v:.3f}x" for k, v in order.items()) + ".")
-            L.append("")
-        tiles = {k: s["geomean_tiles_also_over_default"] for k, s in bc.get("summary", {}).items()
-                 if s.get("geomean_tiles_also_over_default")}
-        if tiles:
-            st = bc.get("settings") or {}
-            n, default = st.get("tiles_also"), st.get("tiles_per_sm") or "?"
-            L.append(f"Tiles an SM (--tiles-also {n}): cbam_fused's graph time with {n} tiles an "
-                     f"SM over its time with the default {default} (geometric mean; > 1: the "
-                     "default is faster): " +
-                     ", ".join(f"{k} {v:.3f}x" for k, v in tiles.items()) + ".")
-            L.append("")
-        pdl = {k: s["geomean_pdl_over_default"] for k, s in bc.get("summary", {}).items()
-               if s.get("geomean_pdl_over_default")}
-        if pdl:
-            L.append("Programmatic dependent launch (--pdl-also): cbam_fused's graph time with it "
-                     "over its time without (geometric mean; < 1: it is faster, and set_pdl(1) "
-                     "should become the default): " +
-                     ", ".join(f"{k} {v:.3f}x" for k, v in pdl.items()) + ".")
-            L.append("")
+        st = bc.get("settings") or {}
+        n, default = st.get("tiles_also"), st.get("tiles_per_sm") or "?"
+        # cbam_fused's graph time under another setting over its time under the default, per
+        # mode and dtype (bench_cbam's summary): a line each where the run timed it
+        for key, text in (
+                ("geomean_forward_over_alternate",
+                 "Tile order of the passes (--pass-order both): cbam_fused's graph time with "
+                 "every pass from its first tile over its time with alternating orders "
+                 "(geometric mean; > 1: alternating is faster): "),
+                ("geomean_tiles_also_over_default",
+                 f"Tiles an SM (--tiles-also {n}): cbam_fused's graph time with {n} tiles an SM "
+                 f"over its time with the default {default} (geometric mean; > 1: the default "
+                 "is faster): "),
+                ("geomean_pdl_over_default",
+                 "Programmatic dependent launch (--pdl-also): cbam_fused's graph time with it "
+                 "over its time without (geometric mean; < 1: it is faster, and set_pdl(1) "
+                 "should become the default): ")):
+            ratios = {k: s[key] for k, s in bc.get("summary", {}).items() if s.get(key)}
+            if ratios:
+                L.append(text + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()) + ".")
+                L.append("")
         L.append("| case | " + " | ".join(bc["settings"]["peers"]) + " | fused host | "
                  "fused graph | fused GB/s | fused %copy | fused peak mem |")
         L.append("|---|" + "---|" * (len(bc["settings"]["peers"]) + 5))

@@ -217,6 +217,20 @@ def test_reduce_r_modes_on_gpu(shape, layout, dtype):
     _every_op_under([(8, 4, 0, 3, 4, mode) for mode in (1, 0)], x, gen, dtype)
 
 
+def capture(step):
+    """step() run once on a side stream (warm-up), then captured in a CUDA graph: (the graph, the
+    outputs of the captured call, which each replay rewrites)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def test_cuda_graph_capture_and_replay():
     torch.ops.cbam_fused_debug.set_debug(False, TILE_NORMAL)  # no fill_ inside the capture
     gen = torch.Generator().manual_seed(3)
@@ -233,14 +247,7 @@ def test_cuda_graph_capture_and_replay():
         return a, m, u, v, y, rc, rs
 
     eager = step()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up on the side stream
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     x.copy_(to_layout(torch.randn(4, 64, 14, 14, generator=gen), "cl").cuda())
     graph.replay()
     fresh = step()
@@ -279,19 +286,11 @@ def test_programmatic_dependent_launch_gives_the_same_bits():
         for _ in range(3):
             got = step()
             assert all(torch.equal(a, b) for a, b in zip(got, want))
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()  # warm-up on the side stream
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = [t.detach() for t in step() if t is not None]
+        graph, captured = capture(step)
         for _ in range(3):
             graph.replay()
             torch.cuda.synchronize()
-            assert all(torch.equal(a, b) for a, b in
-                       zip(captured, [t for t in want if t is not None]))
+            assert all(torch.equal(a, b) for a, b in zip(captured, want))
     finally:
         torch.ops.cbam_fused_debug.set_pdl(0)
 
