@@ -412,8 +412,9 @@ def test_the_scalar_path_is_not_mistaken_for_the_vector_path(ptx_kernels):
 
 # A PTX instruction that may touch global memory: ld / st / atom / red of the global state space
 # or generic addressing (any but .param, .shared, .local, .const), ldu, cp.async, prefetch.
-GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:(?:ld|st|atom|red)(?!\.(?:param|shared|local|const)"
-                           r"\b)\.|ldu\.|cp\.async|prefetch\.)", re.M)
+GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?"  # (a predicate)
+                           r"(?:(?:ld|st|atom|red)(?!\.(?:param|shared|local|const)\b)\."
+                           r"|ldu\.|cp\.async|prefetch\.)", re.M)
 
 
 def test_every_kernel_waits_for_its_grid_dependency_first(ptx_kernels):
