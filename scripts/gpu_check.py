@@ -246,6 +246,28 @@ def _cmd_str(cmd):
 # ---------------------------------------------------------------------------------------------
 # the protocol
 # ---------------------------------------------------------------------------------------------
+
+def ci_torch_pin():
+    """The torch version CI builds and tests against as the GPU machines' (the VERSION of
+    tests/gpu_machine_torch.py), or None where that file cannot be read."""
+    try:
+        with open(os.path.join(ROOT, "tests", "gpu_machine_torch.py")) as f:
+            m = re.search(r'^VERSION = "([^"]+)"', f.read(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def torch_pin_note(torch_version):
+    """'' where this GPU machine's torch is the one CI checks the build against; else a note
+    (for the env step's summary line) saying which pin to change."""
+    pin = ci_torch_pin()
+    if not torch_version or not pin or torch_version.split("+")[0] == pin:
+        return ""
+    return (f"; CI checks the build against torch {pin} (tests/gpu_machine_torch.py VERSION), "
+            f"this machine has {torch_version.split('+')[0]}: update the pin")
+
+
 class Protocol:
     def __init__(self, args):
         self.args = args
@@ -381,7 +403,8 @@ print("JSON:" + json.dumps(d))
                                "(use --dry-run on a machine without a GPU)")
         return self.record("env", "PASS", time.monotonic() - t,
                            f"{info.get('device')} sm_{info.get('capability', '').replace('.', '')}"
-                           f", torch {info.get('torch')}, CUDA {info.get('torch_cuda')}")
+                           f", torch {info.get('torch')}, CUDA {info.get('torch_cuda')}"
+                           + torch_pin_note(info.get("torch")))
 
     def step_wheels(self, later):
         self.header("wheels", "Python packages carried as wheels in .whl/")

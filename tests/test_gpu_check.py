@@ -256,3 +256,19 @@ def test_summary_compares_the_tile_orders(tmp_path):
     assert "Tile order of the passes" not in (old / "summary.md").read_text()
     assert "Tiles an SM" not in (old / "summary.md").read_text()
     assert "Programmatic dependent launch" not in (old / "summary.md").read_text()
+
+
+def test_env_step_says_when_the_ci_torch_pin_is_stale():
+    """The env step's summary line names the pin of tests/gpu_machine_torch.py (the torch CI
+    builds and tests against as the GPU machines') when the machine's torch is another."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_check
+    import gpu_machine_torch
+
+    pin = gpu_machine_torch.VERSION
+    assert gpu_check.ci_torch_pin() == pin
+    assert gpu_check.torch_pin_note(f"{pin}+cu130") == ""
+    assert gpu_check.torch_pin_note(None) == ""
+    assert gpu_check.torch_pin_note("2.99.1+cu130") == (
+        f"; CI checks the build against torch {pin} (tests/gpu_machine_torch.py VERSION), this "
+        "machine has 2.99.1: update the pin")
