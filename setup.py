@@ -179,12 +179,19 @@ C_SOURCES = ["csrc/ops.cpp", "csrc/block_forward.cpp", "csrc/block_backward.cpp"
 C_CUDA_SOURCES = ["csrc/register_cuda.cpp"]
 
 
+def _sources(folder, pattern):
+    """The files of csrc/<folder> matching pattern, as paths relative to this folder (setuptools'
+    form), whatever the working directory."""
+    found = glob.glob(os.path.join(HERE, "csrc", folder, pattern))
+    return sorted(os.path.relpath(p, HERE) for p in found)
+
+
 def launcher_sources():
-    return sorted(glob.glob(os.path.join("csrc", "launchers", "*.cu")))
+    return _sources("launchers", "*.cu")
 
 
 def sim_sources():
-    return sorted(glob.glob(os.path.join("csrc", "sim", "*.cpp")))
+    return _sources("sim", "*.cpp")
 
 
 def opt_flags():

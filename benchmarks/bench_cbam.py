@@ -213,15 +213,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+PASS_ORDERS = ("forward", "alternate")  # the set_pass_order debug op's modes 0 and 1
+
+
 def set_pass_order(order):
     """Sets the tile order of cbam_fused's CUDA passes (set_pass_order debug op of the CUDA
-    build; a build without CUDA kernels has none, and its passes are the PyTorch fallback's)."""
+    build); returns the order before, or None where the build has no CUDA kernels (its passes
+    are the PyTorch fallback's)."""
     try:
         op = torch.ops.cbam_fused_debug.set_pass_order
     except (AttributeError, RuntimeError):
         print(f"note: --pass-order {order}: this build has no CUDA kernels", file=sys.stderr)
-        return
-    op({"forward": 0, "alternate": 1}[order])
+        return None
+    return PASS_ORDERS[op(PASS_ORDERS.index(order))]
 
 
 def current_tiles_per_sm():
@@ -255,6 +259,27 @@ def set_pdl(mode):
         print("note: --pdl-also: this build has no CUDA kernels", file=sys.stderr)
         return None
     return op(mode)
+
+
+# cbam_fused's graph timed again under another setting: (its record key, the summary's key of
+# the geometric mean of that time over graph_ms)
+ALSO_KEYS = (("graph_ms_forward_order", "geomean_forward_over_alternate"),
+             ("graph_ms_tiles_also", "geomean_tiles_also_over_default"),
+             ("graph_ms_pdl", "geomean_pdl_over_default"))
+
+
+def also_settings(st):
+    """(record key, setter, value) of each other setting the run times cbam_fused's graph under
+    (--pass-order both, --tiles-also N, --pdl-also); a setter returns the value before, or None
+    where the build has no CUDA kernels."""
+    out = []
+    if st.get("pass_order") == "both":
+        out.append(("graph_ms_forward_order", set_pass_order, "forward"))
+    if st.get("tiles_also"):
+        out.append(("graph_ms_tiles_also", set_tiles_per_sm, st["tiles_also"]))
+    if st.get("pdl_also"):
+        out.append(("graph_ms_pdl", set_pdl, 1))
+    return out
 
 
 def _csv(s):
@@ -525,28 +550,14 @@ def bench_case(case, st, device, copy_gbps, l2_bytes, budget, bar, seed):
             if r["graph_ms"]:
                 r["graph_frac_copy_bw"] = (rec["floor_bytes"] / (r["graph_ms"] * 1e-3) / 1e9
                                            / copy_gbps if copy_gbps else None)
-                if name == FUSED and st.get("pass_order") == "both":
-                    set_pass_order("forward")
+                for key, setter, value in also_settings(st) if name == FUSED else ():
+                    old = setter(value)
+                    if old is None:  # (no CUDA kernels: no such setting)
+                        continue
                     try:
-                        r["graph_ms_forward_order"] = graph_time(run, device, name, len(xs),
-                                                                 tm.get("graph_reps", 10))
+                        r[key] = graph_time(run, device, name, len(xs), tm.get("graph_reps", 10))
                     finally:
-                        set_pass_order("alternate")
-                if name == FUSED and st.get("tiles_also"):
-                    old = set_tiles_per_sm(st["tiles_also"])
-                    try:
-                        r["graph_ms_tiles_also"] = graph_time(run, device, name, len(xs),
-                                                              tm.get("graph_reps", 10))
-                    finally:
-                        set_tiles_per_sm(old)
-                if name == FUSED and st.get("pdl_also"):
-                    old = set_pdl(1)
-                    if old is not None:
-                        try:
-                            r["graph_ms_pdl"] = graph_time(run, device, name, len(xs),
-                                                           tm.get("graph_reps", 10))
-                        finally:
-                            set_pdl(old)
+                        setter(old)
         except Exception as e:  # noqa: BLE001  (one peer failing must not end the run)
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             sys.stderr.write(f"\n[bench_cbam] {rec['id']} {name} failed:\n"
@@ -585,21 +596,11 @@ def summarize(cases, peers):
                             [v for v in sp if v])
                     s["mean_graph_frac_copy_bw" if key else "mean_frac_copy_bw"][p] = \
                         sum(fr) / len(fr) if fr else None
-            ratios = [f["graph_ms_forward_order"] / f["graph_ms"] for f in
-                      (c["peers"].get(FUSED, {}) for c in sel)
-                      if f.get("graph_ms_forward_order") and f.get("graph_ms")]
-            if ratios:
-                s["geomean_forward_over_alternate"] = bu.geomean(ratios)
-            ratios = [f["graph_ms_tiles_also"] / f["graph_ms"] for f in
-                      (c["peers"].get(FUSED, {}) for c in sel)
-                      if f.get("graph_ms_tiles_also") and f.get("graph_ms")]
-            if ratios:
-                s["geomean_tiles_also_over_default"] = bu.geomean(ratios)
-            ratios = [f["graph_ms_pdl"] / f["graph_ms"] for f in
-                      (c["peers"].get(FUSED, {}) for c in sel)
-                      if f.get("graph_ms_pdl") and f.get("graph_ms")]
-            if ratios:
-                s["geomean_pdl_over_default"] = bu.geomean(ratios)
+            for key, skey in ALSO_KEYS:
+                ratios = [f[key] / f["graph_ms"] for f in (c["peers"].get(FUSED, {}) for c in sel)
+                          if f.get(key) and f.get("graph_ms")]
+                if ratios:
+                    s[skey] = bu.geomean(ratios)
             out[f"{mode}/{dt}"] = s
     return out
 

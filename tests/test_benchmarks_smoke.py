@@ -566,3 +566,20 @@ def test_bench_cbam_sets_pdl_and_back():
     with pytest.raises(RuntimeError, match="set_pdl: mode must be 0"):
         op(-1)
     assert op(0) == 0
+
+
+def test_bench_cbam_times_the_other_settings_by_their_setters():
+    """The settings cbam_fused's graph is timed again under: each setter sets its knob (the CUDA
+    build's debug ops) and returns the value before, which sets it back."""
+    sys.path.insert(0, BENCH)
+    import bench_cbam as bc
+    if not hasattr(torch.ops.cbam_fused_debug, "set_pass_order"):
+        pytest.skip("the CUDA kernels are not built")
+    also = bc.also_settings(dict(pass_order="both", tiles_also=8, pdl_also=True))
+    assert [k for k, _, _ in also] == [k for k, _ in bc.ALSO_KEYS]
+    assert bc.also_settings(dict(pass_order="alternate", tiles_also=None, pdl_also=False)) == []
+    for _, setter, value in also:
+        old = setter(value)
+        assert setter(old) == value
+    assert (bc.set_pass_order("alternate"), bc.current_tiles_per_sm(), bc.set_pdl(0)) == \
+        ("alternate", 32, 0)

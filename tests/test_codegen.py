@@ -22,7 +22,6 @@ too. Where those headers cannot be had, nvcc compiles against the installed torc
 the two tests of the GPU machines' build skip, saying why.
 
 Skipped without an nvcc (a CPU-only setup)."""
-import glob
 import importlib.util
 import os
 import re
@@ -36,9 +35,6 @@ import pytest
 import gpu_machine_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# every launcher source the CUDA build compiles (setup.py launcher_sources)
-SOURCES = tuple(sorted(os.path.basename(p) for p in
-                       glob.glob(os.path.join(ROOT, "csrc", "launchers", "*.cu"))))
 # what torch's extension build adds to nvcc's flags (its COMMON_NVCC_FLAGS' macros and the
 # extension's name)
 TORCH_NVCC_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -82,6 +78,10 @@ def _setup_mod():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# every launcher source the CUDA build compiles
+SOURCES = tuple(os.path.basename(p) for p in _setup_mod().launcher_sources())
 
 
 def _demangle(names):
