@@ -2,13 +2,16 @@
 
 cbam_fused._C     the op schemas (always) and, in a CUDA build, the CUDA kernels compiled by nvcc.
 cbam_fused._sim   the SIMT simulator: the same kernel and launcher sources compiled by g++ and run
-                  on the CPU (test-only, built everywhere).
+                  on the CPU (test-only, built everywhere unless CBAM_FUSED_BUILD_SIM=0).
 
 Environment:
   CBAM_FUSED_BUILD_CUDA=0|1  force the CUDA build off or on (default: on when torch is a CUDA build
                              and a CUDA toolkit is found, with or without a visible GPU).
   TORCH_CUDA_ARCH_LIST       the architectures to build for; with no GPU visible and none set,
                              sm_80 and sm_90 plus PTX.
+  CBAM_FUSED_BUILD_SIM=0     leave the simulator out (default 1): a GPU build that runs only the
+                             CUDA tests and benchmarks (scripts/gpu_check.py's lease) is done
+                             sooner, since the two extensions build one after the other.
   MAX_JOBS                   parallel compile jobs (ninja).
   CUDA_HOME / CUDA_PATH      the toolkit root, when the search below should not guess.
 
@@ -161,6 +164,7 @@ def write_build_info(cuda_home):
     info = dict(cuda=bool(cuda_home), torch=torch.__version__, torch_cuda=torch.version.cuda,
                 nvcc="%d.%d" % nvcc_version(cuda_home) if cuda_home else None,
                 cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda_home else None,
+                simulator=want_sim(),
                 built_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"))
     text = ("# Written by setup.py when the extension is built (not in git).\n"
@@ -192,6 +196,14 @@ def launcher_sources():
 
 def sim_sources():
     return _sources("sim", "*.cpp")
+
+
+def want_sim():
+    """Whether to build the simulator extension (CBAM_FUSED_BUILD_SIM, default 1)."""
+    flag = os.environ.get("CBAM_FUSED_BUILD_SIM", "1")
+    if flag not in ("0", "1"):
+        _fail(f"CBAM_FUSED_BUILD_SIM must be 0 or 1, got {flag!r}")
+    return flag == "1"
 
 
 def opt_flags():
@@ -244,7 +256,11 @@ def extensions():
         exts.append(CppExtension("cbam_fused._C", sources=C_SOURCES, include_dirs=include,
                                  extra_compile_args={"cxx": cxx_flags()}))
 
-    if sim_sources():
+    stale = glob.glob(os.path.join(HERE, "cbam_fused", "_sim*.so"))
+    if not want_sim() and stale:
+        sys.stderr.write(f"cbam_fused build: CBAM_FUSED_BUILD_SIM=0 leaves {stale[0]} from an "
+                         "earlier build as it is (its kernels may be older than these sources)\n")
+    if sim_sources() and want_sim():
         exts.append(CppExtension(
             "cbam_fused._sim", sources=sim_sources(), include_dirs=include,
             define_macros=[("CBAM_SIMULATOR", "1")],

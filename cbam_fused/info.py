@@ -126,6 +126,11 @@ def collect(run_self_test: bool = True) -> dict:
         cbam_fused=__version__, python=platform.python_version(), torch=torch.__version__,
         torch_cuda=torch.version.cuda, build=build, ops_native_cuda=native,
         simulator_built=_sim_built(), gpus=[], self_tests=[], problems=[])
+    if (build or {}).get("simulator") is False and info["simulator_built"]:
+        info["problems"].append(
+            "the last build left the simulator out (CBAM_FUSED_BUILD_SIM=0), but a cbam_fused._sim "
+            "from an earlier build is present: its kernels may be older than _C's; rebuild "
+            "without CBAM_FUSED_BUILD_SIM=0 or delete it")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
@@ -167,7 +172,8 @@ def report(info: dict) -> str:
                      f"{b['torch']}, {b['built_utc']}" if b["cuda"] else
                      f"CPU only, against torch {b['torch']}, {b['built_utc']}"),
         f"ops with their own CUDA kernel: {sum(native.values())}/{len(native)}",
-        f"SIMT simulator (tests): {'built' if info['simulator_built'] else 'not built'}",
+        "SIMT simulator (tests): " + ("built" if info["simulator_built"] else "not built") + (
+            " (left out: CBAM_FUSED_BUILD_SIM=0)" if (b or {}).get("simulator") is False else ""),
     ]
     if not info["gpus"]:
         lines.append("GPUs: none visible")

@@ -13,7 +13,9 @@ Steps, in order (each with its own timeout inside one overall budget):
                skipped when build/.gpu_check_stamp says the same sources, torch and arch were
                built already (a warm machine between two parts)
   tests        the test suite (pytest; xdist when available): the GPU tests only (-m gpu) in
-               `lease`, the whole suite, GPU tests included, in the other parts
+               `lease`, the whole suite, GPU tests included, in `verify` and `all` (`extra`,
+               `measure` and `grid` run no tests); only the whole suite needs the simulator, so
+               the build step leaves it out (CBAM_FUSED_BUILD_SIM=0) where no later step runs it
   sanitizer    compute-sanitizer over a small kernel test selection (GPU_CHECK_SANITIZE_FILE,
                default the first of tests/test_kernels_gpu.py, tests/test_kernels_cuda.py that
                exists; GPU_CHECK_SANITIZE_K, a pytest -k expression, default for
@@ -35,9 +37,9 @@ at most 10 minutes a command. So the default part, `lease` (7 minutes), runs eve
 reduced sizes: the GPU tests, memcheck and racecheck, the layer benchmark at batch 64 in issue
 4's two configurations (with the per-op section) and the network benchmark's quick run. If at
 least 6 minutes of device time are left after it, `--part extra` (5 minutes) runs the rest:
-the tuning sweep, the kernel profile, initcheck and synccheck, the wider layer grid (other batches, float16,
-MobileNet sites, max-autotune) and the whole test suite. `verify` and `measure` (9.5 minutes
-each) and `all` (20 minutes) are for longer leases. `merge` joins the folders of the parts (the
+the tuning sweep, the kernel profile, initcheck and synccheck, the wider layer grid (other
+batches, float16, MobileNet sites, max-autotune). `verify` and `measure` (9.5 minutes each) and
+`all` (20 minutes) are for longer leases. `merge` joins the folders of the parts (the
 layer benchmark's cases of several parts are joined into one JSON and PNG):
     python scripts/gpu_check.py merge PART1_DIR PART2_DIR -o benchmarks/results/DATE-DEVICE
 `grid` (9.5 minutes) runs the two benchmarks' whole grids (issue 5: every layer case with every
@@ -81,13 +83,14 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # A lease of the device tool is 15 minutes of device time, the machine's start included, at most
 # 10 minutes a command. So the protocol is sized as two commands: `lease` (about 7 minutes:
 # everything the open issues need once, at reduced sizes) and, while enough time is left,
-# `extra` (the rest: the other two sanitizer tools, the tuning sweep, the wider benchmark grid,
-# the whole test suite). `verify` + `measure` (9.5 minutes each) and `all` (20 minutes) are the
+# `extra` (the rest: the other two sanitizer tools, the tuning sweep, the kernel profile, the
+# wider benchmark grid; not the whole test suite, which never finished inside it, and whose CPU
+# side CI runs on the GPU machines' torch, tests/test_gpu_machine_torch.py). `verify` + `measure` (9.5 minutes each) and `all` (20 minutes) are the
 # same protocol for longer leases.
 PARTS = {
     "lease": ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
               "bench_network"),
-    "extra": ("env", "wheels", "build", "sweep", "profile", "sanitizer", "bench_cbam", "tests"),
+    "extra": ("env", "wheels", "build", "sweep", "profile", "sanitizer", "bench_cbam"),
     "verify": ("env", "wheels", "build", "tests", "sanitizer"),
     "measure": ("env", "wheels", "build", "bandwidth", "profile", "bench_cbam", "bench_network"),
     # issue 5's whole grid (every shape, batch, dtype and peer of the layer benchmark; both
@@ -115,7 +118,6 @@ PART_OPTIONS = {
                     "--tiles-also", "8", "--pdl-also"],
         bench_network=["--quick"]),
     "extra": dict(
-        tests="all",
         sanitizer=("initcheck", "synccheck"),
         # the rest of the grid (batches and dtypes the lease did not run; the per-op section it
         # did), every peer; `merge` joins it to the lease's cases
@@ -464,10 +466,21 @@ print("JSON:" + json.dumps(d))
                     h.update(fh.read())
         return f"{h.hexdigest()} torch={self.info.get('torch')} arch={arch} py={self.py}"
 
+    def _needs_sim(self, later):
+        """Whether a later step runs tests that use the simulator: the whole suite does; the GPU
+        tests alone (lease), the sanitizer's kernel tests and the benchmarks do not. Without it
+        the build skips the simulator extension (CBAM_FUSED_BUILD_SIM=0, setup.py): the two
+        extensions build one after the other, and the simulator's took about 40 of the 97 s of
+        the H200's build."""
+        return "tests" in later and self.opt("tests", "all") != "gpu"
+
     def step_build(self, later):
         t = time.monotonic()
         timeout = self.timeout_for("build", later)
         benv = dict(self.env, MAX_JOBS=str(self.nproc))
+        sim = self._needs_sim(later)
+        benv["CBAM_FUSED_BUILD_SIM"] = "1" if sim else "0"
+        sim_note = "" if sim else "; no simulator (no later step needs it)"
         if self.dry or not self.has_gpu:
             self.header("build", "CPU-only build into a scratch folder (dry-run)")
             scratch = tempfile.mkdtemp(prefix="gpu_check_build_")
@@ -477,17 +490,29 @@ print("JSON:" + json.dumps(d))
             if shutil.which("flock"):
                 cmd = ["flock", "/tmp/cbam_build.lock"] + cmd
             self.log("  would run on the GPU: TORCH_CUDA_ARCH_LIST=<major.minor of the device> "
-                     f"MAX_JOBS={self.nproc} {self.py} -m pip install --no-build-isolation "
-                     "--no-index --no-deps -e .")
+                     f"MAX_JOBS={self.nproc} CBAM_FUSED_BUILD_SIM={benv['CBAM_FUSED_BUILD_SIM']} "
+                     f"{self.py} -m pip install --no-build-isolation --no-index --no-deps -e .")
             self.log("  dry-run: " + _cmd_str(cmd))
-            rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
-                                  echo=lambda l: "error" in l.lower())
+            # setup.py writes cbam_fused/_build_info.py in the checkout, which describes the
+            # checkout's own build: kept as it was
+            info_path = os.path.join(ROOT, "cbam_fused", "_build_info.py")
+            info_before = open(info_path).read() if os.path.exists(info_path) else None
+            try:
+                rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
+                                      echo=lambda l: "error" in l.lower())
+            finally:
+                if info_before is not None:
+                    with open(info_path, "w") as f:
+                        f.write(info_before)
+                elif os.path.exists(info_path):
+                    os.remove(info_path)
             built = glob.glob(os.path.join(scratch, "lib", "cbam_fused", "_C*.so"))
             shutil.rmtree(scratch, ignore_errors=True)
             if rc == 0 and built:
                 return self.record("build", "PASS", time.monotonic() - t,
                                    "dry-run: CPU-only build (CBAM_FUSED_BUILD_CUDA=0) into a "
-                                   "scratch folder; the tests use this checkout's build")
+                                   "scratch folder; the tests use this checkout's build"
+                                   + sim_note)
             return self.record("build", "TIMEOUT" if to else "FAIL", time.monotonic() - t,
                                f"CPU-only build failed (rc {rc}); see gpu_check.log")
         self.header("build", "the extension for this device's architecture")
@@ -495,14 +520,16 @@ print("JSON:" + json.dumps(d))
         benv["TORCH_CUDA_ARCH_LIST"] = arch
         stamp_path = os.path.join(ROOT, "build", ".gpu_check_stamp")
         stamp = self._stamp(arch)
-        if os.path.exists(stamp_path) and open(stamp_path).read() == stamp and \
-                self._import_ok():
+        # the stamp's last word: whether that build had the simulator (one with it serves both)
+        done = open(stamp_path).read() if os.path.exists(stamp_path) else ""
+        if done in (stamp + " sim=1", stamp + f" sim={int(sim)}") and self._import_ok():
             return self.record("build", "PASS", time.monotonic() - t,
                                f"already built for sm_{arch.replace('.', '')} from these sources "
-                               f"(build/.gpu_check_stamp)")
+                               f"(build/.gpu_check_stamp){sim_note}")
         cmd = [self.py, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--no-deps",
                "-v", "-e", "."]
-        self.log(f"  TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={self.nproc} " + _cmd_str(cmd))
+        self.log(f"  TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={self.nproc} "
+                 f"CBAM_FUSED_BUILD_SIM={benv['CBAM_FUSED_BUILD_SIM']} " + _cmd_str(cmd))
         rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
                               echo=lambda l: bool(re.search(r"error|warning:|FAILED", l, re.I)))
         if rc != 0:
@@ -516,15 +543,15 @@ print("JSON:" + json.dumps(d))
                                "built, but `import cbam_fused` fails: " + kernels)
         os.makedirs(os.path.dirname(stamp_path), exist_ok=True)
         with open(stamp_path, "w") as f:
-            f.write(stamp)
+            f.write(stamp + f" sim={int(sim)}")
         # the installation report and its self-test on every device (python -m cbam_fused)
         rc, out, _ = run_cmd([self.py, "-m", "cbam_fused"], timeout=120, env=self.env,
                              logs=[self.log.f], echo=lambda l: True)
         selftest = "; ".join(l for l in out.splitlines() if l.startswith(("self-test",
                                                                             "PROBLEM")))
         return self.record("build", "PASS", time.monotonic() - t,
-                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}; {kernels}; "
-                           f"python -m cbam_fused: {selftest or f'rc {rc}'}")
+                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}{sim_note}; "
+                           f"{kernels}; python -m cbam_fused: {selftest or f'rc {rc}'}")
 
     def _import_ok(self, report=False):
         code = ("import cbam_fused, json; from cbam_fused import _ops; "

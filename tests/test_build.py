@@ -1,4 +1,5 @@
-"""The build's toolkit discovery (setup.py): a wrapper nvcc on PATH, CUDA_HOME, version checks."""
+"""The build's toolkit discovery (setup.py): a wrapper nvcc on PATH, CUDA_HOME, version checks;
+its environment switches."""
 import importlib.util
 import os
 import stat
@@ -79,6 +80,26 @@ def test_forced_off_and_bad_values(setup_mod, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         setup_mod.want_cuda()
     assert "CBAM_FUSED_BUILD_CUDA must be 0 or 1" in capsys.readouterr().err
+
+
+def test_the_simulator_can_be_left_out(setup_mod, monkeypatch, capsys):
+    """CBAM_FUSED_BUILD_SIM=0 builds _C alone (the GPU protocol's build when no later step runs
+    the whole suite); the default builds the simulator too; other values are refused."""
+    monkeypatch.setenv("CBAM_FUSED_BUILD_CUDA", "0")
+    monkeypatch.setattr(setup_mod, "write_build_info", lambda cuda_home: None)  # (in the tree)
+    names = {}
+    for flag in (None, "1", "0"):
+        if flag is None:
+            monkeypatch.delenv("CBAM_FUSED_BUILD_SIM", raising=False)
+        else:
+            monkeypatch.setenv("CBAM_FUSED_BUILD_SIM", flag)
+        names[flag] = [e.name for e in setup_mod.extensions()]
+    assert names[None] == names["1"] == ["cbam_fused._C", "cbam_fused._sim"], names
+    assert names["0"] == ["cbam_fused._C"], names
+    monkeypatch.setenv("CBAM_FUSED_BUILD_SIM", "no")
+    with pytest.raises(SystemExit):
+        setup_mod.extensions()
+    assert "CBAM_FUSED_BUILD_SIM must be 0 or 1, got 'no'" in capsys.readouterr().err
 
 
 def test_pip_include_dirs_carry_the_headers_torch_needs(setup_mod):

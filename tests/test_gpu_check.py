@@ -272,3 +272,23 @@ def test_env_step_says_when_the_ci_torch_pin_is_stale():
     assert gpu_check.torch_pin_note("2.99.1+cu130") == (
         f"; CI checks the build against torch {pin} (tests/gpu_machine_torch.py VERSION), this "
         "machine has 2.99.1: update the pin")
+
+
+def test_the_build_leaves_the_simulator_out_unless_the_whole_suite_runs():
+    """The parts whose later steps run no simulator test (the GPU tests alone, the sanitizer's
+    kernel tests, the benchmarks) build without it (CBAM_FUSED_BUILD_SIM=0): the lease's build
+    is that much shorter. The parts that run the whole suite build it."""
+    import types
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_check
+
+    need = {}
+    for part, steps in gpu_check.PARTS.items():
+        fake = types.SimpleNamespace(
+            opt=lambda step, default=None, part=part: gpu_check.PART_OPTIONS.get(
+                part, {}).get(step, default))
+        later = list(steps[steps.index("build") + 1:])
+        need[part] = gpu_check.Protocol._needs_sim(fake, later)
+    assert need == {"lease": False, "extra": False, "verify": True, "measure": False,
+                    "grid": False, "all": True}, need

@@ -90,3 +90,19 @@ def test_a_gpu_the_build_does_not_cover_is_a_problem(monkeypatch):
     monkeypatch.setattr(info, "_ops_native", lambda: {op: False for op in cbam_fused._ops.ALL_OPS})
     (p,) = info.collect(run_self_test=False)["problems"]
     assert "without its CUDA kernels" in p
+
+
+def test_a_simulator_the_last_build_left_out_is_a_problem(monkeypatch):
+    """CBAM_FUSED_BUILD_SIM=0 builds no simulator; one left from an earlier build may run older
+    kernels than _C, so the report says so (and that a build without one is no problem)."""
+    built = dict(cuda=False, torch=torch.__version__, torch_cuda=None, nvcc=None,
+                 cuda_arch_list=None, simulator=False, built_utc="-")
+    monkeypatch.setattr(info, "build_info", lambda: built)
+    monkeypatch.setattr(info, "_sim_built", lambda: True)
+    rep = info.collect(run_self_test=False)
+    (p,) = rep["problems"]
+    assert "CBAM_FUSED_BUILD_SIM=0" in p and "earlier build" in p
+    monkeypatch.setattr(info, "_sim_built", lambda: False)
+    rep = info.collect(run_self_test=False)
+    assert rep["problems"] == []
+    assert "not built (left out: CBAM_FUSED_BUILD_SIM=0)" in info.report(rep)
