@@ -8,7 +8,7 @@ Steps, in order (each with its own timeout inside one overall budget):
   env          device, driver, CUDA, torch, nvcc, compute-sanitizer versions
   wheels       installs .whl/*.whl (scripts/fetch_gpu_wheels.sh) into /tmp/site, on PYTHONPATH
                for every later step; says which packages are missing and which steps need them
-  build        pip install --no-build-isolation -e . for this device's architecture only
+  build        setup.py build_ext --inplace for this device's architecture only
                (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability), MAX_JOBS=nproc;
                skipped when build/.gpu_check_stamp says the same sources, torch and arch were
                built already (a warm machine between two parts)
@@ -491,7 +491,7 @@ print("JSON:" + json.dumps(d))
                 cmd = ["flock", "/tmp/cbam_build.lock"] + cmd
             self.log("  would run on the GPU: TORCH_CUDA_ARCH_LIST=<major.minor of the device> "
                      f"MAX_JOBS={self.nproc} CBAM_FUSED_BUILD_SIM={benv['CBAM_FUSED_BUILD_SIM']} "
-                     f"{self.py} -m pip install --no-build-isolation --no-index --no-deps -e .")
+                     f"{self.py} setup.py build_ext --inplace")
             self.log("  dry-run: " + _cmd_str(cmd))
             # setup.py writes cbam_fused/_build_info.py in the checkout, which describes the
             # checkout's own build: kept as it was
@@ -526,8 +526,13 @@ print("JSON:" + json.dumps(d))
             return self.record("build", "PASS", time.monotonic() - t,
                                f"already built for sm_{arch.replace('.', '')} from these sources "
                                f"(build/.gpu_check_stamp){sim_note}")
-        cmd = [self.py, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--no-deps",
-               "-v", "-e", "."]
+        # In place, with the build folder kept (build/temp.*): a later part, or a rerun after a
+        # fix, compiles only what changed (pip install -e builds in a new temporary folder each
+        # time); the checkout is on every step's PYTHONPATH, so nothing needs installing.
+        cmd = [self.py, "setup.py", "build_ext", "--inplace"]
+        if not sim:  # no simulator of older sources left beside the new _C
+            for stale in glob.glob(os.path.join(ROOT, "cbam_fused", "_sim*.so")):
+                os.remove(stale)
         self.log(f"  TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={self.nproc} "
                  f"CBAM_FUSED_BUILD_SIM={benv['CBAM_FUSED_BUILD_SIM']} " + _cmd_str(cmd))
         rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
@@ -536,7 +541,8 @@ print("JSON:" + json.dumps(d))
             tail = "\n".join(out.splitlines()[-40:])
             print(tail)
             return self.record("build", "TIMEOUT" if to else "FAIL", time.monotonic() - t,
-                               f"pip install -e . failed (rc {rc}); see gpu_check.log")
+                               f"setup.py build_ext --inplace failed (rc {rc}); see "
+                               f"gpu_check.log")
         ok, kernels = self._import_ok(report=True)
         if not ok:
             return self.record("build", "FAIL", time.monotonic() - t,

@@ -226,7 +226,7 @@ def blocks_per_sm(regs, smem, threads=256):
     return min(by_regs, by_smem, 2048 // threads, 32)
 
 
-# The instances for rows that are not whole 16-byte vectors, loaded shifted (launchers/pool.cu,
+# The instances for rows that are not whole 16-byte vectors, loaded shifted (launchers/reduction.h,
 # backward_reduce.cu): reduce_k_shifted, and reduce_r's and backward_reduce's SHIFT (their last
 # template argument). They serve odd maps, never the whole-vector rows of issue 4's sites.
 SHIFTED_ROWS = r"cbam::(reduce_k_shifted_kernel<|(reduce_r|backward_reduce)_kernel<.*, true>\()"
@@ -274,7 +274,7 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
 
 def test_reduce_r_rows_in_flight_keep_the_blocks_the_launcher_counts_on(ptxas_report):
     """reduce_r's instances with 2 or 4 vector rows in flight: where the whole grid is resident
-    at once with their blocks an SM, the launcher takes them (launchers/pool.cu,
+    at once with their blocks an SM, the launcher takes them (launchers/reduction.h,
     with_reduce_r_rows), counting reduce_r_min_blocks (kernels/reduce_r.cuh) blocks an SM: 3 at
     U = 4, 4 at U = 2, 2 for both where the policy's state or weight is over 12 bytes (the lp /
     lse policies, <acc_t, true>; every float64 policy). A kernel with fewer would leave part of

@@ -100,7 +100,7 @@ def test_folded_rows_on_gpu(shape, layout):
     (kernels/common.cuh Fold) where their count allows, else loaded shifted across them
     (load_rows_shifted: windows and shuffles), the reductions along such rows staged whole
     (reduce_k_rows' medium rows) or from each row's first 16-byte boundary (reduce_k_shifted,
-    launchers/pool.cu): every op, every dtype, the normal tiling and one row tile, against the
+    launchers/reduction.h): every op, every dtype, the normal tiling and one row tile, against the
     pure-PyTorch kernels, and bitwise the same on a second run."""
     gen = torch.Generator().manual_seed(51)
     for dtype in DTYPES:

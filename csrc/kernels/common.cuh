@@ -60,7 +60,7 @@ CBAM_DEVICE unsigned tile_block(int reverse) {
 
 // Rows folded into one: the vector path of the x-sized kernels (apply_gates, grad_input) for rows
 // of K0 elements, K0 not a multiple of VEC. x [N, R0, K0] is viewed as [N, R0 / G, G K0] with
-// G = VEC / gcd(K0, VEC) (R0 % G == 0; launchers/elementwise.cu), so that a folded row is a whole
+// G = VEC / gcd(K0, VEC) (R0 % G == 0; launchers/apply_gates.cu), so that a folded row is a whole
 // number of 16-byte vectors and every row starts aligned (a 7x7 channels-first map of float32:
 // 4 rows of 49 elements, 49 vectors). Column k of folded row r is element k % K0 of the original
 // row r G + k / K0. G == 1 is the unfolded view. K0 >= VEC: a thread's VEC columns lie in at most

@@ -32,7 +32,7 @@
 namespace cbam {
 
 // Blocks of 256 threads an SM that the instances with more rows in flight keep at least, which
-// the launcher counts on where it picks U by the size of the grid (launchers/pool.cu,
+// the launcher counts on where it picks U by the size of the grid (launchers/reduction.h,
 // with_reduce_r_rows): U = 4, 3 (at most 80 registers; 16-bit x takes 69 to 80 with nvcc 13.0);
 // U = 2, 4 (64; 54 to 64); 2 for both where the policy's state or weight is over 12 bytes (the
 // lp / lse pools, float64: up to 128 registers). tests/test_codegen.py checks them against

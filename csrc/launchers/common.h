@@ -148,6 +148,11 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return poisoned(at::empty(sizes, opts));
 }
 
+// A new x-sized output shaped and strided like v.x (dense in its layout), poisoned likewise.
+inline at::Tensor new_like(const XView& v) {
+  return poisoned(at::empty_strided(v.x.sizes(), v.x.strides(), v.x.options()));
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

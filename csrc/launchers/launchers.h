@@ -50,7 +50,7 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // the scalar path always takes kScalarRowsPerStep): 1, 2, 4 (reduce_r; 2 in the other kernels),
 // or 0 = by element size, 2 for 4-byte elements and 1 otherwise (with_rows_in_flight,
 // launchers/common.h), and in reduce_r by the grid too: 4 (else 2) where the whole grid is
-// resident at once with that instance's blocks an SM (with_reduce_r_rows, launchers/pool.cu;
+// resident at once with that instance's blocks an SM (with_reduce_r_rows, launchers/reduction.h;
 // argued, not yet timed: the 1024x14x14 and 512x28x28 bfloat16 channels-last pools over S at
 // batch 64 run 256 and 384 blocks, 28% and 38% of copy bandwidth on the H200 at U = 1). The H200
 // sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2 raised the float32 NCHW ops'
@@ -70,7 +70,7 @@ inline int k_vectors_in_flight = kDefaultKVectorsInFlight;
 // row (kernels/reduce_k_rows.cuh; with the normal tiling only); 3, as 2, and where reduce_k's grid
 // is resident at once with that instance's 3 blocks an SM (2 for the lp / lse pools; few, long
 // rows), its instance with kReduceKRows rows of loads in flight per thread (same tiles, same
-// bits; with k_vectors_in_flight 4; launchers/pool.cu run_reduction). Mode 3 is argued, not yet
+// bits; with k_vectors_in_flight 4; launchers/reduction.h run_reduction). Mode 3 is argued, not yet
 // timed: at the 7x7 channels-last sites of 2048 channels, batch 64, the pool over C and the
 // spatial-first scale gradient run 256 and 128 blocks, two and one an SM; it doubles their
 // loads in flight.

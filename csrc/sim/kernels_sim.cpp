@@ -4,12 +4,16 @@
 // tensors. cbam_fused.testing.use_simulator() routes the cbam_fused ops' CPU kernels here.
 #include <torch/library.h>
 
+#include "launchers/apply_gates.cu"
 #include "launchers/backward_reduce.cu"
 #include "launchers/batch_norm_gate.cu"
 #include "launchers/channel_head.cu"
 #include "launchers/channel_head_backward.cu"
-#include "launchers/elementwise.cu"
+#include "launchers/grad_input.cu"
 #include "launchers/pool.cu"
+#include "launchers/pool_backward_scale.cu"
+#include "launchers/pool_backward_scale_lp_lse.cu"
+#include "launchers/pool_lp_lse.cu"
 #include "launchers/spatial_head.cu"
 #include "launchers/spatial_head_backward.cu"
 #include "launchers/register_ops.h"
