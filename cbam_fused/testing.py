@@ -27,10 +27,10 @@ _starts: List[int] = []
 def _sim_module():
     try:
         from . import _sim
-    except ImportError as e:  # pragma: no cover - only on a broken build
+    except ImportError as e:  # pragma: no cover - a build without it, or a broken one
         raise RuntimeError(
             "cbam_fused._sim (the SIMT simulator) is not built; rebuild the package "
-            "(`pip install --no-build-isolation -e .`)") from e
+            "(`pip install --no-build-isolation -e .`, without CBAM_FUSED_BUILD_SIM=0)") from e
     return _sim
 
 
