@@ -535,8 +535,14 @@ print("JSON:" + json.dumps(d))
                 os.remove(stale)
         self.log(f"  TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={self.nproc} "
                  f"CBAM_FUSED_BUILD_SIM={benv['CBAM_FUSED_BUILD_SIM']} " + _cmd_str(cmd))
+        logged = ninja_lines()
         rc, out, to = run_cmd(cmd, timeout=timeout, env=benv, logs=[self.log.f],
                               echo=lambda l: bool(re.search(r"error|warning:|FAILED", l, re.I)))
+        # the files on the build's critical path (MAX_JOBS of them compile at once)
+        compiled = slowest_compiles(logged, ninja_lines())
+        slowest = "; " + ("slowest compiles: " + ", ".join(compiled) if compiled else
+                          "nothing recompiled")
+        self.log("  " + slowest[2:])
         if rc != 0:
             tail = "\n".join(out.splitlines()[-40:])
             print(tail)
@@ -556,8 +562,9 @@ print("JSON:" + json.dumps(d))
         selftest = "; ".join(l for l in out.splitlines() if l.startswith(("self-test",
                                                                             "PROBLEM")))
         return self.record("build", "PASS", time.monotonic() - t,
-                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}{sim_note}; "
-                           f"{kernels}; python -m cbam_fused: {selftest or f'rc {rc}'}")
+                           f"sm_{arch.replace('.', '')}, MAX_JOBS={self.nproc}{sim_note}"
+                           f"{slowest}; {kernels}; python -m cbam_fused: "
+                           f"{selftest or f'rc {rc}'}")
 
     def _import_ok(self, report=False):
         code = ("import cbam_fused, json; from cbam_fused import _ops; "
@@ -939,6 +946,34 @@ def find_sanitizer(cuda_home):
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     return None
+
+
+def ninja_lines():
+    """The lines of the build's ninja logs (build/temp.*/.ninja_log), per log file."""
+    out = {}
+    for f in glob.glob(os.path.join(ROOT, "build", "temp.*", ".ninja_log")):
+        with open(f) as fh:
+            out[f] = fh.read().splitlines()
+    return out
+
+
+def slowest_compiles(before, after, n=3):
+    """The n longest compile steps a build added to the ninja logs (ninja_lines() before and
+    after it), as "name seconds" strings, longest first: ninja logs each step as start and end
+    in milliseconds, then the output's path."""
+    steps = []
+    for f, lines in after.items():
+        for line in lines[len(before.get(f, [])):]:
+            parts = line.split("\t")
+            if line.startswith("#") or len(parts) < 4:
+                continue
+            try:
+                steps.append(((int(parts[1]) - int(parts[0])) / 1000.0,
+                              os.path.basename(parts[3])))
+            except ValueError:
+                continue
+    steps.sort(reverse=True)
+    return [f"{name} {sec:.0f} s" for sec, name in steps[:n]]
 
 
 def _pytest_summary(out):

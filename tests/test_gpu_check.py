@@ -292,3 +292,24 @@ def test_the_build_leaves_the_simulator_out_unless_the_whole_suite_runs():
         need[part] = gpu_check.Protocol._needs_sim(fake, later)
     assert need == {"lease": False, "extra": False, "verify": True, "measure": False,
                     "grid": False, "all": True}, need
+
+
+def test_the_build_step_names_its_slowest_compiles(tmp_path, monkeypatch):
+    """The build step reports the compile steps a build added to ninja's logs, longest first (the
+    files on its critical path), and nothing from earlier builds."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_check
+
+    log = tmp_path / "build" / "temp.linux-x86_64-cpython-312" / ".ninja_log"
+    log.parent.mkdir(parents=True)
+    old = ["# ninja log v7", "0\t90000\t1\t/b/old_slow.o\th"]
+    log.write_text("\n".join(old) + "\n")
+    monkeypatch.setattr(gpu_check, "ROOT", str(tmp_path))
+    before = gpu_check.ninja_lines()
+    log.write_text("\n".join(old + ["5\t21000\t1\t/b/csrc/launchers/pool.o\th",
+                                    "5\t34400\t1\t/b/csrc/launchers/pool_lp_lse.o\th",
+                                    "7\t9000\t1\t/b/csrc/ops.o\th", "# ninja log v7",
+                                    "0\t30000\t1\t/b/csrc/sim/kernels_sim.o\th", "garbled"]) + "\n")
+    assert gpu_check.slowest_compiles(before, gpu_check.ninja_lines()) == [
+        "pool_lp_lse.o 34 s", "kernels_sim.o 30 s", "pool.o 21 s"]
+    assert gpu_check.slowest_compiles({}, {}) == []
