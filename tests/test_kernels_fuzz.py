@@ -3,8 +3,8 @@ rank, layout (channels-first, channels-last, non-dense), dtype, the optional arg
 launchers' tuning knobs (the settings a GPU sweep may pick as defaults) and debug tilings drawn
 together, so that combinations the hand-picked cases of test_kernels_sim.py do not list still
 run on every commit. The cases come from fixed seeds (reproducible; a failure names its seed);
-CBAM_FUZZ_CASES=N runs N of them (default 300; half as many head cases), CBAM_FUZZ_START=K
-starts at seed K."""
+CBAM_FUZZ_CASES=N runs N of them (default 300; half as many head cases, a fifth as many cases of
+the whole module), CBAM_FUZZ_START=K starts at seed K."""
 import os
 import random
 
@@ -185,3 +185,73 @@ def test_random_batch_norm_gate_case_matches_the_cpu_kernel(seed):
     out, _ = bng.run_sim(bng.BWD, bargs, tile)
     bng.check_close(out, cpu.HEAD_KERNELS[bng.BWD](*bargs), bng.bwd_oracle(bargs, fwd),
                     torch.float64)
+
+
+# ------------------------------------------------------------------ the whole module
+def draw_module_case(seed: int):
+    """(variant, spatial rank, layout, shape, train, tuning, tile mode) for one seed: the
+    variants of variants.py in turn, maps of rank 1 to 3, channels-first and channels-last
+    (strided too), now and then a map or a channel count long enough to split the reductions,
+    the tuning knobs and debug tilings as in draw_case. float64 only: random parameters make
+    sums with heavy cancellation now and then (the BatchNorm bias's gradient, a sum over the
+    batch and the map), where float32 in any order of summation misses the float64 reference
+    by more than the float32 reference does (seen 16-fold); the float32 paths of the kernels
+    are the op cases' (above) and the fixed module cases' (test_kernels_sim.py)."""
+    from variants import VARIANTS
+
+    r = random.Random(40_000 + seed)
+    names = sorted(VARIANTS)
+    variant = names[seed % len(names)]  # each in turn: any len(VARIANTS) seeds meet them all
+    rank = r.choice([1, 2, 2, 3])
+    layout = r.choices(["cf", "cl", "strided"], weights=[4, 4, 1])[0]
+    big = r.random() < 0.2
+    spatial = tuple(r.randint(1, 40 if big and rank == 1 else 12 if big else 7)
+                    for _ in range(rank))
+    c = r.randint(65, 300) if big else r.choice([1, 2, 3, 5, 8, 16, 24, 33])
+    n = r.randint(1, 3)
+    if n == 1 and all(d == 1 for d in spatial):
+        n = 2  # the spatial BatchNorm's batch statistics need two values
+    tuning = (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
+              r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
+              r.choice([1, 2, 4]))
+    return (variant, rank, layout, (n, c) + spatial, r.random() < 0.6, tuning,
+            r.choice([0, 0, 1, 2]))
+
+
+@pytest.mark.parametrize("seed", range(START, START + max(1, CASES // 5)))
+def test_random_module_case_matches_the_reference(seed, restore_knobs):
+    """cbam_fused.CBAM of a random variant and shape in float64 with every op in the simulator
+    (outputs poisoned, random launcher knobs, blocks in shuffled order) against
+    cbam_fused.reference: the output, every gradient and the BatchNorm statistics to 1e-10. The
+    ops' own fuzz cases above do not meet the composites, the heads' shapes and the layouts
+    together."""
+    from test_functional import _module, compare_with_reference
+
+    from cbam_fused import testing
+
+    variant, rank, layout, shape, train, tuning, tile = draw_module_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the parameters and the incoming gradient: reproducible too
+    m = _module(variant, shape[1], rank, torch.float64)
+    x = rand_x(shape, torch.float64, layout, gen)
+    torch.ops.cbam_fused_sim.set_tuning(*tuning)
+    torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned
+    with testing.use_simulator(schedule="shuffle", seed=seed):
+        compare_with_reference(m, x, train, 1e-10)
+        launched = testing.simulator_stats()
+    assert launched, "nothing ran in the simulator"
+
+
+def test_the_module_draws_cover_every_variant_rank_and_layout():
+    """The default number of module cases (60) reaches every variant of variants.py, each rank
+    and layout, training and evaluation, every tile mode, and now and then a long channel
+    axis."""
+    from variants import VARIANTS
+
+    draws = [draw_module_case(s) for s in range(60)]
+    assert {d[0] for d in draws} == set(VARIANTS), set(VARIANTS) - {d[0] for d in draws}
+    assert {d[1] for d in draws} == {1, 2, 3}
+    assert {d[2] for d in draws} == {"cf", "cl", "strided"}
+    assert {d[4] for d in draws} == {True, False}
+    assert {d[6] for d in draws} == {0, 1, 2}
+    assert any(d[3][1] > 64 for d in draws)
