@@ -218,13 +218,14 @@ def draw_module_case(seed: int):
             r.choice([0, 0, 1, 2]))
 
 
+@pytest.mark.parametrize("where", ["simulator", "cpu"])
 @pytest.mark.parametrize("seed", range(START, START + max(1, CASES // 5)))
-def test_random_module_case_matches_the_reference(seed, restore_knobs):
-    """cbam_fused.CBAM of a random variant and shape in float64 with every op in the simulator
-    (outputs poisoned, random launcher knobs, blocks in shuffled order) against
-    cbam_fused.reference: the output, every gradient and the BatchNorm statistics to 1e-10. The
-    ops' own fuzz cases above do not meet the composites, the heads' shapes and the layouts
-    together."""
+def test_random_module_case_matches_the_reference(seed, where, restore_knobs):
+    """cbam_fused.CBAM of a random variant and shape in float64, with every op in the simulator
+    (outputs poisoned, random launcher knobs, blocks in shuffled order) or on the CPU path (its
+    C++ pools and PyTorch kernels), against cbam_fused.reference: the output, every gradient and
+    the BatchNorm statistics to 1e-10. The ops' own fuzz cases above do not meet the
+    composites, the heads' shapes and the layouts together."""
     from test_functional import _module, compare_with_reference
 
     from cbam_fused import testing
@@ -234,6 +235,9 @@ def test_random_module_case_matches_the_reference(seed, restore_knobs):
     torch.manual_seed(seed)  # the parameters and the incoming gradient: reproducible too
     m = _module(variant, shape[1], rank, torch.float64)
     x = rand_x(shape, torch.float64, layout, gen)
+    if where == "cpu":
+        compare_with_reference(m, x, train, 1e-10)
+        return
     torch.ops.cbam_fused_sim.set_tuning(*tuning)
     torch.ops.cbam_fused_sim.set_debug(True, tile)  # outputs poisoned
     with testing.use_simulator(schedule="shuffle", seed=seed):
