@@ -22,6 +22,14 @@ CASES = int(os.environ.get("CBAM_FUZZ_CASES", "300"))
 START = int(os.environ.get("CBAM_FUZZ_START", "0"))
 
 
+def draw_tuning(r: random.Random):
+    """The launchers' tuning knobs (set_tuning's arguments), each over the values a GPU sweep
+    may pick."""
+    return (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
+            r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
+            r.choice([1, 2, 4]))
+
+
 def draw_case(seed: int):
     """(op, dtype, layout, shape, variant, tuning, tile mode) for one seed."""
     r = random.Random(seed)
@@ -36,9 +44,7 @@ def draw_case(seed: int):
     c = r.randint(65, 600) if big else r.choice(small_c)
     n = r.randint(1, 3)
     variant = r.randint(0, 2)
-    tuning = (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
-              r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
-              r.choice([1, 2, 4]))
+    tuning = draw_tuning(r)
     tile = r.choice([0, 0, 1, 2])
     return op, dtype, layout, (n, c) + spatial, variant, tuning, tile
 
@@ -211,9 +217,7 @@ def draw_module_case(seed: int):
     n = r.randint(1, 3)
     if n == 1 and all(d == 1 for d in spatial):
         n = 2  # the spatial BatchNorm's batch statistics need two values
-    tuning = (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
-              r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
-              r.choice([1, 2, 4]))
+    tuning = draw_tuning(r)
     return (variant, rank, layout, (n, c) + spatial, r.random() < 0.6, tuning,
             r.choice([0, 0, 1, 2]))
 
