@@ -38,19 +38,17 @@ std::vector<at::Tensor> pool(const char* op, const at::Tensor& x_in,
   const bool over_k = over_s != v.cl;  // channels-first keeps S contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto run = [&](auto pol) {
-      pol.scale = opt_ptr<acc_t>(scale);
-      pol.E = E;
-      pol.avg = global_ptr<acc_t>(out[0]);
-      pol.mx = global_ptr<acc_t>(out[1]);
-      pol.arg = global_ptr<int64_t>(out[2]);
-      if constexpr (LPLSE) {
-        pol.lp = global_ptr<acc_t>(out[3]);
-        pol.lse = global_ptr<acc_t>(out[4]);
-      }
-      reduction<scalar_t>(op, v, over_k, pol);
-    };
-    run(PoolPolicy<acc_t, LPLSE>{});
+    PoolPolicy<acc_t, LPLSE> pol{};  // (value-initialized: the fields not set here are null)
+    pol.scale = opt_ptr<acc_t>(scale);
+    pol.E = E;
+    pol.avg = global_ptr<acc_t>(out[0]);
+    pol.mx = global_ptr<acc_t>(out[1]);
+    pol.arg = global_ptr<int64_t>(out[2]);
+    if constexpr (LPLSE) {
+      pol.lp = global_ptr<acc_t>(out[3]);
+      pol.lse = global_ptr<acc_t>(out[4]);
+    }
+    reduction<scalar_t>(op, v, over_k, pol);
   });
   return out;
 }
@@ -108,24 +106,22 @@ at::Tensor pool_backward_scale(const char* op, const at::Tensor& x_in,
   const bool over_k = over_s == v.cl;  // reduces over the forward pool's kept axis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto run = [&](auto pol) {
-      pol.wa = opt_ptr<acc_t>(d_avg);
-      pol.wb = opt_ptr<acc_t>(d_max);
-      pol.widx = opt_ptr<int64_t>(argmax);
-      pol.E = L_fwd;
-      pol.div = static_cast<acc_t>(E_fwd);
-      pol.out = global_ptr<acc_t>(out);
-      pol.base = opt_ptr<acc_t>(base);
-      pol.gate = opt_ptr<acc_t>(gate);
-      pol.kscale = opt_ptr<acc_t>(scale);
-      pol.L = E_fwd;
-      pol.wl = opt_ptr<acc_t>(d_lp);
-      pol.lp = opt_ptr<acc_t>(lp);
-      pol.we = opt_ptr<acc_t>(d_lse);
-      pol.lse = opt_ptr<acc_t>(lse);
-      reduction<scalar_t>(op, v, over_k, pol);
-    };
-    run(WeightedSumPolicy<acc_t, LPLSE>{});
+    WeightedSumPolicy<acc_t, LPLSE> pol{};
+    pol.wa = opt_ptr<acc_t>(d_avg);
+    pol.wb = opt_ptr<acc_t>(d_max);
+    pol.widx = opt_ptr<int64_t>(argmax);
+    pol.E = L_fwd;
+    pol.div = static_cast<acc_t>(E_fwd);
+    pol.out = global_ptr<acc_t>(out);
+    pol.base = opt_ptr<acc_t>(base);
+    pol.gate = opt_ptr<acc_t>(gate);
+    pol.kscale = opt_ptr<acc_t>(scale);
+    pol.L = E_fwd;
+    pol.wl = opt_ptr<acc_t>(d_lp);
+    pol.lp = opt_ptr<acc_t>(lp);
+    pol.we = opt_ptr<acc_t>(d_lse);
+    pol.lse = opt_ptr<acc_t>(lse);
+    reduction<scalar_t>(op, v, over_k, pol);
   });
   return out;
 }
