@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import gpu_machine_torch
+import sass_loops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what torch's extension build adds to nvcc's flags (its COMMON_NVCC_FLAGS' macros and the
@@ -102,8 +103,9 @@ def _torch_for_nvcc():
 
 @pytest.fixture(scope="module")
 def nvcc_sm90(tmp_path_factory):
-    """[(ptxas -v log, PTX text)] of each launcher source, compiled once for the module with the
-    build's nvcc flags (setup.py), against _torch_for_nvcc()'s headers and -std."""
+    """[(ptxas -v log, PTX text, SASS text or None without an nvdisasm)] of each launcher
+    source, compiled once for the module with the build's nvcc flags (setup.py), against
+    _torch_for_nvcc()'s headers and -std."""
     setup = _setup_mod()
     cuda_home = setup.find_cuda_home()
     if cuda_home is None:
@@ -117,6 +119,7 @@ def nvcc_sm90(tmp_path_factory):
     # PTX the tests read)
     flags = [f for f in setup.nvcc_flags() if f != "-lineinfo"]
     out_dir = tmp_path_factory.mktemp("ptxas")
+    nvdisasm = sass_loops.nvdisasm_path(cuda_home)
 
     def compile_one(src):
         keep = out_dir / src.replace(".cu", "")
@@ -130,7 +133,10 @@ def nvcc_sm90(tmp_path_factory):
         assert proc.returncode == 0, f"nvcc {src} failed:\n{proc.stderr[-4000:]}"
         ptx = sorted(keep.glob("*.ptx"))
         assert len(ptx) == 1, (src, sorted(p.name for p in keep.iterdir()))
-        return proc.stderr, ptx[0].read_text()
+        cubin = sorted(keep.glob("*.cubin"))
+        assert len(cubin) == 1, (src, sorted(p.name for p in keep.iterdir()))
+        sass = sass_loops.sass_of(str(cubin[0]), nvdisasm) if nvdisasm else None
+        return proc.stderr, ptx[0].read_text(), sass
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(compile_one, SOURCES))
@@ -148,7 +154,7 @@ def ptxas_report(nvcc_sm90):
     """{demangled kernel name: (registers, stack frame, spill store bytes, spill load bytes,
     static shared memory bytes)}."""
     report, mangled = {}, []
-    for log, _ in _product(nvcc_sm90):
+    for log, *_ in _product(nvcc_sm90):
         name = spill = None
         for line in log.splitlines():
             m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -172,7 +178,7 @@ def ptxas_report(nvcc_sm90):
 def ptx_kernels(nvcc_sm90):
     """{demangled kernel name: its PTX body}."""
     names, bodies = [], []
-    for _, ptx in _product(nvcc_sm90):
+    for _, ptx, _ in _product(nvcc_sm90):
         for part in re.split(r"^\.(?:visible|weak)?\s*\.entry\s+", ptx, flags=re.M)[1:]:
             names.append(re.match(r"(\w+)\(", part).group(1))
             bodies.append(part)
@@ -181,7 +187,7 @@ def ptx_kernels(nvcc_sm90):
 
 def test_every_kernel_was_reported(ptxas_report):
     for kernel in ("grad_input_kernel<", "apply_gates_kernel<", "reduce_k_kernel<",
-                   "reduce_r_kernel<", "backward_reduce_kernel<",
+                   "reduce_r_kernel<", "reduce_r_rows_kernel<", "backward_reduce_kernel<",
                    "spatial_head_kernel<", "spatial_head_backward_kernel<",
                    "spatial_head_backward_combine_kernel<", "channel_head_hidden_kernel<",
                    "channel_head_gate_kernel<", "channel_head_bwd_hidden_kernel<",
@@ -248,7 +254,7 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
            and not re.search(r"grad_input_kernel<[\w:]+, \d+, \d+, true,", n)
            and not re.search(SHIFTED_ROWS, n)}
     kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
-    assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "apply_gates_kernel",
+    assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "reduce_r_rows_kernel", "apply_gates_kernel",
                      "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel",
                      "backward_reduce_folded_kernel"}, kinds
     low = {}
@@ -272,6 +278,71 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
         f"  {k}: {v}" for k, v in low.items())
 
 
+@pytest.fixture(scope="module")
+def sass_kernels(nvcc_sm90):
+    """{demangled kernel name: its SASS instructions} (nvdisasm of each cubin)."""
+    if any(sass is None for *_, sass in nvcc_sm90):
+        pytest.skip("no nvdisasm (the CUDA toolkit's, or the nvidia-cuda-nvdisasm wheel of "
+                    "requirements-dev.txt) to read the kernels' SASS")
+    names, bodies = [], []
+    for *_, sass in _product(nvcc_sm90):
+        for name, ins in sass_loops.functions(sass).items():
+            names.append(name)
+            bodies.append(ins)
+    return dict(zip(_demangle(names), bodies))
+
+
+VEC_T = r"(?:float, 4|double, 2|(?:c10::)?(?:Half|BFloat16), 8)"
+# (kernel instance, the 16-byte loads one thread of it is meant to have in flight in its main
+# loop): reduce_r's U rows; reduce_k's KV = 4 vectors of each of UR rows; the apply's two rows;
+# backward_reduce's g and x of two rows; grad_input's g (and x with lp / lse) of two rows;
+# reduce_k_rows' span copy and reduce_k_shifted's row, four vectors.
+IN_FLIGHT = [
+    (rf"reduce_r_rows_kernel<{VEC_T}, ([24]),", lambda m: int(m.group(1))),
+    (rf"reduce_k_kernel<{VEC_T}, 4, ([12]),", lambda m: 4 * int(m.group(1))),
+    (rf"apply_gates_kernel<{VEC_T}, 2,", lambda m: 2),
+    (rf"backward_reduce_kernel<{VEC_T}, 2, \w+, false>", lambda m: 4),
+    (rf"backward_reduce_folded_kernel<{VEC_T}, 2,", lambda m: 4),
+    (rf"grad_input_kernel<{VEC_T}, 2, (true|false),", lambda m: 4 if m.group(1) == "true" else 2),
+    # the staged rows' span copy (kSpanVectors) and the shifted rows' vectors of a row
+    (rf"reduce_k_rows_kernel<{VEC_T},", lambda m: 4),
+    (rf"reduce_k_shifted_kernel<{VEC_T},", lambda m: 4),
+]
+
+
+# Instances that keep fewer, as measured with nvcc 13.0 (at most this many): the folded rows of
+# 16-bit channels-first maps of odd size at U = 4 (80 registers, the fold's positions taking the
+# rest), and the shifted rows of the 16-bit scale gradients; none of issue 4's configurations.
+IN_FLIGHT_FEWER = [
+    (r"reduce_r_rows_kernel<(?:c10::)?(?:Half|BFloat16), 8, 4, true, cbam::PoolPolicy", 3),
+    (r"reduce_r_rows_kernel<(?:c10::)?(?:Half|BFloat16), 8, 4, true, cbam::WeightedSumPolicy", 2),
+    (r"reduce_k_shifted_kernel<(?:c10::)?(?:Half|BFloat16), 8, cbam::WeightedSumPolicy", 3),
+]
+
+
+def test_rows_in_flight_issue_their_loads_together(sass_kernels):
+    """The kernels with several rows (or vectors) of loads in flight per thread issue them
+    before the first of them is used, into registers of their own, in the SASS: what ptxas
+    makes of them, not the source's order. The 16-bit reduce_r, apply and backward_reduce
+    instances had one load in flight for any U (each row's load converted inside its guard), and
+    ptxas sank reduce_r's U = 4 loads to their folds to save registers until the kernel had
+    __launch_bounds__ (tests/sass_loops.py)."""
+    seen, short = 0, {}
+    for name, ins in sass_kernels.items():
+        for pat, want in IN_FLIGHT:
+            m = re.search(pat, name)
+            if m:
+                seen += 1
+                need = next((n for p, n in IN_FLIGHT_FEWER if re.search(p, name)), want(m))
+                got = sass_loops.vector_loads_in_flight(ins)
+                if got < need:
+                    short[name.replace("cbam::", "")[:150]] = (got, need)
+                break
+    assert seen >= 100, seen
+    assert not short, "(16-byte loads in flight, meant):\n" + "\n".join(
+        f"  {k}: {v}" for k, v in short.items())
+
+
 def test_reduce_r_rows_in_flight_keep_the_blocks_the_launcher_counts_on(ptxas_report):
     """reduce_r's instances with 2 or 4 vector rows in flight: where the whole grid is resident
     at once with their blocks an SM, the launcher takes them (launchers/reduction.h,
@@ -282,7 +353,7 @@ def test_reduce_r_rows_in_flight_keep_the_blocks_the_launcher_counts_on(ptxas_re
     seen = 0
     low = {}
     for name, (regs, *_, smem) in ptxas_report.items():
-        m = re.search(r"reduce_r_kernel<([\w:]+), (\d+), ([24]), (?:true|false), "
+        m = re.search(r"reduce_r_rows_kernel<([\w:]+), (\d+), ([24]), (?:true|false), "
                       r"cbam::(\w+)<(\w+), (true|false)>", name)
         if not m or m.group(2) == "1":  # (the scalar path's U is its own, 4)
             continue
@@ -327,8 +398,8 @@ def test_vector_path_kernels_load_16_bytes_at_a_time(ptx_kernels):
     vec = _vector_path(ptx_kernels)
     # 4 dtypes of every row-walking kernel at least (reduce_k, reduce_r, apply_gates,
     # backward_reduce and its folded-rows kernel, grad_input)
-    for kernel in ("reduce_k_kernel<", "reduce_r_kernel<", "apply_gates_kernel<",
-                   "backward_reduce_kernel<", "backward_reduce_folded_kernel<",
+    for kernel in ("reduce_k_kernel<", "reduce_r_kernel<", "reduce_r_rows_kernel<",
+                   "apply_gates_kernel<", "backward_reduce_kernel<", "backward_reduce_folded_kernel<",
                    "grad_input_kernel<"):
         assert sum(kernel in n for n in vec) >= 4, (kernel, len(vec))
     missing = [n[:160] for n, body in vec.items() if not LOAD_16B.search(body)]
@@ -375,8 +446,8 @@ def test_shifted_row_reductions_keep_their_blocks(ptx_kernels, ptxas_report):
 
 # The reductions that may split over tiles, and finish in the same launch (combine_partials.cuh).
 SPLIT_REDUCTIONS = re.compile(
-    r"cbam::(reduce_k_kernel|reduce_k_shifted_kernel|reduce_r_kernel|backward_reduce_kernel|"
-    r"backward_reduce_folded_kernel)<")
+    r"cbam::(reduce_k_kernel|reduce_k_shifted_kernel|reduce_r_kernel|reduce_r_rows_kernel|"
+    r"backward_reduce_kernel|backward_reduce_folded_kernel)<")
 FENCE = re.compile(r"\b(?:membar\.gl|fence\.(?:sc|acq_rel)\.gpu)\b")
 TICKET = re.compile(r"\batom\.global\.add\.[us]32\b")
 LOAD_L2 = re.compile(r"\bld\.global\.cg\.")

@@ -12,12 +12,16 @@
 // per element.
 #pragma once
 
+#include <type_traits>
+
 #include "kernels/common.cuh"
 
 namespace cbam {
 
+// (__launch_bounds__: without, ptxas sank the second row's load of U = 2 to after the first
+// row's products, one row in flight.)
 template <typename T, int VEC, int U, bool FOLD, typename acc_t>
-CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4) apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
                                     const acc_t* gk, Geom g, Fold f, bool cl) {
   grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_gr[kChunkRows];
@@ -51,23 +55,49 @@ CBAM_GLOBAL void apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, 
     }
     __syncthreads();
     if (!active) continue;
-    for (int i0 = threadIdx.y; i0 < clen; i0 += U * TY) {
-      acc_t v_[U][VEC] = {};
-      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-        const int i = i0 + u * TY;
-        if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, v_[u]);
-      }
-      for (int u = 0; u < U; ++u) {
-        const int i = i0 + u * TY;
-        if (i >= clen) break;
+    // The thread's rows i0, i0 + TY, ... of the chunk, through pointers stepped along them: U
+    // rows a trip while all U are in the chunk, their raw loads first, unguarded (U rows in
+    // flight; converted inside a guarded load, each load's value was waited for before the next
+    // was issued), then the rest one a trip. CL: cl as a constant (the product's order is the
+    // layout's; decided per element, both orders were issued, one predicated off).
+    const auto walk = [&](auto cl_c) {
+      constexpr bool CL = decltype(cl_c)::value;
+      // the chunk's row i of x, values v_ (converted), through y's row at out
+      const auto apply_row = [&](int i, acc_t(&v_)[VEC], T* out) {
         FoldPos p = p0;
         for (int v = 0; v < VEC; ++v) {
           const acc_t wr = s_gr[FOLD ? i * G + p.j : i];
-          v_[u][v] = cl ? v_[u][v] * wk[v] * wr : v_[u][v] * wr * wk[v];
+          v_[v] = CL ? v_[v] * wk[v] * wr : v_[v] * wr * wk[v];
           if constexpr (FOLD) fold_next(p, f.K0);
         }
-        store_from_acc<VEC>(y + (t.n * g.R + cb + i) * g.K + t.k0, v_[u]);
+        store_from_acc<VEC>(out, v_);
+      };
+      const int64_t row_step = static_cast<int64_t>(TY) * g.K;
+      const int64_t o0 = (t.n * g.R + cb + threadIdx.y) * g.K + t.k0;
+      const T* xp = x + o0;
+      T* yp = y + o0;
+      int i0 = threadIdx.y;
+      if constexpr (U > 1) {
+        for (; i0 + (U - 1) * TY < clen; i0 += U * TY, xp += U * row_step, yp += U * row_step) {
+          Vec<T, VEC> raw[U];
+          for (int u = 0; u < U; ++u) raw[u] = load_raw<VEC>(xp + u * row_step);
+          for (int u = 0; u < U; ++u) {
+            acc_t v_[VEC];
+            to_acc<VEC>(raw[u], v_);
+            apply_row(i0 + u * TY, v_, yp + u * row_step);
+          }
+        }
       }
+      for (; i0 < clen; i0 += TY, xp += row_step, yp += row_step) {
+        acc_t v_[VEC];
+        load_acc<VEC>(xp, v_);
+        apply_row(i0, v_, yp);
+      }
+    };
+    if (cl) {
+      walk(std::true_type{});
+    } else {
+      walk(std::false_type{});
     }
   }
 }

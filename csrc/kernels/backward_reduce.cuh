@@ -71,22 +71,40 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
     load_rows_shifted<U, VEC>(grad, e, has, g.N * g.R * g.K, gv);
     load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
   } else {
-    for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-      const int i = ib + u * static_cast<int>(blockDim.y) + static_cast<int>(threadIdx.y);
-      if (active && i < clen) {
-        const int64_t off = (t.n * g.R + cb + i) * g.K + t.k0;
-        load_acc<VEC>(grad + off, gv[u]);
-        load_acc<VEC>(x + off, xv[u]);
+    // Loads first, U rows in flight: raw and unguarded where all U rows are in the chunk (and
+    // the thread's columns in the row), converted after all are issued; guarded otherwise.
+    // (Converted inside a guarded load, each load's value was waited for before the next was
+    // issued: one row in flight for any U.)
+    const int ty = static_cast<int>(threadIdx.y), TY = static_cast<int>(blockDim.y);
+    const int64_t row0 = (t.n * g.R + cb + ib + ty) * g.K + t.k0;
+    if (active && ib + (U - 1) * TY + ty < clen) {
+      Vec<T, VEC> graw[U], xraw[U];
+      for (int u = 0; u < U; ++u) {
+        graw[u] = load_raw<VEC>(grad + row0 + static_cast<int64_t>(u) * TY * g.K);
+        xraw[u] = load_raw<VEC>(x + row0 + static_cast<int64_t>(u) * TY * g.K);
+      }
+      for (int u = 0; u < U; ++u) {
+        to_acc<VEC>(graw[u], gv[u]);
+        to_acc<VEC>(xraw[u], xv[u]);
+      }
+    } else {
+      for (int u = 0; u < U; ++u) {
+        if (active && ib + u * TY + ty < clen) {
+          load_acc<VEC>(grad + row0 + static_cast<int64_t>(u) * TY * g.K, gv[u]);
+          load_acc<VEC>(x + row0 + static_cast<int64_t>(u) * TY * g.K, xv[u]);
+        }
       }
     }
   }
 }
 
+// (__launch_bounds__: 64 registers, 80 for two rows in flight or the shifted rows' windows; the
+// 16-bit two-row instance took 81 unbounded, two blocks an SM.)
 template <typename T, int VEC, int U, typename acc_t, bool SHIFT = false>
-CBAM_GLOBAL void backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ x,
-                                        const acc_t* gr, const acc_t* gk, acc_t* part_r,
-                                        acc_t* part_k, acc_t* out_r, acc_t* out_k, Geom g,
-                                        bool need_r, bool need_k) {
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U > 1 || SHIFT ? 3 : 4)
+    backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ x, const acc_t* gr,
+                           const acc_t* gk, acc_t* part_r, acc_t* part_k, acc_t* out_r,
+                           acc_t* out_k, Geom g, bool need_r, bool need_k) {
   grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_gr[kChunkRows];
   __shared__ acc_t s_col[kBlockThreads * VEC];

@@ -309,12 +309,18 @@ CBAM_DEVICE void max_combine(acc_t& m, int& i, acc_t m2, int i2) {
 
 // max_combine of one new element (v, iv) whose index is larger than every index folded into
 // (m, i) so far (a thread folds its elements in increasing index order): then a tie or a second
-// NaN never takes, and only an empty state (i == kNoIndex) takes an equal value (-inf).
+// NaN never takes. Two comparisons and two selects an element: !(v <= m) is v > m or a NaN v,
+// and m == m leaves a NaN max for good. An element equal to an empty state's max (-inf) does not
+// take either, so a state's index stays kNoIndex for as long as its max is -inf: max_index gives
+// 0 for it at the store, the first index of a row of -inf (and no other row ends there).
 template <typename acc_t>
 CBAM_DEVICE void max_fold_next(acc_t& m, int& i, acc_t v, int iv) {
-  const bool take = (v > m) | (isnan(v) & !isnan(m)) | (i == kNoIndex);
+  const bool take = !(v <= m) & (m == m);
   m = take ? v : m;
   i = take ? iv : i;
 }
+
+// The argmax of a folded state: its index, or 0 for kNoIndex (every element -inf, max_fold_next).
+CBAM_DEVICE int64_t max_index(int i) { return i == kNoIndex ? 0 : static_cast<int64_t>(i); }
 
 }  // namespace cbam

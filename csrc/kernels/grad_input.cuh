@@ -172,12 +172,29 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
       // (guards, not breaks: the u loops unroll and v_ stays in registers)
       int64_t off[U];  // of row i0 + u * TY: loaded from, then stored to
       CBAM_UNROLL
-      for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-        const int i = i0 + u * TY;
-        off[u] = chunk0 + static_cast<int64_t>(i) * g.K;
-        if (i < clen) {
-          load_acc<VEC>(grad + off[u], v_[u]);
-          if constexpr (LPLSE) load_acc<VEC>(x + off[u], xv[u]);
+      for (int u = 0; u < U; ++u) off[u] = chunk0 + static_cast<int64_t>(i0 + u * TY) * g.K;
+      // Loads first, U rows in flight: raw and unguarded where all U rows are in the chunk,
+      // converted after all are issued; guarded otherwise. (Converted inside a guarded load,
+      // each load's value was waited for before the next was issued.)
+      if (i0 + (U - 1) * TY < clen) {
+        Vec<T, VEC> graw[U], xraw[LPLSE ? U : 1];
+        CBAM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          graw[u] = load_raw<VEC>(grad + off[u]);
+          if constexpr (LPLSE) xraw[u] = load_raw<VEC>(x + off[u]);
+        }
+        CBAM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          to_acc<VEC>(graw[u], v_[u]);
+          if constexpr (LPLSE) to_acc<VEC>(xraw[u], xv[u]);
+        }
+      } else {
+        CBAM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          if (i0 + u * TY < clen) {
+            load_acc<VEC>(grad + off[u], v_[u]);
+            if constexpr (LPLSE) load_acc<VEC>(x + off[u], xv[u]);
+          }
         }
       }
       CBAM_UNROLL

@@ -114,7 +114,7 @@ struct PoolPolicy {
   CBAM_DEVICE void store_final(int64_t o, const State& s) const {
     st(avg + o, s.sum / static_cast<acc_t>(E));
     st(mx + o, s.mx);
-    st(arg + o, static_cast<int64_t>(s.idx));
+    st(arg + o, max_index(s.idx));
     if constexpr (LPLSE) {
       st(lp + o, sqrt_acc(s.sq));
       const bool finite = s.mx - s.mx == acc_t(0);  // false for +-inf and NaN

@@ -97,17 +97,34 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
     const int nv = static_cast<int>((t.k_end - t.k0 + step - 1) / step);  // <= KV; may be <= 0
     for (int64_t rb = t.r_begin; rb < t.r_end; rb += static_cast<int64_t>(TY) * UR) {
       State s[UR];
-      Vec<T, VEC> raw[UR][KV] = {};  // (entries j >= nv are never folded)
+      // Loads first: UR rows of up to KV vectors in flight, raw. Unguarded on the trips whose
+      // rows are all in the tile with KV vectors each (the same for every thread of the block);
+      // guarded on the others. (Guarded, ptxas issued the second row's loads only after the
+      // first row's fold: KV in flight.)
+      const bool whole = nv == KV && rb + static_cast<int64_t>(UR) * TY <= t.r_end;
+      Vec<T, VEC> raw[UR][KV];
       CBAM_UNROLL
-      for (int u = 0; u < UR; ++u) {  // loads first: UR rows of up to KV vectors in flight
+      for (int u = 0; u < UR; ++u) {
         const int64_t r = rb + threadIdx.y + static_cast<int64_t>(u) * TY;
         s[u] = pol.init();
         set_row_kept(pol, s[u], t, r);
-        if (r < t.r_end) {
+      }
+      if (whole) {
+        CBAM_UNROLL
+        for (int u = 0; u < UR; ++u) {
+          const T* p = x + (t.n * g.R + rb + threadIdx.y + static_cast<int64_t>(u) * TY) * g.K +
+                       t.k0;
+          CBAM_UNROLL
+          for (int j = 0; j < KV; ++j) raw[u][j] = load_raw<VEC>(p + j * step);
+        }
+      } else {
+        CBAM_UNROLL
+        for (int u = 0; u < UR; ++u) {
+          const int64_t r = rb + threadIdx.y + static_cast<int64_t>(u) * TY;
           const T* p = x + (t.n * g.R + r) * g.K + t.k0;
           CBAM_UNROLL
           for (int j = 0; j < KV; ++j) {
-            if (j < nv) raw[u][j] = load_raw<VEC>(p + j * step);
+            if (r < t.r_end && j < nv) raw[u][j] = load_raw<VEC>(p + j * step);
           }
         }
       }

@@ -15,7 +15,9 @@
 // VEC == 1 or K % VEC == 0, but for SHIFT.
 // U: a thread loads U of its rows (i, i + TY, ... of a chunk) before it folds them, in order, so
 // any U gives the same bits; the launcher takes more where the whole grid is resident at once
-// (few blocks, long walks: more loads in flight per thread, not more threads).
+// (few blocks, long walks: more loads in flight per thread, not more threads). Two kernels:
+// reduce_r_kernel (U = 1) and reduce_r_rows_kernel (U = 2, 4; bounded), one body
+// (reduce_r_tile).
 // FOLD: rows folded G at a time (Fold, common.cuh; the vector path of rows of K0 % VEC != 0),
 // one tile spanning the folded row (nkt == 1, the launcher's span lanes). A thread's column v
 // folds the original rows r G + j of original column k (FoldPos; in increasing order);
@@ -33,11 +35,10 @@ namespace cbam {
 
 // Blocks of 256 threads an SM that the instances with more rows in flight keep at least, which
 // the launcher counts on where it picks U by the size of the grid (launchers/reduction.h,
-// with_reduce_r_rows): U = 4, 3 (at most 80 registers; 16-bit x takes 69 to 80 with nvcc 13.0);
-// U = 2, 4 (64; 54 to 64); 2 for both where the policy's state or weight is over 12 bytes (the
-// lp / lse pools, float64: up to 128 registers). tests/test_codegen.py checks them against
-// ptxas's report. (No __launch_bounds__: with one, nvcc gave the U = 1 instances more registers,
-// 55 to 69 for 16-bit folded rows, and fewer blocks an SM.)
+// with_reduce_r_rows), and which their __launch_bounds__ give ptxas: U = 4, 3 (at most 80
+// registers); U = 2, 4 (64); 2 for both where the policy's state or weight is over 12 bytes
+// (the lp / lse pools, float64: up to 128 registers). tests/test_codegen.py checks them against
+// ptxas's report.
 template <int U, typename Policy>
 constexpr int reduce_r_min_blocks() {
   constexpr bool big =
@@ -45,15 +46,29 @@ constexpr int reduce_r_min_blocks() {
   return U == 1 ? 1 : big ? 2 : U == 4 ? 3 : 4;
 }
 
-template <typename T, int VEC, int U, bool FOLD, typename Policy, bool SHIFT = false>
-CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {
-  grid_dependency_sync();  // first, before any global access (dialect.cuh)
+// The shared memory of one block: the weights of a chunk of rows, the column states for the
+// tree, and the policy's values of the tile's columns (kHasKept). Declared in each kernel
+// function (the simulator poisons those between blocks, not a helper's).
+template <typename Policy, int VEC, bool FOLD>
+struct ReduceRShared {
+  using acc_t = typename Policy::acc_t;
+  static constexpr int kKept =
+      Policy::kHasKept ? (FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC) : 1;
+  typename Policy::Weight w[kChunkRows];
+  typename Policy::State state[kBlockThreads * VEC];
+  acc_t kept[kKept];
+};
+
+// The block's tile (the kernels below): U rows of loads in flight per thread.
+template <typename T, int VEC, int U, bool FOLD, typename Policy, bool SHIFT>
+CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const Geom& g,
+                               const Fold& f, ReduceRShared<Policy, VEC, FOLD>& sh) {
   static_assert(!(SHIFT && FOLD), "rows shifted or folded");
+  static_assert(!(SHIFT && U > 1), "shifted rows: one in flight");
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
-  __shared__ typename Policy::Weight s_w[kChunkRows];
-  __shared__ State s_state[kBlockThreads * VEC];
-
+  auto& s_w = sh.w;
+  auto& s_state = sh.state;
   const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -65,7 +80,7 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
   State s[VEC];
   for (int v = 0; v < VEC; ++v) s[v] = pol.init();
   if constexpr (Policy::kHasKept) {  // the policy's values of the tile's columns, loaded once
-    __shared__ acc_t s_kept[FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC];
+    auto& s_kept = sh.kept;
     const auto kept = [&](int64_t k) { return pol.kept(t.n, k); };
     if constexpr (FOLD) {
       stage_k_side_folded<VEC>(s_kept, t, f.K0, kept);
@@ -87,24 +102,19 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
     __syncthreads();  // the previous chunk's weights are no longer read
     for (int i = tid; i < clen * G; i += TX * TY) s_w[i] = pol.weight(t.n, cb * G + i);
     __syncthreads();
-    // folds rows i_first + u TY of the chunk (u < U, those below clen), in increasing order
-    const auto fold = [&](int i_first, const acc_t (&xv)[U][VEC]) {
-      CBAM_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const int i = i_first + u * TY;
-        if (i >= clen) continue;  // (not break: the loop unrolls, xv stays in registers)
-        const int64_t r = cb + i;
-        if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
-          FoldPos p = p0;
-          for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
-            pol.add(s[v], xv[u][v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
-          }
-        } else {
-          const typename Policy::Weight w = s_w[i];
-          for (int v = 0; v < VEC; ++v) {
-            if (SHIFT && t.k0 + v >= g.K) break;  // (past the row)
-            pol.add(s[v], xv[u][v], w, static_cast<int>(r), t.k0 + v);
-          }
+    // folds the chunk's row i (values xv of the thread's columns)
+    const auto fold_row = [&](int i, const acc_t (&xv)[VEC]) {
+      const int64_t r = cb + i;
+      if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
+        FoldPos p = p0;
+        for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
+          pol.add(s[v], xv[v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
+        }
+      } else {
+        const typename Policy::Weight w = s_w[i];
+        for (int v = 0; v < VEC; ++v) {
+          if (SHIFT && t.k0 + v >= g.K) break;  // (past the row)
+          pol.add(s[v], xv[v], w, static_cast<int>(r), t.k0 + v);
         }
       }
     };
@@ -116,17 +126,36 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
         acc_t xv[U][VEC];
         shifted_step_rows<U>(t, g, cb, clen, ib, e, has);
         load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
-        if (active) fold(ib + ty, xv);
+        CBAM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          if (active && ib + ty + u * TY < clen) fold_row(ib + ty + u * TY, xv[u]);
+        }
       }
     } else if (active) {
-      for (int i0 = ty; i0 < clen; i0 += U * TY) {
-        acc_t xv[U][VEC] = {};
-        CBAM_UNROLL
-        for (int u = 0; u < U; ++u) {  // loads first: U rows in flight
-          const int i = i0 + u * TY;
-          if (i < clen) load_acc<VEC>(x + (t.n * g.R + cb + i) * g.K + t.k0, xv[u]);
+      // The thread's rows i0, i0 + TY, ... of the chunk, in order, through a pointer stepped
+      // along them: U rows a trip while all U are in the chunk, their raw loads first, unguarded
+      // (U rows in flight; converted inside a guarded load, each load's value was waited for
+      // before the next was issued, one row in flight for any U), then the rest one a trip.
+      const int64_t row_step = static_cast<int64_t>(TY) * g.K;
+      const T* p = x + (t.n * g.R + cb + ty) * g.K + t.k0;
+      int i0 = ty;
+      if constexpr (U > 1) {
+        for (; i0 + (U - 1) * TY < clen; i0 += U * TY, p += U * row_step) {
+          Vec<T, VEC> raw[U];
+          CBAM_UNROLL
+          for (int u = 0; u < U; ++u) raw[u] = load_raw<VEC>(p + u * row_step);
+          CBAM_UNROLL
+          for (int u = 0; u < U; ++u) {
+            acc_t xv[VEC];
+            to_acc<VEC>(raw[u], xv);
+            fold_row(i0 + u * TY, xv);
+          }
         }
-        fold(i0, xv);
+      }
+      for (; i0 < clen; i0 += TY, p += row_step) {
+        acc_t xv[VEC];
+        load_acc<VEC>(p, xv);
+        fold_row(i0, xv);
       }
     }
   }
@@ -170,6 +199,36 @@ CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fo
   }
   // a column's nrt partials, by the last block of the column tile's group (nrt > 1)
   finish_group<false>(pol, g, FOLD ? f.K0 : g.K);  // (FOLD: nkt == 1, the original columns)
+}
+
+// One row of loads in flight per thread. No __launch_bounds__: with one, nvcc gave these
+// instances more registers (55 to 69 for 16-bit folded rows) and fewer blocks an SM.
+template <typename T, int VEC, bool FOLD, typename Policy, bool SHIFT = false>
+CBAM_GLOBAL void reduce_r_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
+  __shared__ ReduceRShared<Policy, VEC, FOLD> sh;
+  reduce_r_tile<T, VEC, 1, FOLD, Policy, SHIFT>(x, pol, g, f, sh);
+}
+
+// U (2 or 4) rows of loads in flight per thread. Bounded: without, ptxas sank each row's load
+// to just before its fold to save registers (55 for 16-bit x at U = 4), one row in flight again.
+template <typename T, int VEC, int U, bool FOLD, typename Policy>
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, reduce_r_min_blocks<U, Policy>())
+    reduce_r_rows_kernel(const T* __restrict__ x, Policy pol, Geom g, Fold f) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
+  static_assert(U > 1, "one row in flight: reduce_r_kernel");
+  __shared__ ReduceRShared<Policy, VEC, FOLD> sh;
+  reduce_r_tile<T, VEC, U, FOLD, Policy, false>(x, pol, g, f, sh);
+}
+
+// The kernel of U rows in flight.
+template <typename T, int VEC, int U, bool FOLD, typename Policy>
+constexpr auto reduce_r_entry() {
+  if constexpr (U == 1) {
+    return &reduce_r_kernel<T, VEC, FOLD, Policy>;
+  } else {
+    return &reduce_r_rows_kernel<T, VEC, U, FOLD, Policy>;
+  }
 }
 
 }  // namespace cbam

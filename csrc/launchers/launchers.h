@@ -55,7 +55,9 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // batch 64 run 256 and 384 blocks, 28% and 38% of copy bandwidth on the H200 at U = 1). The H200
 // sweep of benchmarks/results/2026-11-26-h200 (sweep.json): U = 2 raised the float32 NCHW ops'
 // geometric mean from 52.6% to 54.1% of the copy bandwidth, and lowered the bfloat16
-// channels-last ones' from 41.6% to 38.4%.
+// channels-last ones' from 41.6% to 38.4%. But as compiled then, the 16-bit instances had one
+// row in flight at any U (each load converted inside its guard: README, "Loads in flight, as
+// compiled"); that sweep timed their extra instructions, not more loads. To be timed again.
 constexpr int kDefaultVecRowsInFlight = 0;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
 // reduce_k's 16-byte loads in flight per thread: 1 (load, fold, load...) or kReduceKVectors

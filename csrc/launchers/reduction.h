@@ -107,7 +107,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
       launch(op, &reduce_k_shifted_kernel<T, VEC, Policy>, lg.grid(), lg.block(), 0,
              global_ptr<T>(v.x), pol, lg.g);
     } else {
-      launch(op, &reduce_r_kernel<T, VEC, 1, false, Policy, true>, lg.grid(), lg.block(), 0,
+      launch(op, &reduce_r_kernel<T, VEC, false, Policy, true>, lg.grid(), lg.block(), 0,
              global_ptr<T>(v.x), pol, lg.g, f);
     }
   } else if (over_k && debug::k_vectors_in_flight == 1) {
@@ -121,7 +121,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
            global_ptr<T>(v.x), pol, lg.g);
   } else {
     with_reduce_r_rows<VEC, Policy>(lg.g.N * lg.g.nrt * lg.g.nkt, [&](auto u) {
-      launch(op, &reduce_r_kernel<T, VEC, decltype(u)::value, FOLD, Policy>, lg.grid(),
+      launch(op, reduce_r_entry<T, VEC, decltype(u)::value, FOLD, Policy>(), lg.grid(),
              lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
   }
