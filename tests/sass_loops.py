@@ -112,3 +112,18 @@ def vector_loads_in_flight(ins):
                     count += 1
             best = max(best, count)
     return best
+
+
+def hot_loop(ins):
+    """(instructions, 16-byte global loads) of the innermost loop of `ins` with the most 16-byte
+    global loads (its main loop; of several such, the longest); (0, 0) if none loads 16
+    bytes."""
+    def loads(first, last):
+        return sum("LDG" in t and ".128" in t for t in ins[first:last + 1])
+
+    spans = loops(ins)
+    inner = [(first, last) for first, last in spans
+             if not any(f >= first and l <= last and (f, l) != (first, last) and loads(f, l)
+                        for f, l in spans)]
+    return max(((loads(f, l), l - f + 1) for f, l in inner if loads(f, l)),
+               default=(0, 0))[::-1]

@@ -343,6 +343,49 @@ def test_rows_in_flight_issue_their_loads_together(sass_kernels):
         f"  {k}: {v}" for k, v in short.items())
 
 
+_16 = r"(?:c10::)?(?:Half|BFloat16)"
+_POOL = "cbam::PoolPolicy<float, false>"
+# (instance of issue 4's configurations, the most instructions its hot loop may take: the
+# innermost loop with the most 16-byte loads, as tests/sass_loops.py finds it), about 10% over
+# what nvcc 13.0 gives (in the comments; before the loads-in-flight change, where known).
+HOT_LOOP_MAX = [
+    (rf"reduce_r_kernel<{_16}, 8, false, {_POOL}, false>", 80),  # 68-72 (93)
+    (rf"reduce_r_kernel<float, 4, false, {_POOL}, false>", 40),  # 36 (49)
+    (rf"reduce_r_rows_kernel<{_16}, 8, 2, false, {_POOL} >", 158),  # 135-143 (233)
+    (rf"reduce_r_rows_kernel<{_16}, 8, 4, false, {_POOL} >", 306),  # 262-278 (469)
+    (rf"reduce_r_rows_kernel<float, 4, 2, false, {_POOL} >", 80),  # 72 (136)
+    (rf"reduce_r_rows_kernel<float, 4, 4, false, {_POOL} >", 148),  # 134 (269)
+    (rf"reduce_r_kernel<{_16}, 8, false, cbam::WeightedSumPolicy<float, false>, false>", 62),  # 50-56
+    (r"reduce_r_kernel<float, 4, false, cbam::WeightedSumPolicy<float, false>, false>", 31),  # 28
+    (rf"reduce_k_kernel<{_16}, 8, 4, 1, {_POOL} >", 374),  # 330-340
+    (rf"reduce_k_kernel<float, 4, 4, 1, {_POOL} >", 281),  # 255
+    (rf"apply_gates_kernel<{_16}, 8, 1, false, float>", 55),  # 42-50 (69)
+    (rf"apply_gates_kernel<{_16}, 8, 2, false, float>", 100),  # 83-91
+    (r"apply_gates_kernel<float, 4, 1, false, float>", 25),  # 22 (35)
+    (r"apply_gates_kernel<float, 4, 2, false, float>", 44),  # 40
+    (rf"backward_reduce_kernel<{_16}, 8, 1, float, false>", 149),  # 127-135
+    (r"backward_reduce_kernel<float, 4, 1, float, false>", 100),  # 89-91
+]
+
+
+def test_hot_loops_keep_their_instruction_counts(sass_kernels):
+    """The main loops of the reductions, the apply and Q1 in issue 4's configurations take at
+    most the instructions above: a 16-bit pool folds 8 elements a 16-byte vector, and at the
+    H200's bandwidth an SM must take in 8 of them a cycle, a budget of 16 thread instructions an
+    element, so a loop that grows eats the bandwidth's headroom (a static count, not a time)."""
+    seen, over = {}, {}
+    for name, ins in sass_kernels.items():
+        for pat, most in HOT_LOOP_MAX:
+            if re.search(pat, name):
+                got, loads = sass_loops.hot_loop(ins)
+                seen[pat] = seen.get(pat, 0) + 1
+                if not loads or got > most:
+                    over[name.replace("cbam::", "")[:140]] = (got, loads, most)
+    assert len(seen) == len(HOT_LOOP_MAX), sorted(set(p for p, _ in HOT_LOOP_MAX) - set(seen))
+    assert not over, "(hot loop instructions, its 16-byte loads, most):\n" + "\n".join(
+        f"  {k}: {v}" for k, v in over.items())
+
+
 def test_reduce_r_rows_in_flight_keep_the_blocks_the_launcher_counts_on(ptxas_report):
     """reduce_r's instances with 2 or 4 vector rows in flight: where the whole grid is resident
     at once with their blocks an SM, the launcher takes them (launchers/reduction.h,

@@ -137,13 +137,13 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
       // (U rows in flight; converted inside a guarded load, each load's value was waited for
       // before the next was issued, one row in flight for any U), then the rest one a trip.
       const int64_t row_step = static_cast<int64_t>(TY) * g.K;
-      const T* p = x + (t.n * g.R + cb + ty) * g.K + t.k0;
+      const T* xp = x + (t.n * g.R + cb + ty) * g.K + t.k0;
       int i0 = ty;
       if constexpr (U > 1) {
-        for (; i0 + (U - 1) * TY < clen; i0 += U * TY, p += U * row_step) {
+        for (; i0 + (U - 1) * TY < clen; i0 += U * TY, xp += U * row_step) {
           Vec<T, VEC> raw[U];
           CBAM_UNROLL
-          for (int u = 0; u < U; ++u) raw[u] = load_raw<VEC>(p + u * row_step);
+          for (int u = 0; u < U; ++u) raw[u] = load_raw<VEC>(xp + u * row_step);
           CBAM_UNROLL
           for (int u = 0; u < U; ++u) {
             acc_t xv[VEC];
@@ -152,9 +152,9 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
           }
         }
       }
-      for (; i0 < clen; i0 += TY, p += row_step) {
+      for (; i0 < clen; i0 += TY, xp += row_step) {
         acc_t xv[VEC];
-        load_acc<VEC>(p, xv);
+        load_acc<VEC>(xp, xv);
         fold_row(i0, xv);
       }
     }
