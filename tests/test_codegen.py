@@ -254,9 +254,9 @@ def test_issue4_configurations_keep_half_the_sm_busy(ptxas_report):
            and not re.search(r"grad_input_kernel<[\w:]+, \d+, \d+, true,", n)
            and not re.search(SHIFTED_ROWS, n)}
     kinds = {re.search(r"cbam::(\w+_kernel)<", n).group(1) for n in hot}
-    assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "reduce_r_rows_kernel", "apply_gates_kernel",
-                     "backward_reduce_kernel", "grad_input_kernel", "reduce_k_rows_kernel",
-                     "backward_reduce_folded_kernel"}, kinds
+    assert kinds == {"reduce_k_kernel", "reduce_r_kernel", "reduce_r_rows_kernel",
+                     "apply_gates_kernel", "backward_reduce_kernel", "grad_input_kernel",
+                     "reduce_k_rows_kernel", "backward_reduce_folded_kernel"}, kinds
     low = {}
     for name, (regs, *_, smem) in hot.items():
         # rows in flight U = 2 or 4 (reduce_r: 16-bit x takes 72 registers at U = 4, which
@@ -355,7 +355,8 @@ HOT_LOOP_MAX = [
     (rf"reduce_r_rows_kernel<{_16}, 8, 4, false, {_POOL} >", 306),  # 262-278 (469)
     (rf"reduce_r_rows_kernel<float, 4, 2, false, {_POOL} >", 80),  # 72 (136)
     (rf"reduce_r_rows_kernel<float, 4, 4, false, {_POOL} >", 148),  # 134 (269)
-    (rf"reduce_r_kernel<{_16}, 8, false, cbam::WeightedSumPolicy<float, false>, false>", 62),  # 50-56
+    (rf"reduce_r_kernel<{_16}, 8, false, cbam::WeightedSumPolicy<float, false>, false>",
+     62),  # 50-56
     (r"reduce_r_kernel<float, 4, false, cbam::WeightedSumPolicy<float, false>, false>", 31),  # 28
     (rf"reduce_k_kernel<{_16}, 8, 4, 1, {_POOL} >", 374),  # 330-340
     (rf"reduce_k_kernel<float, 4, 4, 1, {_POOL} >", 281),  # 255
@@ -442,8 +443,8 @@ def test_vector_path_kernels_load_16_bytes_at_a_time(ptx_kernels):
     # 4 dtypes of every row-walking kernel at least (reduce_k, reduce_r, apply_gates,
     # backward_reduce and its folded-rows kernel, grad_input)
     for kernel in ("reduce_k_kernel<", "reduce_r_kernel<", "reduce_r_rows_kernel<",
-                   "apply_gates_kernel<", "backward_reduce_kernel<", "backward_reduce_folded_kernel<",
-                   "grad_input_kernel<"):
+                   "apply_gates_kernel<", "backward_reduce_kernel<",
+                   "backward_reduce_folded_kernel<", "grad_input_kernel<"):
         assert sum(kernel in n for n in vec) >= 4, (kernel, len(vec))
     missing = [n[:160] for n, body in vec.items() if not LOAD_16B.search(body)]
     assert not missing, "vector-path kernels without a 16-byte global load:\n" + "\n".join(missing)

@@ -21,8 +21,9 @@ namespace cbam {
 // (__launch_bounds__: without, ptxas sank the second row's load of U = 2 to after the first
 // row's products, one row in flight.)
 template <typename T, int VEC, int U, bool FOLD, typename acc_t>
-CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4) apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
-                                    const acc_t* gk, Geom g, Fold f, bool cl) {
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
+    apply_gates_kernel(const T* __restrict__ x, T* __restrict__ y, const acc_t* gr,
+                       const acc_t* gk, Geom g, Fold f, bool cl) {
   grid_dependency_sync();  // first, before any global access (dialect.cuh)
   __shared__ acc_t s_gr[kChunkRows];
   const TileId t = tile_id(g, VEC);

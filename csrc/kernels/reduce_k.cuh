@@ -123,8 +123,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
           const int64_t r = rb + threadIdx.y + static_cast<int64_t>(u) * TY;
           const T* p = x + (t.n * g.R + r) * g.K + t.k0;
           CBAM_UNROLL
-          for (int j = 0; j < KV; ++j) {
-            if (r < t.r_end && j < nv) raw[u][j] = load_raw<VEC>(p + j * step);
+          for (int j = 0; j < KV; ++j) {  // (zeros past the tile: never folded, but shifted)
+            raw[u][j] = r < t.r_end && j < nv ? load_raw<VEC>(p + j * step) : Vec<T, VEC>{};
           }
         }
       }
