@@ -57,10 +57,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, 4)
     __syncthreads();
     if (!active) continue;
     // The thread's rows i0, i0 + TY, ... of the chunk, through pointers stepped along them: U
-    // rows a trip while all U are in the chunk, their raw loads first, unguarded (U rows in
-    // flight; converted inside a guarded load, each load's value was waited for before the next
-    // was issued), then the rest one a trip. CL: cl as a constant (the product's order is the
-    // layout's; decided per element, both orders were issued, one predicated off).
+    // rows a trip while all U are in the chunk (rows in flight, load_raw), then the rest one a
+    // trip. CL: cl as a constant (the product's order is the layout's; decided per element,
+    // both orders were issued, one predicated off).
     const auto walk = [&](auto cl_c) {
       constexpr bool CL = decltype(cl_c)::value;
       // the chunk's row i of x, values v_ (converted), through y's row at out

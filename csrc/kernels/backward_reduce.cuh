@@ -71,10 +71,8 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
     load_rows_shifted<U, VEC>(grad, e, has, g.N * g.R * g.K, gv);
     load_rows_shifted<U, VEC>(x, e, has, g.N * g.R * g.K, xv);
   } else {
-    // Loads first, U rows in flight: raw and unguarded where all U > 1 rows are in the chunk
-    // (and the thread's columns in the row), converted after all are issued; guarded otherwise.
-    // (Converted inside a guarded load, each load's value was waited for before the next was
-    // issued: one row in flight for any U.)
+    // Loads first, U rows in flight (load_raw): unguarded where all U > 1 rows are in the chunk
+    // (and the thread's columns in the row), guarded otherwise.
     const int ty = static_cast<int>(threadIdx.y), TY = static_cast<int>(blockDim.y);
     const int64_t row0 = (t.n * g.R + cb + ib + ty) * g.K + t.k0;
     if (U > 1 && active && ib + (U - 1) * TY + ty < clen) {

@@ -192,6 +192,11 @@ CBAM_DEVICE int folded_slot(int k, const TileId& t, int K0) {
 // Loads VEC elements of T at p (16-byte aligned when VEC > 1) as they are in memory: a kernel
 // that holds several loads in flight keeps them in this form (a 16-bit vector in 4 registers, not
 // the 8 of its acc_t values) and converts each with to_acc when it uses it.
+// Rows in flight (the kernels' U): a trip issues its loads raw, unguarded where all its rows are
+// in range, and converts them only after all are issued; the partial trip keeps its guards, so
+// no byte is read twice. A load converted inside its guard is waited for before the next is
+// issued (one in flight for any U), and nested guards let ptxas sink loads to their use;
+// tests/test_codegen.py reads the SASS for it.
 template <int VEC, typename T>
 CBAM_DEVICE Vec<T, VEC> load_raw(const T* p) {
   if constexpr (VEC == 1) {

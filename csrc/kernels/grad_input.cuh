@@ -173,9 +173,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
       int64_t off[U];  // of row i0 + u * TY: loaded from, then stored to
       CBAM_UNROLL
       for (int u = 0; u < U; ++u) off[u] = chunk0 + static_cast<int64_t>(i0 + u * TY) * g.K;
-      // Loads first, U rows in flight: raw and unguarded where all U > 1 rows are in the chunk,
-      // converted after all are issued; guarded otherwise. (Converted inside a guarded load,
-      // each load's value was waited for before the next was issued.)
+      // Loads first, U rows in flight (load_raw): unguarded where all U > 1 rows are in the
+      // chunk, guarded otherwise.
       if (U > 1 && i0 + (U - 1) * TY < clen) {
         Vec<T, VEC> graw[U], xraw[LPLSE ? U : 1];
         CBAM_UNROLL

@@ -97,10 +97,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
     const int nv = static_cast<int>((t.k_end - t.k0 + step - 1) / step);  // <= KV; may be <= 0
     for (int64_t rb = t.r_begin; rb < t.r_end; rb += static_cast<int64_t>(TY) * UR) {
       State s[UR];
-      // Loads first: UR rows of up to KV vectors in flight, raw. Unguarded on the trips whose
-      // rows are all in the tile with KV vectors each (the same for every thread of the block);
-      // guarded on the others. (Guarded, ptxas issued the second row's loads only after the
-      // first row's fold: KV in flight.)
+      // Loads first: UR rows of up to KV vectors in flight (load_raw). Unguarded on the trips
+      // whose rows are all in the tile with KV vectors each (the same for every thread of the
+      // block); guarded on the others.
       const bool whole = nv == KV && rb + static_cast<int64_t>(UR) * TY <= t.r_end;
       Vec<T, VEC> raw[UR][KV];
       CBAM_UNROLL

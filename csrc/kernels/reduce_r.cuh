@@ -133,9 +133,8 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
       }
     } else if (active) {
       // The thread's rows i0, i0 + TY, ... of the chunk, in order, through a pointer stepped
-      // along them: U rows a trip while all U are in the chunk, their raw loads first, unguarded
-      // (U rows in flight; converted inside a guarded load, each load's value was waited for
-      // before the next was issued, one row in flight for any U), then the rest one a trip.
+      // along them: U rows a trip while all U are in the chunk (rows in flight, load_raw), then
+      // the rest one a trip.
       const int64_t row_step = static_cast<int64_t>(TY) * g.K;
       const T* xp = x + (t.n * g.R + cb + ty) * g.K + t.k0;
       int i0 = ty;
