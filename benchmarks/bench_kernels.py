@@ -76,7 +76,8 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
 # lanes of reduce_r's short rows (reduce_r_mode: 0 a power of two up to 32, 1 one per vector of a
 # row of at most 128 vectors), the side traffic a tile may cost (side_share: staged values 1 / share
 # of its x bytes, partials half that; smaller shares allow tiles of fewer rows) and reduce_k's
-# vectors a lane per column tile (k_tile_vectors: 1, 2 or 4; fewer make more column tiles); keyed
+# vectors a lane per column tile (k_tile_vectors: 1, 2 or 4, fewer make more column tiles; 8, 16 or
+# 32, up to 2, 4 or 8 groups of 4 where the grid stays large enough); keyed
 # "tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode/side_share/k_tile_vectors". The sweep
 # crosses the first three and tries the others once each at the default grid sizing (they change the
 # reductions only), then the small sites' knobs with fewer rows per thread, 64 tiles an SM, plus the
@@ -84,19 +85,21 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
 # those before 2026-11-27's 32 tiles an SM (8/4/0/3/4/0), for a before / after.
 TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "reduce_k_mode",
                 "k_vectors_in_flight", "reduce_r_mode", "side_share", "k_tile_vectors")
-DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 4)
+DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
 _T = DEFAULT_TUNING[0]  # the default grid sizing, at which the other knobs are tried
-SWEEP = [(t, r, u, 3, 4, 0, 16, 4) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    DEFAULT_TUNING, (64, 4, 0, 3, 4, 0, 16, 4), (64, 1, 0, 3, 4, 0, 16, 4),
-    (_T, 4, 0, 3, 1, 0, 16, 4), (_T, 4, 0, 3, 4, 1, 16, 4),
-    (_T, 4, 0, 2, 4, 0, 16, 4), (_T, 4, 0, 0, 4, 0, 16, 4), (_T, 4, 0, 1, 4, 0, 16, 4),
-    (8, 4, 0, 3, 4, 0, 16, 4), (8, 4, 0, 2, 4, 0, 16, 4), (8, 4, 1, 2, 1, 0, 16, 4),
-    (16, 1, 0, 3, 4, 1, 16, 4)] + [
-    (t, r, 4, 3, 4, 0, 16, 4) for t in (4, 8, 32) for r in (1, 4)] + [  # reduce_r, 4 rows
+SWEEP = [(t, r, u, 3, 4, 0, 16, 32) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
+    DEFAULT_TUNING, (64, 4, 0, 3, 4, 0, 16, 32), (64, 1, 0, 3, 4, 0, 16, 32),
+    (_T, 4, 0, 3, 1, 0, 16, 32), (_T, 4, 0, 3, 4, 1, 16, 32),
+    (_T, 4, 0, 2, 4, 0, 16, 32), (_T, 4, 0, 0, 4, 0, 16, 32), (_T, 4, 0, 1, 4, 0, 16, 32),
+    (8, 4, 0, 3, 4, 0, 16, 4), (8, 4, 0, 2, 4, 0, 16, 4), (8, 4, 1, 2, 1, 0, 16, 4),  # earlier
+    (16, 1, 0, 3, 4, 1, 16, 32)] + [
+    (t, r, 4, 3, 4, 0, 16, 32) for t in (4, 8, 32) for r in (1, 4)] + [  # reduce_r, 4 rows
     (t, r, 0, 3, 4, 0, share, ktv) for t, r in ((_T, 4), (16, 1)) for share, ktv in (
-        (4, 4), (8, 4), (16, 1), (16, 2), (4, 1), (4, 2))]  # the small sites' grids
+        (4, 32), (8, 32), (16, 1), (16, 2), (4, 1), (4, 2))] + [  # the small sites' grids
+    (_T, 4, 0, 3, 4, 0, 16, ktv) for ktv in (4, 8, 16)]  # reduce_k's groups: none, 2, 4
 # Earlier defaults, set against today's in the sweep's per-op table (summarize_sweep)
-REFERENCE_TUNINGS = {"defaults of 2026-11-27 (8 tiles an SM)": (8, 4, 0, 3, 4, 0, 16, 4),
+REFERENCE_TUNINGS = {"defaults of 2026-11-27 (one group a lane)": (32, 4, 0, 3, 4, 0, 16, 4),
+                     "defaults of 2026-11-27 (8 tiles an SM)": (8, 4, 0, 3, 4, 0, 16, 4),
                      "defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0, 16, 4),
                      "defaults before 2026-11-26": (8, 4, 1, 2, 1, 0, 16, 4)}
 

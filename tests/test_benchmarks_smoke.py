@@ -414,7 +414,7 @@ def test_bench_kernels_sweep_summary(capsys):
     for op in bk.OPS:
         for site, scale in (("a", 1.0), ("b", 0.5)):
             sweep = {bk.tuning_key(st): scale * (
-                0.9 if st == (16, 1, 2, 3, 4, 0, 16, 4) and op == "grad_input" else
+                0.9 if st == (16, 1, 2, 3, 4, 0, 16, 32) and op == "grad_input" else
                 0.7 if st == bk.DEFAULT_TUNING else 0.6) for st in bk.SWEEP}
             cases.append(dict(id=f"{op}-{site}", op=op, sweep=sweep))
     # past --max-minutes: measured at the defaults only, left out of the summary
@@ -520,7 +520,7 @@ def test_model_l2_writes_its_record(tmp_path):
                     for m in ("fwd", "train") for t in (8, 32) for o in ("forward", "alternate")}
     sim = torch.ops.cbam_fused_sim
     assert sim.set_pass_order(1) == 1
-    assert tuple(sim.set_tuning(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
+    assert tuple(sim.set_tuning(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 32)
     with pytest.raises(SystemExit, match="unknown or missing"):
         model_l2.main(["--modes", "backward"])
     with pytest.raises(SystemExit, match="unknown or missing .*'sideways'"):
@@ -541,11 +541,11 @@ def test_bench_cbam_sets_the_tiles_per_sm_and_back():
     assert bc.current_tiles_per_sm() == 32
     assert bc.set_tiles_per_sm(8) == 32
     try:
-        assert tuple(op(32, 4)) == (8, 4, 0, 3, 4, 0, 16, 4)
+        assert tuple(op(32, 4)) == (8, 4, 0, 3, 4, 0, 16, 32)
         op(8, 4)
     finally:
         assert bc.set_tiles_per_sm(32) == 8
-    assert tuple(op(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 4)
+    assert tuple(op(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 32)
     assert bc.current_tiles_per_sm() == 32 and bc.set_tiles_per_sm(None) is None
 
 

@@ -27,7 +27,7 @@ def draw_tuning(r: random.Random):
     may pick."""
     return (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
             r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
-            r.choice([1, 2, 4]))
+            r.choice([1, 2, 4, 8, 32]))
 
 
 def draw_case(seed: int):
@@ -79,7 +79,7 @@ def test_the_draws_cover_every_op_dtype_layout_and_knob():
     assert {len(d[3]) - 2 for d in draws} == {1, 2, 3}
     assert {d[6] for d in draws} == {0, 1, 2}
     for i, values in enumerate([{1, 2, 8, 32, 64}, {1, 2, 4, 16, 64}, {0, 1, 2, 4}, {0, 1, 2, 3},
-                                {1, 4}, {0, 1}, {1, 4, 16, 64}, {1, 2, 4}]):
+                                {1, 4}, {0, 1}, {1, 4, 16, 64}, {1, 2, 4, 8, 32}]):
         assert {d[5][i] for d in draws} == values, i
     assert any(d[3][1] > 64 for d in draws)
 

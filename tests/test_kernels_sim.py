@@ -661,7 +661,7 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 # fixture checks the build's, test_benchmarks_smoke bench_kernels'): tiles per SM, min rows per
 # thread, vector rows in flight (0: by element size), reduce_k mode, reduce_k vectors in flight,
 # reduce_r mode, side share, reduce_k vectors a lane per tile
-DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 4)
+DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
 
 
 @pytest.fixture
@@ -698,7 +698,8 @@ def test_grid_sizing_knobs_are_checked(default_tuning):
     for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -1, 1),
                 (8, 4, 3, 1), (8, 4, 1, 4), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
                 (8, 4, 1, 2, 8), (8, 4, 1, 2, 4, 2), (8, 4, 1, 2, 4, -1), (8, 4, 1, 2, 4, 0, 0),
-                (8, 4, 1, 2, 4, 0, 65), (8, 4, 1, 2, 4, 0, 16, 3), (8, 4, 1, 2, 4, 0, 16, 0)]:
+                (8, 4, 1, 2, 4, 0, 65), (8, 4, 1, 2, 4, 0, 16, 3), (8, 4, 1, 2, 4, 0, 16, 0),
+                (8, 4, 1, 2, 4, 0, 16, 12), (8, 4, 1, 2, 4, 0, 16, 64)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
             torch.ops.cbam_fused_sim.set_tuning(*bad)
     # unchanged by the refusals
@@ -756,6 +757,65 @@ def test_side_share_and_k_tile_vectors_change_the_grid_not_the_result(default_tu
         else:
             assert grids[16, 1] == grids[16, 4], (op, grids)
         torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+
+
+# reduce_k's groups (k_tile_vectors 32: up to 8 groups of 4 vectors a lane of a row in one
+# column tile, make_geom): (op, dtype, layout, shape, variant, whether it takes groups), rows
+# longer than one group (32 lanes x 4 vectors: 512 float32, 1024 bfloat16, 256 float64) whose
+# last group is partial (lanes with fewer vectors, or none), and rows enough that the grid keeps
+# num_sms * tiles_per_sm / 8 = 16 tiles at tiles_per_sm 1. The policies' staged weights bound
+# the groups (reduce_k_groups): 8 without weights, 6 for a float32 scale, 2 for the float32
+# scale gradient's 12 bytes, 3 for a bfloat16 x's scale, 1 (none) for its scale gradient.
+GROUP_CASES = [
+    ("pool_over_s", torch.float32, "cf", (2, 64, 40, 41), 1, True),  # no scale: no weights
+    ("pool_over_s", torch.float32, "cf", (2, 64, 40, 41), 0, True),  # scaled
+    ("pool_over_s_lp_lse", torch.float32, "cf", (2, 64, 40, 41), 1, True),  # fold not unrolled
+    ("pool_over_c_backward_scale", torch.float32, "cf", (2, 64, 40, 41), 0, True),
+    ("pool_over_s", torch.float64, "cf", (2, 64, 24, 29), 0, True),
+    ("pool_over_c", torch.bfloat16, "cl", (2, 1096, 10, 10), 0, True),
+    ("pool_over_s_backward_scale", torch.bfloat16, "cl", (2, 1096, 10, 10), 0, False),
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}")
+def test_reduce_k_groups_fold_more_of_a_row_per_tile(case, default_tuning):
+    """With groups (k_tile_vectors 32) reduce_k's rows take fewer column tiles than with one group
+    a lane (4), and every instance (one row or kReduceKRows rows in flight, reduce_k_mode 2 and 3;
+    one vector or four in flight) keeps the CPU kernels' results and its bits under every fiber
+    schedule; a policy whose weights fill the staging with one group keeps the grid of 4."""
+    op, dtype, layout, shape, variant, grouped = case
+    gen = torch.Generator().manual_seed(77)
+    x = rand_x(shape, dtype, layout, gen)
+    args = op_args(op, x, gen, variant)
+    want = run_cpu(op, args)
+    for mode in (2, 3):
+        for kv in (4, 1):
+            grids = {}
+            for ktv in (32, 4):
+                got, launches = run_tuned(op, args, (1, 1, 0, mode, kv, 0, 1, ktv))
+                check_same(op, got, want, x, layout)
+                grids[ktv] = launches[0][1][0]
+                if ktv == 32 and kv == 4:
+                    assert_schedules_agree(op, args, got, seed=5)
+            assert (grids[32] < grids[4]) == grouped, (op, mode, kv, grids)
+            torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+
+
+def test_reduce_k_groups_keep_the_grid_of_a_small_site(default_tuning):
+    """Where the fewest column tiles would leave the grid under num_sms * tiles_per_sm / 8 tiles
+    (few rows: 2 samples of 16 channels), reduce_k keeps one group a lane and the most tiles."""
+    gen = torch.Generator().manual_seed(78)
+    x = rand_x((2, 16, 40, 41), torch.float32, "cf", gen)
+    args = op_args("pool_over_s", x, gen, 1)
+    grids = {ktv: run_tuned("pool_over_s", args, (1, 1, 0, 2, 4, 0, 1, ktv))[1][0][1][0]
+             for ktv in (32, 4)}
+    assert grids[32] == grids[4], grids
+    # many rows: groups, the fewest tiles
+    x = rand_x((2, 128, 40, 41), torch.float32, "cf", gen)
+    args = op_args("pool_over_s", x, gen, 1)
+    grids = {ktv: run_tuned("pool_over_s", args, (1, 1, 0, 2, 4, 0, 1, ktv))[1][0][1][0]
+             for ktv in (32, 4)}
+    assert 4 * grids[32] <= grids[4], grids
 
 
 # The ops that are one reduction of x (the pools and their scale gradients).

@@ -15,18 +15,19 @@
 
 namespace cbam {
 
-// The pools: v = x * scale[n, i] (a missing scale is 1); avg = sum v / E, max = max v,
-// argmax = first index of the max (NaN wins, first NaN).
+// The pools: v = x * scale[n, i] (SCALED; else v = x, a policy without weights: no staged
+// weight loaded and no multiply an element, the first pool of every arrangement); avg = sum v / E,
+// max = max v, argmax = first index of the max (NaN wins, first NaN).
 // With LPLSE, also the official code's lp and lse pools (its ChannelGate pool_types 'lp', 'lse'):
 //   lp  = sqrt(sum v^2)                   (F.lp_pool2d, norm 2, over the whole map)
 //   lse = M + log(sum exp(v - M)), M = max v   (its logsumexp_2d)
 // lse is folded online in the same pass: the state keeps e = sum exp(v - mx) relative to its
 // running max and rescales e when the max grows (one exp per element). As in logsumexp_2d, lse
 // is NaN when M is not finite (a NaN, +inf, or every v -inf).
-template <typename acc_t_, bool LPLSE = false>
+template <typename acc_t_, bool LPLSE = false, bool SCALED = true>
 struct PoolPolicy {
   using acc_t = acc_t_;
-  const acc_t* scale;  // [N, E] along the reduced axis, or nullptr
+  const acc_t* scale;  // [N, E] along the reduced axis (SCALED only)
   int64_t E;           // reduced extent
   acc_t* avg;          // [N, L]
   acc_t* mx;           // [N, L]
@@ -51,9 +52,11 @@ struct PoolPolicy {
   using State = std::conditional_t<LPLSE, LpLseState, BaseState>;
   static constexpr int kPartialBytes =
       (LPLSE ? 4 : 2) * static_cast<int>(sizeof(acc_t)) + static_cast<int>(sizeof(int));
-  struct Weight {
+  struct ScaleWeight {
     acc_t s;
   };
+  struct NoWeight {};  // (the templates stage it as any weight: nothing to load or store)
+  using Weight = std::conditional_t<SCALED, ScaleWeight, NoWeight>;
 
   CBAM_DEVICE State init() const {
     State s;
@@ -69,11 +72,14 @@ struct PoolPolicy {
   static constexpr bool kHasKept = false;
   CBAM_DEVICE Weight weight(int64_t n, int64_t i) const {
     Weight w;
-    w.s = scale != nullptr ? ld(scale + n * E + i) : acc_t(1);
+    // (scale is never null here; the check kept ptxas from recomputing reduce_r's chunk bound
+    // in its row loop, 5 instructions a row)
+    if constexpr (SCALED) w.s = scale != nullptr ? ld(scale + n * E + i) : acc_t(1);
     return w;
   }
   CBAM_DEVICE void add(State& s, acc_t xv, const Weight& w, int i, int64_t /*kept*/) const {
-    const acc_t v = xv * w.s;
+    acc_t v = xv;
+    if constexpr (SCALED) v *= w.s;
     s.sum += v;
     if constexpr (LPLSE) {
       s.sq += v * v;

@@ -29,6 +29,8 @@
 // loaded but neither folded nor stored.
 #pragma once
 
+#include <type_traits>
+
 #include "kernels/combine_partials.cuh"
 
 namespace cbam {
@@ -95,23 +97,35 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
     }
   }
 
-  const int crows = kChunkRows / G;  // (folded) rows of one chunk of staged weights
+  // (folded) rows of one chunk of staged weights; a policy without weights (an empty Weight: the
+  // unscaled pools) takes the tile's rows in one chunk, with no barrier (and no chunk bound
+  // recomputed in the row loop: ptxas did, 5 instructions a row)
+  using Weight = typename Policy::Weight;
+  constexpr bool kStaged = !std::is_empty_v<Weight>;
+  const int crows = kStaged ? kChunkRows / G : static_cast<int>(t.r_end - t.r_begin);
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
     const int64_t rest = t.r_end - cb;
     const int clen = rest < crows ? static_cast<int>(rest) : crows;
-    __syncthreads();  // the previous chunk's weights are no longer read
-    for (int i = tid; i < clen * G; i += TX * TY) s_w[i] = pol.weight(t.n, cb * G + i);
-    __syncthreads();
+    if constexpr (kStaged) {
+      __syncthreads();  // the previous chunk's weights are no longer read
+      for (int i = tid; i < clen * G; i += TX * TY) s_w[i] = pol.weight(t.n, cb * G + i);
+      __syncthreads();
+    }
     // folds the chunk's row i (values xv of the thread's columns)
     const auto fold_row = [&](int i, const acc_t (&xv)[VEC]) {
       const int64_t r = cb + i;
       if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
         FoldPos p = p0;
         for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
-          pol.add(s[v], xv[v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
+          if constexpr (kStaged) {
+            pol.add(s[v], xv[v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
+          } else {
+            pol.add(s[v], xv[v], Weight{}, static_cast<int>(r) * G + p.j, p.k);
+          }
         }
       } else {
-        const typename Policy::Weight w = s_w[i];
+        Weight w{};
+        if constexpr (kStaged) w = s_w[i];
         for (int v = 0; v < VEC; ++v) {
           if (SHIFT && t.k0 + v >= g.K) break;  // (past the row)
           pol.add(s[v], xv[v], w, static_cast<int>(r), t.k0 + v);

@@ -197,10 +197,17 @@ enum class SpanLanes {
 // k_period (rows folded into one, Fold): the small values along k repeat every k_period columns
 // and a tile stages each once (stage_k_side_folded), and writes one partial per original column,
 // so a tile of more columns moves fewer of those bytes per column.
+// groups_max (reduce_k: up to reduce_k_groups, the groups of kv_max vectors a lane may take of a
+// row in one tile; else 1): a row of more than one group per lane is split into the fewest
+// column tiles (nkt) whose grid still holds at least num_sms * tiles_per_sm / 8 tiles (a full
+// wave of 4 blocks an SM at the default 32), each of g = ceil(groups / nkt) groups (balanced),
+// so that a lane folds more of a row per shuffle tree, row store and partial; its rows per tile
+// floor is then ty * ceil(min_rows_per_thread / g) (a thread's groups of a row count as its
+// rows). Where no such nkt reaches that grid, the most tiles (one group each, as groups_max 1).
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
                             int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
                             const char* op, SpanLanes spans = SpanLanes::kNever,
-                            int64_t k_period = 0) {
+                            int64_t k_period = 0, int groups_max = 1) {
   LaunchGeom lg;
   if (kv_max > 1) kv_max = std::min(kv_max, debug::k_tile_vectors);
   const int64_t need = ceil_div(K, vec);
@@ -231,32 +238,49 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   g.R = R;
   g.K = K;
   const int64_t kv = std::max<int64_t>(1, std::min<int64_t>(kv_max, ceil_div(need, tx)));
-  g.cols_per_tile = static_cast<int64_t>(tx) * vec * (debug::tile_mode == 1 ? 1 : kv);
-  g.nkt = ceil_div(K, g.cols_per_tile);
-  if (k_period > 0 && k_period < g.cols_per_tile) {  // per original column, not folded one
-    staged_bytes = ceil_div(staged_bytes * k_period, g.cols_per_tile);
-    partial_bytes = ceil_div(partial_bytes * k_period, g.cols_per_tile);
+  // the rows of the tiles for column tiles of `cols` columns, `groups` groups a lane: sets
+  // g.cols_per_tile, nkt, nrt and rows_per_tile
+  const auto tile_rows = [&](int64_t cols, int64_t groups) {
+    g.cols_per_tile = cols;
+    g.nkt = ceil_div(K, cols);
+    int64_t staged = staged_bytes, partial = partial_bytes;
+    if (k_period > 0 && k_period < cols) {  // per original column, not folded one
+      staged = ceil_div(staged * k_period, cols);
+      partial = ceil_div(partial * k_period, cols);
+    }
+    int64_t rpt;
+    if (debug::tile_mode == 1) {
+      rpt = 3;
+    } else if (debug::tile_mode == 2) {
+      rpt = R;
+    } else {
+      // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default
+      // 32), each thread walking at least debug::min_rows_per_thread rows (default 4), and the
+      // side traffic bounded as above.
+      const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
+      const int64_t want_tiles = ceil_div(target, N * g.nkt);
+      rpt = std::max({ceil_div(R, want_tiles),
+                      static_cast<int64_t>(lg.ty) * ceil_div(debug::min_rows_per_thread, groups),
+                      ceil_div(debug::side_share * staged, elem_bytes),
+                      ceil_div(2 * debug::side_share * partial, elem_bytes)});
+    }
+    rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
+    g.nrt = ceil_div(R, rpt);
+    g.rows_per_tile = ceil_div(R, g.nrt);  // balanced tiles
+    g.nrt = ceil_div(R, g.rows_per_tile);
+  };
+  const int64_t group_cols = static_cast<int64_t>(tx) * vec * (debug::tile_mode == 1 ? 1 : kv);
+  const int64_t groups = ceil_div(K, group_cols);  // of a row
+  bool done = false;
+  if (groups_max > 1 && groups > 1 && debug::tile_mode == 0) {
+    const int64_t min_tiles = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm / 8;
+    for (int64_t nkt = ceil_div(groups, groups_max); nkt < groups && !done; ++nkt) {
+      const int64_t per_tile = ceil_div(groups, nkt);
+      tile_rows(group_cols * per_tile, per_tile);
+      done = N * g.nrt * g.nkt >= min_tiles;
+    }
   }
-  int64_t rpt;
-  if (debug::tile_mode == 1) {
-    rpt = 3;
-  } else if (debug::tile_mode == 2) {
-    rpt = R;
-  } else {
-    // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default 32),
-    // each thread walking at least debug::min_rows_per_thread rows (default 4), and the side
-    // traffic bounded as above.
-    const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
-    const int64_t want_tiles = ceil_div(target, N * g.nkt);
-    rpt = std::max({ceil_div(R, want_tiles),
-                    static_cast<int64_t>(lg.ty) * debug::min_rows_per_thread,
-                    ceil_div(debug::side_share * staged_bytes, elem_bytes),
-                    ceil_div(2 * debug::side_share * partial_bytes, elem_bytes)});
-  }
-  rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
-  g.nrt = ceil_div(R, rpt);
-  g.rows_per_tile = ceil_div(R, g.nrt);  // balanced tiles
-  g.nrt = ceil_div(R, g.rows_per_tile);
+  if (!done) tile_rows(group_cols, 1);
   TORCH_CHECK(N * g.nrt * g.nkt <= std::numeric_limits<int32_t>::max(), op,
               ": the input is too large for one launch (", N * g.nrt * g.nkt, " tiles)");
   return lg;
@@ -281,9 +305,9 @@ inline int fold_rows(const XView& v, int vec) {
 // the kernels take.
 inline LaunchGeom folded_geom(const XView& v, int G, int vec, int kv_max, int64_t staged_bytes,
                               int64_t partial_bytes, int64_t elem_bytes, const char* op,
-                              SpanLanes spans) {
+                              SpanLanes spans, int groups_max = 1) {
   return make_geom(v.N, v.R() / G, v.K() * G, vec, kv_max, staged_bytes, partial_bytes,
-                   elem_bytes, op, spans, G > 1 ? v.K() : 0);
+                   elem_bytes, op, spans, G > 1 ? v.K() : 0, groups_max);
 }
 inline Fold fold_of(const XView& v, int G) { return Fold{G, static_cast<int>(v.K())}; }
 

@@ -98,11 +98,16 @@ inline int reduce_r_mode = kDefaultReduceRMode;
 // staged values are L2 hits mostly; a sweep times a smaller share (4: tiles of 8 rows there).
 constexpr int kDefaultSideShare = 16;
 inline int side_share = kDefaultSideShare;
-// reduce_k's vectors a lane takes of a row in one column tile (kReduceKVectors, 4, at most): fewer
-// make more, narrower column tiles, so more blocks where rows are few and long (the same 7x7
-// channels-last sites: 2 column tiles of 2048 bfloat16 channels, 8 with 1), at the price of more
-// partials for the second stage.
-constexpr int kDefaultKTileVectors = 4;
+// reduce_k's vectors a lane takes of a row in one column tile, at most: 1, 2 or 4
+// (kReduceKVectors): fewer make more, narrower column tiles, so more blocks where rows are few
+// and long (the same 7x7 channels-last sites: 2 column tiles of 2048 bfloat16 channels, 8 with
+// 1), at the price of more partials for the second stage. 8, 16 or 32: up to 2, 4 or 8 groups of
+// kReduceKVectors (at most what the kernel stages of the weights, reduce_k_groups), where the grid
+// keeps num_sms * tiles_per_sm / 8 tiles (make_geom): a float32 channels-first 56x56 map, rows of
+// 3136, one column tile of 7 groups instead of 7 tiles and a second stage, each lane folding 112
+// elements of a row per shuffle tree and store instead of 16 (about 10 instructions an element
+// instead of 20, as compiled for sm_90). Argued from the SASS, not yet timed.
+constexpr int kDefaultKTileVectors = 32;
 inline int k_tile_vectors = kDefaultKTileVectors;
 // The order of the tiles of the x-sized passes (launchers/common.h next_pass_reversed): 0, every
 // pass from the first tile; 1, a pass over a tensor the pass before it on the stream touched in
@@ -210,7 +215,7 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
 // [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight,
 // reduce_r_mode, side_share, k_tile_vectors]. tiles_per_sm and min_rows_per_thread in [1, 64],
 // vec_rows_in_flight 0, 1, 2 or 4, reduce_k_mode 0 to 3, k_vectors_in_flight 1 or 4,
-// reduce_r_mode 0 or 1, side_share in [1, 64], k_tile_vectors 1, 2 or 4.
+// reduce_r_mode 0 or 1, side_share in [1, 64], k_tile_vectors 1, 2, 4, 8, 16 or 32.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
                                        int64_t vec_rows_in_flight, int64_t reduce_k_mode,
                                        int64_t k_vectors_in_flight, int64_t reduce_r_mode,
@@ -230,8 +235,9 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
               "set_tuning: reduce_r_mode must be 0 or 1, got ", reduce_r_mode);
   TORCH_CHECK(side_share >= 1 && side_share <= 64,
               "set_tuning: side_share must be in [1, 64], got ", side_share);
-  TORCH_CHECK(k_tile_vectors == 1 || k_tile_vectors == 2 || k_tile_vectors == 4,
-              "set_tuning: k_tile_vectors must be 1, 2 or 4, got ", k_tile_vectors);
+  TORCH_CHECK(k_tile_vectors >= 1 && k_tile_vectors <= 32 &&
+                  (k_tile_vectors & (k_tile_vectors - 1)) == 0,
+              "set_tuning: k_tile_vectors must be 1, 2, 4, 8, 16 or 32, got ", k_tile_vectors);
   std::vector<int64_t> old{debug::tiles_per_sm,       debug::min_rows_per_thread,
                            debug::vec_rows_in_flight, debug::reduce_k_mode,
                            debug::k_vectors_in_flight, debug::reduce_r_mode,
@@ -296,7 +302,7 @@ inline constexpr const char* kSetPdlSchema = "set_pdl(int mode) -> int";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
     "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=16, "
-    "int k_tile_vectors=4) -> int[]";
+    "int k_tile_vectors=32) -> int[]";
 
 // Sets debug::pass_order (the set_pass_order debug op): 0, every x-sized pass from its first
 // tile; 1, by the pass before it (next_pass_reversed). Either way the passes before are

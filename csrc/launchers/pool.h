@@ -1,8 +1,9 @@
 // The pools and their scale gradients (Q2), each one reduction (launchers/reduction.h), as
-// templates on the policy's lp / lse terms. Four files instantiate them, one policy each, so
+// templates on the policy's lp / lse terms. Six files instantiate them, one policy each, so
 // that nvcc compiles them side by side (for sm_90 alone, here: 29-34 s each, against 67 s for
-// the one file they were, the longest of the build): pool.cu (pool_over_s, pool_over_c),
-// pool_lp_lse.cu (pool_over_s_lp_lse), pool_backward_scale.cu (pool_over_s_backward_scale,
+// the one file they were, the longest of the build): pool.cu (pool_over_s, pool_over_c, with a
+// scale), pool_unscaled.cu (the two without), pool_lp_lse.cu and pool_lp_lse_unscaled.cu
+// (pool_over_s_lp_lse), pool_backward_scale.cu (pool_over_s_backward_scale,
 // pool_over_c_backward_scale) and pool_backward_scale_lp_lse.cu
 // (pool_over_s_backward_scale_lp_lse).
 #pragma once
@@ -15,16 +16,20 @@
 namespace cbam {
 
 // over_s: pool over S (scale [N, S], outputs [N, C]); else pool over C. LPLSE (over S only):
-// also the lp and lse pools, in the same pass. Returns avg, max, argmax (and lp, lse).
-template <bool LPLSE>
-std::vector<at::Tensor> pool(const char* op, const at::Tensor& x_in,
-                             const std::optional<at::Tensor>& scale_in, bool over_s) {
+// also the lp and lse pools, in the same pass. SCALED: whether scale is given (the policy
+// without weights otherwise, PoolPolicy). Returns avg, max, argmax (and lp, lse).
+template <bool LPLSE, bool SCALED>
+std::vector<at::Tensor> pool_of(const char* op, const at::Tensor& x_in,
+                                const std::optional<at::Tensor>& scale_in, bool over_s) {
   const c10::DeviceGuard device_guard(x_in.device());  // launches go to x's device
   const XView v = view_x(x_in, op, "x");
   const auto acc = acc_type_of(v.x.scalar_type());
   const int64_t E = over_s ? v.S : v.C, L = over_s ? v.C : v.S;
   const at::Tensor scale = small_arg(scale_in, v.x, v.N, E, acc, op, "scale",
                                      over_s ? "[N, S]" : "[N, C]");
+  TORCH_CHECK(scale.defined() == SCALED, op, ": internal error: scale ",
+              SCALED ? "missing" : "given", " for the ", SCALED ? "scaled" : "unscaled",
+              " pool");
   const auto opts = v.x.options().dtype(acc);
   std::vector<at::Tensor> out{new_output({v.N, L}, opts), new_output({v.N, L}, opts),
                               new_output({v.N, L}, opts.dtype(at::kLong))};
@@ -38,8 +43,8 @@ std::vector<at::Tensor> pool(const char* op, const at::Tensor& x_in,
   const bool over_k = over_s != v.cl;  // channels-first keeps S contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "cbam_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    PoolPolicy<acc_t, LPLSE> pol{};  // (value-initialized: the fields not set here are null)
-    pol.scale = opt_ptr<acc_t>(scale);
+    PoolPolicy<acc_t, LPLSE, SCALED> pol{};  // (value-initialized: the fields not set here
+    pol.scale = opt_ptr<acc_t>(scale);        // are null)
     pol.E = E;
     pol.avg = global_ptr<acc_t>(out[0]);
     pol.mx = global_ptr<acc_t>(out[1]);
@@ -51,6 +56,24 @@ std::vector<at::Tensor> pool(const char* op, const at::Tensor& x_in,
     reduction<scalar_t>(op, v, over_k, pol);
   });
   return out;
+}
+
+// The pools without a scale, each in a file of its own (pool_unscaled.cu,
+// pool_lp_lse_unscaled.cu) so that nvcc compiles them beside the scaled ones.
+std::vector<at::Tensor> pool_unscaled(const char* op, const at::Tensor& x, bool over_s);
+std::vector<at::Tensor> pool_lp_lse_unscaled(const char* op, const at::Tensor& x);
+
+// The pool of x times scale where scale is given, else of x (pool_of).
+template <bool LPLSE>
+std::vector<at::Tensor> pool(const char* op, const at::Tensor& x,
+                             const std::optional<at::Tensor>& scale, bool over_s) {
+  if (scale.has_value() && scale->defined()) return pool_of<LPLSE, true>(op, x, scale, over_s);
+  if constexpr (LPLSE) {
+    TORCH_CHECK(over_s, op, ": internal error: the lp / lse pools go over S");
+    return pool_lp_lse_unscaled(op, x);
+  } else {
+    return pool_unscaled(op, x, over_s);
+  }
 }
 
 // The extra inputs of pool_over_s_backward_scale_lp_lse ([N, S] scale, [N, C] the others).

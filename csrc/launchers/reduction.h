@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/pool_policies.cuh"
@@ -20,8 +21,8 @@
 namespace cbam {
 
 // Partial buffers of the two-stage path ([N, P, L]); they live until the launch is queued.
-template <typename acc_t, bool LPLSE>
-void set_partials(PoolPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int64_t N, int64_t P,
+template <typename acc_t, bool LPLSE, bool SCALED>
+void set_partials(PoolPolicy<acc_t, LPLSE, SCALED>& pol, const at::Tensor& x, int64_t N, int64_t P,
                   int64_t L, std::vector<at::Tensor>& keep) {
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto partial = [&](c10::TensorOptions o) {
@@ -79,11 +80,20 @@ template <typename T, int VEC, bool FOLD = false, bool SHIFTED = false, typename
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int G = 1) {
   // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
   // split k, not the rows); over r, the partials, written and read again.
-  const int64_t staged = over_k ? static_cast<int64_t>(sizeof(typename Policy::Weight)) : 0;
+  using Weight = typename Policy::Weight;  // (an empty one, the unscaled pools': none)
+  const int64_t staged =
+      over_k && !std::is_empty_v<Weight> ? static_cast<int64_t>(sizeof(Weight)) : 0;
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
+  // reduce_k's groups of kReduceKVectors vectors a lane of a row (make_geom): k_tile_vectors over
+  // kReduceKVectors of them, at most what the kernel's staged weights hold
+  const int groups = over_k && !SHIFTED && debug::k_tile_vectors > kReduceKVectors
+                         ? std::min(debug::k_tile_vectors / kReduceKVectors,
+                                    reduce_k_groups<Policy, VEC>())
+                         : 1;
   LaunchGeom lg = folded_geom(
       v, G, VEC, over_k ? kReduceKVectors : 1, staged, partial, sizeof(T), op,
-      over_k || SHIFTED ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob));
+      over_k || SHIFTED ? SpanLanes::kNever : (FOLD ? SpanLanes::kAlways : SpanLanes::kByKnob),
+      groups);
   TORCH_CHECK(!FOLD || lg.g.nkt == 1, op, ": folded rows must fit one tile (", lg.g.nkt, ")");
   lg.g.reverse = next_pass_reversed({&v.x});
   const Fold f = fold_of(v, G);

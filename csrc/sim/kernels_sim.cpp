@@ -14,6 +14,8 @@
 #include "launchers/pool_backward_scale.cu"
 #include "launchers/pool_backward_scale_lp_lse.cu"
 #include "launchers/pool_lp_lse.cu"
+#include "launchers/pool_lp_lse_unscaled.cu"
+#include "launchers/pool_unscaled.cu"
 #include "launchers/spatial_head.cu"
 #include "launchers/spatial_head_backward.cu"
 #include "launchers/register_ops.h"
