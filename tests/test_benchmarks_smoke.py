@@ -421,7 +421,7 @@ def test_bench_kernels_sweep_summary(capsys):
     cases.append(dict(id="grad_input-c", op="grad_input", sweep_skipped="time budget"))
     sw = bk.summarize_sweep(cases)
     assert sw["cases_swept"] == 2 * len(bk.OPS) and sw["cases"] == 2 * len(bk.OPS) + 1
-    assert sw["per_op"]["grad_input"]["best"] == "16/1/2/3/4/0/16/4"
+    assert sw["per_op"]["grad_input"]["best"] == "16/1/2/3/4/0/16/32"
     assert sw["per_op"]["pool_over_s"]["best"] == bk.tuning_key(bk.DEFAULT_TUNING)
     assert abs(sw["per_op"]["pool_over_s"]["default_gmean"] - 0.7 * 0.5 ** 0.5) < 1e-12
     # the earlier defaults, each in the sweep, against today's
@@ -429,7 +429,7 @@ def test_bench_kernels_sweep_summary(capsys):
     refs = sw["per_op"]["pool_over_s"]["reference_gmean"]
     assert set(refs) == set(bk.REFERENCE_TUNINGS)
     assert all(abs(v - 0.6 * 0.5 ** 0.5) < 1e-12 for v in refs.values())
-    assert sw["best_per_case"]["grad_input-b"] == "16/1/2/3/4/0/16/4"
+    assert sw["best_per_case"]["grad_input-b"] == "16/1/2/3/4/0/16/32"
     assert max(sw["gmean_frac"], key=sw["gmean_frac"].get) == bk.tuning_key(bk.DEFAULT_TUNING)
     bk.print_sweep(sw)
     assert "tuning sweep" in capsys.readouterr().out

@@ -14,6 +14,7 @@ NaN / inf / ties in the pools, bitwise-equal results under the forward, reverse 
 fiber and block orders, and the pass budget (DESIGN.md section 3) from the simulator's byte
 counts.
 """
+import contextlib
 import zlib
 
 import pytest
@@ -762,8 +763,7 @@ def test_side_share_and_k_tile_vectors_change_the_grid_not_the_result(default_tu
 # reduce_k's groups (k_tile_vectors 32: up to 8 groups of 4 vectors a lane of a row in one
 # column tile, make_geom): (op, dtype, layout, shape, variant, whether it takes groups), rows
 # longer than one group (32 lanes x 4 vectors: 512 float32, 1024 bfloat16, 256 float64) whose
-# last group is partial (lanes with fewer vectors, or none), and rows enough that the grid keeps
-# num_sms * tiles_per_sm / 8 = 16 tiles at tiles_per_sm 1. The policies' staged weights bound
+# last group is partial (lanes with fewer vectors, or none). The policies' staged weights bound
 # the groups (reduce_k_groups): 8 without weights, 6 for a float32 scale, 2 for the float32
 # scale gradient's 12 bytes, 3 for a bfloat16 x's scale, 1 (none) for its scale gradient.
 GROUP_CASES = [
@@ -777,12 +777,27 @@ GROUP_CASES = [
 ]
 
 
+def run_tuned_bytes(op, args, setting, sms=None):
+    """op in the simulator under set_tuning(*setting) (and, with sms, the L2 model's SMs, which
+    num_sms() then gives the launchers): (its outputs, its launches' bytes written)."""
+    torch.ops.cbam_fused_sim.set_tuning(*setting)
+    with contextlib.ExitStack() as stack:
+        if sms is not None:
+            stack.enter_context(testing.l2_model(1 << 20, sms=sms))
+        with testing.use_simulator():
+            got = getattr(torch.ops.cbam_fused, op)(*args)
+            written = sum(_stat(s, "bytes_written") for s in testing.simulator_stats())
+    return (got if isinstance(got, (tuple, list)) else (got,)), written
+
+
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}")
 def test_reduce_k_groups_fold_more_of_a_row_per_tile(case, default_tuning):
     """With groups (k_tile_vectors 32) reduce_k's rows take fewer column tiles than with one group
-    a lane (4), and every instance (one row or kReduceKRows rows in flight, reduce_k_mode 2 and 3;
-    one vector or four in flight) keeps the CPU kernels' results and its bits under every fiber
-    schedule; a policy whose weights fill the staging with one group keeps the grid of 4."""
+    a lane (4): fewer partials written for a second stage (one SM and one tile an SM: a grid of a
+    few tiles keeps as many as the launcher aims at). Every instance (one row or kReduceKRows rows
+    in flight, reduce_k_mode 2 and 3; one vector or four in flight) keeps the CPU kernels'
+    results and its bits under every fiber schedule; a policy whose weights fill the staging
+    with one group writes what it wrote with 4."""
     op, dtype, layout, shape, variant, grouped = case
     gen = torch.Generator().manual_seed(77)
     x = rand_x(shape, dtype, layout, gen)
@@ -790,32 +805,36 @@ def test_reduce_k_groups_fold_more_of_a_row_per_tile(case, default_tuning):
     want = run_cpu(op, args)
     for mode in (2, 3):
         for kv in (4, 1):
-            grids = {}
+            written = {}
             for ktv in (32, 4):
-                got, launches = run_tuned(op, args, (1, 1, 0, mode, kv, 0, 1, ktv))
+                got, written[ktv] = run_tuned_bytes(op, args, (1, 1, 0, mode, kv, 0, 1, ktv), 1)
                 check_same(op, got, want, x, layout)
-                grids[ktv] = launches[0][1][0]
                 if ktv == 32 and kv == 4:
-                    assert_schedules_agree(op, args, got, seed=5)
-            assert (grids[32] < grids[4]) == grouped, (op, mode, kv, grids)
+                    with testing.l2_model(1 << 20, sms=1):
+                        assert_schedules_agree(op, args, got, seed=5)
+            assert (written[32] < written[4]) == grouped, (op, mode, kv, written)
+            assert written[32] <= written[4], (op, mode, kv, written)
             torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
-def test_reduce_k_groups_keep_the_grid_of_a_small_site(default_tuning):
-    """Where the fewest column tiles would leave the grid under num_sms * tiles_per_sm / 8 tiles
-    (few rows: 2 samples of 16 channels), reduce_k keeps one group a lane and the most tiles."""
+def test_reduce_k_groups_keep_the_waves_of_a_pass(default_tuning):
+    """Groups only where the grid keeps 3/4 of the tiles of one group a lane (or of the target,
+    num_sms * tiles_per_sm, where those are more): few rows (2 samples of 16 or 128 channels)
+    keep one group a lane and the partials of a second stage; 512 channels take one tile a row
+    and none."""
     gen = torch.Generator().manual_seed(78)
-    x = rand_x((2, 16, 40, 41), torch.float32, "cf", gen)
-    args = op_args("pool_over_s", x, gen, 1)
-    grids = {ktv: run_tuned("pool_over_s", args, (1, 1, 0, 2, 4, 0, 1, ktv))[1][0][1][0]
-             for ktv in (32, 4)}
-    assert grids[32] == grids[4], grids
-    # many rows: groups, the fewest tiles
-    x = rand_x((2, 128, 40, 41), torch.float32, "cf", gen)
-    args = op_args("pool_over_s", x, gen, 1)
-    grids = {ktv: run_tuned("pool_over_s", args, (1, 1, 0, 2, 4, 0, 1, ktv))[1][0][1][0]
-             for ktv in (32, 4)}
-    assert 4 * grids[32] <= grids[4], grids
+    for c, grouped in ((16, False), (128, False), (512, True)):
+        x = rand_x((2, c, 40, 41), torch.float32, "cf", gen)
+        args = op_args("pool_over_s", x, gen, 1)
+        want = run_cpu("pool_over_s", args)
+        written = {}
+        for ktv in (32, 4):
+            got, written[ktv] = run_tuned_bytes("pool_over_s", args, (1, 1, 0, 2, 4, 0, 1, ktv))
+            check_same("pool_over_s", got, want, x, "cf")
+        assert (written[32] < written[4]) == grouped, (c, written)
+        out_bytes = sum(t.numel() * t.element_size() for t in want)
+        if grouped:
+            assert written[32] == out_bytes, (c, written, out_bytes)  # no partials
 
 
 # The ops that are one reduction of x (the pools and their scale gradients).

@@ -91,8 +91,8 @@ constexpr bool unroll_fold() {
 // unscaled pools). A lane folds its groups of a row one after the other, each with its loads in
 // flight, and the row's lanes combine once: a float32 row of 3136 (56x56 channels-first) was 7
 // tiles of 512 columns, each lane folding 16 elements, then a 5-step shuffle tree, the row's
-// store and a partial for the second stage, all per 16 elements: about 20 instructions an
-// element, against a budget of 28 at the H200's bandwidth.
+// store and a partial for the second stage, all per 16 elements: about 24 instructions an
+// element, against a budget of 28 at the H200's bandwidth. (How many a tile takes: make_geom.)
 constexpr int kReduceKGroupsMost = 8;
 constexpr int kReduceKWeightBytes = 12288;
 template <typename Policy, int VEC>

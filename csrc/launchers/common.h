@@ -199,11 +199,13 @@ enum class SpanLanes {
 // so a tile of more columns moves fewer of those bytes per column.
 // groups_max (reduce_k: up to reduce_k_groups, the groups of kv_max vectors a lane may take of a
 // row in one tile; else 1): a row of more than one group per lane is split into the fewest
-// column tiles (nkt) whose grid still holds at least num_sms * tiles_per_sm / 8 tiles (a full
-// wave of 4 blocks an SM at the default 32), each of g = ceil(groups / nkt) groups (balanced),
-// so that a lane folds more of a row per shuffle tree, row store and partial; its rows per tile
-// floor is then ty * ceil(min_rows_per_thread / g) (a thread's groups of a row count as its
-// rows). Where no such nkt reaches that grid, the most tiles (one group each, as groups_max 1).
+// column tiles (nkt) whose grid keeps at least 3/4 of the tiles of one group a lane (or of the
+// target, num_sms * tiles_per_sm, where those are more; 3/4: the row tiles round the target
+// down), each of g = ceil(groups / nkt) groups (balanced), so that a lane folds more of a row
+// per shuffle tree, row store and partial while a pass keeps its waves (and the bands of x the
+// next pass, in the reverse order, meets in L2: pass_order). Its rows per tile floor is then
+// ty * ceil(min_rows_per_thread / g) (a thread's groups of a row count as its rows). Where no
+// such nkt keeps them, one group a lane (as groups_max 1).
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
                             int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
                             const char* op, SpanLanes spans = SpanLanes::kNever,
@@ -271,16 +273,19 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   };
   const int64_t group_cols = static_cast<int64_t>(tx) * vec * (debug::tile_mode == 1 ? 1 : kv);
   const int64_t groups = ceil_div(K, group_cols);  // of a row
-  bool done = false;
+  tile_rows(group_cols, 1);  // one group a lane
   if (groups_max > 1 && groups > 1 && debug::tile_mode == 0) {
-    const int64_t min_tiles = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm / 8;
+    const Geom one = g;
+    const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
+    const int64_t keep = std::min(target, N * one.nrt * one.nkt) * 3 / 4;
+    bool done = false;
     for (int64_t nkt = ceil_div(groups, groups_max); nkt < groups && !done; ++nkt) {
       const int64_t per_tile = ceil_div(groups, nkt);
       tile_rows(group_cols * per_tile, per_tile);
-      done = N * g.nrt * g.nkt >= min_tiles;
+      done = N * g.nrt * g.nkt >= keep;
     }
+    if (!done) g = one;
   }
-  if (!done) tile_rows(group_cols, 1);
   TORCH_CHECK(N * g.nrt * g.nkt <= std::numeric_limits<int32_t>::max(), op,
               ": the input is too large for one launch (", N * g.nrt * g.nkt, " tiles)");
   return lg;

@@ -103,10 +103,12 @@ inline int side_share = kDefaultSideShare;
 // and long (the same 7x7 channels-last sites: 2 column tiles of 2048 bfloat16 channels, 8 with
 // 1), at the price of more partials for the second stage. 8, 16 or 32: up to 2, 4 or 8 groups of
 // kReduceKVectors (at most what the kernel stages of the weights, reduce_k_groups), where the grid
-// keeps num_sms * tiles_per_sm / 8 tiles (make_geom): a float32 channels-first 56x56 map, rows of
-// 3136, one column tile of 7 groups instead of 7 tiles and a second stage, each lane folding 112
-// elements of a row per shuffle tree and store instead of 16 (about 10 instructions an element
-// instead of 20, as compiled for sm_90). Argued from the SASS, not yet timed.
+// keeps 3/4 of its tiles (make_geom): a float32 channels-first 56x56 map at batch 64, rows of
+// 3136, two column tiles of 4 and 3 groups instead of 7 tiles of one (4096 tiles, not 3584),
+// each lane folding 64 elements of a row per shuffle tree, store and partial instead of 16
+// (about 12 instructions an element instead of 24, counted along the SASS for sm_90); a 28x28
+// map's rows of 784, one tile of 2 groups, no second stage. Argued from the SASS, not yet
+// timed.
 constexpr int kDefaultKTileVectors = 32;
 inline int k_tile_vectors = kDefaultKTileVectors;
 // The order of the tiles of the x-sized passes (launchers/common.h next_pass_reversed): 0, every
