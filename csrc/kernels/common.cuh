@@ -19,6 +19,8 @@
 // (the launchers check R, K < 2^31).
 #pragma once
 
+#include <type_traits>
+
 #include "dialect/dialect.cuh"
 
 namespace cbam {
@@ -132,6 +134,27 @@ template <int VEC, typename V, typename Load>
 CBAM_DEVICE void stage_k_side(V* smem, const TileId& t, Load load, V (&out)[VEC]) {
   stage_k_side<VEC>(smem, t, load);
   for (int v = 0; v < VEC; ++v) out[v] = smem[k_slot<VEC>(0, v)];  // unused where k >= K
+}
+
+// Whether a reduction policy (pool_policies.cuh) stages weights: not where its Weight is empty
+// (the unscaled pools, v = x). Such a kernel stages nothing, loads nothing and multiplies by
+// nothing per element; its weight array is one entry, never written.
+template <typename Policy>
+constexpr bool stages_weights() {
+  return !std::is_empty_v<typename Policy::Weight>;
+}
+
+// The staged weight of slot i: s_w[i], or the array's one entry for an empty Weight (nothing
+// read; the slot's index is then dead code). A reference into the array: one to a local
+// Weight{} is refused by nvcc (#836), and a copy made ptxas spill the 16-bit folded lp / lse
+// reduce_r_rows (8 bytes, tests/test_codegen.py).
+template <typename Weight>
+CBAM_DEVICE const Weight& staged_weight(const Weight* s_w, int i) {
+  if constexpr (std::is_empty_v<Weight>) {
+    return s_w[0];
+  } else {
+    return s_w[i];
+  }
 }
 
 // Where folded column kf is in the original view (Fold): row j within the folded row, column k.

@@ -3,7 +3,8 @@
 //   kHasKept              whether the fold also needs a value of the kept index (kept(n, k),
 //                         put into a State by set_kept; the templates load it once per output
 //                         and tile and share it between the threads of that output)
-//   Weight, weight(n, i)  the small per-element factor along the reduced axis (index i)
+//   Weight, weight(n, i)  the small per-element factor along the reduced axis (index i); an
+//                         empty Weight is none (stages_weights, common.cuh: nothing staged)
 //   add(state, x, w, i, kept)   fold one x element (reduced index i, kept index `kept`); the
 //                         templates fold the elements of one state in increasing i
 //   store_final / store_partial / load_partial   outputs [N, L] and partials [N, P, L]

@@ -29,8 +29,6 @@
 // row's fold and its combine are those of UR == 1, so the results are the same bits.
 #pragma once
 
-#include <type_traits>
-
 #include "kernels/combine_partials.cuh"
 
 namespace cbam {
@@ -97,12 +95,11 @@ constexpr int kReduceKGroupsMost = 8;
 constexpr int kReduceKWeightBytes = 12288;
 template <typename Policy, int VEC>
 constexpr int reduce_k_groups() {
-  using Weight = typename Policy::Weight;
-  if constexpr (std::is_empty_v<Weight>) {
+  if constexpr (!stages_weights<Policy>()) {
     return kReduceKGroupsMost;
   } else {
-    constexpr int fit =
-        kReduceKWeightBytes / (32 * VEC * kReduceKVectors * static_cast<int>(sizeof(Weight)));
+    constexpr int fit = kReduceKWeightBytes / (32 * VEC * kReduceKVectors *
+                                               static_cast<int>(sizeof(typename Policy::Weight)));
     return fit < 1 ? 1 : fit > kReduceKGroupsMost ? kReduceKGroupsMost : fit;
   }
 }
@@ -118,17 +115,12 @@ CBAM_DEVICE void fold_vectors(const Policy& pol, typename Policy::State& s,
                               Vec<T, VEC> (&raw)[KV], int nv, int j0, int k0, int step,
                               const typename Policy::Weight* s_w, int64_t r) {
   using acc_t = typename Policy::acc_t;
-  using Weight = typename Policy::Weight;
   const int TX = static_cast<int>(blockDim.x);
   const auto fold = [&](const Vec<T, VEC>& rv, int ki, int slot) {
     acc_t xv[VEC];
     to_acc<VEC>(rv, xv);
     for (int v = 0; v < VEC; ++v) {
-      if constexpr (std::is_empty_v<Weight>) {
-        pol.add(s, xv[v], Weight{}, ki + v, r);
-      } else {
-        pol.add(s, xv[v], s_w[slot + v * TX], ki + v, r);
-      }
+      pol.add(s, xv[v], staged_weight(s_w, slot + v * TX), ki + v, r);
     }
   };
   const int ki0 = k0 + j0 * step, slot0 = k_slot<VEC>(j0, 0);  // k_slot<VEC>(j, 0) steps by step
@@ -187,13 +179,12 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
   using Weight = typename Policy::Weight;
   constexpr bool kUnroll = unroll_fold<T, UR, Policy>();
   // the tile's weights at k_slot (none without weights: an array of one)
-  constexpr int kSlots = std::is_empty_v<Weight>
-                             ? 1
-                             : 32 * VEC * kReduceKVectors * reduce_k_groups<Policy, VEC>();
+  constexpr int kSlots =
+      stages_weights<Policy>() ? 32 * VEC * kReduceKVectors * reduce_k_groups<Policy, VEC>() : 1;
   __shared__ Weight s_w[kSlots];
   const TileId t = tile_id(g, VEC);
   const int TX = blockDim.x, TY = blockDim.y;
-  if constexpr (!std::is_empty_v<Weight>) {
+  if constexpr (stages_weights<Policy>()) {
     stage_k_side<VEC>(s_w, t, [&](int64_t k) { return pol.weight(t.n, k); });
   }
   // the lane's vector j of a row is columns k0 + j step; nvt of them in the tile (may be <= 0)
@@ -284,11 +275,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, KV == 1          ? 1
           load_acc<VEC>(p, xv);
           const int ki = static_cast<int>(k);
           for (int v = 0; v < VEC; ++v) {
-            if constexpr (std::is_empty_v<Weight>) {
-              pol.add(s, xv[v], Weight{}, ki + v, r);
-            } else {
-              pol.add(s, xv[v], s_w[slot + v * TX], ki + v, r);
-            }
+            pol.add(s, xv[v], staged_weight(s_w, slot + v * TX), ki + v, r);
           }
         }
       } else if (r < t.r_end) {  // the lane's vectors of the row, a group at a time

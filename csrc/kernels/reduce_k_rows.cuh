@@ -54,7 +54,7 @@ CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64
   constexpr int kMaxK =
       MED ? med_row_max_k<Policy>() : kShortRowBytes / static_cast<int>(sizeof(acc_t));
   __shared__ acc_t s_x[span_elems<acc_t>()];
-  __shared__ typename Policy::Weight s_w[kMaxK];
+  __shared__ typename Policy::Weight s_w[stages_weights<Policy>() ? kMaxK : 1];
   const int nt = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int rpb = nt / TX;  // rows a block
   const int64_t chunks = (R + rpb - 1) / rpb;
@@ -64,7 +64,9 @@ CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64
   const int rows = static_cast<int>(R - r0 < rpb ? R - r0 : rpb);
   const int pitch = K | 1;
 
-  for (int k = tid; k < K; k += nt) s_w[k] = pol.weight(n, k);
+  if constexpr (stages_weights<Policy>()) {
+    for (int k = tid; k < K; k += nt) s_w[k] = pol.weight(n, k);
+  }
   // The span's element e = (row, col) goes to s_x[row * pitch + col]; (row, col) of this
   // thread's next element is stepped, not divided out again.
   // Each thread loads kSpanVectors of its vectors before it stores them (the loads in flight: one
@@ -118,7 +120,7 @@ CBAM_GLOBAL void reduce_k_rows_kernel(const T* __restrict__ x, Policy pol, int64
   if (ty < rows) {
     if constexpr (Policy::kHasKept) pol.set_kept(s, pol.kept(n, r));
     const acc_t* xr = s_x + ty * pitch;
-    for (int k = lane; k < K; k += TX) pol.add(s, xr[k], s_w[k], k, r);
+    for (int k = lane; k < K; k += TX) pol.add(s, xr[k], staged_weight(s_w, k), k, r);
   }
   for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
     pol.combine(s, pol.shfl_xor(s, lane_mask));

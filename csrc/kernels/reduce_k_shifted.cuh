@@ -41,17 +41,19 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
   constexpr int KV = kReduceKVectors;
   using acc_t = typename Policy::acc_t;
   using State = typename Policy::State;
-  __shared__ typename Policy::Weight s_w[kShiftedSlots<VEC>];
+  __shared__ typename Policy::Weight s_w[stages_weights<Policy>() ? kShiftedSlots<VEC> : 1];
   const TileId t = tile_id(g, VEC);
   const int TX = blockDim.x, TY = blockDim.y, lane = threadIdx.x;
   const int K = static_cast<int>(g.K);  // K < 2^31 (launcher check)
   // the weights of columns [kb, ke), staged once
   const int kb = t.k_begin >= VEC - 1 ? static_cast<int>(t.k_begin) - (VEC - 1) : 0;
   const int ke = t.k_end + VEC - 1 < K ? static_cast<int>(t.k_end) + VEC - 1 : K;
-  for (int c = threadIdx.y * TX + lane; c < ke - kb; c += TX * TY) {
-    s_w[padded_slot<VEC>(c)] = pol.weight(t.n, kb + c);
+  if constexpr (stages_weights<Policy>()) {
+    for (int c = threadIdx.y * TX + lane; c < ke - kb; c += TX * TY) {
+      s_w[padded_slot<VEC>(c)] = pol.weight(t.n, kb + c);
+    }
+    __syncthreads();
   }
-  __syncthreads();
   const bool first = t.kt == 0, last = t.kt == g.nkt - 1;
   const int kv = static_cast<int>(g.cols_per_tile) / (TX * VEC);  // vectors a lane, at most
   const int b0 = static_cast<int>(t.kt) * kv * TX;                 // the tile's first body vector
@@ -67,7 +69,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, sizeof(T) == 8 ? 3 : 4)
       const int nb = (K - h) / VEC;                // body vectors
       const int tail0 = h + nb * VEC;              // the tail's first column
       const auto add = [&](acc_t xv, int k) {
-        pol.add(s, xv, s_w[padded_slot<VEC>(k - kb)], k, r);
+        pol.add(s, xv, staged_weight(s_w, padded_slot<VEC>(k - kb)), k, r);
       };
       if (first) {
         for (int k = lane; k < h; k += TX) add(static_cast<acc_t>(ld(row + k)), k);

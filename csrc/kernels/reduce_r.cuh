@@ -29,8 +29,6 @@
 // loaded but neither folded nor stored.
 #pragma once
 
-#include <type_traits>
-
 #include "kernels/combine_partials.cuh"
 
 namespace cbam {
@@ -56,7 +54,7 @@ struct ReduceRShared {
   using acc_t = typename Policy::acc_t;
   static constexpr int kKept =
       Policy::kHasKept ? (FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC) : 1;
-  typename Policy::Weight w[kChunkRows];
+  typename Policy::Weight w[stages_weights<Policy>() ? kChunkRows : 1];
   typename Policy::State state[kBlockThreads * VEC];
   acc_t kept[kKept];
 };
@@ -100,8 +98,7 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
   // (folded) rows of one chunk of staged weights; a policy without weights (an empty Weight: the
   // unscaled pools) takes the tile's rows in one chunk, with no barrier (and no chunk bound
   // recomputed in the row loop: ptxas did, 5 instructions a row)
-  using Weight = typename Policy::Weight;
-  constexpr bool kStaged = !std::is_empty_v<Weight>;
+  constexpr bool kStaged = stages_weights<Policy>();
   const int crows = kStaged ? kChunkRows / G : static_cast<int>(t.r_end - t.r_begin);
   for (int64_t cb = t.r_begin; cb < t.r_end; cb += crows) {
     const int64_t rest = t.r_end - cb;
@@ -117,15 +114,13 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
       if constexpr (FOLD) {  // original row (cb + i) G + p.j, column p.k
         FoldPos p = p0;
         for (int v = 0; v < VEC; ++v, fold_next(p, f.K0)) {
-          if constexpr (kStaged) {
-            pol.add(s[v], xv[v], s_w[i * G + p.j], static_cast<int>(r) * G + p.j, p.k);
-          } else {
-            pol.add(s[v], xv[v], Weight{}, static_cast<int>(r) * G + p.j, p.k);
-          }
+          pol.add(s[v], xv[v], staged_weight(s_w, i * G + p.j), static_cast<int>(r) * G + p.j,
+                  p.k);
         }
       } else {
-        Weight w{};
-        if constexpr (kStaged) w = s_w[i];
+        // (a copy: read through the reference, the weight was loaded again for each column,
+        // 3 to 7 instructions a row more)
+        const typename Policy::Weight w = staged_weight(s_w, i);
         for (int v = 0; v < VEC; ++v) {
           if (SHIFT && t.k0 + v >= g.K) break;  // (past the row)
           pol.add(s[v], xv[v], w, static_cast<int>(r), t.k0 + v);

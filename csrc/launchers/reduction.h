@@ -80,9 +80,9 @@ template <typename T, int VEC, bool FOLD = false, bool SHIFTED = false, typename
 void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int G = 1) {
   // Side traffic per column of a tile (make_geom): over k, the staged weights (its partials
   // split k, not the rows); over r, the partials, written and read again.
-  using Weight = typename Policy::Weight;  // (an empty one, the unscaled pools': none)
-  const int64_t staged =
-      over_k && !std::is_empty_v<Weight> ? static_cast<int64_t>(sizeof(Weight)) : 0;
+  const int64_t staged = over_k && stages_weights<Policy>()
+                             ? static_cast<int64_t>(sizeof(typename Policy::Weight))
+                             : 0;
   const int64_t partial = over_k ? 0 : 2 * Policy::kPartialBytes;
   // reduce_k's groups of kReduceKVectors vectors a lane of a row (make_geom): k_tile_vectors over
   // kReduceKVectors of them, at most what the kernel's staged weights hold
