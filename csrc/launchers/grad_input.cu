@@ -22,10 +22,29 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
   lg.g.reverse = next_pass_reversed({&v.x, &x, &dx});
   const Fold f = fold_of(v, G);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
+  // the form of dx as a template parameter, but for lp / lse and folded rows (kAnyMode)
+  const auto with_mode = [&](auto f_mode) {
+    if constexpr (LPLSE || FOLD) {
+      f_mode(std::integral_constant<int, kAnyMode>{});
+    } else {
+      switch (grad_input_mode(v.cl, arrangement)) {
+        case 0:
+          return f_mode(std::integral_constant<int, 0>{});
+        case 1:
+          return f_mode(std::integral_constant<int, 1>{});
+        default:
+          return f_mode(std::integral_constant<int, 2>{});
+      }
+    }
+  };
   with_rows_in_flight<VEC>([&](auto u) {
-    launch(op, &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, FOLD, acc_t>, lg.grid(),
-           lg.block(), 0, global_ptr<T>(v.x), xp, global_ptr<T>(dx), v.cl ? ss : cs,
-           v.cl ? cs : ss, lg.g, f, v.cl, arrangement);
+    with_mode([&](auto mode) {
+      launch(op,
+             &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, FOLD, decltype(mode)::value,
+                                acc_t>,
+             lg.grid(), lg.block(), 0, global_ptr<T>(v.x), xp, global_ptr<T>(dx),
+             v.cl ? ss : cs, v.cl ? cs : ss, lg.g, f, v.cl, arrangement);
+    });
   });
 }
 
