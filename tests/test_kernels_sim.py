@@ -899,6 +899,39 @@ def test_vector_rows_in_flight_change_no_bit(op, dtype, layout, default_tuning):
     assert (kernels[2] != kernels[1]) == reduce_r, (op, kernels)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_input_takes_the_form_of_its_arrangement_and_layout(dtype, default_tuning):
+    """Q3 on whole rows takes dx in one of three forms, a kernel instance each
+    (kernels/grad_input.cuh, grad_input_combine): channel first channels-first and spatial first
+    channels-last share one (the row side's gate outside), channel first channels-last and
+    spatial first channels-first another (the column side's), the parallel arrangement the
+    third, in either layout; each matches the CPU kernels, argmax hits included. Folded rows and
+    the lp / lse variant take one instance for every form."""
+    gen = torch.Generator().manual_seed(5)
+    kernels = {}
+    for op, shape in (("grad_input", (2, 24, 5, 8)), ("grad_input", (2, 24, 7, 7)),
+                      ("grad_input_lp_lse", (2, 24, 5, 8))):
+        for layout in ("cf", "cl"):
+            x = rand_x(shape, dtype, layout, gen)
+            for arrangement in (0, 1, 2):
+                args = op_args(op, x, gen, arrangement)
+                with testing.use_simulator():
+                    got = getattr(torch.ops.cbam_fused, op)(*args)
+                    ran = [_stat(s, "kernel") for s in testing.simulator_stats()]
+                assert len(ran) == 1, ran
+                kernels[op, shape, layout, arrangement] = ran[0]
+                check_same(op, (got,), run_cpu(op, args), x, layout)
+    whole = {(lay, arr): kernels["grad_input", (2, 24, 5, 8), lay, arr]
+             for lay in ("cf", "cl") for arr in (0, 1, 2)}
+    assert whole["cf", 0] == whole["cl", 1] and whole["cf", 1] == whole["cl", 0]
+    assert whole["cf", 2] == whole["cl", 2]
+    assert len({whole["cf", 0], whole["cf", 1], whole["cf", 2]}) == 3, whole
+    # one instance for every form: 7x7 channels-first rows folded 4 (float32) or 8 at a time
+    assert len({kernels["grad_input", (2, 24, 7, 7), "cf", a] for a in (0, 1, 2)}) == 1
+    for lay in ("cf", "cl"):
+        assert len({kernels["grad_input_lp_lse", (2, 24, 5, 8), lay, a] for a in (0, 1, 2)}) == 1
+
+
 K_VECTOR_SHAPES = [  # (shape, layout, dtype): reduce_k rows whose lanes hold 0 to 4 vectors
     ((2, 24, 13, 16), "cf", torch.float32),   # K = 208: 16 lanes, lanes 0-3 hold 4, the rest 3
     ((1, 8, 40, 40), "cf", torch.float32),    # K = 1600: 4 column tiles, the last 16 vectors
