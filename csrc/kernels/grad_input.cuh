@@ -104,7 +104,14 @@ CBAM_DEVICE acc_t grad_input_value(acc_t gv, acc_t xv, const GradSide<acc_t, LPL
 CBAM_HOST_DEVICE constexpr int grad_input_mode(bool cl, int arrangement) {
   return arrangement == 2 ? 2 : (arrangement == 0) != cl ? 0 : 1;
 }
-constexpr int kAnyMode = -1;  // (the kernels of lp / lse and of folded rows: grad_input_value)
+constexpr int kAnyMode = -1;  // (the kernels of lp / lse and of 16-bit folded rows)
+
+// Whether an instance takes dx in a form (MODE): all but lp / lse and 16-bit folded rows, the
+// instances that hold their k sides in registers.
+template <bool LPLSE, bool FOLD, int VEC>
+constexpr bool grad_input_takes_forms() {
+  return !LPLSE && !(FOLD && VEC == 8);
+}
 
 template <int MODE, typename acc_t>
 CBAM_DEVICE acc_t grad_input_combine(acc_t gv, acc_t gR, acc_t gK, acc_t TR, acc_t TK) {
@@ -118,19 +125,21 @@ CBAM_DEVICE acc_t grad_input_combine(acc_t gv, acc_t gR, acc_t gK, acc_t TR, acc
   }
 }
 
-// Whole rows without lp / lse (kFast: every channels-last map, and the channels-first ones of
-// S % VEC == 0) take dx in the form MODE, a template parameter (grad_input_combine): per element
-// a select of each side's term and two FMAs, with no select of the arrangement or the layout.
-// The hot loop (SASS, sm_90): 87 instructions a 16-bit vector of 8 (about 150 before, 19 an
-// element), 47 a float32 vector of 4 (about 80). Folded rows and lp / lse (MODE = kAnyMode)
-// keep grad_input_value per element: in the forms, ptxas spilled their 16-bit instances (up to
-// 316 bytes), and one kernel holding all three forms spilled the 16-bit whole rows too.
+// The instances that hold their k sides in registers (kFast, grad_input_takes_forms: all but
+// lp / lse and 16-bit folded rows) take dx in the form MODE, a template parameter
+// (grad_input_combine): per element a select of each side's term and two FMAs, with no select
+// of the arrangement or the layout. The hot loop (SASS, sm_90): 87 instructions a 16-bit vector
+// of 8 (about 150 before, 19 an element), 47 a float32 vector of 4 (about 80); float32 folded
+// rows (7x7 channels-first) 74 at U = 1 and 180 at U = 2 (static counts of 204 and 430 before).
+// lp / lse and 16-bit folded rows (MODE = kAnyMode) keep grad_input_value per element: in the
+// forms, ptxas spilled their 16-bit instances (up to 316 bytes); and one kernel holding all
+// three forms spilled the 16-bit whole rows too.
 // Registers: at most 64 a thread (4 blocks of 256 threads per SM), 80 with U = 2 (3 blocks: its
 // second row of vectors needs them). With 8-wide vectors the sides held in registers would take
 // ~125 and leave too few loads in flight, so registers hold only what every element of a k side
-// uses (gate, dmean, a 32-bit idx, and for kFast dmean + dmax, which the select takes at the
-// max row); the lp / lse sides are larger still, and that variant reads its k sides from shared
-// memory where it uses them (kSidesInRegs). ptxas -v (sm_90): no spills and no local arrays on
+// uses (gate, dmean, a 32-bit idx, and dmean + dmax, which the select takes at the max row);
+// the lp / lse sides are larger still, and that variant reads its k sides from shared
+// memory where it uses them (not kFast). ptxas -v (sm_90): no spills and no local arrays on
 // the float32 and 16-bit paths at U = 1 and 2 (before: 36 to 96 bytes a thread on the 16-bit
 // one); 8 bytes for float64 at U = 1; none for the lp / lse variant with 16-bit types since its
 // k sides are staged lane-fastest (before: 12 / 28 bytes, and 236 / 312 before that). Folded
@@ -138,7 +147,8 @@ CBAM_DEVICE acc_t grad_input_combine(acc_t gv, acc_t gR, acc_t gK, acc_t TR, acc
 // get 80 registers (3 blocks) and read their k sides from shared memory too, from the padded
 // column order of stage_k_side_folded (no bank conflicts); held in registers they spilled 24 to
 // 72 bytes. They still spill 8 (U = 1) and 24 bytes (U = 2) at 80 (the 16-bit channels-first
-// maps of odd size only; float32 and float64 none). tests/test_codegen.py holds these.
+// maps of odd size only; float32 none, float64 8 bytes at U = 1 as on whole rows).
+// tests/test_codegen.py holds these.
 template <typename T, int VEC, int U, bool LPLSE, bool FOLD, int MODE, typename acc_t>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ? 3 : 4)
     grad_input_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
@@ -146,8 +156,8 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
                       bool cl, int arrangement) {
   grid_dependency_sync();  // first, before any global access (dialect.cuh)
   using Side = GradSide<acc_t, LPLSE>;
-  constexpr bool kFast = !LPLSE && !FOLD;
-  static_assert(kFast == (MODE != kAnyMode), "a form of dx for whole rows without lp / lse");
+  constexpr bool kFast = grad_input_takes_forms<LPLSE, FOLD, VEC>();
+  static_assert(kFast == (MODE != kAnyMode), "a form of dx where the k sides are in registers");
   __shared__ Side s_side[kChunkRows];
   const TileId t = tile_id(g, VEC);
   const bool active = t.k0 < g.K;
@@ -158,11 +168,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
   const int K0 = FOLD ? f.K0 : static_cast<int>(g.K);
   const FoldPos p0 = fold_pos(k0, FOLD ? K0 : 1);  // the thread's column 0 (FOLD)
 
-  // The k sides: staged in shared memory; without lp / lse, the values every element uses (gate,
-  // dmean, idx) are also held in registers, and dmax (used at the argmax row only) is read from
-  // shared memory there.
-  constexpr bool kSidesInRegs = !LPLSE && !(FOLD && VEC == 8);
-  constexpr int KR = kSidesInRegs ? VEC : 1;
+  // The k sides: staged in shared memory; for kFast, the values the elements use (gate, dmean,
+  // dmean + dmax, idx) are also held in registers.
+  constexpr int KR = kFast ? VEC : 1;
   __shared__ Side s_k[FOLD ? kFoldedSlots<VEC> : kMaxSpanCols * VEC];
   const auto load_k = [&](int64_t k) { return side_k.template load<LPLSE>(t.n, k); };
   if constexpr (FOLD) {
@@ -175,16 +183,16 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
     return FOLD ? folded_slot<VEC>(k, t, K0) : k_slot<VEC, LPLSE>(0, v);
   };
   acc_t k_gate[KR] = {}, k_dmean[KR] = {};  // (left 0 in the threads past the row's end)
-  acc_t k_dhit[kFast ? VEC : 1] = {};        // dmean + dmax (kFast)
+  acc_t k_dhit[KR] = {};                     // dmean + dmax
   int k_idx[KR] = {};
-  if constexpr (kSidesInRegs) {
+  if constexpr (kFast) {
     FoldPos p = p0;
     for (int v = 0; v < VEC; ++v) {
       if (active) {
         const Side& sv = s_k[k_side_slot(v, FOLD ? p.k : k0 + v)];
         k_gate[v] = sv.gate;
         k_dmean[v] = sv.dmean;
-        if constexpr (kFast) k_dhit[v] = sv.dmean + sv.dmax;
+        k_dhit[v] = sv.dmean + sv.dmax;
         k_idx[v] = sv.idx;
       }
       if constexpr (FOLD) fold_next(p, K0);
@@ -239,14 +247,23 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
         // indices in 32 bits: R, K < 2^31 (launcher; folded: R0 and K0)
         const int rf = static_cast<int>(cb) + i;
         if constexpr (kFast) {
-          // the row's side; its term at its max, in the thread's column v == vr if any
-          const Side sr = s_side[i];
-          const acc_t tr_hit = sr.dmean + sr.dmax;
-          const int vr = sr.idx - k0;  // (idx -1: none)
+          // the r sides of the (at most two, K0 >= VEC) original rows of the thread's columns
+          // (FOLD; else one), selected per element; each one's term at its max, in the
+          // thread's column v == vr (whole rows) or where its idx is the element's column
+          const Side sr0 = s_side[FOLD ? i * G + p0.j : i];
+          const Side sr1 = FOLD && p0.j + 1 < G ? s_side[i * G + p0.j + 1] : sr0;
+          const acc_t hit0 = sr0.dmean + sr0.dmax, hit1 = sr1.dmean + sr1.dmax;
+          const int vr = sr0.idx - k0;  // (idx -1: none)
+          FoldPos p = p0;
           for (int v = 0; v < VEC; ++v) {
-            const acc_t TR = v == vr ? tr_hit : sr.dmean;
-            const acc_t TK = rf == k_idx[v] ? k_dhit[v] : k_dmean[v];
-            v_[u][v] = grad_input_combine<MODE>(v_[u][v], sr.gate, k_gate[v], TR, TK);
+            const int r = FOLD ? rf * G + p.j : rf;  // the original row and column of the element
+            const bool first = !FOLD || p.j == p0.j;
+            const bool hit_r = FOLD ? (first ? sr0.idx : sr1.idx) == p.k : v == vr;
+            if constexpr (FOLD) fold_next(p, K0);
+            const acc_t gR = first ? sr0.gate : sr1.gate;
+            const acc_t TR = hit_r ? (first ? hit0 : hit1) : first ? sr0.dmean : sr1.dmean;
+            const acc_t TK = r == k_idx[v] ? k_dhit[v] : k_dmean[v];
+            v_[u][v] = grad_input_combine<MODE>(v_[u][v], gR, k_gate[v], TR, TK);
           }
         } else {
           // the r sides of the (at most two, K0 >= VEC) original rows of the thread's columns,
@@ -263,25 +280,12 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U == 2 || (FOLD && VEC == 8) ?
             const acc_t gv = v_[u][v];
             // the max indicators: the r side's idx is a column, the k side's a row
             const bool hit_r = sr.idx == k;
-            const auto value = [&](const Side& skv, bool hit_k) {
-              return cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, hit_k, hit_r,
-                                                         arrangement)
-                        : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, hit_r, hit_k,
-                                                         arrangement);
-            };
-            if constexpr (kSidesInRegs) {
-              const int w = kSidesInRegs ? v : 0;
-              const bool hit_k = r == k_idx[w];
-              Side skv;
-              skv.gate = k_gate[w];
-              skv.dmean = k_dmean[w];
-              skv.idx = k_idx[w];
-              skv.dmax = hit_k ? s_k[k_side_slot(v, k)].dmax : acc_t(0);
-              v_[u][v] = value(skv, hit_k);
-            } else {
-              const Side& skv = s_k[k_side_slot(v, k)];
-              v_[u][v] = value(skv, r == skv.idx);
-            }
+            const Side& skv = s_k[k_side_slot(v, k)];
+            const bool hit_k = r == skv.idx;
+            v_[u][v] = cl ? grad_input_value<acc_t, LPLSE>(gv, xe, skv, sr, hit_k, hit_r,
+                                                           arrangement)
+                          : grad_input_value<acc_t, LPLSE>(gv, xe, sr, skv, hit_r, hit_k,
+                                                           arrangement);
           }
         }
         store_from_acc<VEC>(dx + off[u], v_[u]);

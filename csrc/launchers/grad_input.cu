@@ -22,9 +22,9 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
   lg.g.reverse = next_pass_reversed({&v.x, &x, &dx});
   const Fold f = fold_of(v, G);
   const T* xp = LPLSE ? global_ptr<T>(x) : nullptr;
-  // the form of dx as a template parameter, but for lp / lse and folded rows (kAnyMode)
+  // the form of dx as a template parameter, but for lp / lse and 16-bit folded rows (kAnyMode)
   const auto with_mode = [&](auto f_mode) {
-    if constexpr (LPLSE || FOLD) {
+    if constexpr (!grad_input_takes_forms<LPLSE, FOLD, VEC>()) {
       f_mode(std::integral_constant<int, kAnyMode>{});
     } else {
       switch (grad_input_mode(v.cl, arrangement)) {
