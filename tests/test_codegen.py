@@ -378,8 +378,9 @@ HOT_LOOP_MAX = [
     (rf"apply_gates_kernel<{_16}, 8, 2, false, float>", 100),  # 83-91
     (r"apply_gates_kernel<float, 4, 1, false, float>", 25),  # 22 (35)
     (r"apply_gates_kernel<float, 4, 2, false, float>", 44),  # 40
-    (rf"backward_reduce_kernel<{_16}, 8, 1, float, false>", 149),  # 127-135
-    (r"backward_reduce_kernel<float, 4, 1, float, false>", 100),  # 89-91
+    # (the row sum's xor tree unrolled and the row's offset stepped: 127-135 and 89-91 before)
+    (rf"backward_reduce_kernel<{_16}, 8, 1, float, false>", 138),  # 118-125
+    (r"backward_reduce_kernel<float, 4, 1, float, false>", 88),  # 79
     # Q3 in each form of dx (grad_input_combine; 2: the parallel arrangement's third FMA), whole
     # rows without lp / lse (before the forms: about 150 and 80 a row on the executed path)
     (rf"grad_input_kernel<{_16}, 8, 1, false, false, [01], float>", 96),  # 87

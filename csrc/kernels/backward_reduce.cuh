@@ -59,10 +59,12 @@ CBAM_DEVICE void stage_chunk_gates(acc_t* s_gr, const acc_t* gr, int64_t first, 
 
 // ... and the loads of a step: U rows of g and x, rows ib + u TY + ty of the chunk at row cb (of
 // clen rows), the thread's VEC columns (zeros outside the chunk or the row; SHIFT: every lane,
-// those past the row too, load_rows_shifted).
+// those past the row too, load_rows_shifted). row0: the offset of the thread's first (row
+// ib + ty, column t.k0), stepped by the caller (recomputed, a 64-bit multiply-add of the row,
+// it took a tenth of the loop).
 template <int U, int VEC, bool SHIFT = false, typename T, typename acc_t>
 CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, const Geom& g,
-                                int64_t cb, int clen, int ib, bool active,
+                                int64_t cb, int clen, int ib, int64_t row0, bool active,
                                 acc_t (&gv)[U][VEC], acc_t (&xv)[U][VEC]) {
   if constexpr (SHIFT) {
     int64_t e[U];
@@ -74,7 +76,6 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
     // Loads first, U rows in flight (load_raw): unguarded where all U > 1 rows are in the chunk
     // (and the thread's columns in the row), guarded otherwise.
     const int ty = static_cast<int>(threadIdx.y), TY = static_cast<int>(blockDim.y);
-    const int64_t row0 = (t.n * g.R + cb + ib + ty) * g.K + t.k0;
     if (U > 1 && active && ib + (U - 1) * TY + ty < clen) {
       Vec<T, VEC> graw[U], xraw[U];
       for (int u = 0; u < U; ++u) {
@@ -125,9 +126,11 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U > 1 || SHIFT ? 3 : 4)
     const int64_t rest = t.r_end - cb;
     const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
     stage_chunk_gates(s_gr, gr, t.n * g.R + cb, clen, tid, TX * TY);
-    for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
+    int64_t row0 = (t.n * g.R + cb + ty) * g.K + t.k0;  // (the thread's row of the step)
+    // the same trip count in every thread
+    for (int ib = 0; ib < clen; ib += U * TY, row0 += static_cast<int64_t>(U) * TY * g.K) {
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      load_step_rows<U, VEC, SHIFT>(grad, x, t, g, cb, clen, ib, active, gv, xv);
+      load_step_rows<U, VEC, SHIFT>(grad, x, t, g, cb, clen, ib, row0, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row = acc_t(0);
@@ -141,8 +144,11 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U > 1 || SHIFT ? 3 : 4)
           }
         }
         if (need_r) {  // every lane, every u: the shuffles need the whole warp
-          for (int lane_mask = TX / 2; lane_mask > 0; lane_mask /= 2) {
-            row += __shfl_xor_sync(0xffffffffu, row, lane_mask);
+          // masks TX / 2 ... 1 (TX a power of two <= 32), unrolled: a predicated shuffle and
+          // add a step, not a loop's 7 instructions (the row's tree was a fifth of the loop)
+          CBAM_UNROLL
+          for (int lane_mask = 16; lane_mask > 0; lane_mask /= 2) {
+            if (lane_mask < TX) row += __shfl_xor_sync(0xffffffffu, row, lane_mask);
           }
           if (tx == 0 && i < clen) st(part_r + (t.n * g.nkt + t.kt) * g.R + cb + i, row);
         }
@@ -224,9 +230,11 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
     const int64_t rest = t.r_end - cb;
     const int clen = rest < crows ? static_cast<int>(rest) : crows;
     stage_chunk_gates(s_gr, gr, (t.n * g.R + cb) * G, clen * G, tid, TX * TY);
-    for (int ib = 0; ib < clen; ib += U * TY) {  // the same trip count in every thread
+    int64_t row0 = (t.n * g.R + cb + ty) * g.K + t.k0;  // (the thread's row of the step)
+    // the same trip count in every thread
+    for (int ib = 0; ib < clen; ib += U * TY, row0 += static_cast<int64_t>(U) * TY * g.K) {
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, active, gv, xv);
+      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, row0, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row0 = acc_t(0), row1 = acc_t(0);
