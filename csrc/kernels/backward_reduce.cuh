@@ -59,12 +59,12 @@ CBAM_DEVICE void stage_chunk_gates(acc_t* s_gr, const acc_t* gr, int64_t first, 
 
 // ... and the loads of a step: U rows of g and x, rows ib + u TY + ty of the chunk at row cb (of
 // clen rows), the thread's VEC columns (zeros outside the chunk or the row; SHIFT: every lane,
-// those past the row too, load_rows_shifted). row0: the offset of the thread's first (row
+// those past the row too, load_rows_shifted). off0: the offset of the thread's first (row
 // ib + ty, column t.k0), stepped by the caller (recomputed, a 64-bit multiply-add of the row,
 // it took a tenth of the loop).
 template <int U, int VEC, bool SHIFT = false, typename T, typename acc_t>
 CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, const Geom& g,
-                                int64_t cb, int clen, int ib, int64_t row0, bool active,
+                                int64_t cb, int clen, int ib, int64_t off0, bool active,
                                 acc_t (&gv)[U][VEC], acc_t (&xv)[U][VEC]) {
   if constexpr (SHIFT) {
     int64_t e[U];
@@ -79,8 +79,8 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
     if (U > 1 && active && ib + (U - 1) * TY + ty < clen) {
       Vec<T, VEC> graw[U], xraw[U];
       for (int u = 0; u < U; ++u) {
-        graw[u] = load_raw<VEC>(grad + row0 + static_cast<int64_t>(u) * TY * g.K);
-        xraw[u] = load_raw<VEC>(x + row0 + static_cast<int64_t>(u) * TY * g.K);
+        graw[u] = load_raw<VEC>(grad + off0 + static_cast<int64_t>(u) * TY * g.K);
+        xraw[u] = load_raw<VEC>(x + off0 + static_cast<int64_t>(u) * TY * g.K);
       }
       for (int u = 0; u < U; ++u) {
         to_acc<VEC>(graw[u], gv[u]);
@@ -89,8 +89,8 @@ CBAM_DEVICE void load_step_rows(const T* grad, const T* x, const TileId& t, cons
     } else {
       for (int u = 0; u < U; ++u) {
         if (active && ib + u * TY + ty < clen) {
-          load_acc<VEC>(grad + row0 + static_cast<int64_t>(u) * TY * g.K, gv[u]);
-          load_acc<VEC>(x + row0 + static_cast<int64_t>(u) * TY * g.K, xv[u]);
+          load_acc<VEC>(grad + off0 + static_cast<int64_t>(u) * TY * g.K, gv[u]);
+          load_acc<VEC>(x + off0 + static_cast<int64_t>(u) * TY * g.K, xv[u]);
         }
       }
     }
@@ -126,11 +126,11 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U > 1 || SHIFT ? 3 : 4)
     const int64_t rest = t.r_end - cb;
     const int clen = rest < kChunkRows ? static_cast<int>(rest) : kChunkRows;
     stage_chunk_gates(s_gr, gr, t.n * g.R + cb, clen, tid, TX * TY);
-    int64_t row0 = (t.n * g.R + cb + ty) * g.K + t.k0;  // (the thread's row of the step)
+    int64_t off0 = (t.n * g.R + cb + ty) * g.K + t.k0;  // (the thread's row of the step)
     // the same trip count in every thread
-    for (int ib = 0; ib < clen; ib += U * TY, row0 += static_cast<int64_t>(U) * TY * g.K) {
+    for (int ib = 0; ib < clen; ib += U * TY, off0 += static_cast<int64_t>(U) * TY * g.K) {
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      load_step_rows<U, VEC, SHIFT>(grad, x, t, g, cb, clen, ib, row0, active, gv, xv);
+      load_step_rows<U, VEC, SHIFT>(grad, x, t, g, cb, clen, ib, off0, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row = acc_t(0);
@@ -230,11 +230,11 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
     const int64_t rest = t.r_end - cb;
     const int clen = rest < crows ? static_cast<int>(rest) : crows;
     stage_chunk_gates(s_gr, gr, (t.n * g.R + cb) * G, clen * G, tid, TX * TY);
-    int64_t row0 = (t.n * g.R + cb + ty) * g.K + t.k0;  // (the thread's row of the step)
+    int64_t off0 = (t.n * g.R + cb + ty) * g.K + t.k0;  // (the thread's row of the step)
     // the same trip count in every thread
-    for (int ib = 0; ib < clen; ib += U * TY, row0 += static_cast<int64_t>(U) * TY * g.K) {
+    for (int ib = 0; ib < clen; ib += U * TY, off0 += static_cast<int64_t>(U) * TY * g.K) {
       acc_t gv[U][VEC] = {}, xv[U][VEC] = {};
-      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, row0, active, gv, xv);
+      load_step_rows<U, VEC>(grad, x, t, g, cb, clen, ib, off0, active, gv, xv);
       for (int u = 0; u < U; ++u) {
         const int i = ib + u * TY + ty;
         acc_t row0 = acc_t(0), row1 = acc_t(0);
