@@ -240,6 +240,8 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   g.R = R;
   g.K = K;
   const int64_t kv = std::max<int64_t>(1, std::min<int64_t>(kv_max, ceil_div(need, tx)));
+  // the tiles that fill the device a few times over (debug::tiles_per_sm per SM)
+  const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
   // the rows of the tiles for column tiles of `cols` columns, `groups` groups a lane: sets
   // g.cols_per_tile, nkt, nrt and rows_per_tile
   const auto tile_rows = [&](int64_t cols, int64_t groups) {
@@ -259,7 +261,6 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
       // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default
       // 32), each thread walking at least debug::min_rows_per_thread rows (default 4), and the
       // side traffic bounded as above.
-      const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
       const int64_t want_tiles = ceil_div(target, N * g.nkt);
       rpt = std::max({ceil_div(R, want_tiles),
                       static_cast<int64_t>(lg.ty) * ceil_div(debug::min_rows_per_thread, groups),
@@ -276,7 +277,6 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   tile_rows(group_cols, 1);  // one group a lane
   if (groups_max > 1 && groups > 1 && debug::tile_mode == 0) {
     const Geom one = g;
-    const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
     const int64_t keep = std::min(target, N * one.nrt * one.nkt) * 3 / 4;
     bool done = false;
     for (int64_t nkt = ceil_div(groups, groups_max); nkt < groups && !done; ++nkt) {
