@@ -60,8 +60,10 @@ ALLOWED = [
     # registers saved around the division's slow-path call (measured: 28 bytes)
     (r"spatial_head_backward_kernel<(float|double), false>", 28),
     # the float64 channel head's backward, whose one launch holds three tiled products and two
-    # column sums (measured: 16 bytes at 64 registers; float32 none)
-    (r"channel_head_bwd_params_kernel<double, true>", 16),
+    # column sums (measured with the 16-byte shared reads of head_gemm.cuh: 8 bytes at 80
+    # registers for one layer, none for two; 16 bytes at 64 registers for two before; float32
+    # none)
+    (r"channel_head_bwd_params_kernel<double, (true|false)>", 16),
 ]
 
 
@@ -439,6 +441,68 @@ def test_pools_of_x_itself_fold_without_weights(sass_kernels):
     # reduce_r reads a row's weight once a row, reduce_k a column's for every element
     assert all(mu > 0 for _, _, mu in seen["true"]), seen["true"]
     assert all(sh > 0 for n, sh, _ in seen["true"] if "reduce_k_kernel" in n), seen["true"]
+
+
+# The channel head's tiled products (kernels/head_gemm.cuh): the hidden layer and its gradient
+# (grids of a block or two an SM, their next chunk's loads issued before a chunk is summed), the
+# gate's layer (the same), the backward's parameter tiles (many blocks: loaded, then staged).
+HEAD_PRODUCTS = r"cbam::channel_head_(hidden|bwd_hidden|bwd_params|gate)_kernel<(float|double), "
+HEAD_PREFETCH = ("hidden", "bwd_hidden", "gate")
+
+
+def _head_product_kernels(sass_kernels):
+    found = {}
+    for name, ins in sass_kernels.items():
+        m = re.search(HEAD_PRODUCTS + r"(true|false)>", name)
+        if m and not (m.group(1) == "gate" and m.group(3) == "false"):  # (one layer: no product)
+            found[name] = (m.group(1), ins)
+    # 4 kernels x 2 types x 2 instances (FINISH or split; MLP or one layer), less the one-layer
+    # gates
+    assert len(found) == 14, sorted(found)
+    return found
+
+
+def test_head_products_read_shared_memory_in_vectors(sass_kernels):
+    """The channel head's chunk sums read each staged row 4 kk at a time (one 16-byte LDS of B's
+    row and one of each of a thread's 4 A rows per 4 kk: 5 reads for 16 FMAs, where element
+    reads took 20; a float64 vector is two such reads): every shared-memory read of their FMA
+    loops is 128 bits wide."""
+    for name, (_, ins) in _head_product_kernels(sass_kernels).items():
+        per_read = 3 if "<float, " in name else 1.5  # FMAs a 16-byte read: 3.2 and 1.6
+        widths, fmas = [], 0
+        for first, last in sass_loops.loops(ins):
+            body = ins[first:last + 1]
+            if any("BAR" in t for t in body):
+                continue  # a chunk loop (staging, barriers); the sums are the loops inside
+            f = sum(bool(re.search(r"\b[FD]FMA\b", t)) for t in body)
+            lds = [re.search(r"\bLDS(\.\w+)?", t).group(0) for t in body if re.search(r"\bLDS\b", t)]
+            if f and lds:
+                fmas += f
+                widths += lds
+        assert widths and fmas >= per_read * len(widths), (name[:120], fmas, len(widths))
+        assert set(widths) == {"LDS.128"}, (name[:120], sorted(set(widths)))
+
+
+def test_head_products_prefetch_their_next_chunk(sass_kernels):
+    """In the products whose grids hold a block or two an SM (head_tile_gemm's PREFETCH, and the
+    gate's layer), a chunk loop loads the next chunk from global memory after the barrier that
+    publishes this one and before its first FMA, so the loads' latency hides behind the sums;
+    the parameter tiles of the backward (many blocks) load a chunk before staging it."""
+    for name, (kind, ins) in _head_product_kernels(sass_kernels).items():
+        chunk_loops = []
+        for first, last in sass_loops.loops(ins):
+            body = ins[first:last + 1]
+            bars = [i for i, t in enumerate(body) if "BAR.SYNC" in t]
+            if len(bars) == 2 and any(re.search(r"\b[FD]FMA\b", t) for t in body):
+                chunk_loops.append(body[bars[1]:])
+        assert chunk_loops, name[:120]
+        after = [any("LDG" in t for t in tail[:next(
+            (i for i, t in enumerate(tail) if re.search(r"\b[FD]FMA\b", t)), len(tail))])
+            for tail in chunk_loops]
+        if kind in HEAD_PREFETCH:
+            assert all(after), (name[:120], after)
+        else:
+            assert not any(after), (name[:120], after)
 
 
 def _hot_loop_span(ins):

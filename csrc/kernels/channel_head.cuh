@@ -24,8 +24,8 @@
 //       them in split order, b1 and the activation, and stores h.
 //   channel_head_gate_kernel    gc: two layers, a block per 32 x 32 tile of gc (samples n,
 //       channels c), each thread 4 samples of one c and every pool, staging 32-wide chunks of
-//       W2 and of each pool's act(h) along j as above (W2 is read ceil(N / 32) times, h
-//       ceil(C / 32) times); one layer, a thread an element.
+//       W2 and of each pool's act(h) along j as above (head_gemm.cuh's staging and chunk sums;
+//       W2 is read ceil(N / 32) times, h ceil(C / 32) times); one layer, a thread an element.
 // These replace ATen's cat, two linear (addmm), the activation, the sum over the pools and the
 // sigmoid (six launches).
 #pragma once
@@ -115,7 +115,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   const auto load_w1 = [&](int row, int64_t c) {
     return j0 + row < a.H ? ld(a.w1 + (j0 + row) * a.C + c) : acc_t(0);
   };
-  head_tile_gemm<false, false>(c_begin, c_end, load_p, load_w1, s_p, s_w, acc);
+  head_tile_gemm<false, false, true>(c_begin, c_end, load_p, load_w1, s_p, s_w, acc);
   const int64_t j = j0 + tx;
   if constexpr (FINISH) {
     CBAM_UNROLL
@@ -146,7 +146,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       st(a.gc + e, acc_t(1) / (acc_t(1) + exp_acc(-z)));
     }
   } else {
-    __shared__ acc_t s_h[kMaxChannelPools][kHeadTile][kHeadTile + 1];  // [pool][sample][unit]
+    __shared__ HeadQuad<acc_t> s_h[kMaxChannelPools][kHeadTile][kHeadQuads + 1];  // [pool][n][j]
     __shared__ HeadTileSmem<acc_t> s_w;  // [channel][hidden unit of the chunk]
     const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
     const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
@@ -159,37 +159,42 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       CBAM_UNROLL
       for (int q = 0; q < kHeadRowsPerThread; ++q) acc[i][q] = acc_t(0);
     }
+    // a chunk of W2 (once for every pool: W2 is read once per sample tile) and of each pool's
+    // act(h), both along j (head_gemm.cuh), the next one fetched while this one is summed
+    const auto load_w2 = [&](int row, int64_t j) {
+      return c0 + row < a.C ? ld(a.w2 + (c0 + row) * a.H + j) : acc_t(0);
+    };
+    acc_t vw[kHeadStaged], vh[kMaxChannelPools][kHeadStaged];
+    const auto fetch = [&](int64_t j0) {
+      head_fetch<false>(j0, a.H, load_w2, vw);
+      CBAM_UNROLL
+      for (int i = 0; i < kMaxChannelPools; ++i) {
+        if (i >= k) continue;
+        head_fetch<false>(j0, a.H, [&](int row, int64_t j) {
+          if (n0 + row >= a.N) return acc_t(0);
+          const acc_t hv = ld(a.h + (i * a.N + n0 + row) * a.H + j);
+          return apply_act ? head_act(hv, a.act) : hv;
+        }, vh[i]);
+      }
+    };
+    fetch(0);
     for (int64_t j0 = 0; j0 < a.H; j0 += kHeadTile) {
       __syncthreads();  // the previous chunk is no longer read
-      // stage W2's chunk once and every pool's chunk of act(h): W2 is read once per sample tile
-      for (int e = static_cast<int>(threadIdx.x); e < kHeadTile * kHeadTile; e += kBlockThreads) {
-        const int row = e / kHeadTile, col = e % kHeadTile;
-        const int64_t j = j0 + col;
-        s_w[row][col] = j < a.H && c0 + row < a.C ? ld(a.w2 + (c0 + row) * a.H + j) : acc_t(0);
-        for (int i = 0; i < k; ++i) {
-          acc_t hv = acc_t(0);
-          if (j < a.H && n0 + row < a.N) {
-            hv = ld(a.h + (i * a.N + n0 + row) * a.H + j);
-            if (apply_act) hv = head_act(hv, a.act);
-          }
-          s_h[i][row][col] = hv;
-        }
+      head_stage<false>(s_w, vw);
+      CBAM_UNROLL
+      for (int i = 0; i < kMaxChannelPools; ++i) {
+        if (i < k) head_stage<false>(s_h[i], vh[i]);
       }
       __syncthreads();
-      const int cols = a.H - j0 < kHeadTile ? static_cast<int>(a.H - j0) : kHeadTile;
+      if (j0 + kHeadTile < a.H) fetch(j0 + kHeadTile);
+      const int quads = head_quads(a.H - j0);
       CBAM_UNROLL
       for (int i = 0; i < kMaxChannelPools; ++i) {  // (unrolled: acc stays in registers)
         if (i >= k) continue;
         acc_t part[kHeadRowsPerThread];  // the chunk's sum, then added: a blocked sum
         CBAM_UNROLL
         for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] = acc_t(0);
-        for (int jj = 0; jj < cols; ++jj) {
-          const acc_t w = s_w[tx][jj];
-          CBAM_UNROLL
-          for (int q = 0; q < kHeadRowsPerThread; ++q) {
-            part[q] += w * s_h[i][ty + q * kHeadRowStep][jj];
-          }
-        }
+        head_chunk_sum(s_h[i], s_w, quads, part);
         CBAM_UNROLL
         for (int q = 0; q < kHeadRowsPerThread; ++q) acc[i][q] += part[q];
       }

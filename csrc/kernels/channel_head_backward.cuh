@@ -105,7 +105,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   const auto load_w2 = [&](int col, int64_t c) {
     return j0 + col < a.H ? ld(a.w2 + c * a.H + j0 + col) : acc_t(0);
   };
-  head_tile_gemm<false, true>(c_begin, c_end, load_dz, load_w2, s_a, s_b, acc);
+  head_tile_gemm<false, true, true>(c_begin, c_end, load_dz, load_w2, s_a, s_b, acc);
   const int64_t j = j0 + tx;
   if constexpr (FINISH) {
     CBAM_UNROLL
@@ -168,7 +168,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
         }
         return s;
       };
-      head_tile_gemm<true, true>(0, a.N, load_dz, load_act, s_a, s_b, acc);
+      head_tile_gemm<true, true, false>(0, a.N, load_dz, load_act, s_a, s_b, acc);
       store_tile(a.dw2, a.C, a.H, c0, j0, acc_t(1));
     }
   } else if (b < a.seg[2]) {  // dW1[j, c], K = R: A(j, r) = dh[r, j], B(c, r) = P[r, c]
@@ -180,7 +180,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     const auto load_p = [&](int col, int64_t r) {
       return c0 + col < a.C ? ld(a.p + r * a.C + c0 + col) : acc_t(0);
     };
-    head_tile_gemm<true, true>(0, a.R, load_dh, load_p, s_a, s_b, acc);
+    head_tile_gemm<true, true, false>(0, a.R, load_dh, load_p, s_a, s_b, acc);
     store_tile(a.dw1, a.H, a.C, j0, c0, acc_t(1));
   } else if (b < a.seg[3]) {  // dP[r, c], K = H: A(r, j) = dh[r, j], B(c, j) = W1[j, c]
     const int64_t t = b - a.seg[2], tiles_c = (a.C + kHeadTile - 1) / kHeadTile;
@@ -191,7 +191,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     const auto load_w1 = [&](int col, int64_t j) {
       return c0 + col < a.C ? ld(a.w1 + j * a.C + c0 + col) : acc_t(0);
     };
-    head_tile_gemm<false, true>(0, a.H, load_dh, load_w1, s_a, s_b, acc);
+    head_tile_gemm<false, true, false>(0, a.H, load_dh, load_w1, s_a, s_b, acc);
     store_tile(a.dp, a.R, a.C, r0, c0, a.blend ? acc_t(0.5) : acc_t(1));
   } else if (b < a.seg[4]) {  // db1[j] = sum over r of dh[r, j]
     const int64_t j = (b - a.seg[3]) * kBlockThreads + threadIdx.x;

@@ -5,12 +5,23 @@
 //
 // per block of kBlockThreads = 256 threads. Thread (tx = t % 32, ty = t / 32) owns column
 // col0 + tx and rows row0 + ty + 8 q, q < 4. The block stages 32-wide chunks of kk of both
-// operands in shared memory, rows padded to 33 (the reads of a warp hit 32 banks: s_b by tx, s_a
-// broadcast), each operand loaded along its contiguous axis: with A_ROW_FAST (B_ROW_FAST) a warp
-// loads 32 consecutive rows of one kk, else 32 consecutive kk of one row, so global reads are
-// coalesced whichever way the operand is stored. The sums are blocked: each chunk is summed on
-// its own, then added to the running sum, in increasing kk (a fixed order: no race, the same
-// result every run; rounding error grows with 32 + K / 32 terms, not K).
+// operands in shared memory, each row of a chunk as 8 vectors of 4 kk (HeadTileSmem; rows padded
+// to 9 vectors, 36 elements): per 4 kk a thread reads one vector of B's row tx and one of each
+// of its 4 rows of A (a broadcast: the warp's ty is one), 5 vector reads for 16 FMAs where
+// element reads took 20 (the reads of B's rows hit every bank once a quarter warp). Each thread
+// stages 4 elements of each operand a chunk, loaded along the operand's contiguous axis so that
+// global reads are coalesced whichever way it is stored: with A_ROW_FAST (B_ROW_FAST) a warp
+// loads 8 consecutive rows (a 32-byte sector of float) at each of 4 kk, and its stores meet 32
+// banks; else 32 consecutive kk of one row. The next chunk's elements are loaded into registers
+// before the current chunk is summed, so the loads' latency hides behind the FMAs (one block an
+// SM at the small sites' grids has no other block to hide it behind).
+//
+// The sums are blocked: each chunk is summed on its own, then added to the running sum, in
+// increasing kk (a fixed order: no race, the same result every run; rounding error grows with
+// 32 + K / 32 terms, not K). A chunk's last vector may run past k_end: both operands are staged
+// as 0 there, and a product 0 * 0 added to a chunk's sum leaves the running sum's bits as they
+// were (it can only turn a chunk sum of -0 into +0, and a running sum, which starts at +0, is
+// never -0).
 #pragma once
 
 #include "kernels/combine_partials.cuh"
@@ -20,38 +31,130 @@ namespace cbam {
 constexpr int kHeadTile = 32;  // rows and columns of a tile, and the staged chunk of kk
 constexpr int kHeadRowsPerThread = kHeadTile * kHeadTile / kBlockThreads;  // 4
 constexpr int kHeadRowStep = kBlockThreads / kHeadTile;                   // 8: ty's row stride
+constexpr int kHeadQuad = 4;                                              // kk a vector read
+constexpr int kHeadQuads = kHeadTile / kHeadQuad;                         // 8 a chunk's row
+constexpr int kHeadStaged = kHeadTile * kHeadTile / kBlockThreads;        // 4 an operand a thread
 
 template <typename acc_t>
-using HeadTileSmem = acc_t[kHeadTile][kHeadTile + 1];
+using HeadQuad = Vec<acc_t, kHeadQuad>;
+// [row][vector of 4 kk]; a 9th vector pads the row to 36 elements: the B reads of a quarter warp
+// (rows tx .. tx + 7) then start 4 banks apart and cover the 32 banks once.
+template <typename acc_t>
+using HeadTileSmem = HeadQuad<acc_t>[kHeadTile][kHeadQuads + 1];
+
+template <typename acc_t>
+CBAM_DEVICE acc_t& head_smem_at(HeadTileSmem<acc_t>& s, int row, int kk) {
+  return s[row][kk / kHeadQuad].val[kk % kHeadQuad];
+}
+
+// The (row, kk) of a chunk that staging slot e (0 .. 1023) holds. ROW_FAST: 8 consecutive rows a
+// kk, 4 kk, then 4 row groups and 8 kk groups (a warp: rows r .. r + 7 at kk .. kk + 3, banks
+// 4 row + kk: all 32); else 32 consecutive kk of one row.
+template <bool ROW_FAST>
+CBAM_DEVICE void head_slot(int e, int& row, int& kk) {
+  if constexpr (ROW_FAST) {
+    row = e % 8 + 8 * ((e / kHeadTile) % 4);
+    kk = (e / 8) % 4 + 4 * (e / (4 * kHeadTile));
+  } else {
+    row = e / kHeadTile;
+    kk = e % kHeadTile;
+  }
+}
+
+// This thread's staged elements of the chunk at k0 (0 past k_end; load returns 0 for a row
+// outside the matrix).
+template <bool ROW_FAST, typename acc_t, typename Load>
+CBAM_DEVICE void head_fetch(int64_t k0, int64_t k_end, const Load& load,
+                            acc_t (&v)[kHeadStaged]) {
+  CBAM_UNROLL
+  for (int s = 0; s < kHeadStaged; ++s) {
+    int row, kk;
+    head_slot<ROW_FAST>(static_cast<int>(threadIdx.x) + s * kBlockThreads, row, kk);
+    v[s] = k0 + kk < k_end ? load(row, k0 + kk) : acc_t(0);
+  }
+}
+
+template <bool ROW_FAST, typename acc_t>
+CBAM_DEVICE void head_stage(HeadTileSmem<acc_t>& sm, const acc_t (&v)[kHeadStaged]) {
+  CBAM_UNROLL
+  for (int s = 0; s < kHeadStaged; ++s) {
+    int row, kk;
+    head_slot<ROW_FAST>(static_cast<int>(threadIdx.x) + s * kBlockThreads, row, kk);
+    head_smem_at(sm, row, kk) = v[s];
+  }
+}
+
+// part[q] += sum over the chunk's kk < 4 quads of B(tx, kk) A(rows[q], kk), kk in order: one
+// vector of B's row and one of each A row per 4 kk, two such steps an iteration (unrolled
+// further, nvcc issues all of a chunk's 40 vector reads at once: 90 to 130 registers a thread
+// instead of about 60, and fewer blocks an SM).
+template <typename acc_t, int ROWS>
+CBAM_DEVICE void head_chunk_sum(const HeadTileSmem<acc_t>& s_a, const HeadTileSmem<acc_t>& s_b,
+                                int quads, acc_t (&part)[ROWS]) {
+  const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
+  const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
+  const auto step = [&](int kq) {
+    const HeadQuad<acc_t> b = s_b[tx][kq];
+    HeadQuad<acc_t> a[ROWS];
+    CBAM_UNROLL
+    for (int q = 0; q < ROWS; ++q) a[q] = s_a[ty + q * kHeadRowStep][kq];
+    CBAM_UNROLL
+    for (int j = 0; j < kHeadQuad; ++j) {
+      CBAM_UNROLL
+      for (int q = 0; q < ROWS; ++q) part[q] += b.val[j] * a[q].val[j];
+    }
+  };
+  int kq = 0;
+  CBAM_NO_UNROLL
+  for (; kq + 1 < quads; kq += 2) {
+    step(kq);
+    step(kq + 1);
+  }
+  if (kq < quads) step(kq);
+}
+
+// The vectors of a chunk of `cols` kk (the last may be partial: zeros past k_end).
+CBAM_DEVICE int head_quads(int64_t cols) {
+  return cols < kHeadTile ? static_cast<int>((cols + kHeadQuad - 1) / kHeadQuad) : kHeadQuads;
+}
 
 // acc[q] += the tile's sums for rows ty + 8 q. load_a(r, kk) / load_b(c, kk) take a row / column
 // of the tile (0..31) and a global kk in range; they return A / B, or 0 for a row / column
-// outside the matrix. Every thread of the block must call it (it has barriers).
-template <bool A_ROW_FAST, bool B_ROW_FAST, typename acc_t, typename LoadA, typename LoadB>
+// outside the matrix. PREFETCH: the next chunk's loads are issued before this chunk is summed
+// (8 registers of float more, and their addresses: 60 to 100 registers a thread, two or three
+// blocks an SM), for the launches whose grids hold a block or two an SM and so have no other
+// block to hide a chunk's load latency behind; else loaded right before they are staged (the
+// backward's parameter tiles: a grid of many blocks). Every thread of the block must call it
+// (it has barriers).
+template <bool A_ROW_FAST, bool B_ROW_FAST, bool PREFETCH, typename acc_t, typename LoadA,
+          typename LoadB>
 CBAM_DEVICE void head_tile_gemm(int64_t k_begin, int64_t k_end, const LoadA& load_a,
                                 const LoadB& load_b, HeadTileSmem<acc_t>& s_a,
                                 HeadTileSmem<acc_t>& s_b, acc_t (&acc)[kHeadRowsPerThread]) {
-  const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
-  const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
+  acc_t va[kHeadStaged], vb[kHeadStaged];
+  if constexpr (PREFETCH) {
+    head_fetch<A_ROW_FAST>(k_begin, k_end, load_a, va);
+    head_fetch<B_ROW_FAST>(k_begin, k_end, load_b, vb);
+  }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kHeadTile) {
-    __syncthreads();  // the previous chunk is no longer read
-    for (int e = static_cast<int>(threadIdx.x); e < kHeadTile * kHeadTile; e += kBlockThreads) {
-      const int fast = e % kHeadTile, slow = e / kHeadTile;
-      const int ra = A_ROW_FAST ? fast : slow, ka = A_ROW_FAST ? slow : fast;
-      s_a[ra][ka] = k0 + ka < k_end ? load_a(ra, k0 + ka) : acc_t(0);
-      const int rb = B_ROW_FAST ? fast : slow, kb = B_ROW_FAST ? slow : fast;
-      s_b[rb][kb] = k0 + kb < k_end ? load_b(rb, k0 + kb) : acc_t(0);
+    if constexpr (!PREFETCH) {
+      head_fetch<A_ROW_FAST>(k0, k_end, load_a, va);
+      head_fetch<B_ROW_FAST>(k0, k_end, load_b, vb);
     }
+    __syncthreads();  // the previous chunk is no longer read
+    head_stage<A_ROW_FAST>(s_a, va);
+    head_stage<B_ROW_FAST>(s_b, vb);
     __syncthreads();
-    const int cols = k_end - k0 < kHeadTile ? static_cast<int>(k_end - k0) : kHeadTile;
+    if constexpr (PREFETCH) {
+      if (k0 + kHeadTile < k_end) {  // the next chunk's loads, in flight while this one is summed
+        head_fetch<A_ROW_FAST>(k0 + kHeadTile, k_end, load_a, va);
+        head_fetch<B_ROW_FAST>(k0 + kHeadTile, k_end, load_b, vb);
+      }
+    }
     acc_t part[kHeadRowsPerThread];
     CBAM_UNROLL
     for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] = acc_t(0);
-    for (int kk = 0; kk < cols; ++kk) {
-      const acc_t b = s_b[tx][kk];
-      CBAM_UNROLL
-      for (int q = 0; q < kHeadRowsPerThread; ++q) part[q] += b * s_a[ty + q * kHeadRowStep][kk];
-    }
+    head_chunk_sum(s_a, s_b, head_quads(k_end - k0), part);
     CBAM_UNROLL
     for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] += part[q];
   }
