@@ -59,11 +59,6 @@ ALLOWED = [
     # its backward's unstaged path (a wide map's taps read global memory; float32 and float64):
     # registers saved around the division's slow-path call (measured: 28 bytes)
     (r"spatial_head_backward_kernel<(float|double), false>", 28),
-    # the float64 channel head's backward, whose one launch holds three tiled products and two
-    # column sums (measured with the 16-byte shared reads of head_gemm.cuh: 8 bytes at 80
-    # registers for one layer, none for two; 16 bytes at 64 registers for two before; float32
-    # none)
-    (r"channel_head_bwd_params_kernel<double, (true|false)>", 16),
 ]
 
 

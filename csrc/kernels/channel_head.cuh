@@ -69,17 +69,6 @@ struct ChannelHeadArgs {
   acc_t* gc;                             // [N, C]
 };
 
-// P[r, c] from the pools.
-template <typename acc_t>
-CBAM_DEVICE acc_t head_p_at(const ChannelHeadArgs<acc_t>& a, int64_t r, int64_t c) {
-  if (a.blend) {
-    const int64_t o = r * a.C + c;
-    return acc_t(0.5) * (ld(a.pools[0] + o) + ld(a.pools[1] + o));
-  }
-  const int64_t i = r / a.N;
-  return ld(a.pools[i] + (r - i * a.N) * a.C + c);
-}
-
 // h's epilogue: + b1, then the activation where h stores it.
 template <typename acc_t>
 CBAM_DEVICE acc_t head_hidden_out(const ChannelHeadArgs<acc_t>& a, acc_t acc, int64_t j) {
@@ -106,16 +95,29 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   acc_t acc[kHeadRowsPerThread];
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] = acc_t(0);
-  const auto load_p = [&](int row, int64_t c) {
-    if (r0 + row >= R) return acc_t(0);
-    const acc_t v = head_p_at(a, r0 + row, c);
-    if (writes_p) st(a.p + (r0 + row) * a.C + c, v);
-    return v;
+  // P's row r0 + row: its pool's row (or both pools' for the blend) and, in the first j tile,
+  // where it is written
+  const auto p_row = [&](int row) {
+    const int64_t r = r0 + row;
+    const bool in = r < R;
+    const bool blend = a.blend;
+    const int64_t i = in && !blend ? r / a.N : 0;
+    const acc_t* src0 = in ? a.pools[i] + (r - i * a.N) * a.C : nullptr;
+    const acc_t* src1 = in && blend ? a.pools[1] + r * a.C : nullptr;
+    acc_t* dst = in && writes_p ? a.p + r * a.C : nullptr;
+    return [=](int64_t c) {
+      if (!in) return acc_t(0);
+      const acc_t v = blend ? acc_t(0.5) * (ld(src0 + c) + ld(src1 + c)) : ld(src0 + c);
+      if (dst != nullptr) st(dst + c, v);
+      return v;
+    };
   };
-  const auto load_w1 = [&](int row, int64_t c) {
-    return j0 + row < a.H ? ld(a.w1 + (j0 + row) * a.C + c) : acc_t(0);
+  const auto w1_row = [&](int row) {
+    const bool in = j0 + row < a.H;
+    const acc_t* src = in ? a.w1 + (j0 + row) * a.C : nullptr;
+    return [=](int64_t c) { return in ? ld(src + c) : acc_t(0); };
   };
-  head_tile_gemm<false, false, true>(c_begin, c_end, load_p, load_w1, s_p, s_w, acc);
+  head_tile_gemm<false, false, true>(c_begin, c_end, p_row, w1_row, s_p, s_w, acc);
   const int64_t j = j0 + tx;
   if constexpr (FINISH) {
     CBAM_UNROLL
@@ -161,20 +163,33 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     }
     // a chunk of W2 (once for every pool: W2 is read once per sample tile) and of each pool's
     // act(h), both along j (head_gemm.cuh), the next one fetched while this one is summed
-    const auto load_w2 = [&](int row, int64_t j) {
-      return c0 + row < a.C ? ld(a.w2 + (c0 + row) * a.H + j) : acc_t(0);
-    };
+    const auto w2_rows = head_rows<false>([&](int row) {
+      const bool in = c0 + row < a.C;
+      const acc_t* src = in ? a.w2 + (c0 + row) * a.H : nullptr;
+      return [=](int64_t j) { return in ? ld(src + j) : acc_t(0); };
+    });
+    // pool 0's rows of h; pool i's are N H further
+    const int64_t pool_stride = a.N * a.H;
+    const int act = a.act;
+    const auto h_rows = head_rows<false>([&](int row) {
+      const bool in = n0 + row < a.N;
+      const acc_t* src = in ? a.h + (n0 + row) * a.H : nullptr;
+      return [=](int64_t j, int i) {
+        if (!in) return acc_t(0);
+        const acc_t hv = ld(src + i * pool_stride + j);
+        return apply_act ? head_act(hv, act) : hv;
+      };
+    });
     acc_t vw[kHeadStaged], vh[kMaxChannelPools][kHeadStaged];
     const auto fetch = [&](int64_t j0) {
-      head_fetch<false>(j0, a.H, load_w2, vw);
+      head_fetch<false>(j0, a.H, w2_rows, vw);
       CBAM_UNROLL
-      for (int i = 0; i < kMaxChannelPools; ++i) {
-        if (i >= k) continue;
-        head_fetch<false>(j0, a.H, [&](int row, int64_t j) {
-          if (n0 + row >= a.N) return acc_t(0);
-          const acc_t hv = ld(a.h + (i * a.N + n0 + row) * a.H + j);
-          return apply_act ? head_act(hv, a.act) : hv;
-        }, vh[i]);
+      for (int s = 0; s < kHeadStaged; ++s) {
+        const int64_t j = j0 + head_slot_kk<false>(s);
+        CBAM_UNROLL
+        for (int i = 0; i < kMaxChannelPools; ++i) {
+          if (i < k) vh[i][s] = j < a.H ? h_rows.rows[s](j, i) : acc_t(0);
+        }
       }
     };
     fetch(0);

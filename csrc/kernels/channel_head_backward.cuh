@@ -99,13 +99,18 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   acc_t acc[kHeadRowsPerThread];
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] = acc_t(0);
-  const auto load_dz = [&](int row, int64_t c) {
-    return n0 + row < a.N ? ld(a.dzc + (n0 + row) * a.C + c) : acc_t(0);
+  const auto dz_row = [&](int row) {  // A(n, c) = dzc[n, c]
+    const bool in = n0 + row < a.N;
+    const acc_t* src = in ? a.dzc + (n0 + row) * a.C : nullptr;
+    return [=](int64_t c) { return in ? ld(src + c) : acc_t(0); };
   };
-  const auto load_w2 = [&](int col, int64_t c) {
-    return j0 + col < a.H ? ld(a.w2 + c * a.H + j0 + col) : acc_t(0);
+  const int64_t H = a.H;
+  const auto w2_col = [&](int col) {  // B(j, c) = W2[c, j], a column of W2
+    const bool in = j0 + col < H;
+    const acc_t* src = in ? a.w2 + j0 + col : nullptr;
+    return [=](int64_t c) { return in ? ld(src + c * H) : acc_t(0); };
   };
-  head_tile_gemm<false, true, true>(c_begin, c_end, load_dz, load_w2, s_a, s_b, acc);
+  head_tile_gemm<false, true, true>(c_begin, c_end, dz_row, w2_col, s_a, s_b, acc);
   const int64_t j = j0 + tx;
   if constexpr (FINISH) {
     CBAM_UNROLL
@@ -130,12 +135,16 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   const int tx = static_cast<int>(threadIdx.x) % kHeadTile;
   const int ty = static_cast<int>(threadIdx.x) / kHeadTile;
   const int64_t b = blockIdx.x;
-  // dh[r, j]: the first kernel's output, or (one layer) dzc of r's sample
-  const auto dh_at = [&](int64_t r, int64_t j) {
+  // dh[r, j]: the first kernel's output, or (one layer) dzc of r's sample; dh_of(r) points at
+  // row r (j along it)
+  const int64_t N = a.N, C = a.C, H = a.H;
+  const auto dh_of = [&](int64_t r) {
     if constexpr (MLP) {
-      return ld(a.dh + r * a.H + j);
+      return a.dh + r * H;
     } else {
-      return ld(a.dzc + (r % a.N) * a.C + j);
+      int64_t n = r;  // r % N, r < k N with k <= 4
+      while (n >= N) n -= N;
+      return a.dzc + n * C;
     }
   };
   acc_t acc[kHeadRowsPerThread];
@@ -156,47 +165,63 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     if constexpr (MLP) {
       const int64_t t = b - a.seg[0], tiles_j = (a.H + kHeadTile - 1) / kHeadTile;
       const int64_t c0 = (t / tiles_j) * kHeadTile, j0 = (t % tiles_j) * kHeadTile;
-      const auto load_dz = [&](int row, int64_t n) {
-        return c0 + row < a.C ? ld(a.dzc + n * a.C + c0 + row) : acc_t(0);
+      const auto dz_col = [&](int row) {  // A(c, n) = dzc[n, c], a column of dzc
+        const bool in = c0 + row < C;
+        const acc_t* src = in ? a.dzc + c0 + row : nullptr;
+        return [=](int64_t n) { return in ? ld(src + n * C) : acc_t(0); };
       };
-      const auto load_act = [&](int col, int64_t n) {
-        if (j0 + col >= a.H) return acc_t(0);
-        acc_t s = acc_t(0);
-        for (int i = 0; i < a.k; ++i) {
-          const acc_t v = ld(a.h + (i * a.N + n) * a.H + j0 + col);
-          s += a.store_act ? v : head_act(v, a.act);
-        }
-        return s;
+      const int k = a.k, act = a.act;
+      const bool store_act = a.store_act;
+      const auto act_col = [&](int col) {  // B(j, n) = sum over i of act(h[i N + n, j])
+        const bool in = j0 + col < H;
+        const acc_t* src = in ? a.h + j0 + col : nullptr;
+        return [=](int64_t n) {
+          if (!in) return acc_t(0);
+          acc_t s = acc_t(0);
+          for (int i = 0; i < k; ++i) {
+            const acc_t v = ld(src + (i * N + n) * H);
+            s += store_act ? v : head_act(v, act);
+          }
+          return s;
+        };
       };
-      head_tile_gemm<true, true, false>(0, a.N, load_dz, load_act, s_a, s_b, acc);
+      head_tile_gemm<true, true, false>(0, N, dz_col, act_col, s_a, s_b, acc);
       store_tile(a.dw2, a.C, a.H, c0, j0, acc_t(1));
     }
   } else if (b < a.seg[2]) {  // dW1[j, c], K = R: A(j, r) = dh[r, j], B(c, r) = P[r, c]
     const int64_t t = b - a.seg[1], tiles_c = (a.C + kHeadTile - 1) / kHeadTile;
     const int64_t j0 = (t / tiles_c) * kHeadTile, c0 = (t % tiles_c) * kHeadTile;
-    const auto load_dh = [&](int row, int64_t r) {
-      return j0 + row < a.H ? dh_at(r, j0 + row) : acc_t(0);
+    const auto dh_col = [&](int row) {  // A(j, r) = dh[r, j], a column of dh
+      const bool in = j0 + row < H;
+      const int64_t j = j0 + row;
+      return [=](int64_t r) { return in ? ld(dh_of(r) + j) : acc_t(0); };
     };
-    const auto load_p = [&](int col, int64_t r) {
-      return c0 + col < a.C ? ld(a.p + r * a.C + c0 + col) : acc_t(0);
+    const auto p_col = [&](int col) {  // B(c, r) = P[r, c], a column of P
+      const bool in = c0 + col < C;
+      const acc_t* src = in ? a.p + c0 + col : nullptr;
+      return [=](int64_t r) { return in ? ld(src + r * C) : acc_t(0); };
     };
-    head_tile_gemm<true, true, false>(0, a.R, load_dh, load_p, s_a, s_b, acc);
+    head_tile_gemm<true, true, false>(0, a.R, dh_col, p_col, s_a, s_b, acc);
     store_tile(a.dw1, a.H, a.C, j0, c0, acc_t(1));
   } else if (b < a.seg[3]) {  // dP[r, c], K = H: A(r, j) = dh[r, j], B(c, j) = W1[j, c]
     const int64_t t = b - a.seg[2], tiles_c = (a.C + kHeadTile - 1) / kHeadTile;
     const int64_t r0 = (t / tiles_c) * kHeadTile, c0 = (t % tiles_c) * kHeadTile;
-    const auto load_dh = [&](int row, int64_t j) {
-      return r0 + row < a.R ? dh_at(r0 + row, j) : acc_t(0);
+    const auto dh_row = [&](int row) {  // A(r, j) = dh[r, j]
+      const bool in = r0 + row < a.R;
+      const acc_t* src = in ? dh_of(r0 + row) : nullptr;
+      return [=](int64_t j) { return in ? ld(src + j) : acc_t(0); };
     };
-    const auto load_w1 = [&](int col, int64_t j) {
-      return c0 + col < a.C ? ld(a.w1 + j * a.C + c0 + col) : acc_t(0);
+    const auto w1_col = [&](int col) {  // B(c, j) = W1[j, c], a column of W1
+      const bool in = c0 + col < C;
+      const acc_t* src = in ? a.w1 + c0 + col : nullptr;
+      return [=](int64_t j) { return in ? ld(src + j * C) : acc_t(0); };
     };
-    head_tile_gemm<false, true, false>(0, a.H, load_dh, load_w1, s_a, s_b, acc);
+    head_tile_gemm<false, true, false>(0, H, dh_row, w1_col, s_a, s_b, acc);
     store_tile(a.dp, a.R, a.C, r0, c0, a.blend ? acc_t(0.5) : acc_t(1));
   } else if (b < a.seg[4]) {  // db1[j] = sum over r of dh[r, j]
     const int64_t j = (b - a.seg[3]) * kBlockThreads + threadIdx.x;
     if (j < a.H) {
-      st(a.db1 + j, head_blocked_sum<acc_t>(a.R, [&](int64_t r) { return dh_at(r, j); }));
+      st(a.db1 + j, head_blocked_sum<acc_t>(a.R, [&](int64_t r) { return ld(dh_of(r) + j); }));
     }
   } else {  // db2[c] = k (sum over n of dzc[n, c])
     const int64_t c = (b - a.seg[4]) * kBlockThreads + threadIdx.x;

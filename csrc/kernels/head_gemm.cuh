@@ -12,9 +12,11 @@
 // stages 4 elements of each operand a chunk, loaded along the operand's contiguous axis so that
 // global reads are coalesced whichever way it is stored: with A_ROW_FAST (B_ROW_FAST) a warp
 // loads 8 consecutive rows (a 32-byte sector of float) at each of 4 kk, and its stores meet 32
-// banks; else 32 consecutive kk of one row. The next chunk's elements are loaded into registers
-// before the current chunk is summed, so the loads' latency hides behind the FMAs (one block an
-// SM at the small sites' grids has no other block to hide it behind).
+// banks; else 32 consecutive kk of one row. What depends on a staged row alone (its pointer, a
+// pool's index) is computed once, before the chunk loop (head_rows). In the launches with a
+// block or two an SM (PREFETCH), the next chunk's elements are loaded into registers before the
+// current chunk is summed, so the loads' latency hides behind the FMAs: no other block is there
+// to hide it behind.
 //
 // The sums are blocked: each chunk is summed on its own, then added to the running sum, in
 // increasing kk (a fixed order: no race, the same result every run; rounding error grows with
@@ -47,30 +49,52 @@ CBAM_DEVICE acc_t& head_smem_at(HeadTileSmem<acc_t>& s, int row, int kk) {
   return s[row][kk / kHeadQuad].val[kk % kHeadQuad];
 }
 
-// The (row, kk) of a chunk that staging slot e (0 .. 1023) holds. ROW_FAST: 8 consecutive rows a
-// kk, 4 kk, then 4 row groups and 8 kk groups (a warp: rows r .. r + 7 at kk .. kk + 3, banks
-// 4 row + kk: all 32); else 32 consecutive kk of one row.
+// A thread's staging slots s < 4, slot e = threadIdx.x + 256 s of the chunk's 1024 elements:
+// ROW_FAST, 8 consecutive rows a kk, 4 kk, then 4 row groups and 8 kk groups (a warp: rows
+// r .. r + 7 at kk .. kk + 3, banks 4 row + kk: all 32), so the thread's four slots are one row
+// at kk, kk + 8, kk + 16, kk + 24; else 32 consecutive kk of one row, the thread's four slots
+// four rows 8 apart at one kk.
 template <bool ROW_FAST>
-CBAM_DEVICE void head_slot(int e, int& row, int& kk) {
+CBAM_DEVICE int head_slot_row(int s) {
+  const int t = static_cast<int>(threadIdx.x);
+  return ROW_FAST ? t % 8 + 8 * ((t / kHeadTile) % 4) : t / kHeadTile + kHeadRowStep * s;
+}
+template <bool ROW_FAST>
+CBAM_DEVICE int head_slot_kk(int s) {
+  const int t = static_cast<int>(threadIdx.x);
+  return ROW_FAST ? (t / 8) % 4 + 4 * (t / (4 * kHeadTile)) + 8 * s : t % kHeadTile;
+}
+
+// An operand's loaders for the rows a thread stages, made once before the chunk loop: row(r)
+// returns a callable kk -> A(r, kk) (0 for a row outside the matrix) that holds what depends on
+// the row alone (its pointer, whether it is in range, a pool's index), so a chunk's loads are a
+// multiply-add and a load each.
+template <typename Row, int N>
+struct HeadRows {
+  Row rows[N];
+};
+
+template <bool ROW_FAST, typename RowFn>
+CBAM_DEVICE auto head_rows(const RowFn& row) {
+  using Row = decltype(row(0));
   if constexpr (ROW_FAST) {
-    row = e % 8 + 8 * ((e / kHeadTile) % 4);
-    kk = (e / 8) % 4 + 4 * (e / (4 * kHeadTile));
+    return HeadRows<Row, 1>{{row(head_slot_row<true>(0))}};
   } else {
-    row = e / kHeadTile;
-    kk = e % kHeadTile;
+    static_assert(kHeadStaged == 4, "head_rows: four slots");
+    return HeadRows<Row, kHeadStaged>{{row(head_slot_row<false>(0)), row(head_slot_row<false>(1)),
+                                       row(head_slot_row<false>(2)),
+                                       row(head_slot_row<false>(3))}};
   }
 }
 
-// This thread's staged elements of the chunk at k0 (0 past k_end; load returns 0 for a row
-// outside the matrix).
-template <bool ROW_FAST, typename acc_t, typename Load>
-CBAM_DEVICE void head_fetch(int64_t k0, int64_t k_end, const Load& load,
+// This thread's staged elements of the chunk at k0 (0 past k_end).
+template <bool ROW_FAST, typename Row, int N, typename acc_t>
+CBAM_DEVICE void head_fetch(int64_t k0, int64_t k_end, const HeadRows<Row, N>& rows,
                             acc_t (&v)[kHeadStaged]) {
   CBAM_UNROLL
   for (int s = 0; s < kHeadStaged; ++s) {
-    int row, kk;
-    head_slot<ROW_FAST>(static_cast<int>(threadIdx.x) + s * kBlockThreads, row, kk);
-    v[s] = k0 + kk < k_end ? load(row, k0 + kk) : acc_t(0);
+    const int64_t kk = k0 + head_slot_kk<ROW_FAST>(s);
+    v[s] = kk < k_end ? rows.rows[ROW_FAST ? 0 : s](kk) : acc_t(0);
   }
 }
 
@@ -78,9 +102,7 @@ template <bool ROW_FAST, typename acc_t>
 CBAM_DEVICE void head_stage(HeadTileSmem<acc_t>& sm, const acc_t (&v)[kHeadStaged]) {
   CBAM_UNROLL
   for (int s = 0; s < kHeadStaged; ++s) {
-    int row, kk;
-    head_slot<ROW_FAST>(static_cast<int>(threadIdx.x) + s * kBlockThreads, row, kk);
-    head_smem_at(sm, row, kk) = v[s];
+    head_smem_at(sm, head_slot_row<ROW_FAST>(s), head_slot_kk<ROW_FAST>(s)) = v[s];
   }
 }
 
@@ -118,19 +140,21 @@ CBAM_DEVICE int head_quads(int64_t cols) {
   return cols < kHeadTile ? static_cast<int>((cols + kHeadQuad - 1) / kHeadQuad) : kHeadQuads;
 }
 
-// acc[q] += the tile's sums for rows ty + 8 q. load_a(r, kk) / load_b(c, kk) take a row / column
-// of the tile (0..31) and a global kk in range; they return A / B, or 0 for a row / column
-// outside the matrix. PREFETCH: the next chunk's loads are issued before this chunk is summed
-// (8 registers of float more, and their addresses: 60 to 100 registers a thread, two or three
-// blocks an SM), for the launches whose grids hold a block or two an SM and so have no other
-// block to hide a chunk's load latency behind; else loaded right before they are staged (the
-// backward's parameter tiles: a grid of many blocks). Every thread of the block must call it
-// (it has barriers).
-template <bool A_ROW_FAST, bool B_ROW_FAST, bool PREFETCH, typename acc_t, typename LoadA,
-          typename LoadB>
-CBAM_DEVICE void head_tile_gemm(int64_t k_begin, int64_t k_end, const LoadA& load_a,
-                                const LoadB& load_b, HeadTileSmem<acc_t>& s_a,
+// acc[q] += the tile's sums for rows ty + 8 q. row_a(r) / row_b(c) take a row / column of the
+// tile (0..31) and return its loader (head_rows): kk -> A / B for a global kk in range, 0 for a
+// row / column outside the matrix. PREFETCH: the next chunk's loads are issued before this
+// chunk is summed (8 registers of float more; with the rows' loaders, 74 to 116 registers a
+// thread of float, two or three blocks an SM, where the others take about 64), for the launches whose grids hold a block or two an SM and so have no other block to
+// hide a chunk's load latency behind; else loaded right before they are staged (the backward's
+// parameter tiles: a grid of many blocks). Every thread of the block must call it (it has
+// barriers).
+template <bool A_ROW_FAST, bool B_ROW_FAST, bool PREFETCH, typename acc_t, typename RowA,
+          typename RowB>
+CBAM_DEVICE void head_tile_gemm(int64_t k_begin, int64_t k_end, const RowA& row_a,
+                                const RowB& row_b, HeadTileSmem<acc_t>& s_a,
                                 HeadTileSmem<acc_t>& s_b, acc_t (&acc)[kHeadRowsPerThread]) {
+  const auto load_a = head_rows<A_ROW_FAST>(row_a);
+  const auto load_b = head_rows<B_ROW_FAST>(row_b);
   acc_t va[kHeadStaged], vb[kHeadStaged];
   if constexpr (PREFETCH) {
     head_fetch<A_ROW_FAST>(k_begin, k_end, load_a, va);
