@@ -500,6 +500,32 @@ def test_head_products_prefetch_their_next_chunk(sass_kernels):
             assert not any(after), (name[:120], after)
 
 
+# Instructions of a head product's chunk loop (staging, the next chunk's loads, the loop around
+# the sums; not the sums' own loop), where no activation is applied to the loads: measured
+# 208 to 312 (the one-layer parameter tiles find r's sample by subtraction). The forward's hidden
+# layer took 925 to 961 when each load found its row's pool with a 64-bit division, the one-layer
+# parameter tiles 375 to 418 with a 64-bit remainder.
+HEAD_CHUNK_MAX = 340
+
+
+def test_head_chunk_loops_keep_their_instruction_counts(sass_kernels):
+    """Each staged row's pointer and pool are worked out once, before the chunk loop
+    (head_gemm.cuh head_rows): a chunk's loads stay a multiply-add and a load each."""
+    seen, over = 0, {}
+    for name, (_, ins) in _head_product_kernels(sass_kernels).items():
+        for first, last in sass_loops.loops(ins):
+            body = ins[first:last + 1]
+            if sum("BAR.SYNC" in t for t in body) != 2 or any("BRX" in t for t in body):
+                continue  # not a chunk loop; or the activation on the loads (a switch on it)
+            seen += 1
+            if last - first + 1 > HEAD_CHUNK_MAX:
+                over.setdefault(name[:120], []).append(last - first + 1)
+    # the hidden layer and its gradient: 2 types x 2 instances each; the parameter tiles: 2
+    # types x 2 instances x (dW1, dP; dW2 applies the activation)
+    assert seen == 16, seen
+    assert not over, over
+
+
 def _hot_loop_span(ins):
     """(first, last) instruction of sass_loops.hot_loop's loop."""
     got, loads = sass_loops.hot_loop(ins)
