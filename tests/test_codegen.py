@@ -526,6 +526,28 @@ def test_head_chunk_loops_keep_their_instruction_counts(sass_kernels):
     assert not over, over
 
 
+def test_folded_row_sums_do_not_divide_per_lane(sass_kernels):
+    """backward_reduce_folded_kernel adds each original row's lanes through shared memory, a few
+    threads of the block while the rest wait at the barrier: a lane's side of the row is found
+    by a comparison, not by an integer division (l VEC / K0 == jq took about 20 instructions a
+    lane: 98 a loop of lanes, now about 30). No innermost loop of shared-memory reads in it
+    divides."""
+    seen = 0
+    for name, ins in sass_kernels.items():
+        if "backward_reduce_folded_kernel<" not in name:
+            continue
+        loops = sass_loops.loops(ins)
+        for first, last in loops:
+            body = ins[first:last + 1]
+            if any("BAR" in t or "LDG" in t for t in body) or not any("LDS" in t for t in body):
+                continue
+            if any(first <= a and b <= last and (a, b) != (first, last) for a, b in loops):
+                continue  # (the loop over the rows to sum, which holds the loop over lanes)
+            seen += 1
+            assert not any("I2F" in t or "MUFU.RCP" in t for t in body), (name[:100], body)
+    assert seen >= 8, seen  # 4 element types x U = 1, 2
+
+
 def _hot_loop_span(ins):
     """(first, last) instruction of sass_loops.hot_loop's loop."""
     got, loads = sass_loops.hot_loop(ins)

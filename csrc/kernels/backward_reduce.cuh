@@ -260,15 +260,18 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
       if (need_r) {
         __syncthreads();
         // original row jq of folded row ib + uq TY + yq: lanes [jq K0 / VEC, ((jq + 1) K0 - 1) /
-        // VEC]; a lane's first sum is that of the row of its first column
+        // VEC]; a lane's first sum is that of the row of its first column, which is row jq
+        // unless the lane starts before jq K0 (only the first lane can: then row jq is its
+        // second sum). (A comparison, not the division l VEC / K0 == jq: one a lane, about 20
+        // instructions, in a loop that a few threads of the block run while the others wait.)
         for (int q = tid; q < U * TY * G; q += TX * TY) {
-          const int jq = q % G, yq = (q / G) % TY, uq = q / (G * TY);
+          const int qg = q / G, jq = q - qg * G, uq = qg / TY, yq = qg - uq * TY;
           const int i = ib + uq * TY + yq;
           if (i < clen) {
             acc_t sum = acc_t(0);
-            const int l1 = ((jq + 1) * K0 - 1) / VEC;
-            for (int l = jq * K0 / VEC; l <= l1; ++l) {
-              sum += s_row[uq][yq * TX + l][l * VEC / K0 == jq ? 0 : 1];
+            const int l1 = ((jq + 1) * K0 - 1) / VEC, row_start = jq * K0;
+            for (int l = row_start / VEC; l <= l1; ++l) {
+              sum += s_row[uq][yq * TX + l][l * VEC >= row_start ? 0 : 1];
             }
             st(out_r + (t.n * g.R + cb + i) * G + jq, sum);
           }
