@@ -470,7 +470,7 @@ def test_head_products_read_shared_memory_in_vectors(sass_kernels):
             if any("BAR" in t for t in body):
                 continue  # a chunk loop (staging, barriers); the sums are the loops inside
             f = sum(bool(re.search(r"\b[FD]FMA\b", t)) for t in body)
-            lds = [re.search(r"\bLDS(\.\w+)?", t).group(0) for t in body if re.search(r"\bLDS\b", t)]
+            lds = [m.group(0) for m in (re.search(r"\bLDS(\.\w+)?", t) for t in body) if m]
             if f and lds:
                 fmas += f
                 widths += lds

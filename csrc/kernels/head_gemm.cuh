@@ -108,8 +108,8 @@ CBAM_DEVICE void head_stage(HeadTileSmem<acc_t>& sm, const acc_t (&v)[kHeadStage
 
 // part[q] += sum over the chunk's kk < 4 quads of B(tx, kk) A(rows[q], kk), kk in order: one
 // vector of B's row and one of each A row per 4 kk, two such steps an iteration (unrolled
-// further, nvcc issues all of a chunk's 40 vector reads at once: 90 to 130 registers a thread
-// instead of about 60, and fewer blocks an SM).
+// further, nvcc issues all of a chunk's 40 vector reads at once: 20 to 50 registers more a
+// thread, and fewer blocks an SM).
 template <typename acc_t, int ROWS>
 CBAM_DEVICE void head_chunk_sum(const HeadTileSmem<acc_t>& s_a, const HeadTileSmem<acc_t>& s_b,
                                 int quads, acc_t (&part)[ROWS]) {
@@ -143,11 +143,11 @@ CBAM_DEVICE int head_quads(int64_t cols) {
 // acc[q] += the tile's sums for rows ty + 8 q. row_a(r) / row_b(c) take a row / column of the
 // tile (0..31) and return its loader (head_rows): kk -> A / B for a global kk in range, 0 for a
 // row / column outside the matrix. PREFETCH: the next chunk's loads are issued before this
-// chunk is summed (8 registers of float more; with the rows' loaders, 74 to 116 registers a
-// thread of float, two or three blocks an SM, where the others take about 64), for the launches whose grids hold a block or two an SM and so have no other block to
-// hide a chunk's load latency behind; else loaded right before they are staged (the backward's
-// parameter tiles: a grid of many blocks). Every thread of the block must call it (it has
-// barriers).
+// chunk is summed, for the launches whose grids hold a block or two an SM and so have no other
+// block to hide a chunk's load latency behind (8 registers of float more: with the rows'
+// loaders, 74 to 116 registers a thread of float, two or three blocks an SM); else loaded right
+// before they are staged (the backward's parameter tiles, a grid of many blocks: about 64
+// registers, four blocks an SM). Every thread of the block must call it (it has barriers).
 template <bool A_ROW_FAST, bool B_ROW_FAST, bool PREFETCH, typename acc_t, typename RowA,
           typename RowB>
 CBAM_DEVICE void head_tile_gemm(int64_t k_begin, int64_t k_end, const RowA& row_a,
