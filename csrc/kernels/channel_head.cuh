@@ -113,9 +113,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     };
   };
   const auto w1_row = [&](int row) {
-    const bool in = j0 + row < a.H;
-    const acc_t* src = in ? a.w1 + (j0 + row) * a.C : nullptr;
-    return [=](int64_t c) { return in ? ld(src + c) : acc_t(0); };
+    return head_matrix_row(j0 + row < a.H, a.w1, (j0 + row) * a.C);
   };
   head_tile_gemm<false, false, true>(c_begin, c_end, p_row, w1_row, s_p, s_w, acc);
   const int64_t j = j0 + tx;

@@ -100,15 +100,10 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] = acc_t(0);
   const auto dz_row = [&](int row) {  // A(n, c) = dzc[n, c]
-    const bool in = n0 + row < a.N;
-    const acc_t* src = in ? a.dzc + (n0 + row) * a.C : nullptr;
-    return [=](int64_t c) { return in ? ld(src + c) : acc_t(0); };
+    return head_matrix_row(n0 + row < a.N, a.dzc, (n0 + row) * a.C);
   };
-  const int64_t H = a.H;
   const auto w2_col = [&](int col) {  // B(j, c) = W2[c, j], a column of W2
-    const bool in = j0 + col < H;
-    const acc_t* src = in ? a.w2 + j0 + col : nullptr;
-    return [=](int64_t c) { return in ? ld(src + c * H) : acc_t(0); };
+    return head_matrix_row(j0 + col < a.H, a.w2, j0 + col, a.H);
   };
   head_tile_gemm<false, true, true>(c_begin, c_end, dz_row, w2_col, s_a, s_b, acc);
   const int64_t j = j0 + tx;
@@ -166,9 +161,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       const int64_t t = b - a.seg[0], tiles_j = (a.H + kHeadTile - 1) / kHeadTile;
       const int64_t c0 = (t / tiles_j) * kHeadTile, j0 = (t % tiles_j) * kHeadTile;
       const auto dz_col = [&](int row) {  // A(c, n) = dzc[n, c], a column of dzc
-        const bool in = c0 + row < C;
-        const acc_t* src = in ? a.dzc + c0 + row : nullptr;
-        return [=](int64_t n) { return in ? ld(src + n * C) : acc_t(0); };
+        return head_matrix_row(c0 + row < C, a.dzc, c0 + row, C);
       };
       const int k = a.k, act = a.act;
       const bool store_act = a.store_act;
@@ -197,9 +190,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       return [=](int64_t r) { return in ? ld(dh_of(r) + j) : acc_t(0); };
     };
     const auto p_col = [&](int col) {  // B(c, r) = P[r, c], a column of P
-      const bool in = c0 + col < C;
-      const acc_t* src = in ? a.p + c0 + col : nullptr;
-      return [=](int64_t r) { return in ? ld(src + r * C) : acc_t(0); };
+      return head_matrix_row(c0 + col < C, a.p, c0 + col, C);
     };
     head_tile_gemm<true, true, false>(0, a.R, dh_col, p_col, s_a, s_b, acc);
     store_tile(a.dw1, a.H, a.C, j0, c0, acc_t(1));
@@ -208,13 +199,10 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     const int64_t r0 = (t / tiles_c) * kHeadTile, c0 = (t % tiles_c) * kHeadTile;
     const auto dh_row = [&](int row) {  // A(r, j) = dh[r, j]
       const bool in = r0 + row < a.R;
-      const acc_t* src = in ? dh_of(r0 + row) : nullptr;
-      return [=](int64_t j) { return in ? ld(src + j) : acc_t(0); };
+      return head_matrix_row<acc_t>(in, in ? dh_of(r0 + row) : nullptr, 0);
     };
     const auto w1_col = [&](int col) {  // B(c, j) = W1[j, c], a column of W1
-      const bool in = c0 + col < C;
-      const acc_t* src = in ? a.w1 + c0 + col : nullptr;
-      return [=](int64_t j) { return in ? ld(src + j * C) : acc_t(0); };
+      return head_matrix_row(c0 + col < C, a.w1, c0 + col, C);
     };
     head_tile_gemm<false, true, false>(0, H, dh_row, w1_col, s_a, s_b, acc);
     store_tile(a.dp, a.R, a.C, r0, c0, a.blend ? acc_t(0.5) : acc_t(1));

@@ -87,6 +87,20 @@ CBAM_DEVICE auto head_rows(const RowFn& row) {
   }
 }
 
+// The loader of a row of a stored matrix (head_rows' row functions): element kk at
+// base[offset + kk stride] where the row is in range, 0 outside it; without a stride, kk is
+// contiguous (no stride held in the loader).
+template <typename acc_t>
+CBAM_DEVICE auto head_matrix_row(bool in, const acc_t* base, int64_t offset, int64_t stride) {
+  const acc_t* src = in ? base + offset : nullptr;
+  return [=](int64_t kk) { return in ? ld(src + kk * stride) : acc_t(0); };
+}
+template <typename acc_t>
+CBAM_DEVICE auto head_matrix_row(bool in, const acc_t* base, int64_t offset) {
+  const acc_t* src = in ? base + offset : nullptr;
+  return [=](int64_t kk) { return in ? ld(src + kk) : acc_t(0); };
+}
+
 // This thread's staged elements of the chunk at k0 (0 past k_end).
 template <bool ROW_FAST, typename Row, int N, typename acc_t>
 CBAM_DEVICE void head_fetch(int64_t k0, int64_t k_end, const HeadRows<Row, N>& rows,
