@@ -397,6 +397,36 @@ def test_split_reductions_finish_in_one_launch(op):
             tile_mode(TILE_NORMAL)
 
 
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("op", REDUCTIONS)
+def test_long_splits_fold_by_warps(op, layout):
+    """Groups of 64 partials or more (kernels/combine_partials.cuh kWarpCombineMin) are folded a
+    warp an output: each lane a contiguous run of the partials, 32 at a time, then the lanes in
+    order through a xor tree. The tiny tiles (2 lanes of a vector, 3 rows a tile) split rows of
+    520 or 600 elements into 65 to 75 column tiles and 200 to 600 rows into 67 to 200 row tiles,
+    so both directions' groups take that path: the CPU kernel's values, the same bits whichever
+    block finishes last."""
+    gen = torch.Generator().manual_seed(zlib.crc32((op + layout).encode()))
+    shape = (1, 200, 20, 30) if layout == "cf" else (1, 520, 20, 30)
+    rows, cols = (shape[1], 600) if layout == "cf" else (600, shape[1])
+    assert -(-cols // (4 * 2)) >= 64 and -(-rows // 3) >= 64  # float32: 4 a vector
+    x = rand_x(shape, torch.float32, layout, gen)
+    args = op_args(op, x, gen, 0)
+    want = run_cpu(op, args)
+    tile_mode(TILE_SMALL)
+    try:
+        ref = None
+        for schedule, seed in (("forward", 0), ("reverse", 0), ("shuffle", 3)):
+            got = run_sim(op, args, schedule, seed)
+            check_same(op, got, want, x, layout)
+            ref = ref or got
+            for g, r in zip(got, ref):
+                assert torch.equal(g.contiguous().view(torch.uint8),
+                                   r.contiguous().view(torch.uint8)), (op, schedule, seed)
+    finally:
+        tile_mode(TILE_NORMAL)
+
+
 def test_group_counters_grow():
     """A launch with more groups than the kept counter buffer holds gets a longer one, zeroed
     (the old one is dropped), and is right; every counter is zero after it."""

@@ -36,6 +36,11 @@ struct SumPolicy {
     return s;
   }
   CBAM_DEVICE void combine(State& a, const State& b) const { a.sum += b.sum; }
+  CBAM_DEVICE State shfl_xor(const State& s, int lane_mask) const {
+    State o;
+    o.sum = __shfl_xor_sync(0xffffffffu, s.sum, lane_mask);
+    return o;
+  }
   CBAM_DEVICE State load_partial(int64_t o) const {
     State s;
     s.sum = ld_cg(part + o);

@@ -37,18 +37,56 @@ CBAM_DEVICE bool last_of_group(int* counter, int64_t P) {
   return last;
 }
 
-// The group's outputs out[n, l], l in [l_begin, l_end), by the block's threads (one output a
-// thread at a time): each folds the P partials [n, p, l] in order of p. (One load at a time:
-// with four in flight, the partials' registers cost the kernels' main loops blocks an SM.)
+// From this many partials an output, combine_group folds each output by a warp.
+constexpr int64_t kWarpCombineMin = 64;
+
+// The group's outputs out[n, l], l in [l_begin, l_end), by the block's threads.
+// - P < kWarpCombineMin (every split of the networks' sites): one output a thread at a time,
+//   folding the P partials [n, p, l] in order of p. (One load at a time: with four in flight,
+//   the partials' registers cost the kernels' main loops blocks an SM.)
+// - More (rows of millions of elements: a 4097 x 4097 map's row sums have 65568 partials): one
+//   output a warp at a time. Lane j folds p in [j P / 32, (j + 1) P / 32) in order, 32 partials
+//   at a time into a sub-total and those into its total; then the lanes' totals in order of j (a
+//   xor tree in which the lane whose bit is set puts its partner's total first). A fixed order
+//   still, and a float32 sum of 65568 partials off by about 1/50 as much as one thread's
+//   running sum (the H200 run of 2026-11-28: 20 times the error of ATen's CPU sum there).
+// blockDim.x * blockDim.y: a multiple of 32 (kBlockThreads).
 template <typename Policy>
 CBAM_DEVICE void combine_group(const Policy& pol, int64_t n, int64_t P, int64_t L,
                                int64_t l_begin, int64_t l_end) {
+  using State = typename Policy::State;
   const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
   const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
-  for (int64_t l = l_begin + tid; l < l_end; l += nthreads) {
-    typename Policy::State s = pol.init();
-    for (int64_t p = 0; p < P; ++p) pol.combine(s, pol.load_partial((n * P + p) * L + l));
-    pol.store_final(n * L + l, s);
+  if (P < kWarpCombineMin) {
+    for (int64_t l = l_begin + tid; l < l_end; l += nthreads) {
+      State s = pol.init();
+      for (int64_t p = 0; p < P; ++p) pol.combine(s, pol.load_partial((n * P + p) * L + l));
+      pol.store_final(n * L + l, s);
+    }
+    return;
+  }
+  const int lane = tid & 31;
+  const int64_t p0 = lane * P / 32, p1 = (lane + 1) * P / 32;  // (P >= 64: never empty)
+  // (l is the warp's: every lane of it reaches the shuffles)
+  for (int64_t l = l_begin + (tid >> 5); l < l_end; l += nthreads >> 5) {
+    const int64_t base = n * P * L + l;
+    State s = pol.init();
+    for (int64_t p = p0; p < p1; p += 32) {
+      const int64_t pe = p + 32 < p1 ? p + 32 : p1;
+      State sub = pol.load_partial(base + p * L);
+      for (int64_t q = p + 1; q < pe; ++q) pol.combine(sub, pol.load_partial(base + q * L));
+      pol.combine(s, sub);
+    }
+    for (int m = 1; m < 32; m <<= 1) {
+      State o = pol.shfl_xor(s, m);
+      if (lane & m) {
+        pol.combine(o, s);
+        s = o;
+      } else {
+        pol.combine(s, o);
+      }
+    }
+    if (lane == 0) pol.store_final(n * L + l, s);
   }
 }
 
