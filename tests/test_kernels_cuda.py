@@ -282,7 +282,9 @@ def test_programmatic_dependent_launch_gives_the_same_bits():
         y.square().sum().backward()
         grads = [xi.grad] + [p.grad.clone() for p in block.parameters()]
         block.zero_grad(set_to_none=True)
-        return [t for o in outs for t in o] + [y] + grads
+        # (y detached: a kept autograd graph keeps its AccumulateGrad nodes on the stream they
+        # ran on, which the capture's backward would then wait on)
+        return [t for o in outs for t in o] + [y.detach()] + grads
 
     assert torch.ops.cbam_fused_debug.set_pdl(0) == 0
     want = step()
