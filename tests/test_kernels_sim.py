@@ -399,13 +399,15 @@ def test_split_reductions_finish_in_one_launch(op):
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("op", REDUCTIONS)
-def test_long_splits_fold_by_warps(op, layout):
-    """Groups of 64 partials or more (kernels/combine_partials.cuh kWarpCombineMin) are folded a
-    warp an output: each lane a contiguous run of the partials, 32 at a time, then the lanes in
-    order through a xor tree. The tiny tiles (2 lanes of a vector, 3 rows a tile) split rows of
-    520 or 600 elements into 65 to 75 column tiles and 200 to 600 rows into 67 to 200 row tiles,
-    so both directions' groups take that path: the CPU kernel's values, the same bits whichever
-    block finishes last."""
+def test_long_splits_fold_in_a_second_launch(op, layout):
+    """Groups of very many partials (launchers/common.h combine_in_second_launch: 1024, 64 under
+    the tiny tiles) are folded by a second launch, combine_groups_kernel, one output a warp: each
+    lane a contiguous run of the partials in batches, then the lanes in order through a xor tree;
+    the first launch's blocks find no group finished. The tiny tiles (2 lanes of a vector, 3
+    rows a tile) split rows of 520 or 600 elements into 65 to 75 column tiles and 200 to 600 rows
+    into 67 to 200 row tiles, so both directions' groups take that path: two launches, the CPU
+    kernel's values, the same bits whichever block of the first launch finishes last, and the
+    kept group counters untouched."""
     gen = torch.Generator().manual_seed(zlib.crc32((op + layout).encode()))
     shape = (1, 200, 20, 30) if layout == "cf" else (1, 520, 20, 30)
     rows, cols = (shape[1], 600) if layout == "cf" else (600, shape[1])
@@ -413,16 +415,24 @@ def test_long_splits_fold_by_warps(op, layout):
     x = rand_x(shape, torch.float32, layout, gen)
     args = op_args(op, x, gen, 0)
     want = run_cpu(op, args)
+    counters = torch.ops.cbam_fused_sim.group_counters
     tile_mode(TILE_SMALL)
     try:
         ref = None
         for schedule, seed in (("forward", 0), ("reverse", 0), ("shuffle", 3)):
-            got = run_sim(op, args, schedule, seed)
+            with testing.use_simulator(schedule=schedule, seed=seed):
+                got = getattr(torch.ops.cbam_fused, op)(*args)
+                stats = testing.simulator_stats()
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            # backward_reduce: both sides split, each folded by a launch of its own
+            assert len(stats) == (3 if op == "backward_reduce" else 2), \
+                (op, [s["name"] for s in stats])
             check_same(op, got, want, x, layout)
             ref = ref or got
             for g, r in zip(got, ref):
                 assert torch.equal(g.contiguous().view(torch.uint8),
                                    r.contiguous().view(torch.uint8)), (op, schedule, seed)
+            assert all(int(b.abs().sum()) == 0 for b in counters()), op
     finally:
         tile_mode(TILE_NORMAL)
 

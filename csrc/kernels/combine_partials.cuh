@@ -13,6 +13,14 @@
 // P - 1 fences again, reads the partials from L2 (ld_cg) and writes the outputs. It also sets
 // the counter back to zero for the next launch (launchers/common.h group_counters). Pass: the
 // partials written once and read once, as with a second launch, without that launch.
+//
+// Groups of very many partials (rows of millions of elements: a 4097 x 4097 map's row sums, split
+// into 65568 column tiles) take a second launch instead, combine_groups_kernel (below), where a
+// warp folds each output: one thread's running sum of that many float32 partials was off by
+// about 20 times the error of the CPU kernel's sum (the H200 run of 2026-11-28). It is a kernel
+// of its own so that its registers (loads in flight, the warp's tree) stay out of the reductions'
+// main loops: folded inside them, even rolled, the extra path moved 22 of pool.cu's 76 instances
+// up a register class or more and made one spill.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -37,57 +45,74 @@ CBAM_DEVICE bool last_of_group(int* counter, int64_t P) {
   return last;
 }
 
-// From this many partials an output, combine_group folds each output by a warp.
-constexpr int64_t kWarpCombineMin = 64;
-
-// The group's outputs out[n, l], l in [l_begin, l_end), by the block's threads.
-// - P < kWarpCombineMin (every split of the networks' sites): one output a thread at a time,
-//   folding the P partials [n, p, l] in order of p. (One load at a time: with four in flight,
-//   the partials' registers cost the kernels' main loops blocks an SM.)
-// - More (rows of millions of elements: a 4097 x 4097 map's row sums have 65568 partials): one
-//   output a warp at a time. Lane j folds p in [j P / 32, (j + 1) P / 32) in order, 32 partials
-//   at a time into a sub-total and those into its total; then the lanes' totals in order of j (a
-//   xor tree in which the lane whose bit is set puts its partner's total first). A fixed order
-//   still, and a float32 sum of 65568 partials off by about 1/50 as much as one thread's
-//   running sum (the H200 run of 2026-11-28: 20 times the error of ATen's CPU sum there).
-// blockDim.x * blockDim.y: a multiple of 32 (kBlockThreads).
+// The group's outputs out[n, l], l in [l_begin, l_end), by the block's threads (one output a
+// thread at a time): each folds the P partials [n, p, l] in order of p. (One load at a time:
+// with four in flight, the partials' registers cost the kernels' main loops blocks an SM.)
 template <typename Policy>
 CBAM_DEVICE void combine_group(const Policy& pol, int64_t n, int64_t P, int64_t L,
                                int64_t l_begin, int64_t l_end) {
-  using State = typename Policy::State;
   const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
   const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
-  if (P < kWarpCombineMin) {
-    for (int64_t l = l_begin + tid; l < l_end; l += nthreads) {
-      State s = pol.init();
-      for (int64_t p = 0; p < P; ++p) pol.combine(s, pol.load_partial((n * P + p) * L + l));
-      pol.store_final(n * L + l, s);
-    }
-    return;
+  for (int64_t l = l_begin + tid; l < l_end; l += nthreads) {
+    typename Policy::State s = pol.init();
+    for (int64_t p = 0; p < P; ++p) pol.combine(s, pol.load_partial((n * P + p) * L + l));
+    pol.store_final(n * L + l, s);
   }
-  const int lane = tid & 31;
-  const int64_t p0 = lane * P / 32, p1 = (lane + 1) * P / 32;  // (P >= 64: never empty)
-  // (l is the warp's: every lane of it reaches the shuffles)
-  for (int64_t l = l_begin + (tid >> 5); l < l_end; l += nthreads >> 5) {
-    const int64_t base = n * P * L + l;
-    State s = pol.init();
-    for (int64_t p = p0; p < p1; p += 32) {
-      const int64_t pe = p + 32 < p1 ? p + 32 : p1;
-      State sub = pol.load_partial(base + p * L);
-      for (int64_t q = p + 1; q < pe; ++q) pol.combine(sub, pol.load_partial(base + q * L));
-      pol.combine(s, sub);
-    }
-    for (int m = 1; m < 32; m <<= 1) {
-      State o = pol.shfl_xor(s, m);
-      if (lane & m) {
-        pol.combine(o, s);
-        s = o;
-      } else {
-        pol.combine(s, o);
+}
+
+// The second launch of a split whose groups have too many partials to fold in the last block
+// (launchers/common.h combine_in_second_launch; the first launch's blocks then find no group
+// finished: idle_group_counters):
+//
+//   out[n, l] = fold over p = 0 .. P-1 (in this order) of the partials [n, p, l]
+//
+// for every n and l < L, one output a warp (8 a block). Lane j folds p in [j P / 32, (j + 1) P /
+// 32): kCombineBatch partials loaded at once and folded in order into a batch total, 4 batches
+// into a sub-total, the sub-totals into the lane's total; then the lanes' totals in order of j (a
+// xor tree in which the lane whose bit is set puts its partner's total first). A fixed order:
+// the same bits every run. One pass over the partials.
+constexpr int kCombineBatch = 8;
+
+template <bool OVER_K, typename Policy>
+CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
+    combine_groups_kernel(Policy pol, Geom g, int64_t L) {
+  grid_dependency_sync();  // first, before any global access (dialect.cuh)
+  using State = typename Policy::State;
+  constexpr int B = kCombineBatch;
+  const int64_t P = OVER_K ? g.nkt : g.nrt;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
+  const int64_t per_sample = (L + kBlockThreads / 32 - 1) / (kBlockThreads / 32);
+  const int64_t n = blockIdx.x / per_sample;
+  const int64_t l = (blockIdx.x % per_sample) * (kBlockThreads / 32) + (tid >> 5);
+  if (l >= L) return;  // (a whole warp: l is the warp's)
+  const int64_t p0 = lane * P / 32, p1 = (lane + 1) * P / 32, base = n * P * L + l;
+  State s = pol.init();
+  for (int64_t p = p0; p < p1; p += 4 * B) {
+    State sub = pol.init();
+    for (int64_t pb = p; pb < p + 4 * B && pb < p1; pb += B) {
+      State v[B];
+      CBAM_UNROLL
+      for (int i = 0; i < B; ++i) v[i] = pb + i < p1 ? pol.load_partial(base + (pb + i) * L)
+                                                     : pol.init();
+      CBAM_UNROLL
+      for (int i = 1; i < B; ++i) {
+        if (pb + i < p1) pol.combine(v[0], v[i]);
       }
+      pol.combine(sub, v[0]);
     }
-    if (lane == 0) pol.store_final(n * L + l, s);
+    pol.combine(s, sub);
   }
+  CBAM_UNROLL
+  for (int m = 1; m < 32; m <<= 1) {
+    State o = pol.shfl_xor(s, m);
+    if (lane & m) {
+      pol.combine(o, s);
+      s = o;
+    } else {
+      pol.combine(s, o);
+    }
+  }
+  if (lane == 0) pol.store_final(n * L + l, s);
 }
 
 // The block's tile (common.cuh tile_id) again at the end of a kernel, from blockIdx in 32-bit

@@ -33,29 +33,41 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
   // groups (kernels/combine_partials.cuh): each row tile's nkt blocks (the row sums), then each
   // column tile's nrt blocks (the column sums)
   std::vector<at::Tensor> keep;
-  if ((need_r && lg.g.nkt > 1) || (need_k && lg.g.nrt > 1)) {
-    lg.g.counters = group_counters(v.x, v.N * (lg.g.nrt + lg.g.nkt), keep);
+  const bool split_r = need_r && lg.g.nkt > 1, split_k = need_k && lg.g.nrt > 1;
+  // very many partials (either side): both sides' partials folded by second launches
+  const bool second = (split_r && combine_in_second_launch(lg.g.nkt)) ||
+                      (split_k && combine_in_second_launch(lg.g.nrt));
+  if (split_r || split_k) {
+    const int64_t groups = v.N * (lg.g.nrt + lg.g.nkt);
+    lg.g.counters = second ? idle_group_counters(v.x, groups, keep)
+                           : group_counters(v.x, groups, keep);
   }
   acc_t* const o_r = need_r ? global_ptr<acc_t>(out_r) : nullptr;
   acc_t* const o_k = need_k ? global_ptr<acc_t>(out_k) : nullptr;
+  acc_t* const p_r = need_r ? global_ptr<acc_t>(part_r) : nullptr;
+  acc_t* const p_k = need_k ? global_ptr<acc_t>(part_k) : nullptr;
   const auto run = [&](auto u) {
     if constexpr (FOLD) {
       launch(op, &backward_reduce_folded_kernel<T, VEC, decltype(u)::value, acc_t>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
-             opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
-             need_k ? global_ptr<acc_t>(part_k) : nullptr, o_k, lg.g, fold_of(v, G), need_r,
-             need_k);
+             opt_ptr<acc_t>(gk), p_r, p_k, o_k, lg.g, fold_of(v, G), need_r, need_k);
     } else {
       launch(op, &backward_reduce_kernel<T, VEC, decltype(u)::value, acc_t, SHIFT>, lg.grid(),
              lg.block(), 0, global_ptr<T>(g), global_ptr<T>(v.x), opt_ptr<acc_t>(gr),
-             opt_ptr<acc_t>(gk), need_r ? global_ptr<acc_t>(part_r) : nullptr,
-             need_k ? global_ptr<acc_t>(part_k) : nullptr, o_r, o_k, lg.g, need_r, need_k);
+             opt_ptr<acc_t>(gk), p_r, p_k, o_r, o_k, lg.g, need_r, need_k);
     }
   };
   if constexpr (SHIFT) {
     run(std::integral_constant<int, 1>{});  // one row in flight (its window and the next's)
   } else {
     with_rows_in_flight<VEC>(run);
+  }
+  // (the tensors the first launch was handed: no global_ptr call in between)
+  if (second && split_r) {
+    launch_combine_groups<true>(op, SumPolicy<acc_t>{p_r, o_r}, lg.g, lg.g.R);
+  }
+  if (second && split_k) {  // (folded rows: the original columns, K0 of them)
+    launch_combine_groups<false>(op, SumPolicy<acc_t>{p_k, o_k}, lg.g, FOLD ? v.K() : lg.g.K);
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include "kernels/combine_partials.cuh"  // (combine_groups_kernel: launch_combine_groups)
 #include "kernels/common.cuh"
 #include "launchers/launchers.h"
 
@@ -375,6 +376,38 @@ inline int next_pass_reversed(std::initializer_list<const at::Tensor*> touched) 
   last.reversed = related ? !last.reversed : true;
   std::copy(ptrs, ptrs + kMax, last.touched);
   return last.reversed ? 1 : 0;
+}
+
+// Whether a split reduction's groups of P partials each are folded by a second launch
+// (kernels/combine_partials.cuh combine_groups_kernel) rather than by each group's last block:
+// from 1024 partials on (rows of a million elements or more; every split of the networks' sites
+// has at most a few hundred), from 64 under the tiny test tiles (debug::tile_mode 1), so that
+// the simulator's tests reach it on small tensors.
+inline bool combine_in_second_launch(int64_t P) {
+  return P >= (debug::tile_mode == 1 ? 64 : 1024);
+}
+
+// Counters under which no block of the launch finishes a group (each starts at INT_MIN / 2, so no
+// ticket is P - 1): for a split whose partials the second launch folds. Every block still
+// fences and takes its ticket. A buffer of the launch's own, filled by ATen's kernel on the
+// current stream (under a capture too), held by `keep` until the launch is queued.
+inline int* idle_group_counters(const at::Tensor& like, int64_t count,
+                                std::vector<at::Tensor>& keep) {
+  keep.push_back(at::full({count}, std::numeric_limits<int>::min() / 2,
+                          like.options().dtype(at::kInt)));
+  return global_ptr<int>(keep.back());
+}
+
+// The second launch of a split reduction (combine_in_second_launch): out [N, L] from the
+// partials [N, P, L] that pol reads, one output a warp.
+template <bool OVER_K, typename Policy>
+void launch_combine_groups(const char* op, const Policy& pol, const Geom& g, int64_t L) {
+  constexpr int64_t kWarps = kBlockThreads / 32;
+  const int64_t blocks = g.N * ceil_div(L, kWarps);
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": ", blocks,
+              " blocks for the second stage");
+  launch(op, &combine_groups_kernel<OVER_K, Policy>, dim3(static_cast<unsigned>(blocks)),
+         dim3(kBlockThreads), 0, pol, g, L);
 }
 
 // The zeroed counters of a launch's `count` groups (a reduction split over tiles: the last block

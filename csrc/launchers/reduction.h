@@ -100,11 +100,14 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
   const int64_t P = over_k ? lg.g.nkt : lg.g.nrt;
   const int64_t L = over_k ? v.R() : v.K();
   std::vector<at::Tensor> keep;
+  const bool second = P > 1 && combine_in_second_launch(P);
   if (P > 1) {
     set_partials(pol, v.x, v.N, P, L, keep);
     // a group a row tile (over k) or column tile (over r), whose last block combines its
-    // partials (kernels/combine_partials.cuh)
-    lg.g.counters = group_counters(v.x, v.N * (over_k ? lg.g.nrt : lg.g.nkt), keep);
+    // partials (kernels/combine_partials.cuh); very many partials: a second launch does
+    const int64_t groups = v.N * (over_k ? lg.g.nrt : lg.g.nkt);
+    lg.g.counters = second ? idle_group_counters(v.x, groups, keep)
+                           : group_counters(v.x, groups, keep);
   }
   // reduce_k_mode 3: where the whole grid is resident at once with reduce_k_rows_blocks blocks
   // an SM (few, long rows), the instance with kReduceKRows rows of loads in flight per thread:
@@ -134,6 +137,11 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
       launch(op, reduce_r_entry<T, VEC, decltype(u)::value, FOLD, Policy>(), lg.grid(),
              lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
+  }
+  if (second && over_k) {
+    launch_combine_groups<true>(op, pol, lg.g, L);
+  } else if (second) {
+    launch_combine_groups<false>(op, pol, lg.g, L);
   }
 }
 
