@@ -14,13 +14,13 @@
 // the counter back to zero for the next launch (launchers/common.h group_counters). Pass: the
 // partials written once and read once, as with a second launch, without that launch.
 //
-// Groups of very many partials (rows of millions of elements: a 4097 x 4097 map's row sums, split
-// into 65568 column tiles) take a second launch instead, combine_groups_kernel (below), where a
-// warp folds each output: one thread's running sum of that many float32 partials was off by
-// about 20 times the error of the CPU kernel's sum (the H200 run of 2026-11-28). It is a kernel
-// of its own so that its registers (loads in flight, the warp's tree) stay out of the reductions'
-// main loops: folded inside them, even rolled, the extra path moved 22 of pool.cu's 76 instances
-// up a register class or more and made one spill.
+// Groups of very many partials (launchers/common.h combine_in_second_launch; a 4097 x 4097 map's
+// row sums, split into 65568 column tiles) take a second launch instead, combine_groups_kernel
+// (below), where a warp folds each output: one thread's running sum of that many float32
+// partials was off by about 20 times the error of the CPU kernel's sum (the H200 run of
+// 2026-11-28). It is a kernel of its own so that its registers (loads in flight, the warp's
+// tree) stay out of the reductions' main loops: folded inside them, even rolled, the extra path
+// moved 22 of pool.cu's 76 instances up a register class or more and made one spill.
 #pragma once
 
 #include "kernels/common.cuh"

@@ -380,9 +380,10 @@ inline int next_pass_reversed(std::initializer_list<const at::Tensor*> touched) 
 
 // Whether a split reduction's groups of P partials each are folded by a second launch
 // (kernels/combine_partials.cuh combine_groups_kernel) rather than by each group's last block:
-// from 1024 partials on (rows of a million elements or more; every split of the networks' sites
-// has at most a few hundred), from 64 under the tiny test tiles (debug::tile_mode 1), so that
-// the simulator's tests reach it on small tensors.
+// from 1024 partials on (sums along rows of 131072 elements or more, or across 32768 rows or
+// more: a channels-last map of 181 x 181 at batch 1; at the ResNet-50 and MobileNet sites a
+// group has at most a few hundred), from 64 under the tiny test tiles (debug::tile_mode 1), so
+// that the simulator's tests reach it on small tensors.
 inline bool combine_in_second_launch(int64_t P) {
   return P >= (debug::tile_mode == 1 ? 64 : 1024);
 }
