@@ -62,7 +62,7 @@ CBAM_DEVICE void combine_group(const Policy& pol, int64_t n, int64_t P, int64_t 
 
 // The second launch of a split whose groups have too many partials to fold in the last block
 // (launchers/common.h combine_in_second_launch; the first launch's blocks then find no group
-// finished: idle_group_counters):
+// finished: launchers/common.h group_counters, idle):
 //
 //   out[n, l] = fold over p = 0 .. P-1 (in this order) of the partials [n, p, l]
 //
@@ -72,6 +72,7 @@ CBAM_DEVICE void combine_group(const Policy& pol, int64_t n, int64_t P, int64_t 
 // xor tree in which the lane whose bit is set puts its partner's total first). A fixed order:
 // the same bits every run. One pass over the partials.
 constexpr int kCombineBatch = 8;
+constexpr int kCombineWarps = kBlockThreads / 32;  // outputs a block
 
 template <bool OVER_K, typename Policy>
 CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
@@ -81,9 +82,9 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   constexpr int B = kCombineBatch;
   const int64_t P = OVER_K ? g.nkt : g.nrt;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
-  const int64_t per_sample = (L + kBlockThreads / 32 - 1) / (kBlockThreads / 32);
+  const int64_t per_sample = (L + kCombineWarps - 1) / kCombineWarps;
   const int64_t n = blockIdx.x / per_sample;
-  const int64_t l = (blockIdx.x % per_sample) * (kBlockThreads / 32) + (tid >> 5);
+  const int64_t l = (blockIdx.x % per_sample) * kCombineWarps + (tid >> 5);
   if (l >= L) return;  // (a whole warp: l is the warp's)
   const int64_t p0 = lane * P / 32, p1 = (lane + 1) * P / 32, base = n * P * L + l;
   State s = pol.init();

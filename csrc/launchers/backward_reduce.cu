@@ -39,8 +39,7 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
                       (split_k && combine_in_second_launch(lg.g.nrt));
   if (split_r || split_k) {
     const int64_t groups = v.N * (lg.g.nrt + lg.g.nkt);
-    lg.g.counters = second ? idle_group_counters(v.x, groups, keep)
-                           : group_counters(v.x, groups, keep);
+    lg.g.counters = group_counters(v.x, groups, keep, second);
   }
   acc_t* const o_r = need_r ? global_ptr<acc_t>(out_r) : nullptr;
   acc_t* const o_k = need_k ? global_ptr<acc_t>(out_k) : nullptr;

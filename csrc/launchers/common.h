@@ -388,23 +388,11 @@ inline bool combine_in_second_launch(int64_t P) {
   return P >= (debug::tile_mode == 1 ? 64 : 1024);
 }
 
-// Counters under which no block of the launch finishes a group (each starts at INT_MIN / 2, so no
-// ticket is P - 1): for a split whose partials the second launch folds. Every block still
-// fences and takes its ticket. A buffer of the launch's own, filled by ATen's kernel on the
-// current stream (under a capture too), held by `keep` until the launch is queued.
-inline int* idle_group_counters(const at::Tensor& like, int64_t count,
-                                std::vector<at::Tensor>& keep) {
-  keep.push_back(at::full({count}, std::numeric_limits<int>::min() / 2,
-                          like.options().dtype(at::kInt)));
-  return global_ptr<int>(keep.back());
-}
-
 // The second launch of a split reduction (combine_in_second_launch): out [N, L] from the
 // partials [N, P, L] that pol reads, one output a warp.
 template <bool OVER_K, typename Policy>
 void launch_combine_groups(const char* op, const Policy& pol, const Geom& g, int64_t L) {
-  constexpr int64_t kWarps = kBlockThreads / 32;
-  const int64_t blocks = g.N * ceil_div(L, kWarps);
+  const int64_t blocks = g.N * ceil_div(L, static_cast<int64_t>(kCombineWarps));
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": ", blocks,
               " blocks for the second stage");
   launch(op, &combine_groups_kernel<OVER_K, Policy>, dim3(static_cast<unsigned>(blocks)),
@@ -420,9 +408,16 @@ void launch_combine_groups(const char* op, const Policy& pol, const Geom& g, int
 // buffers. During a capture: a new buffer zeroed by a memset node of the graph, since a graph may
 // be replayed on any stream, alongside other graphs captured on the same stream. `keep` holds
 // the buffer until the launch is queued.
-inline int* group_counters(const at::Tensor& like, int64_t count, std::vector<at::Tensor>& keep) {
+// idle: counters under which no block of the launch finishes a group (each starts at INT_MIN / 2,
+// so no ticket is P - 1), for a split whose partials a second launch folds
+// (combine_in_second_launch): every block still fences and takes its ticket. A buffer of the
+// launch's own, filled by ATen's kernel on the current stream (under a capture too).
+inline int* group_counters(const at::Tensor& like, int64_t count, std::vector<at::Tensor>& keep,
+                           bool idle = false) {
   const auto opts = like.options().dtype(at::kInt);
-  if (stream_capturing()) {
+  if (idle) {
+    keep.push_back(at::full({count}, std::numeric_limits<int>::min() / 2, opts));
+  } else if (stream_capturing()) {
     keep.push_back(at::empty({count}, opts));
     zero_async(keep.back().data_ptr(), static_cast<size_t>(count) * sizeof(int));
   } else {

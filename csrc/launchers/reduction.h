@@ -106,8 +106,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
     // a group a row tile (over k) or column tile (over r), whose last block combines its
     // partials (kernels/combine_partials.cuh); very many partials: a second launch does
     const int64_t groups = v.N * (over_k ? lg.g.nrt : lg.g.nkt);
-    lg.g.counters = second ? idle_group_counters(v.x, groups, keep)
-                           : group_counters(v.x, groups, keep);
+    lg.g.counters = group_counters(v.x, groups, keep, second);
   }
   // reduce_k_mode 3: where the whole grid is resident at once with reduce_k_rows_blocks blocks
   // an SM (few, long rows), the instance with kReduceKRows rows of loads in flight per thread:
