@@ -76,7 +76,8 @@ SCHEMA_DOC = {
     "settings.tiles_also": "--tiles-also N: cbam_fused's CUDA-graph time again with the "
                            "launchers' tiles_per_sm at N (graph_ms_tiles_also); null without it",
     "settings.tiles_per_sm": "with --tiles-also: the launchers' tiles_per_sm of graph_ms (the "
-                             "build's default); null without it or without the CUDA kernels",
+                             "build's default; 0: each op's own, csrc/launchers/op_tuning.h); "
+                             "null without it or without the CUDA kernels",
     "settings.pdl_also": "--pdl-also: cbam_fused's CUDA-graph time again with programmatic "
                          "dependent launch (graph_ms_pdl); false without it",
     "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "

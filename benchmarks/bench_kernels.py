@@ -67,15 +67,17 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
          # 17x17, a DeepLab 65x65 (513 input, stride 8), YOLOv3-608's 19x19 (the reductions
          # along them staged or shifted, across them folded or shifted)
          "odd": [(288, 35, 35), (768, 17, 17), (256, 65, 65), (1024, 19, 19)]}
-# The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM, min rows per
-# thread, rows of 16-byte vectors in flight per thread (0: 2 for float32, else 1; 4: reduce_r only,
-# the other kernels take 2), the reductions over the contiguous axis (reduce_k_mode: 0 reduce_k with
+# The launchers' tuning knobs (csrc/launchers/launchers.h, cbam::debug): tiles per SM (0: each op's
+# own, csrc/launchers/op_tuning.h, else 32), min rows per thread, rows of 16-byte vectors in flight
+# per thread (-1: the op's own, else as 0; 0: 2 for float32, else 1; 4: reduce_r only, the other
+# kernels take 2), the reductions over the contiguous axis (reduce_k_mode: 0 reduce_k with
 # one lane per vector up to 32, 1 with the fewest lanes that cover a row, 2 as 1 but short rows take
 # reduce_k_rows, one thread a row, 3 as 2 but where reduce_k's grid is resident at once, 2 rows'
 # vectors loaded before the fold), reduce_k's 16-byte loads in flight per thread (1 or 4), and the
 # lanes of reduce_r's short rows (reduce_r_mode: 0 a power of two up to 32, 1 one per vector of a
 # row of at most 128 vectors), the side traffic a tile may cost (side_share: staged values 1 / share
-# of its x bytes, partials half that; smaller shares allow tiles of fewer rows) and reduce_k's
+# of its x bytes, partials half that; smaller shares allow tiles of fewer rows; 0: the op's own,
+# else 16) and reduce_k's
 # vectors a lane per column tile (k_tile_vectors: 1, 2 or 4, fewer make more column tiles; 8, 16 or
 # 32, up to 2, 4 or 8 groups of 4 where the grid stays large enough); keyed
 # "tiles/rows/vec_rows/reduce_k_mode/k_vectors/reduce_r_mode/side_share/k_tile_vectors". The sweep
@@ -85,10 +87,15 @@ SITES = {"resnet50": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)
 # those before 2026-11-27's 32 tiles an SM (8/4/0/3/4/0), for a before / after.
 TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "reduce_k_mode",
                 "k_vectors_in_flight", "reduce_r_mode", "side_share", "k_tile_vectors")
-DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
-_T = DEFAULT_TUNING[0]  # the default grid sizing, at which the other knobs are tried
+# The defaults: tiles_per_sm 0, vec_rows_in_flight -1 and side_share 0, each op's own where
+# csrc/launchers/op_tuning.h names them (from the sweep of 2026-11-28), else 32, by element size
+# and 16 (BASE_TUNING, the defaults before: the same for every op); every other value of a knob
+# is set for every op.
+DEFAULT_TUNING = (0, 4, -1, 3, 4, 0, 0, 32)
+BASE_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
+_T = BASE_TUNING[0]  # the base grid sizing, at which the other knobs are tried
 SWEEP = [(t, r, u, 3, 4, 0, 16, 32) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    DEFAULT_TUNING, (64, 4, 0, 3, 4, 0, 16, 32), (64, 1, 0, 3, 4, 0, 16, 32),
+    DEFAULT_TUNING, BASE_TUNING, (64, 4, 0, 3, 4, 0, 16, 32), (64, 1, 0, 3, 4, 0, 16, 32),
     (_T, 4, 0, 3, 1, 0, 16, 32), (_T, 4, 0, 3, 4, 1, 16, 32),
     (_T, 4, 0, 2, 4, 0, 16, 32), (_T, 4, 0, 0, 4, 0, 16, 32), (_T, 4, 0, 1, 4, 0, 16, 32),
     (8, 4, 0, 3, 4, 0, 16, 4), (8, 4, 0, 2, 4, 0, 16, 4), (8, 4, 1, 2, 1, 0, 16, 4),  # earlier
@@ -98,7 +105,8 @@ SWEEP = [(t, r, u, 3, 4, 0, 16, 32) for t in (4, 8, 16, 32) for r in (1, 2, 4) f
         (4, 32), (8, 32), (16, 1), (16, 2), (4, 1), (4, 2))] + [  # the small sites' grids
     (_T, 4, 0, 3, 4, 0, 16, ktv) for ktv in (4, 8, 16)]  # reduce_k's groups: none, 2, 4
 # Earlier defaults, set against today's in the sweep's per-op table (summarize_sweep)
-REFERENCE_TUNINGS = {"defaults of 2026-11-27 (one group a lane)": (32, 4, 0, 3, 4, 0, 16, 4),
+REFERENCE_TUNINGS = {"defaults of 2026-11-28 (every op alike)": BASE_TUNING,
+                     "defaults of 2026-11-27 (one group a lane)": (32, 4, 0, 3, 4, 0, 16, 4),
                      "defaults of 2026-11-27 (8 tiles an SM)": (8, 4, 0, 3, 4, 0, 16, 4),
                      "defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0, 16, 4),
                      "defaults before 2026-11-26": (8, 4, 1, 2, 1, 0, 16, 4)}

@@ -97,8 +97,9 @@ def main(argv=None):
     p.add_argument("--modes", default="fwd,train", help="fwd, train or both (comma-separated)")
     p.add_argument("--arrangements", default="channel_first",
                    help=f"the block's arrangements, of {', '.join(ARRANGEMENTS)}")
-    p.add_argument("--tiles-per-sm", default="8,32",
-                   help="the launchers' tiles_per_sm settings to model (comma-separated)")
+    p.add_argument("--tiles-per-sm", default="0,32",
+                   help="the launchers' tiles_per_sm settings to model (comma-separated; 0: each "
+                        "op's own, csrc/launchers/op_tuning.h, the default; N: N for every op)")
     p.add_argument("--l2-mib", type=float, default=60.0, help="the L2 (H200: 60; H100: 50)")
     p.add_argument("--sms", type=int, default=132)
     p.add_argument("--threads-per-sm", type=int, default=2048)
@@ -118,8 +119,9 @@ def main(argv=None):
     except ValueError:
         raise SystemExit(f"model_l2: --tiles-per-sm: expected integers, got "
                          f"{args.tiles_per_sm!r}") from None
-    if not tiles or not all(1 <= t <= 64 for t in tiles):
-        raise SystemExit(f"model_l2: --tiles-per-sm: expected values in [1, 64], got {tiles}")
+    if not tiles or not all(0 <= t <= 64 for t in tiles):
+        raise SystemExit(f"model_l2: --tiles-per-sm: expected values in [0, 64] (0: each op's "
+                         f"own), got {tiles}")
     bad = ([c for c in configs if c not in CONFIGS] + [m for m in modes if m not in ("fwd", "train")]
            + [a for a in arrangements if a not in ARRANGEMENTS])
     if bad or not (sites and configs and modes and arrangements):

@@ -780,7 +780,7 @@ print("JSON:" + json.dumps(d))
 
     def step_sweep(self, later):
         """The launchers' tuning sweep: every op at the ResNet-50 sites under every setting of
-        bench_kernels.SWEEP; its per_op table says which defaults to set in launchers.h."""
+        bench_kernels.SWEEP; its per_op table says which knobs to set in op_tuning.h."""
         self.header("sweep", "benchmarks/bench_kernels.py --sweep (launcher tuning)")
         t = time.monotonic()
         if self.dry or not self.has_gpu:
@@ -1112,7 +1112,9 @@ def write_summary(d, part_dirs):
                          (f" | {100 * fr:.2g}% |" if fr else " | - |"))
             L.append("")
         st = bc.get("settings") or {}
-        n, default = st.get("tiles_also"), st.get("tiles_per_sm") or "?"
+        n, tps = st.get("tiles_also"), st.get("tiles_per_sm")
+        # (0: each op's own grid sizing, csrc/launchers/op_tuning.h, else 32)
+        default = "?" if tps is None else ("of each op (op_tuning.h)" if tps == 0 else tps)
         # cbam_fused's graph time under another setting over its time under the default, per
         # mode and dtype (bench_cbam's summary): a line each where the run timed it
         for key, text in (
@@ -1219,7 +1221,8 @@ def write_summary(d, part_dirs):
                  "reduce_k_mode/k_vectors_in_flight/reduce_r_mode/side_share/k_tile_vectors "
                  "(older runs: the first four to six); the geometric "
                  "mean over the cases of each op's fraction of copy bandwidth. Set the best as "
-                 "the defaults in `csrc/launchers/launchers.h`.")
+                 "the op's own in `csrc/launchers/op_tuning.h` (or, for every op, the defaults "
+                 "in `csrc/launchers/launchers.h`).")
         L.append("")
         labels = list(next(iter(sw["per_op"].values())).get("reference_gmean") or {})
         L.append("| op | best | best %copy | default %copy |"

@@ -99,7 +99,8 @@ def test_bench_cbam_cpu_quick(tmp_path):
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
     assert res["settings"]["pass_order"] == "both" and res["settings"]["tiles_also"] == 8
     assert res["settings"]["pdl_also"] is True
-    assert res["settings"]["tiles_per_sm"] in (32, None)  # None: no CUDA kernels built
+    # 0: each op's own (csrc/launchers/op_tuning.h); None: no CUDA kernels built
+    assert res["settings"]["tiles_per_sm"] in (0, None)
     for s in res["summary"].values():
         assert "geomean_speedup_of_fused_graph" in s and "mean_graph_frac_copy_bw" in s
         assert "geomean_forward_over_alternate" not in s
@@ -520,7 +521,9 @@ def test_model_l2_writes_its_record(tmp_path):
                     for m in ("fwd", "train") for t in (8, 32) for o in ("forward", "alternate")}
     sim = torch.ops.cbam_fused_sim
     assert sim.set_pass_order(1) == 1
-    assert tuple(sim.set_tuning(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 32)
+    sys.path.insert(0, BENCH)
+    import bench_kernels as bk
+    assert tuple(sim.set_tuning(*bk.DEFAULT_TUNING)) == bk.DEFAULT_TUNING  # (left as found)
     with pytest.raises(SystemExit, match="unknown or missing"):
         model_l2.main(["--modes", "backward"])
     with pytest.raises(SystemExit, match="unknown or missing .*'sideways'"):
@@ -538,15 +541,16 @@ def test_bench_cbam_sets_the_tiles_per_sm_and_back():
         op = torch.ops.cbam_fused_debug.set_tuning
     except (AttributeError, RuntimeError):
         pytest.skip("the CUDA kernels are not built")
-    assert bc.current_tiles_per_sm() == 32
-    assert bc.set_tiles_per_sm(8) == 32
+    # the default 0: each op's own grid sizing (csrc/launchers/op_tuning.h)
+    assert bc.current_tiles_per_sm() == 0
+    assert bc.set_tiles_per_sm(8) == 0
     try:
-        assert tuple(op(32, 4)) == (8, 4, 0, 3, 4, 0, 16, 32)
+        assert tuple(op(32, 4)) == (8, 4, -1, 3, 4, 0, 0, 32)
         op(8, 4)
     finally:
-        assert bc.set_tiles_per_sm(32) == 8
-    assert tuple(op(32, 4)) == (32, 4, 0, 3, 4, 0, 16, 32)
-    assert bc.current_tiles_per_sm() == 32 and bc.set_tiles_per_sm(None) is None
+        assert bc.set_tiles_per_sm(0) == 8
+    assert tuple(op(0, 4)) == (0, 4, -1, 3, 4, 0, 0, 32)
+    assert bc.current_tiles_per_sm() == 0 and bc.set_tiles_per_sm(None) is None
 
 
 def test_bench_cbam_sets_pdl_and_back():
@@ -582,4 +586,4 @@ def test_bench_cbam_times_the_other_settings_by_their_setters():
         old = setter(value)
         assert setter(old) == value
     assert (bc.set_pass_order("alternate"), bc.current_tiles_per_sm(), bc.set_pdl(0)) == \
-        ("alternate", 32, 0)
+        ("alternate", 0, 0)

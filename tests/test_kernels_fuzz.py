@@ -24,9 +24,10 @@ START = int(os.environ.get("CBAM_FUZZ_START", "0"))
 
 def draw_tuning(r: random.Random):
     """The launchers' tuning knobs (set_tuning's arguments), each over the values a GPU sweep
-    may pick."""
-    return (r.choice([1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]), r.choice([0, 1, 2, 4]),
-            r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([1, 4, 16, 64]),
+    may pick (tiles 0, rows in flight -1, share 0: each op's own, csrc/launchers/op_tuning.h)."""
+    return (r.choice([0, 1, 2, 8, 32, 64]), r.choice([1, 2, 4, 16, 64]),
+            r.choice([-1, 0, 1, 2, 4]),
+            r.randint(0, 3), r.choice([1, 4]), r.randint(0, 1), r.choice([0, 1, 4, 16, 64]),
             r.choice([1, 2, 4, 8, 32]))
 
 
@@ -78,8 +79,9 @@ def test_the_draws_cover_every_op_dtype_layout_and_knob():
     assert {d[2] for d in draws} == {"cf", "cl", "strided"}
     assert {len(d[3]) - 2 for d in draws} == {1, 2, 3}
     assert {d[6] for d in draws} == {0, 1, 2}
-    for i, values in enumerate([{1, 2, 8, 32, 64}, {1, 2, 4, 16, 64}, {0, 1, 2, 4}, {0, 1, 2, 3},
-                                {1, 4}, {0, 1}, {1, 4, 16, 64}, {1, 2, 4, 8, 32}]):
+    for i, values in enumerate([{0, 1, 2, 8, 32, 64}, {1, 2, 4, 16, 64}, {-1, 0, 1, 2, 4},
+                                {0, 1, 2, 3}, {1, 4}, {0, 1}, {0, 1, 4, 16, 64},
+                                {1, 2, 4, 8, 32}]):
         assert {d[5][i] for d in draws} == values, i
     assert any(d[3][1] > 64 for d in draws)
 

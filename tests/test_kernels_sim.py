@@ -699,10 +699,13 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 
 
 # The launchers' tuning knobs at their defaults (csrc/launchers/launchers.h; the default_tuning
-# fixture checks the build's, test_benchmarks_smoke bench_kernels'): tiles per SM, min rows per
-# thread, vector rows in flight (0: by element size), reduce_k mode, reduce_k vectors in flight,
-# reduce_r mode, side share, reduce_k vectors a lane per tile
-DEFAULT_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
+# fixture checks the build's, test_benchmarks_smoke bench_kernels'): tiles per SM (0: by op,
+# csrc/launchers/op_tuning.h, else 32), min rows per thread, vector rows in flight (-1: by op,
+# else as 0; 0: by element size), reduce_k mode, reduce_k vectors in flight, reduce_r mode, side share (0: by
+# op, else 16), reduce_k vectors a lane per tile
+DEFAULT_TUNING = (0, 4, -1, 3, 4, 0, 0, 32)
+# The same for every op: the base values the ops without a row of op_tuning.h take
+BASE_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
 
 
 @pytest.fixture
@@ -736,9 +739,9 @@ def test_grid_sizing_knobs_change_the_grid_not_the_result(op, default_tuning):
 
 
 def test_grid_sizing_knobs_are_checked(default_tuning):
-    for bad in [(0, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -1, 1),
+    for bad in [(-1, 4, 1, 1), (65, 4, 1, 1), (8, 0, 1, 1), (8, 65, 1, 1), (8, 4, -2, 1),
                 (8, 4, 3, 1), (8, 4, 1, 4), (8, 4, 1, -1), (8, 4, 1, 2, 0), (8, 4, 1, 2, 2),
-                (8, 4, 1, 2, 8), (8, 4, 1, 2, 4, 2), (8, 4, 1, 2, 4, -1), (8, 4, 1, 2, 4, 0, 0),
+                (8, 4, 1, 2, 8), (8, 4, 1, 2, 4, 2), (8, 4, 1, 2, 4, -1), (8, 4, 1, 2, 4, 0, -1),
                 (8, 4, 1, 2, 4, 0, 65), (8, 4, 1, 2, 4, 0, 16, 3), (8, 4, 1, 2, 4, 0, 16, 0),
                 (8, 4, 1, 2, 4, 0, 16, 12), (8, 4, 1, 2, 4, 0, 16, 64)]:
         with pytest.raises(RuntimeError, match="set_tuning"):
@@ -760,7 +763,7 @@ def test_side_traffic_floors_of_the_rows_per_tile(default_tuning):
     want = {"apply_gates": 2 * 8 * 2, "grad_input": 2 * 8 * 1,  # 8 column tiles of 256
             "pool_over_c": 2 * 2 * 2, "pool_over_s_backward_scale": 2 * 2 * 1,  # 2 of 1024
             "pool_over_s": 2 * 8 * 1}
-    torch.ops.cbam_fused_sim.set_tuning(8, 1, 0, 2, 4)
+    torch.ops.cbam_fused_sim.set_tuning(8, 1, 0, 2, 4, 0, 16)
     for op, grid in want.items():
         args = op_args(op, x, gen, 0)
         with testing.use_simulator():
@@ -798,6 +801,94 @@ def test_side_share_and_k_tile_vectors_change_the_grid_not_the_result(default_tu
         else:
             assert grids[16, 1] == grids[16, 4], (op, grids)
         torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+
+
+def op_tuning_rows():
+    """The rows of csrc/launchers/op_tuning.h's kOpTuning: (op, channels-last, element bytes,
+    tiles_per_sm, vec_rows_in_flight, side_share), 0 where the op keeps the base value."""
+    import os
+    import re
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "launchers", "op_tuning.h")
+    with open(path) as f:
+        text = f.read()
+    table = text[text.index("kOpTuning[] = {"):]
+    table = table[:table.index("};")]
+    return [(op, cl == "true", int(eb), int(t), int(u), int(share)) for op, cl, eb, t, u, share
+            in re.findall(r'\{"(\w+)", (true|false), (\d+), (\d+), (\d+), (\d+)\}', table)]
+
+
+# One shape a row of kOpTuning, on one modelled SM (the grid's target is then tiles_per_sm
+# tiles) where the row's knobs give another launch than the base values: rows of 2048 channels
+# over 16 columns for the channels-first reductions across C and dx (256 rows a tile at least:
+# 8 tiles at 32, 4 at 4), 2048 rows of 256 for the pool over S (64 rows a tile at least: 32 tiles
+# at 32, 16 at 16), the 7x7 channels-last map of 2048 channels for the side shares (its 49 rows
+# split by the staged values' floor), and for the rows in flight the kernel instance.
+OP_TUNING_SHAPES = {("pool_over_s", False): (1, 2048, 16, 16),
+                    ("pool_over_c", False): (1, 2048, 4, 4),
+                    ("pool_over_s_backward_scale", False): (1, 2048, 4, 4),
+                    ("grad_input", False): (1, 2048, 4, 4),
+                    ("pool_over_c", True): (2, 2048, 7, 7),
+                    ("apply_gates", True): (2, 256, 7, 7),
+                    ("pool_over_c_backward_scale", True): (2, 256, 7, 7),
+                    ("pool_over_s_backward_scale", True): (2, 2048, 7, 7)}
+
+
+def tuned_launches(op, args, setting):
+    """op in the simulator under set_tuning(*setting): (its outputs, its launches as (kernel
+    instance, grid, block, bytes read, bytes written) each: tilings of one grid differ in
+    their partials' bytes)."""
+    torch.ops.cbam_fused_sim.set_tuning(*setting)
+    with testing.use_simulator():
+        got = getattr(torch.ops.cbam_fused, op)(*args)
+        launches = [(_stat(s, "kernel"), tuple(_stat(s, "grid")), tuple(_stat(s, "block")),
+                     _stat(s, "bytes_read"), _stat(s, "bytes_written"))
+                    for s in testing.simulator_stats()]
+    return (got if isinstance(got, (tuple, list)) else (got,)), launches
+
+
+def test_each_op_takes_its_own_tuning_by_default(default_tuning):
+    """The defaults (tiles_per_sm, vec_rows_in_flight and side_share 0) give each op of
+    kOpTuning (op_tuning.h, the H200 sweep's choices) the launches of its row's setting, which
+    are not those of the base values (the same for every op: 32 tiles an SM, rows in flight by
+    element size, a share of 16); the other layout and element size of the same op, and the ops
+    without a row, the base values' launches. float16 takes the 2-byte rows. Each result as the
+    CPU kernels' under every fiber schedule."""
+    rows = op_tuning_rows()
+    assert len(rows) == len(OP_TUNING_SHAPES) and len({r[:3] for r in rows}) == len(rows)
+    gen = torch.Generator().manual_seed(61)
+    dtypes = {4: [torch.float32], 2: [torch.bfloat16, torch.float16]}
+    with testing.l2_model(1 << 20, sms=1):
+        for op, cl, eb, tiles, u, share in rows:
+            own = list(BASE_TUNING)
+            for i, v in ((0, tiles), (2, u), (6, share)):
+                own[i] = v or own[i]
+            layout = "cl" if cl else "cf"
+            for dtype in dtypes[eb]:
+                x = rand_x(OP_TUNING_SHAPES[op, cl], dtype, layout, gen)
+                args = op_args(op, x, gen, 0)
+                got, launches = tuned_launches(op, args, DEFAULT_TUNING)
+                check_same(op, got, run_cpu(op, args), x, layout)
+                assert_schedules_agree(op, args, got, seed=3)
+                assert launches == tuned_launches(op, args, tuple(own))[1], (op, dtype, layout)
+                assert launches != tuned_launches(op, args, BASE_TUNING)[1], (op, dtype, layout)
+                torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+            # the other layout (same extents, same bytes): the base values
+            other = "cf" if cl else "cl"
+            x = rand_x(OP_TUNING_SHAPES[op, cl], dtypes[eb][0], other, gen)
+            args = op_args(op, x, gen, 0)
+            assert tuned_launches(op, args, DEFAULT_TUNING)[1] == \
+                tuned_launches(op, args, BASE_TUNING)[1], (op, other)
+            torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+        # an op without a row in either layout, and the rows' ops at an element size of none
+        for op, dtype, layout in (("backward_reduce", torch.float32, "cf"),
+                                  ("backward_reduce", torch.bfloat16, "cl"),
+                                  ("pool_over_c", torch.float64, "cf"),
+                                  ("grad_input", torch.bfloat16, "cf")):
+            x = rand_x((1, 2048, 4, 4), dtype, layout, gen)
+            args = op_args(op, x, gen, 0)
+            assert tuned_launches(op, args, DEFAULT_TUNING)[1] == \
+                tuned_launches(op, args, BASE_TUNING)[1], (op, dtype, layout)
+            torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
 # reduce_k's groups (k_tile_vectors 32: up to 8 groups of 4 vectors a lane of a row in one
@@ -1060,14 +1151,15 @@ REDUCE_R_OPS = {layout: POOL_OPS - ops for layout, ops in REDUCE_K_OPS.items()}
 
 
 def with_rows(u):
-    """DEFAULT_TUNING with vec_rows_in_flight u."""
-    return DEFAULT_TUNING[:2] + (u,) + DEFAULT_TUNING[3:]
+    """BASE_TUNING (every op alike) with vec_rows_in_flight u."""
+    return BASE_TUNING[:2] + (u,) + BASE_TUNING[3:]
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_reduce_r_rows_in_flight_on_resident_grids(dtype, layout, default_tuning):
-    """vec_rows_in_flight 0 (the default): where reduce_r's whole grid is resident at once with
+    """vec_rows_in_flight 0 (by element size and grid: the default of the ops without their own,
+    op_tuning.h; here for every op): where reduce_r's whole grid is resident at once with
     its U = 4 instance's blocks an SM (every grid here, N = 2), the reductions over rows run that
     instance, 4 rows of loads in flight per thread, in exactly the reduce_r ops (the others run
     the element size's U); the same bits as the element size's U (each column's rows folded in
@@ -1081,7 +1173,7 @@ def test_reduce_r_rows_in_flight_on_resident_grids(dtype, layout, default_tuning
     switched = set()
     for op in OPS:
         args = op_args(op, x, gen, 0)
-        got, launches = run_tuned(op, args, DEFAULT_TUNING)
+        got, launches = run_tuned(op, args, with_rows(0))
         assert_schedules_agree(op, args, got, seed=5)
         want, base_launches = run_tuned(op, args, with_rows(base))
         for a, b in zip(got, want):

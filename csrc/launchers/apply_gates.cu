@@ -22,7 +22,7 @@ void run_apply_gates(const XView& v, const at::Tensor& y, const at::Tensor& gc,
   const Fold f = fold_of(v, G);
   const acc_t* gr = opt_ptr<acc_t>(v.cl ? gs : gc);
   const acc_t* gk = opt_ptr<acc_t>(v.cl ? gc : gs);
-  with_rows_in_flight<VEC>([&](auto u) {
+  with_rows_in_flight<VEC>(lg.tune, [&](auto u) {
     launch("apply_gates", &apply_gates_kernel<T, VEC, decltype(u)::value, FOLD, acc_t>,
            lg.grid(), lg.block(), 0, global_ptr<T>(v.x), global_ptr<T>(y), gr, gk, lg.g, f, v.cl);
   });

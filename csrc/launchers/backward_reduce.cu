@@ -59,7 +59,7 @@ void run_backward_reduce(const XView& v, const at::Tensor& g, const at::Tensor& 
   if constexpr (SHIFT) {
     run(std::integral_constant<int, 1>{});  // one row in flight (its window and the next's)
   } else {
-    with_rows_in_flight<VEC>(run);
+    with_rows_in_flight<VEC>(lg.tune, run);
   }
   // (the tensors the first launch was handed: no global_ptr call in between)
   if (second && split_r) {

@@ -16,6 +16,7 @@
 #include "kernels/combine_partials.cuh"  // (combine_groups_kernel: launch_combine_groups)
 #include "kernels/common.cuh"
 #include "launchers/launchers.h"
+#include "launchers/op_tuning.h"
 
 namespace cbam {
 
@@ -162,6 +163,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct LaunchGeom {
   Geom g;
   int tx, ty;
+  Tuning tune;  // the knobs it was sized with (with_rows_in_flight reads them too)
   dim3 grid() const { return dim3(static_cast<unsigned>(g.N * g.nrt * g.nkt)); }
   dim3 block() const { return dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty)); }
 };
@@ -170,7 +172,8 @@ struct LaunchGeom {
 // debug::k_tile_vectors; else 1).
 // Side traffic per column of a tile, which sets the fewest rows a tile may have:
 // staged_bytes, the small [N, C] / [N, S] tensors a tile reads (gates, weights: L2 hits mostly,
-// but counted by the pass budget) at most 1 / debug::side_share (16) of the tile's x bytes;
+// but counted by the pass budget) at most 1 / t.side_share (16 unless the op's own) of the
+// tile's x bytes;
 // partial_bytes, the partials a second stage reads back (a reduction over rows: written, read
 // again by the last block of their group) at most half that. (Both at 1/32 held the small
 // channels-last sites to a few hundred blocks whatever tiles_per_sm and min_rows_per_thread
@@ -201,17 +204,19 @@ enum class SpanLanes {
 // groups_max (reduce_k: up to reduce_k_groups, the groups of kv_max vectors a lane may take of a
 // row in one tile; else 1): a row of more than one group per lane is split into the fewest
 // column tiles (nkt) whose grid keeps at least 3/4 of the tiles of one group a lane (or of the
-// target, num_sms * tiles_per_sm, where those are more; 3/4: the row tiles round the target
+// target, num_sms * t.tiles_per_sm, where those are more; 3/4: the row tiles round the target
 // down), each of g = ceil(groups / nkt) groups (balanced), so that a lane folds more of a row
 // per shuffle tree, row store and partial while a pass keeps its waves (and the bands of x the
 // next pass, in the reverse order, meets in L2: pass_order). Its rows per tile floor is then
 // ty * ceil(min_rows_per_thread / g) (a thread's groups of a row count as its rows). Where no
 // such nkt keeps them, one group a lane (as groups_max 1).
+// t: the launch's knobs (tuning_for, launchers/op_tuning.h).
 inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max,
                             int64_t staged_bytes, int64_t partial_bytes, int64_t elem_bytes,
-                            const char* op, SpanLanes spans = SpanLanes::kNever,
+                            const char* op, const Tuning& t, SpanLanes spans = SpanLanes::kNever,
                             int64_t k_period = 0, int groups_max = 1) {
   LaunchGeom lg;
+  lg.tune = t;
   if (kv_max > 1) kv_max = std::min(kv_max, debug::k_tile_vectors);
   const int64_t need = ceil_div(K, vec);
   const int64_t lanes = kv_max > 1 && debug::reduce_k_mode >= 1 ? ceil_div(need, kv_max) : need;
@@ -241,8 +246,8 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
   g.R = R;
   g.K = K;
   const int64_t kv = std::max<int64_t>(1, std::min<int64_t>(kv_max, ceil_div(need, tx)));
-  // the tiles that fill the device a few times over (debug::tiles_per_sm per SM)
-  const int64_t target = static_cast<int64_t>(num_sms()) * debug::tiles_per_sm;
+  // the tiles that fill the device a few times over (t.tiles_per_sm per SM)
+  const int64_t target = static_cast<int64_t>(num_sms()) * t.tiles_per_sm;
   // the rows of the tiles for column tiles of `cols` columns, `groups` groups a lane: sets
   // g.cols_per_tile, nkt, nrt and rows_per_tile
   const auto tile_rows = [&](int64_t cols, int64_t groups) {
@@ -259,14 +264,14 @@ inline LaunchGeom make_geom(int64_t N, int64_t R, int64_t K, int vec, int kv_max
     } else if (debug::tile_mode == 2) {
       rpt = R;
     } else {
-      // Enough tiles to fill the device a few times over (debug::tiles_per_sm per SM, default
-      // 32), each thread walking at least debug::min_rows_per_thread rows (default 4), and the
-      // side traffic bounded as above.
+      // Enough tiles to fill the device a few times over (t.tiles_per_sm per SM, 32 unless
+      // the op's own), each thread walking at least t.min_rows_per_thread rows (default 4), and
+      // the side traffic bounded as above.
       const int64_t want_tiles = ceil_div(target, N * g.nkt);
       rpt = std::max({ceil_div(R, want_tiles),
-                      static_cast<int64_t>(lg.ty) * ceil_div(debug::min_rows_per_thread, groups),
-                      ceil_div(debug::side_share * staged, elem_bytes),
-                      ceil_div(2 * debug::side_share * partial, elem_bytes)});
+                      static_cast<int64_t>(lg.ty) * ceil_div(t.min_rows_per_thread, groups),
+                      ceil_div(t.side_share * staged, elem_bytes),
+                      ceil_div(2 * t.side_share * partial, elem_bytes)});
     }
     rpt = std::max<int64_t>(1, std::min<int64_t>(rpt, R));
     g.nrt = ceil_div(R, rpt);
@@ -307,23 +312,24 @@ inline int fold_rows(const XView& v, int vec) {
 }
 
 // The tiles of x [N, R, K] with rows folded G at a time (G == 1: the rows as they are; make_geom
-// with the folded extents and, for G > 1, the period of the small values along k), and the Fold
-// the kernels take.
+// with the folded extents and, for G > 1, the period of the small values along k, under op's
+// knobs for x's layout and element size), and the Fold the kernels take.
 inline LaunchGeom folded_geom(const XView& v, int G, int vec, int kv_max, int64_t staged_bytes,
                               int64_t partial_bytes, int64_t elem_bytes, const char* op,
                               SpanLanes spans, int groups_max = 1) {
   return make_geom(v.N, v.R() / G, v.K() * G, vec, kv_max, staged_bytes, partial_bytes,
-                   elem_bytes, op, spans, G > 1 ? v.K() : 0, groups_max);
+                   elem_bytes, op, tuning_for(op, v.cl, elem_bytes), spans, G > 1 ? v.K() : 0,
+                   groups_max);
 }
 inline Fold fold_of(const XView& v, int G) { return Fold{G, static_cast<int>(v.K())}; }
 
 // Calls f(std::integral_constant<int, U>{}) with the rows in flight U of a row-walking kernel:
-// kScalarRowsPerStep on the scalar path, debug::vec_rows_in_flight on the vector path (0: 2 for
+// kScalarRowsPerStep on the scalar path, t.vec_rows_in_flight on the vector path (0: 2 for
 // 4-byte elements, VEC == 4, else 1), at most kMaxU (4: reduce_r, whose tiles at the small sites
 // give a thread a handful of rows; 2: the other kernels, which instantiate no U = 4).
 template <int VEC, int kMaxU = 2, typename F>
-void with_rows_in_flight(F&& f) {
-  const int u = debug::vec_rows_in_flight != 0 ? debug::vec_rows_in_flight : (VEC == 4 ? 2 : 1);
+void with_rows_in_flight(const Tuning& t, F&& f) {
+  const int u = t.vec_rows_in_flight != 0 ? t.vec_rows_in_flight : (VEC == 4 ? 2 : 1);
   if constexpr (VEC == 1) {
     f(std::integral_constant<int, kScalarRowsPerStep>{});
   } else if (kMaxU >= 4 && u == 4) {

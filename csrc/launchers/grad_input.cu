@@ -37,7 +37,7 @@ void run_grad_input(const char* op, const XView& v, const at::Tensor& x, const a
       }
     }
   };
-  with_rows_in_flight<VEC>([&](auto u) {
+  with_rows_in_flight<VEC>(lg.tune, [&](auto u) {
     with_mode([&](auto mode) {
       launch(op,
              &grad_input_kernel<T, VEC, decltype(u)::value, LPLSE, FOLD, decltype(mode)::value,

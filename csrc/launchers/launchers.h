@@ -30,7 +30,10 @@ inline int tile_mode = 0;
 // Grid sizing of the normal tiling (make_geom, launchers/common.h), tunable at run time so that a
 // GPU session can sweep them without rebuilding (benchmarks/bench_kernels.py --sweep): aim at
 // tiles_per_sm tiles (blocks) per multiprocessor, and give every thread at least
-// min_rows_per_thread rows of its tile. 32 tiles an SM, four times the 8 blocks of 256 threads it
+// min_rows_per_thread rows of its tile. tiles_per_sm 0 (the default): by op
+// (launchers/op_tuning.h: the ops the H200 sweep of 2026-11-28 timed faster otherwise, their
+// own; every other launch kBaseTilesPerSm); 1 to 64: that many for every launch (a sweep's
+// settings). kBaseTilesPerSm, 32 tiles an SM, four times the 8 blocks of 256 threads it
 // holds: a pass over x then runs in a few waves, its blocks at any time over a band of x rather
 // than all of it, and the pass after it, in the reverse tile order (pass_order), starts on the
 // bytes that band left in L2. With 8 (the default until 2026-11-27) a pass was one wave over all
@@ -40,15 +43,17 @@ inline int tile_mode = 0;
 // bfloat16 channels-last one, 2.58 and 2.75 at the float32 512x28x28 one (3.0, 2.8, 2.8 with every
 // pass in the forward order). Timed per op (the H200 sweep of 2026-11-26, 9b21929, that day's
 // other knobs, buffers rotated past the L2), 8, 16 and 32 came within 0.8% of each other
-// (geometric mean over the 56 cases: 46.7%, 46.9%, 46.5% of copy bandwidth; 32 0.5% under 8).
-// Not yet timed with today's other knobs, nor the block at all (bench_cbam.py --tiles-also 8).
-constexpr int kDefaultTilesPerSm = 32;
+// (geometric mean over the 56 cases: 46.7%, 46.9%, 46.5% of copy bandwidth; 32 0.5% under 8);
+// the sweep of 2026-11-28 found single ops 6-39% faster at 4 to 16 (op_tuning.h).
+constexpr int kBaseTilesPerSm = 32;
+constexpr int kDefaultTilesPerSm = 0;
 constexpr int kDefaultMinRowsPerThread = 4;
 inline int tiles_per_sm = kDefaultTilesPerSm;
 inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // Rows of 16-byte vectors a thread loads before using them (the kernels' U on the vector path;
-// the scalar path always takes kScalarRowsPerStep): 1, 2, 4 (reduce_r; 2 in the other kernels),
-// or 0 = by element size, 2 for 4-byte elements and 1 otherwise (with_rows_in_flight,
+// the scalar path always takes kScalarRowsPerStep): 1, 2, 4 (reduce_r; 2 in the other kernels)
+// for every launch; -1 (the default), the op's own where launchers/op_tuning.h names one, else
+// as 0; 0, by element size, 2 for 4-byte elements and 1 otherwise (with_rows_in_flight,
 // launchers/common.h), and in reduce_r by the grid too: 4 (else 2) where the whole grid is
 // resident at once with that instance's blocks an SM (with_reduce_r_rows, launchers/reduction.h;
 // argued, not yet timed: the 1024x14x14 and 512x28x28 bfloat16 channels-last pools over S at
@@ -58,7 +63,7 @@ inline int min_rows_per_thread = kDefaultMinRowsPerThread;
 // channels-last ones' from 41.6% to 38.4%. But as compiled then, the 16-bit instances had one
 // row in flight at any U (each load converted inside its guard: README, "Loads in flight, as
 // compiled"); that sweep timed their extra instructions, not more loads. To be timed again.
-constexpr int kDefaultVecRowsInFlight = 0;
+constexpr int kDefaultVecRowsInFlight = -1;
 inline int vec_rows_in_flight = kDefaultVecRowsInFlight;
 // reduce_k's 16-byte loads in flight per thread: 1 (load, fold, load...) or kReduceKVectors
 // (all of the lane's vectors of the row, loaded before they are folded; under reduce_k_mode 3
@@ -96,7 +101,11 @@ inline int reduce_r_mode = kDefaultReduceRMode;
 // the small sites, also the grids: the 7x7 channels-last sites of 2048 channels at batch 64
 // run their reductions along C as 128 to 256 blocks on 132 SMs, whatever tiles_per_sm says. The
 // staged values are L2 hits mostly; a sweep times a smaller share (4: tiles of 8 rows there).
-constexpr int kDefaultSideShare = 16;
+// 0 (the default): by op (launchers/op_tuning.h; 8 and 4 for two 16-bit channels-last
+// reductions, timed faster at the 7x7 sites), else kBaseSideShare; 1 to 64: that share for every
+// launch.
+constexpr int kBaseSideShare = 16;
+constexpr int kDefaultSideShare = 0;
 inline int side_share = kDefaultSideShare;
 // reduce_k's vectors a lane takes of a row in one column tile, at most: 1, 2 or 4
 // (kReduceKVectors): fewer make more, narrower column tiles, so more blocks where rows are few
@@ -215,19 +224,21 @@ at::Tensor grad_input_lp_lse(const at::Tensor& grad, const at::Tensor& x,
 
 // Sets the tuning knobs above (the body of the set_tuning debug ops); returns the previous values
 // [tiles_per_sm, min_rows_per_thread, vec_rows_in_flight, reduce_k_mode, k_vectors_in_flight,
-// reduce_r_mode, side_share, k_tile_vectors]. tiles_per_sm and min_rows_per_thread in [1, 64],
-// vec_rows_in_flight 0, 1, 2 or 4, reduce_k_mode 0 to 3, k_vectors_in_flight 1 or 4,
-// reduce_r_mode 0 or 1, side_share in [1, 64], k_tile_vectors 1, 2, 4, 8, 16 or 32.
+// reduce_r_mode, side_share, k_tile_vectors]. tiles_per_sm 0 (by op) or in [1, 64],
+// min_rows_per_thread in [1, 64], vec_rows_in_flight -1 (by op), 0 (by element size), 1, 2 or 4,
+// reduce_k_mode 0 to 3, k_vectors_in_flight 1 or 4, reduce_r_mode 0 or 1, side_share 0 (by op)
+// or in [1, 64], k_tile_vectors 1, 2, 4, 8, 16 or 32.
 inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_per_thread,
                                        int64_t vec_rows_in_flight, int64_t reduce_k_mode,
                                        int64_t k_vectors_in_flight, int64_t reduce_r_mode,
                                        int64_t side_share, int64_t k_tile_vectors) {
-  TORCH_CHECK(tiles_per_sm >= 1 && tiles_per_sm <= 64,
-              "set_tuning: tiles_per_sm must be in [1, 64], got ", tiles_per_sm);
+  TORCH_CHECK(tiles_per_sm >= 0 && tiles_per_sm <= 64,
+              "set_tuning: tiles_per_sm must be 0 (by op) or in [1, 64], got ", tiles_per_sm);
   TORCH_CHECK(min_rows_per_thread >= 1 && min_rows_per_thread <= 64,
               "set_tuning: min_rows_per_thread must be in [1, 64], got ", min_rows_per_thread);
-  TORCH_CHECK(vec_rows_in_flight >= 0 && vec_rows_in_flight <= 4 && vec_rows_in_flight != 3,
-              "set_tuning: vec_rows_in_flight must be 0 (by element size), 1, 2 or 4, got ",
+  TORCH_CHECK(vec_rows_in_flight >= -1 && vec_rows_in_flight <= 4 && vec_rows_in_flight != 3,
+              "set_tuning: vec_rows_in_flight must be -1 (by op), 0 (by element size), 1, 2 or "
+              "4, got ",
               vec_rows_in_flight);
   TORCH_CHECK(reduce_k_mode >= 0 && reduce_k_mode <= 3,
               "set_tuning: reduce_k_mode must be 0, 1, 2 or 3, got ", reduce_k_mode);
@@ -235,8 +246,8 @@ inline std::vector<int64_t> set_tuning(int64_t tiles_per_sm, int64_t min_rows_pe
               "set_tuning: k_vectors_in_flight must be 1 or 4, got ", k_vectors_in_flight);
   TORCH_CHECK(reduce_r_mode == 0 || reduce_r_mode == 1,
               "set_tuning: reduce_r_mode must be 0 or 1, got ", reduce_r_mode);
-  TORCH_CHECK(side_share >= 1 && side_share <= 64,
-              "set_tuning: side_share must be in [1, 64], got ", side_share);
+  TORCH_CHECK(side_share >= 0 && side_share <= 64,
+              "set_tuning: side_share must be 0 (by op) or in [1, 64], got ", side_share);
   TORCH_CHECK(k_tile_vectors >= 1 && k_tile_vectors <= 32 &&
                   (k_tile_vectors & (k_tile_vectors - 1)) == 0,
               "set_tuning: k_tile_vectors must be 1, 2, 4, 8, 16 or 32, got ", k_tile_vectors);
@@ -302,8 +313,8 @@ inline constexpr const char* kGroupCountersSchema = "group_counters() -> Tensor[
 inline constexpr const char* kSetPassOrderSchema = "set_pass_order(int mode) -> int";
 inline constexpr const char* kSetPdlSchema = "set_pdl(int mode) -> int";
 inline constexpr const char* kSetTuningSchema =
-    "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=0, "
-    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=16, "
+    "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=-1, "
+    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=0, "
     "int k_tile_vectors=32) -> int[]";
 
 // Sets debug::pass_order (the set_pass_order debug op): 0, every x-sized pass from its first

@@ -46,7 +46,7 @@ void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int
 }
 
 // Calls f(std::integral_constant<int, U>{}) with reduce_r's rows in flight U for a grid of
-// `blocks` blocks. Where debug::vec_rows_in_flight is 0 (by element size) on the vector path: 4
+// `blocks` blocks. Where t.vec_rows_in_flight is 0 (by element size) on the vector path: 4
 // where the whole grid is resident at once with the U = 4 instance's blocks an SM
 // (reduce_r_min_blocks), else 2 where the U = 2 instance's are and the element size gives 1
 // (16-bit x, float64), else the element size's (with_rows_in_flight). A resident grid's blocks
@@ -55,9 +55,9 @@ void set_partials(WeightedSumPolicy<acc_t, LPLSE>& pol, const at::Tensor& x, int
 // 64: 256 blocks of 256 threads, two an SM, at U = 1 one 16-byte load in flight per thread).
 // The same tiles, each column's rows folded in the same order: the same bits for any U.
 template <int VEC, typename Policy, typename F>
-void with_reduce_r_rows(int64_t blocks, F&& f) {
+void with_reduce_r_rows(const Tuning& t, int64_t blocks, F&& f) {
   if constexpr (VEC > 1) {
-    if (debug::vec_rows_in_flight == 0) {
+    if (t.vec_rows_in_flight == 0) {
       const int64_t sms = num_sms();
       if (blocks <= sms * reduce_r_min_blocks<4, Policy>()) {
         return f(std::integral_constant<int, 4>{});
@@ -67,7 +67,7 @@ void with_reduce_r_rows(int64_t blocks, F&& f) {
       }
     }
   }
-  with_rows_in_flight<VEC, 4>(f);
+  with_rows_in_flight<VEC, 4>(t, f);
 }
 
 // Reduces x [N, R, K] over k (over_k) or over r with `pol`, whose outputs are set.
@@ -132,7 +132,7 @@ void run_reduction(const char* op, const XView& v, bool over_k, Policy pol, int 
     launch(op, &reduce_k_kernel<T, VEC, kReduceKVectors, 1, Policy>, lg.grid(), lg.block(), 0,
            global_ptr<T>(v.x), pol, lg.g);
   } else {
-    with_reduce_r_rows<VEC, Policy>(lg.g.N * lg.g.nrt * lg.g.nkt, [&](auto u) {
+    with_reduce_r_rows<VEC, Policy>(lg.tune, lg.g.N * lg.g.nrt * lg.g.nkt, [&](auto u) {
       launch(op, reduce_r_entry<T, VEC, decltype(u)::value, FOLD, Policy>(), lg.grid(),
              lg.block(), 0, global_ptr<T>(v.x), pol, lg.g, f);
     });
