@@ -110,12 +110,13 @@ PART_OPTIONS = {
         # issue 4's two configurations at batch 64, the peers that compile in seconds
         # (--pass-order both: cbam_fused's graph time again with every pass from its first
         # tile, to time the alternating tile order, launchers/common.h next_pass_reversed;
-        # --tiles-also 8: again with 8 tiles an SM, the default before 32, whose one wave over
-        # all of x the reversed order meets less of, by the simulator's L2 model; --pdl-also:
+        # --tiles-also 32: again with 32 tiles an SM for every op, the default before each op's
+        # own (csrc/launchers/op_tuning.h: 4 to 16 for some ops, timed faster alone, whose
+        # fewer waves the reversed order meets less of, by the simulator's L2 model); --pdl-also:
         # again with programmatic dependent launch, off by default until this times it)
         bench_cbam=["--quick", "--dtype", "bfloat16,float32",
                     "--peers", "official,timm,compile,cbam_fused", "--pass-order", "both",
-                    "--tiles-also", "8", "--pdl-also"],
+                    "--tiles-also", "32", "--pdl-also"],
         bench_network=["--quick"]),
     "extra": dict(
         sanitizer=("initcheck", "synccheck"),
@@ -1114,7 +1115,8 @@ def write_summary(d, part_dirs):
         st = bc.get("settings") or {}
         n, tps = st.get("tiles_also"), st.get("tiles_per_sm")
         # (0: each op's own grid sizing, csrc/launchers/op_tuning.h, else 32)
-        default = "?" if tps is None else ("of each op (op_tuning.h)" if tps == 0 else tps)
+        default = (" each op's own, the default (`csrc/launchers/op_tuning.h`; " if tps == 0 else
+                   f" the default {'?' if tps is None else tps} (")
         # cbam_fused's graph time under another setting over its time under the default, per
         # mode and dtype (bench_cbam's summary): a line each where the run timed it
         for key, text in (
@@ -1124,7 +1126,7 @@ def write_summary(d, part_dirs):
                  "(geometric mean; > 1: alternating is faster): "),
                 ("geomean_tiles_also_over_default",
                  f"Tiles an SM (--tiles-also {n}): cbam_fused's graph time with {n} tiles an SM "
-                 f"over its time with the default {default} (geometric mean; > 1: the default "
+                 f"over its time with{default}geometric mean; > 1: the default "
                  "is faster): "),
                 ("geomean_pdl_over_default",
                  "Programmatic dependent launch (--pdl-also): cbam_fused's graph time with it "

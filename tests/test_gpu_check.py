@@ -203,8 +203,8 @@ def test_summary_sweep_and_per_op_tables(tmp_path):
 def test_summary_compares_the_tile_orders(tmp_path):
     """bench_cbam --pass-order both: cbam_fused's graph time with every pass forward over its
     time with alternating tile orders, as a geometric mean per mode and dtype in bench_cbam's
-    summary and a line of summary.md; --tiles-also 8 the same for 8 tiles an SM over the
-    default's, --pdl-also for programmatic dependent launch over none; a run without them has
+    summary and a line of summary.md; --tiles-also 32 the same for 32 tiles an SM over the
+    default's (each op's own), --pdl-also for programmatic dependent launch over none; a run without them has
     none of these."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -224,7 +224,7 @@ def test_summary_compares_the_tile_orders(tmp_path):
             f["graph_ms_tiles_also"] = f["graph_ms"] * r * r
             f["graph_ms_pdl"] = f["graph_ms"] / r
             ratios.setdefault(c["batch"], []).append(r)
-    layer["settings"].update(tiles_also=8, tiles_per_sm=32)
+    layer["settings"].update(tiles_also=32, tiles_per_sm=0)
     layer["summary"] = bc.summarize(layer["cases"], layer["settings"]["peers"])
     want = math.exp(sum(math.log(r) for rs in ratios.values() for r in rs) /
                     sum(len(rs) for rs in ratios.values()))
@@ -236,12 +236,20 @@ def test_summary_compares_the_tile_orders(tmp_path):
     gpu_check.write_summary(str(tmp_path), [str(tmp_path)])
     text = (tmp_path / "summary.md").read_text()
     assert f"(geometric mean; > 1: alternating is faster): fwd/bfloat16 {want:.3f}x." in text
-    # --tiles-also 8: the same for the graph time at 8 tiles an SM over the default's
+    # --tiles-also 32: the same for the graph time at 32 tiles an SM over the default's (each
+    # op's own, tiles_per_sm 0)
     got = layer["summary"]["fwd/bfloat16"]["geomean_tiles_also_over_default"]
     assert abs(got - want ** 2) < 1e-12
+    assert ("Tiles an SM (--tiles-also 32): cbam_fused's graph time with 32 tiles an SM over its "
+            "time with each op's own, the default (`csrc/launchers/op_tuning.h`; geometric mean; "
+            f"> 1: the default is faster): fwd/bfloat16 {want ** 2:.3f}x.") in text
+    # a run of a build with one grid sizing for every op names it
+    layer["settings"].update(tiles_also=8, tiles_per_sm=32)
+    (tmp_path / "bench_cbam.json").write_text(json.dumps(layer))
+    gpu_check.write_summary(str(tmp_path), [str(tmp_path)])
     assert ("Tiles an SM (--tiles-also 8): cbam_fused's graph time with 8 tiles an SM over its "
             "time with the default 32 (geometric mean; > 1: the default is faster): "
-            f"fwd/bfloat16 {want ** 2:.3f}x.") in text
+            f"fwd/bfloat16 {want ** 2:.3f}x.") in (tmp_path / "summary.md").read_text()
     # --pdl-also: the graph time with programmatic dependent launch over without
     got = layer["summary"]["fwd/bfloat16"]["geomean_pdl_over_default"]
     assert abs(got - 1 / want) < 1e-12
