@@ -78,6 +78,10 @@ SCHEMA_DOC = {
     "settings.tiles_per_sm": "with --tiles-also: the launchers' tiles_per_sm of graph_ms (the "
                              "build's default; 0: each op's own, csrc/launchers/op_tuning.h); "
                              "null without it or without the CUDA kernels",
+    "settings.kernels_previous": "--kernels-previous (on CUDA with the per-op section): each "
+                                 "op timed again under today's defaults and under "
+                                 "bench_kernels.PREVIOUS_TUNING (kernels.cases[].sweep, keyed by "
+                                 "kernels.tuning_pair: [today's, before])",
     "settings.pdl_also": "--pdl-also: cbam_fused's CUDA-graph time again with programmatic "
                          "dependent launch (graph_ms_pdl); false without it",
     "settings.pass_order": "the tile order of cbam_fused's x-sized CUDA passes: 'alternate' "
@@ -187,10 +191,17 @@ def parse_args(argv=None):
                         "with every pass forward: graph_ms_forward_order)")
     p.add_argument("--tiles-also", type=int, default=None, metavar="N",
                    help="also time cbam_fused's CUDA graph with the launchers' tiles_per_sm at N "
-                        "(set_tuning; the default is 32: a pass over x in a few waves, so the "
+                        "for every op (set_tuning; the default is each op's own, "
+                        "csrc/launchers/op_tuning.h, else 32: a pass over x in a few waves, so the "
                         "next one, in the reverse order, meets in L2 what it touched last; 8, "
-                        "the default before, ran one wave over all of x): "
+                        "the default before 2026-11-27, ran one wave over all of x): "
                         "graph_ms_tiles_also")
+    p.add_argument("--kernels-previous", action="store_true",
+                   help="in the per-op section (--kernels), also time each op under the "
+                        "launchers' defaults before each op had its own "
+                        "(bench_kernels.PREVIOUS_TUNING, the same for every op) and again under "
+                        "today's, in the same graphs: kernels.cases[].sweep, kernels.sweep, "
+                        "kernels.tuning_pair (CUDA kernels only)")
     p.add_argument("--pdl-also", action="store_true",
                    help="also time cbam_fused's CUDA graph with programmatic dependent launch "
                         "(the set_pdl debug op: each kernel launches while the one before it "
@@ -359,12 +370,16 @@ def settings_from(args, device):
     if args.warmup is not None:
         timing["warmup"] = args.warmup
     kernels = args.kernels == "on" or (args.kernels == "auto" and cuda)
+    if args.kernels_previous and not (kernels and cuda):
+        print("note: --kernels-previous: the per-op section's other tuning is timed on CUDA "
+              "only (with the CUDA kernels); not timed here", file=sys.stderr)
     return dict(device=str(device), dtypes=dtypes, modes=modes, batches=batches, shapes=shapes,
                 peers=peers, timing=timing, quick=args.quick, max_minutes=args.max_minutes,
                 kernels=kernels, pool_types=pool_types, pass_order=args.pass_order,
                 tiles_also=args.tiles_also,
                 tiles_per_sm=current_tiles_per_sm() if args.tiles_also else None,
-                pdl_also=args.pdl_also)
+                pdl_also=args.pdl_also,
+                kernels_previous=bool(args.kernels_previous and kernels and cuda))
 
 
 def make_cases(st):
@@ -856,10 +871,17 @@ def main(argv=None):
     nk = bench_kernels.count(ksites) if st["kernels"] else 0
     bar = bu.progress(nk + len(cases) * len(st["peers"]), "bench_cbam", not args.no_progress)
     if st["kernels"]:  # first: a time budget cuts the layer cases, not these
+        previous = st.get("kernels_previous")
         res["kernels"] = bench_kernels.run(
             device, sites=ksites, batch=64 if cuda else 2, copy_gbps=cb["gb_per_s"], l2_bytes=l2,
             timing=None if cuda else dict(warmup=1, target_s=0.02, min_reps=2, max_reps=3),
-            seed=args.seed, bar=bar)
+            seed=args.seed, bar=bar,
+            sweep=(bench_kernels.DEFAULT_TUNING, bench_kernels.PREVIOUS_TUNING) if previous
+            else None)
+        if previous:
+            res["kernels"]["sweep"] = bench_kernels.summarize_sweep(res["kernels"]["cases"])
+            res["kernels"]["tuning_pair"] = [bench_kernels.tuning_key(bench_kernels.DEFAULT_TUNING),
+                                             bench_kernels.tuning_key(bench_kernels.PREVIOUS_TUNING)]
         if args.json:
             bu.write_json(args.json, result())
     for i, case in enumerate(cases):

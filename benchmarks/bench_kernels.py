@@ -89,13 +89,13 @@ TUNING_KNOBS = ("tiles_per_sm", "min_rows_per_thread", "vec_rows_in_flight", "re
                 "k_vectors_in_flight", "reduce_r_mode", "side_share", "k_tile_vectors")
 # The defaults: tiles_per_sm 0, vec_rows_in_flight -1 and side_share 0, each op's own where
 # csrc/launchers/op_tuning.h names them (from the sweep of 2026-11-28), else 32, by element size
-# and 16 (BASE_TUNING, the defaults before: the same for every op); every other value of a knob
-# is set for every op.
-DEFAULT_TUNING = (0, 4, -1, 3, 4, 0, 0, 32)
-BASE_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
-_T = BASE_TUNING[0]  # the base grid sizing, at which the other knobs are tried
+# and 16; reduce_r_mode 1 (span lanes, from the same sweep); every other value of a knob is set
+# for every op. PREVIOUS_TUNING: the defaults before that sweep, the same for every op.
+DEFAULT_TUNING = (0, 4, -1, 3, 4, 1, 0, 32)
+PREVIOUS_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
+_T = PREVIOUS_TUNING[0]  # the base grid sizing, at which the other knobs are tried
 SWEEP = [(t, r, u, 3, 4, 0, 16, 32) for t in (4, 8, 16, 32) for r in (1, 2, 4) for u in (1, 2)] + [
-    DEFAULT_TUNING, BASE_TUNING, (64, 4, 0, 3, 4, 0, 16, 32), (64, 1, 0, 3, 4, 0, 16, 32),
+    DEFAULT_TUNING, PREVIOUS_TUNING, (64, 4, 0, 3, 4, 0, 16, 32), (64, 1, 0, 3, 4, 0, 16, 32),
     (_T, 4, 0, 3, 1, 0, 16, 32), (_T, 4, 0, 3, 4, 1, 16, 32),
     (_T, 4, 0, 2, 4, 0, 16, 32), (_T, 4, 0, 0, 4, 0, 16, 32), (_T, 4, 0, 1, 4, 0, 16, 32),
     (8, 4, 0, 3, 4, 0, 16, 4), (8, 4, 0, 2, 4, 0, 16, 4), (8, 4, 1, 2, 1, 0, 16, 4),  # earlier
@@ -103,9 +103,12 @@ SWEEP = [(t, r, u, 3, 4, 0, 16, 32) for t in (4, 8, 16, 32) for r in (1, 2, 4) f
     (t, r, 4, 3, 4, 0, 16, 32) for t in (4, 8, 32) for r in (1, 4)] + [  # reduce_r, 4 rows
     (t, r, 0, 3, 4, 0, share, ktv) for t, r in ((_T, 4), (16, 1)) for share, ktv in (
         (4, 32), (8, 32), (16, 1), (16, 2), (4, 1), (4, 2))] + [  # the small sites' grids
-    (_T, 4, 0, 3, 4, 0, 16, ktv) for ktv in (4, 8, 16)]  # reduce_k's groups: none, 2, 4
+    (_T, 4, 0, 3, 4, 0, 16, ktv) for ktv in (4, 8, 16)] + [  # reduce_k's groups: none, 2, 4
+    # each op's own with the power-of-two lanes of before, and the float32 rows' 4 tiles an SM
+    # and 4 rows in flight with span lanes (not timed together by the sweep that chose them)
+    (0, 4, -1, 3, 4, 0, 0, 32), (4, 4, 4, 3, 4, 1, 16, 32)]
 # Earlier defaults, set against today's in the sweep's per-op table (summarize_sweep)
-REFERENCE_TUNINGS = {"defaults of 2026-11-28 (every op alike)": BASE_TUNING,
+REFERENCE_TUNINGS = {"defaults of 2026-11-28 (every op alike)": PREVIOUS_TUNING,
                      "defaults of 2026-11-27 (one group a lane)": (32, 4, 0, 3, 4, 0, 16, 4),
                      "defaults of 2026-11-27 (8 tiles an SM)": (8, 4, 0, 3, 4, 0, 16, 4),
                      "defaults of 2026-11-26 (session 7)": (8, 4, 0, 2, 4, 0, 16, 4),

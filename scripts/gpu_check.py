@@ -65,6 +65,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -116,7 +117,7 @@ PART_OPTIONS = {
         # again with programmatic dependent launch, off by default until this times it)
         bench_cbam=["--quick", "--dtype", "bfloat16,float32",
                     "--peers", "official,timm,compile,cbam_fused", "--pass-order", "both",
-                    "--tiles-also", "32", "--pdl-also"],
+                    "--tiles-also", "32", "--pdl-also", "--kernels-previous"],
         bench_network=["--quick"]),
     "extra": dict(
         sanitizer=("initcheck", "synccheck"),
@@ -1182,16 +1183,41 @@ def write_summary(d, part_dirs):
                          f"{pct(s.get('min_frac_same_size'))}, "
                          f"{pct(s.get('mean_frac_same_size'))} |")
             L.append("")
+            # bench_cbam --kernels-previous: each op again under today's defaults and the
+            # previous ones (kernels.tuning_pair: their keys in cases[].sweep)
+            pair = kr.get("tuning_pair") or []
+            per_op = {}
+            for c in kr.get("cases", []) if len(pair) == 2 else []:
+                sw = c.get("sweep") or {}
+                if sw.get(pair[0]) and sw.get(pair[1]):
+                    per_op.setdefault(c["op"], []).append((sw[pair[0]], sw[pair[1]]))
+            if per_op:
+                def gm(v):
+                    return math.exp(sum(math.log(x) for x in v) / len(v))
+                L.append(f"Each op again under today's defaults ({pair[0]}) and the defaults "
+                         f"before each op had its own ({pair[1]}, the same for every op; "
+                         "`bench_cbam.py --kernels-previous`), in the same graphs: per op, the "
+                         "geometric mean of %copy over the cases, today's against before: "
+                         + "; ".join(f"{op} {pct(gm([a for a, _ in v]))} vs "
+                                     f"{pct(gm([b for _, b in v]))}" for op, v in per_op.items())
+                         + ".")
+                L.append("")
+            extra = len(pair) == 2
             L.append("| op | site | dtype layout | median | GB/s | %copy | same-size copy | "
-                     "%same-size |")
-            L.append("|---|---|---|---|---|---|---|---|")
+                     "%same-size |" + (" %copy today / before |" if extra else ""))
+            L.append("|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
             for c in kr.get("cases", []):
+                tb = "-"
+                if extra and c.get("sweep"):
+                    a, b = c["sweep"].get(pair[0]), c["sweep"].get(pair[1])
+                    tb = f"{pct(a)} / {pct(b)}" if a and b else "-"
                 L.append(f"| {c['op']} | {c['site']} | {c['dtype']} {c['layout']} | "
                          + ("ERR | - | - | - | - |" if c.get("error") else
                             f"{_fmt_ms(c['median_ms'])} | {c['gb_per_s']:.4g} | "
                             f"{100 * c['frac_copy_bw']:.3g}% | "
                             f"{_fmt_ms(c.get('copy_same_ms'))} | "
-                            f"{pct(c.get('frac_same_size_copy'))} |"))
+                            f"{pct(c.get('frac_same_size_copy'))} |")
+                         + (f" {tb} |" if extra else ""))
             L.append("")
             if kr.get("heads"):
                 L.append("The heads against the ATen ops each replaced in the block: the channel "

@@ -69,7 +69,7 @@ def test_bench_cbam_cpu_quick(tmp_path):
     res, png, out = _run("bench_cbam.py", ["--shapes", "tiny", "--modes", "fwd,train", "--reps", "3",
                                                  "--warmup", "1", "--kernels", "on",
                                                  "--pass-order", "both", "--tiles-also", "8",
-                                                 "--pdl-also"],
+                                                 "--pdl-also", "--kernels-previous"],
                             tmp_path)
     assert res["schema"] == "cbam_fused.bench_cbam/1" and res["finished"] is True
     for k in ("schema_doc", "meta", "settings", "copy_bandwidth", "cases", "summary"):
@@ -99,6 +99,9 @@ def test_bench_cbam_cpu_quick(tmp_path):
             assert c["check"]["max_abs_diff_vs_official[cbam_fused]"] < 1e-4
     assert res["settings"]["pass_order"] == "both" and res["settings"]["tiles_also"] == 8
     assert res["settings"]["pdl_also"] is True
+    # --kernels-previous: CUDA only, said so, and no per-op sweep
+    assert res["settings"]["kernels_previous"] is False and "--kernels-previous" in out
+    assert "sweep" not in res["kernels"]
     # 0: each op's own (csrc/launchers/op_tuning.h); None: no CUDA kernels built
     assert res["settings"]["tiles_per_sm"] in (0, None)
     for s in res["summary"].values():

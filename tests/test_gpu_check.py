@@ -189,6 +189,21 @@ def test_summary_sweep_and_per_op_tables(tmp_path):
     # the spatial head (a record from before heads had an op: the forward)
     assert "| spatial_head | 2048x7x7 | 64x1x7x7 | 3.0 us | 12.0 us | 4.00x |" in text
     assert "| spatial_head | 256x56x56 | 64x1x56x56 | ERR | - | - |" in text
+    assert "%copy today / before" not in text  # (no --kernels-previous)
+
+    # bench_cbam --kernels-previous: each op again under today's defaults and the previous ones
+    pair = [bk.tuning_key(bk.DEFAULT_TUNING), bk.tuning_key(bk.PREVIOUS_TUNING)]
+    for i, c in enumerate(cases):
+        c["sweep"] = {pair[0]: 0.3 + 0.01 * i, pair[1]: 0.2}
+    kern = dict(rec, cases=cases, sweep=bk.summarize_sweep(cases), tuning_pair=pair)
+    (tmp_path / "bench_cbam.json").write_text(json.dumps(dict(layer, kernels=kern)))
+    gpu_check.write_summary(str(tmp_path), [str(tmp_path)])
+    text = (tmp_path / "summary.md").read_text()
+    assert (f"Each op again under today's defaults ({pair[0]}) and the defaults before each op "
+            f"had its own ({pair[1]}, the same for every op;") in text
+    assert "today's against before: pool_over_s 30% vs 20%; pool_over_c 31% vs 20%;" in text
+    assert "| pool_over_s | 7x7 | float32 nchw | 10.0 us | 1000 | 25% | 8.0 us | 80% | 30% / 20% |" \
+        in text
 
     old = tmp_path / "old"
     old.mkdir()

@@ -703,9 +703,9 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 # csrc/launchers/op_tuning.h, else 32), min rows per thread, vector rows in flight (-1: by op,
 # else as 0; 0: by element size), reduce_k mode, reduce_k vectors in flight, reduce_r mode, side share (0: by
 # op, else 16), reduce_k vectors a lane per tile
-DEFAULT_TUNING = (0, 4, -1, 3, 4, 0, 0, 32)
+DEFAULT_TUNING = (0, 4, -1, 3, 4, 1, 0, 32)
 # The same for every op: the base values the ops without a row of op_tuning.h take
-BASE_TUNING = (32, 4, 0, 3, 4, 0, 16, 32)
+BASE_TUNING = (32, 4, 0, 3, 4, 1, 16, 32)
 
 
 @pytest.fixture
@@ -1217,7 +1217,7 @@ SPAN_ROW_SHAPES = [  # (shape, layout, dtype): reduce_r rows of K / VEC vectors,
 
 @pytest.mark.parametrize("shape,layout,dtype", SPAN_ROW_SHAPES, ids=lambda v: str(v))
 def test_reduce_r_lanes_of_short_rows(shape, layout, dtype, default_tuning):
-    """The sixth tuning knob, reduce_r_mode 1 (0 by default): a reduction over rows whose rows have
+    """The sixth tuning knob, reduce_r_mode 1 (the default): a reduction over rows whose rows have
     few vectors, not a power of two of them, gives each vector its own lane (blocks of K / VEC x
     256 / (K / VEC) threads, read as whole rows), where mode 0 rounds the lanes up to a power of
     two. Exactly the reduce_r ops change their blocks, and backward_reduce on the vector path

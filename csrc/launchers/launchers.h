@@ -88,12 +88,16 @@ inline int reduce_k_mode = kDefaultReduceKMode;
 // of two of them, one lane per vector (TX = K / VEC, TY = 256 / TX), so that a block reads whole
 // rows, one contiguous span (make_geom, launchers/common.h; backward_reduce then runs its
 // folded-rows kernel with G = 1, whose row sums go through shared memory, not xor shuffles).
-// Off by default until a sweep times it: it reads each row whole and leaves no lane idle (a
-// 14x14 channels-first map: 49 vectors of float32 a row, two column tiles of 32 lanes, the
-// second 17 busy), but its blocks no longer split the columns, so the grid and the loads in
-// flight shrink. (Rows that fold into whole vectors, a 7x7 map, take span lanes whatever the
-// knob: one tile must span a folded row.)
-constexpr int kDefaultReduceRMode = 0;
+// It reads each row whole and leaves no lane idle (a 14x14 channels-first map: 49 vectors of
+// float32 a row, two column tiles of 32 lanes, the second 17 busy), but its blocks no longer
+// split the columns, so the grid and the loads in flight shrink. The default since the H200
+// sweep of 2026-11-28 timed it (sweep.json, at 32 tiles an SM): at the float32 NCHW 1024x14x14
+// site the pool over C 1.32 times as fast, the spatial-first scale gradient 1.26, backward_reduce
+// 1.43 (a build whose backward_reduce ran 17% slow that day: 1.19 against its lease-part time);
+// every other case of the 56 within 1% (the other sites' rows are longer than kMaxSpanCols
+// vectors, or fold). (Rows that fold into whole vectors, a 7x7 map, take span lanes whatever
+// the knob: one tile must span a folded row.)
+constexpr int kDefaultReduceRMode = 1;
 inline int reduce_r_mode = kDefaultReduceRMode;
 // The side traffic a tile may cost (make_geom): the small tensors it stages at most 1 /
 // side_share of its x bytes, the partials of a second stage 1 / (2 side_share). These floors on
@@ -314,7 +318,7 @@ inline constexpr const char* kSetPassOrderSchema = "set_pass_order(int mode) -> 
 inline constexpr const char* kSetPdlSchema = "set_pdl(int mode) -> int";
 inline constexpr const char* kSetTuningSchema =
     "set_tuning(int tiles_per_sm, int min_rows_per_thread, int vec_rows_in_flight=-1, "
-    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=0, int side_share=0, "
+    "int reduce_k_mode=3, int k_vectors_in_flight=4, int reduce_r_mode=1, int side_share=0, "
     "int k_tile_vectors=32) -> int[]";
 
 // Sets debug::pass_order (the set_pass_order debug op): 0, every x-sized pass from its first
