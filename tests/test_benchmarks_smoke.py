@@ -540,6 +540,7 @@ def test_bench_cbam_sets_the_tiles_per_sm_and_back():
     (the CUDA build's debug op, which a machine without a GPU has too)."""
     sys.path.insert(0, BENCH)
     import bench_cbam as bc
+    import bench_kernels as bk
     try:
         op = torch.ops.cbam_fused_debug.set_tuning
     except (AttributeError, RuntimeError):
@@ -548,11 +549,11 @@ def test_bench_cbam_sets_the_tiles_per_sm_and_back():
     assert bc.current_tiles_per_sm() == 0
     assert bc.set_tiles_per_sm(8) == 0
     try:
-        assert tuple(op(32, 4)) == (8, 4, -1, 3, 4, 0, 0, 32)
+        assert tuple(op(32, 4)) == (8,) + bk.DEFAULT_TUNING[1:]
         op(8, 4)
     finally:
         assert bc.set_tiles_per_sm(0) == 8
-    assert tuple(op(0, 4)) == (0, 4, -1, 3, 4, 0, 0, 32)
+    assert tuple(op(0, 4)) == bk.DEFAULT_TUNING
     assert bc.current_tiles_per_sm() == 0 and bc.set_tiles_per_sm(None) is None
 
 
