@@ -8,9 +8,10 @@ import cbam_fused  # noqa: F401
 from cbam_fused import _cpu_kernels as cpu
 from cbam_fused import _ops
 
-from test_kernels_sim import (DEFAULT_TUNING, DTYPES, FOLD_SHAPES, SHIFTED_SHAPES,
-                              MEDIUM_ROW_SHAPES, OPS, SHAPES, TILE_NORMAL, TILE_SINGLE, TILE_SMALL,
-                              X_SHAPED, op_args, rand_x, to_layout, tolerances)
+from test_kernels_sim import (BASE_TUNING, DEFAULT_TUNING, DTYPES, FOLD_SHAPES, SHIFTED_SHAPES,
+                              MEDIUM_ROW_SHAPES, OP_TUNING_SHAPES, OPS, SHAPES, TILE_NORMAL,
+                              TILE_SINGLE, TILE_SMALL, X_SHAPED, op_args, op_tuning_rows, rand_x,
+                              to_layout, tolerances)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -163,6 +164,21 @@ def _every_op_under(settings, x, gen, dtype):
                     assert torch.equal(a, b), (op, setting)
     finally:
         torch.ops.cbam_fused_debug.set_tuning(*DEFAULT_TUNING)
+
+
+@pytest.mark.parametrize("row", op_tuning_rows(), ids=lambda r: f"{r[0]}-{'cl' if r[1] else 'cf'}")
+def test_each_ops_own_tuning_on_gpu(row):
+    """Each row of csrc/launchers/op_tuning.h on the GPU, at the shape where the simulator shows
+    its own launches (OP_TUNING_SHAPES) and at the ResNet-50 1024x14x14 site, batch 64 (its rows
+    of 49 vectors take span lanes, reduce_r_mode 1, with the row's knobs: a combination no sweep
+    timed): every op under the defaults (each op's own) and under the base values (every op
+    alike) against the pure-PyTorch kernels, bitwise the same on a second run."""
+    op, cl, elem_bytes = row[:3]
+    dtype = torch.float32 if elem_bytes == 4 else torch.bfloat16
+    gen = torch.Generator().manual_seed(37)
+    for shape in (OP_TUNING_SHAPES[op, cl], (64, 1024, 14, 14)):
+        x = rand_x(shape, dtype, "cl" if cl else "cf", gen)
+        _every_op_under([DEFAULT_TUNING, BASE_TUNING], x, gen, dtype)
 
 
 @pytest.mark.parametrize("shape,layout", [((4, 300, 7, 7), "cf"), ((3, 130, 5, 5), "cf"),
