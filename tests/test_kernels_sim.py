@@ -891,6 +891,31 @@ def test_each_op_takes_its_own_tuning_by_default(default_tuning):
             torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
+def test_float32_rows_with_span_lanes_at_the_14x14_site(default_tuning):
+    """The float32 channels-first rows of op_tuning.h (4 tiles an SM, 4 rows in flight) with the
+    span lanes of reduce_r_mode 1 (one lane a vector of a row of 49), a combination the sweep
+    that chose them did not time: at the ResNet-50 1024x14x14 site, batch 64, on the simulator's
+    132 SMs, blocks of 49 x 5 threads, fewer of them than under the base values where the
+    row's tiles bind, each result as the CPU kernels' under every fiber schedule."""
+    gen = torch.Generator().manual_seed(67)
+    x = rand_x((64, 1024, 14, 14), torch.float32, "cf", gen)
+    fewer = set()
+    for op, cl, eb, *_ in op_tuning_rows():
+        if cl or eb != 4 or op == "pool_over_s":  # (the pool over S reduces along the rows)
+            continue
+        args = op_args(op, x, gen, 0)
+        got, launches = tuned_launches(op, args, DEFAULT_TUNING)
+        check_same(op, got, run_cpu(op, args), x, "cf")
+        assert_schedules_agree(op, args, got, seed=9)
+        base = tuned_launches(op, args, BASE_TUNING)[1]
+        assert launches[0][2] == (49, 5, 1), (op, launches)
+        assert launches[0][1][0] <= base[0][1][0], (op, launches, base)
+        if launches[0][1][0] < base[0][1][0]:
+            fewer.add(op)
+        torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
+    assert fewer == {"pool_over_s_backward_scale", "grad_input"}, fewer
+
+
 # reduce_k's groups (k_tile_vectors 32: up to 8 groups of 4 vectors a lane of a row in one
 # column tile, make_geom): (op, dtype, layout, shape, variant, whether it takes groups), rows
 # longer than one group (32 lanes x 4 vectors: 512 float32, 1024 bfloat16, 256 float64) whose
