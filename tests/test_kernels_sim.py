@@ -492,13 +492,15 @@ def _stat(s, key):
     return s[key] if isinstance(s, dict) else getattr(s, key)
 
 
-def run_tuned(op, args, setting):
+def run_tuned(op, args, setting, with_bytes=False):
     """op in the simulator under set_tuning(*setting): (its outputs as a tuple, its launches as
-    (kernel instance, grid, block) each)."""
+    (kernel instance, grid, block) each; with_bytes: and bytes read, bytes written, in which
+    tilings of one grid differ by their partials)."""
     torch.ops.cbam_fused_sim.set_tuning(*setting)
     with testing.use_simulator():
         got = getattr(torch.ops.cbam_fused, op)(*args)
         launches = [(_stat(s, "kernel"), tuple(_stat(s, "grid")), tuple(_stat(s, "block")))
+                    + ((_stat(s, "bytes_read"), _stat(s, "bytes_written")) if with_bytes else ())
                     for s in testing.simulator_stats()]
     return (got if isinstance(got, (tuple, list)) else (got,)), launches
 
@@ -701,8 +703,8 @@ def test_block_pass_budget(variant, fwd_max, bwd_max, dtype, layout):
 # The launchers' tuning knobs at their defaults (csrc/launchers/launchers.h; the default_tuning
 # fixture checks the build's, test_benchmarks_smoke bench_kernels'): tiles per SM (0: by op,
 # csrc/launchers/op_tuning.h, else 32), min rows per thread, vector rows in flight (-1: by op,
-# else as 0; 0: by element size), reduce_k mode, reduce_k vectors in flight, reduce_r mode, side share (0: by
-# op, else 16), reduce_k vectors a lane per tile
+# else as 0; 0: by element size), reduce_k mode, reduce_k vectors in flight, reduce_r mode, side
+# share (0: by op, else 16), reduce_k vectors a lane per tile
 DEFAULT_TUNING = (0, 4, -1, 3, 4, 1, 0, 32)
 # The same for every op: the base values the ops without a row of op_tuning.h take
 BASE_TUNING = (32, 4, 0, 3, 4, 1, 16, 32)
@@ -833,19 +835,6 @@ OP_TUNING_SHAPES = {("pool_over_s", False): (1, 2048, 16, 16),
                     ("pool_over_s_backward_scale", True): (2, 2048, 7, 7)}
 
 
-def tuned_launches(op, args, setting):
-    """op in the simulator under set_tuning(*setting): (its outputs, its launches as (kernel
-    instance, grid, block, bytes read, bytes written) each: tilings of one grid differ in
-    their partials' bytes)."""
-    torch.ops.cbam_fused_sim.set_tuning(*setting)
-    with testing.use_simulator():
-        got = getattr(torch.ops.cbam_fused, op)(*args)
-        launches = [(_stat(s, "kernel"), tuple(_stat(s, "grid")), tuple(_stat(s, "block")),
-                     _stat(s, "bytes_read"), _stat(s, "bytes_written"))
-                    for s in testing.simulator_stats()]
-    return (got if isinstance(got, (tuple, list)) else (got,)), launches
-
-
 def test_each_op_takes_its_own_tuning_by_default(default_tuning):
     """The defaults (tiles_per_sm, vec_rows_in_flight and side_share 0) give each op of
     kOpTuning (op_tuning.h, the H200 sweep's choices) the launches of its row's setting, which
@@ -866,18 +855,20 @@ def test_each_op_takes_its_own_tuning_by_default(default_tuning):
             for dtype in dtypes[eb]:
                 x = rand_x(OP_TUNING_SHAPES[op, cl], dtype, layout, gen)
                 args = op_args(op, x, gen, 0)
-                got, launches = tuned_launches(op, args, DEFAULT_TUNING)
+                got, launches = run_tuned(op, args, DEFAULT_TUNING, with_bytes=True)
                 check_same(op, got, run_cpu(op, args), x, layout)
                 assert_schedules_agree(op, args, got, seed=3)
-                assert launches == tuned_launches(op, args, tuple(own))[1], (op, dtype, layout)
-                assert launches != tuned_launches(op, args, BASE_TUNING)[1], (op, dtype, layout)
+                assert launches == run_tuned(op, args, tuple(own), with_bytes=True)[1], \
+                    (op, dtype, layout)
+                assert launches != run_tuned(op, args, BASE_TUNING, with_bytes=True)[1], \
+                    (op, dtype, layout)
                 torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
             # the other layout (same extents, same bytes): the base values
             other = "cf" if cl else "cl"
             x = rand_x(OP_TUNING_SHAPES[op, cl], dtypes[eb][0], other, gen)
             args = op_args(op, x, gen, 0)
-            assert tuned_launches(op, args, DEFAULT_TUNING)[1] == \
-                tuned_launches(op, args, BASE_TUNING)[1], (op, other)
+            assert run_tuned(op, args, DEFAULT_TUNING, with_bytes=True)[1] == \
+                run_tuned(op, args, BASE_TUNING, with_bytes=True)[1], (op, other)
             torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
         # an op without a row in either layout, and the rows' ops at an element size of none
         for op, dtype, layout in (("backward_reduce", torch.float32, "cf"),
@@ -886,8 +877,8 @@ def test_each_op_takes_its_own_tuning_by_default(default_tuning):
                                   ("grad_input", torch.bfloat16, "cf")):
             x = rand_x((1, 2048, 4, 4), dtype, layout, gen)
             args = op_args(op, x, gen, 0)
-            assert tuned_launches(op, args, DEFAULT_TUNING)[1] == \
-                tuned_launches(op, args, BASE_TUNING)[1], (op, dtype, layout)
+            assert run_tuned(op, args, DEFAULT_TUNING, with_bytes=True)[1] == \
+                run_tuned(op, args, BASE_TUNING, with_bytes=True)[1], (op, dtype, layout)
             torch.ops.cbam_fused_sim.set_tuning(*DEFAULT_TUNING)
 
 
@@ -904,10 +895,10 @@ def test_float32_rows_with_span_lanes_at_the_14x14_site(default_tuning):
         if cl or eb != 4 or op == "pool_over_s":  # (the pool over S reduces along the rows)
             continue
         args = op_args(op, x, gen, 0)
-        got, launches = tuned_launches(op, args, DEFAULT_TUNING)
+        got, launches = run_tuned(op, args, DEFAULT_TUNING, with_bytes=True)
         check_same(op, got, run_cpu(op, args), x, "cf")
         assert_schedules_agree(op, args, got, seed=9)
-        base = tuned_launches(op, args, BASE_TUNING)[1]
+        base = run_tuned(op, args, BASE_TUNING, with_bytes=True)[1]
         assert launches[0][2] == (49, 5, 1), (op, launches)
         assert launches[0][1][0] <= base[0][1][0], (op, launches, base)
         if launches[0][1][0] < base[0][1][0]:

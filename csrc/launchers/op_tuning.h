@@ -11,9 +11,9 @@
 // part's of the same day: within 3%, but for the 16-bit channels-last pool over C's scale
 // gradient, 7% faster and 5% slower at 56x56 and 28x28 (its row's gains there are 10% and 16%).
 // Not the float32 backward_reduce and the 56x56 bfloat16 pool over S: 9-30% slower in that
-// sweep than in the lease part (that build's in-kernel fold, since reverted, slowed them). Other element sizes and layouts
-// (float16 is 2 bytes: it takes the bfloat16 rows) and the lp / lse variants keep the base
-// values: not timed.
+// sweep than in the lease part (that build's in-kernel fold, since reverted, slowed them).
+// Other element sizes and layouts (float16 is 2 bytes: it takes the bfloat16 rows) and the
+// lp / lse variants keep the base values: not timed.
 //
 // Why, as far as the counters-free sweep tells: the float32 channels-first reductions over the
 // strided axis (reduce_r: the pool over C, the spatial-first scale gradient) and dx run fastest
@@ -71,15 +71,16 @@ inline const OpTuning* op_tuning_row(const char* op, bool cl, int64_t elem_bytes
 // where set for every launch, else (at by_op: 0, rows in flight -1) the op's row where it names
 // one, else the base value.
 inline Tuning tuning_for(const char* op, bool cl, int64_t elem_bytes) {
-  const OpTuning* row = op_tuning_row(op, cl, elem_bytes);
-  const auto pick = [&](int knob, int by_op, int own, int base) {
-    return knob != by_op ? knob : (row != nullptr && own != 0 ? own : base);
+  static constexpr OpTuning kNoRow{"", false, 0, 0, 0, 0};  // every knob the base value
+  const OpTuning* found = op_tuning_row(op, cl, elem_bytes);
+  const OpTuning& row = found != nullptr ? *found : kNoRow;
+  const auto pick = [](int knob, int by_op, int own, int base) {
+    return knob != by_op ? knob : (own != 0 ? own : base);
   };
-  return Tuning{
-      pick(debug::tiles_per_sm, 0, row ? row->tiles_per_sm : 0, debug::kBaseTilesPerSm),
-      debug::min_rows_per_thread,
-      pick(debug::vec_rows_in_flight, -1, row ? row->vec_rows_in_flight : 0, 0),
-      pick(debug::side_share, 0, row ? row->side_share : 0, debug::kBaseSideShare)};
+  return Tuning{pick(debug::tiles_per_sm, 0, row.tiles_per_sm, debug::kBaseTilesPerSm),
+                debug::min_rows_per_thread,
+                pick(debug::vec_rows_in_flight, -1, row.vec_rows_in_flight, 0),
+                pick(debug::side_share, 0, row.side_share, debug::kBaseSideShare)};
 }
 
 }  // namespace cbam
