@@ -114,6 +114,21 @@ def vector_loads_in_flight(ins):
     return best
 
 
+def loads_issued_together(body):
+    """(global loads, LDG of any width, that `body` issues before its first instruction that
+    reads a register one of them loaded; all of its global loads): equal where a thread has
+    every load of the body in flight at once."""
+    loaded, count = set(), 0
+    for t in body:
+        dest, src = _dest_and_sources(t)
+        if src & loaded:
+            break
+        if "LDG" in t:
+            loaded |= dest
+            count += 1
+    return count, sum("LDG" in t for t in body)
+
+
 def hot_loop(ins):
     """(instructions, 16-byte global loads) of the innermost loop of `ins` with the most 16-byte
     global loads (its main loop; of several such, the longest); (0, 0) if none loads 16

@@ -500,12 +500,41 @@ def test_head_products_prefetch_their_next_chunk(sass_kernels):
             assert not any(after), (name[:120], after)
 
 
+def test_head_chunk_loads_are_issued_together(sass_kernels):
+    """A head product's chunk loop issues every global load of a chunk before it reads any of
+    them (tests/sass_loops.py loads_issued_together): one trip to L2 a chunk, not one a load.
+    The forward's hidden layer wrote P from its loader and waited for each of P's loads before
+    the next (2 of 12 issued together), its blend added max to avg as it loaded, the gate's
+    layer applied the activation as it loaded (5 of 20); they do it at staging now
+    (head_gemm.cuh head_tile_gemm's extra). Left as they are: the parameter tiles of dW2, whose
+    loader sums the pools' act(h) (a switch on the activation; relu's saved act(h) skips it at
+    run time; many blocks an SM hide the latency)."""
+    seen, short = 0, {}
+    for name, (kind, ins) in _head_product_kernels(sass_kernels).items():
+        for first, last in sass_loops.loops(ins):
+            body = ins[first:last + 1]
+            if sum("BAR.SYNC" in t for t in body) != 2 or \
+                    not any(re.search(r"\b[FD]FMA\b", t) for t in body):
+                continue  # not a chunk loop
+            if kind == "bwd_params" and any("BRX" in t for t in body):
+                continue  # dW2's tiles (above)
+            seen += 1
+            got, total = sass_loops.loads_issued_together(body)
+            if got < total:
+                short.setdefault(name[:120], []).append((got, total))
+    # hidden (2 types x 2 instances), its gradient (the same), the gate (2 types, MLP), the
+    # parameter tiles' dW1 and dP (2 types x 2 instances x 2)
+    assert seen == 18, seen
+    assert not short, short
+
+
 # Instructions of a head product's chunk loop (staging, the next chunk's loads, the loop around
 # the sums; not the sums' own loop), where no activation is applied to the loads: measured
-# 208 to 312 (the one-layer parameter tiles find r's sample by subtraction). The forward's hidden
-# layer took 925 to 961 when each load found its row's pool with a 64-bit division, the one-layer
-# parameter tiles 375 to 418 with a 64-bit remainder.
-HEAD_CHUNK_MAX = 340
+# 208 to 346 (the one-layer parameter tiles find r's sample by subtraction; the forward's hidden
+# layer also loads the blend's max and writes P at staging, head_tile_gemm's extra: 346 in
+# float64). The forward's hidden layer took 925 to 961 when each load found its row's pool with a
+# 64-bit division, the one-layer parameter tiles 375 to 418 with a 64-bit remainder.
+HEAD_CHUNK_MAX = 380
 
 
 def test_head_chunk_loops_keep_their_instruction_counts(sass_kernels):
@@ -515,8 +544,9 @@ def test_head_chunk_loops_keep_their_instruction_counts(sass_kernels):
     for name, (_, ins) in _head_product_kernels(sass_kernels).items():
         for first, last in sass_loops.loops(ins):
             body = ins[first:last + 1]
-            if sum("BAR.SYNC" in t for t in body) != 2 or any("BRX" in t for t in body):
-                continue  # not a chunk loop; or the activation on the loads (a switch on it)
+            if sum("BAR.SYNC" in t for t in body) != 2 or \
+                    any("BRX" in t or "MUFU" in t for t in body):
+                continue  # not a chunk loop; or one with the activation (a switch, exp, erf)
             seen += 1
             if last - first + 1 > HEAD_CHUNK_MAX:
                 over.setdefault(name[:120], []).append(last - first + 1)

@@ -76,6 +76,49 @@ CBAM_DEVICE acc_t head_hidden_out(const ChannelHeadArgs<acc_t>& a, acc_t acc, in
   return a.store_act ? head_act(acc, a.act) : acc;
 }
 
+// The hidden layer's extra work on P's chunks (head_tile_gemm's extra): the blend's max, loaded
+// with the chunk and added at staging (P = 0.5 (avg + max)), and, in the first j tile, P written
+// from what is staged. A thread's slot s is P's row r0 + ty + 8 s at column c0 + tx (A's rows
+// staged along c: head_slot_row<false>, head_slot_kk<false>).
+template <typename acc_t>
+struct HiddenP {
+  const acc_t* max0;  // the blend's max row of slot 0, or nullptr
+  acc_t* p0;          // P's row of slot 0 where this block writes P, or nullptr
+  int64_t step;       // from a slot's row to the next's: 8 rows
+  int64_t c_end;
+  int rows;           // the slots whose rows are P's (r < R): the first `rows`
+  acc_t v_max[kHeadStaged];
+  CBAM_DEVICE HiddenP(const ChannelHeadArgs<acc_t>& a, int64_t r0, int64_t c_end_,
+                      bool writes_p)
+      : step(kHeadRowStep * a.C), c_end(c_end_) {
+    const int64_t r = r0 + head_slot_row<false>(0);
+    const int64_t left = r < a.R ? (a.R - r + kHeadRowStep - 1) / kHeadRowStep : 0;
+    rows = static_cast<int>(left < kHeadStaged ? left : kHeadStaged);
+    max0 = a.blend && rows > 0 ? a.pools[1] + r * a.C : nullptr;
+    p0 = writes_p && rows > 0 ? a.p + r * a.C : nullptr;
+    CBAM_UNROLL
+    for (int s = 0; s < kHeadStaged; ++s) v_max[s] = acc_t(0);
+  }
+  CBAM_DEVICE void fetch(int64_t k0, int64_t) {
+    const int64_t c = k0 + head_slot_kk<false>(0);
+    if (max0 == nullptr || c >= c_end) return;
+    CBAM_UNROLL
+    for (int s = 0; s < kHeadStaged; ++s) {
+      if (s < rows) v_max[s] = ld(max0 + s * step + c);
+    }
+  }
+  CBAM_DEVICE void stage(int64_t k0, acc_t (&v)[kHeadStaged]) {
+    const int64_t c = k0 + head_slot_kk<false>(0);
+    if (c >= c_end) return;  // (v is 0 there, the blend's too)
+    CBAM_UNROLL
+    for (int s = 0; s < kHeadStaged; ++s) {
+      if (s >= rows) continue;
+      if (max0 != nullptr) v[s] = acc_t(0.5) * (v[s] + v_max[s]);
+      if (p0 != nullptr) st(p0 + s * step + c, v[s]);
+    }
+  }
+};
+
 // grid (ceil(R / 32), ceil(H / 32), splits), 256 threads: the tile h[r0.., j0..] over this
 // split's columns of c (kernels/head_gemm.cuh), A = P (contiguous along c), B = W1 (along c).
 template <typename acc_t, bool FINISH>
@@ -95,27 +138,18 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
   acc_t acc[kHeadRowsPerThread];
   CBAM_UNROLL
   for (int q = 0; q < kHeadRowsPerThread; ++q) acc[q] = acc_t(0);
-  // P's row r0 + row: its pool's row (or both pools' for the blend) and, in the first j tile,
-  // where it is written
+  // P's row r0 + row: its pool's row (the blend: avg's; HiddenP adds max's)
   const auto p_row = [&](int row) {
     const int64_t r = r0 + row;
     const bool in = r < R;
-    const bool blend = a.blend;
-    const int64_t i = in && !blend ? r / a.N : 0;
-    const acc_t* src0 = in ? a.pools[i] + (r - i * a.N) * a.C : nullptr;
-    const acc_t* src1 = in && blend ? a.pools[1] + r * a.C : nullptr;
-    acc_t* dst = in && writes_p ? a.p + r * a.C : nullptr;
-    return [=](int64_t c) {
-      if (!in) return acc_t(0);
-      const acc_t v = blend ? acc_t(0.5) * (ld(src0 + c) + ld(src1 + c)) : ld(src0 + c);
-      if (dst != nullptr) st(dst + c, v);
-      return v;
-    };
+    const int64_t i = in && !a.blend ? r / a.N : 0;
+    return head_matrix_row(in, a.pools[i], (r - i * a.N) * a.C);
   };
   const auto w1_row = [&](int row) {
     return head_matrix_row(j0 + row < a.H, a.w1, (j0 + row) * a.C);
   };
-  head_tile_gemm<false, false, true>(c_begin, c_end, p_row, w1_row, s_p, s_w, acc);
+  head_tile_gemm<false, false, true>(c_begin, c_end, p_row, w1_row, s_p, s_w, acc,
+                                     HiddenP<acc_t>(a, r0, c_end, writes_p));
   const int64_t j = j0 + tx;
   if constexpr (FINISH) {
     CBAM_UNROLL
@@ -172,11 +206,7 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
     const auto h_rows = head_rows<false>([&](int row) {
       const bool in = n0 + row < a.N;
       const acc_t* src = in ? a.h + (n0 + row) * a.H : nullptr;
-      return [=](int64_t j, int i) {
-        if (!in) return acc_t(0);
-        const acc_t hv = ld(src + i * pool_stride + j);
-        return apply_act ? head_act(hv, act) : hv;
-      };
+      return [=](int64_t j, int i) { return in ? ld(src + i * pool_stride + j) : acc_t(0); };
     });
     acc_t vw[kHeadStaged], vh[kMaxChannelPools][kHeadStaged];
     const auto fetch = [&](int64_t j0) {
@@ -196,7 +226,12 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads)
       head_stage<false>(s_w, vw);
       CBAM_UNROLL
       for (int i = 0; i < kMaxChannelPools; ++i) {
-        if (i < k) head_stage<false>(s_h[i], vh[i]);
+        if (i >= k) continue;
+        if (apply_act) {  // here, not as each is loaded: the chunk's loads are issued together
+          CBAM_UNROLL  // (act(0) = 0: the zeros past H stay zeros)
+          for (int s = 0; s < kHeadStaged; ++s) vh[i][s] = head_act(vh[i][s], act);
+        }
+        head_stage<false>(s_h[i], vh[i]);
       }
       __syncthreads();
       if (j0 + kHeadTile < a.H) fetch(j0 + kHeadTile);

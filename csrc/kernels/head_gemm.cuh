@@ -154,6 +154,13 @@ CBAM_DEVICE int head_quads(int64_t cols) {
   return cols < kHeadTile ? static_cast<int>((cols + kHeadQuad - 1) / kHeadQuad) : kHeadQuads;
 }
 
+// head_tile_gemm's default extra: no loads of its own, A staged as loaded.
+struct HeadNoExtra {
+  CBAM_DEVICE void fetch(int64_t, int64_t) {}
+  template <typename acc_t>
+  CBAM_DEVICE void stage(int64_t, acc_t (&)[kHeadStaged]) {}
+};
+
 // acc[q] += the tile's sums for rows ty + 8 q. row_a(r) / row_b(c) take a row / column of the
 // tile (0..31) and return its loader (head_rows): kk -> A / B for a global kk in range, 0 for a
 // row / column outside the matrix. PREFETCH: the next chunk's loads are issued before this
@@ -161,25 +168,38 @@ CBAM_DEVICE int head_quads(int64_t cols) {
 // block to hide a chunk's load latency behind (8 registers of float more: with the rows'
 // loaders, 74 to 116 registers a thread of float, two or three blocks an SM); else loaded right
 // before they are staged (the backward's parameter tiles, a grid of many blocks: about 64
-// registers, four blocks an SM). Every thread of the block must call it (it has barriers).
+// registers, four blocks an SM).
+// extra: what a caller loads and does besides the loaders (HeadNoExtra: nothing), so that the
+// loaders only load and a chunk's loads are issued together (an operation on a loaded value
+// inside a loader, a store of it or an add of a second load, made ptxas wait for each load
+// before the next slot's: the forward's hidden layer waited for P's 4 loads of a chunk in turn,
+// where it wrote P from its loader, and waits so for the blend's). extra.fetch(k0, k_end) is
+// called right after the chunk's loads are issued; extra.stage(k0, va) once the chunk's loads
+// are in, before A is staged, with this thread's elements of A (slot s: row
+// head_slot_row<A_ROW_FAST>(s), kk k0 + head_slot_kk<A_ROW_FAST>(s); 0 past k_end or outside
+// the matrix), which it may change. Every thread of the block must call it (it has barriers).
 template <bool A_ROW_FAST, bool B_ROW_FAST, bool PREFETCH, typename acc_t, typename RowA,
-          typename RowB>
+          typename RowB, typename Extra = HeadNoExtra>
 CBAM_DEVICE void head_tile_gemm(int64_t k_begin, int64_t k_end, const RowA& row_a,
                                 const RowB& row_b, HeadTileSmem<acc_t>& s_a,
-                                HeadTileSmem<acc_t>& s_b, acc_t (&acc)[kHeadRowsPerThread]) {
+                                HeadTileSmem<acc_t>& s_b, acc_t (&acc)[kHeadRowsPerThread],
+                                Extra extra = Extra{}) {
   const auto load_a = head_rows<A_ROW_FAST>(row_a);
   const auto load_b = head_rows<B_ROW_FAST>(row_b);
   acc_t va[kHeadStaged], vb[kHeadStaged];
   if constexpr (PREFETCH) {
     head_fetch<A_ROW_FAST>(k_begin, k_end, load_a, va);
     head_fetch<B_ROW_FAST>(k_begin, k_end, load_b, vb);
+    extra.fetch(k_begin, k_end);
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kHeadTile) {
     if constexpr (!PREFETCH) {
       head_fetch<A_ROW_FAST>(k0, k_end, load_a, va);
       head_fetch<B_ROW_FAST>(k0, k_end, load_b, vb);
+      extra.fetch(k0, k_end);
     }
     __syncthreads();  // the previous chunk is no longer read
+    extra.stage(k0, va);
     head_stage<A_ROW_FAST>(s_a, va);
     head_stage<B_ROW_FAST>(s_b, vb);
     __syncthreads();
@@ -187,6 +207,7 @@ CBAM_DEVICE void head_tile_gemm(int64_t k_begin, int64_t k_end, const RowA& row_
       if (k0 + kHeadTile < k_end) {  // the next chunk's loads, in flight while this one is summed
         head_fetch<A_ROW_FAST>(k0 + kHeadTile, k_end, load_a, va);
         head_fetch<B_ROW_FAST>(k0 + kHeadTile, k_end, load_b, vb);
+        extra.fetch(k0 + kHeadTile, k_end);
       }
     }
     acc_t part[kHeadRowsPerThread];
@@ -230,13 +251,26 @@ CBAM_DEVICE void head_split_tile_finish(const acc_t (&acc)[kHeadRowsPerThread], 
   }
   const int64_t splits = gridDim.z;
   if (!last_of_group(counters + blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
-  CBAM_NO_UNROLL
-  for (int q = 0; q < kHeadRowsPerThread; ++q) {  // (one copy: acc is not read here)
-    const int64_t row = row0 + ty + q * kHeadRowStep;
-    if (row >= rows || col >= cols) continue;
-    acc_t sum = acc_t(0);
-    for (int64_t sp = 0; sp < splits; ++sp) sum += ld_cg(partial + (sp * rows + row) * cols + col);
-    out(row, sum);
+  // each row's partials in split order; the 4 rows' loads of a split issued together (a row at
+  // a time, the thread waited for each row's loads before the next row's: 4 round trips to L2
+  // where 1 will do)
+  acc_t sum[kHeadRowsPerThread];
+  bool in[kHeadRowsPerThread];
+  CBAM_UNROLL
+  for (int q = 0; q < kHeadRowsPerThread; ++q) {
+    sum[q] = acc_t(0);
+    in[q] = row0 + ty + q * kHeadRowStep < rows && col < cols;
+  }
+  for (int64_t sp = 0; sp < splits; ++sp) {
+    CBAM_UNROLL
+    for (int q = 0; q < kHeadRowsPerThread; ++q) {
+      const int64_t row = row0 + ty + q * kHeadRowStep;
+      if (in[q]) sum[q] += ld_cg(partial + (sp * rows + row) * cols + col);
+    }
+  }
+  CBAM_UNROLL
+  for (int q = 0; q < kHeadRowsPerThread; ++q) {  // (unrolled: sum stays in registers)
+    if (in[q]) out(row0 + ty + q * kHeadRowStep, sum[q]);
   }
 }
 
