@@ -166,7 +166,7 @@ struct HeadNoExtra {
 // row / column outside the matrix. PREFETCH: the next chunk's loads are issued before this
 // chunk is summed, for the launches whose grids hold a block or two an SM and so have no other
 // block to hide a chunk's load latency behind (8 registers of float more: with the rows'
-// loaders, 74 to 116 registers a thread of float, two or three blocks an SM); else loaded right
+// loaders, 74 to 89 registers a thread of float, two or three blocks an SM); else loaded right
 // before they are staged (the backward's parameter tiles, a grid of many blocks: about 64
 // registers, four blocks an SM).
 // extra: what a caller loads and does besides the loaders (HeadNoExtra: nothing), so that the
