@@ -26,16 +26,18 @@ Steps, in order (each with its own timeout inside one overall budget):
                racecheck in `lease`, initcheck and synccheck in `extra`, all four in the others
   bandwidth    the device-to-device copy bandwidth
   sweep        benchmarks/bench_kernels.py --sweep -> sweep.json (launcher tuning; `extra` only)
-  profile      Nsight Compute (ncu) over benchmarks/profile_kernels.py -> ncu.csv: each op once
-               at the largest and smallest ResNet-50 site, the hardware counters of every kernel
-               (DRAM throughput, occupancy, waves, registers); `extra`, `measure`, `all`
+  profile      Nsight Compute (ncu) over benchmarks/profile_kernels.py -> ncu.csv: each op and
+               head once at the largest and smallest ResNet-50 site, the hardware counters of
+               every kernel (DRAM throughput, occupancy, waves, registers); `extra`, `measure`,
+               `all`; in `lease`, the 12 cases of profile_kernels.LEASE_CASES
   bench_cbam   benchmarks/bench_cbam.py   -> bench_cbam.json, bench_cbam.png
   bench_network benchmarks/bench_network.py -> bench_network.json, bench_network.png
 
 Parts: the device tool lends a GPU for 15 minutes of device time, the machine's start included,
 at most 10 minutes a command. So the default part, `lease` (7 minutes), runs every step once at
 reduced sizes: the GPU tests, memcheck and racecheck, the layer benchmark at batch 64 in issue
-4's two configurations (with the per-op section) and the network benchmark's quick run. If at
+4's two configurations (with the per-op section), ncu over the few cases that lag furthest and
+the channel heads, and the network benchmark's quick run. If at
 least 6 minutes of device time are left after it, `--part extra` (5 minutes) runs the rest:
 the tuning sweep, the kernel profile, initcheck and synccheck, the wider layer grid (other
 batches, float16, MobileNet sites, max-autotune). `verify` and `measure` (9.5 minutes each) and
@@ -90,7 +92,7 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # same protocol for longer leases.
 PARTS = {
     "lease": ("env", "wheels", "build", "tests", "sanitizer", "bandwidth", "bench_cbam",
-              "bench_network"),
+              "profile", "bench_network"),
     "extra": ("env", "wheels", "build", "sweep", "profile", "sanitizer", "bench_cbam"),
     "verify": ("env", "wheels", "build", "tests", "sanitizer"),
     "measure": ("env", "wheels", "build", "bandwidth", "profile", "bench_cbam", "bench_network"),
@@ -118,7 +120,10 @@ PART_OPTIONS = {
         bench_cbam=["--quick", "--dtype", "bfloat16,float32",
                     "--peers", "official,timm,compile,cbam_fused", "--pass-order", "both",
                     "--tiles-also", "32", "--pdl-also", "--kernels-previous"],
-        bench_network=["--quick"]),
+        bench_network=["--quick"],
+        # Nsight Compute over the few cases furthest from a copy and the channel heads
+        # (profile_kernels.LEASE_CASES: 12 cases, about 16 kernels), to say why they lag
+        profile="lease"),
     "extra": dict(
         sanitizer=("initcheck", "synccheck"),
         # the rest of the grid (batches and dtypes the lease did not run; the per-op section it
@@ -810,14 +815,16 @@ print("JSON:" + json.dumps(d))
 
     def step_profile(self, later):
         """Nsight Compute over each op once at the largest and the smallest ResNet-50 site
-        (benchmarks/profile_kernels.py): DRAM throughput, occupancy, waves, registers, cycles per
-        issued instruction of every kernel -> ncu.csv, a table in summary.md."""
+        (benchmarks/profile_kernels.py; the lease part: its LEASE_CASES only): DRAM throughput,
+        occupancy, waves, registers, cycles per issued instruction of every kernel -> ncu.csv
+        (its first line the selection, "# cases: NAME"), a table in summary.md."""
         self.header("profile", "ncu over benchmarks/profile_kernels.py (hardware counters)")
         t = time.monotonic()
         script = os.path.join(ROOT, "benchmarks", "profile_kernels.py")
+        selection = self.opt("profile", "all")
         if self.dry or not self.has_gpu:
-            rc, out, _ = run_cmd([self.py, script, "--manifest"], timeout=60, env=self.env,
-                                 logs=[self.log.f], echo="none")
+            rc, out, _ = run_cmd([self.py, script, "--manifest", "--cases", selection],
+                                 timeout=60, env=self.env, logs=[self.log.f], echo="none")
             n = len(out.split()) if rc == 0 else "?"
             return self.record("profile", "SKIP", time.monotonic() - t,
                                f"SKIPPED: needs a GPU (dry run / no GPU); {n} cases (rc {rc})")
@@ -829,17 +836,22 @@ print("JSON:" + json.dumps(d))
                "--kernel-name", "regex:cbam"]
         for sec in NCU_SECTIONS:
             cmd += ["--section", sec]
-        cmd += ["--csv", "--page", "details", "--log-file", csv_path, self.py, script]
+        cmd += ["--csv", "--page", "details", "--log-file", csv_path, self.py, script,
+                "--cases", selection]
         self.log("  " + _cmd_str(cmd))
         rc, out, to = run_cmd(cmd, timeout=self.timeout_for("profile", later), env=self.env,
                               logs=[self.log.f], echo="all")
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         import profile_kernels  # standard library only at import
-        rows = profile_kernels.summary_rows(csv_path) if os.path.exists(csv_path) else []
-        if not rows and '"ID"' in out:  # an ncu that printed its report instead of logging it
-            with open(csv_path, "w") as f:
-                f.write(out)
-            rows = profile_kernels.summary_rows(csv_path)
+        report = ""
+        if os.path.exists(csv_path):
+            with open(csv_path, errors="replace") as f:
+                report = f.read()
+        if '"ID"' not in report and '"ID"' in out:  # an ncu that printed its report instead
+            report = out
+        with open(csv_path, "w") as f:  # the selection first: the summary reads it
+            f.write(f"# cases: {selection}\n" + report)
+        rows = profile_kernels.summary_rows(csv_path)
         status = "TIMEOUT" if to else ("PASS" if rc == 0 and rows else "FAIL")
         return self.record("profile", status, time.monotonic() - t,
                            f"{len(rows)} kernels profiled (ncu.csv), rc {rc}")

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
@@ -27,8 +29,8 @@ def _steps(d):
 def test_dry_run_parts_and_merge(tmp_path):
     a, b, c = tmp_path / "verify", tmp_path / "measure", tmp_path / "extra"
     merged = tmp_path / "merged"
-    out = _run(["--dry-run", "--python", sys.executable, "--steps", "env,wheels,tests,sanitizer",
-                str(a)])
+    out = _run(["--dry-run", "--python", sys.executable, "--steps",
+                "env,wheels,tests,sanitizer,profile", str(a)])
     assert "GPU protocol summary (DRY RUN" in out
     steps = _steps(a)
     assert steps["env"]["status"] == "PASS" and steps["wheels"]["status"] == "PASS"
@@ -39,6 +41,8 @@ def test_dry_run_parts_and_merge(tmp_path):
     assert steps["sanitizer"]["status"] == "SKIP"  # no GPU; the kernel test selection collects
     assert "collects" in steps["sanitizer"]["note"] and "rc 0" in steps["sanitizer"]["note"]
     assert "memcheck, racecheck" in (a / "gpu_check.log").read_text()  # the lease's two tools
+    # the lease's profile: its few cases (profile_kernels.LEASE_CASES), not the extra part's 52
+    assert steps["profile"]["status"] == "SKIP" and "12 cases (rc 0)" in steps["profile"]["note"]
 
     _run(["--dry-run", "--python", sys.executable, "--steps",
           "env,bandwidth,bench_cbam,bench_network", str(b)])
@@ -64,7 +68,7 @@ def test_dry_run_parts_and_merge(tmp_path):
           "env,sweep,profile,bench_cbam", "--cpu-peers", "timm,cbam_fused", str(c)])
     steps = _steps(c)
     assert steps["sweep"]["status"] == "SKIP" and "needs a GPU" in steps["sweep"]["note"]
-    assert steps["profile"]["status"] == "SKIP" and "44 cases (rc 0)" in steps["profile"]["note"]
+    assert steps["profile"]["status"] == "SKIP" and "52 cases (rc 0)" in steps["profile"]["note"]
     assert steps["bench_cbam"]["status"] == "PASS", steps["bench_cbam"]
 
     out = _run(["merge", str(a), str(b), str(c), "-o", str(merged)])
@@ -141,13 +145,47 @@ def test_kernel_profile_attributes_each_kernel_to_its_case(tmp_path):
     ids = [pk.case_id(*c) for c in pk.cases()]
     assert [r[0] for r in rows] == [ids[0], ids[1]]
     assert rows[0][1] == "reduce_k<float, 4, 4>" and rows[1][1] == "reduce_r<float, 4, 1>"
-    # the reductions again under the settings before 2026-11-26, after the default cases
+    # the reductions again under the settings before each op had its own (bench_kernels'
+    # PREVIOUS_TUNING, which this module keeps as a literal), after the default cases
     before = [c for c in pk.cases() if c[3] is not None]
     assert {c[0] for c in before} == set(pk.REDUCTIONS) and len(before) == 16
-    assert pk.case_id(*before[0]).endswith("-t8/4/1/2/1/0")
+    import bench_kernels
+    assert pk.BEFORE == bench_kernels.PREVIOUS_TUNING
+    assert pk.case_id(*before[0]).endswith("-t32/4/0/3/4/0/16/32")
     assert rows[0][2] == "77.5 us" and rows[0][3] == "61.2 %" and rows[1][2] == "70,1 us"
     (tmp_path / "empty.csv").write_text("==PROF== no kernel profiled\n")
     assert pk.summary_rows(str(tmp_path / "empty.csv")) == []
+
+    # the lease's selection (ncu.csv's first line): the channel head's gate layer belongs to
+    # the case its hidden layer starts, the next pool starts the next case
+    lease = [pk.case_id(*c) for c in pk.cases("lease")]
+    assert sorted(lease) == sorted(pk.LEASE_CASES)
+    first_head = lease.index("channel_head-256x56x56-b64-fp32-heads")
+    hid = "void cbam::channel_head_hidden_kernel<float, false>(cbam::ChannelHeadArgs<T1>)"
+    gate = "void cbam::channel_head_gate_kernel<float, true>(cbam::ChannelHeadArgs<T1>)"
+    lines = [head] + [row(i, k0, "Duration", "us", "5") for i in range(first_head)] + [
+        row(first_head, hid, "Duration", "us", "9"), row(first_head + 1, gate, "Duration", "us", "4"),
+        row(first_head + 2, hid, "Duration", "us", "8")]
+    p.write_text("# cases: lease\n" + "\n".join(lines) + "\n")
+    rows = pk.summary_rows(str(p))
+    assert [r[0] for r in rows] == lease[:first_head] + [lease[first_head]] * 2 + [
+        lease[first_head + 1]]
+    assert rows[-2][1] == "channel_head_gate<float>" and rows[-1][2] == "8 us"
+    with pytest.raises(ValueError, match="selection must be one of all, lease"):
+        pk.cases("weakest")
+
+
+def test_kernel_profile_cases_run_on_the_cpu():
+    """profile_kernels builds and makes every call of its lease cases on the CPU (the calls it
+    profiles on a GPU, without the profiler's range)."""
+    import torch
+
+    import cbam_fused  # noqa: F401  (registers the ops)
+    if not hasattr(torch.ops.cbam_fused_debug, "set_tuning"):
+        pytest.skip("needs the CUDA extension's tuning knobs (a build with the CUDA kernels)")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_kernels as pk
+    assert pk.run_cases("cpu", "lease") == len(pk.LEASE_CASES)
 
 
 def test_summary_sweep_and_per_op_tables(tmp_path):
