@@ -162,18 +162,21 @@ CBAM_GLOBAL void __launch_bounds__(kBlockThreads, U > 1 || SHIFT ? 3 : 4)
   }
 
   if (need_k) {
-    for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] = col[v];
+    // (the sums v-major: common.cuh tree_slot)
+    for (int v = 0; v < VEC; ++v) s_col[tree_slot<VEC>(tid, v)] = col[v];
     __syncthreads();
     for (int half = TY / 2; half > 0; half /= 2) {
       if (ty < half) {
-        for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] += s_col[(tid + half * TX) * VEC + v];
+        for (int v = 0; v < VEC; ++v) {
+          s_col[tree_slot<VEC>(tid, v)] += s_col[tree_slot<VEC>(tid + half * TX, v)];
+        }
       }
       __syncthreads();
     }
     if (ty == 0 && active) {
       for (int v = 0; v < VEC; ++v) {
         if (SHIFT && t.k0 + v >= g.K) break;
-        st(part_k + (t.n * g.nrt + t.rt) * g.K + t.k0 + v, s_col[tid * VEC + v]);
+        st(part_k + (t.n * g.nrt + t.rt) * g.K + t.k0 + v, s_col[tree_slot<VEC>(tid, v)]);
       }
     }
   }
@@ -287,22 +290,25 @@ CBAM_GLOBAL void backward_reduce_folded_kernel(const T* __restrict__ grad,
   }
 
   if (need_k) {
-    for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] = col[v];
+    // (the sums v-major: common.cuh tree_slot)
+    for (int v = 0; v < VEC; ++v) s_col[tree_slot<VEC>(tid, v)] = col[v];
     __syncthreads();
     // n sums of a column left: the first n - h take in those h above them (h = ceil(n / 2); TY
     // need not be a power of two)
     for (int n = TY; n > 1;) {
       const int h = (n + 1) / 2;
       if (ty < n - h) {
-        for (int v = 0; v < VEC; ++v) s_col[tid * VEC + v] += s_col[(tid + h * TX) * VEC + v];
+        for (int v = 0; v < VEC; ++v) {
+          s_col[tree_slot<VEC>(tid, v)] += s_col[tree_slot<VEC>(tid + h * TX, v)];
+        }
       }
       __syncthreads();
       n = h;
     }
     // row 0's sums are the folded columns in order; original column k's: k + jj K0, jj < G
     for (int k = tid; k < K0; k += TX * TY) {
-      acc_t sum = s_col[k];
-      for (int jj = 1; jj < G; ++jj) sum += s_col[k + jj * K0];
+      acc_t sum = s_col[tree_slot_of_column<VEC>(k)];
+      for (int jj = 1; jj < G; ++jj) sum += s_col[tree_slot_of_column<VEC>(k + jj * K0)];
       st(part_k + (t.n * g.nrt + t.rt) * K0 + k, sum);
     }
     // a column's nrt partials, by the last block of the sample's (nkt == 1)

@@ -110,6 +110,27 @@ CBAM_DEVICE int k_slot(int j, int v) {
   return kLaneFastest ? (j * VEC + v) * TX + lane : (j * TX + lane) * VEC + v;
 }
 
+// Where a thread's state (or sum) of its column v sits in a block's shared array of
+// nthreads * VEC entries, for the trees that combine a column over its TY threads (reduce_r.cuh,
+// backward_reduce.cuh): v-major, entry v * nthreads + tid (tid = ty TX + tx), so that the 32
+// threads of a warp that read or write their state v touch 32 adjacent entries (a 12-byte pool
+// state: 3 words apart, each bank once; a 4-byte sum: one word apart). At tid * VEC + v the lanes
+// were VEC entries apart: 16-bit x's 8 pool states, a 96-byte lane stride, put 8 lanes on each
+// bank they used, so every step of the tree took up to 8 times the shared-memory wavefronts it
+// needs (a fixed cost a block, which no grid setting helped: fewer blocks were faster).
+// kVMajor = false keeps tid * VEC + v, for reduce_r's folded rows: with the v-major slots ptxas
+// gave their 16-bit U = 4 instance one row of loads in flight fewer (2 of 4, was 3), under its
+// 80 registers, and their long walks over the rows weigh more than the tree.
+template <int VEC, bool kVMajor = true>
+CBAM_DEVICE int tree_slot(int tid, int v) {
+  return kVMajor ? v * static_cast<int>(blockDim.x * blockDim.y) + tid : tid * VEC + v;
+}
+// The slot of column `col` of thread row 0 (col = tx VEC + v: the tile's columns in order).
+template <int VEC, bool kVMajor = true>
+CBAM_DEVICE int tree_slot_of_column(int col) {
+  return kVMajor ? (col % VEC) * static_cast<int>(blockDim.x * blockDim.y) + col / VEC : col;
+}
+
 // The small values along k of this tile's columns (a gate, a weight: one per column), staged in
 // shared memory `smem` (at least g.cols_per_tile entries, at k_slot) so that global memory sees
 // each of them once per tile. load(k) reads column k. Every thread of the block must call it (it

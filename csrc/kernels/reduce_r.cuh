@@ -168,7 +168,8 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
     }
   }
 
-  for (int v = 0; v < VEC; ++v) s_state[tid * VEC + v] = s[v];
+  // (the states v-major but for folded rows: common.cuh tree_slot)
+  for (int v = 0; v < VEC; ++v) s_state[tree_slot<VEC, !FOLD>(tid, v)] = s[v];
   __syncthreads();
   // n states of a column left: the first n - h take in those h above them (h = ceil(n / 2); for
   // a power of two, the halving tree)
@@ -176,7 +177,8 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
     const int h = (n + 1) / 2;
     if (ty < n - h) {
       for (int v = 0; v < VEC; ++v) {
-        pol.combine(s_state[tid * VEC + v], s_state[(tid + h * TX) * VEC + v]);
+        pol.combine(s_state[tree_slot<VEC, !FOLD>(tid, v)],
+                    s_state[tree_slot<VEC, !FOLD>(tid + h * TX, v)]);
       }
     }
     __syncthreads();
@@ -186,8 +188,10 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
     // thread row 0's states are the folded columns 0 .. G K0 - 1 in order (k_begin == 0); those
     // of original column k: k + jj K0, jj < G
     for (int k = tid; k < f.K0; k += TX * TY) {
-      State sk = s_state[k];
-      for (int jj = 1; jj < G; ++jj) pol.combine(sk, s_state[k + jj * f.K0]);
+      State sk = s_state[tree_slot_of_column<VEC, !FOLD>(k)];
+      for (int jj = 1; jj < G; ++jj) {
+        pol.combine(sk, s_state[tree_slot_of_column<VEC, !FOLD>(k + jj * f.K0)]);
+      }
       if (g.nrt == 1) {
         pol.store_final(t.n * f.K0 + k, sk);
       } else {
@@ -199,9 +203,9 @@ CBAM_DEVICE void reduce_r_tile(const T* __restrict__ x, const Policy& pol, const
       const int64_t k = t.k0 + v;
       if (SHIFT && k >= g.K) break;
       if (g.nrt == 1) {
-        pol.store_final(t.n * g.K + k, s_state[tid * VEC + v]);
+        pol.store_final(t.n * g.K + k, s_state[tree_slot<VEC, !FOLD>(tid, v)]);
       } else {
-        pol.store_partial((t.n * g.nrt + t.rt) * g.K + k, s_state[tid * VEC + v]);
+        pol.store_partial((t.n * g.nrt + t.rt) * g.K + k, s_state[tree_slot<VEC, !FOLD>(tid, v)]);
       }
     }
   }
