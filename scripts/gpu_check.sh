@@ -3,7 +3,7 @@
 # over the kernel tests, copy bandwidth, the layer and network benchmarks; results (at most 8
 # files) in one folder; a summary table printed last. The steps live in scripts/gpu_check.py.
 #
-#   bash scripts/gpu_check.sh [DIR]                     the 15-minute lease's first command (7 min):
+#   bash scripts/gpu_check.sh [DIR]                     the 15-minute lease's first command (8 min):
 #                                                       every step once at reduced sizes
 #   bash scripts/gpu_check.sh --part extra [DIR]        then, with 6+ min of device time left (5 min):
 #                                                       initcheck, synccheck, tuning sweep, wider
