@@ -137,12 +137,17 @@ def read_ncu_csv(path):
     return kernels
 
 
+def _split_name(name):
+    """`void cbam::reduce_k_kernel<float, 4>(...)` -> ("reduce_k_kernel", "float, 4>")."""
+    kernel, _, targs = name.split("(")[0].replace("void ", "").replace("cbam::", "").partition("<")
+    return kernel, targs
+
+
 def short_name(name):
     """`void cbam::reduce_k_kernel<float, 4, 4, cbam::PoolPolicy<...>>(...)` ->
     `reduce_k<float, 4, 4>`: the element type and the numbers after it (vector width, rows or
     vectors in flight)."""
-    base = name.split("(")[0].replace("void ", "").replace("cbam::", "")
-    kernel, _, targs = base.partition("<")
+    kernel, targs = _split_name(name)
     parts = [p.strip() for p in targs.rstrip(">").split(",")] if targs else []
     n = 1
     while n < len(parts) and n < 4 and parts[n].isdigit():
@@ -157,8 +162,7 @@ def attribute(kernels, selection="all"):
     ids = [case_id(*c) for c in cases(selection)]
     out, i = [], -1
     for k in kernels.values():
-        base = k["name"].split("(")[0].split("<")[0].replace("void ", "").replace("cbam::", "")
-        if base not in CONTINUED or i < 0:
+        if _split_name(k["name"])[0] not in CONTINUED or i < 0:
             i += 1
         out.append((ids[i] if i < len(ids) else "?", k))
     return out
